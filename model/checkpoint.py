@@ -1,0 +1,130 @@
+"""Checkpoint access in Hugging Face conventions, whatever the file format.
+
+A checkpoint exposes a config.json-style dict, tensor names in HF naming, a reader that
+loads only the named tensors (a pipeline worker reads only its own layers), and the
+tokenizer. `open_checkpoint` picks the format from the path.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Protocol
+
+import tokenizers
+import torch
+from safetensors import SafetensorError, safe_open
+
+from mtpd.model.errors import ModelLoadError
+
+
+class Checkpoint(Protocol):
+    path: Path
+    hf_config: dict[str, Any]
+    chat_template: str | None
+
+    def tensor_names(self) -> set[str]: ...
+
+    def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]: ...
+
+    def tokenizer(self) -> tokenizers.Tokenizer: ...
+
+
+class HFCheckpoint:
+    """A Hugging Face directory: config.json, safetensors (sharded or not), tokenizer.json."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.hf_config = _read_json(path / "config.json")
+        index = path / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ModelLoadError(f"{index}: no 'weight_map' object")
+            self._file_of = {name: path / f for name, f in weight_map.items()}
+        else:
+            single = path / "model.safetensors"
+            if not single.exists():
+                raise ModelLoadError(f"{path}: no model.safetensors or model.safetensors.index.json")
+            with _open_safetensors(single) as f:
+                self._file_of = dict.fromkeys(f.keys(), single)
+        self.chat_template = self._find_chat_template()
+
+    def tensor_names(self) -> set[str]:
+        return set(self._file_of)
+
+    def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            if name not in self._file_of:
+                raise ModelLoadError(f"{self.path}: checkpoint has no tensor {name!r}")
+            by_file.setdefault(self._file_of[name], []).append(name)
+        out: dict[str, torch.Tensor] = {}
+        for file, wanted in by_file.items():
+            with _open_safetensors(file) as f:
+                for name in wanted:
+                    try:
+                        out[name] = f.get_tensor(name)
+                    except (SafetensorError, KeyError) as e:
+                        raise ModelLoadError(f"{file}: cannot read tensor {name!r}: {e}") from e
+        return out
+
+    def tokenizer(self) -> tokenizers.Tokenizer:
+        file = self.path / "tokenizer.json"
+        if not file.exists():
+            raise ModelLoadError(f"{self.path}: no tokenizer.json")
+        try:
+            return tokenizers.Tokenizer.from_file(str(file))
+        except Exception as e:
+            raise ModelLoadError(f"{file}: not a valid tokenizer: {e}") from e
+
+    def _find_chat_template(self) -> str | None:
+        jinja = self.path / "chat_template.jinja"
+        if jinja.exists():
+            return jinja.read_text()
+        tok_cfg = self.path / "tokenizer_config.json"
+        if tok_cfg.exists():
+            template = _read_json(tok_cfg).get("chat_template")
+            if isinstance(template, str):
+                return template
+        return None
+
+
+@contextmanager
+def _open_safetensors(file: Path) -> Iterator[Any]:
+    """safe_open with errors that name the file (a truncated file fails here)."""
+    if not file.exists():
+        raise ModelLoadError(f"{file}: file not found")
+    try:
+        handle = safe_open(str(file), framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise ModelLoadError(f"{file}: not a readable safetensors file: {e}") from e
+    with handle as f:
+        yield f
+
+
+def _read_json(file: Path) -> dict[str, Any]:
+    if not file.exists():
+        raise ModelLoadError(f"{file}: file not found")
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{file}: not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{file}: expected a JSON object")
+    return data
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file or directory")
+    if path.is_dir():
+        return HFCheckpoint(path)
+    if path.suffix == ".gguf":
+        from mtpd.model.gguf_checkpoint import GGUFCheckpoint
+
+        return GGUFCheckpoint(path)
+    raise ModelLoadError(f"{path}: expected a Hugging Face model directory or a .gguf file")

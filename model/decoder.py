@@ -1,0 +1,146 @@
+"""A decoder shard: a contiguous range of layers, plus the embedding on the first
+shard and the final norm and LM head on the last. With one shard it is the whole model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mtpd.model.checkpoint import Checkpoint
+from mtpd.model.config import ModelConfig
+from mtpd.model.errors import ModelLoadError
+from mtpd.model.kv_cache import KVCache
+from mtpd.model.layers import BatchLayout, DecoderLayer, Linear, RMSNorm, layer_tensor_shapes
+from mtpd.model.rope import rope_tables
+
+EMBEDDING = "model.embed_tokens.weight"
+FINAL_NORM = "model.norm.weight"
+LM_HEAD = "lm_head.weight"
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    first_layer: int
+    end_layer: int  # exclusive
+    has_embedding: bool
+    has_head: bool
+
+    @classmethod
+    def whole(cls, cfg: ModelConfig) -> ShardSpec:
+        return cls(0, cfg.num_layers, True, True)
+
+    @property
+    def num_layers(self) -> int:
+        return self.end_layer - self.first_layer
+
+
+def shard_tensor_shapes(cfg: ModelConfig, spec: ShardSpec) -> dict[str, tuple[int, ...]]:
+    """The tensors (HF names) a shard reads, with their expected shapes."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    if spec.has_embedding or (spec.has_head and cfg.tie_word_embeddings):
+        shapes[EMBEDDING] = (cfg.vocab_size, cfg.hidden_size)
+    for i in range(spec.first_layer, spec.end_layer):
+        shapes.update(layer_tensor_shapes(cfg, f"model.layers.{i}"))
+    if spec.has_head:
+        shapes[FINAL_NORM] = (cfg.hidden_size,)
+        if not cfg.tie_word_embeddings:
+            shapes[LM_HEAD] = (cfg.vocab_size, cfg.hidden_size)
+    return shapes
+
+
+def read_validated(
+    ckpt: Checkpoint, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """Read exactly the named tensors, check their shapes, convert to `dtype`."""
+    available = ckpt.tensor_names()
+    missing = sorted(set(shapes) - available)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ModelLoadError(f"{ckpt.path}: missing tensor {missing[0]!r}{more}")
+    tensors = ckpt.read(shapes)
+    for name, want in shapes.items():
+        got = tuple(tensors[name].shape)
+        if got != want:
+            raise ModelLoadError(
+                f"{ckpt.path}: tensor {name!r} has shape {list(got)}, expected {list(want)}"
+            )
+        tensors[name] = tensors[name].to(dtype)
+    return tensors
+
+
+class DecoderShard(nn.Module):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        spec: ShardSpec,
+        tensors: dict[str, torch.Tensor],
+        max_context: int,
+    ) -> None:
+        super().__init__()
+        self.cfg, self.spec = cfg, spec
+        self.dtype = next(iter(tensors.values())).dtype
+        self.embedding = (
+            nn.Parameter(tensors[EMBEDDING], requires_grad=False) if spec.has_embedding else None
+        )
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, f"model.layers.{i}", tensors)
+            for i in range(spec.first_layer, spec.end_layer)
+        )
+        self.norm = self.lm_head = None
+        if spec.has_head:
+            self.norm = RMSNorm(tensors[FINAL_NORM], cfg.rms_norm_eps)
+            head = tensors[EMBEDDING] if cfg.tie_word_embeddings else tensors[LM_HEAD]
+            self.lm_head = Linear(head)
+        cos, sin = rope_tables(cfg, max_context)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    @classmethod
+    def load(
+        cls,
+        ckpt: Checkpoint,
+        cfg: ModelConfig,
+        spec: ShardSpec,
+        dtype: torch.dtype,
+        max_context: int,
+    ) -> DecoderShard:
+        return cls(cfg, spec, read_validated(ckpt, shard_tensor_shapes(cfg, spec), dtype), max_context)
+
+    def new_cache(self, max_seqs: int, max_context: int) -> KVCache:
+        return KVCache(
+            self.spec.num_layers,
+            max_seqs,
+            max_context,
+            self.cfg.num_kv_heads,
+            self.cfg.head_dim,
+            self.dtype,
+            self.cos.device,
+        )
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(token_ids, self.embedding)
+
+    @torch.inference_mode()
+    def forward(
+        self, x: torch.Tensor, cache: KVCache, slots: list[int], counts: list[int]
+    ) -> torch.Tensor:
+        """Run the shard on a flat step batch.
+
+        x: token ids [N] on the first shard, hidden states [N, hidden] otherwise; the
+        i-th sequence contributes counts[i] consecutive rows and owns cache slot slots[i].
+        Returns hidden states [N, hidden] (final-normed on the last shard).
+        """
+        layout = BatchLayout.build(cache, slots, counts, self.cos, self.sin)
+        h = self.embed(x) if self.embedding is not None else x
+        for i, layer in enumerate(self.layers):
+            h = layer(h, layout, cache, i)
+        layout.commit(cache)
+        return self.norm(h) if self.norm is not None else h
+
+    @torch.inference_mode()
+    def logits(self, normed_hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(normed_hidden).float()

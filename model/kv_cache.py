@@ -1,0 +1,75 @@
+"""A preallocated, bounded KV cache for a contiguous range of layers.
+
+Each sequence owns a slot: a fixed region [kv_heads, max_context, head_dim] per layer.
+A slot's length is the number of valid positions; truncating (rolling back rejected
+drafts) only lowers the length, and the stale entries are overwritten by the next
+append. Nothing is allocated per step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class CacheFullError(Exception):
+    """No free slot, or a sequence would exceed the cache's context bound."""
+
+
+class KVCache:
+    def __init__(
+        self,
+        num_layers: int,
+        max_seqs: int,
+        max_context: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        shape = (num_layers, max_seqs, num_kv_heads, max_context, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_seqs = max_seqs
+        self.max_context = max_context
+        self.lengths = [0] * max_seqs
+        self._free = list(range(max_seqs - 1, -1, -1))
+        self._slot_of: dict[str, int] = {}
+
+    @staticmethod
+    def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+    def slot(self, seq_id: str) -> int:
+        """The slot of `seq_id`, allocated on first use."""
+        slot = self._slot_of.get(seq_id)
+        if slot is None:
+            if not self._free:
+                raise CacheFullError(f"KV cache full: all {self.max_seqs} sequence slots in use")
+            slot = self._free.pop()
+            self._slot_of[seq_id] = slot
+            self.lengths[slot] = 0
+        return slot
+
+    def release(self, seq_id: str) -> None:
+        slot = self._slot_of.pop(seq_id, None)
+        if slot is not None:
+            self._free.append(slot)
+
+    def truncate(self, slot: int, length: int) -> None:
+        if not 0 <= length <= self.lengths[slot]:
+            raise ValueError(f"cannot keep {length} positions of a sequence of {self.lengths[slot]}")
+        self.lengths[slot] = length
+
+    def reserve(self, slot: int, n_new: int) -> int:
+        """Check room for `n_new` positions; returns the start position of the new ones."""
+        start = self.lengths[slot]
+        if start + n_new > self.max_context:
+            raise CacheFullError(
+                f"sequence would reach {start + n_new} positions, beyond the cache's "
+                f"max context of {self.max_context}"
+            )
+        return start
+
+    @property
+    def active_sequences(self) -> int:
+        return len(self._slot_of)

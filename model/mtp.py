@@ -1,0 +1,179 @@
+"""The multi-token-prediction (MTP) module, in the Qwen3.5/3.6 layout.
+
+Given the trunk's final-normed hidden state at position t and the embedding of token
+t+1, it predicts token t+2:
+
+    x = fc([norm_e(embed(t+1)); norm_h(h_t)])   # embedding first in the concat
+    x = decoder layer(s)(x)                       # with the head's own KV cache
+    h' = norm(x);  logits = lm_head(h')           # embedding and LM head shared with the trunk
+
+For more than one draft it runs recursively, feeding h' back as the hidden state.
+The DeepSeek-V3 layout (enorm, hnorm, eh_proj, shared_head) is renamed onto this one.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from mtpd.model.checkpoint import Checkpoint
+from mtpd.model.config import ModelConfig
+from mtpd.model.errors import ModelLoadError
+from mtpd.model.kv_cache import KVCache
+from mtpd.model.layers import BatchLayout, DecoderLayer, Linear, RMSNorm, layer_tensor_shapes
+from mtpd.model.rope import rope_tables
+
+PREFIX = "mtp"
+
+
+def mtp_tensor_shapes(cfg: ModelConfig, num_layers: int = 1) -> dict[str, tuple[int, ...]]:
+    h = cfg.hidden_size
+    shapes: dict[str, tuple[int, ...]] = {
+        f"{PREFIX}.fc.weight": (h, 2 * h),
+        f"{PREFIX}.pre_fc_norm_embedding.weight": (h,),
+        f"{PREFIX}.pre_fc_norm_hidden.weight": (h,),
+        f"{PREFIX}.norm.weight": (h,),
+    }
+    for i in range(num_layers):
+        shapes.update(layer_tensor_shapes(cfg, f"{PREFIX}.layers.{i}"))
+    return shapes
+
+
+_DEEPSEEK_RENAMES = {
+    "enorm": "pre_fc_norm_embedding",
+    "hnorm": "pre_fc_norm_hidden",
+    "eh_proj": "fc",
+    "shared_head.norm": "norm",
+}
+
+
+def from_deepseek_layout(tensors: dict[str, torch.Tensor], mtp_layer: int) -> dict[str, torch.Tensor]:
+    """Rename DeepSeek-V3 MTP tensors (model.layers.{mtp_layer}.*) onto the mtp.* layout.
+
+    The shared embedding and head copies DeepSeek stores inside the MTP layer are
+    dropped: this module always shares the trunk's.
+    """
+    prefix = f"model.layers.{mtp_layer}."
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        if not name.startswith(prefix):
+            continue
+        rest = name[len(prefix) :]
+        if rest.startswith(("embed_tokens.", "shared_head.head.")):
+            continue
+        stem = rest.rsplit(".", 1)[0]
+        if stem in _DEEPSEEK_RENAMES:
+            out[f"{PREFIX}.{_DEEPSEEK_RENAMES[stem]}.weight"] = tensor
+        else:
+            out[f"{PREFIX}.layers.0.{rest}"] = tensor
+    return out
+
+
+def count_mtp_layers(names: set[str]) -> int:
+    indices = {int(m.group(1)) for n in names if (m := re.match(rf"{PREFIX}\.layers\.(\d+)\.", n))}
+    return max(indices) + 1 if indices else 0
+
+
+def read_head_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A separate MTP head file: its mtp.* tensors and its metadata."""
+    if not path.exists():
+        raise ModelLoadError(f"{path}: MTP head file not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except (SafetensorError, OSError) as e:
+        raise ModelLoadError(f"{path}: not a readable safetensors file: {e}") from e
+
+
+def read_checkpoint_head(ckpt: Checkpoint, cfg: ModelConfig) -> dict[str, torch.Tensor] | None:
+    """The MTP tensors a checkpoint carries itself, in either layout, or None."""
+    names = ckpt.tensor_names()
+    own = {n for n in names if n.startswith(f"{PREFIX}.")}
+    if own:
+        return ckpt.read(own)
+    deepseek = f"model.layers.{cfg.num_layers}."
+    ds = {n for n in names if n.startswith(deepseek)}
+    if ds:
+        return from_deepseek_layout(ckpt.read(ds), cfg.num_layers)
+    return None
+
+
+class MTPHead(nn.Module):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        tensors: dict[str, torch.Tensor],
+        embedding: torch.Tensor,
+        lm_head: Linear,
+        max_context: int,
+        dtype: torch.dtype,
+    ) -> None:
+        super().__init__()
+        num_layers = count_mtp_layers(set(tensors))
+        if num_layers == 0:
+            raise ModelLoadError("MTP head has no layers (no mtp.layers.N.* tensors)")
+        shapes = mtp_tensor_shapes(cfg, num_layers)
+        for name, want in shapes.items():
+            if name not in tensors:
+                raise ModelLoadError(f"MTP head: missing tensor {name!r}")
+            if tuple(tensors[name].shape) != want:
+                raise ModelLoadError(
+                    f"MTP head: tensor {name!r} has shape {list(tensors[name].shape)}, "
+                    f"expected {list(want)}"
+                )
+        t = {k: v.to(dtype) for k, v in tensors.items() if k in shapes}
+        self.cfg, self.dtype = cfg, dtype
+        eps = cfg.rms_norm_eps
+        self.norm_embedding = RMSNorm(t[f"{PREFIX}.pre_fc_norm_embedding.weight"], eps)
+        self.norm_hidden = RMSNorm(t[f"{PREFIX}.pre_fc_norm_hidden.weight"], eps)
+        self.fc = Linear(t[f"{PREFIX}.fc.weight"])
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, f"{PREFIX}.layers.{i}", t) for i in range(num_layers)
+        )
+        self.norm = RMSNorm(t[f"{PREFIX}.norm.weight"], eps)
+        # Shared with the trunk, not copied.
+        self.embedding = embedding
+        self.lm_head = lm_head
+        cos, sin = rope_tables(cfg, max_context)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def new_cache(self, max_seqs: int, max_context: int) -> KVCache:
+        return KVCache(
+            len(self.layers),
+            max_seqs,
+            max_context,
+            self.cfg.num_kv_heads,
+            self.cfg.head_dim,
+            self.dtype,
+            self.cos.device,
+        )
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        next_tokens: torch.Tensor,
+        cache: KVCache,
+        slots: list[int],
+        counts: list[int],
+    ) -> torch.Tensor:
+        """hidden: final-normed trunk (or previous MTP) states [N, H] at positions t;
+        next_tokens: the tokens at t+1 [N]. Returns the normed MTP states [N, H], whose
+        logits predict the tokens at t+2. Appends N entries to the head's cache."""
+        e = F.embedding(next_tokens, self.embedding)
+        x = self.fc(torch.cat([self.norm_embedding(e), self.norm_hidden(hidden)], dim=-1))
+        layout = BatchLayout.build(cache, slots, counts, self.cos, self.sin)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, layout, cache, i)
+        layout.commit(cache)
+        return self.norm(x)
+
+    @torch.inference_mode()
+    def logits(self, states: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(states).float()

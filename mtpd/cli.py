@@ -1,0 +1,133 @@
+"""The `mtpd` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+
+from mtpd import __version__
+
+EXIT_USAGE = 2  # bad input: model files, flags, prompts
+
+
+class UserError(Exception):
+    """Reported as one line on stderr with exit code 2, no traceback."""
+
+
+def _add_generation_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt", help="the prompt (a user message unless --raw)")
+    p.add_argument("--model", default=None, help="HF directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--max-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (the default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 turns top-k off")
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampler (default 0)")
+    p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    p.add_argument("--system", default=None, help="a system message for the chat template")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mtpd", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"mtpd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="generate from one prompt in this process and print stats")
+    _add_generation_flags(run)
+    run.set_defaults(func=_cmd_run)
+    return parser
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    # Heavy imports here, so `mtpd --help` stays instant.
+    import torch
+
+    from mtpd.model.errors import ModelLoadError
+    from mtpd.model.kv_cache import CacheFullError
+    from mtpd.model.sampling import SamplingParams
+    from mtpd.model.tokenizer import ChatTemplateError, IncrementalDecoder
+    from mtpd.worker.engine import Engine
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.max_tokens < 1:
+        raise UserError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    if not args.prompt:
+        raise UserError("the prompt is empty")
+    try:
+        params = SamplingParams(
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            min_p=args.min_p,
+            repetition_penalty=args.repetition_penalty,
+            seed=args.seed,
+        )
+        engine = Engine.load(args.model, dtype=getattr(torch, args.dtype))
+        tok = engine.tokenizer
+        if args.raw or not tok.has_chat_template:
+            text = args.prompt
+        else:
+            messages = [{"role": "system", "content": args.system}] if args.system else []
+            text = tok.render_chat([*messages, {"role": "user", "content": args.prompt}])
+        prompt_ids = tok.encode(text)
+
+        decoder = IncrementalDecoder(tok)
+        token_ids: list[int] = []
+        start = time.perf_counter()
+        first_token_at = None
+        for token in engine.generate(prompt_ids, params, args.max_tokens):
+            first_token_at = first_token_at or time.perf_counter()
+            token_ids.append(token)
+            delta = decoder.push([token])
+            if not args.json:
+                sys.stdout.write(delta)
+                sys.stdout.flush()
+        elapsed = time.perf_counter() - start
+    except (ModelLoadError, CacheFullError, ChatTemplateError, ValueError) as e:
+        raise UserError(str(e)) from e
+
+    n = len(token_ids)
+    decode_s = elapsed - ((first_token_at or start + elapsed) - start)
+    stats = {
+        "model": str(engine.model_path),
+        "prompt_tokens": len(prompt_ids),
+        "n_tokens": n,
+        "finish_reason": "length" if n == args.max_tokens else "stop",
+        "elapsed_s": round(elapsed, 4),
+        "time_to_first_token_s": round((first_token_at or start) - start, 4),
+        "tokens_per_s": round(n / elapsed, 2) if elapsed > 0 else 0.0,
+        "decode_tokens_per_s": round((n - 1) / decode_s, 2) if n > 1 and decode_s > 0 else 0.0,
+    }
+    if args.json:
+        print(json.dumps({"text": decoder.text(), "token_ids": token_ids, **stats}))
+    else:
+        print()
+        print(
+            f"[{n} tokens in {stats['elapsed_s']:.2f} s: {stats['tokens_per_s']:.1f} tok/s, "
+            f"decode {stats['decode_tokens_per_s']:.1f} tok/s, "
+            f"first token {stats['time_to_first_token_s']:.2f} s; {stats['finish_reason']}]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"mtpd: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

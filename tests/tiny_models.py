@@ -1,0 +1,54 @@
+"""Tiny random checkpoints written to disk by `transformers` (the test oracle)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers
+
+FAMILIES = {
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+}
+
+
+def write_tiny_model(
+    out: Path,
+    family: str = "llama",
+    *,
+    tied: bool = False,
+    gqa: int = 2,
+    layers: int = 4,
+    vocab: int = 96,
+    seed: int = 0,
+    **overrides: object,
+) -> transformers.PreTrainedModel:
+    """Save a random model of `family` to `out` and return it (float32, eval mode)."""
+    config_cls, model_cls = FAMILIES[family]
+    heads = 4
+    config = config_cls(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=112,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads // gqa,
+        head_dim=16,
+        max_position_embeddings=512,
+        tie_word_embeddings=tied,
+        rms_norm_eps=1e-6,
+        bos_token_id=1,
+        eos_token_id=2,
+        **overrides,
+    )
+    torch.manual_seed(seed)
+    model = model_cls(config).float().eval()
+    # Random init leaves norms at 1 and biases at 0: perturb them so they are tested.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(out, safe_serialization=True)
+    return model

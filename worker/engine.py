@@ -1,0 +1,86 @@
+"""The whole model in one process: load a checkpoint, run steps, generate tokens.
+
+This is the compute a single worker performs; `mtpd run` drives it directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from mtpd.model.checkpoint import open_checkpoint
+from mtpd.model.config import ModelConfig
+from mtpd.model.decoder import DecoderShard, ShardSpec
+from mtpd.model.default_model import resolve_model
+from mtpd.model.kv_cache import CacheFullError
+from mtpd.model.sampling import SamplingParams, select_token
+from mtpd.model.tokenizer import Tokenizer
+
+
+class Engine:
+    def __init__(
+        self, model_path: Path, cfg: ModelConfig, tokenizer: Tokenizer, shard: DecoderShard, max_seqs: int
+    ) -> None:
+        self.model_path, self.cfg, self.tokenizer, self.shard = model_path, cfg, tokenizer, shard
+        self.max_context = shard.cos.shape[0]
+        self.cache = shard.new_cache(max_seqs, self.max_context)
+
+    @classmethod
+    def load(
+        cls,
+        model: str | Path | None = None,
+        *,
+        dtype: torch.dtype = torch.float32,
+        max_seqs: int = 1,
+        max_context: int = 2048,
+    ) -> Engine:
+        path = resolve_model(None if model is None else str(model))
+        ckpt = open_checkpoint(path)
+        cfg = ModelConfig.from_hf(ckpt.hf_config, source=str(path))
+        tokenizer = Tokenizer.from_checkpoint(ckpt, cfg)
+        max_context = min(max_context, cfg.max_position_embeddings)
+        shard = DecoderShard.load(ckpt, cfg, ShardSpec.whole(cfg), dtype, max_context)
+        return cls(path, cfg, tokenizer, shard, max_seqs)
+
+    def forward(self, seq_id: str, keep: int, tokens: list[int], all_logits: bool = False) -> torch.Tensor:
+        """Keep the first `keep` cached positions of `seq_id`, append `tokens`, and return
+        the logits of the last new position [V] (of every new position [T, V] with
+        `all_logits`)."""
+        slot = self.cache.slot(seq_id)
+        self.cache.truncate(slot, keep)
+        ids = torch.tensor(tokens, dtype=torch.long)
+        hidden = self.shard(ids, self.cache, [slot], [len(tokens)])
+        return self.shard.logits(hidden if all_logits else hidden[-1])
+
+    def release(self, seq_id: str) -> None:
+        self.cache.release(seq_id)
+
+    def generate(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        max_tokens: int,
+        seq_id: str = "generate",
+    ) -> Iterator[int]:
+        """Yield generated token ids; stops before an end-of-sequence token."""
+        if not prompt_ids:
+            raise ValueError("prompt is empty")
+        if len(prompt_ids) + max_tokens > self.max_context:
+            raise CacheFullError(
+                f"prompt of {len(prompt_ids)} tokens plus max_tokens {max_tokens} exceeds the "
+                f"context of {self.max_context} tokens"
+            )
+        history = list(prompt_ids)
+        try:
+            logits = self.forward(seq_id, 0, history)
+            for _ in range(max_tokens):
+                token = select_token(logits, params, len(history), torch.tensor(history))
+                if token in self.tokenizer.eos_ids:
+                    return
+                yield token
+                history.append(token)
+                logits = self.forward(seq_id, len(history) - 1, [token])
+        finally:
+            self.release(seq_id)
