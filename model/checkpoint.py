@@ -17,6 +17,7 @@ import tokenizers
 import torch
 from safetensors import SafetensorError, safe_open
 
+from mtpd.model.config import ModelConfig
 from mtpd.model.errors import ModelLoadError
 
 
@@ -47,7 +48,9 @@ class HFCheckpoint:
         else:
             single = path / "model.safetensors"
             if not single.exists():
-                raise ModelLoadError(f"{path}: no model.safetensors or model.safetensors.index.json")
+                raise ModelLoadError(
+                    f"{path}: no model.safetensors or model.safetensors.index.json"
+                )
             with _open_safetensors(single) as f:
                 self._file_of = dict.fromkeys(f.keys(), single)
         self.chat_template = self._find_chat_template()
@@ -115,6 +118,11 @@ def _read_json(file: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ModelLoadError(f"{file}: expected a JSON object")
     return data
+
+
+def read_config(ckpt: Checkpoint) -> ModelConfig:
+    source = ckpt.path / "config.json" if ckpt.path.is_dir() else ckpt.path
+    return ModelConfig.from_hf(ckpt.hf_config, source=str(source))
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:

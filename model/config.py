@@ -57,7 +57,9 @@ class ModelConfig:
             if key not in cfg:
                 raise ModelLoadError(f"{source}: missing required key {key!r}")
             value = cfg[key]
-            if kind is int and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            if kind is int and (
+                not isinstance(value, int) or isinstance(value, bool) or value <= 0
+            ):
                 raise ModelLoadError(f"{source}: {key} must be a positive integer, got {value!r}")
             return value
 
@@ -106,5 +108,7 @@ class ModelConfig:
             rope_scaling=rope,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
-            mtp_num_layers=int(cfg.get("mtp_num_hidden_layers", cfg.get("num_nextn_predict_layers", 0)) or 0),
+            mtp_num_layers=int(
+                cfg.get("mtp_num_hidden_layers", cfg.get("num_nextn_predict_layers", 0)) or 0
+            ),
         )

@@ -108,7 +108,9 @@ class DecoderShard(nn.Module):
         dtype: torch.dtype,
         max_context: int,
     ) -> DecoderShard:
-        return cls(cfg, spec, read_validated(ckpt, shard_tensor_shapes(cfg, spec), dtype), max_context)
+        return cls(
+            cfg, spec, read_validated(ckpt, shard_tensor_shapes(cfg, spec), dtype), max_context
+        )
 
     def new_cache(self, max_seqs: int, max_context: int) -> KVCache:
         return KVCache(

@@ -26,7 +26,9 @@ def default_model_path() -> Path:
         ) from None
     path = Path(str(dist.locate_file(_FILE)))
     if not path.exists():
-        raise ModelLoadError(f"{path}: missing from the {_DIST} package; reinstall it with: {_INSTALL}")
+        raise ModelLoadError(
+            f"{path}: missing from the {_DIST} package; reinstall it with: {_INSTALL}"
+        )
     return path
 
 

@@ -16,9 +16,10 @@ import numpy as np
 import torch
 from gguf import GGUFReader, GGUFValueType, TokenType
 from gguf.quants import dequantize
-from mtpd.model.errors import ModelLoadError
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors
 from tokenizers.models import BPE
+
+from mtpd.model.errors import ModelLoadError
 
 _GLOBAL_TENSORS = {
     "token_embd.weight": "model.embed_tokens.weight",

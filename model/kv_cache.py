@@ -36,8 +36,12 @@ class KVCache:
         self._slot_of: dict[str, int] = {}
 
     @staticmethod
-    def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-        return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+    def bytes_per_token(
+        num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+    ) -> int:
+        return (
+            2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+        )
 
     def slot(self, seq_id: str) -> int:
         """The slot of `seq_id`, allocated on first use."""
@@ -57,7 +61,9 @@ class KVCache:
 
     def truncate(self, slot: int, length: int) -> None:
         if not 0 <= length <= self.lengths[slot]:
-            raise ValueError(f"cannot keep {length} positions of a sequence of {self.lengths[slot]}")
+            raise ValueError(
+                f"cannot keep {length} positions of a sequence of {self.lengths[slot]}"
+            )
         self.lengths[slot] = length
 
     def reserve(self, slot: int, n_new: int) -> int:

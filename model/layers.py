@@ -99,7 +99,11 @@ def _fused(tensors: Mapping[str, torch.Tensor], names: list[str]) -> torch.Tenso
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, prefix: str, t: Mapping[str, torch.Tensor]) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+        )
         projections = [f"{prefix}.{p}_proj" for p in "qkv"]
         # One fused matmul for q, k and v reads the input once and amortises dispatch.
         self.qkv = Linear(
@@ -171,7 +175,9 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.input_norm = RMSNorm(t[f"{prefix}.input_layernorm.weight"], cfg.rms_norm_eps)
         self.attn = Attention(cfg, f"{prefix}.self_attn", t)
-        self.post_attn_norm = RMSNorm(t[f"{prefix}.post_attention_layernorm.weight"], cfg.rms_norm_eps)
+        self.post_attn_norm = RMSNorm(
+            t[f"{prefix}.post_attention_layernorm.weight"], cfg.rms_norm_eps
+        )
         self.mlp = MLP(cfg, f"{prefix}.mlp", t)
 
     def forward(

@@ -52,7 +52,9 @@ _DEEPSEEK_RENAMES = {
 }
 
 
-def from_deepseek_layout(tensors: dict[str, torch.Tensor], mtp_layer: int) -> dict[str, torch.Tensor]:
+def from_deepseek_layout(
+    tensors: dict[str, torch.Tensor], mtp_layer: int
+) -> dict[str, torch.Tensor]:
     """Rename DeepSeek-V3 MTP tensors (model.layers.{mtp_layer}.*) onto the mtp.* layout.
 
     The shared embedding and head copies DeepSeek stores inside the MTP layer are
@@ -85,7 +87,7 @@ def read_head_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]
         raise ModelLoadError(f"{path}: MTP head file not found")
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118 (not a dict)
     except (SafetensorError, OSError) as e:
         raise ModelLoadError(f"{path}: not a readable safetensors file: {e}") from e
 

@@ -55,7 +55,9 @@ def uniform(seed: int, position: int) -> float:
     return (x >> 11) * 2.0**-53
 
 
-def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:
+def apply_repetition_penalty(
+    logits: torch.Tensor, history: torch.Tensor, penalty: float
+) -> torch.Tensor:
     """The reference's (CTRL) penalty: seen tokens' logits divided by it if positive,
     multiplied if negative."""
     if penalty == 1.0 or history.numel() == 0:
@@ -66,7 +68,9 @@ def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalt
     return logits
 
 
-def target_probs(logits: torch.Tensor, params: SamplingParams, history: torch.Tensor) -> torch.Tensor:
+def target_probs(
+    logits: torch.Tensor, params: SamplingParams, history: torch.Tensor
+) -> torch.Tensor:
     """The distribution a token is drawn from at temperature > 0, as float64 [V].
 
     Filters run in the reference's order: penalty, temperature, top-k, top-p, min-p.
@@ -93,7 +97,9 @@ def select_token(
 ) -> int:
     """The token at `position` given its logits [V] and the ids already in the sequence."""
     if params.greedy:
-        return int(torch.argmax(apply_repetition_penalty(logits, history, params.repetition_penalty)))
+        return int(
+            torch.argmax(apply_repetition_penalty(logits, history, params.repetition_penalty))
+        )
     probs = target_probs(logits, params, history)
     cdf = torch.cumsum(probs, 0)
     u = uniform(params.seed, position) * float(cdf[-1])

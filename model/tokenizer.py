@@ -62,7 +62,9 @@ class Tokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=True)
 
-    def render_chat(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    def render_chat(
+        self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True
+    ) -> str:
         if self._template is None:
             raise ChatTemplateError("this model has no chat template; send a raw prompt instead")
         for i, m in enumerate(messages):
@@ -71,7 +73,10 @@ class Tokenizer:
                     f"messages[{i}].role: unknown role {m.get('role')!r} (expected one of {', '.join(ROLES)})"
                 )
         special = {}
-        for name, tid in (("bos_token", self.bos_id), ("eos_token", min(self.eos_ids, default=None))):
+        for name, tid in (
+            ("bos_token", self.bos_id),
+            ("eos_token", min(self.eos_ids, default=None)),
+        ):
             special[name] = (self.token(tid) or "") if tid is not None else ""
         try:
             return self._template.render(

@@ -19,17 +19,27 @@ class UserError(Exception):
 
 def _add_generation_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", help="the prompt (a user message unless --raw)")
-    p.add_argument("--model", default=None, help="HF directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--max-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="HF directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)",
+    )
+    p.add_argument(
+        "--max-tokens", type=int, default=128, help="tokens to generate at most (default 128)"
+    )
     p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (the default)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0, help="0 turns top-k off")
     p.add_argument("--min-p", type=float, default=0.0)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="seed of the sampler (default 0)")
-    p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    p.add_argument(
+        "--raw", action="store_true", help="send the prompt as is, without the chat template"
+    )
     p.add_argument("--system", default=None, help="a system message for the chat template")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.add_argument(
+        "--json", action="store_true", help="print one JSON object instead of streaming text"
+    )
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
 

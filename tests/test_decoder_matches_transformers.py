@@ -35,7 +35,12 @@ def step(model: DecoderShard, cache, slot: int, keep: int, tokens: list[int]) ->
     return model.logits(h)
 
 
-CASES = [(f, tied, gqa) for f in ("llama", "qwen2", "qwen3") for tied in (False, True) for gqa in (1, 2, 4)]
+CASES = [
+    (f, tied, gqa)
+    for f in ("llama", "qwen2", "qwen3")
+    for tied in (False, True)
+    for gqa in (1, 2, 4)
+]
 
 
 @pytest.mark.parametrize(("family", "tied", "gqa"), CASES)

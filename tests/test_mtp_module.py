@@ -32,19 +32,36 @@ def rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 def hand_computed_logits(cfg, hf_cfg, head, embedding, hidden, next_tokens) -> torch.Tensor:
     eps = cfg.rms_norm_eps
     e = embedding[next_tokens]
-    x = torch.cat(
-        [rms(e, head["mtp.pre_fc_norm_embedding.weight"], eps), rms(hidden, head["mtp.pre_fc_norm_hidden.weight"], eps)],
-        dim=-1,
-    ) @ head["mtp.fc.weight"].T
+    x = (
+        torch.cat(
+            [
+                rms(e, head["mtp.pre_fc_norm_embedding.weight"], eps),
+                rms(hidden, head["mtp.pre_fc_norm_hidden.weight"], eps),
+            ],
+            dim=-1,
+        )
+        @ head["mtp.fc.weight"].T
+    )
     # The decoder layer of the trunk's family, from the reference implementation.
     layer = transformers.models.llama.modeling_llama.LlamaDecoderLayer(hf_cfg, layer_idx=0).eval()
-    layer.load_state_dict({k.removeprefix("mtp.layers.0."): v for k, v in head.items() if k.startswith("mtp.layers.0.")})
+    layer.load_state_dict(
+        {
+            k.removeprefix("mtp.layers.0."): v
+            for k, v in head.items()
+            if k.startswith("mtp.layers.0.")
+        }
+    )
     rotary = transformers.models.llama.modeling_llama.LlamaRotaryEmbedding(hf_cfg)
     n = x.shape[0]
     positions = torch.arange(n)[None]
     mask = torch.full((n, n), float("-inf")).triu(1)[None, None]
     with torch.no_grad():
-        y = layer(x[None], attention_mask=mask, position_ids=positions, position_embeddings=rotary(x[None], positions))
+        y = layer(
+            x[None],
+            attention_mask=mask,
+            position_ids=positions,
+            position_embeddings=rotary(x[None], positions),
+        )
     y = y[0] if isinstance(y, tuple) else y
     return rms(y[0], head["mtp.norm.weight"], eps) @ embedding.T
 
@@ -76,7 +93,9 @@ def test_mtp_head_matches_hand_computation(tmp_path):
     g = torch.Generator().manual_seed(5)
     hidden = torch.randn(9, cfg.hidden_size, generator=g)
     next_tokens = torch.randint(0, VOCAB, (9,), generator=g)
-    want = hand_computed_logits(cfg, ref.config, head, trunk.embedding.detach(), hidden, next_tokens)
+    want = hand_computed_logits(
+        cfg, ref.config, head, trunk.embedding.detach(), hidden, next_tokens
+    )
     assert (run_head(mtp, hidden, next_tokens, [9]) - want).abs().max() <= 1e-4
     # Incremental use through the head's own cache gives the same rows.
     assert (run_head(mtp, hidden, next_tokens, [4, 1, 3, 1]) - want).abs().max() <= 1e-4
@@ -93,7 +112,8 @@ def test_deepseek_layout_and_head_file_load_the_same_module(tmp_path):
     }
     n = cfg.num_layers
     deepseek = {
-        f"model.layers.{n}." + (renames.get(k) or k.removeprefix("mtp.layers.0.")): v for k, v in head.items()
+        f"model.layers.{n}." + (renames.get(k) or k.removeprefix("mtp.layers.0.")): v
+        for k, v in head.items()
     }
     deepseek[f"model.layers.{n}.shared_head.head.weight"] = trunk.embedding.detach().clone()
     assert set(from_deepseek_layout(deepseek, n)) == set(head)
@@ -105,7 +125,9 @@ def test_deepseek_layout_and_head_file_load_the_same_module(tmp_path):
     hidden = torch.randn(5, cfg.hidden_size, generator=g)
     toks = torch.randint(0, VOCAB, (5,), generator=g)
     outs = [
-        run_head(MTPHead(cfg, t, trunk.embedding, trunk.lm_head, 128, torch.float32), hidden, toks, [5])
+        run_head(
+            MTPHead(cfg, t, trunk.embedding, trunk.lm_head, 128, torch.float32), hidden, toks, [5]
+        )
         for t in (head, from_deepseek_layout(deepseek, n), from_file)
     ]
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])

@@ -52,3 +52,21 @@ def write_tiny_model(
                 p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(out, safe_serialization=True)
     return model
+
+
+def write_char_tokenizer(out: Path, chat_template: str | None = None) -> int:
+    """A character-level tokenizer.json (specials, then printable ASCII); returns its size."""
+    import json
+
+    import tokenizers
+
+    specials = ["<unk>", "<s>", "</s>"]
+    vocab = {t: i for i, t in enumerate(specials + [chr(c) for c in range(32, 127)])}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Split("", behavior="isolated")
+    tok.decoder = tokenizers.decoders.Fuse()
+    tok.add_special_tokens(specials)
+    tok.save(str(out / "tokenizer.json"))
+    if chat_template:
+        (out / "tokenizer_config.json").write_text(json.dumps({"chat_template": chat_template}))
+    return len(vocab)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from mtpd.model.checkpoint import open_checkpoint
+from mtpd.model.checkpoint import open_checkpoint, read_config
 from mtpd.model.config import ModelConfig
 from mtpd.model.decoder import DecoderShard, ShardSpec
 from mtpd.model.default_model import resolve_model
@@ -21,7 +21,12 @@ from mtpd.model.tokenizer import Tokenizer
 
 class Engine:
     def __init__(
-        self, model_path: Path, cfg: ModelConfig, tokenizer: Tokenizer, shard: DecoderShard, max_seqs: int
+        self,
+        model_path: Path,
+        cfg: ModelConfig,
+        tokenizer: Tokenizer,
+        shard: DecoderShard,
+        max_seqs: int,
     ) -> None:
         self.model_path, self.cfg, self.tokenizer, self.shard = model_path, cfg, tokenizer, shard
         self.max_context = shard.cos.shape[0]
@@ -38,13 +43,15 @@ class Engine:
     ) -> Engine:
         path = resolve_model(None if model is None else str(model))
         ckpt = open_checkpoint(path)
-        cfg = ModelConfig.from_hf(ckpt.hf_config, source=str(path))
+        cfg = read_config(ckpt)
         tokenizer = Tokenizer.from_checkpoint(ckpt, cfg)
         max_context = min(max_context, cfg.max_position_embeddings)
         shard = DecoderShard.load(ckpt, cfg, ShardSpec.whole(cfg), dtype, max_context)
         return cls(path, cfg, tokenizer, shard, max_seqs)
 
-    def forward(self, seq_id: str, keep: int, tokens: list[int], all_logits: bool = False) -> torch.Tensor:
+    def forward(
+        self, seq_id: str, keep: int, tokens: list[int], all_logits: bool = False
+    ) -> torch.Tensor:
         """Keep the first `keep` cached positions of `seq_id`, append `tokens`, and return
         the logits of the last new position [V] (of every new position [T, V] with
         `all_logits`)."""

@@ -1,0 +1,19 @@
+"""Fixtures shared across test modules (the expensive oracle is loaded once per run)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference():
+    """transformers' own loading of the embedded SmolLM2 GGUF, float32: the oracle."""
+    from transformers import AutoModelForCausalLM
+
+    from mtpd.model.default_model import default_model_path
+
+    path = default_model_path()
+    return AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    ).eval()

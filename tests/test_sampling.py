@@ -1,0 +1,101 @@
+"""The sampler: filters match the reference's processors, draws depend only on (seed, position)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers.generation.logits_process import (
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from mtpd.model.sampling import SamplingParams, select_token, target_probs, uniform
+
+
+def reference_probs(logits, history, p: SamplingParams) -> torch.Tensor:
+    ids = history[None]
+    x = logits[None].clone()
+    for proc in (
+        RepetitionPenaltyLogitsProcessor(p.repetition_penalty),
+        TemperatureLogitsWarper(p.temperature),
+        *([TopKLogitsWarper(p.top_k)] if p.top_k else []),
+        *([TopPLogitsWarper(p.top_p)] if p.top_p < 1 else []),
+        *([MinPLogitsWarper(p.min_p)] if p.min_p else []),
+    ):
+        x = proc(ids, x)
+    return torch.softmax(x[0].double(), -1)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0.7),
+        SamplingParams(temperature=1.3, top_k=5),
+        SamplingParams(temperature=1.0, top_p=0.8),
+        SamplingParams(temperature=0.9, min_p=0.1),
+        SamplingParams(temperature=1.0, top_k=20, top_p=0.9, min_p=0.02, repetition_penalty=1.3),
+    ],
+)
+def test_target_distribution_matches_reference_processors(params):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(50, generator=g) * 3
+    history = torch.randint(0, 50, (12,), generator=g)
+    got = target_probs(logits, params, history)
+    want = reference_probs(logits, history, params)
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_greedy_is_argmax_after_penalty():
+    logits = torch.tensor([1.0, 3.0, 2.9, -1.0])
+    assert select_token(logits, SamplingParams(), 0, torch.tensor([], dtype=torch.long)) == 1
+    penalised = SamplingParams(repetition_penalty=1.5)
+    assert select_token(logits, penalised, 0, torch.tensor([1])) == 2
+
+
+def test_draws_depend_only_on_seed_and_position():
+    logits = torch.randn(30, generator=torch.Generator().manual_seed(1))
+    p = SamplingParams(temperature=1.0, seed=42)
+    empty = torch.tensor([], dtype=torch.long)
+    draws = [select_token(logits, p, pos, empty) for pos in range(200)]
+    assert draws == [select_token(logits, p, pos, empty) for pos in range(200)]
+    other_seed = SamplingParams(temperature=1.0, seed=43)
+    assert draws != [select_token(logits, other_seed, pos, empty) for pos in range(200)]
+    assert len({uniform(7, i) for i in range(1000)}) == 1000
+    assert all(0 <= uniform(s, i) < 1 for s in (0, 1, 2**63) for i in range(100))
+
+
+def test_sampled_frequencies_follow_the_distribution():
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, 0.5])
+    p = SamplingParams(temperature=1.0, seed=3)
+    probs = torch.softmax(logits.double(), -1)
+    n = 20000
+    counts = torch.bincount(
+        torch.tensor(
+            [select_token(logits, p, i, torch.tensor([], dtype=torch.long)) for i in range(n)]
+        ),
+        minlength=5,
+    ).double()
+    chi2 = float(((counts - n * probs) ** 2 / (n * probs)).sum())
+    assert chi2 < 18.47  # chi-square, 4 degrees of freedom, alpha = 0.001
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"temperature": -1}, "temperature"),
+        ({"temperature": math.nan}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -1}, "top_k"),
+        ({"min_p": 1}, "min_p"),
+        ({"repetition_penalty": 0}, "repetition_penalty"),
+    ],
+)
+def test_invalid_parameters_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**kwargs)

@@ -1,0 +1,62 @@
+"""The embedded default model: our GGUF path against transformers' own GGUF loading, and
+the one-command experience a new user gets."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mtpd.model.default_model import default_model_path
+from mtpd.worker.engine import Engine
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    return Engine.load(None, dtype=torch.float32, max_context=512)
+
+
+def test_logits_match_transformers_gguf_loading(engine, smollm2_reference):
+    tok = engine.tokenizer
+    prompt = tok.encode(tok.render_chat([{"role": "user", "content": "Name three colours."}]))
+    with torch.no_grad():
+        want = smollm2_reference(torch.tensor([prompt])).logits[0]
+    got = engine.forward("s", 0, prompt, all_logits=True)
+    assert (got - want).abs().max() <= 1e-3
+    # Decode steps through the cache, against the reference's full recomputation.
+    seq = list(prompt)
+    for _ in range(4):
+        seq.append(int(got[-1].argmax()))
+        got = engine.forward("s", len(seq) - 1, seq[-1:], all_logits=True)
+        with torch.no_grad():
+            want = smollm2_reference(torch.tensor([seq])).logits[0, -1]
+        assert (got[-1] - want).abs().max() <= 1e-3
+    engine.release("s")
+
+
+def test_run_answers_paris():
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mtpd.cli",
+            "run",
+            "What is the capital of France?",
+            "--max-tokens",
+            "32",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    result = json.loads(out.stdout)
+    assert "Paris" in result["text"]
+    assert result["n_tokens"] == len(result["token_ids"]) > 0
+    assert result["model"] == str(default_model_path())
+    for key in ("tokens_per_s", "elapsed_s"):
+        assert result[key] > 0
