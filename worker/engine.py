@@ -15,6 +15,7 @@ from mtpd.model.config import ModelConfig
 from mtpd.model.decoder import DecoderShard, ShardSpec
 from mtpd.model.default_model import resolve_model
 from mtpd.model.kv_cache import CacheFullError
+from mtpd.model.layers import pack_linears
 from mtpd.model.sampling import SamplingParams, select_token
 from mtpd.model.tokenizer import Tokenizer
 
@@ -47,6 +48,7 @@ class Engine:
         tokenizer = Tokenizer.from_checkpoint(ckpt, cfg)
         max_context = min(max_context, cfg.max_position_embeddings)
         shard = DecoderShard.load(ckpt, cfg, ShardSpec.whole(cfg), dtype, max_context)
+        pack_linears(shard)
         return cls(path, cfg, tokenizer, shard, max_seqs)
 
     def forward(
@@ -70,8 +72,10 @@ class Engine:
         params: SamplingParams,
         max_tokens: int,
         seq_id: str = "generate",
+        ignore_eos: bool = False,
     ) -> Iterator[int]:
-        """Yield generated token ids; stops before an end-of-sequence token."""
+        """Yield generated token ids; stops before an end-of-sequence token unless
+        `ignore_eos` (benchmarks generate a fixed length)."""
         if not prompt_ids:
             raise ValueError("prompt is empty")
         if len(prompt_ids) + max_tokens > self.max_context:
@@ -84,7 +88,7 @@ class Engine:
             logits = self.forward(seq_id, 0, history)
             for _ in range(max_tokens):
                 token = select_token(logits, params, len(history), torch.tensor(history))
-                if token in self.tokenizer.eos_ids:
+                if token in self.tokenizer.eos_ids and not ignore_eos:
                     return
                 yield token
                 history.append(token)
