@@ -14,8 +14,7 @@ from mtpd.model.checkpoint import Checkpoint
 from mtpd.model.config import ModelConfig
 from mtpd.model.errors import ModelLoadError
 from mtpd.model.kv_cache import KVCache
-from mtpd.model.layers import BatchLayout, DecoderLayer, Linear, RMSNorm, layer_tensor_shapes
-from mtpd.model.rope import rope_tables
+from mtpd.model.layers import LayerStack, Linear, RMSNorm, layer_tensor_shapes
 
 EMBEDDING = "model.embed_tokens.weight"
 FINAL_NORM = "model.norm.weight"
@@ -86,18 +85,18 @@ class DecoderShard(nn.Module):
         self.embedding = (
             nn.Parameter(tensors[EMBEDDING], requires_grad=False) if spec.has_embedding else None
         )
-        self.layers = nn.ModuleList(
-            DecoderLayer(cfg, f"model.layers.{i}", tensors)
-            for i in range(spec.first_layer, spec.end_layer)
+        self.stack = LayerStack(
+            cfg,
+            [f"model.layers.{i}" for i in range(spec.first_layer, spec.end_layer)],
+            tensors,
+            self.dtype,
+            max_context,
         )
         self.norm = self.lm_head = None
         if spec.has_head:
             self.norm = RMSNorm(tensors[FINAL_NORM], cfg.rms_norm_eps)
             head = tensors[EMBEDDING] if cfg.tie_word_embeddings else tensors[LM_HEAD]
             self.lm_head = Linear(head)
-        cos, sin = rope_tables(cfg, max_context)
-        self.register_buffer("cos", cos, persistent=False)
-        self.register_buffer("sin", sin, persistent=False)
 
     @classmethod
     def load(
@@ -112,21 +111,12 @@ class DecoderShard(nn.Module):
             cfg, spec, read_validated(ckpt, shard_tensor_shapes(cfg, spec), dtype), max_context
         )
 
-    def new_cache(self, max_seqs: int, max_context: int) -> KVCache:
-        return KVCache(
-            self.spec.num_layers,
-            max_seqs,
-            max_context,
-            self.cfg.num_kv_heads,
-            self.cfg.head_dim,
-            self.dtype,
-            self.cos.device,
-        )
+    def new_cache(self, max_seqs: int, max_context: int | None = None) -> KVCache:
+        return self.stack.new_cache(max_seqs, max_context)
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(token_ids, self.embedding)
 
-    @torch.inference_mode()
     def forward(
         self, x: torch.Tensor, cache: KVCache, slots: list[int], counts: list[int]
     ) -> torch.Tensor:
@@ -136,13 +126,9 @@ class DecoderShard(nn.Module):
         i-th sequence contributes counts[i] consecutive rows and owns cache slot slots[i].
         Returns hidden states [N, hidden] (final-normed on the last shard).
         """
-        layout = BatchLayout.build(cache, slots, counts, self.cos, self.sin)
         h = self.embed(x) if self.embedding is not None else x
-        for i, layer in enumerate(self.layers):
-            h = layer(h, layout, cache, i)
-        layout.commit(cache)
+        h = self.stack(h, cache, slots, counts)
         return self.norm(h) if self.norm is not None else h
 
-    @torch.inference_mode()
     def logits(self, normed_hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(normed_hidden).float()

@@ -34,6 +34,17 @@ class KVCache:
         self.lengths = [0] * max_seqs
         self._free = list(range(max_seqs - 1, -1, -1))
         self._slot_of: dict[str, int] = {}
+        # Per-(layer, slot) views made once: indexing the 5-d tensor per layer per step
+        # costs several dispatches each time.
+        self._k_views = [list(layer.unbind(0)) for layer in self.k.unbind(0)]
+        self._v_views = [list(layer.unbind(0)) for layer in self.v.unbind(0)]
+
+    def k_slot(self, layer: int, slot: int) -> torch.Tensor:
+        """[kv_heads, max_context, head_dim] keys of one sequence in one layer."""
+        return self._k_views[layer][slot]
+
+    def v_slot(self, layer: int, slot: int) -> torch.Tensor:
+        return self._v_views[layer][slot]
 
     @staticmethod
     def bytes_per_token(

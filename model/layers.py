@@ -16,6 +16,7 @@ from torch import nn
 
 from mtpd.model.config import ModelConfig
 from mtpd.model.kv_cache import KVCache
+from mtpd.model.rope import rope_tables
 
 
 class RMSNorm(nn.Module):
@@ -25,10 +26,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 whatever the storage dtype, as the reference does.
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        # Normalise in float32 whatever the storage dtype and scale after casting back,
+        # as the reference does; F.rms_norm does the normalising in one kernel.
+        h = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps)
+        return h.to(x.dtype) * self.weight
 
 
 class Linear(nn.Module):
@@ -80,8 +81,8 @@ class BatchLayout:
     slots: list[int]
     starts: list[int]  # cache position of each sequence's first new token
     counts: list[int]  # new tokens per sequence
-    cos: torch.Tensor  # [N, head_dim] rotary tables gathered at the tokens' positions
-    sin: torch.Tensor
+    cos: torch.Tensor  # [N, 1, head_dim] rotary tables at the tokens' positions
+    sin_signed: torch.Tensor  # sin with its first half negated (see _apply_rope)
 
     @classmethod
     def build(
@@ -91,12 +92,17 @@ class BatchLayout:
         counts: list[int],
         cos_table: torch.Tensor,
         sin_table: torch.Tensor,
+        dtype: torch.dtype,
     ) -> BatchLayout:
         starts = [cache.reserve(s, c) for s, c in zip(slots, counts, strict=True)]
         positions = torch.cat(
             [torch.arange(s, s + c) for s, c in zip(starts, counts, strict=True)]
         ).to(cos_table.device)
-        return cls(slots, starts, counts, cos_table[positions], sin_table[positions])
+        sin = sin_table[positions]
+        sin[:, : sin.shape[-1] // 2].neg_()
+        return cls(
+            slots, starts, counts, cos_table[positions][:, None].to(dtype), sin[:, None].to(dtype)
+        )
 
     def commit(self, cache: KVCache) -> None:
         """Record the appended positions once every layer has written them."""
@@ -104,15 +110,11 @@ class BatchLayout:
             cache.lengths[slot] = start + count
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [N, heads, head_dim]; cos/sin: [N, head_dim]
-    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
-    return x * cos + _rotate_half(x) * sin
+def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE: x*cos + rotate_half(x)*sin, with rotate_half(x) = [-x2, x1]
+    written as roll(x) * [-sin, sin] (bit-identical, fewer kernels).
+    x: [N, heads, head_dim]; cos/sin_signed: [N, 1, head_dim]."""
+    return torch.addcmul(x * cos, torch.roll(x, x.shape[-1] // 2, -1), sin_signed)
 
 
 def _fused(tensors: Mapping[str, torch.Tensor], names: list[str]) -> torch.Tensor | None:
@@ -147,38 +149,60 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         n = x.shape[0]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(n, self.num_heads, self.head_dim)
-        k = k.view(n, self.num_kv_heads, self.head_dim)
-        v = v.view(n, self.num_kv_heads, self.head_dim)
+        heads, kv_heads, d = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv(x)
+        # q and k side by side in one view, so RoPE runs once over both.
+        qk = qkv[:, : q_size + kv_size].view(n, heads + kv_heads, d)
+        v = qkv[:, q_size + kv_size :].view(n, kv_heads, d)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = _apply_rope(q, layout.cos, layout.sin)
-        k = _apply_rope(k, layout.cos, layout.sin)
+            qk = torch.cat([self.q_norm(qk[:, :heads]), self.k_norm(qk[:, heads:])], dim=1)
+        qk = _apply_rope(qk, layout.cos, layout.sin_signed)
+        q, k = qk[:, :heads], qk[:, heads:]
 
-        out = torch.empty_like(q)
+        if len(layout.slots) == 1:
+            o = self._attend(q, k, v, layout.slots[0], layout.starts[0], cache, layer)
+            return self.o(o.transpose(0, 1).reshape(n, q_size))
+        out = torch.empty(n, heads, d, dtype=q.dtype, device=q.device)
         offset = 0
         for slot, start, count in zip(layout.slots, layout.starts, layout.counts, strict=True):
-            end = start + count
-            cache.k[layer, slot, :, start:end] = k[offset : offset + count].transpose(0, 1)
-            cache.v[layer, slot, :, start:end] = v[offset : offset + count].transpose(0, 1)
-            keys = cache.k[layer, slot, :, :end]
-            values = cache.v[layer, slot, :, :end]
-            mask = None
-            if count > 1:
-                # New token j sits at position start + j and sees keys up to there.
-                rows = torch.arange(start, end, device=x.device)[:, None]
-                mask = torch.arange(end, device=x.device)[None, :] <= rows
-            o = F.scaled_dot_product_attention(
-                q[offset : offset + count].transpose(0, 1)[None],
-                keys[None],
-                values[None],
-                attn_mask=mask,
-                enable_gqa=True,
-            )
-            out[offset : offset + count] = o[0].transpose(0, 1)
+            rows = slice(offset, offset + count)
+            out[rows] = self._attend(
+                q[rows], k[rows], v[rows], slot, start, cache, layer
+            ).transpose(0, 1)
             offset += count
         return self.o(out.view(n, q_size))
+
+    @staticmethod
+    def _attend(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        slot: int,
+        start: int,
+        cache: KVCache,
+        layer: int,
+    ) -> torch.Tensor:
+        """Append one sequence's new k/v to its cache slot and attend over the slot.
+        q: [T, heads, d], k/v: [T, kv_heads, d]; returns [heads, T, d]."""
+        count = q.shape[0]
+        end = start + count
+        slot_k, slot_v = cache.k_slot(layer, slot), cache.v_slot(layer, slot)
+        q = q.to(slot_k.dtype)
+        slot_k[:, start:end] = k.transpose(0, 1)
+        slot_v[:, start:end] = v.transpose(0, 1)
+        mask = None
+        if count > 1:
+            # New token j sits at position start + j and sees keys up to there.
+            rows = torch.arange(start, end, device=q.device)[:, None]
+            mask = torch.arange(end, device=q.device)[None, :] <= rows
+        o = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None],
+            slot_k[None, :, :end],
+            slot_v[None, :, :end],
+            attn_mask=mask,
+            enable_gqa=True,
+        )
+        return o[0].to(k.dtype)
 
 
 class MLP(nn.Module):
@@ -241,3 +265,51 @@ def layer_tensor_shapes(cfg: ModelConfig, prefix: str) -> dict[str, tuple[int, .
         shapes[f"{prefix}.self_attn.q_norm.weight"] = (d,)
         shapes[f"{prefix}.self_attn.k_norm.weight"] = (d,)
     return shapes
+
+
+class LayerStack(nn.Module):
+    """Consecutive decoder layers with their rotary tables: the part of the trunk (or of
+    the MTP head) that owns a KV cache."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        prefixes: list[str],
+        t: Mapping[str, torch.Tensor],
+        dtype: torch.dtype,
+        max_context: int,
+    ) -> None:
+        super().__init__()
+        self.cfg, self.dtype = cfg, dtype
+        self.layers = nn.ModuleList(DecoderLayer(cfg, p, t) for p in prefixes)
+        cos, sin = rope_tables(cfg, max_context)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    @property
+    def max_context(self) -> int:
+        return self.cos.shape[0]
+
+    def new_cache(self, max_seqs: int, max_context: int | None = None) -> KVCache:
+        device = self.cos.device
+        # Attention on CPU runs in float32: SDPA is several times slower in bfloat16
+        # there, and the cache is small next to the weights.
+        dtype = torch.float32 if device.type == "cpu" else self.dtype
+        return KVCache(
+            len(self.layers),
+            max_seqs,
+            max_context or self.max_context,
+            self.cfg.num_kv_heads,
+            self.cfg.head_dim,
+            dtype,
+            device,
+        )
+
+    def forward(
+        self, h: torch.Tensor, cache: KVCache, slots: list[int], counts: list[int]
+    ) -> torch.Tensor:
+        layout = BatchLayout.build(cache, slots, counts, self.cos, self.sin, self.dtype)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, layout, cache, i)
+        layout.commit(cache)
+        return h

@@ -25,8 +25,7 @@ from mtpd.model.checkpoint import Checkpoint
 from mtpd.model.config import ModelConfig
 from mtpd.model.errors import ModelLoadError
 from mtpd.model.kv_cache import KVCache
-from mtpd.model.layers import BatchLayout, DecoderLayer, Linear, RMSNorm, layer_tensor_shapes
-from mtpd.model.rope import rope_tables
+from mtpd.model.layers import LayerStack, Linear, RMSNorm, layer_tensor_shapes
 
 PREFIX = "mtp"
 
@@ -134,29 +133,17 @@ class MTPHead(nn.Module):
         self.norm_embedding = RMSNorm(t[f"{PREFIX}.pre_fc_norm_embedding.weight"], eps)
         self.norm_hidden = RMSNorm(t[f"{PREFIX}.pre_fc_norm_hidden.weight"], eps)
         self.fc = Linear(t[f"{PREFIX}.fc.weight"])
-        self.layers = nn.ModuleList(
-            DecoderLayer(cfg, f"{PREFIX}.layers.{i}", t) for i in range(num_layers)
+        self.stack = LayerStack(
+            cfg, [f"{PREFIX}.layers.{i}" for i in range(num_layers)], t, dtype, max_context
         )
         self.norm = RMSNorm(t[f"{PREFIX}.norm.weight"], eps)
         # Shared with the trunk, not copied.
         self.embedding = embedding
         self.lm_head = lm_head
-        cos, sin = rope_tables(cfg, max_context)
-        self.register_buffer("cos", cos, persistent=False)
-        self.register_buffer("sin", sin, persistent=False)
 
-    def new_cache(self, max_seqs: int, max_context: int) -> KVCache:
-        return KVCache(
-            len(self.layers),
-            max_seqs,
-            max_context,
-            self.cfg.num_kv_heads,
-            self.cfg.head_dim,
-            self.dtype,
-            self.cos.device,
-        )
+    def new_cache(self, max_seqs: int, max_context: int | None = None) -> KVCache:
+        return self.stack.new_cache(max_seqs, max_context)
 
-    @torch.inference_mode()
     def forward(
         self,
         hidden: torch.Tensor,
@@ -170,12 +157,7 @@ class MTPHead(nn.Module):
         logits predict the tokens at t+2. Appends N entries to the head's cache."""
         e = F.embedding(next_tokens, self.embedding)
         x = self.fc(torch.cat([self.norm_embedding(e), self.norm_hidden(hidden)], dim=-1))
-        layout = BatchLayout.build(cache, slots, counts, self.cos, self.sin)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, layout, cache, i)
-        layout.commit(cache)
-        return self.norm(x)
+        return self.norm(self.stack(x, cache, slots, counts))
 
-    @torch.inference_mode()
     def logits(self, states: torch.Tensor) -> torch.Tensor:
         return self.lm_head(states).float()

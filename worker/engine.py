@@ -30,7 +30,7 @@ class Engine:
         max_seqs: int,
     ) -> None:
         self.model_path, self.cfg, self.tokenizer, self.shard = model_path, cfg, tokenizer, shard
-        self.max_context = shard.cos.shape[0]
+        self.max_context = shard.stack.max_context
         self.cache = shard.new_cache(max_seqs, self.max_context)
 
     @classmethod
