@@ -4,6 +4,8 @@ shard and the final norm and LM head on the last. With one shard it is the whole
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -51,10 +53,8 @@ def shard_tensor_shapes(cfg: ModelConfig, spec: ShardSpec) -> dict[str, tuple[in
     return shapes
 
 
-def read_validated(
-    ckpt: Checkpoint, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype
-) -> dict[str, torch.Tensor]:
-    """Read exactly the named tensors, check their shapes, convert to `dtype`."""
+def read_validated(ckpt: Checkpoint, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """Read exactly the named tensors and check their shapes."""
     available = ckpt.tensor_names()
     missing = sorted(set(shapes) - available)
     if missing:
@@ -67,8 +67,23 @@ def read_validated(
             raise ModelLoadError(
                 f"{ckpt.path}: tensor {name!r} has shape {list(got)}, expected {list(want)}"
             )
-        tensors[name] = tensors[name].to(dtype)
     return tensors
+
+
+def fingerprint_names(cfg: ModelConfig) -> list[str]:
+    """The base-model tensors a head is bound to: what it shares (embedding or LM head,
+    final norm) and the trunk's last layer, whose output it reads. The tail worker holds
+    all of them."""
+    names = [EMBEDDING if cfg.tie_word_embeddings else LM_HEAD, FINAL_NORM]
+    return names + sorted(layer_tensor_shapes(cfg, f"model.layers.{cfg.num_layers - 1}"))
+
+
+def weights_fingerprint(tensors: Mapping[str, torch.Tensor], cfg: ModelConfig) -> str:
+    digest = hashlib.sha256()
+    for name in fingerprint_names(cfg):
+        digest.update(name.encode())
+        digest.update(tensors[name].detach().float().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:32]
 
 
 class DecoderShard(nn.Module):
@@ -82,6 +97,7 @@ class DecoderShard(nn.Module):
         super().__init__()
         self.cfg, self.spec = cfg, spec
         self.dtype = next(iter(tensors.values())).dtype
+        self.fingerprint: str | None = None  # of the base weights a head binds to (tail only)
         self.embedding = (
             nn.Parameter(tensors[EMBEDDING], requires_grad=False) if spec.has_embedding else None
         )
@@ -107,9 +123,12 @@ class DecoderShard(nn.Module):
         dtype: torch.dtype,
         max_context: int,
     ) -> DecoderShard:
-        return cls(
-            cfg, spec, read_validated(ckpt, shard_tensor_shapes(cfg, spec), dtype), max_context
-        )
+        raw = read_validated(ckpt, shard_tensor_shapes(cfg, spec))
+        # Taken before any dtype conversion, so it names the weights as stored.
+        fingerprint = weights_fingerprint(raw, cfg) if spec.has_head else None
+        shard = cls(cfg, spec, {k: v.to(dtype) for k, v in raw.items()}, max_context)
+        shard.fingerprint = fingerprint
+        return shard
 
     def new_cache(self, max_seqs: int, max_context: int | None = None) -> KVCache:
         return self.stack.new_cache(max_seqs, max_context)

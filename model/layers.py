@@ -144,21 +144,41 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(t[f"{prefix}.q_norm.weight"], cfg.rms_norm_eps)
             self.k_norm = RMSNorm(t[f"{prefix}.k_norm.weight"], cfg.rms_norm_eps)
 
+    def _project(
+        self, x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [.., heads, d], k and v [.., kv_heads, d] for rows x [.., hidden], RoPE applied."""
+        heads, kv_heads, d = self.num_heads, self.num_kv_heads, self.head_dim
+        lead = x.shape[:-1]
+        qkv = self.qkv(x)
+        q_size, kv_size = heads * d, kv_heads * d
+        # q and k side by side in one view, so RoPE runs once over both.
+        qk = qkv[..., : q_size + kv_size].view(*lead, heads + kv_heads, d)
+        v = qkv[..., q_size + kv_size :].view(*lead, kv_heads, d)
+        if self.q_norm is not None:
+            qk = torch.cat(
+                [self.q_norm(qk[..., :heads, :]), self.k_norm(qk[..., heads:, :])], dim=-2
+            )
+        qk = _apply_rope(qk, cos, sin_signed)
+        return qk[..., :heads, :], qk[..., heads:, :], v
+
+    def forward_causal(
+        self, x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor
+    ) -> torch.Tensor:
+        """Whole sequences without a cache (training): x [B, T, hidden], position i of
+        every row at rotary position i."""
+        b, t, _ = x.shape
+        q, k, v = (z.transpose(1, 2) for z in self._project(x, cos, sin_signed))
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return self.o(o.transpose(1, 2).reshape(b, t, -1))
+
     def forward(
         self, x: torch.Tensor, layout: BatchLayout, cache: KVCache, layer: int
     ) -> torch.Tensor:
         n = x.shape[0]
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        heads, kv_heads, d = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = self.qkv(x)
-        # q and k side by side in one view, so RoPE runs once over both.
-        qk = qkv[:, : q_size + kv_size].view(n, heads + kv_heads, d)
-        v = qkv[:, q_size + kv_size :].view(n, kv_heads, d)
-        if self.q_norm is not None:
-            qk = torch.cat([self.q_norm(qk[:, :heads]), self.k_norm(qk[:, heads:])], dim=1)
-        qk = _apply_rope(qk, layout.cos, layout.sin_signed)
-        q, k = qk[:, :heads], qk[:, heads:]
-
+        q_size = self.num_heads * self.head_dim
+        heads, d = self.num_heads, self.head_dim
+        q, k, v = self._project(x, layout.cos, layout.sin_signed)
         if len(layout.slots) == 1:
             o = self._attend(q, k, v, layout.slots[0], layout.starts[0], cache, layer)
             return self.o(o.transpose(0, 1).reshape(n, q_size))
@@ -236,6 +256,12 @@ class DecoderLayer(nn.Module):
         x = x + self.attn(self.input_norm(x), layout, cache, layer)
         return x + self.mlp(self.post_attn_norm(x))
 
+    def forward_causal(
+        self, x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor
+    ) -> torch.Tensor:
+        x = x + self.attn.forward_causal(self.input_norm(x), cos, sin_signed)
+        return x + self.mlp(self.post_attn_norm(x))
+
 
 def layer_tensor_shapes(cfg: ModelConfig, prefix: str) -> dict[str, tuple[int, ...]]:
     """Every tensor a decoder layer needs (optional biases included only when expected)."""
@@ -304,6 +330,16 @@ class LayerStack(nn.Module):
             dtype,
             device,
         )
+
+    def forward_causal(self, h: torch.Tensor) -> torch.Tensor:
+        """Whole sequences h [B, T, hidden] without a cache (training)."""
+        t = h.shape[1]
+        sin = self.sin[:t].clone()
+        sin[:, : sin.shape[-1] // 2].neg_()
+        cos, sin = self.cos[:t, None].to(h.dtype), sin[:, None].to(h.dtype)
+        for layer in self.layers:
+            h = layer.forward_causal(h, cos, sin)
+        return h
 
     def forward(
         self, h: torch.Tensor, cache: KVCache, slots: list[int], counts: list[int]

@@ -14,11 +14,13 @@ The DeepSeek-V3 layout (enorm, hnorm, eh_proj, shared_head) is renamed onto this
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from mtpd.model.checkpoint import Checkpoint
@@ -28,6 +30,7 @@ from mtpd.model.kv_cache import KVCache
 from mtpd.model.layers import LayerStack, Linear, RMSNorm, layer_tensor_shapes
 
 PREFIX = "mtp"
+DRAFT_VOCAB = f"{PREFIX}.draft_vocab"  # optional int64 [N]: the token ids drafts may take
 
 
 def mtp_tensor_shapes(cfg: ModelConfig, num_layers: int = 1) -> dict[str, tuple[int, ...]]:
@@ -78,6 +81,30 @@ def from_deepseek_layout(
 def count_mtp_layers(names: set[str]) -> int:
     indices = {int(m.group(1)) for n in names if (m := re.match(rf"{PREFIX}\.layers\.(\d+)\.", n))}
     return max(indices) + 1 if indices else 0
+
+
+HEAD_FORMAT = "mtpd-mtp-head/1"
+
+
+def save_head_file(
+    path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
+) -> None:
+    save_file(
+        {k: v.detach().contiguous() for k, v in tensors.items()},
+        str(path),
+        metadata={"format": HEAD_FORMAT, **metadata},
+    )
+
+
+def check_head_base(metadata: Mapping[str, str], fingerprint: str, source: Path) -> None:
+    """Refuse a head trained for another base model."""
+    want = metadata.get("base_model_fingerprint")
+    if want is not None and want != fingerprint:
+        raise ModelLoadError(
+            f"{source}: this MTP head was trained for a different base model "
+            f"({metadata.get('base_model', 'unknown')}, weights fingerprint {want}); "
+            f"the loaded model's fingerprint is {fingerprint}"
+        )
 
 
 def read_head_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -140,6 +167,23 @@ class MTPHead(nn.Module):
         # Shared with the trunk, not copied.
         self.embedding = embedding
         self.lm_head = lm_head
+        # A reduced draft vocabulary makes the draft pass's LM head a few percent of the
+        # trunk instead of a quarter; verification still scores the full vocabulary.
+        self.draft_ids: torch.Tensor | None = None
+        self.draft_head = lm_head
+        if DRAFT_VOCAB in tensors:
+            ids = tensors[DRAFT_VOCAB].long()
+            if (
+                ids.dim() != 1
+                or ids.numel() == 0
+                or int(ids.max()) >= cfg.vocab_size
+                or int(ids.min()) < 0
+            ):
+                raise ModelLoadError(
+                    f"MTP head: {DRAFT_VOCAB} must hold token ids below {cfg.vocab_size}"
+                )
+            self.draft_ids = ids
+            self.draft_head = Linear(lm_head.weight.detach()[ids].clone())
 
     def new_cache(self, max_seqs: int, max_context: int | None = None) -> KVCache:
         return self.stack.new_cache(max_seqs, max_context)
@@ -155,9 +199,21 @@ class MTPHead(nn.Module):
         """hidden: final-normed trunk (or previous MTP) states [N, H] at positions t;
         next_tokens: the tokens at t+1 [N]. Returns the normed MTP states [N, H], whose
         logits predict the tokens at t+2. Appends N entries to the head's cache."""
-        e = F.embedding(next_tokens, self.embedding)
-        x = self.fc(torch.cat([self.norm_embedding(e), self.norm_hidden(hidden)], dim=-1))
-        return self.norm(self.stack(x, cache, slots, counts))
+        return self.norm(self.stack(self._input(hidden, next_tokens), cache, slots, counts))
 
-    def logits(self, states: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(states).float()
+    def forward_causal(self, hidden: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
+        """Training: whole sequences hidden [B, T, H] and next_tokens [B, T], no cache."""
+        return self.norm(self.stack.forward_causal(self._input(hidden, next_tokens)))
+
+    def _input(self, hidden: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
+        e = F.embedding(next_tokens, self.embedding)
+        return self.fc(torch.cat([self.norm_embedding(e), self.norm_hidden(hidden)], dim=-1))
+
+    def draft_logits(self, states: torch.Tensor) -> torch.Tensor:
+        """Logits over the draft vocabulary (the full one when the head has none)."""
+        return self.draft_head(states).float()
+
+    def draft_tokens(self, states: torch.Tensor) -> torch.Tensor:
+        """The greedy draft for each state, as token ids of the full vocabulary."""
+        best = self.draft_logits(states).argmax(-1)
+        return best if self.draft_ids is None else self.draft_ids[best]

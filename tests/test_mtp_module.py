@@ -81,7 +81,7 @@ def run_head(mtp: MTPHead, hidden, next_tokens, chunks) -> torch.Tensor:
     out, start = [], 0
     for c in chunks:
         states = mtp(hidden[start : start + c], next_tokens[start : start + c], cache, [slot], [c])
-        out.append(mtp.logits(states))
+        out.append(mtp.draft_logits(states))
         start += c
     return torch.cat(out)
 

@@ -1,0 +1,1 @@
+"""`mtpd train-mtp` and `mtpd eval-mtp`: give a frozen model an MTP head by self-distillation."""

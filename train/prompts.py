@@ -1,0 +1,99 @@
+"""The training prompt set, built offline: no instruction data set installs without a
+download, so prompts are composed from topics and task types. The evaluation prompts
+(data/eval_prompts.txt) are written separately, on topics that never appear here, so
+evaluation measures generalisation, not recall."""
+
+from __future__ import annotations
+
+import random
+
+TOPICS = """
+the water cycle; volcanoes; black holes; photosynthesis; the Roman Empire; the French Revolution;
+ancient Egypt; the printing press; electricity; magnets; the human heart; the immune system;
+vaccines; DNA; evolution; dinosaurs; honeybees; coral reefs; rainforests; deserts; glaciers;
+earthquakes; hurricanes; climate change; solar power; wind turbines; nuclear energy; batteries;
+electric cars; trains; airplanes; rockets; the Moon; Mars; Jupiter; the Sun; comets; telescopes;
+microscopes; bacteria; viruses; sleep; dreams; memory; exercise; nutrition; vitamins; coffee;
+tea; chocolate; bread baking; cheese; pizza; rice; gardening; composting; houseplants; dogs;
+cats; horses; owls; whales; octopuses; penguins; elephants; wolves; butterflies; ants; spiders;
+sharks; the ocean tides; rivers; mountains; islands; maps; compasses; the Silk Road; Vikings;
+samurai; castles; pyramids; the Great Wall of China; the Renaissance; Leonardo da Vinci;
+Shakespeare; poetry; novels; libraries; museums; music theory; the piano; the guitar; jazz;
+classical music; painting; photography; film making; theater; dance; chess; football; basketball;
+tennis; swimming; running a marathon; cycling; mountain climbing; camping; sailing; fishing;
+personal budgeting; saving money; interest rates; inflation; the stock market; small businesses;
+job interviews; writing a resume; public speaking; teamwork; time management; learning a language;
+studying for exams; teaching children to read; friendship; kindness; curiosity; recycling;
+plastic pollution; clean water; cities; bridges; skyscrapers; roads; the internet; email;
+smartphones; computers; programming; algorithms; databases; encryption; passwords; robots;
+artificial intelligence; video games; 3D printing; weather forecasting; rainbows; snow;
+thunderstorms; the seasons; calendars; clocks; money; banks; post offices; newspapers; radio;
+television; cooking pasta; making soup; breakfast; birthdays; holidays; travel packing; airports;
+hotels; trains in Europe; volunteering; first aid; fire safety; bicycles repair; knitting;
+woodworking; pottery; origami; puzzles; riddles; mathematics; fractions; prime numbers; geometry;
+probability; statistics; physics; gravity; light; sound; heat; chemistry; atoms; acids and bases;
+the periodic table; metals; glass; paper; cotton; wool
+"""
+
+TASKS = [
+    "Explain {t} to a ten-year-old.",
+    "What is {t}?",
+    "Give me three interesting facts about {t}.",
+    "Write a short story that involves {t}.",
+    "Write a short poem about {t}.",
+    "List five key points about {t}.",
+    "Summarize the most important ideas about {t} in one paragraph.",
+    "What are the advantages and disadvantages of {t}?",
+    "Write a haiku about {t}.",
+    "How would you teach a beginner about {t}?",
+    "Describe {t} in simple words.",
+    "Why is {t} important?",
+    "Write a short dialogue between two friends talking about {t}.",
+    "What are common misconceptions about {t}?",
+    "Create a quiz with three questions about {t}.",
+    "Write a product description for something related to {t}.",
+    "Give step-by-step instructions for a simple project about {t}.",
+    "Compare {t} with something similar and explain the differences.",
+    "Write a short blog post introduction about {t}.",
+    "What questions do people often ask about {t}? Answer two of them.",
+    "Tell me a fun fact about {t} and explain why it is true.",
+    "Write a letter to a friend describing {t}.",
+    "What is the history of {t}?",
+    "Give me a list of tips related to {t}.",
+    "Explain {t} using an analogy.",
+    "Write a news headline and a short article about {t}.",
+    "What would happen if {t} did not exist?",
+    "Describe a typical day for someone who works with {t}.",
+    "Write a Python function that could be useful for someone studying {t}, with comments.",
+    "Write a short speech about {t}.",
+]
+
+CODE_PROMPTS = [
+    "Write a Python function that {t}.",
+    "Explain how to write a program that {t}.",
+    "Write a JavaScript function that {t}.",
+    "Write a SQL query that {t}.",
+]
+
+CODE_TASKS = """
+reverses a string; checks if a number is prime; counts the vowels in a sentence; finds the largest
+number in a list; sorts a list of names; computes a factorial; converts Celsius to Fahrenheit;
+reads a file and counts its lines; removes duplicates from a list; checks if a word is a palindrome;
+merges two sorted lists; computes the average of a list; finds the second smallest number;
+capitalizes every word in a sentence; validates an email address; generates the Fibonacci
+sequence; counts word frequencies in a text; flattens a nested list; computes the greatest common
+divisor; converts a number to binary; finds all even numbers in a list; returns the customers
+who ordered more than twice; computes the median of a list; checks whether brackets are balanced
+"""
+
+
+def _split(block: str) -> list[str]:
+    return [t.strip() for t in block.replace("\n", " ").split(";") if t.strip()]
+
+
+def training_prompts(seed: int = 0) -> list[str]:
+    """Every topic x task combination, shuffled deterministically by `seed`."""
+    prompts = [task.format(t=topic) for topic in _split(TOPICS) for task in TASKS]
+    prompts += [task.format(t=t) for t in _split(CODE_TASKS) for task in CODE_PROMPTS]
+    random.Random(seed).shuffle(prompts)
+    return prompts
