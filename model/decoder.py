@@ -42,7 +42,8 @@ class ShardSpec:
 def shard_tensor_shapes(cfg: ModelConfig, spec: ShardSpec) -> dict[str, tuple[int, ...]]:
     """The tensors (HF names) a shard reads, with their expected shapes."""
     shapes: dict[str, tuple[int, ...]] = {}
-    if spec.has_embedding or (spec.has_head and cfg.tie_word_embeddings):
+    # The tail holds the embedding too: the MTP head embeds the token after each state.
+    if spec.has_embedding or spec.has_head:
         shapes[EMBEDDING] = (cfg.vocab_size, cfg.hidden_size)
     for i in range(spec.first_layer, spec.end_layer):
         shapes.update(layer_tensor_shapes(cfg, f"model.layers.{i}"))
@@ -99,7 +100,7 @@ class DecoderShard(nn.Module):
         self.dtype = next(iter(tensors.values())).dtype
         self.fingerprint: str | None = None  # of the base weights a head binds to (tail only)
         self.embedding = (
-            nn.Parameter(tensors[EMBEDDING], requires_grad=False) if spec.has_embedding else None
+            nn.Parameter(tensors[EMBEDDING], requires_grad=False) if EMBEDDING in tensors else None
         )
         self.stack = LayerStack(
             cfg,
@@ -122,11 +123,14 @@ class DecoderShard(nn.Module):
         spec: ShardSpec,
         dtype: torch.dtype,
         max_context: int,
+        device: torch.device | None = None,
     ) -> DecoderShard:
         raw = read_validated(ckpt, shard_tensor_shapes(cfg, spec))
         # Taken before any dtype conversion, so it names the weights as stored.
         fingerprint = weights_fingerprint(raw, cfg) if spec.has_head else None
-        shard = cls(cfg, spec, {k: v.to(dtype) for k, v in raw.items()}, max_context)
+        # Converted before the modules are built, so tied weights stay one tensor.
+        tensors = {k: v.to(device=device, dtype=dtype) for k, v in raw.items()}
+        shard = cls(cfg, spec, tensors, max_context)
         shard.fingerprint = fingerprint
         return shard
 
@@ -145,7 +149,7 @@ class DecoderShard(nn.Module):
         i-th sequence contributes counts[i] consecutive rows and owns cache slot slots[i].
         Returns hidden states [N, hidden] (final-normed on the last shard).
         """
-        h = self.embed(x) if self.embedding is not None else x
+        h = self.embed(x) if self.spec.has_embedding else x
         h = self.stack(h, cache, slots, counts)
         return self.norm(h) if self.norm is not None else h
 

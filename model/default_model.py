@@ -7,7 +7,7 @@ the file is located through the distribution's metadata, never by importing it.
 
 from __future__ import annotations
 
-from importlib import metadata
+from importlib import metadata, resources
 from pathlib import Path
 
 from mtpd.model.errors import ModelLoadError
@@ -30,6 +30,18 @@ def default_model_path() -> Path:
             f"{path}: missing from the {_DIST} package; reinstall it with: {_INSTALL}"
         )
     return path
+
+
+# The MTP head this project trained for the default model (see README: MTP head).
+_DEFAULT_HEAD = "heads/smollm2-135m-instruct.mtp.safetensors"
+
+
+def default_head_path(model: str | None) -> Path | None:
+    """The shipped MTP head for `model`, if this project ships one."""
+    if model is not None and model != DEFAULT_MODEL:
+        return None
+    path = Path(str(resources.files("mtpd") / _DEFAULT_HEAD))
+    return path if path.exists() else None
 
 
 def resolve_model(model: str | None) -> Path:

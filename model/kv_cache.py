@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import torch
 
+from mtpd.model.errors import InputError
 
-class CacheFullError(Exception):
+
+class CacheFullError(InputError):
     """No free slot, or a sequence would exceed the cache's context bound."""
 
 

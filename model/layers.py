@@ -308,9 +308,10 @@ class LayerStack(nn.Module):
         super().__init__()
         self.cfg, self.dtype = cfg, dtype
         self.layers = nn.ModuleList(DecoderLayer(cfg, p, t) for p in prefixes)
+        device = next(iter(t.values())).device
         cos, sin = rope_tables(cfg, max_context)
-        self.register_buffer("cos", cos, persistent=False)
-        self.register_buffer("sin", sin, persistent=False)
+        self.register_buffer("cos", cos.to(device), persistent=False)
+        self.register_buffer("sin", sin.to(device), persistent=False)
 
     @property
     def max_context(self) -> int:

@@ -154,7 +154,9 @@ class MTPHead(nn.Module):
                     f"MTP head: tensor {name!r} has shape {list(tensors[name].shape)}, "
                     f"expected {list(want)}"
                 )
-        t = {k: v.to(dtype) for k, v in tensors.items() if k in shapes}
+        t = {
+            k: v.to(device=embedding.device, dtype=dtype) for k, v in tensors.items() if k in shapes
+        }
         self.cfg, self.dtype = cfg, dtype
         eps = cfg.rms_norm_eps
         self.norm_embedding = RMSNorm(t[f"{PREFIX}.pre_fc_norm_embedding.weight"], eps)
@@ -169,7 +171,7 @@ class MTPHead(nn.Module):
         self.lm_head = lm_head
         # A reduced draft vocabulary makes the draft pass's LM head a few percent of the
         # trunk instead of a quarter; verification still scores the full vocabulary.
-        self.draft_ids: torch.Tensor | None = None
+        self.register_buffer("draft_ids", None, persistent=False)
         self.draft_head = lm_head
         if DRAFT_VOCAB in tensors:
             ids = tensors[DRAFT_VOCAB].long()
@@ -182,7 +184,7 @@ class MTPHead(nn.Module):
                 raise ModelLoadError(
                     f"MTP head: {DRAFT_VOCAB} must hold token ids below {cfg.vocab_size}"
                 )
-            self.draft_ids = ids
+            self.draft_ids = ids.to(embedding.device)
             self.draft_head = Linear(lm_head.weight.detach()[ids].clone())
 
     def new_cache(self, max_seqs: int, max_context: int | None = None) -> KVCache:

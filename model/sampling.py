@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mtpd.model.errors import InvalidParameter
+
 _MASK64 = (1 << 64) - 1
 
 
@@ -27,8 +29,8 @@ class SamplingParams:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        def bad(field: str, why: str) -> ValueError:
-            return ValueError(f"{field} {why}, got {getattr(self, field)!r}")
+        def bad(field: str, why: str) -> InvalidParameter:
+            return InvalidParameter(f"{field} {why}, got {getattr(self, field)!r}")
 
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise bad("temperature", "must be a finite number >= 0")

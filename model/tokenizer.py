@@ -13,11 +13,12 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from mtpd.model.checkpoint import Checkpoint
 from mtpd.model.config import ModelConfig
+from mtpd.model.errors import InputError
 
 ROLES = ("system", "user", "assistant", "tool")
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(InputError, ValueError):
     """The chat template could not render these messages; the message says why."""
 
 

@@ -51,6 +51,10 @@ def _build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="generate from one prompt in this process and print stats")
     _add_generation_flags(run)
     run.set_defaults(func=_cmd_run)
+
+    from mtpd.train.commands import add_parsers
+
+    add_parsers(sub)
     return parser
 
 
@@ -58,10 +62,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     # Heavy imports here, so `mtpd --help` stays instant.
     import torch
 
-    from mtpd.model.errors import ModelLoadError
-    from mtpd.model.kv_cache import CacheFullError
     from mtpd.model.sampling import SamplingParams
-    from mtpd.model.tokenizer import ChatTemplateError, IncrementalDecoder
+    from mtpd.model.tokenizer import IncrementalDecoder
     from mtpd.worker.engine import Engine
 
     if args.threads is not None:
@@ -70,38 +72,35 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise UserError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     if not args.prompt:
         raise UserError("the prompt is empty")
-    try:
-        params = SamplingParams(
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            min_p=args.min_p,
-            repetition_penalty=args.repetition_penalty,
-            seed=args.seed,
-        )
-        engine = Engine.load(args.model, dtype=getattr(torch, args.dtype))
-        tok = engine.tokenizer
-        if args.raw or not tok.has_chat_template:
-            text = args.prompt
-        else:
-            messages = [{"role": "system", "content": args.system}] if args.system else []
-            text = tok.render_chat([*messages, {"role": "user", "content": args.prompt}])
-        prompt_ids = tok.encode(text)
+    params = SamplingParams(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+    )
+    engine = Engine.load(args.model, dtype=getattr(torch, args.dtype))
+    tok = engine.tokenizer
+    if args.raw or not tok.has_chat_template:
+        text = args.prompt
+    else:
+        messages = [{"role": "system", "content": args.system}] if args.system else []
+        text = tok.render_chat([*messages, {"role": "user", "content": args.prompt}])
+    prompt_ids = tok.encode(text)
 
-        decoder = IncrementalDecoder(tok)
-        token_ids: list[int] = []
-        start = time.perf_counter()
-        first_token_at = None
-        for token in engine.generate(prompt_ids, params, args.max_tokens):
-            first_token_at = first_token_at or time.perf_counter()
-            token_ids.append(token)
-            delta = decoder.push([token])
-            if not args.json:
-                sys.stdout.write(delta)
-                sys.stdout.flush()
-        elapsed = time.perf_counter() - start
-    except (ModelLoadError, CacheFullError, ChatTemplateError, ValueError) as e:
-        raise UserError(str(e)) from e
+    decoder = IncrementalDecoder(tok)
+    token_ids: list[int] = []
+    start = time.perf_counter()
+    first_token_at = None
+    for token in engine.generate(prompt_ids, params, args.max_tokens):
+        first_token_at = first_token_at or time.perf_counter()
+        token_ids.append(token)
+        delta = decoder.push([token])
+        if not args.json:
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+    elapsed = time.perf_counter() - start
 
     n = len(token_ids)
     decode_s = elapsed - ((first_token_at or start + elapsed) - start)
@@ -130,9 +129,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
+    from mtpd.model.errors import InputError
+
     try:
         return args.func(args)
-    except UserError as e:
+    except (UserError, InputError) as e:
         print(f"mtpd: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -14,8 +14,10 @@ from mtpd.model.checkpoint import open_checkpoint, read_config
 from mtpd.model.config import ModelConfig
 from mtpd.model.decoder import DecoderShard, ShardSpec
 from mtpd.model.default_model import resolve_model
+from mtpd.model.errors import InvalidParameter
 from mtpd.model.kv_cache import CacheFullError
 from mtpd.model.layers import pack_linears
+from mtpd.model.mtp import MTPHead, check_head_base, read_head_file
 from mtpd.model.sampling import SamplingParams, select_token
 from mtpd.model.tokenizer import Tokenizer
 
@@ -32,6 +34,7 @@ class Engine:
         self.model_path, self.cfg, self.tokenizer, self.shard = model_path, cfg, tokenizer, shard
         self.max_context = shard.stack.max_context
         self.cache = shard.new_cache(max_seqs, self.max_context)
+        self.mtp: MTPHead | None = None
 
     @classmethod
     def load(
@@ -41,15 +44,29 @@ class Engine:
         dtype: torch.dtype = torch.float32,
         max_seqs: int = 1,
         max_context: int = 2048,
+        mtp_head: Path | None = None,
+        device: torch.device | str = "cpu",
     ) -> Engine:
         path = resolve_model(None if model is None else str(model))
         ckpt = open_checkpoint(path)
         cfg = read_config(ckpt)
         tokenizer = Tokenizer.from_checkpoint(ckpt, cfg)
         max_context = min(max_context, cfg.max_position_embeddings)
-        shard = DecoderShard.load(ckpt, cfg, ShardSpec.whole(cfg), dtype, max_context)
+        shard = DecoderShard.load(
+            ckpt, cfg, ShardSpec.whole(cfg), dtype, max_context, torch.device(device)
+        )
+        mtp = None
+        if mtp_head is not None:
+            tensors, metadata = read_head_file(mtp_head)
+            check_head_base(metadata, shard.fingerprint, mtp_head)
+            # Built before packing: the draft head copies rows of the dense LM head.
+            mtp = MTPHead(cfg, tensors, shard.embedding, shard.lm_head, max_context, dtype)
         pack_linears(shard)
-        return cls(path, cfg, tokenizer, shard, max_seqs)
+        if mtp is not None:
+            pack_linears(mtp)
+        engine = cls(path, cfg, tokenizer, shard, max_seqs)
+        engine.mtp = mtp
+        return engine
 
     def forward(
         self, seq_id: str, keep: int, tokens: list[int], all_logits: bool = False
@@ -59,9 +76,10 @@ class Engine:
         `all_logits`)."""
         slot = self.cache.slot(seq_id)
         self.cache.truncate(slot, keep)
-        ids = torch.tensor(tokens, dtype=torch.long)
+        ids = torch.tensor(tokens, dtype=torch.long, device=self.shard.cos.device)
         hidden = self.shard(ids, self.cache, [slot], [len(tokens)])
-        return self.shard.logits(hidden if all_logits else hidden[-1])
+        # Token selection runs on the CPU beside the token history.
+        return self.shard.logits(hidden if all_logits else hidden[-1]).cpu()
 
     def release(self, seq_id: str) -> None:
         self.cache.release(seq_id)
@@ -77,7 +95,7 @@ class Engine:
         """Yield generated token ids; stops before an end-of-sequence token unless
         `ignore_eos` (benchmarks generate a fixed length)."""
         if not prompt_ids:
-            raise ValueError("prompt is empty")
+            raise InvalidParameter("prompt is empty")
         if len(prompt_ids) + max_tokens > self.max_context:
             raise CacheFullError(
                 f"prompt of {len(prompt_ids)} tokens plus max_tokens {max_tokens} exceeds the "

@@ -1,0 +1,171 @@
+"""Training data for an MTP head: the frozen model's own continuations of prompts (and,
+optionally, its reading of corpus text), with the final-normed hidden state and the
+model's argmax prediction at every position.
+
+Collected once, in shards on disk, resumable: a shard is written atomically and the
+next run starts after the last complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from mtpd.model.sampling import SamplingParams, select_token
+from mtpd.worker.engine import Engine
+
+SHARD_GLOB = "shard-*.safetensors"
+
+
+@dataclass
+class Record:
+    """One sequence: hidden[i] and argmax[i] come from feeding tokens[i]; argmax[i] is
+    the model's greedy prediction of tokens[i + 1]. tokens has one more entry than hidden."""
+
+    tokens: list[int]
+    hidden: torch.Tensor  # [L, H]
+    argmax: list[int]
+
+
+def continue_prompts(
+    engine: Engine,
+    prompts: Sequence[list[int]],
+    max_new: int,
+    params: SamplingParams,
+) -> list[Record]:
+    """Continue every prompt in one batch (each weight read once per step for all)."""
+    shard, cache = engine.shard, engine.cache
+    ids = [f"collect-{i}" for i in range(len(prompts))]
+    slots = [cache.slot(s) for s in ids]
+    tokens = [list(p) for p in prompts]
+    hidden: list[list[torch.Tensor]] = [[] for _ in prompts]
+    argmax: list[list[int]] = [[] for _ in prompts]
+    try:
+        with torch.inference_mode():
+            feed = [list(p) for p in prompts]
+            active = list(range(len(prompts)))
+            for _ in range(max_new):
+                flat = torch.tensor([t for i in active for t in feed[i]])
+                h = shard(flat, cache, [slots[i] for i in active], [len(feed[i]) for i in active])
+                logits = shard.logits(h)
+                best = logits.argmax(-1).tolist()
+                still, offset = [], 0
+                for i in active:
+                    n = len(feed[i])
+                    hidden[i].append(h[offset : offset + n].to(torch.bfloat16))
+                    argmax[i].extend(best[offset : offset + n])
+                    history = torch.tensor(tokens[i])
+                    token = select_token(logits[offset + n - 1], params, len(tokens[i]), history)
+                    offset += n
+                    tokens[i].append(token)
+                    if token not in engine.tokenizer.eos_ids:
+                        feed[i] = [token]
+                        still.append(i)
+                active = still
+                if not active:
+                    break
+    finally:
+        for s in ids:
+            cache.release(s)
+    return [
+        Record(tokens[i][: sum(len(x) for x in hidden[i]) + 1], torch.cat(hidden[i]), argmax[i])
+        for i in range(len(prompts))
+    ]
+
+
+def read_corpus_records(engine: Engine, texts: Sequence[str], chunk_tokens: int) -> list[Record]:
+    """The model reading text (no generation): chunks of `chunk_tokens` tokens."""
+    records = []
+    with torch.inference_mode():
+        for text in texts:
+            ids = engine.tokenizer.encode(text)
+            for start in range(0, len(ids) - 2, chunk_tokens):
+                chunk = ids[start : start + chunk_tokens + 1]
+                h = engine.shard(
+                    torch.tensor(chunk[:-1]),
+                    engine.cache,
+                    [engine.cache.slot("c")],
+                    [len(chunk) - 1],
+                )
+                records.append(
+                    Record(chunk, h.to(torch.bfloat16), engine.shard.logits(h).argmax(-1).tolist())
+                )
+                engine.cache.release("c")
+    return records
+
+
+def write_shard(path: Path, records: Sequence[Record]) -> None:
+    tmp = path.with_suffix(".tmp")
+    save_file(
+        {
+            "tokens": torch.tensor([t for r in records for t in r.tokens], dtype=torch.int32),
+            "hidden": torch.cat([r.hidden for r in records]),
+            "argmax": torch.tensor([a for r in records for a in r.argmax], dtype=torch.int32),
+            "lengths": torch.tensor([len(r.argmax) for r in records], dtype=torch.int32),
+        },
+        str(tmp),
+    )
+    tmp.rename(path)  # atomic: a shard on disk is always complete
+
+
+def read_shards(work_dir: Path) -> Iterator[Record]:
+    for path in sorted(work_dir.glob(SHARD_GLOB)):
+        data = load_file(str(path))
+        tok_off = hid_off = 0
+        for n in data["lengths"].tolist():
+            yield Record(
+                data["tokens"][tok_off : tok_off + n + 1].tolist(),
+                data["hidden"][hid_off : hid_off + n],
+                data["argmax"][hid_off : hid_off + n].tolist(),
+            )
+            tok_off += n + 1
+            hid_off += n
+
+
+def collect(
+    engine: Engine,
+    prompts: Sequence[str],
+    work_dir: Path,
+    *,
+    batch: int,
+    max_new: int,
+    sampled_share: float,
+    seed: int,
+    corpus: Sequence[str] = (),
+    progress: Callable[[int, int, int], None] | None = None,
+) -> None:
+    """Continue `prompts` (chat-templated) into shards of `batch` sequences each.
+
+    A share `sampled_share` of the batches samples at temperature 0.8 for
+    variety; the targets stay the model's argmax at each position either way.
+    """
+    work_dir.mkdir(parents=True, exist_ok=True)
+    done = len(list(work_dir.glob(SHARD_GLOB)))
+    n_batches = (len(prompts) + batch - 1) // batch
+    tok = engine.tokenizer
+    if corpus and not (work_dir / "corpus.done").exists():
+        write_shard(work_dir / "shard-corpus.safetensors", read_corpus_records(engine, corpus, 256))
+        (work_dir / "corpus.done").write_text("")
+        done = len(list(work_dir.glob(SHARD_GLOB)))
+    first = done - (1 if (work_dir / "corpus.done").exists() else 0)
+    for b in range(first, n_batches):
+        chunk = prompts[b * batch : (b + 1) * batch]
+        ids = [tok.encode(tok.render_chat([{"role": "user", "content": p}])) for p in chunk]
+        sampled = random.Random(seed * 1_000_003 + b).random() < sampled_share
+        params = SamplingParams(temperature=0.8, seed=seed + b) if sampled else SamplingParams()
+        start = time.perf_counter()
+        records = continue_prompts(engine, ids, max_new, params)
+        write_shard(work_dir / f"shard-{b:05d}.safetensors", records)
+        if progress:
+            rate = sum(len(r.argmax) for r in records) / (time.perf_counter() - start)
+            progress(b + 1, n_batches, int(rate))
+    (work_dir / "collect.json").write_text(
+        json.dumps({"prompts": len(prompts), "batches": n_batches})
+    )

