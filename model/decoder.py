@@ -134,6 +134,10 @@ class DecoderShard(nn.Module):
         shard.fingerprint = fingerprint
         return shard
 
+    @property
+    def device(self) -> torch.device:
+        return self.stack.cos.device
+
     def new_cache(self, max_seqs: int, max_context: int | None = None) -> KVCache:
         return self.stack.new_cache(max_seqs, max_context)
 

@@ -232,7 +232,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--gen-tokens", type=int, default=160, help="tokens generated per prompt")
     t.add_argument("--batch", type=int, default=32, help="prompts generated together")
     t.add_argument("--train-batch", type=int, default=16, help="sequences per training step")
-    t.add_argument("--lr", type=float, default=None, help="relative learning rate (default 3e-3)")
+    t.add_argument("--lr", type=float, default=None, help="relative learning rate (default 3e-2)")
     t.add_argument(
         "--sampled-share", type=float, default=0.3, help="share of batches sampled at T=0.8"
     )

@@ -30,7 +30,7 @@ IGNORE = -100
 class TrainSettings:
     steps: int = 1500
     batch: int = 16  # sequences per step
-    lr: float = 3e-3  # relative to each tensor's initial RMS (see _param_groups)
+    lr: float = 3e-2  # relative to each tensor's initial RMS (see _param_groups)
     warmup: int = 50
     unroll: int = 2  # draft depths in the loss
     max_len: int = 256

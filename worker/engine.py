@@ -76,7 +76,7 @@ class Engine:
         `all_logits`)."""
         slot = self.cache.slot(seq_id)
         self.cache.truncate(slot, keep)
-        ids = torch.tensor(tokens, dtype=torch.long, device=self.shard.cos.device)
+        ids = torch.tensor(tokens, dtype=torch.long, device=self.shard.device)
         hidden = self.shard(ids, self.cache, [slot], [len(tokens)])
         # Token selection runs on the CPU beside the token history.
         return self.shard.logits(hidden if all_logits else hidden[-1]).cpu()
