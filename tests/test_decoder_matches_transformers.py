@@ -121,3 +121,25 @@ def test_rope_scalings(tmp_path, variant):
     ids = torch.randint(0, VOCAB, (80,), generator=torch.Generator().manual_seed(3)).tolist()
     got = step(model, cache, cache.slot("s"), 0, ids)
     assert (got - reference_logits(ref, ids)).abs().max() <= TOL
+
+
+def test_sharded_checkpoint_and_partial_reads(tmp_path):
+    ref = write_tiny_model(tmp_path, "qwen2", vocab=VOCAB, max_shard_size="60KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 2
+    model = load(tmp_path)
+    cache = model.new_cache(max_seqs=1, max_context=256)
+    ids = list(range(5, 30))
+    assert (
+        step(model, cache, cache.slot("s"), 0, ids) - reference_logits(ref, ids)
+    ).abs().max() <= TOL
+
+    # A middle shard reads its own layers and nothing else.
+    ckpt = open_checkpoint(tmp_path)
+    cfg = ModelConfig.from_hf(ckpt.hf_config)
+    asked: list[str] = []
+    read = ckpt.read
+    ckpt.read = lambda names: asked.extend(names) or read(names)
+    middle = DecoderShard.load(ckpt, cfg, ShardSpec(1, 3, False, False), torch.float32, 64)
+    assert {n.split(".")[2] for n in asked} == {"1", "2"}
+    assert middle.embedding is None and middle.lm_head is None and len(middle.stack.layers) == 2

@@ -23,6 +23,7 @@ def write_tiny_model(
     layers: int = 4,
     vocab: int = 96,
     seed: int = 0,
+    max_shard_size: str = "5GB",
     **overrides: object,
 ) -> transformers.PreTrainedModel:
     """Save a random model of `family` to `out` and return it (float32, eval mode)."""
@@ -50,7 +51,7 @@ def write_tiny_model(
         for name, p in model.named_parameters():
             if "norm" in name or name.endswith("bias"):
                 p.add_(torch.randn_like(p) * 0.1)
-    model.save_pretrained(out, safe_serialization=True)
+    model.save_pretrained(out, safe_serialization=True, max_shard_size=max_shard_size)
     return model
 
 
