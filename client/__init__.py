@@ -1,0 +1,4 @@
+"""The client SDK (Client, AsyncClient), knowing only the gRPC contract in protos/.
+
+Built by the public-interface issue.
+"""
