@@ -52,9 +52,10 @@ def continue_prompts(
             feed = [list(p) for p in prompts]
             active = list(range(len(prompts)))
             for _ in range(max_new):
-                flat = torch.tensor([t for i in active for t in feed[i]])
+                flat = torch.tensor([t for i in active for t in feed[i]], device=shard.device)
                 h = shard(flat, cache, [slots[i] for i in active], [len(feed[i]) for i in active])
-                logits = shard.logits(h)
+                logits = shard.logits(h).cpu()  # token selection runs beside the histories
+                h = h.cpu()
                 best = logits.argmax(-1).tolist()
                 still, offset = [], 0
                 for i in active:

@@ -118,7 +118,12 @@ def run_train(args: argparse.Namespace) -> int:
         if engine.cfg.tie_word_embeddings
         else ckpt.read(["model.embed_tokens.weight"])["model.embed_tokens.weight"].float()
     )
-    head = build_trainable_head(engine.cfg, init, embedding, lm_weight).to(device)
+    head = build_trainable_head(
+        engine.cfg,
+        {k: v.to(device) for k, v in init.items()},
+        embedding.to(device),
+        lm_weight.to(device),
+    )
     settings = TrainSettings(
         steps=args.steps, batch=args.train_batch, lr=args.lr or TrainSettings.lr, seed=args.seed
     )
