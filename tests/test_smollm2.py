@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from mtpd.model.default_model import default_model_path
+from mtpd.model.tokenizer import IncrementalDecoder
 from mtpd.worker.engine import Engine
 
 
@@ -60,3 +61,14 @@ def test_run_answers_paris():
     assert result["model"] == str(default_model_path())
     for key in ("tokens_per_s", "elapsed_s"):
         assert result[key] > 0
+
+
+def test_streamed_text_never_splits_a_character(engine):
+    tok = engine.tokenizer
+    text = "naïve café 🚀🔥 日本語 — done"
+    ids = tok.encode(text)
+    decoder = IncrementalDecoder(tok)
+    deltas = [decoder.push([i]) for i in ids]
+    assert "".join(deltas) == tok.decode(ids) == text
+    assert not any("\ufffd" in d for d in deltas)
+    assert any(d == "" for d in deltas)  # some token ended mid-character and waited
