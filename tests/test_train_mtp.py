@@ -73,3 +73,58 @@ def test_head_refused_by_another_model(tiny, tmp_path, capsys):
     code = main(["eval-mtp", "--model", str(other), "--head", str(tiny / "trained.safetensors")])
     err = capsys.readouterr().err
     assert code == 2 and "different base model" in err and "trained.safetensors" in err
+
+
+def test_interrupted_training_resumes_to_the_same_head(tiny, tmp_path, capsys):
+    import torch
+
+    from mtpd.model.checkpoint import open_checkpoint, read_config
+    from mtpd.model.decoder import fingerprint_names
+    from mtpd.train.collect import read_shards
+    from mtpd.train.trainer import (
+        TrainSettings,
+        build_trainable_head,
+        head_tensors,
+        initial_head,
+        train_head,
+    )
+
+    if not (tiny / "work").exists():
+        train(tiny, 0, "untrained.safetensors", capsys)
+    records = list(read_shards(tiny / "work"))
+    ckpt = open_checkpoint(tiny / "model")
+    cfg = read_config(ckpt)
+    trunk = {k: v.float() for k, v in ckpt.read(fingerprint_names(cfg)).items()}
+    embedding = ckpt.read(["model.embed_tokens.weight"])["model.embed_tokens.weight"].float()
+
+    def fresh():
+        return build_trainable_head(
+            cfg, initial_head(trunk, cfg), embedding, trunk["lm_head.weight"]
+        )
+
+    settings = TrainSettings(steps=20, batch=4, checkpoint_every=10, seed=3)
+    whole = fresh()
+    train_head(whole, records, settings, state_file=tmp_path / "a.safetensors")
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_at_10(step, *_):
+        if step == 10:
+            raise Interrupt
+
+    resumed = fresh()
+    with pytest.raises(Interrupt):
+        train_head(resumed, records, settings, tmp_path / "b.safetensors", progress=stop_at_10)
+    steps_run: list[int] = []
+    resumed = fresh()  # a new process: only the state file carries over
+    train_head(
+        resumed,
+        records,
+        settings,
+        tmp_path / "b.safetensors",
+        progress=lambda s, *_: steps_run.append(s),
+    )
+    assert steps_run == list(range(11, 21))
+    a, b = head_tensors(whole), head_tensors(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

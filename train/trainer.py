@@ -210,14 +210,14 @@ def train_head(
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         history.append((loss.item(), agree))
-        if progress:
-            done = step + 1 - start_step
-            eta = (time.perf_counter() - started) / done * (settings.steps - step - 1)
-            progress(step + 1, history[-1][0], agree, eta)
         if state_file is not None and (
             (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps
         ):
             _save_state(state_file, params, opt, step + 1)
+        if progress:
+            done = step + 1 - start_step
+            eta = (time.perf_counter() - started) / done * (settings.steps - step - 1)
+            progress(step + 1, history[-1][0], agree, eta)
     for p in head.parameters():
         p.requires_grad_(False)
     tail = history[-50:] or [(math.nan, math.nan)]
