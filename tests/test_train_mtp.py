@@ -128,3 +128,19 @@ def test_interrupted_training_resumes_to_the_same_head(tiny, tmp_path, capsys):
     assert steps_run == list(range(11, 21))
     a, b = head_tensors(whole), head_tensors(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_corpus_files_plain_and_json(tmp_path):
+    from mtpd.model.errors import ModelLoadError
+    from mtpd.train.commands import read_corpus
+
+    (tmp_path / "a.txt").write_text("In the beginning")
+    (tmp_path / "b.json").write_text(
+        json.dumps({"books": [{"name": "Ruth", "verses": ["one", "two"]}], "n": 3})
+    )
+    assert read_corpus([str(tmp_path / "a.txt"), str(tmp_path / "b.json")]) == [
+        "In the beginning",
+        "Ruth\none\ntwo",
+    ]
+    with pytest.raises(ModelLoadError, match=r"missing\.txt"):
+        read_corpus([str(tmp_path / "missing.txt")])
