@@ -91,18 +91,15 @@ class BatchLayout:
         slots: list[int],
         counts: list[int],
         cos_table: torch.Tensor,
-        sin_table: torch.Tensor,
+        sin_signed_table: torch.Tensor,
         dtype: torch.dtype,
     ) -> BatchLayout:
         starts = [cache.reserve(s, c) for s, c in zip(slots, counts, strict=True)]
         positions = torch.cat(
             [torch.arange(s, s + c) for s, c in zip(starts, counts, strict=True)]
         ).to(cos_table.device)
-        sin = sin_table[positions]
-        sin[:, : sin.shape[-1] // 2].neg_()
-        return cls(
-            slots, starts, counts, cos_table[positions][:, None].to(dtype), sin[:, None].to(dtype)
-        )
+        cos, sin = cos_table[positions][:, None], sin_signed_table[positions][:, None]
+        return cls(slots, starts, counts, cos.to(dtype), sin.to(dtype))
 
     def commit(self, cache: KVCache) -> None:
         """Record the appended positions once every layer has written them."""
@@ -310,8 +307,9 @@ class LayerStack(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, p, t) for p in prefixes)
         device = next(iter(t.values())).device
         cos, sin = rope_tables(cfg, max_context)
+        sin[:, : sin.shape[-1] // 2].neg_()  # the form _apply_rope takes
         self.register_buffer("cos", cos.to(device), persistent=False)
-        self.register_buffer("sin", sin.to(device), persistent=False)
+        self.register_buffer("sin_signed", sin.to(device), persistent=False)
 
     @property
     def max_context(self) -> int:
@@ -335,9 +333,7 @@ class LayerStack(nn.Module):
     def forward_causal(self, h: torch.Tensor) -> torch.Tensor:
         """Whole sequences h [B, T, hidden] without a cache (training)."""
         t = h.shape[1]
-        sin = self.sin[:t].clone()
-        sin[:, : sin.shape[-1] // 2].neg_()
-        cos, sin = self.cos[:t, None].to(h.dtype), sin[:, None].to(h.dtype)
+        cos, sin = self.cos[:t, None].to(h.dtype), self.sin_signed[:t, None].to(h.dtype)
         for layer in self.layers:
             h = layer.forward_causal(h, cos, sin)
         return h
@@ -345,7 +341,7 @@ class LayerStack(nn.Module):
     def forward(
         self, h: torch.Tensor, cache: KVCache, slots: list[int], counts: list[int]
     ) -> torch.Tensor:
-        layout = BatchLayout.build(cache, slots, counts, self.cos, self.sin, self.dtype)
+        layout = BatchLayout.build(cache, slots, counts, self.cos, self.sin_signed, self.dtype)
         for i, layer in enumerate(self.layers):
             h = layer(h, layout, cache, i)
         layout.commit(cache)

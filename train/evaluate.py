@@ -34,7 +34,7 @@ def draft_along(
         pre = [i for i, s in enumerate(starts) if s > 0]
         if pre:
             head(
-                torch.cat([records[i].hidden[: starts[i]].float() for i in pre]),
+                torch.cat([records[i].hidden[: starts[i]].to(head.dtype) for i in pre]),
                 torch.tensor([t for i in pre for t in records[i].tokens[1 : starts[i] + 1]]),
                 cache,
                 [slots[i] for i in pre],
@@ -44,7 +44,9 @@ def draft_along(
             live = [i for i, o in enumerate(out) if step < o.shape[0]]
             p = [starts[i] + step for i in live]
             states = head(
-                torch.stack([records[i].hidden[q].float() for i, q in zip(live, p, strict=True)]),
+                torch.stack(
+                    [records[i].hidden[q].to(head.dtype) for i, q in zip(live, p, strict=True)]
+                ),
                 torch.tensor([records[i].tokens[q + 1] for i, q in zip(live, p, strict=True)]),
                 cache,
                 [slots[i] for i in live],

@@ -30,11 +30,12 @@ class Engine:
         tokenizer: Tokenizer,
         shard: DecoderShard,
         max_seqs: int,
+        mtp: MTPHead | None = None,
     ) -> None:
         self.model_path, self.cfg, self.tokenizer, self.shard = model_path, cfg, tokenizer, shard
         self.max_context = shard.stack.max_context
         self.cache = shard.new_cache(max_seqs, self.max_context)
-        self.mtp: MTPHead | None = None
+        self.mtp = mtp
 
     @classmethod
     def load(
@@ -64,10 +65,9 @@ class Engine:
         pack_linears(shard)
         if mtp is not None:
             pack_linears(mtp)
-        engine = cls(path, cfg, tokenizer, shard, max_seqs)
-        engine.mtp = mtp
-        return engine
+        return cls(path, cfg, tokenizer, shard, max_seqs, mtp)
 
+    @torch.inference_mode()
     def forward(
         self, seq_id: str, keep: int, tokens: list[int], all_logits: bool = False
     ) -> torch.Tensor:
