@@ -62,6 +62,13 @@ def _clock(seconds: float) -> str:
     return f"{m // 60}:{m % 60:02d}:{s:02d}"
 
 
+def _settings_key(settings: object, init: dict) -> str:
+    import hashlib
+
+    vocab = len(init.get("mtp.draft_vocab", []))
+    return hashlib.sha256(f"{settings!r} {vocab}".encode()).hexdigest()[:12]
+
+
 def run_train(args: argparse.Namespace) -> int:
     import torch
 
@@ -125,7 +132,11 @@ def run_train(args: argparse.Namespace) -> int:
         lm_weight.to(device),
     )
     settings = TrainSettings(
-        steps=args.steps, batch=args.train_batch, lr=args.lr or TrainSettings.lr, seed=args.seed
+        steps=args.steps,
+        batch=args.train_batch,
+        lr=args.lr or TrainSettings.lr,
+        seed=args.seed,
+        distill=args.distill,
     )
     print(
         f"training on {len(records)} sequences, {n_tokens} tokens; draft vocabulary covers {coverage:.1%}",
@@ -135,7 +146,9 @@ def run_train(args: argparse.Namespace) -> int:
         head,
         records,
         settings,
-        state_file=work_dir / "train-state.safetensors",
+        # Named by the settings: a rerun with other settings starts afresh, not from a
+        # state trained under different ones.
+        state_file=work_dir / f"train-state-{_settings_key(settings, init)}.safetensors",
         progress=lambda step, loss, agree, eta: _bar(
             "train", step, settings.steps, f"loss {loss:.3f} top-1 {agree:.3f} eta {_clock(eta)}"
         ),
@@ -157,6 +170,7 @@ def run_train(args: argparse.Namespace) -> int:
                 "batch": settings.batch,
                 "lr": settings.lr,
                 "unroll": settings.unroll,
+                "distill": settings.distill,
                 "seed": args.seed,
                 "final_loss": round(final["loss"], 4),
                 "final_top1_agreement": round(final["top1_agreement"], 4),
@@ -238,6 +252,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--batch", type=int, default=32, help="prompts generated together")
     t.add_argument("--train-batch", type=int, default=16, help="sequences per training step")
     t.add_argument("--lr", type=float, default=None, help="relative learning rate (default 3e-2)")
+    t.add_argument(
+        "--distill",
+        choices=["argmax", "kl"],
+        default="argmax",
+        help="train on the model's argmax (cross-entropy) or its whole distribution (KL)",
+    )
     t.add_argument(
         "--sampled-share", type=float, default=0.3, help="share of batches sampled at T=0.8"
     )

@@ -36,6 +36,9 @@ class TrainSettings:
     max_len: int = 256
     seed: int = 0
     checkpoint_every: int = 100
+    # "argmax": cross-entropy on the model's argmax; "kl": match its whole distribution
+    # (over the draft vocabulary), recomputed from the stored hidden states.
+    distill: str = "argmax"
 
 
 def draft_vocabulary(records: Sequence[Record], size: int) -> tuple[torch.Tensor, float]:
@@ -117,14 +120,16 @@ def _param_groups(head: MTPHead, lr: float) -> list[dict]:
 
 def _batch(
     records: Sequence[Record], idx: list[int], unroll: int, max_len: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden [B, T, H], tokens [B, T + unroll] (tokens at p+1.. per row), argmax targets
-    [B, T + unroll - 1] aligned the same way, padded with IGNORE."""
+    [B, T + unroll - 1] aligned the same way, padded with IGNORE, and the trunk's hidden
+    states at those target positions [B, T + unroll - 1, H] (whose logits the targets are)."""
     rows = [records[i] for i in idx]
     t = min(max_len, max(len(r.argmax) - 1 for r in rows))
     h = torch.zeros(len(rows), t, rows[0].hidden.shape[1])
     toks = torch.zeros(len(rows), t + unroll, dtype=torch.long)
     tgt = torch.full((len(rows), t + unroll - 1), IGNORE, dtype=torch.long)
+    h_tgt = torch.zeros(len(rows), t + unroll - 1, rows[0].hidden.shape[1])
     for b, r in enumerate(rows):
         n = min(t, len(r.argmax) - 1)
         h[b, :n] = r.hidden[:n].float()
@@ -133,7 +138,8 @@ def _batch(
         a = torch.tensor(r.argmax[1 : 1 + n + unroll - 1])
         tgt[b, : len(a)] = a
         tgt[b, n:] = IGNORE  # positions beyond the row's drafts
-    return h, toks, tgt
+        h_tgt[b, : len(a)] = r.hidden[1 : 1 + len(a)].float()
+    return h, toks, tgt, h_tgt
 
 
 def train_head(
@@ -177,7 +183,7 @@ def train_head(
         )
         idx = [int(order[(pos + i) % n]) for i in range(settings.batch)]
         device = head.fc.weight.device
-        hidden, toks, tgt = (
+        hidden, toks, tgt, h_tgt = (
             x.to(device) for x in _batch(records, idx, settings.unroll, settings.max_len)
         )
         if to_draft is not None:
@@ -198,12 +204,18 @@ def train_head(
             states = head.forward_causal(states[:, :width], toks[:, depth : depth + width])
             logits = head.draft_logits(states)
             target = tgt[:, depth : depth + width]
-            depth_loss = F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE
-            )
+            valid = target != IGNORE
+            if settings.distill == "kl":
+                with torch.no_grad():
+                    teacher = F.log_softmax(head.draft_logits(h_tgt[:, depth : depth + width]), -1)
+                kl = F.kl_div(F.log_softmax(logits, -1), teacher, log_target=True, reduction="none")
+                depth_loss = kl.sum(-1)[valid].mean()
+            else:
+                depth_loss = F.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE
+                )
             loss = loss + depth_loss * 0.5**depth
             if depth == 0:
-                valid = target != IGNORE
                 agree = float((logits.argmax(-1)[valid] == target[valid]).float().mean())
         opt.zero_grad(set_to_none=True)
         loss.backward()
