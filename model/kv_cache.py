@@ -48,14 +48,6 @@ class KVCache:
     def v_slot(self, layer: int, slot: int) -> torch.Tensor:
         return self._v_views[layer][slot]
 
-    @staticmethod
-    def bytes_per_token(
-        num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
-    ) -> int:
-        return (
-            2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
-        )
-
     def slot(self, seq_id: str) -> int:
         """The slot of `seq_id`, allocated on first use."""
         slot = self._slot_of.get(seq_id)
@@ -88,7 +80,3 @@ class KVCache:
                 f"max context of {self.max_context}"
             )
         return start
-
-    @property
-    def active_sequences(self) -> int:
-        return len(self._slot_of)

@@ -46,10 +46,6 @@ class Linear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.packed = False
 
-    @property
-    def out_features(self) -> int:
-        return self.weight.shape[0]
-
     def pack(self) -> None:
         if self.packed or self.weight.device.type != "cpu" or self.weight.dtype != torch.float32:
             return
