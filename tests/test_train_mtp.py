@@ -144,3 +144,19 @@ def test_corpus_files_plain_and_json(tmp_path):
     ]
     with pytest.raises(ModelLoadError, match=r"missing\.txt"):
         read_corpus([str(tmp_path / "missing.txt")])
+
+
+def test_corpus_text_becomes_records(tiny):
+    from mtpd.train.collect import read_corpus_records
+    from mtpd.worker.engine import Engine
+
+    engine = Engine.load(tiny / "model", max_context=256)
+    text = "In the beginning was the word. " * 12  # 372 characters, one token each
+    records = read_corpus_records(engine, [text], chunk_tokens=100)
+    # Chunks start every 100 tokens; each also carries the token after its last position.
+    assert [len(r.argmax) for r in records] == [100, 100, 100, 71]
+    assert records[1].tokens == engine.tokenizer.encode(text)[100:201]
+    for r in records:
+        assert len(r.tokens) == len(r.argmax) + 1 and r.hidden.shape == (len(r.argmax), 64)
+    # The reading slot was released: the one-slot cache can take a new sequence.
+    assert engine.cache.slot("next") == 0 and engine.cache.lengths[0] == 0

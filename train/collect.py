@@ -90,14 +90,13 @@ def read_corpus_records(engine: Engine, texts: Sequence[str], chunk_tokens: int)
             for start in range(0, len(ids) - 2, chunk_tokens):
                 chunk = ids[start : start + chunk_tokens + 1]
                 h = engine.shard(
-                    torch.tensor(chunk[:-1]),
+                    torch.tensor(chunk[:-1], device=engine.shard.device),
                     engine.cache,
                     [engine.cache.slot("c")],
                     [len(chunk) - 1],
                 )
-                records.append(
-                    Record(chunk, h.to(torch.bfloat16), engine.shard.logits(h).argmax(-1).tolist())
-                )
+                argmax = engine.shard.logits(h).argmax(-1).tolist()
+                records.append(Record(chunk, h.cpu().to(torch.bfloat16), argmax))
                 engine.cache.release("c")
     return records
 

@@ -65,7 +65,9 @@ def _clock(seconds: float) -> str:
 def _settings_key(settings: object, init: dict) -> str:
     import hashlib
 
-    vocab = len(init.get("mtp.draft_vocab", []))
+    from mtpd.model.mtp import DRAFT_VOCAB
+
+    vocab = len(init.get(DRAFT_VOCAB, []))
     return hashlib.sha256(f"{settings!r} {vocab}".encode()).hexdigest()[:12]
 
 
