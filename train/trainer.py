@@ -153,8 +153,7 @@ def train_head(
     loss and top-1 agreement (depth 1) averaged over the final 50 steps."""
     for p in head.parameters():
         p.requires_grad_(False)
-    trainable = [m for m in (head.norm_embedding, head.norm_hidden, head.fc, head.stack, head.norm)]
-    for m in trainable:
+    for m in (head.norm_embedding, head.norm_hidden, head.fc, head.stack, head.norm):
         for p in m.parameters():
             p.requires_grad_(True)
     opt = torch.optim.AdamW(_param_groups(head, settings.lr), weight_decay=0.0)
