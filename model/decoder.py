@@ -114,6 +114,9 @@ class DecoderShard(nn.Module):
             self.norm = RMSNorm(tensors[FINAL_NORM], cfg.rms_norm_eps)
             head = tensors[EMBEDDING] if cfg.tie_word_embeddings else tensors[LM_HEAD]
             self.lm_head = Linear(head)
+        # Counted now, while every weight is a plain parameter (packing turns them into
+        # buffers); tied weights count once.
+        self.parameter_count = sum(p.numel() for p in self.parameters())
 
     @classmethod
     def load(

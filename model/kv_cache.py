@@ -59,6 +59,13 @@ class KVCache:
             self.lengths[slot] = 0
         return slot
 
+    def slot_of(self, seq_id: str) -> int | None:
+        return self._slot_of.get(seq_id)
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
     def release(self, seq_id: str) -> None:
         slot = self._slot_of.pop(seq_id, None)
         if slot is not None:

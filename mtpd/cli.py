@@ -41,7 +41,38 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
         "--json", action="store_true", help="print one JSON object instead of streaming text"
     )
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+
+
+def _add_pipeline_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="worker processes (default: one per visible GPU, one without GPUs)",
+    )
+    p.add_argument(
+        "--device", choices=["cpu", "cuda"], default=None, help="default: cuda when visible"
+    )
+    p.add_argument(
+        "--split",
+        default=None,
+        help="layers per worker: even by default, 'auto' by free memory, or counts like 10,20",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads per worker (default: the cores shared out between workers)",
+    )
+    p.add_argument(
+        "--transport",
+        choices=["dist", "grpc"],
+        default="dist",
+        help="activations between workers: torch.distributed (default) or relayed over gRPC",
+    )
+    p.add_argument(
+        "--max-context", type=int, default=2048, help="positions per sequence (default 2048)"
+    )
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -50,7 +81,17 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="generate from one prompt in this process and print stats")
     _add_generation_flags(run)
+    _add_pipeline_flags(run)
     run.set_defaults(func=_cmd_run)
+
+    worker = sub.add_parser("worker", help="serve one pipeline stage (started by the daemon)")
+    worker.add_argument("--listen", required=True, help="unix:PATH or HOST:PORT")
+    worker.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    worker.add_argument("--threads", type=int, default=None, help="CPU threads")
+    worker.add_argument(
+        "--parent-pid", type=int, default=None, help="exit when this process is gone"
+    )
+    worker.set_defaults(func=_cmd_worker)
 
     from mtpd.train.commands import add_parsers
 
@@ -58,16 +99,21 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _cmd_worker(args: argparse.Namespace) -> int:
+    import logging
+
+    from mtpd.worker.server import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    return serve(args.listen, args.device, args.threads, args.parent_pid)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     # Heavy imports here, so `mtpd --help` stays instant.
-    import torch
-
+    from mtpd.daemon.coordinator import Coordinator, Settings
     from mtpd.model.sampling import SamplingParams
     from mtpd.model.tokenizer import IncrementalDecoder
-    from mtpd.worker.engine import Engine
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     if args.max_tokens < 1:
         raise UserError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     if not args.prompt:
@@ -80,48 +126,63 @@ def _cmd_run(args: argparse.Namespace) -> int:
         repetition_penalty=args.repetition_penalty,
         seed=args.seed,
     )
-    engine = Engine.load(args.model, dtype=getattr(torch, args.dtype))
-    tok = engine.tokenizer
-    if args.raw or not tok.has_chat_template:
-        text = args.prompt
-    else:
-        messages = [{"role": "system", "content": args.system}] if args.system else []
-        text = tok.render_chat([*messages, {"role": "user", "content": args.prompt}])
-    prompt_ids = tok.encode(text)
+    settings = Settings(
+        model=args.model,
+        workers=args.workers,
+        device=args.device,
+        split=args.split,
+        dtype=args.dtype,
+        threads=args.threads,
+        transport=args.transport,
+        max_seqs=1,
+        max_context=args.max_context,
+    )
+    with Coordinator.start(settings) as daemon:
+        tok = daemon.tokenizer
+        if args.raw or not tok.has_chat_template:
+            text = args.prompt
+        else:
+            messages = [{"role": "system", "content": args.system}] if args.system else []
+            text = tok.render_chat([*messages, {"role": "user", "content": args.prompt}])
+        prompt_ids = tok.encode(text)
 
-    decoder = IncrementalDecoder(tok)
-    token_ids: list[int] = []
-    start = time.perf_counter()
-    first_token_at = None
-    for token in engine.generate(prompt_ids, params, args.max_tokens):
-        first_token_at = first_token_at or time.perf_counter()
-        token_ids.append(token)
-        delta = decoder.push([token])
-        if not args.json:
-            sys.stdout.write(delta)
-            sys.stdout.flush()
-    elapsed = time.perf_counter() - start
+        decoder = IncrementalDecoder(tok)
+        start = time.perf_counter()
+        first_token_at = None
+        request = daemon.scheduler.submit(prompt_ids, params, args.max_tokens)
+        for token in request:
+            first_token_at = first_token_at or time.perf_counter()
+            delta = decoder.push([token])
+            if not args.json:
+                sys.stdout.write(delta)
+                sys.stdout.flush()
+        elapsed = time.perf_counter() - start
+        result = request.result()
+        stages = [(s.first_layer, s.end_layer) for s in daemon.pipeline.stages]
 
-    n = len(token_ids)
+    n = len(result.token_ids)
     decode_s = elapsed - ((first_token_at or start + elapsed) - start)
     stats = {
-        "model": str(engine.model_path),
+        "model": str(daemon.model_path),
+        "workers": len(stages),
+        "layers_per_worker": [end - first for first, end in stages],
         "prompt_tokens": len(prompt_ids),
         "n_tokens": n,
-        "finish_reason": "length" if n == args.max_tokens else "stop",
+        "finish_reason": result.finish_reason,
         "elapsed_s": round(elapsed, 4),
         "time_to_first_token_s": round((first_token_at or start) - start, 4),
         "tokens_per_s": round(n / elapsed, 2) if elapsed > 0 else 0.0,
         "decode_tokens_per_s": round((n - 1) / decode_s, 2) if n > 1 and decode_s > 0 else 0.0,
     }
     if args.json:
-        print(json.dumps({"text": decoder.text(), "token_ids": token_ids, **stats}))
+        print(json.dumps({"text": decoder.text(), "token_ids": result.token_ids, **stats}))
     else:
-        print()
+        print(flush=True)
         print(
             f"[{n} tokens in {stats['elapsed_s']:.2f} s: {stats['tokens_per_s']:.1f} tok/s, "
             f"decode {stats['decode_tokens_per_s']:.1f} tok/s, "
-            f"first token {stats['time_to_first_token_s']:.2f} s; {stats['finish_reason']}]",
+            f"first token {stats['time_to_first_token_s']:.2f} s; {stats['finish_reason']}; "
+            f"{len(stages)} worker(s)]",
             file=sys.stderr,
         )
     return 0

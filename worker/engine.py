@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from mtpd.model.checkpoint import open_checkpoint, read_config
+from mtpd.model.checkpoint import Checkpoint, open_checkpoint, read_config
 from mtpd.model.config import ModelConfig
 from mtpd.model.decoder import DecoderShard, ShardSpec
 from mtpd.model.default_model import resolve_model
@@ -20,6 +20,30 @@ from mtpd.model.layers import pack_linears
 from mtpd.model.mtp import MTPHead, check_head_base, read_head_file
 from mtpd.model.sampling import SamplingParams, select_token
 from mtpd.model.tokenizer import Tokenizer
+
+
+def load_shard(
+    ckpt: Checkpoint,
+    cfg: ModelConfig,
+    spec: ShardSpec,
+    dtype: torch.dtype,
+    max_context: int,
+    device: torch.device,
+    mtp_head: Path | None = None,
+) -> tuple[DecoderShard, MTPHead | None]:
+    """Load a shard (and, on the tail, an MTP head) in its fastest inference layout."""
+    max_context = min(max_context, cfg.max_position_embeddings)
+    shard = DecoderShard.load(ckpt, cfg, spec, dtype, max_context, device)
+    mtp = None
+    if mtp_head is not None:
+        tensors, metadata = read_head_file(mtp_head)
+        check_head_base(metadata, shard.fingerprint, mtp_head)
+        # Built before packing: the draft head copies rows of the dense LM head.
+        mtp = MTPHead(cfg, tensors, shard.embedding, shard.lm_head, max_context, dtype)
+    pack_linears(shard)
+    if mtp is not None:
+        pack_linears(mtp)
+    return shard, mtp
 
 
 class Engine:
@@ -52,19 +76,9 @@ class Engine:
         ckpt = open_checkpoint(path)
         cfg = read_config(ckpt)
         tokenizer = Tokenizer.from_checkpoint(ckpt, cfg)
-        max_context = min(max_context, cfg.max_position_embeddings)
-        shard = DecoderShard.load(
-            ckpt, cfg, ShardSpec.whole(cfg), dtype, max_context, torch.device(device)
+        shard, mtp = load_shard(
+            ckpt, cfg, ShardSpec.whole(cfg), dtype, max_context, torch.device(device), mtp_head
         )
-        mtp = None
-        if mtp_head is not None:
-            tensors, metadata = read_head_file(mtp_head)
-            check_head_base(metadata, shard.fingerprint, mtp_head)
-            # Built before packing: the draft head copies rows of the dense LM head.
-            mtp = MTPHead(cfg, tensors, shard.embedding, shard.lm_head, max_context, dtype)
-        pack_linears(shard)
-        if mtp is not None:
-            pack_linears(mtp)
         return cls(path, cfg, tokenizer, shard, max_seqs, mtp)
 
     @torch.inference_mode()

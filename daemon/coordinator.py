@@ -1,0 +1,85 @@
+"""The daemon's core, shared by `mtpd run` and `mtpd serve`: the model's tokenizer,
+the worker pipeline, and the scheduler feeding it. It holds no model tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from mtpd.daemon.pipeline import Pipeline, PipelineConfig
+from mtpd.daemon.scheduler import Scheduler
+from mtpd.model.checkpoint import open_checkpoint, read_config
+from mtpd.model.config import ModelConfig
+from mtpd.model.default_model import resolve_model
+from mtpd.model.tokenizer import Tokenizer
+
+
+@dataclass
+class Settings:
+    model: str | None = None  # None: the embedded default
+    workers: int | None = None
+    device: str | None = None
+    split: str | None = None
+    dtype: str = "float32"
+    threads: int | None = None
+    transport: str = "dist"
+    max_seqs: int = 16
+    max_context: int = 2048
+    cache_memory: int = 0
+    max_batch_tokens: int = 256
+    max_queue: int = 256
+    runtime_dir: Path | None = None
+
+
+class Coordinator:
+    def __init__(
+        self,
+        model_path: Path,
+        cfg: ModelConfig,
+        tokenizer: Tokenizer,
+        pipeline: Pipeline,
+        scheduler: Scheduler,
+    ) -> None:
+        self.model_path, self.cfg, self.tokenizer = model_path, cfg, tokenizer
+        self.pipeline, self.scheduler = pipeline, scheduler
+
+    @classmethod
+    def start(cls, settings: Settings) -> Coordinator:
+        path = resolve_model(settings.model)
+        ckpt = open_checkpoint(path)
+        cfg = read_config(ckpt)
+        tokenizer = Tokenizer.from_checkpoint(ckpt, cfg)
+        pipeline = Pipeline.start(
+            PipelineConfig(
+                model=str(path),
+                num_layers=cfg.num_layers,
+                workers=settings.workers,
+                device=settings.device,
+                split=settings.split,
+                dtype=settings.dtype,
+                max_seqs=settings.max_seqs,
+                max_context=min(settings.max_context, cfg.max_position_embeddings),
+                cache_memory=settings.cache_memory,
+                threads=settings.threads,
+                transport=settings.transport,
+                runtime_dir=settings.runtime_dir,
+            )
+        )
+        try:
+            scheduler = Scheduler(
+                pipeline, tokenizer.eos_ids, settings.max_batch_tokens, settings.max_queue
+            )
+        except BaseException:
+            pipeline.close()
+            raise
+        return cls(path, cfg, tokenizer, pipeline, scheduler)
+
+    def close(self) -> None:
+        self.scheduler.close()
+        self.pipeline.close()
+
+    def __enter__(self) -> Coordinator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

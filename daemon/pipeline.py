@@ -1,0 +1,320 @@
+"""The chain of workers: start them, give each its layers, and send steps through.
+
+A step goes to every worker's stream in the same order (each worker needs the
+sequence ids and cache lengths); activations then flow worker to worker over
+torch.distributed. With the gRPC-bytes transport the daemon instead hands each
+stage's activations to the next stage itself. Either way a step completes when every
+stage has answered, and the tail's answer carries the sampled tokens.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import tempfile
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from mtpd import __version__
+from mtpd.daemon.split import layer_ranges, parse_split
+from mtpd.daemon.workers import LocalWorker, WorkerError, WorkerLink
+from mtpd.model.errors import InputError
+from mtpd.v1 import worker_pb2 as pb
+
+START_TIMEOUT_S = 120.0
+
+
+@dataclass
+class PipelineConfig:
+    model: str
+    num_layers: int
+    workers: int | None = None  # default: one per visible GPU, one without GPUs
+    device: str | None = None  # "cpu" or "cuda"; default cuda when visible
+    split: str | None = None  # "auto", "10,20", or None for even
+    dtype: str = "float32"
+    max_seqs: int = 16
+    max_context: int = 2048
+    cache_memory: int = 0  # bytes per worker; 0 = a share of free memory
+    threads: int | None = None  # per CPU worker; default: the cores shared out
+    transport: str = "dist"  # "dist" or "grpc"
+    mtp_head: str | None = None
+    runtime_dir: Path | None = None
+    recv_timeout_s: float = 60.0
+
+
+@dataclass
+class StageInfo:
+    rank: int
+    first_layer: int
+    end_layer: int
+    device: str
+    pid: int
+    load: pb.LoadReply
+
+
+@dataclass
+class StepOutcome:
+    results: dict[str, pb.SequenceResult]
+    timings: list[pb.StepTimings]  # per stage
+    submitted_at: float  # time.monotonic()
+    completed_at: float
+
+
+class StepRefusedError(InputError):
+    """Every worker refused the step (for example, the KV cache is full)."""
+
+
+@dataclass
+class _Pending:
+    request: pb.StepRequest
+    future: Future[StepOutcome]
+    submitted_at: float
+    replies: list[pb.StepReply | None] = field(default_factory=list)
+
+
+def _resolve_devices(device: str | None, workers: int | None) -> list[str]:
+    import torch  # the daemon only asks how many GPUs there are
+
+    gpus = torch.cuda.device_count()
+    kind = device or ("cuda" if gpus else "cpu")
+    if kind not in ("cpu", "cuda"):
+        raise InputError(f"--device {kind!r}: use cpu or cuda")
+    if kind == "cpu":
+        return ["cpu"] * (workers if workers is not None else 1)
+    n = workers if workers is not None else gpus
+    if n > gpus:
+        raise InputError(
+            f"--device cuda with {n} workers, but this machine has {gpus} GPU(s) "
+            f"(one worker per GPU: NCCL cannot pair two processes on one device)"
+        )
+    return [f"cuda:{i}" for i in range(n)]
+
+
+class Pipeline:
+    def __init__(
+        self,
+        cfg: PipelineConfig,
+        links: list[WorkerLink],
+        stages: list[StageInfo],
+        processes: list[LocalWorker],
+        runtime_dir: Path,
+        owns_runtime_dir: bool,
+    ) -> None:
+        self.cfg, self.links, self.stages, self.processes = cfg, links, stages, processes
+        self.runtime_dir, self._owns_runtime_dir = runtime_dir, owns_runtime_dir
+        self.max_seqs = min(s.load.max_seqs for s in stages)
+        self.max_context = min(s.load.max_context for s in stages)
+        self.transport = cfg.transport
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._pending: dict[int, _Pending] = {}
+        self.failure: str | None = None
+        for rank, link in enumerate(links):
+            link.open_steps(
+                lambda reply, rank=rank: self._on_reply(rank, reply),
+                lambda message, rank=rank: self._on_stream_error(rank, message),
+            )
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.links)
+
+    # -- starting -----------------------------------------------------------------
+
+    @classmethod
+    def start(cls, cfg: PipelineConfig) -> Pipeline:
+        if cfg.transport not in ("dist", "grpc"):
+            raise InputError(f"--transport {cfg.transport!r}: use dist or grpc")
+        devices = _resolve_devices(cfg.device, cfg.workers)
+        n = len(devices)
+        split = None if cfg.split in (None, "auto") else parse_split(cfg.split)
+        if cfg.split != "auto":  # refuse a bad layout before any process starts
+            layer_ranges(cfg.num_layers, n, split)
+        if cfg.threads is not None and cfg.threads < 1:
+            raise InputError(f"--threads must be >= 1, got {cfg.threads}")
+        threads = cfg.threads or max(1, (os.cpu_count() or 1) // n)
+
+        owns_dir = cfg.runtime_dir is None
+        runtime_dir = Path(tempfile.mkdtemp(prefix="mtpd-")) if owns_dir else cfg.runtime_dir
+        runtime_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        processes = [LocalWorker(i, runtime_dir, dev, threads) for i, dev in enumerate(devices)]
+        links = [WorkerLink(p.address) for p in processes]
+        try:
+            infos = _await_workers(links, processes)
+            free = [i.free_memory_bytes for i in infos] if cfg.split == "auto" else None
+            ranges = layer_ranges(cfg.num_layers, n, split, free)
+            rendezvous = runtime_dir / "rendezvous"
+            rendezvous.unlink(missing_ok=True)
+            requests = [
+                pb.LoadRequest(
+                    model=cfg.model,
+                    first_layer=first,
+                    end_layer=end,
+                    dtype=cfg.dtype,
+                    max_seqs=cfg.max_seqs,
+                    max_context=cfg.max_context,
+                    cache_memory_bytes=cfg.cache_memory,
+                    mtp_head=cfg.mtp_head or "",
+                    rank=rank,
+                    world_size=n,
+                    transport=pb.TRANSPORT_DIST if cfg.transport == "dist" else pb.TRANSPORT_GRPC,
+                    rendezvous=str(rendezvous),
+                    recv_timeout_ms=int(cfg.recv_timeout_s * 1000),
+                )
+                for rank, (first, end) in enumerate(ranges)
+            ]
+            loads = _load_all(links, processes, requests)
+            stages = [
+                StageInfo(rank, first, end, devices[rank], infos[rank].pid, loads[rank])
+                for rank, (first, end) in enumerate(ranges)
+            ]
+            return cls(cfg, links, stages, processes, runtime_dir, owns_dir)
+        except BaseException:
+            for link in links:
+                link.close()
+            for p in processes:
+                p.stop()
+            if owns_dir:
+                shutil.rmtree(runtime_dir, ignore_errors=True)
+            raise
+
+    # -- stepping -----------------------------------------------------------------
+
+    def submit(
+        self, sequences: list[pb.SequenceStep], release: list[str] | None = None
+    ) -> Future[StepOutcome]:
+        future: Future[StepOutcome] = Future()
+        with self._lock:
+            if self.failure is not None:
+                future.set_exception(WorkerError(self.failure))
+                return future
+            request = pb.StepRequest(
+                step_id=next(self._ids), sequences=sequences, release=release or []
+            )
+            pending = _Pending(request, future, time.monotonic(), [None] * self.num_stages)
+            self._pending[request.step_id] = pending
+            # Every stage hears of every step, in one order. Relayed activations
+            # (gRPC transport) reach later stages from _on_reply instead.
+            relay = self.transport == "grpc" and bool(sequences)
+            for link in self.links[:1] if relay else self.links:
+                link.send(request)
+        return future
+
+    def release(self, seq_ids: list[str]) -> Future[StepOutcome]:
+        """Free the sequences' cache slots on every worker (ordered after their steps)."""
+        return self.submit([], seq_ids)
+
+    def _on_reply(self, rank: int, reply: pb.StepReply) -> None:
+        with self._lock:
+            pending = self._pending.get(reply.step_id)
+            if pending is None:
+                return
+            pending.replies[rank] = reply
+            relay = self.transport == "grpc" and bool(pending.request.sequences)
+            if relay and rank + 1 < self.num_stages and not reply.error:
+                forward = pb.StepRequest()
+                forward.CopyFrom(pending.request)
+                forward.activations.CopyFrom(reply.activations)
+                reply.ClearField("activations")
+                self.links[rank + 1].send(forward)
+            done = all(r is not None for r in pending.replies) or (relay and reply.error)
+            if not done:
+                return
+            del self._pending[reply.step_id]
+        errors = [r.error for r in pending.replies if r is not None and r.error]
+        if errors:
+            pending.future.set_exception(StepRefusedError(errors[0]))
+            return
+        tail = pending.replies[-1]
+        pending.future.set_result(
+            StepOutcome(
+                results={r.seq_id: r for r in tail.results},
+                timings=[r.timings for r in pending.replies],
+                submitted_at=pending.submitted_at,
+                completed_at=time.monotonic(),
+            )
+        )
+
+    def _on_stream_error(self, rank: int, message: str) -> None:
+        with self._lock:
+            if self.failure is not None:
+                return
+            exit_note = self.processes[rank].describe_exit() if rank < len(self.processes) else None
+            self.failure = f"worker {rank}: {message}" + (f" ({exit_note})" if exit_note else "")
+            pending, self._pending = list(self._pending.values()), {}
+        for p in pending:
+            p.future.set_exception(WorkerError(self.failure))
+
+    # -- inspecting and stopping ----------------------------------------------------
+
+    def worker_stats(self) -> list[pb.WorkerStats]:
+        return [link.stats() for link in self.links]
+
+    def close(self) -> None:
+        with self._lock:
+            self.failure = self.failure or "pipeline closed"
+        for link in self.links:
+            link.close()
+        for p in self.processes:
+            p.stop()
+        if self._owns_runtime_dir:
+            shutil.rmtree(self.runtime_dir, ignore_errors=True)
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _await_workers(links: list[WorkerLink], processes: list[LocalWorker]) -> list[pb.WorkerInfo]:
+    infos = []
+    deadline = time.monotonic() + START_TIMEOUT_S
+    for link, proc in zip(links, processes, strict=True):
+        while True:
+            if (why := proc.describe_exit()) is not None:
+                raise WorkerError(why)
+            try:
+                info = link.info(timeout=1.0)
+                break
+            except grpc.RpcError as e:
+                if time.monotonic() > deadline:
+                    raise WorkerError(f"worker {proc.index} did not start: {e.details()}") from e
+        if info.version != __version__:
+            raise WorkerError(
+                f"worker {proc.index} runs mtpd {info.version}, the daemon {__version__}"
+            )
+        infos.append(info)
+    return infos
+
+
+def _load_all(
+    links: list[WorkerLink], processes: list[LocalWorker], requests: list[pb.LoadRequest]
+) -> list[pb.LoadReply]:
+    """Load every shard at once: the data plane forms only when all ranks join."""
+
+    def load(i: int) -> pb.LoadReply:
+        try:
+            return links[i].load(requests[i])
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise InputError(f"worker {i}: {e.details()}") from None
+            why = processes[i].describe_exit() if i < len(processes) else None
+            raise WorkerError(f"worker {i} failed to load: {why or e.details()}") from None
+
+    pool = ThreadPoolExecutor(len(links))
+    try:
+        # The first failure is reported at once; the others would wait for the
+        # rendezvous until stopped.
+        futures = [pool.submit(load, i) for i in range(len(links))]
+        for f in as_completed(futures):
+            f.result()
+        return [f.result() for f in futures]
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)

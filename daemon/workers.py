@@ -1,0 +1,117 @@
+"""The daemon's side of one worker: its process (when local) and its gRPC link."""
+
+from __future__ import annotations
+
+import os
+import queue
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+
+from mtpd.v1 import worker_pb2 as pb
+from mtpd.v1 import worker_pb2_grpc as pb_grpc
+from mtpd.worker.server import GRPC_OPTIONS
+
+
+class WorkerError(RuntimeError):
+    """A worker failed to start, load, or step."""
+
+
+class LocalWorker:
+    """A `mtpd worker` child process listening on a unix socket in the runtime dir."""
+
+    def __init__(self, index: int, runtime_dir: Path, device: str, threads: int) -> None:
+        self.index = index
+        self.socket = runtime_dir / f"worker-{index}.sock"
+        self.log_path = runtime_dir / f"worker-{index}.log"
+        self.address = f"unix:{self.socket}"
+        cmd = [sys.executable, "-m", "mtpd", "worker", "--listen", self.address]
+        cmd += ["--device", device, "--threads", str(threads), "--parent-pid", str(os.getpid())]
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
+
+    def log_tail(self, lines: int = 8) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return "\n".join(text[-lines:])
+
+    def describe_exit(self) -> str | None:
+        """Why the process is gone, or None while it runs."""
+        code = self.process.poll()
+        if code is None:
+            return None
+        tail = self.log_tail()
+        return f"worker {self.index} exited with code {code}" + (f":\n{tail}" if tail else "")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+class WorkerLink:
+    """The gRPC connection to one worker, with its step stream.
+
+    Steps are written into the stream in call order; replies come back in the same
+    order on a reader thread and go to `on_reply` (or the stream's end to `on_error`).
+    """
+
+    def __init__(self, address: str, token: str | None = None) -> None:
+        self.address = address
+        self.channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+        self.stub = pb_grpc.WorkerStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._outbox: queue.SimpleQueue[pb.StepRequest | None] = queue.SimpleQueue()
+        self._reader: threading.Thread | None = None
+
+    def info(self, timeout: float) -> pb.WorkerInfo:
+        return self.stub.GetInfo(
+            pb.InfoRequest(), timeout=timeout, wait_for_ready=True, metadata=self.metadata
+        )
+
+    def load(self, request: pb.LoadRequest) -> pb.LoadReply:
+        return self.stub.Load(request, metadata=self.metadata)
+
+    def stats(self, timeout: float = 10.0) -> pb.WorkerStats:
+        return self.stub.GetStats(pb.StatsRequest(), timeout=timeout, metadata=self.metadata)
+
+    def open_steps(
+        self,
+        on_reply: Callable[[pb.StepReply], None],
+        on_error: Callable[[str], None],
+    ) -> None:
+        replies = self.stub.Step(self._requests(), metadata=self.metadata)
+
+        def read() -> None:
+            try:
+                for reply in replies:
+                    on_reply(reply)
+                on_error("step stream closed")
+            except grpc.RpcError as e:
+                on_error(e.details() or str(e.code()))
+
+        self._reader = threading.Thread(target=read, daemon=True, name=f"steps-{self.address}")
+        self._reader.start()
+
+    def _requests(self) -> Iterator[pb.StepRequest]:
+        while (request := self._outbox.get()) is not None:
+            yield request
+
+    def send(self, request: pb.StepRequest) -> None:
+        self._outbox.put(request)
+
+    def close(self) -> None:
+        self._outbox.put(None)
+        self.channel.close()

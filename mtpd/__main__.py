@@ -1,0 +1,5 @@
+import sys
+
+from mtpd.cli import main
+
+sys.exit(main())

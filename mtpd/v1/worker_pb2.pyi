@@ -1,0 +1,220 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class WorkerState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    WORKER_STATE_UNSPECIFIED: _ClassVar[WorkerState]
+    WORKER_STATE_IDLE: _ClassVar[WorkerState]
+    WORKER_STATE_LOADING: _ClassVar[WorkerState]
+    WORKER_STATE_READY: _ClassVar[WorkerState]
+    WORKER_STATE_FAILED: _ClassVar[WorkerState]
+
+class Transport(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TRANSPORT_UNSPECIFIED: _ClassVar[Transport]
+    TRANSPORT_DIST: _ClassVar[Transport]
+    TRANSPORT_GRPC: _ClassVar[Transport]
+WORKER_STATE_UNSPECIFIED: WorkerState
+WORKER_STATE_IDLE: WorkerState
+WORKER_STATE_LOADING: WorkerState
+WORKER_STATE_READY: WorkerState
+WORKER_STATE_FAILED: WorkerState
+TRANSPORT_UNSPECIFIED: Transport
+TRANSPORT_DIST: Transport
+TRANSPORT_GRPC: Transport
+
+class InfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WorkerInfo(_message.Message):
+    __slots__ = ("version", "pid", "device", "free_memory_bytes", "state", "model_identity", "threads")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    FREE_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    THREADS_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    pid: int
+    device: str
+    free_memory_bytes: int
+    state: WorkerState
+    model_identity: str
+    threads: int
+    def __init__(self, version: _Optional[str] = ..., pid: _Optional[int] = ..., device: _Optional[str] = ..., free_memory_bytes: _Optional[int] = ..., state: _Optional[_Union[WorkerState, str]] = ..., model_identity: _Optional[str] = ..., threads: _Optional[int] = ...) -> None: ...
+
+class LoadRequest(_message.Message):
+    __slots__ = ("model", "first_layer", "end_layer", "dtype", "max_seqs", "max_context", "cache_memory_bytes", "mtp_head", "rank", "world_size", "transport", "rendezvous", "recv_timeout_ms")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    FIRST_LAYER_FIELD_NUMBER: _ClassVar[int]
+    END_LAYER_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    MAX_SEQS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    CACHE_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MTP_HEAD_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    RENDEZVOUS_FIELD_NUMBER: _ClassVar[int]
+    RECV_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    first_layer: int
+    end_layer: int
+    dtype: str
+    max_seqs: int
+    max_context: int
+    cache_memory_bytes: int
+    mtp_head: str
+    rank: int
+    world_size: int
+    transport: Transport
+    rendezvous: str
+    recv_timeout_ms: int
+    def __init__(self, model: _Optional[str] = ..., first_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., dtype: _Optional[str] = ..., max_seqs: _Optional[int] = ..., max_context: _Optional[int] = ..., cache_memory_bytes: _Optional[int] = ..., mtp_head: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., transport: _Optional[_Union[Transport, str]] = ..., rendezvous: _Optional[str] = ..., recv_timeout_ms: _Optional[int] = ...) -> None: ...
+
+class LoadReply(_message.Message):
+    __slots__ = ("parameter_count", "tensor_names", "max_seqs", "max_context", "cache_bytes", "hidden_size", "weights_fingerprint", "load_seconds")
+    PARAMETER_COUNT_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_NAMES_FIELD_NUMBER: _ClassVar[int]
+    MAX_SEQS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    parameter_count: int
+    tensor_names: _containers.RepeatedScalarFieldContainer[str]
+    max_seqs: int
+    max_context: int
+    cache_bytes: int
+    hidden_size: int
+    weights_fingerprint: str
+    load_seconds: float
+    def __init__(self, parameter_count: _Optional[int] = ..., tensor_names: _Optional[_Iterable[str]] = ..., max_seqs: _Optional[int] = ..., max_context: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., hidden_size: _Optional[int] = ..., weights_fingerprint: _Optional[str] = ..., load_seconds: _Optional[float] = ...) -> None: ...
+
+class SamplingParams(_message.Message):
+    __slots__ = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    MIN_P_FIELD_NUMBER: _ClassVar[int]
+    REPETITION_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    temperature: float
+    top_k: int
+    top_p: float
+    min_p: float
+    repetition_penalty: float
+    seed: int
+    def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., min_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class SequenceStep(_message.Message):
+    __slots__ = ("seq_id", "keep", "token_ids", "sample", "sampling", "draft_tokens", "return_logits")
+    SEQ_ID_FIELD_NUMBER: _ClassVar[int]
+    KEEP_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    RETURN_LOGITS_FIELD_NUMBER: _ClassVar[int]
+    seq_id: str
+    keep: int
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    sample: bool
+    sampling: SamplingParams
+    draft_tokens: int
+    return_logits: bool
+    def __init__(self, seq_id: _Optional[str] = ..., keep: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., sample: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., draft_tokens: _Optional[int] = ..., return_logits: _Optional[bool] = ...) -> None: ...
+
+class Activations(_message.Message):
+    __slots__ = ("header", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: bytes
+    data: bytes
+    def __init__(self, header: _Optional[bytes] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class StepRequest(_message.Message):
+    __slots__ = ("step_id", "sequences", "release", "activations")
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
+    step_id: int
+    sequences: _containers.RepeatedCompositeFieldContainer[SequenceStep]
+    release: _containers.RepeatedScalarFieldContainer[str]
+    activations: Activations
+    def __init__(self, step_id: _Optional[int] = ..., sequences: _Optional[_Iterable[_Union[SequenceStep, _Mapping]]] = ..., release: _Optional[_Iterable[str]] = ..., activations: _Optional[_Union[Activations, _Mapping]] = ...) -> None: ...
+
+class SequenceResult(_message.Message):
+    __slots__ = ("seq_id", "token_ids", "logits")
+    SEQ_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    LOGITS_FIELD_NUMBER: _ClassVar[int]
+    seq_id: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    logits: bytes
+    def __init__(self, seq_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., logits: _Optional[bytes] = ...) -> None: ...
+
+class StepTimings(_message.Message):
+    __slots__ = ("compute_s", "recv_wait_s", "send_s", "arrived_at", "input_ready_at", "computed_at", "sent_at")
+    COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
+    RECV_WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    SEND_S_FIELD_NUMBER: _ClassVar[int]
+    ARRIVED_AT_FIELD_NUMBER: _ClassVar[int]
+    INPUT_READY_AT_FIELD_NUMBER: _ClassVar[int]
+    COMPUTED_AT_FIELD_NUMBER: _ClassVar[int]
+    SENT_AT_FIELD_NUMBER: _ClassVar[int]
+    compute_s: float
+    recv_wait_s: float
+    send_s: float
+    arrived_at: float
+    input_ready_at: float
+    computed_at: float
+    sent_at: float
+    def __init__(self, compute_s: _Optional[float] = ..., recv_wait_s: _Optional[float] = ..., send_s: _Optional[float] = ..., arrived_at: _Optional[float] = ..., input_ready_at: _Optional[float] = ..., computed_at: _Optional[float] = ..., sent_at: _Optional[float] = ...) -> None: ...
+
+class StepReply(_message.Message):
+    __slots__ = ("step_id", "results", "activations", "timings", "error")
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    step_id: int
+    results: _containers.RepeatedCompositeFieldContainer[SequenceResult]
+    activations: Activations
+    timings: StepTimings
+    error: str
+    def __init__(self, step_id: _Optional[int] = ..., results: _Optional[_Iterable[_Union[SequenceResult, _Mapping]]] = ..., activations: _Optional[_Union[Activations, _Mapping]] = ..., timings: _Optional[_Union[StepTimings, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
+
+class StatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WorkerStats(_message.Message):
+    __slots__ = ("steps", "tokens", "active_sequences", "max_seqs", "compute_s", "recv_wait_s", "send_s")
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    MAX_SEQS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
+    RECV_WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    SEND_S_FIELD_NUMBER: _ClassVar[int]
+    steps: int
+    tokens: int
+    active_sequences: int
+    max_seqs: int
+    compute_s: float
+    recv_wait_s: float
+    send_s: float
+    def __init__(self, steps: _Optional[int] = ..., tokens: _Optional[int] = ..., active_sequences: _Optional[int] = ..., max_seqs: _Optional[int] = ..., compute_s: _Optional[float] = ..., recv_wait_s: _Optional[float] = ..., send_s: _Optional[float] = ...) -> None: ...

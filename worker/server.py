@@ -1,0 +1,233 @@
+"""`mtpd worker`: one process serving one pipeline stage over gRPC.
+
+The worker starts bare (so the daemon can ask for its free memory before splitting
+layers), loads its shard on `Load`, then serves the step stream until the daemon goes.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import signal
+import threading
+import time
+from concurrent import futures
+from datetime import timedelta
+from pathlib import Path
+
+import grpc
+import psutil
+import torch
+
+from mtpd import __version__
+from mtpd.model.checkpoint import open_checkpoint, read_config
+from mtpd.model.decoder import ShardSpec, shard_tensor_shapes
+from mtpd.model.errors import InputError
+from mtpd.v1 import worker_pb2 as pb
+from mtpd.v1 import worker_pb2_grpc as pb_grpc
+from mtpd.worker.engine import load_shard
+from mtpd.worker.stage import Stage
+from mtpd.worker.transport import DistLink, TransportError
+
+log = logging.getLogger("mtpd.worker")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Activations of a large prefill chunk exceed gRPC's 4 MB default.
+MESSAGE_LIMIT = 512 * 1024 * 1024
+GRPC_OPTIONS = [
+    ("grpc.max_send_message_length", MESSAGE_LIMIT),
+    ("grpc.max_receive_message_length", MESSAGE_LIMIT),
+]
+# Without --cache-memory the KV cache takes at most this share of the memory left
+# after the weights are loaded.
+DEFAULT_CACHE_SHARE = 0.5
+
+
+def parse_device(name: str) -> torch.device:
+    """A device that exists on this machine, or an InputError naming it."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise InputError(f"unknown device {name!r}: {e}") from e
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        index = device.index or 0
+        if index >= count:
+            raise InputError(f"device {name!r} does not exist: this machine has {count} GPU(s)")
+        return torch.device("cuda", index)
+    if device.type != "cpu":
+        raise InputError(f"unsupported device {name!r}: use cpu or cuda[:N]")
+    return device
+
+
+def free_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    return int(psutil.virtual_memory().available)
+
+
+def cache_slots(wanted: int, bytes_per_slot: int, cache_memory: int, free: int) -> tuple[int, int]:
+    """How many sequence slots the KV cache gets, and its budget in bytes."""
+    budget = int(free * DEFAULT_CACHE_SHARE)
+    if cache_memory:
+        budget = min(budget, cache_memory)
+    slots = min(wanted, budget // bytes_per_slot)
+    if slots < 1:
+        raise InputError(
+            f"KV cache budget of {budget} bytes cannot hold one sequence of "
+            f"{bytes_per_slot} bytes: lower max_context or raise --cache-memory"
+        )
+    return slots, budget
+
+
+class WorkerService(pb_grpc.WorkerServicer):
+    def __init__(self, device: torch.device, token: str | None = None) -> None:
+        self.device = device
+        self.token = token
+        self.state = pb.WORKER_STATE_IDLE
+        self.stage: Stage | None = None
+        self._load_lock = threading.Lock()
+        self._step_lock = threading.Lock()
+
+    def _authorize(self, context: grpc.ServicerContext) -> None:
+        if self.token is None:
+            return
+        sent = dict(context.invocation_metadata()).get("authorization", "")
+        if not hmac.compare_digest(sent.encode(), f"Bearer {self.token}".encode()):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong or missing worker token")
+
+    def GetInfo(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.WorkerInfo:
+        self._authorize(context)
+        return pb.WorkerInfo(
+            version=__version__,
+            pid=os.getpid(),
+            device=str(self.device),
+            free_memory_bytes=free_memory(self.device),
+            state=self.state,
+            threads=torch.get_num_threads(),
+        )
+
+    def Load(self, request: pb.LoadRequest, context: grpc.ServicerContext) -> pb.LoadReply:
+        self._authorize(context)
+        if not self._load_lock.acquire(blocking=False) or self.state != pb.WORKER_STATE_IDLE:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this worker already has a shard")
+        self.state = pb.WORKER_STATE_LOADING
+        try:
+            reply = self._load(request)
+        except (InputError, TransportError, OSError) as e:
+            self.state = pb.WORKER_STATE_FAILED
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        self.state = pb.WORKER_STATE_READY
+        return reply
+
+    def _load(self, req: pb.LoadRequest) -> pb.LoadReply:
+        start = time.monotonic()
+        if req.dtype not in DTYPES:
+            raise InputError(f"unknown dtype {req.dtype!r}: use one of {sorted(DTYPES)}")
+        if not 0 <= req.rank < req.world_size:
+            raise InputError(f"rank {req.rank} outside a pipeline of {req.world_size} workers")
+        ckpt = open_checkpoint(req.model)
+        cfg = read_config(ckpt)
+        if not 0 <= req.first_layer < req.end_layer <= cfg.num_layers:
+            raise InputError(
+                f"layer range [{req.first_layer}, {req.end_layer}) is not within the "
+                f"model's {cfg.num_layers} layers"
+            )
+        tail = req.rank == req.world_size - 1
+        spec = ShardSpec(req.first_layer, req.end_layer, req.rank == 0, tail)
+        dtype = DTYPES[req.dtype]
+        head = Path(req.mtp_head) if req.mtp_head and tail else None
+        shard, _mtp = load_shard(ckpt, cfg, spec, dtype, req.max_context, self.device, head)
+        max_context = shard.stack.max_context
+        per_slot = spec.num_layers * 2 * cfg.num_kv_heads * max_context * cfg.head_dim
+        per_slot *= dtype.itemsize
+        slots, _ = cache_slots(
+            max(1, req.max_seqs), per_slot, req.cache_memory_bytes, free_memory(self.device)
+        )
+        cache = shard.new_cache(slots, max_context)
+        link = None
+        if req.world_size > 1 and req.transport == pb.TRANSPORT_DIST:
+            timeout = timedelta(milliseconds=req.recv_timeout_ms or 60_000)
+            link = DistLink(req.rank, req.world_size, req.rendezvous, self.device, timeout)
+        self.stage = Stage(shard, cache, req.rank, req.world_size, link)
+        return pb.LoadReply(
+            parameter_count=shard.parameter_count,
+            tensor_names=sorted(shard_tensor_shapes(cfg, spec)),
+            max_seqs=slots,
+            max_context=max_context,
+            cache_bytes=slots * per_slot,
+            hidden_size=cfg.hidden_size,
+            weights_fingerprint=shard.fingerprint or "",
+            load_seconds=time.monotonic() - start,
+        )
+
+    def Step(self, request_iterator, context: grpc.ServicerContext):
+        self._authorize(context)
+        if self.stage is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no shard loaded")
+        if not self._step_lock.acquire(blocking=False):
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "a step stream is already open")
+        try:
+            for request in request_iterator:
+                try:
+                    yield self.stage.run(request)
+                except Exception as e:
+                    # The data plane may be out of step now; the daemon replaces us.
+                    self.state = pb.WORKER_STATE_FAILED
+                    log.exception("step %d failed", request.step_id)
+                    context.abort(grpc.StatusCode.INTERNAL, f"step {request.step_id}: {e}")
+        finally:
+            self._step_lock.release()
+
+    def GetStats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.WorkerStats:
+        self._authorize(context)
+        if self.stage is None:
+            return pb.WorkerStats()
+        st = self.stage.stats
+        return pb.WorkerStats(
+            steps=st.steps,
+            tokens=st.tokens,
+            active_sequences=self.stage.active_sequences,
+            max_seqs=self.stage.cache.max_seqs,
+            compute_s=st.compute_s,
+            recv_wait_s=st.recv_wait_s,
+            send_s=st.send_s,
+        )
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """A local worker must not outlive its daemon (it would hold a GPU or cores)."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+
+
+def serve(
+    listen: str,
+    device: str,
+    threads: int | None,
+    parent_pid: int | None = None,
+    token: str | None = None,
+) -> int:
+    dev = parse_device(device)
+    if threads:
+        torch.set_num_threads(threads)
+    if parent_pid:
+        _exit_with_parent(parent_pid)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=GRPC_OPTIONS)
+    pb_grpc.add_WorkerServicer_to_server(WorkerService(dev, token), server)
+    if server.add_insecure_port(listen) == 0:
+        raise InputError(f"cannot listen on {listen!r}")
+    server.start()
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    log.info("worker %d serving on %s (%s)", os.getpid(), listen, dev)
+    stop.wait()
+    server.stop(grace=1).wait()
+    return 0

@@ -1,0 +1,194 @@
+"""One pipeline stage: a loaded layer shard, its KV cache, and how it runs a step.
+
+Every worker receives every step's control message (sequence ids, cache lengths,
+token ids) from the daemon; only activations move worker to worker. The checks that
+can refuse a step depend only on state every worker shares (cache lengths and the
+step itself), so all stages refuse the same steps and the data plane stays in
+lockstep: a refused step touches neither the cache nor the transport.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from mtpd.model.decoder import DecoderShard
+from mtpd.model.errors import InputError
+from mtpd.model.kv_cache import KVCache
+from mtpd.model.sampling import SamplingParams, select_token
+from mtpd.v1 import worker_pb2 as pb
+from mtpd.worker.transport import DistLink, decode, encode
+
+
+class StepRefused(InputError):
+    """A step that cannot run as sent (unknown cache length, over the context)."""
+
+
+@dataclass
+class StageStats:
+    steps: int = 0
+    tokens: int = 0
+    compute_s: float = 0.0
+    recv_wait_s: float = 0.0
+    send_s: float = 0.0
+
+
+def sampling_params(msg: pb.SamplingParams) -> SamplingParams:
+    return SamplingParams(
+        temperature=msg.temperature,
+        top_k=msg.top_k,
+        top_p=msg.top_p,
+        min_p=msg.min_p,
+        repetition_penalty=msg.repetition_penalty,
+        seed=msg.seed,
+    )
+
+
+class Stage:
+    def __init__(
+        self,
+        shard: DecoderShard,
+        cache: KVCache,
+        rank: int,
+        world_size: int,
+        link: DistLink | None,
+    ) -> None:
+        self.shard, self.cache, self.rank, self.world_size, self.link = (
+            shard,
+            cache,
+            rank,
+            world_size,
+            link,
+        )
+        self.is_first, self.is_tail = rank == 0, rank == world_size - 1
+        self.hidden_size = shard.cfg.hidden_size
+        # The tail keeps each sequence's cached token ids: sampling needs the position
+        # and the history (repetition penalty).
+        self.tokens: dict[str, list[int]] = {}
+        self.stats = StageStats()
+
+    @property
+    def active_sequences(self) -> int:
+        return self.cache.max_seqs - self.cache.free_slots
+
+    def _check(self, req: pb.StepRequest) -> None:
+        seen: set[str] = set()
+        for s in req.sequences:
+            if s.seq_id in seen:
+                raise StepRefused(f"sequence {s.seq_id!r} appears twice in step {req.step_id}")
+            seen.add(s.seq_id)
+            if not s.token_ids:
+                raise StepRefused(f"sequence {s.seq_id!r}: no token ids to append")
+            slot = self.cache.slot_of(s.seq_id)
+            length = 0 if slot is None else self.cache.lengths[slot]
+            if s.keep > length:
+                raise StepRefused(
+                    f"sequence {s.seq_id!r}: keep {s.keep} beyond its {length} cached positions"
+                )
+            if s.keep + len(s.token_ids) > self.cache.max_context:
+                raise StepRefused(
+                    f"sequence {s.seq_id!r} would reach {s.keep + len(s.token_ids)} positions, "
+                    f"beyond the cache's max context of {self.cache.max_context}"
+                )
+            try:
+                sampling_params(s.sampling)
+            except InputError as e:
+                raise StepRefused(f"sequence {s.seq_id!r}: {e}") from e
+            if s.draft_tokens:
+                raise StepRefused("drafting is not available yet: draft_tokens must be 0")
+        new = sum(1 for sid in seen if self.cache.slot_of(sid) is None)
+        released = sum(1 for sid in req.release if self.cache.slot_of(sid) is not None)
+        if new > self.cache.free_slots + released:
+            raise StepRefused(f"KV cache full: all {self.cache.max_seqs} sequence slots in use")
+
+    def run(self, req: pb.StepRequest) -> pb.StepReply:
+        arrived = time.monotonic()
+        reply = pb.StepReply(step_id=req.step_id)
+        try:
+            self._check(req)
+        except StepRefused as e:
+            reply.error = str(e)
+            return reply
+        for seq_id in req.release:
+            self.cache.release(seq_id)
+            self.tokens.pop(seq_id, None)
+        if not req.sequences:
+            return reply
+        with torch.inference_mode():
+            self._compute(req, reply, arrived)
+        return reply
+
+    def _compute(self, req: pb.StepRequest, reply: pb.StepReply, arrived: float) -> None:
+        seqs = req.sequences
+        slots = [self.cache.slot(s.seq_id) for s in seqs]
+        counts = [len(s.token_ids) for s in seqs]
+        for slot, s in zip(slots, seqs, strict=True):
+            self.cache.truncate(slot, s.keep)
+        rows, device = sum(counts), self.shard.device
+
+        if self.is_first:
+            ids = [t for s in seqs for t in s.token_ids]
+            x = torch.tensor(ids, dtype=torch.long, device=device)
+        elif self.link is not None:
+            x = self.link.recv(rows, self.hidden_size, self.shard.dtype)
+        else:
+            x = decode(req.activations, rows, self.hidden_size).to(device)
+        input_ready = time.monotonic()
+
+        hidden = self.shard(x, self.cache, slots, counts)
+        if self.is_tail:
+            self._sample(seqs, counts, hidden, reply)
+        elif device.type == "cuda":
+            torch.cuda.synchronize(device)  # so compute time is not billed to the send
+        computed = time.monotonic()
+
+        if not self.is_tail:
+            if self.link is not None:
+                self.link.send(hidden)
+            else:
+                reply.activations.CopyFrom(encode(hidden))
+        sent = time.monotonic()
+
+        t = reply.timings
+        t.arrived_at, t.input_ready_at, t.computed_at, t.sent_at = (
+            arrived,
+            input_ready,
+            computed,
+            sent,
+        )
+        t.compute_s, t.recv_wait_s, t.send_s = (
+            computed - input_ready,
+            input_ready - arrived,
+            sent - computed,
+        )
+        st = self.stats
+        st.steps += 1
+        st.tokens += rows
+        st.compute_s += t.compute_s
+        st.recv_wait_s += t.recv_wait_s
+        st.send_s += t.send_s
+
+    def _sample(
+        self,
+        seqs: list[pb.SequenceStep],
+        counts: list[int],
+        hidden: torch.Tensor,
+        reply: pb.StepReply,
+    ) -> None:
+        for s in seqs:
+            history = self.tokens.setdefault(s.seq_id, [])
+            del history[s.keep :]
+            history.extend(s.token_ids)
+        ends = torch.tensor(counts).cumsum(0) - 1
+        wanted = [i for i, s in enumerate(seqs) if s.sample]
+        logits = self.shard.logits(hidden[ends[wanted].to(hidden.device)]).cpu() if wanted else None
+        for row, i in enumerate(wanted):
+            s = seqs[i]
+            history = self.tokens[s.seq_id]
+            params = sampling_params(s.sampling)
+            token = select_token(logits[row], params, len(history), torch.tensor(history))
+            result = reply.results.add(seq_id=s.seq_id, token_ids=[token])
+            if s.return_logits:
+                result.logits = logits[row].numpy().tobytes()

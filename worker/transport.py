@@ -1,0 +1,104 @@
+"""Moving hidden states between neighbouring pipeline stages.
+
+`DistLink` uses torch.distributed point-to-point (NCCL between GPUs, gloo on CPU);
+`encode`/`decode` turn a tensor into the gRPC-bytes form (msgpack header + raw bytes)
+for the transport that relays activations through the daemon. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import msgpack
+import torch
+import torch.distributed as dist
+
+from mtpd.v1 import worker_pb2 as pb
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class TransportError(RuntimeError):
+    """A neighbour died, hung past the receive bound, or sent something malformed."""
+
+
+def encode(hidden: torch.Tensor) -> pb.Activations:
+    name = str(hidden.dtype).removeprefix("torch.")
+    header = msgpack.packb({"shape": list(hidden.shape), "dtype": name})
+    data = hidden.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
+    return pb.Activations(header=header, data=data)
+
+
+def decode(message: pb.Activations, rows: int, hidden_size: int) -> torch.Tensor:
+    """The tensor in `message`, checked against the shape the step implies."""
+    try:
+        header = msgpack.unpackb(message.header)
+        shape, dtype = list(header["shape"]), _DTYPES[header["dtype"]]
+    except (ValueError, KeyError, TypeError, msgpack.UnpackException) as e:
+        raise TransportError(f"malformed activation header: {e}") from e
+    if shape != [rows, hidden_size]:
+        raise TransportError(f"activations of shape {shape}, the step needs {[rows, hidden_size]}")
+    want = rows * hidden_size * dtype.itemsize
+    if len(message.data) != want:
+        raise TransportError(f"activations of {len(message.data)} bytes, expected {want}")
+    return torch.frombuffer(bytearray(message.data), dtype=dtype).view(rows, hidden_size)
+
+
+class DistLink:
+    """This stage's connections to its neighbours in a torch.distributed process group
+    made of the workers only (the daemon holds no tensors and is not a member)."""
+
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        rendezvous: str,
+        device: torch.device,
+        timeout: timedelta,
+    ) -> None:
+        self.rank, self.world_size, self.device, self.timeout = rank, world_size, device, timeout
+        if rendezvous.startswith("tcp://"):
+            host, port = rendezvous.removeprefix("tcp://").rsplit(":", 1)
+            store: dist.Store = dist.TCPStore(host, int(port), world_size, False, timeout)
+        else:
+            # Local workers: a file in the daemon's private runtime directory, so no
+            # port is opened; gloo's own sockets are bound to loopback.
+            store = dist.FileStore(rendezvous, world_size)
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group(
+            backend, store=store, rank=rank, world_size=world_size, timeout=timeout, **kwargs
+        )
+        self._pending_send: dist.Work | None = None
+        self._pending_tensor: torch.Tensor | None = None
+
+    def recv(self, rows: int, hidden_size: int, dtype: torch.dtype) -> torch.Tensor:
+        buf = torch.empty(rows, hidden_size, dtype=dtype, device=self.device)
+        try:
+            dist.irecv(buf, src=self.rank - 1).wait(self.timeout)
+        except RuntimeError as e:
+            raise TransportError(f"receiving activations from stage {self.rank - 1}: {e}") from e
+        return buf
+
+    def send(self, hidden: torch.Tensor) -> None:
+        """Start sending; the previous send must have completed first, so at most one
+        is outstanding and its tensor stays alive until then."""
+        self.flush()
+        self._pending_tensor = hidden.contiguous()
+        self._pending_send = dist.isend(self._pending_tensor, dst=self.rank + 1)
+
+    def flush(self) -> None:
+        if self._pending_send is None:
+            return
+        try:
+            self._pending_send.wait(self.timeout)
+        except RuntimeError as e:
+            raise TransportError(f"sending activations to stage {self.rank + 1}: {e}") from e
+        finally:
+            self._pending_send = self._pending_tensor = None
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
