@@ -81,6 +81,12 @@ class Request:
         self._done.set()
 
 
+@dataclass(frozen=True)
+class StepRecord:
+    tokens: tuple[tuple[str, int], ...]  # (sequence id, tokens it sent) per sequence
+    outcome: StepOutcome
+
+
 @dataclass
 class _Sequence:
     request: Request
@@ -117,8 +123,8 @@ class Scheduler:
         self._active: list[_Sequence] = []
         self._in_flight = 0
         self._stopped = False
-        # The latest steps, for benchmarks and stats: (sequences, tokens, outcome).
-        self.recent_steps: deque[tuple[int, int, StepOutcome]] = deque(maxlen=4096)
+        # The latest steps, for benchmarks and stats.
+        self.recent_steps: deque[StepRecord] = deque(maxlen=4096)
         self._thread = threading.Thread(target=self._loop, daemon=True, name="scheduler")
         self._thread.start()
 
@@ -241,13 +247,13 @@ class Scheduler:
 
     def _retire(self, seqs: list[_Sequence], reason: str, error: str | None = None) -> None:
         """Finish sequences and free their caches (called under the lock)."""
+        cached = [s.request.seq_id for s in seqs if s.cached]
+        if cached:
+            self.pipeline.release(cached)
         for seq in seqs:
             if seq in self._active:
                 self._active.remove(seq)
             seq.request._finish(reason, error)
-        cached = [s.request.seq_id for s in seqs if s.cached]
-        if cached:
-            self.pipeline.release(cached)
 
     def _complete(self, batch: list[tuple[_Sequence, int]], future: Future[StepOutcome]) -> None:
         with self._cond:
@@ -260,7 +266,9 @@ class Scheduler:
                 self._cond.notify()
                 return
             outcome = future.result()
-            self.recent_steps.append((len(batch), sum(n for _, n in batch), outcome))
+            self.recent_steps.append(
+                StepRecord(tuple((seq.request.seq_id, n) for seq, n in batch), outcome)
+            )
             finished: dict[str, list[_Sequence]] = {"stop": [], "length": []}
             for seq, n in batch:
                 seq.cached += n

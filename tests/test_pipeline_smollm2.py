@@ -1,0 +1,56 @@
+"""The embedded SmolLM2 through 1-4 CPU workers, with either activation transport:
+the same tokens and logits as the single-process engine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from reference import GREEDY, solo_run
+
+from mtpd.daemon.pipeline import Pipeline, PipelineConfig
+from mtpd.daemon.scheduler import Scheduler
+from mtpd.model.compare import compare_tokens
+from mtpd.model.default_model import default_model_path
+from mtpd.worker.engine import Engine
+
+QUESTIONS = ["Write a haiku about the sea.", "List three uses of copper."]
+TOKENS = 64
+
+
+@pytest.fixture(scope="module")
+def references():
+    engine = Engine.load(None, max_context=256)
+    tok = engine.tokenizer
+    prompts = [tok.encode(tok.render_chat([{"role": "user", "content": q}])) for q in QUESTIONS]
+    return engine.cfg.num_layers, [(p, *solo_run(engine, p, TOKENS)) for p in prompts]
+
+
+@pytest.mark.parametrize("transport", ["dist", "grpc"])
+@pytest.mark.parametrize("workers", [1, 2, 3, 4])
+def test_smollm2_pipeline_equals_single_process(references, workers, transport):
+    num_layers, runs = references
+    cfg = PipelineConfig(
+        model=str(default_model_path()),
+        num_layers=num_layers,
+        workers=workers,
+        device="cpu",
+        transport=transport,
+        max_seqs=2,
+        max_context=256,
+        cache_memory=64 << 20,
+        threads=1,
+    )
+    with Pipeline.start(cfg) as pipeline:
+        scheduler = Scheduler(pipeline, eos_ids=set())
+        requests = [
+            scheduler.submit(p, GREEDY, TOKENS, ignore_eos=True, return_logits=True)
+            for p, _, _ in runs
+        ]
+        results = [r.result(timeout=600) for r in requests]
+        scheduler.close()
+    for (_, ref_tokens, ref_logits), result in zip(runs, results, strict=True):
+        agreement = compare_tokens(ref_tokens, ref_logits, result.token_ids)
+        assert agreement.ok, str(agreement)
+        upto = TOKENS if agreement.equal else agreement.diverged_at
+        for ref, got in zip(ref_logits[:upto], result.logits[:upto], strict=True):
+            torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
