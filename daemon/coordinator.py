@@ -29,6 +29,8 @@ class Settings:
     max_batch_tokens: int = 256
     max_queue: int = 256
     runtime_dir: Path | None = None
+    join_listen: str | None = None
+    token: str | None = None
 
 
 class Coordinator:
@@ -63,6 +65,8 @@ class Coordinator:
                 threads=settings.threads,
                 transport=settings.transport,
                 runtime_dir=settings.runtime_dir,
+                join_listen=settings.join_listen,
+                token=settings.token,
             )
         )
         try:

@@ -46,6 +46,11 @@ class PipelineConfig:
     mtp_head: str | None = None
     runtime_dir: Path | None = None
     recv_timeout_s: float = 60.0
+    # Remote workers: they join at this HOST:PORT (an address they can reach) with the
+    # shared token; `workers` of them are awaited instead of starting local ones.
+    join_listen: str | None = None
+    token: str | None = None
+    join_timeout_s: float = 300.0
 
 
 @dataclass
@@ -87,6 +92,8 @@ def _resolve_devices(device: str | None, workers: int | None) -> list[str]:
         raise InputError(f"--device {kind!r}: use cpu or cuda")
     if kind == "cpu":
         return ["cpu"] * (workers if workers is not None else 1)
+    if gpus == 0:
+        raise InputError("--device cuda, but this machine has 0 GPU(s) visible")
     n = workers if workers is not None else gpus
     if n > gpus:
         raise InputError(
@@ -105,8 +112,10 @@ class Pipeline:
         processes: list[LocalWorker],
         runtime_dir: Path,
         owns_runtime_dir: bool,
+        remote_side: _RemoteSide | None = None,
     ) -> None:
         self.cfg, self.links, self.stages, self.processes = cfg, links, stages, processes
+        self._remote_side = remote_side
         self.runtime_dir, self._owns_runtime_dir = runtime_dir, owns_runtime_dir
         self.max_seqs = min(s.load.max_seqs for s in stages)
         self.max_context = min(s.load.max_context for s in stages)
@@ -131,29 +140,47 @@ class Pipeline:
     def start(cls, cfg: PipelineConfig) -> Pipeline:
         if cfg.transport not in ("dist", "grpc"):
             raise InputError(f"--transport {cfg.transport!r}: use dist or grpc")
-        devices = _resolve_devices(cfg.device, cfg.workers)
-        n = len(devices)
-        split = None if cfg.split in (None, "auto") else parse_split(cfg.split)
-        if cfg.split != "auto":  # refuse a bad layout before any process starts
-            layer_ranges(cfg.num_layers, n, split)
         if cfg.threads is not None and cfg.threads < 1:
             raise InputError(f"--threads must be >= 1, got {cfg.threads}")
-        threads = cfg.threads or max(1, (os.cpu_count() or 1) // n)
+        remote = cfg.join_listen is not None
+        if remote:
+            if not cfg.token:
+                raise InputError("remote workers (--join-listen) need a --token-file")
+            n = cfg.workers if cfg.workers is not None else 1
+        else:
+            devices = _resolve_devices(cfg.device, cfg.workers)
+            n = len(devices)
+        split = None if cfg.split in (None, "auto") else parse_split(cfg.split)
+        if cfg.split != "auto":  # refuse a bad layout before any worker starts
+            layer_ranges(cfg.num_layers, n, split)
 
         owns_dir = cfg.runtime_dir is None
         runtime_dir = Path(tempfile.mkdtemp(prefix="mtpd-")) if owns_dir else cfg.runtime_dir
         runtime_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        processes = [LocalWorker(i, runtime_dir, dev, threads) for i, dev in enumerate(devices)]
-        links = [WorkerLink(p.address) for p in processes]
+        processes: list[LocalWorker] = []
+        links: list[WorkerLink] = []
+        remote_side: _RemoteSide | None = None
         try:
+            if remote:
+                remote_side = _RemoteSide.open(cfg, n)
+                links = [WorkerLink(a, cfg.token) for a in remote_side.addresses]
+                rendezvous = remote_side.rendezvous
+            else:
+                threads = cfg.threads or max(1, (os.cpu_count() or 1) // n)
+                processes = [
+                    LocalWorker(i, runtime_dir, dev, threads) for i, dev in enumerate(devices)
+                ]
+                links = [WorkerLink(p.address) for p in processes]
+                # Local workers meet through a file only this user can read: no port.
+                path = runtime_dir / "rendezvous"
+                path.unlink(missing_ok=True)
+                rendezvous = str(path)
             infos = _await_workers(links, processes)
             free = [i.free_memory_bytes for i in infos] if cfg.split == "auto" else None
             ranges = layer_ranges(cfg.num_layers, n, split, free)
-            rendezvous = runtime_dir / "rendezvous"
-            rendezvous.unlink(missing_ok=True)
             requests = [
                 pb.LoadRequest(
-                    model=cfg.model,
+                    model="" if remote else cfg.model,
                     first_layer=first,
                     end_layer=end,
                     dtype=cfg.dtype,
@@ -164,22 +191,24 @@ class Pipeline:
                     rank=rank,
                     world_size=n,
                     transport=pb.TRANSPORT_DIST if cfg.transport == "dist" else pb.TRANSPORT_GRPC,
-                    rendezvous=str(rendezvous),
+                    rendezvous=rendezvous,
                     recv_timeout_ms=int(cfg.recv_timeout_s * 1000),
                 )
                 for rank, (first, end) in enumerate(ranges)
             ]
             loads = _load_all(links, processes, requests)
             stages = [
-                StageInfo(rank, first, end, devices[rank], infos[rank].pid, loads[rank])
+                StageInfo(rank, first, end, infos[rank].device, infos[rank].pid, loads[rank])
                 for rank, (first, end) in enumerate(ranges)
             ]
-            return cls(cfg, links, stages, processes, runtime_dir, owns_dir)
+            return cls(cfg, links, stages, processes, runtime_dir, owns_dir, remote_side)
         except BaseException:
             for link in links:
                 link.close()
             for p in processes:
                 p.stop()
+            if remote_side is not None:
+                remote_side.close()
             if owns_dir:
                 shutil.rmtree(runtime_dir, ignore_errors=True)
             raise
@@ -263,6 +292,8 @@ class Pipeline:
             link.close()
         for p in self.processes:
             p.stop()
+        if self._remote_side is not None:
+            self._remote_side.close()
         if self._owns_runtime_dir:
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
 
@@ -273,23 +304,70 @@ class Pipeline:
         self.close()
 
 
+@dataclass
+class _RemoteSide:
+    """What the daemon opens for remote workers: the registry they join through and
+    the TCPStore their process group meets at."""
+
+    registry: grpc.Server
+    store: object  # torch.distributed.TCPStore, kept alive while the pipeline runs
+    addresses: list[str]
+    rendezvous: str
+
+    @classmethod
+    def open(cls, cfg: PipelineConfig, expected: int) -> _RemoteSide:
+        from datetime import timedelta
+
+        import torch.distributed as dist
+
+        from mtpd.daemon.registry import WorkerRegistry, serve_registry
+        from mtpd.model.checkpoint import open_checkpoint, read_config
+        from mtpd.model.decoder import model_identity
+
+        host = cfg.join_listen.rsplit(":", 1)[0]
+        if host in ("", "0.0.0.0", "[::]", "::"):
+            raise InputError(
+                f"--join-listen {cfg.join_listen!r}: name the address workers reach this "
+                f"host at (it is also where they meet for the data plane)"
+            )
+        ckpt = open_checkpoint(cfg.model)
+        registry = WorkerRegistry(expected, cfg.token, model_identity(ckpt, read_config(ckpt)))
+        server = serve_registry(cfg.join_listen, registry)
+        try:
+            store = dist.TCPStore(
+                host.strip("[]"),
+                0,
+                None,
+                True,
+                timedelta(seconds=cfg.recv_timeout_s),
+                wait_for_workers=False,
+            )
+            addresses = registry.wait_for_all(cfg.join_timeout_s)
+        except BaseException:
+            server.stop(None)
+            raise
+        return cls(server, store, addresses, f"tcp://{host}:{store.port}")
+
+    def close(self) -> None:
+        self.registry.stop(None)
+
+
 def _await_workers(links: list[WorkerLink], processes: list[LocalWorker]) -> list[pb.WorkerInfo]:
     infos = []
     deadline = time.monotonic() + START_TIMEOUT_S
-    for link, proc in zip(links, processes, strict=True):
+    for i, link in enumerate(links):
+        proc = processes[i] if processes else None
         while True:
-            if (why := proc.describe_exit()) is not None:
+            if proc is not None and (why := proc.describe_exit()) is not None:
                 raise WorkerError(why)
             try:
                 info = link.info(timeout=1.0)
                 break
             except grpc.RpcError as e:
                 if time.monotonic() > deadline:
-                    raise WorkerError(f"worker {proc.index} did not start: {e.details()}") from e
+                    raise WorkerError(f"worker {i} did not start: {e.details()}") from e
         if info.version != __version__:
-            raise WorkerError(
-                f"worker {proc.index} runs mtpd {info.version}, the daemon {__version__}"
-            )
+            raise WorkerError(f"worker {i} runs mtpd {info.version}, the daemon {__version__}")
         infos.append(info)
     return infos
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import grpc
 
+from mtpd.rpc import CHANNEL_OPTIONS, bearer_metadata
 from mtpd.v1 import worker_pb2 as pb
 from mtpd.v1 import worker_pb2_grpc as pb_grpc
-from mtpd.worker.server import GRPC_OPTIONS
 
 
 class WorkerError(RuntimeError):
@@ -70,9 +70,9 @@ class WorkerLink:
 
     def __init__(self, address: str, token: str | None = None) -> None:
         self.address = address
-        self.channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+        self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         self.stub = pb_grpc.WorkerStub(self.channel)
-        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.metadata = bearer_metadata(token)
         self._outbox: queue.SimpleQueue[pb.StepRequest | None] = queue.SimpleQueue()
         self._reader: threading.Thread | None = None
 

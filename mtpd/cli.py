@@ -43,6 +43,19 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
 
 
+def _parse_bytes(text: str) -> int:
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    number, unit = text.rstrip("KMGTkmgtBb"), text[len(text.rstrip("KMGTkmgtBb")) :]
+    unit = unit.upper().removesuffix("B")
+    try:
+        value = float(number) * units[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 512M or 4G") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: the size must be positive")
+    return int(value)
+
+
 def _add_pipeline_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--workers",
@@ -73,6 +86,21 @@ def _add_pipeline_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-context", type=int, default=2048, help="positions per sequence (default 2048)"
     )
+    p.add_argument(
+        "--cache-memory",
+        type=_parse_bytes,
+        default=0,
+        metavar="SIZE",
+        help="KV cache cap per worker, like 512M or 4G (default: half the free memory)",
+    )
+    p.add_argument(
+        "--join-listen",
+        default=None,
+        metavar="HOST:PORT",
+        help="await --workers remote workers (`mtpd worker --join`) here instead of starting "
+        "local ones; private networks only: the data-plane rendezvous is unauthenticated",
+    )
+    p.add_argument("--token-file", default=None, help="the shared worker token (--join-listen)")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -91,6 +119,14 @@ def _build_parser() -> argparse.ArgumentParser:
     worker.add_argument(
         "--parent-pid", type=int, default=None, help="exit when this process is gone"
     )
+    worker.add_argument(
+        "--join", default=None, metavar="HOST:PORT", help="join a daemon as a remote worker"
+    )
+    worker.add_argument("--token-file", default=None, help="the shared worker token (--join)")
+    worker.add_argument("--model", default=None, help="this host's copy of the model (--join)")
+    worker.add_argument(
+        "--advertise", default=None, help="address the daemon reaches us at (default --listen)"
+    )
     worker.set_defaults(func=_cmd_worker)
 
     from mtpd.train.commands import add_parsers
@@ -102,10 +138,21 @@ def _build_parser() -> argparse.ArgumentParser:
 def _cmd_worker(args: argparse.Namespace) -> int:
     import logging
 
+    from mtpd.rpc import read_token_file
     from mtpd.worker.server import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    return serve(args.listen, args.device, args.threads, args.parent_pid)
+    token = read_token_file(args.token_file) if args.token_file else None
+    return serve(
+        args.listen,
+        args.device,
+        args.threads,
+        args.parent_pid,
+        join=args.join,
+        token=token,
+        model=args.model,
+        advertise=args.advertise,
+    )
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -113,6 +160,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from mtpd.daemon.coordinator import Coordinator, Settings
     from mtpd.model.sampling import SamplingParams
     from mtpd.model.tokenizer import IncrementalDecoder
+    from mtpd.rpc import read_token_file
 
     if args.max_tokens < 1:
         raise UserError(f"--max-tokens must be >= 1, got {args.max_tokens}")
@@ -136,6 +184,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         transport=args.transport,
         max_seqs=1,
         max_context=args.max_context,
+        cache_memory=args.cache_memory,
+        join_listen=args.join_listen,
+        token=read_token_file(args.token_file) if args.token_file else None,
     )
     with Coordinator.start(settings) as daemon:
         tok = daemon.tokenizer

@@ -6,7 +6,6 @@ layers), loads its shard on `Load`, then serves the step stream until the daemon
 
 from __future__ import annotations
 
-import hmac
 import logging
 import os
 import signal
@@ -22,8 +21,9 @@ import torch
 
 from mtpd import __version__
 from mtpd.model.checkpoint import open_checkpoint, read_config
-from mtpd.model.decoder import ShardSpec, shard_tensor_shapes
+from mtpd.model.decoder import ShardSpec, model_identity, shard_tensor_shapes
 from mtpd.model.errors import InputError
+from mtpd.rpc import CHANNEL_OPTIONS, bearer_metadata, bearer_token_matches
 from mtpd.v1 import worker_pb2 as pb
 from mtpd.v1 import worker_pb2_grpc as pb_grpc
 from mtpd.worker.engine import load_shard
@@ -33,12 +33,6 @@ from mtpd.worker.transport import DistLink, TransportError
 log = logging.getLogger("mtpd.worker")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Activations of a large prefill chunk exceed gRPC's 4 MB default.
-MESSAGE_LIMIT = 512 * 1024 * 1024
-GRPC_OPTIONS = [
-    ("grpc.max_send_message_length", MESSAGE_LIMIT),
-    ("grpc.max_receive_message_length", MESSAGE_LIMIT),
-]
 # Without --cache-memory the KV cache takes at most this share of the memory left
 # after the weights are loaded.
 DEFAULT_CACHE_SHARE = 0.5
@@ -82,9 +76,12 @@ def cache_slots(wanted: int, bytes_per_slot: int, cache_memory: int, free: int) 
 
 
 class WorkerService(pb_grpc.WorkerServicer):
-    def __init__(self, device: torch.device, token: str | None = None) -> None:
+    def __init__(
+        self, device: torch.device, token: str | None = None, model: str | None = None
+    ) -> None:
         self.device = device
         self.token = token
+        self.model = model  # a remote worker's own --model: loaded when Load names none
         self.state = pb.WORKER_STATE_IDLE
         self.stage: Stage | None = None
         self._load_lock = threading.Lock()
@@ -93,8 +90,7 @@ class WorkerService(pb_grpc.WorkerServicer):
     def _authorize(self, context: grpc.ServicerContext) -> None:
         if self.token is None:
             return
-        sent = dict(context.invocation_metadata()).get("authorization", "")
-        if not hmac.compare_digest(sent.encode(), f"Bearer {self.token}".encode()):
+        if not bearer_token_matches(context, self.token):
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong or missing worker token")
 
     def GetInfo(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.WorkerInfo:
@@ -127,7 +123,10 @@ class WorkerService(pb_grpc.WorkerServicer):
             raise InputError(f"unknown dtype {req.dtype!r}: use one of {sorted(DTYPES)}")
         if not 0 <= req.rank < req.world_size:
             raise InputError(f"rank {req.rank} outside a pipeline of {req.world_size} workers")
-        ckpt = open_checkpoint(req.model)
+        model = req.model or self.model
+        if not model:
+            raise InputError("no model: the Load request names none and --model was not given")
+        ckpt = open_checkpoint(model)
         cfg = read_config(ckpt)
         if not 0 <= req.first_layer < req.end_layer <= cfg.num_layers:
             raise InputError(
@@ -207,23 +206,53 @@ def _exit_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, daemon=True, name="parent-watch").start()
 
 
+def _join(join: str, token: str, model: str, advertise: str) -> None:
+    """Announce this worker to the daemon at `join`; refused joins end the worker."""
+    ckpt = open_checkpoint(model)
+    identity = model_identity(ckpt, read_config(ckpt))
+    with grpc.insecure_channel(join) as channel:
+        try:
+            reply = pb_grpc.WorkerRegistryStub(channel).Join(
+                pb.JoinRequest(version=__version__, model_identity=identity, address=advertise),
+                metadata=bearer_metadata(token),
+                timeout=60,
+                wait_for_ready=True,
+            )
+        except grpc.RpcError as e:
+            raise InputError(f"the daemon at {join} refused this worker: {e.details()}") from None
+    log.info("joined %s as worker %d of %d", join, reply.workers_joined, reply.workers_expected)
+
+
 def serve(
     listen: str,
     device: str,
     threads: int | None,
     parent_pid: int | None = None,
+    join: str | None = None,
     token: str | None = None,
+    model: str | None = None,
+    advertise: str | None = None,
 ) -> int:
+    """Serve one stage until SIGTERM. Local workers are started by the daemon; a remote
+    one (`join`) needs the shared `token` and its own copy of the `model`."""
     dev = parse_device(device)
+    if join and not (token and model):
+        raise InputError("--join needs --token-file and --model")
     if threads:
         torch.set_num_threads(threads)
     if parent_pid:
         _exit_with_parent(parent_pid)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=GRPC_OPTIONS)
-    pb_grpc.add_WorkerServicer_to_server(WorkerService(dev, token), server)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=CHANNEL_OPTIONS)
+    pb_grpc.add_WorkerServicer_to_server(WorkerService(dev, token, model), server)
     if server.add_insecure_port(listen) == 0:
         raise InputError(f"cannot listen on {listen!r}")
     server.start()
+    try:
+        if join:
+            _join(join, token, model, advertise or listen)
+    except BaseException:
+        server.stop(None)
+        raise
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -60,7 +60,7 @@ class DistLink:
         self.rank, self.world_size, self.device, self.timeout = rank, world_size, device, timeout
         if rendezvous.startswith("tcp://"):
             host, port = rendezvous.removeprefix("tcp://").rsplit(":", 1)
-            store: dist.Store = dist.TCPStore(host, int(port), world_size, False, timeout)
+            store: dist.Store = dist.TCPStore(host, int(port), None, False, timeout)
         else:
             # Local workers: a file in the daemon's private runtime directory, so no
             # port is opened; gloo's own sockets are bound to loopback.

@@ -24,43 +24,49 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14mtpd/v1/worker.proto\x12\x07mtpd.v1\"\r\n\x0bInfoRequest\"\xa3\x01\n\nWorkerInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x19\n\x11\x66ree_memory_bytes\x18\x04 \x01(\x04\x12#\n\x05state\x18\x05 \x01(\x0e\x32\x14.mtpd.v1.WorkerState\x12\x16\n\x0emodel_identity\x18\x06 \x01(\t\x12\x0f\n\x07threads\x18\x07 \x01(\x05\"\x9e\x02\n\x0bLoadRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0b\x66irst_layer\x18\x02 \x01(\x05\x12\x11\n\tend_layer\x18\x03 \x01(\x05\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x10\n\x08max_seqs\x18\x05 \x01(\x05\x12\x13\n\x0bmax_context\x18\x06 \x01(\x05\x12\x1a\n\x12\x63\x61\x63he_memory_bytes\x18\x07 \x01(\x04\x12\x10\n\x08mtp_head\x18\x08 \x01(\t\x12\x0c\n\x04rank\x18\t \x01(\x05\x12\x12\n\nworld_size\x18\n \x01(\x05\x12%\n\ttransport\x18\x0b \x01(\x0e\x32\x12.mtpd.v1.Transport\x12\x12\n\nrendezvous\x18\x0c \x01(\t\x12\x17\n\x0frecv_timeout_ms\x18\r \x01(\r\"\xbe\x01\n\tLoadReply\x12\x17\n\x0fparameter_count\x18\x01 \x01(\x03\x12\x14\n\x0ctensor_names\x18\x02 \x03(\t\x12\x10\n\x08max_seqs\x18\x03 \x01(\x05\x12\x13\n\x0bmax_context\x18\x04 \x01(\x05\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x05 \x01(\x04\x12\x13\n\x0bhidden_size\x18\x06 \x01(\x05\x12\x1b\n\x13weights_fingerprint\x18\x07 \x01(\t\x12\x14\n\x0cload_seconds\x18\x08 \x01(\x01\"|\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x05 \x01(\x02\x12\x0c\n\x04seed\x18\x06 \x01(\x04\"\xa7\x01\n\x0cSequenceStep\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\x0c\n\x04keep\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x0e\n\x06sample\x18\x04 \x01(\x08\x12)\n\x08sampling\x18\x05 \x01(\x0b\x32\x17.mtpd.v1.SamplingParams\x12\x14\n\x0c\x64raft_tokens\x18\x06 \x01(\r\x12\x15\n\rreturn_logits\x18\x07 \x01(\x08\"+\n\x0b\x41\x63tivations\x12\x0e\n\x06header\x18\x01 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x84\x01\n\x0bStepRequest\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12(\n\tsequences\x18\x02 \x03(\x0b\x32\x15.mtpd.v1.SequenceStep\x12\x0f\n\x07release\x18\x03 \x03(\t\x12)\n\x0b\x61\x63tivations\x18\x04 \x01(\x0b\x32\x14.mtpd.v1.Activations\"C\n\x0eSequenceResult\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0e\n\x06logits\x18\x03 \x01(\x0c\"\x97\x01\n\x0bStepTimings\x12\x11\n\tcompute_s\x18\x01 \x01(\x01\x12\x13\n\x0brecv_wait_s\x18\x02 \x01(\x01\x12\x0e\n\x06send_s\x18\x03 \x01(\x01\x12\x12\n\narrived_at\x18\x04 \x01(\x01\x12\x16\n\x0einput_ready_at\x18\x05 \x01(\x01\x12\x13\n\x0b\x63omputed_at\x18\x06 \x01(\x01\x12\x0f\n\x07sent_at\x18\x07 \x01(\x01\"\xa7\x01\n\tStepReply\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12(\n\x07results\x18\x02 \x03(\x0b\x32\x17.mtpd.v1.SequenceResult\x12)\n\x0b\x61\x63tivations\x18\x03 \x01(\x0b\x32\x14.mtpd.v1.Activations\x12%\n\x07timings\x18\x04 \x01(\x0b\x32\x14.mtpd.v1.StepTimings\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"\x0e\n\x0cStatsRequest\"\x90\x01\n\x0bWorkerStats\x12\r\n\x05steps\x18\x01 \x01(\x04\x12\x0e\n\x06tokens\x18\x02 \x01(\x04\x12\x18\n\x10\x61\x63tive_sequences\x18\x03 \x01(\x05\x12\x10\n\x08max_seqs\x18\x04 \x01(\x05\x12\x11\n\tcompute_s\x18\x05 \x01(\x01\x12\x13\n\x0brecv_wait_s\x18\x06 \x01(\x01\x12\x0e\n\x06send_s\x18\x07 \x01(\x01*\x8d\x01\n\x0bWorkerState\x12\x1c\n\x18WORKER_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11WORKER_STATE_IDLE\x10\x01\x12\x18\n\x14WORKER_STATE_LOADING\x10\x02\x12\x16\n\x12WORKER_STATE_READY\x10\x03\x12\x17\n\x13WORKER_STATE_FAILED\x10\x04*N\n\tTransport\x12\x19\n\x15TRANSPORT_UNSPECIFIED\x10\x00\x12\x12\n\x0eTRANSPORT_DIST\x10\x01\x12\x12\n\x0eTRANSPORT_GRPC\x10\x02\x32\xdf\x01\n\x06Worker\x12\x34\n\x07GetInfo\x12\x14.mtpd.v1.InfoRequest\x1a\x13.mtpd.v1.WorkerInfo\x12\x30\n\x04Load\x12\x14.mtpd.v1.LoadRequest\x1a\x12.mtpd.v1.LoadReply\x12\x34\n\x04Step\x12\x14.mtpd.v1.StepRequest\x1a\x12.mtpd.v1.StepReply(\x01\x30\x01\x12\x37\n\x08GetStats\x12\x15.mtpd.v1.StatsRequest\x1a\x14.mtpd.v1.WorkerStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14mtpd/v1/worker.proto\x12\x07mtpd.v1\"G\n\x0bJoinRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x16\n\x0emodel_identity\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\"=\n\tJoinReply\x12\x16\n\x0eworkers_joined\x18\x01 \x01(\x05\x12\x18\n\x10workers_expected\x18\x02 \x01(\x05\"\r\n\x0bInfoRequest\"\xa3\x01\n\nWorkerInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x19\n\x11\x66ree_memory_bytes\x18\x04 \x01(\x04\x12#\n\x05state\x18\x05 \x01(\x0e\x32\x14.mtpd.v1.WorkerState\x12\x16\n\x0emodel_identity\x18\x06 \x01(\t\x12\x0f\n\x07threads\x18\x07 \x01(\x05\"\x9e\x02\n\x0bLoadRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0b\x66irst_layer\x18\x02 \x01(\x05\x12\x11\n\tend_layer\x18\x03 \x01(\x05\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x10\n\x08max_seqs\x18\x05 \x01(\x05\x12\x13\n\x0bmax_context\x18\x06 \x01(\x05\x12\x1a\n\x12\x63\x61\x63he_memory_bytes\x18\x07 \x01(\x04\x12\x10\n\x08mtp_head\x18\x08 \x01(\t\x12\x0c\n\x04rank\x18\t \x01(\x05\x12\x12\n\nworld_size\x18\n \x01(\x05\x12%\n\ttransport\x18\x0b \x01(\x0e\x32\x12.mtpd.v1.Transport\x12\x12\n\nrendezvous\x18\x0c \x01(\t\x12\x17\n\x0frecv_timeout_ms\x18\r \x01(\r\"\xbe\x01\n\tLoadReply\x12\x17\n\x0fparameter_count\x18\x01 \x01(\x03\x12\x14\n\x0ctensor_names\x18\x02 \x03(\t\x12\x10\n\x08max_seqs\x18\x03 \x01(\x05\x12\x13\n\x0bmax_context\x18\x04 \x01(\x05\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x05 \x01(\x04\x12\x13\n\x0bhidden_size\x18\x06 \x01(\x05\x12\x1b\n\x13weights_fingerprint\x18\x07 \x01(\t\x12\x14\n\x0cload_seconds\x18\x08 \x01(\x01\"|\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x05 \x01(\x02\x12\x0c\n\x04seed\x18\x06 \x01(\x04\"\xa7\x01\n\x0cSequenceStep\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\x0c\n\x04keep\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x0e\n\x06sample\x18\x04 \x01(\x08\x12)\n\x08sampling\x18\x05 \x01(\x0b\x32\x17.mtpd.v1.SamplingParams\x12\x14\n\x0c\x64raft_tokens\x18\x06 \x01(\r\x12\x15\n\rreturn_logits\x18\x07 \x01(\x08\"+\n\x0b\x41\x63tivations\x12\x0e\n\x06header\x18\x01 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x84\x01\n\x0bStepRequest\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12(\n\tsequences\x18\x02 \x03(\x0b\x32\x15.mtpd.v1.SequenceStep\x12\x0f\n\x07release\x18\x03 \x03(\t\x12)\n\x0b\x61\x63tivations\x18\x04 \x01(\x0b\x32\x14.mtpd.v1.Activations\"C\n\x0eSequenceResult\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0e\n\x06logits\x18\x03 \x01(\x0c\"\x97\x01\n\x0bStepTimings\x12\x11\n\tcompute_s\x18\x01 \x01(\x01\x12\x13\n\x0brecv_wait_s\x18\x02 \x01(\x01\x12\x0e\n\x06send_s\x18\x03 \x01(\x01\x12\x12\n\narrived_at\x18\x04 \x01(\x01\x12\x16\n\x0einput_ready_at\x18\x05 \x01(\x01\x12\x13\n\x0b\x63omputed_at\x18\x06 \x01(\x01\x12\x0f\n\x07sent_at\x18\x07 \x01(\x01\"\xa7\x01\n\tStepReply\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12(\n\x07results\x18\x02 \x03(\x0b\x32\x17.mtpd.v1.SequenceResult\x12)\n\x0b\x61\x63tivations\x18\x03 \x01(\x0b\x32\x14.mtpd.v1.Activations\x12%\n\x07timings\x18\x04 \x01(\x0b\x32\x14.mtpd.v1.StepTimings\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"\x0e\n\x0cStatsRequest\"\x90\x01\n\x0bWorkerStats\x12\r\n\x05steps\x18\x01 \x01(\x04\x12\x0e\n\x06tokens\x18\x02 \x01(\x04\x12\x18\n\x10\x61\x63tive_sequences\x18\x03 \x01(\x05\x12\x10\n\x08max_seqs\x18\x04 \x01(\x05\x12\x11\n\tcompute_s\x18\x05 \x01(\x01\x12\x13\n\x0brecv_wait_s\x18\x06 \x01(\x01\x12\x0e\n\x06send_s\x18\x07 \x01(\x01*\x8d\x01\n\x0bWorkerState\x12\x1c\n\x18WORKER_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11WORKER_STATE_IDLE\x10\x01\x12\x18\n\x14WORKER_STATE_LOADING\x10\x02\x12\x16\n\x12WORKER_STATE_READY\x10\x03\x12\x17\n\x13WORKER_STATE_FAILED\x10\x04*N\n\tTransport\x12\x19\n\x15TRANSPORT_UNSPECIFIED\x10\x00\x12\x12\n\x0eTRANSPORT_DIST\x10\x01\x12\x12\n\x0eTRANSPORT_GRPC\x10\x02\x32\xdf\x01\n\x06Worker\x12\x34\n\x07GetInfo\x12\x14.mtpd.v1.InfoRequest\x1a\x13.mtpd.v1.WorkerInfo\x12\x30\n\x04Load\x12\x14.mtpd.v1.LoadRequest\x1a\x12.mtpd.v1.LoadReply\x12\x34\n\x04Step\x12\x14.mtpd.v1.StepRequest\x1a\x12.mtpd.v1.StepReply(\x01\x30\x01\x12\x37\n\x08GetStats\x12\x15.mtpd.v1.StatsRequest\x1a\x14.mtpd.v1.WorkerStats2B\n\x0eWorkerRegistry\x12\x30\n\x04Join\x12\x14.mtpd.v1.JoinRequest\x1a\x12.mtpd.v1.JoinReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mtpd.v1.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WORKERSTATE']._serialized_start=1729
-  _globals['_WORKERSTATE']._serialized_end=1870
-  _globals['_TRANSPORT']._serialized_start=1872
-  _globals['_TRANSPORT']._serialized_end=1950
-  _globals['_INFOREQUEST']._serialized_start=33
-  _globals['_INFOREQUEST']._serialized_end=46
-  _globals['_WORKERINFO']._serialized_start=49
-  _globals['_WORKERINFO']._serialized_end=212
-  _globals['_LOADREQUEST']._serialized_start=215
-  _globals['_LOADREQUEST']._serialized_end=501
-  _globals['_LOADREPLY']._serialized_start=504
-  _globals['_LOADREPLY']._serialized_end=694
-  _globals['_SAMPLINGPARAMS']._serialized_start=696
-  _globals['_SAMPLINGPARAMS']._serialized_end=820
-  _globals['_SEQUENCESTEP']._serialized_start=823
-  _globals['_SEQUENCESTEP']._serialized_end=990
-  _globals['_ACTIVATIONS']._serialized_start=992
-  _globals['_ACTIVATIONS']._serialized_end=1035
-  _globals['_STEPREQUEST']._serialized_start=1038
-  _globals['_STEPREQUEST']._serialized_end=1170
-  _globals['_SEQUENCERESULT']._serialized_start=1172
-  _globals['_SEQUENCERESULT']._serialized_end=1239
-  _globals['_STEPTIMINGS']._serialized_start=1242
-  _globals['_STEPTIMINGS']._serialized_end=1393
-  _globals['_STEPREPLY']._serialized_start=1396
-  _globals['_STEPREPLY']._serialized_end=1563
-  _globals['_STATSREQUEST']._serialized_start=1565
-  _globals['_STATSREQUEST']._serialized_end=1579
-  _globals['_WORKERSTATS']._serialized_start=1582
-  _globals['_WORKERSTATS']._serialized_end=1726
-  _globals['_WORKER']._serialized_start=1953
-  _globals['_WORKER']._serialized_end=2176
+  _globals['_WORKERSTATE']._serialized_start=1865
+  _globals['_WORKERSTATE']._serialized_end=2006
+  _globals['_TRANSPORT']._serialized_start=2008
+  _globals['_TRANSPORT']._serialized_end=2086
+  _globals['_JOINREQUEST']._serialized_start=33
+  _globals['_JOINREQUEST']._serialized_end=104
+  _globals['_JOINREPLY']._serialized_start=106
+  _globals['_JOINREPLY']._serialized_end=167
+  _globals['_INFOREQUEST']._serialized_start=169
+  _globals['_INFOREQUEST']._serialized_end=182
+  _globals['_WORKERINFO']._serialized_start=185
+  _globals['_WORKERINFO']._serialized_end=348
+  _globals['_LOADREQUEST']._serialized_start=351
+  _globals['_LOADREQUEST']._serialized_end=637
+  _globals['_LOADREPLY']._serialized_start=640
+  _globals['_LOADREPLY']._serialized_end=830
+  _globals['_SAMPLINGPARAMS']._serialized_start=832
+  _globals['_SAMPLINGPARAMS']._serialized_end=956
+  _globals['_SEQUENCESTEP']._serialized_start=959
+  _globals['_SEQUENCESTEP']._serialized_end=1126
+  _globals['_ACTIVATIONS']._serialized_start=1128
+  _globals['_ACTIVATIONS']._serialized_end=1171
+  _globals['_STEPREQUEST']._serialized_start=1174
+  _globals['_STEPREQUEST']._serialized_end=1306
+  _globals['_SEQUENCERESULT']._serialized_start=1308
+  _globals['_SEQUENCERESULT']._serialized_end=1375
+  _globals['_STEPTIMINGS']._serialized_start=1378
+  _globals['_STEPTIMINGS']._serialized_end=1529
+  _globals['_STEPREPLY']._serialized_start=1532
+  _globals['_STEPREPLY']._serialized_end=1699
+  _globals['_STATSREQUEST']._serialized_start=1701
+  _globals['_STATSREQUEST']._serialized_end=1715
+  _globals['_WORKERSTATS']._serialized_start=1718
+  _globals['_WORKERSTATS']._serialized_end=1862
+  _globals['_WORKER']._serialized_start=2089
+  _globals['_WORKER']._serialized_end=2312
+  _globals['_WORKERREGISTRY']._serialized_start=2314
+  _globals['_WORKERREGISTRY']._serialized_end=2380
 # @@protoc_insertion_point(module_scope)

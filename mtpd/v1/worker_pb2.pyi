@@ -29,6 +29,24 @@ TRANSPORT_UNSPECIFIED: Transport
 TRANSPORT_DIST: Transport
 TRANSPORT_GRPC: Transport
 
+class JoinRequest(_message.Message):
+    __slots__ = ("version", "model_identity", "address")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    model_identity: str
+    address: str
+    def __init__(self, version: _Optional[str] = ..., model_identity: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
+
+class JoinReply(_message.Message):
+    __slots__ = ("workers_joined", "workers_expected")
+    WORKERS_JOINED_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_EXPECTED_FIELD_NUMBER: _ClassVar[int]
+    workers_joined: int
+    workers_expected: int
+    def __init__(self, workers_joined: _Optional[int] = ..., workers_expected: _Optional[int] = ...) -> None: ...
+
 class InfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -229,3 +229,90 @@ class Worker:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class WorkerRegistryStub:
+    """Served by the daemon when remote workers are enabled (`--join-listen`): a worker
+    started with `mtpd worker --join HOST:PORT` announces itself here, with the shared
+    token as "authorization: Bearer <token>" metadata. Refused (UNAUTHENTICATED or
+    FAILED_PRECONDITION, with the reason) unless the token, the mtpd version and the
+    model identity all match the daemon's.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Join = channel.unary_unary(
+                '/mtpd.v1.WorkerRegistry/Join',
+                request_serializer=mtpd_dot_v1_dot_worker__pb2.JoinRequest.SerializeToString,
+                response_deserializer=mtpd_dot_v1_dot_worker__pb2.JoinReply.FromString,
+                _registered_method=True)
+
+
+class WorkerRegistryServicer:
+    """Served by the daemon when remote workers are enabled (`--join-listen`): a worker
+    started with `mtpd worker --join HOST:PORT` announces itself here, with the shared
+    token as "authorization: Bearer <token>" metadata. Refused (UNAUTHENTICATED or
+    FAILED_PRECONDITION, with the reason) unless the token, the mtpd version and the
+    model identity all match the daemon's.
+    """
+
+    def Join(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_WorkerRegistryServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Join': grpc.unary_unary_rpc_method_handler(
+                    servicer.Join,
+                    request_deserializer=mtpd_dot_v1_dot_worker__pb2.JoinRequest.FromString,
+                    response_serializer=mtpd_dot_v1_dot_worker__pb2.JoinReply.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'mtpd.v1.WorkerRegistry', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('mtpd.v1.WorkerRegistry', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class WorkerRegistry:
+    """Served by the daemon when remote workers are enabled (`--join-listen`): a worker
+    started with `mtpd worker --join HOST:PORT` announces itself here, with the shared
+    token as "authorization: Bearer <token>" metadata. Refused (UNAUTHENTICATED or
+    FAILED_PRECONDITION, with the reason) unless the token, the mtpd version and the
+    model identity all match the daemon's.
+    """
+
+    @staticmethod
+    def Join(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mtpd.v1.WorkerRegistry/Join',
+            mtpd_dot_v1_dot_worker__pb2.JoinRequest.SerializeToString,
+            mtpd_dot_v1_dot_worker__pb2.JoinReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -1,0 +1,81 @@
+"""Remote workers joining the daemon (`mtpd worker --join HOST:PORT`).
+
+Only with `--join-listen`: the daemon then serves WorkerRegistry on that address and
+opens a TCPStore for the data-plane rendezvous. Neither torch.distributed's store nor
+its data plane authenticates anyone, so both belong on a private network; the join
+itself requires the shared token, the same mtpd version and the same model.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent import futures
+
+import grpc
+
+from mtpd import __version__
+from mtpd.daemon.workers import WorkerError
+from mtpd.rpc import bearer_token_matches
+from mtpd.v1 import worker_pb2 as pb
+from mtpd.v1 import worker_pb2_grpc as pb_grpc
+
+log = logging.getLogger("mtpd.daemon")
+
+
+class WorkerRegistry(pb_grpc.WorkerRegistryServicer):
+    def __init__(self, expected: int, token: str, model_identity: str) -> None:
+        self.expected, self.token, self.model_identity = expected, token, model_identity
+        self.addresses: list[str] = []
+        self._cond = threading.Condition()
+
+    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
+        peer = context.peer()
+        if not bearer_token_matches(context, self.token):
+            log.warning("refused a worker from %s: wrong token", peer)
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong worker token")
+        if request.version != __version__:
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"version mismatch: the worker runs mtpd {request.version}, "
+                f"the daemon {__version__}",
+            )
+        if request.model_identity != self.model_identity:
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "different model: the worker's --model is not the model the daemon serves "
+                f"(identity {request.model_identity[:12]} != {self.model_identity[:12]})",
+            )
+        with self._cond:
+            if len(self.addresses) >= self.expected:
+                context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"the pipeline already has its {self.expected} workers",
+                )
+            if request.address in self.addresses:
+                context.abort(
+                    grpc.StatusCode.ALREADY_EXISTS, f"{request.address} has already joined"
+                )
+            self.addresses.append(request.address)
+            self._cond.notify_all()
+            joined = len(self.addresses)
+        log.info("worker at %s joined (%d of %d)", request.address, joined, self.expected)
+        return pb.JoinReply(workers_joined=joined, workers_expected=self.expected)
+
+    def wait_for_all(self, timeout: float) -> list[str]:
+        with self._cond:
+            if not self._cond.wait_for(lambda: len(self.addresses) >= self.expected, timeout):
+                raise WorkerError(
+                    f"only {len(self.addresses)} of {self.expected} remote workers joined "
+                    f"within {timeout:.0f} s"
+                )
+            return list(self.addresses)
+
+
+def serve_registry(listen: str, registry: WorkerRegistry) -> grpc.Server:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    pb_grpc.add_WorkerRegistryServicer_to_server(registry, server)
+    if server.add_insecure_port(listen) == 0:
+        raise WorkerError(f"cannot listen for workers on {listen!r}")
+    server.start()
+    return server

@@ -1,0 +1,107 @@
+"""Remote workers: `mtpd worker --join` with the shared token and the same model is
+accepted and gives the local pipeline's output; a wrong token or another model is
+refused at start with a message naming the problem."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tiny_models import write_char_tokenizer, write_tiny_model
+
+MTPD = [sys.executable, "-m", "mtpd"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("remote")
+    for name, seed in (("model", 0), ("other", 5)):
+        write_tiny_model(root / name, "llama", layers=4, vocab=98, seed=seed)
+        write_char_tokenizer(root / name)
+    (root / "token").write_text("s3cret-token\n")
+    (root / "wrong").write_text("guess\n")
+    return root
+
+
+def run_json(args: list[str], timeout: float = 300) -> dict:
+    out = subprocess.run(MTPD + args, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def worker(join: str, token: Path, model: Path) -> list[str]:
+    listen = f"127.0.0.1:{free_port()}"
+    return [
+        *MTPD,
+        "worker",
+        "--listen",
+        listen,
+        "--join",
+        join,
+        "--threads",
+        "1",
+        "--token-file",
+        str(token),
+        "--model",
+        str(model),
+    ]
+
+
+def test_remote_workers_join_only_with_the_token_and_the_model(models):
+    prompt = ["abracadabra", "--raw", "--max-tokens", "24", "--json", "--device", "cpu"]
+    local = run_json(["run", "--model", str(models / "model"), *prompt, "--workers", "2"])
+
+    join = f"127.0.0.1:{free_port()}"
+    remote_flags = ["--join-listen", join, "--token-file", str(models / "token")]
+    daemon = subprocess.Popen(
+        [*MTPD, "run", "--model", str(models / "model"), *prompt, "--workers", "2", *remote_flags],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    joined = []
+    try:
+        bad = subprocess.run(
+            worker(join, models / "wrong", models / "model"),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert bad.returncode == 2, bad.stderr
+        assert "wrong worker token" in bad.stderr
+
+        other = subprocess.run(
+            worker(join, models / "token", models / "other"),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert other.returncode == 2, other.stderr
+        assert "different model" in other.stderr
+
+        joined = [
+            subprocess.Popen(
+                worker(join, models / "token", models / "model"), stderr=subprocess.DEVNULL
+            )
+            for _ in range(2)
+        ]
+        out, err = daemon.communicate(timeout=300)
+        assert daemon.returncode == 0, err
+        remote = json.loads(out)
+        assert remote["workers"] == 2 and remote["layers_per_worker"] == [2, 2]
+        assert remote["token_ids"] == local["token_ids"]
+    finally:
+        daemon.kill()
+        for w in joined:
+            w.terminate()
+            w.wait(timeout=30)
