@@ -6,11 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from mtpd.daemon.draft_policy import AUTO, DraftPolicy
 from mtpd.daemon.pipeline import Pipeline, PipelineConfig
 from mtpd.daemon.scheduler import Scheduler
 from mtpd.model.checkpoint import open_checkpoint, read_config
 from mtpd.model.config import ModelConfig
-from mtpd.model.default_model import resolve_model
+from mtpd.model.default_model import default_head_path, resolve_model
 from mtpd.model.tokenizer import Tokenizer
 
 
@@ -31,6 +32,9 @@ class Settings:
     runtime_dir: Path | None = None
     join_listen: str | None = None
     token: str | None = None
+    draft_tokens: int | str = AUTO  # 0 turns MTP off
+    draft_p_min: float = 0.0
+    mtp_head: Path | None = None  # default: the shipped head, else the checkpoint's own
 
 
 class Coordinator:
@@ -44,6 +48,7 @@ class Coordinator:
     ) -> None:
         self.model_path, self.cfg, self.tokenizer = model_path, cfg, tokenizer
         self.pipeline, self.scheduler = pipeline, scheduler
+        self.notes: list[str] = []  # what the user should hear once about this start
 
     @classmethod
     def start(cls, settings: Settings) -> Coordinator:
@@ -51,6 +56,8 @@ class Coordinator:
         ckpt = open_checkpoint(path)
         cfg = read_config(ckpt)
         tokenizer = Tokenizer.from_checkpoint(ckpt, cfg)
+        policy = DraftPolicy(settings.draft_tokens, settings.draft_p_min)
+        head = settings.mtp_head or default_head_path(settings.model)
         pipeline = Pipeline.start(
             PipelineConfig(
                 model=str(path),
@@ -67,16 +74,28 @@ class Coordinator:
                 runtime_dir=settings.runtime_dir,
                 join_listen=settings.join_listen,
                 token=settings.token,
+                load_mtp=policy.enabled,
+                mtp_head=str(head) if head else None,
             )
         )
+        notes = []
+        if policy.enabled and not pipeline.mtp_head:
+            notes.append(f"{path} has no MTP head: decoding without drafts (k = 0)")
+            policy = DraftPolicy(0)
         try:
             scheduler = Scheduler(
-                pipeline, tokenizer.eos_ids, settings.max_batch_tokens, settings.max_queue
+                pipeline,
+                tokenizer.eos_ids,
+                settings.max_batch_tokens,
+                settings.max_queue,
+                policy=policy,
             )
         except BaseException:
             pipeline.close()
             raise
-        return cls(path, cfg, tokenizer, pipeline, scheduler)
+        coordinator = cls(path, cfg, tokenizer, pipeline, scheduler)
+        coordinator.notes = notes
+        return coordinator
 
     def close(self) -> None:
         self.scheduler.close()

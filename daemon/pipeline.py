@@ -51,6 +51,7 @@ class PipelineConfig:
     join_listen: str | None = None
     token: str | None = None
     join_timeout_s: float = 300.0
+    load_mtp: bool = False  # the tail loads an MTP head (mtp_head, or the checkpoint's own)
 
 
 @dataclass
@@ -119,6 +120,7 @@ class Pipeline:
         self.runtime_dir, self._owns_runtime_dir = runtime_dir, owns_runtime_dir
         self.max_seqs = min(s.load.max_seqs for s in stages)
         self.max_context = min(s.load.max_context for s in stages)
+        self.mtp_head = stages[-1].load.mtp_head  # "" when the tail has none
         self.transport = cfg.transport
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -178,6 +180,11 @@ class Pipeline:
             infos = _await_workers(links, processes)
             free = [i.free_memory_bytes for i in infos] if cfg.split == "auto" else None
             ranges = layer_ranges(cfg.num_layers, n, split, free)
+            cache_memory = cfg.cache_memory
+            if not cache_memory and not remote and devices[0] == "cpu":
+                # Local CPU workers share one memory: each takes its share of the half
+                # a lone worker would take.
+                cache_memory = min(i.free_memory_bytes for i in infos) // (2 * n)
             requests = [
                 pb.LoadRequest(
                     model="" if remote else cfg.model,
@@ -186,13 +193,14 @@ class Pipeline:
                     dtype=cfg.dtype,
                     max_seqs=cfg.max_seqs,
                     max_context=cfg.max_context,
-                    cache_memory_bytes=cfg.cache_memory,
+                    cache_memory_bytes=cache_memory,
                     mtp_head=cfg.mtp_head or "",
                     rank=rank,
                     world_size=n,
                     transport=pb.TRANSPORT_DIST if cfg.transport == "dist" else pb.TRANSPORT_GRPC,
                     rendezvous=rendezvous,
                     recv_timeout_ms=int(cfg.recv_timeout_s * 1000),
+                    load_mtp=cfg.load_mtp,
                 )
                 for rank, (first, end) in enumerate(ranges)
             ]

@@ -10,6 +10,7 @@ its next tokens depend on that step's result.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import queue
 import threading
@@ -17,13 +18,17 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
+from mtpd.daemon.draft_policy import AcceptanceCounts, DraftPolicy
 from mtpd.daemon.pipeline import Pipeline, StepOutcome
 from mtpd.model.errors import InputError, InvalidParameter
 from mtpd.model.sampling import SamplingParams
 from mtpd.v1 import worker_pb2 as pb
+
+log = logging.getLogger("mtpd.daemon")
 
 
 class QueueFullError(InputError):
@@ -35,11 +40,51 @@ class RequestFailed(RuntimeError):
 
 
 @dataclass
+class DraftStats:
+    """A request's speculative decoding: per draft position, how often a draft was
+    verified there and accepted."""
+
+    steps: int = 0  # verification steps after the prompt
+    tokens: int = 0  # tokens those steps emitted
+    drafted: list[int] = field(default_factory=list)
+    accepted: list[int] = field(default_factory=list)
+
+    def add(self, drafted: int, accepted: int, emitted: int) -> None:
+        self.steps += 1
+        self.tokens += emitted
+        while len(self.drafted) < drafted:
+            self.drafted.append(0)
+            self.accepted.append(0)
+        for j in range(drafted):
+            self.drafted[j] += 1
+            self.accepted[j] += j < accepted
+
+    @property
+    def acceptance_by_position(self) -> list[float]:
+        """Of the steps that drafted position i, the share where it was accepted."""
+        return [a / d for a, d in zip(self.accepted, self.drafted, strict=True)]
+
+    @property
+    def tokens_per_step(self) -> float:
+        return self.tokens / self.steps if self.steps else 0.0
+
+
+@dataclass
 class Result:
     token_ids: list[int]
     finish_reason: str  # "stop" | "length" | "cancelled" | "error"
     logits: list[torch.Tensor]  # per generated token, when asked for
     error: str | None = None
+    drafts: DraftStats = field(default_factory=DraftStats)
+
+
+class DraftSource(Protocol):
+    """Where a step's drafts come from; by default the MTP head's proposals as they are.
+    Tests script them to exercise every acceptance length."""
+
+    def __call__(
+        self, seq_id: str, history: list[int], proposed: list[int], k: int
+    ) -> list[int]: ...
 
 
 class Request:
@@ -56,6 +101,7 @@ class Request:
         self.logits: list[torch.Tensor] = []
         self.finish_reason: str | None = None
         self.error: str | None = None
+        self.drafts = DraftStats()
 
     def __iter__(self) -> Iterator[int]:
         while (token := self._events.get()) is not None:
@@ -66,7 +112,8 @@ class Request:
     def result(self, timeout: float | None = None) -> Result:
         if not self._done.wait(timeout):
             raise TimeoutError(f"request {self.seq_id} still running after {timeout} s")
-        return Result(list(self.token_ids), self.finish_reason or "error", self.logits, self.error)
+        reason = self.finish_reason or "error"
+        return Result(list(self.token_ids), reason, self.logits, self.error, self.drafts)
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -98,7 +145,10 @@ class _Sequence:
     return_logits: bool
     cached: int = 0  # positions every worker holds in its KV cache
     in_flight: bool = False
-    generated: int = field(default=0)
+    generated: int = 0
+    proposed: list[int] = field(default_factory=list)  # the head's drafts for the next step
+    verifying: int = 0  # drafts in the step in flight
+    acceptance: AcceptanceCounts = field(default_factory=AcceptanceCounts)
 
     @property
     def pending(self) -> int:
@@ -112,11 +162,15 @@ class Scheduler:
         eos_ids: set[int],
         max_batch_tokens: int = 256,
         max_queue: int = 256,
+        policy: DraftPolicy | None = None,
+        draft_source: DraftSource | None = None,
     ) -> None:
         if max_batch_tokens < 1:
             raise InvalidParameter(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
         self.pipeline, self.eos_ids = pipeline, eos_ids
         self.max_batch_tokens, self.max_queue = max_batch_tokens, max_queue
+        self.policy = policy or DraftPolicy(0)
+        self.draft_source = draft_source
         self._ids = itertools.count()
         self._cond = threading.Condition()
         self._waiting: deque[_Sequence] = deque()
@@ -197,22 +251,48 @@ class Scheduler:
                     batch = self._next_batch()
                 if self._stopped:
                     return
+                try:
+                    steps = [self._step_of(seq, n, len(batch)) for seq, n in batch]
+                except Exception as e:  # a bug must fail requests, not stop the loop
+                    log.exception("building a step failed")
+                    self._retire([seq for seq, _ in batch], "error", f"internal error: {e}")
+                    continue
                 self._in_flight += 1
-                steps = []
-                for seq, n in batch:
+                for seq, _ in batch:
                     seq.in_flight = True
-                    steps.append(
-                        pb.SequenceStep(
-                            seq_id=seq.request.seq_id,
-                            keep=seq.cached,
-                            token_ids=seq.history[seq.cached : seq.cached + n],
-                            sample=seq.cached + n == len(seq.history),
-                            sampling=seq.params,
-                            return_logits=seq.return_logits,
-                        )
-                    )
             future = self.pipeline.submit(steps)
             future.add_done_callback(lambda f, batch=batch: self._complete(batch, f))
+
+    def _step_of(self, seq: _Sequence, n: int, batch: int) -> pb.SequenceStep:
+        """A sequence's share of a step: `n` of its pending tokens, and when it is
+        decoding, the drafts to verify after them."""
+        sample = seq.cached + n == len(seq.history)
+        seq.verifying = 0
+        step = pb.SequenceStep(
+            seq_id=seq.request.seq_id,
+            keep=seq.cached,
+            token_ids=seq.history[seq.cached : seq.cached + n],
+            sample=sample,
+            sampling=seq.params,
+            return_logits=seq.return_logits,
+            draft_p_min=self.policy.p_min,
+        )
+        if not sample:
+            return step
+        remaining = seq.max_tokens - seq.generated
+        room = self.pipeline.max_context - seq.cached - n
+        if seq.pending == 1:  # decoding: verify drafts after the last token
+            limit = min(remaining - 1, room)
+            k = self.policy.choose(seq.acceptance, limit, batch)
+            drafts = seq.proposed[:k]
+            if self.draft_source is not None:
+                drafts = self.draft_source(seq.request.seq_id, seq.history, drafts, k)[:limit]
+            step.token_ids.extend(drafts)
+            step.verify = seq.verifying = len(drafts)
+            room -= len(drafts)
+        if self.policy.enabled:
+            step.draft_tokens = self.policy.choose(seq.acceptance, min(remaining - 2, room), batch)
+        return step
 
     def _next_batch(self) -> list[tuple[_Sequence, int]] | None:
         """Sequences and token counts for the next micro-batch (called under the lock)."""
@@ -258,37 +338,73 @@ class Scheduler:
     def _complete(self, batch: list[tuple[_Sequence, int]], future: Future[StepOutcome]) -> None:
         with self._cond:
             self._in_flight -= 1
-            error = future.exception()
             for seq, _ in batch:
                 seq.in_flight = False
-            if error is not None:
-                self._retire([seq for seq, _ in batch], "error", str(error))
-                self._cond.notify()
-                return
-            outcome = future.result()
-            self.recent_steps.append(
-                StepRecord(tuple((seq.request.seq_id, n) for seq, n in batch), outcome)
-            )
-            finished: dict[str, list[_Sequence]] = {"stop": [], "length": []}
-            for seq, n in batch:
-                seq.cached += n
-                result = outcome.results.get(seq.request.seq_id)
-                if result is None:
-                    continue  # a prefill chunk that does not end the prompt
-                token = result.token_ids[0]
-                if token in self.eos_ids and not seq.ignore_eos:
-                    finished["stop"].append(seq)
-                    continue
-                seq.history.append(token)
-                seq.generated += 1
-                if seq.return_logits:
-                    seq.request.logits.append(
-                        torch.frombuffer(bytearray(result.logits), dtype=torch.float32)
-                    )
-                seq.request._emit(token)
-                if seq.generated == seq.max_tokens:
-                    finished["length"].append(seq)
-            for reason, seqs in finished.items():
-                if seqs:
-                    self._retire(seqs, reason)
+            try:
+                self._take_results(batch, future)
+            except Exception as e:  # a bug must fail requests, not wedge the scheduler
+                log.exception("taking a step's results failed")
+                self._retire(
+                    [s for s, _ in batch if s in self._active], "error", f"internal error: {e}"
+                )
             self._cond.notify()
+
+    def _take_results(
+        self, batch: list[tuple[_Sequence, int]], future: Future[StepOutcome]
+    ) -> None:
+        error = future.exception()
+        if error is not None:
+            self._retire([seq for seq, _ in batch], "error", str(error))
+            return
+        outcome = future.result()
+        self._observe(batch, outcome)
+        finished: dict[str, list[_Sequence]] = {"stop": [], "length": []}
+        for seq, n in batch:
+            result = outcome.results.get(seq.request.seq_id)
+            if result is None:
+                seq.cached += n  # a prefill chunk that does not end the prompt
+                continue
+            reason = self._accept(seq, n, result)
+            if reason is not None:
+                finished[reason].append(seq)
+        for reason, seqs in finished.items():
+            if seqs:
+                self._retire(seqs, reason)
+
+    def _accept(self, seq: _Sequence, n: int, result: pb.SequenceResult) -> str | None:
+        """Take a step's verified tokens; returns why the sequence ends, if it does."""
+        emitted = list(result.token_ids)
+        if seq.generated:  # a verification step after the prompt
+            seq.request.drafts.add(seq.verifying, result.accepted, len(emitted))
+            self.policy.record(seq.acceptance, seq.verifying, result.accepted)
+        seq.cached += n + result.accepted
+        seq.proposed = list(result.draft_token_ids)
+        rows = None
+        if seq.return_logits:
+            rows = torch.frombuffer(bytearray(result.logits), dtype=torch.float32)
+            rows = rows.view(len(emitted), -1)
+        for i, token in enumerate(emitted):
+            if token in self.eos_ids and not seq.ignore_eos:
+                return "stop"
+            seq.history.append(token)
+            seq.generated += 1
+            if rows is not None:
+                seq.request.logits.append(rows[i])
+            seq.request._emit(token)
+            if seq.generated == seq.max_tokens:
+                return "length"
+        return None
+
+    def _observe(self, batch: list[tuple[_Sequence, int]], outcome: StepOutcome) -> None:
+        self.recent_steps.append(
+            StepRecord(tuple((seq.request.seq_id, n + seq.verifying) for seq, n in batch), outcome)
+        )
+        # The cost model is about decoding steps; prefill chunks would skew it.
+        if all(seq.generated for seq, _ in batch):
+            tail = outcome.timings[-1]
+            self.policy.observe_step(
+                sum(n + seq.verifying for seq, n in batch),
+                outcome.completed_at - outcome.submitted_at,
+                tail.draft_s,
+                tail.draft_passes,
+            )

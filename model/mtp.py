@@ -187,6 +187,10 @@ class MTPHead(nn.Module):
             self.draft_ids = ids.to(embedding.device)
             self.draft_head = Linear(lm_head.weight.detach()[ids].clone())
 
+    @property
+    def draft_vocab_size(self) -> int:
+        return self.cfg.vocab_size if self.draft_ids is None else self.draft_ids.numel()
+
     def new_cache(self, max_seqs: int, max_context: int | None = None) -> KVCache:
         return self.stack.new_cache(max_seqs, max_context)
 
@@ -217,5 +221,12 @@ class MTPHead(nn.Module):
 
     def draft_tokens(self, states: torch.Tensor) -> torch.Tensor:
         """The greedy draft for each state, as token ids of the full vocabulary."""
-        best = self.draft_logits(states).argmax(-1)
-        return best if self.draft_ids is None else self.draft_ids[best]
+        return self.draft(states)[0]
+
+    def draft(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The greedy draft for each state (full-vocabulary ids) and the head's
+        probability for it (over the draft vocabulary)."""
+        logits = self.draft_logits(states)
+        best = logits.argmax(-1)
+        prob = torch.softmax(logits, -1).gather(-1, best[:, None])[:, 0]
+        return (best if self.draft_ids is None else self.draft_ids[best]), prob

@@ -7,6 +7,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from mtpd import __version__
 
@@ -41,6 +42,24 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
         "--json", action="store_true", help="print one JSON object instead of streaming text"
     )
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument(
+        "--draft-tokens",
+        default="auto",
+        help="MTP drafts per step: a number (0 turns MTP off) or auto (the default: chosen "
+        "per sequence from measured acceptance and costs)",
+    )
+    p.add_argument(
+        "--draft-p-min",
+        type=float,
+        default=0.0,
+        help="stop drafting at a draft the MTP head gives less than this probability",
+    )
+    p.add_argument(
+        "--mtp-head",
+        default=None,
+        help="MTP head file (default: the shipped one for the default model, else the "
+        "checkpoint's own MTP layer)",
+    )
 
 
 def _parse_bytes(text: str) -> int:
@@ -158,6 +177,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     # Heavy imports here, so `mtpd --help` stays instant.
     from mtpd.daemon.coordinator import Coordinator, Settings
+    from mtpd.daemon.draft_policy import parse_draft_tokens
     from mtpd.model.sampling import SamplingParams
     from mtpd.model.tokenizer import IncrementalDecoder
     from mtpd.rpc import read_token_file
@@ -187,8 +207,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         cache_memory=args.cache_memory,
         join_listen=args.join_listen,
         token=read_token_file(args.token_file) if args.token_file else None,
+        draft_tokens=parse_draft_tokens(args.draft_tokens),
+        draft_p_min=args.draft_p_min,
+        mtp_head=Path(args.mtp_head) if args.mtp_head else None,
     )
     with Coordinator.start(settings) as daemon:
+        for note in daemon.notes:
+            print(f"mtpd: note: {note}", file=sys.stderr)
         tok = daemon.tokenizer
         if args.raw or not tok.has_chat_template:
             text = args.prompt
@@ -224,6 +249,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         "time_to_first_token_s": round((first_token_at or start) - start, 4),
         "tokens_per_s": round(n / elapsed, 2) if elapsed > 0 else 0.0,
         "decode_tokens_per_s": round((n - 1) / decode_s, 2) if n > 1 and decode_s > 0 else 0.0,
+        "draft_tokens": settings.draft_tokens if daemon.scheduler.policy.enabled else 0,
+        "acceptance_by_position": [round(a, 4) for a in result.drafts.acceptance_by_position],
+        "tokens_per_step": round(result.drafts.tokens_per_step, 4),
     }
     if args.json:
         print(json.dumps({"text": decoder.text(), "token_ids": result.token_ids, **stats}))

@@ -5,24 +5,14 @@ from __future__ import annotations
 import torch
 import transformers
 from safetensors.torch import save_file
-from tiny_models import write_tiny_model
+from tiny_models import random_head, write_tiny_model
 
 from mtpd.model.checkpoint import open_checkpoint
 from mtpd.model.config import ModelConfig
 from mtpd.model.decoder import EMBEDDING, DecoderShard, ShardSpec
-from mtpd.model.mtp import MTPHead, from_deepseek_layout, mtp_tensor_shapes, read_head_file
+from mtpd.model.mtp import MTPHead, from_deepseek_layout, read_head_file
 
 VOCAB = 96
-
-
-def random_head(cfg: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {
-        name: (1 + 0.1 * torch.randn(shape, generator=g))
-        if len(shape) == 1
-        else 0.1 * torch.randn(shape, generator=g)
-        for name, shape in mtp_tensor_shapes(cfg).items()
-    }
 
 
 def rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:

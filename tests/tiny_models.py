@@ -7,6 +7,9 @@ from pathlib import Path
 import torch
 import transformers
 
+from mtpd.model.config import ModelConfig
+from mtpd.model.mtp import mtp_tensor_shapes
+
 FAMILIES = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
@@ -71,3 +74,25 @@ def write_char_tokenizer(out: Path, chat_template: str | None = None) -> int:
     if chat_template:
         (out / "tokenizer_config.json").write_text(json.dumps({"chat_template": chat_template}))
     return len(vocab)
+
+
+def random_head(cfg: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random MTP head tensors (Qwen3.5 layout) for a model of `cfg`."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        name: (1 + 0.1 * torch.randn(shape, generator=g))
+        if len(shape) == 1
+        else 0.1 * torch.randn(shape, generator=g)
+        for name, shape in mtp_tensor_shapes(cfg).items()
+    }
+
+
+def add_mtp_head(path: Path, seed: int = 0) -> None:
+    """Give the single-file checkpoint at `path` its own random MTP layer."""
+    from safetensors.torch import load_file, save_file
+
+    from mtpd.model.checkpoint import open_checkpoint, read_config
+
+    cfg = read_config(open_checkpoint(path))
+    file = path / "model.safetensors"
+    save_file({**load_file(file), **random_head(cfg, seed)}, file, metadata={"format": "pt"})

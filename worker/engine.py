@@ -17,7 +17,7 @@ from mtpd.model.default_model import resolve_model
 from mtpd.model.errors import InvalidParameter
 from mtpd.model.kv_cache import CacheFullError
 from mtpd.model.layers import pack_linears
-from mtpd.model.mtp import MTPHead, check_head_base, read_head_file
+from mtpd.model.mtp import MTPHead, check_head_base, read_checkpoint_head, read_head_file
 from mtpd.model.sampling import SamplingParams, select_token
 from mtpd.model.tokenizer import Tokenizer
 
@@ -30,14 +30,20 @@ def load_shard(
     max_context: int,
     device: torch.device,
     mtp_head: Path | None = None,
+    checkpoint_mtp: bool = False,
 ) -> tuple[DecoderShard, MTPHead | None]:
-    """Load a shard (and, on the tail, an MTP head) in its fastest inference layout."""
+    """Load a shard in its fastest inference layout, and on the tail an MTP head: from
+    `mtp_head`, else with `checkpoint_mtp` the checkpoint's own MTP layer if any."""
     max_context = min(max_context, cfg.max_position_embeddings)
     shard = DecoderShard.load(ckpt, cfg, spec, dtype, max_context, device)
-    mtp = None
+    tensors = None
     if mtp_head is not None:
         tensors, metadata = read_head_file(mtp_head)
         check_head_base(metadata, shard.fingerprint, mtp_head)
+    elif checkpoint_mtp:
+        tensors = read_checkpoint_head(ckpt, cfg)
+    mtp = None
+    if tensors is not None:
         # Built before packing: the draft head copies rows of the dense LM head.
         mtp = MTPHead(cfg, tensors, shard.embedding, shard.lm_head, max_context, dtype)
     pack_linears(shard)

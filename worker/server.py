@@ -136,8 +136,11 @@ class WorkerService(pb_grpc.WorkerServicer):
         tail = req.rank == req.world_size - 1
         spec = ShardSpec(req.first_layer, req.end_layer, req.rank == 0, tail)
         dtype = DTYPES[req.dtype]
-        head = Path(req.mtp_head) if req.mtp_head and tail else None
-        shard, _mtp = load_shard(ckpt, cfg, spec, dtype, req.max_context, self.device, head)
+        load_mtp = tail and req.load_mtp
+        head = Path(req.mtp_head) if load_mtp and req.mtp_head else None
+        shard, mtp = load_shard(
+            ckpt, cfg, spec, dtype, req.max_context, self.device, head, checkpoint_mtp=load_mtp
+        )
         max_context = shard.stack.max_context
         per_slot = spec.num_layers * 2 * cfg.num_kv_heads * max_context * cfg.head_dim
         per_slot *= dtype.itemsize
@@ -149,7 +152,7 @@ class WorkerService(pb_grpc.WorkerServicer):
         if req.world_size > 1 and req.transport == pb.TRANSPORT_DIST:
             timeout = timedelta(milliseconds=req.recv_timeout_ms or 60_000)
             link = DistLink(req.rank, req.world_size, req.rendezvous, self.device, timeout)
-        self.stage = Stage(shard, cache, req.rank, req.world_size, link)
+        self.stage = Stage(shard, cache, req.rank, req.world_size, link, mtp)
         return pb.LoadReply(
             parameter_count=shard.parameter_count,
             tensor_names=sorted(shard_tensor_shapes(cfg, spec)),
@@ -159,6 +162,8 @@ class WorkerService(pb_grpc.WorkerServicer):
             hidden_size=cfg.hidden_size,
             weights_fingerprint=shard.fingerprint or "",
             load_seconds=time.monotonic() - start,
+            mtp_head=("" if mtp is None else str(head or f"{model} (its own MTP layer)")),
+            draft_vocab=0 if mtp is None else mtp.draft_vocab_size,
         )
 
     def Step(self, request_iterator, context: grpc.ServicerContext):

@@ -17,9 +17,14 @@ import torch
 from mtpd.model.decoder import DecoderShard
 from mtpd.model.errors import InputError
 from mtpd.model.kv_cache import KVCache
-from mtpd.model.sampling import SamplingParams, select_token
+from mtpd.model.mtp import MTPHead
+from mtpd.model.sampling import SamplingParams
 from mtpd.v1 import worker_pb2 as pb
+from mtpd.worker.drafter import Advance, Drafter
 from mtpd.worker.transport import DistLink, decode, encode
+from mtpd.worker.verify import verify
+
+MAX_DRAFT_TOKENS = 16
 
 
 class StepRefused(InputError):
@@ -54,6 +59,7 @@ class Stage:
         rank: int,
         world_size: int,
         link: DistLink | None,
+        mtp: MTPHead | None = None,
     ) -> None:
         self.shard, self.cache, self.rank, self.world_size, self.link = (
             shard,
@@ -61,6 +67,11 @@ class Stage:
             rank,
             world_size,
             link,
+        )
+        self.drafter = (
+            Drafter(mtp, cache.max_seqs, cache.max_context)
+            if mtp is not None and rank == world_size - 1
+            else None
         )
         self.is_first, self.is_tail = rank == 0, rank == world_size - 1
         self.hidden_size = shard.cfg.hidden_size
@@ -96,8 +107,16 @@ class Stage:
                 sampling_params(s.sampling)
             except InputError as e:
                 raise StepRefused(f"sequence {s.seq_id!r}: {e}") from e
-            if s.draft_tokens:
-                raise StepRefused("drafting is not available yet: draft_tokens must be 0")
+            if s.verify >= len(s.token_ids) or (s.verify and not s.sample):
+                raise StepRefused(
+                    f"sequence {s.seq_id!r}: {s.verify} drafts to verify need a token before "
+                    f"them and sample set"
+                )
+            if s.draft_tokens > MAX_DRAFT_TOKENS:
+                raise StepRefused(
+                    f"sequence {s.seq_id!r}: draft_tokens {s.draft_tokens} above the maximum "
+                    f"of {MAX_DRAFT_TOKENS}"
+                )
         new = sum(1 for sid in seen if self.cache.slot_of(sid) is None)
         released = sum(1 for sid in req.release if self.cache.slot_of(sid) is not None)
         if new > self.cache.free_slots + released:
@@ -114,6 +133,8 @@ class Stage:
         for seq_id in req.release:
             self.cache.release(seq_id)
             self.tokens.pop(seq_id, None)
+            if self.drafter is not None:
+                self.drafter.release(seq_id)
         if not req.sequences:
             return reply
         with torch.inference_mode():
@@ -139,7 +160,7 @@ class Stage:
 
         hidden = self.shard(x, self.cache, slots, counts)
         if self.is_tail:
-            self._sample(seqs, counts, hidden, reply)
+            self._verify_and_draft(seqs, counts, hidden, reply)
         elif device.type == "cuda":
             torch.cuda.synchronize(device)  # so compute time is not billed to the send
         computed = time.monotonic()
@@ -170,25 +191,68 @@ class Stage:
         st.recv_wait_s += t.recv_wait_s
         st.send_s += t.send_s
 
-    def _sample(
+    def _verify_and_draft(
         self,
         seqs: list[pb.SequenceStep],
         counts: list[int],
         hidden: torch.Tensor,
         reply: pb.StepReply,
     ) -> None:
+        starts = [0, *torch.tensor(counts).cumsum(0).tolist()]
         for s in seqs:
             history = self.tokens.setdefault(s.seq_id, [])
             del history[s.keep :]
             history.extend(s.token_ids)
-        ends = torch.tensor(counts).cumsum(0) - 1
-        wanted = [i for i, s in enumerate(seqs) if s.sample]
-        logits = self.shard.logits(hidden[ends[wanted].to(hidden.device)]).cpu() if wanted else None
-        for row, i in enumerate(wanted):
-            s = seqs[i]
+        # One LM-head pass over every row that is verified or sampled.
+        rows = [
+            r
+            for i, s in enumerate(seqs)
+            if s.sample
+            for r in range(starts[i + 1] - 1 - s.verify, starts[i + 1])
+        ]
+        logits = (
+            self.shard.logits(hidden[torch.tensor(rows, device=hidden.device)]).cpu()
+            if rows
+            else None
+        )
+        advances, row = [], 0
+        for i, s in enumerate(seqs):
             history = self.tokens[s.seq_id]
-            params = sampling_params(s.sampling)
-            token = select_token(logits[row], params, len(history), torch.tensor(history))
-            result = reply.results.add(seq_id=s.seq_id, token_ids=[token])
-            if s.return_logits:
-                result.logits = logits[row].numpy().tobytes()
+            verified = counts[i]
+            result = None
+            if s.sample:
+                base = s.keep + counts[i] - 1 - s.verify
+                n = s.verify + 1
+                emitted = verify(
+                    logits[row : row + n], sampling_params(s.sampling), history, base, s.verify
+                )
+                accepted = len(emitted) - 1
+                del history[base + accepted + 1 :]  # the rejected drafts
+                verified = counts[i] - s.verify + accepted
+                result = reply.results.add(seq_id=s.seq_id, token_ids=emitted, accepted=accepted)
+                if s.return_logits:
+                    result.logits = logits[row : row + len(emitted)].numpy().tobytes()
+                row += n
+            if self.drafter is not None:
+                known = history[s.keep + 1 :] + ([result.token_ids[-1]] if result else [])
+                advances.append(
+                    Advance(
+                        seq_id=s.seq_id,
+                        keep=s.keep,
+                        first_token=s.token_ids[0],
+                        hidden=hidden[starts[i] : starts[i] + verified],
+                        next_tokens=known[:verified],
+                        want=s.draft_tokens if result else 0,
+                        p_min=s.draft_p_min,
+                    )
+                )
+        if self.drafter is None or not advances:
+            return
+        began = time.monotonic()
+        self.drafter.advance(advances)
+        reply.timings.draft_s = time.monotonic() - began
+        reply.timings.draft_passes = self.drafter.passes
+        by_id = {r.seq_id: r for r in reply.results}
+        for a in advances:
+            if a.drafts:
+                by_id[a.seq_id].draft_token_ids.extend(a.drafts)

@@ -70,7 +70,7 @@ class WorkerInfo(_message.Message):
     def __init__(self, version: _Optional[str] = ..., pid: _Optional[int] = ..., device: _Optional[str] = ..., free_memory_bytes: _Optional[int] = ..., state: _Optional[_Union[WorkerState, str]] = ..., model_identity: _Optional[str] = ..., threads: _Optional[int] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
-    __slots__ = ("model", "first_layer", "end_layer", "dtype", "max_seqs", "max_context", "cache_memory_bytes", "mtp_head", "rank", "world_size", "transport", "rendezvous", "recv_timeout_ms")
+    __slots__ = ("model", "first_layer", "end_layer", "dtype", "max_seqs", "max_context", "cache_memory_bytes", "mtp_head", "rank", "world_size", "transport", "rendezvous", "recv_timeout_ms", "load_mtp")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     FIRST_LAYER_FIELD_NUMBER: _ClassVar[int]
     END_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +84,7 @@ class LoadRequest(_message.Message):
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     RENDEZVOUS_FIELD_NUMBER: _ClassVar[int]
     RECV_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    LOAD_MTP_FIELD_NUMBER: _ClassVar[int]
     model: str
     first_layer: int
     end_layer: int
@@ -97,10 +98,11 @@ class LoadRequest(_message.Message):
     transport: Transport
     rendezvous: str
     recv_timeout_ms: int
-    def __init__(self, model: _Optional[str] = ..., first_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., dtype: _Optional[str] = ..., max_seqs: _Optional[int] = ..., max_context: _Optional[int] = ..., cache_memory_bytes: _Optional[int] = ..., mtp_head: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., transport: _Optional[_Union[Transport, str]] = ..., rendezvous: _Optional[str] = ..., recv_timeout_ms: _Optional[int] = ...) -> None: ...
+    load_mtp: bool
+    def __init__(self, model: _Optional[str] = ..., first_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., dtype: _Optional[str] = ..., max_seqs: _Optional[int] = ..., max_context: _Optional[int] = ..., cache_memory_bytes: _Optional[int] = ..., mtp_head: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., transport: _Optional[_Union[Transport, str]] = ..., rendezvous: _Optional[str] = ..., recv_timeout_ms: _Optional[int] = ..., load_mtp: _Optional[bool] = ...) -> None: ...
 
 class LoadReply(_message.Message):
-    __slots__ = ("parameter_count", "tensor_names", "max_seqs", "max_context", "cache_bytes", "hidden_size", "weights_fingerprint", "load_seconds")
+    __slots__ = ("parameter_count", "tensor_names", "max_seqs", "max_context", "cache_bytes", "hidden_size", "weights_fingerprint", "load_seconds", "mtp_head", "draft_vocab")
     PARAMETER_COUNT_FIELD_NUMBER: _ClassVar[int]
     TENSOR_NAMES_FIELD_NUMBER: _ClassVar[int]
     MAX_SEQS_FIELD_NUMBER: _ClassVar[int]
@@ -109,6 +111,8 @@ class LoadReply(_message.Message):
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MTP_HEAD_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_VOCAB_FIELD_NUMBER: _ClassVar[int]
     parameter_count: int
     tensor_names: _containers.RepeatedScalarFieldContainer[str]
     max_seqs: int
@@ -117,7 +121,9 @@ class LoadReply(_message.Message):
     hidden_size: int
     weights_fingerprint: str
     load_seconds: float
-    def __init__(self, parameter_count: _Optional[int] = ..., tensor_names: _Optional[_Iterable[str]] = ..., max_seqs: _Optional[int] = ..., max_context: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., hidden_size: _Optional[int] = ..., weights_fingerprint: _Optional[str] = ..., load_seconds: _Optional[float] = ...) -> None: ...
+    mtp_head: str
+    draft_vocab: int
+    def __init__(self, parameter_count: _Optional[int] = ..., tensor_names: _Optional[_Iterable[str]] = ..., max_seqs: _Optional[int] = ..., max_context: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., hidden_size: _Optional[int] = ..., weights_fingerprint: _Optional[str] = ..., load_seconds: _Optional[float] = ..., mtp_head: _Optional[str] = ..., draft_vocab: _Optional[int] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
     __slots__ = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
@@ -136,7 +142,7 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., min_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class SequenceStep(_message.Message):
-    __slots__ = ("seq_id", "keep", "token_ids", "sample", "sampling", "draft_tokens", "return_logits")
+    __slots__ = ("seq_id", "keep", "token_ids", "sample", "sampling", "draft_tokens", "return_logits", "verify", "draft_p_min")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     KEEP_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -144,6 +150,8 @@ class SequenceStep(_message.Message):
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     RETURN_LOGITS_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_P_MIN_FIELD_NUMBER: _ClassVar[int]
     seq_id: str
     keep: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -151,7 +159,9 @@ class SequenceStep(_message.Message):
     sampling: SamplingParams
     draft_tokens: int
     return_logits: bool
-    def __init__(self, seq_id: _Optional[str] = ..., keep: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., sample: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., draft_tokens: _Optional[int] = ..., return_logits: _Optional[bool] = ...) -> None: ...
+    verify: int
+    draft_p_min: float
+    def __init__(self, seq_id: _Optional[str] = ..., keep: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., sample: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., draft_tokens: _Optional[int] = ..., return_logits: _Optional[bool] = ..., verify: _Optional[int] = ..., draft_p_min: _Optional[float] = ...) -> None: ...
 
 class Activations(_message.Message):
     __slots__ = ("header", "data")
@@ -174,17 +184,21 @@ class StepRequest(_message.Message):
     def __init__(self, step_id: _Optional[int] = ..., sequences: _Optional[_Iterable[_Union[SequenceStep, _Mapping]]] = ..., release: _Optional[_Iterable[str]] = ..., activations: _Optional[_Union[Activations, _Mapping]] = ...) -> None: ...
 
 class SequenceResult(_message.Message):
-    __slots__ = ("seq_id", "token_ids", "logits")
+    __slots__ = ("seq_id", "token_ids", "logits", "accepted", "draft_token_ids")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     LOGITS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     seq_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     logits: bytes
-    def __init__(self, seq_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., logits: _Optional[bytes] = ...) -> None: ...
+    accepted: int
+    draft_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, seq_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., logits: _Optional[bytes] = ..., accepted: _Optional[int] = ..., draft_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StepTimings(_message.Message):
-    __slots__ = ("compute_s", "recv_wait_s", "send_s", "arrived_at", "input_ready_at", "computed_at", "sent_at")
+    __slots__ = ("compute_s", "recv_wait_s", "send_s", "arrived_at", "input_ready_at", "computed_at", "sent_at", "draft_s", "draft_passes")
     COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
     RECV_WAIT_S_FIELD_NUMBER: _ClassVar[int]
     SEND_S_FIELD_NUMBER: _ClassVar[int]
@@ -192,6 +206,8 @@ class StepTimings(_message.Message):
     INPUT_READY_AT_FIELD_NUMBER: _ClassVar[int]
     COMPUTED_AT_FIELD_NUMBER: _ClassVar[int]
     SENT_AT_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_S_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_PASSES_FIELD_NUMBER: _ClassVar[int]
     compute_s: float
     recv_wait_s: float
     send_s: float
@@ -199,7 +215,9 @@ class StepTimings(_message.Message):
     input_ready_at: float
     computed_at: float
     sent_at: float
-    def __init__(self, compute_s: _Optional[float] = ..., recv_wait_s: _Optional[float] = ..., send_s: _Optional[float] = ..., arrived_at: _Optional[float] = ..., input_ready_at: _Optional[float] = ..., computed_at: _Optional[float] = ..., sent_at: _Optional[float] = ...) -> None: ...
+    draft_s: float
+    draft_passes: int
+    def __init__(self, compute_s: _Optional[float] = ..., recv_wait_s: _Optional[float] = ..., send_s: _Optional[float] = ..., arrived_at: _Optional[float] = ..., input_ready_at: _Optional[float] = ..., computed_at: _Optional[float] = ..., sent_at: _Optional[float] = ..., draft_s: _Optional[float] = ..., draft_passes: _Optional[int] = ...) -> None: ...
 
 class StepReply(_message.Message):
     __slots__ = ("step_id", "results", "activations", "timings", "error")

@@ -1,0 +1,126 @@
+"""How many tokens to draft: fixed, or chosen per sequence to maximise tokens per second.
+
+The output never depends on this choice (verification is exact), only the speed does.
+With acceptance c_j at draft position j (conditional on the earlier ones being
+accepted), a step drafting k tokens emits E(k) = 1 + sum_i prod_{j<=i} c_j tokens on
+average and costs T(k) = V(1 + k) + D * k: a pipeline pass over 1 + k positions,
+V(n) = alpha + beta * n fitted online to the measured steps (alpha is shared by the
+sequences of a batch), plus k passes of the head. The
+policy picks the k in 1..max_k with the largest E(k) / T(k); a sequence's acceptance
+starts from the server-wide rates and moves to its own as it is measured.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mtpd.model.errors import InvalidParameter
+
+AUTO = "auto"
+MAX_DRAFT = 6  # the longest draft `auto` considers
+_PRIOR_WEIGHT = 8.0  # how many observations the server-wide rate is worth per sequence
+_FORGET = 0.98  # per step, for the cost fit
+
+
+@dataclass
+class AcceptanceCounts:
+    """Per draft position: how often it was reached (drafted with every earlier draft
+    accepted) and accepted."""
+
+    reached: list[float] = field(default_factory=lambda: [0.0] * MAX_DRAFT)
+    accepted: list[float] = field(default_factory=lambda: [0.0] * MAX_DRAFT)
+
+    def add(self, drafted: int, accepted: int) -> None:
+        for j in range(min(drafted, MAX_DRAFT)):
+            if j > accepted:
+                break
+            self.reached[j] += 1
+            self.accepted[j] += j < accepted
+
+
+def parse_draft_tokens(text: str) -> int | str:
+    if text == AUTO:
+        return AUTO
+    try:
+        k = int(text)
+    except ValueError:
+        raise InvalidParameter(f"--draft-tokens {text!r}: a number of drafts or 'auto'") from None
+    if not 0 <= k <= 16:
+        raise InvalidParameter(f"--draft-tokens must be in 0..16 or auto, got {k}")
+    return k
+
+
+class DraftPolicy:
+    def __init__(self, setting: int | str = AUTO, p_min: float = 0.0) -> None:
+        if not 0 <= p_min < 1:
+            raise InvalidParameter(f"--draft-p-min must be in [0, 1), got {p_min}")
+        self.setting, self.p_min = setting, p_min
+        self.server = AcceptanceCounts()
+        # Weighted least squares of step time on positions, with forgetting.
+        self._sw = self._sx = self._sy = self._sxx = self._sxy = 0.0
+        self.draft_pass_s = 0.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.setting != 0
+
+    def observe_step(self, positions: int, step_s: float, draft_s: float, passes: int) -> None:
+        """Fit the cost model to one completed step."""
+        x, y = float(positions), step_s - draft_s
+        f = _FORGET
+        self._sw, self._sx, self._sy = f * self._sw + 1, f * self._sx + x, f * self._sy + y
+        self._sxx, self._sxy = f * self._sxx + x * x, f * self._sxy + x * y
+        if passes:
+            per_pass = draft_s / passes
+            self.draft_pass_s = (
+                per_pass if not self.draft_pass_s else 0.9 * self.draft_pass_s + 0.1 * per_pass
+            )
+
+    def cost_fit(self) -> tuple[float, float]:
+        """(alpha, beta) of V(n) = alpha + beta * n: seconds once fitted, relative units
+        before (verification is mostly weight reads: extra positions cost little)."""
+        if self._sw < 2:
+            return 1.0, 0.05
+        mean_x, mean_y = self._sx / self._sw, self._sy / self._sw
+        var = self._sxx / self._sw - mean_x * mean_x
+        beta = (self._sxy / self._sw - mean_x * mean_y) / var if var > 1e-9 else 0.0
+        beta = max(beta, 0.0)
+        return max(mean_y - beta * mean_x, 1e-6), beta
+
+    def rates(self, own: AcceptanceCounts) -> list[float]:
+        out = []
+        for j in range(MAX_DRAFT):
+            server = (self.server.accepted[j] + 1) / (self.server.reached[j] + 2)
+            out.append(
+                (own.accepted[j] + _PRIOR_WEIGHT * server) / (own.reached[j] + _PRIOR_WEIGHT)
+            )
+        return out
+
+    def expected_tokens(self, rates: list[float], k: int) -> float:
+        total, chain = 1.0, 1.0
+        for j in range(k):
+            chain *= rates[j]
+            total += chain
+        return total
+
+    def choose(self, own: AcceptanceCounts, limit: int, batch: int = 1) -> int:
+        """Drafts for a sequence's next step (at most `limit`), when it shares steps with
+        `batch` sequences (which share the fixed cost of a pass)."""
+        if limit <= 0:
+            return 0
+        if self.setting != AUTO:
+            return min(int(self.setting), limit)
+        rates = self.rates(own)
+        alpha, beta = self.cost_fit()
+        draft = self.draft_pass_s if self._sw >= 2 and self.draft_pass_s else 0.1 * alpha
+        best, best_rate = 1, 0.0
+        for k in range(1, min(MAX_DRAFT, limit) + 1):
+            cost = alpha / max(batch, 1) + beta * (1 + k) + draft * k
+            rate = self.expected_tokens(rates, k) / cost
+            if rate > best_rate:
+                best, best_rate = k, rate
+        return best
+
+    def record(self, own: AcceptanceCounts, drafted: int, accepted: int) -> None:
+        own.add(drafted, accepted)
+        self.server.add(drafted, accepted)

@@ -1,0 +1,134 @@
+"""The MTP head on the tail: its KV cache, built from verified trunk states only, and
+greedy drafting.
+
+The head's entry at position p is computed from the trunk's final-normed hidden state
+at p and the token at p + 1, so it exists once p + 1 is known. After each step the
+head runs over the newly verified positions (draft-time entries were discarded), and
+its state at the last one predicts the first draft; further drafts run the head
+recursively on its own output, and those entries are discarded again after drafting.
+A prefill chunk's last position waits (its hidden state kept) until the next chunk
+brings the token after it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from mtpd.model.mtp import MTPHead
+
+
+@dataclass
+class Advance:
+    """One sequence's verified positions in this step."""
+
+    seq_id: str
+    keep: int  # the step's first position
+    first_token: int  # the token at `keep`
+    hidden: torch.Tensor  # [m, H] final-normed trunk states at keep .. keep + m - 1
+    next_tokens: list[int]  # tokens at keep + 1 .. : m of them, or m - 1 if not yet known
+    want: int = 0  # drafts wanted
+    p_min: float = 0.0
+    drafts: list[int] = field(default_factory=list)
+
+
+class Drafter:
+    def __init__(self, head: MTPHead, max_seqs: int, max_context: int) -> None:
+        self.head = head
+        self.cache = head.new_cache(max_seqs, max_context)
+        # The hidden state at position cache length, whose next token is not known yet.
+        self._waiting: dict[str, torch.Tensor] = {}
+        # Sequences whose head cache fell out of step with the trunk's (only after a
+        # rollback the protocol never makes): no drafts until they restart at 0.
+        self._lost: set[str] = set()
+        self.passes = 0
+
+    def release(self, seq_id: str) -> None:
+        self.cache.release(seq_id)
+        self._waiting.pop(seq_id, None)
+        self._lost.discard(seq_id)
+
+    def advance(self, items: list[Advance]) -> None:
+        """Add the verified entries of every item, then draft for those that want it
+        (filling `item.drafts`)."""
+        self.passes = 0
+        hidden, tokens, slots, counts, live = [], [], [], [], []
+        for item in items:
+            rows, row_tokens = self._new_entries(item)
+            if not row_tokens:
+                continue
+            hidden.extend(rows)
+            tokens.extend(row_tokens)
+            slots.append(self.cache.slot(item.seq_id))
+            counts.append(len(row_tokens))
+            # The last verified state predicts the first draft once its next token is known.
+            if item.want and len(item.next_tokens) == item.hidden.shape[0]:
+                live.append((item, len(counts) - 1))
+        if not counts:
+            return
+        states = self.head(
+            torch.cat(hidden),
+            torch.tensor(tokens, dtype=torch.long, device=self.head.embedding.device),
+            self.cache,
+            slots,
+            counts,
+        )
+        self.passes = 1
+        if live:
+            ends = torch.tensor(counts).cumsum(0) - 1
+            self._draft(live, states[ends[[i for _, i in live]].to(states.device)], slots)
+
+    def _new_entries(self, item: Advance) -> tuple[list[torch.Tensor], list[int]]:
+        """The hidden rows and next tokens of the entries `item` adds to the cache."""
+        slot = self.cache.slot(item.seq_id)
+        waiting = self._waiting.pop(item.seq_id, None)
+        length = self.cache.lengths[slot]
+        rows: list[torch.Tensor] = []
+        tokens: list[int] = []
+        if item.keep == 0:
+            self.cache.truncate(slot, 0)
+            self._lost.discard(item.seq_id)
+        elif item.seq_id in self._lost:
+            return [], []
+        elif length >= item.keep:
+            self.cache.truncate(slot, item.keep)
+        elif length == item.keep - 1 and waiting is not None:
+            rows.append(waiting[None])
+            tokens.append(item.first_token)
+        else:
+            self._lost.add(item.seq_id)
+            return [], []
+        known = len(item.next_tokens)
+        if known < item.hidden.shape[0]:
+            self._waiting[item.seq_id] = item.hidden[known].clone()
+        rows.append(item.hidden[:known])
+        tokens.extend(item.next_tokens)
+        return rows, tokens
+
+    def _draft(
+        self, live: list[tuple[Advance, int]], states: torch.Tensor, slots: list[int]
+    ) -> None:
+        verified = {item.seq_id: self.cache.lengths[slots[i]] for item, i in live}
+        # Draft-time entries must fit the cache: positions verified .. verified + k - 2.
+        for item, _ in live:
+            item.want = min(item.want, self.cache.max_context - verified[item.seq_id] + 1)
+        items = [item for item, _ in live]
+        item_slots = [slots[i] for _, i in live]
+        while True:
+            drafts, probs = self.head.draft(states)
+            keep = []
+            for row, item in enumerate(items):
+                if float(probs[row]) < item.p_min:
+                    continue
+                item.drafts.append(int(drafts[row]))
+                if len(item.drafts) < item.want:
+                    keep.append(row)
+            if not keep:
+                break
+            items = [items[r] for r in keep]
+            item_slots = [item_slots[r] for r in keep]
+            states = self.head(states[keep], drafts[keep], self.cache, item_slots, [1] * len(keep))
+            self.passes += 1
+        for item, i in live:  # discard the draft-time entries
+            self.cache.truncate(slots[i], verified[item.seq_id])
