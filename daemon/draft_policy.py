@@ -3,11 +3,12 @@
 The output never depends on this choice (verification is exact), only the speed does.
 With acceptance c_j at draft position j (conditional on the earlier ones being
 accepted), a step drafting k tokens emits E(k) = 1 + sum_i prod_{j<=i} c_j tokens on
-average and costs T(k) = V(1 + k) + D * k: a pipeline pass over 1 + k positions,
+average and costs T(k) = V(1 + k) + D * max(k, 1): a pipeline pass over 1 + k positions,
 V(n) = alpha + beta * n fitted online to the measured steps (alpha is shared by the
-sequences of a batch), plus k passes of the head. The
-policy picks the k in 1..max_k with the largest E(k) / T(k); a sequence's acceptance
-starts from the server-wide rates and moves to its own as it is measured.
+sequences of a batch), plus the head's passes (the first runs even for k = 0, to keep
+its cache current). The policy picks the k in 0..6 with the largest E(k) / T(k),
+drafting one token every few steps even at k = 0 so acceptance keeps being measured;
+a sequence's acceptance starts from the server-wide rates and moves to its own.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ AUTO = "auto"
 MAX_DRAFT = 6  # the longest draft `auto` considers
 _PRIOR_WEIGHT = 8.0  # how many observations the server-wide rate is worth per sequence
 _FORGET = 0.98  # per step, for the cost fit
+_EXPLORE_EVERY = 8  # with k = 0 chosen, draft one token every this many steps anyway
 
 
 @dataclass
@@ -29,6 +31,7 @@ class AcceptanceCounts:
 
     reached: list[float] = field(default_factory=lambda: [0.0] * MAX_DRAFT)
     accepted: list[float] = field(default_factory=lambda: [0.0] * MAX_DRAFT)
+    decisions: int = 0
 
     def add(self, drafted: int, accepted: int) -> None:
         for j in range(min(drafted, MAX_DRAFT)):
@@ -104,8 +107,8 @@ class DraftPolicy:
         return total
 
     def choose(self, own: AcceptanceCounts, limit: int, batch: int = 1) -> int:
-        """Drafts for a sequence's next step (at most `limit`), when it shares steps with
-        `batch` sequences (which share the fixed cost of a pass)."""
+        """Drafts to request for a sequence's next step (at most `limit`), when it
+        shares steps with `batch` sequences (which share the fixed cost of a pass)."""
         if limit <= 0:
             return 0
         if self.setting != AUTO:
@@ -113,12 +116,16 @@ class DraftPolicy:
         rates = self.rates(own)
         alpha, beta = self.cost_fit()
         draft = self.draft_pass_s if self._sw >= 2 and self.draft_pass_s else 0.1 * alpha
-        best, best_rate = 1, 0.0
-        for k in range(1, min(MAX_DRAFT, limit) + 1):
-            cost = alpha / max(batch, 1) + beta * (1 + k) + draft * k
+        best, best_rate = 0, 0.0
+        for k in range(min(MAX_DRAFT, limit) + 1):
+            # The head's first pass runs even for k = 0: it keeps its cache current.
+            cost = alpha / max(batch, 1) + beta * (1 + k) + draft * max(k, 1)
             rate = self.expected_tokens(rates, k) / cost
             if rate > best_rate:
                 best, best_rate = k, rate
+        own.decisions += 1
+        if best == 0 and own.decisions % _EXPLORE_EVERY == 0:
+            best = 1  # keep measuring, so a sequence that turns predictable is noticed
         return best
 
     def record(self, own: AcceptanceCounts, drafted: int, accepted: int) -> None:

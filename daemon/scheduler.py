@@ -26,6 +26,7 @@ from mtpd.daemon.draft_policy import AcceptanceCounts, DraftPolicy
 from mtpd.daemon.pipeline import Pipeline, StepOutcome
 from mtpd.model.errors import InputError, InvalidParameter
 from mtpd.model.sampling import SamplingParams
+from mtpd.rpc import sampling_to_wire
 from mtpd.v1 import worker_pb2 as pb
 
 log = logging.getLogger("mtpd.daemon")
@@ -41,28 +42,62 @@ class RequestFailed(RuntimeError):
 
 @dataclass
 class DraftStats:
-    """A request's speculative decoding: per draft position, how often a draft was
-    verified there and accepted."""
+    """Speculative decoding of a request (or of the server): per draft position, how
+    often a draft was verified there and accepted; and where the time of the steps it
+    took part in went (a step shared by a batch counts for each of its sequences)."""
 
     steps: int = 0  # verification steps after the prompt
     tokens: int = 0  # tokens those steps emitted
     drafted: list[int] = field(default_factory=list)
+    reached: list[int] = field(default_factory=list)  # drafted, every earlier one accepted
     accepted: list[int] = field(default_factory=list)
+    verify_s: float = 0.0  # the trunk on every stage (verification included)
+    draft_s: float = 0.0  # the MTP head on the tail
+    transport_s: float = 0.0  # activations between stages
+
+    def add_times(self, timings: list[pb.StepTimings]) -> None:
+        draft = timings[-1].draft_s
+        self.draft_s += draft
+        self.verify_s += sum(t.compute_s for t in timings) - draft
+        self.transport_s += sum(
+            max(0.0, b.input_ready_at - a.computed_at) for a, b in itertools.pairwise(timings)
+        )
 
     def add(self, drafted: int, accepted: int, emitted: int) -> None:
         self.steps += 1
         self.tokens += emitted
         while len(self.drafted) < drafted:
             self.drafted.append(0)
+            self.reached.append(0)
             self.accepted.append(0)
         for j in range(drafted):
             self.drafted[j] += 1
+            self.reached[j] += j <= accepted
             self.accepted[j] += j < accepted
+
+    def merge(self, other: DraftStats) -> None:
+        """Add another request's counts (server-wide and benchmark totals)."""
+        self.steps += other.steps
+        self.tokens += other.tokens
+        self.verify_s += other.verify_s
+        self.draft_s += other.draft_s
+        self.transport_s += other.transport_s
+        for name in ("drafted", "reached", "accepted"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            mine.extend([0] * (len(theirs) - len(mine)))
+            for j, n in enumerate(theirs):
+                mine[j] += n
 
     @property
     def acceptance_by_position(self) -> list[float]:
         """Of the steps that drafted position i, the share where it was accepted."""
         return [a / d for a, d in zip(self.accepted, self.drafted, strict=True)]
+
+    @property
+    def conditional_acceptance_by_position(self) -> list[float]:
+        """Of the drafts at position i whose earlier drafts were all accepted, the share
+        accepted (what the cost model uses)."""
+        return [a / r if r else 0.0 for a, r in zip(self.accepted, self.reached, strict=True)]
 
     @property
     def tokens_per_step(self) -> float:
@@ -177,6 +212,7 @@ class Scheduler:
         self._active: list[_Sequence] = []
         self._in_flight = 0
         self._stopped = False
+        self.totals = DraftStats()  # of every finished request
         # The latest steps, for benchmarks and stats.
         self.recent_steps: deque[StepRecord] = deque(maxlen=4096)
         self._thread = threading.Thread(target=self._loop, daemon=True, name="scheduler")
@@ -206,14 +242,7 @@ class Scheduler:
         request = Request(f"seq-{next(self._ids)}", max_tokens)
         seq = _Sequence(
             request=request,
-            params=pb.SamplingParams(
-                temperature=params.temperature,
-                top_k=params.top_k,
-                top_p=params.top_p,
-                min_p=params.min_p,
-                repetition_penalty=params.repetition_penalty,
-                seed=params.seed,
-            ),
+            params=sampling_to_wire(params),
             history=list(prompt_ids),
             prompt_len=len(prompt_ids),
             max_tokens=max_tokens,
@@ -281,11 +310,11 @@ class Scheduler:
             return step
         remaining = seq.max_tokens - seq.generated
         room = self.pipeline.max_context - seq.cached - n
-        if seq.pending == 1:  # decoding: verify drafts after the last token
+        if seq.pending == 1:  # decoding: verify the drafts after the last token
             limit = min(remaining - 1, room)
-            k = self.policy.choose(seq.acceptance, limit, batch)
-            drafts = seq.proposed[:k]
+            drafts = seq.proposed[:limit]
             if self.draft_source is not None:
+                k = self.policy.choose(seq.acceptance, limit, batch)
                 drafts = self.draft_source(seq.request.seq_id, seq.history, drafts, k)[:limit]
             step.token_ids.extend(drafts)
             step.verify = seq.verifying = len(drafts)
@@ -333,6 +362,7 @@ class Scheduler:
         for seq in seqs:
             if seq in self._active:
                 self._active.remove(seq)
+            self.totals.merge(seq.request.drafts)
             seq.request._finish(reason, error)
 
     def _complete(self, batch: list[tuple[_Sequence, int]], future: Future[StepOutcome]) -> None:
@@ -399,6 +429,8 @@ class Scheduler:
         self.recent_steps.append(
             StepRecord(tuple((seq.request.seq_id, n + seq.verifying) for seq, n in batch), outcome)
         )
+        for seq, _ in batch:
+            seq.request.drafts.add_times(outcome.timings)
         # The cost model is about decoding steps; prefill chunks would skew it.
         if all(seq.generated for seq, _ in batch):
             tail = outcome.timings[-1]

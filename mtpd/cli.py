@@ -252,6 +252,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         "draft_tokens": settings.draft_tokens if daemon.scheduler.policy.enabled else 0,
         "acceptance_by_position": [round(a, 4) for a in result.drafts.acceptance_by_position],
         "tokens_per_step": round(result.drafts.tokens_per_step, 4),
+        "verify_s": round(result.drafts.verify_s, 4),
+        "draft_s": round(result.drafts.draft_s, 4),
+        "transport_s": round(result.drafts.transport_s, 4),
     }
     if args.json:
         print(json.dumps({"text": decoder.text(), "token_ids": result.token_ids, **stats}))

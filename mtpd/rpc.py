@@ -1,11 +1,16 @@
-"""gRPC settings and the bearer-token check shared by the daemon and the workers."""
+"""What the daemon and the workers share about the wire: gRPC settings, the bearer-token
+check, and converting sampling parameters to and from their message."""
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 from pathlib import Path
 
 import grpc
+
+from mtpd.model.sampling import SamplingParams
+from mtpd.v1 import worker_pb2 as pb
 
 # Activations of a large prefill chunk exceed gRPC's 4 MB default.
 MESSAGE_LIMIT = 512 * 1024 * 1024
@@ -35,3 +40,14 @@ def read_token_file(path: str) -> str:
     if not token:
         raise InputError(f"the token file {path!r} is empty")
     return token
+
+
+def sampling_to_wire(params: SamplingParams) -> pb.SamplingParams:
+    return pb.SamplingParams(**dataclasses.asdict(params))
+
+
+def sampling_from_wire(msg: pb.SamplingParams) -> SamplingParams:
+    """Validated: a bad value raises InvalidParameter naming the field."""
+    return SamplingParams(
+        **{f.name: getattr(msg, f.name) for f in dataclasses.fields(SamplingParams)}
+    )

@@ -27,3 +27,14 @@ def solo_run(
     finally:
         engine.release("reference")
     return tokens, logits_seen
+
+
+def smollm2_references(
+    questions: list[str], tokens: int
+) -> tuple[int, list[tuple[list[int], list[int], list[torch.Tensor]]]]:
+    """The default model's layer count, and per question: the chat prompt's ids and the
+    single-process engine's greedy tokens and logits."""
+    engine = Engine.load(None, max_context=256)
+    tok = engine.tokenizer
+    prompts = [tok.encode(tok.render_chat([{"role": "user", "content": q}])) for q in questions]
+    return engine.cfg.num_layers, [(p, *solo_run(engine, p, tokens)) for p in prompts]

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference import GREEDY, solo_run
+from reference import GREEDY, smollm2_references
 
 from mtpd.daemon.pipeline import Pipeline, PipelineConfig
 from mtpd.daemon.scheduler import Scheduler
 from mtpd.model.compare import compare_tokens
 from mtpd.model.default_model import default_model_path
-from mtpd.worker.engine import Engine
 
 QUESTIONS = ["Write a haiku about the sea.", "List three uses of copper."]
 TOKENS = 64
@@ -19,10 +18,7 @@ TOKENS = 64
 
 @pytest.fixture(scope="module")
 def references():
-    engine = Engine.load(None, max_context=256)
-    tok = engine.tokenizer
-    prompts = [tok.encode(tok.render_chat([{"role": "user", "content": q}])) for q in QUESTIONS]
-    return engine.cfg.num_layers, [(p, *solo_run(engine, p, TOKENS)) for p in prompts]
+    return smollm2_references(QUESTIONS, TOKENS)
 
 
 @pytest.mark.parametrize("transport", ["dist", "grpc"])

@@ -211,3 +211,18 @@ def test_run_without_a_head_says_so_once_and_decodes_plainly(tmp_path):
     assert out.stderr.count("has no MTP head") == 1
     result = json.loads(out.stdout)
     assert result["draft_tokens"] == 0 and result["acceptance_by_position"] == []
+
+
+def test_draft_p_min_stops_unlikely_drafts(tiny):
+    """A random head is never 99% sure of a token: with --draft-p-min 0.99 nothing is
+    drafted, and the output is unchanged."""
+    path, engine = tiny
+    prompt = PROMPTS[1]
+    ref_tokens, _ = solo_run(engine, prompt, 24)
+    with start(path, 1) as pipeline:
+        for p_min, drafts_expected in ((0.99, False), (0.0, True)):
+            scheduler = Scheduler(pipeline, eos_ids=set(), policy=DraftPolicy(3, p_min))
+            result = scheduler.submit(prompt, GREEDY, 24, ignore_eos=True).result(timeout=120)
+            scheduler.close()
+            assert result.token_ids == ref_tokens
+            assert (sum(result.drafts.drafted) > 0) == drafts_expected

@@ -18,7 +18,7 @@ from mtpd.model.decoder import DecoderShard
 from mtpd.model.errors import InputError
 from mtpd.model.kv_cache import KVCache
 from mtpd.model.mtp import MTPHead
-from mtpd.model.sampling import SamplingParams
+from mtpd.rpc import sampling_from_wire
 from mtpd.v1 import worker_pb2 as pb
 from mtpd.worker.drafter import Advance, Drafter
 from mtpd.worker.transport import DistLink, decode, encode
@@ -38,17 +38,6 @@ class StageStats:
     compute_s: float = 0.0
     recv_wait_s: float = 0.0
     send_s: float = 0.0
-
-
-def sampling_params(msg: pb.SamplingParams) -> SamplingParams:
-    return SamplingParams(
-        temperature=msg.temperature,
-        top_k=msg.top_k,
-        top_p=msg.top_p,
-        min_p=msg.min_p,
-        repetition_penalty=msg.repetition_penalty,
-        seed=msg.seed,
-    )
 
 
 class Stage:
@@ -104,7 +93,7 @@ class Stage:
                     f"beyond the cache's max context of {self.cache.max_context}"
                 )
             try:
-                sampling_params(s.sampling)
+                sampling_from_wire(s.sampling)
             except InputError as e:
                 raise StepRefused(f"sequence {s.seq_id!r}: {e}") from e
             if s.verify >= len(s.token_ids) or (s.verify and not s.sample):
@@ -224,7 +213,7 @@ class Stage:
                 base = s.keep + counts[i] - 1 - s.verify
                 n = s.verify + 1
                 emitted = verify(
-                    logits[row : row + n], sampling_params(s.sampling), history, base, s.verify
+                    logits[row : row + n], sampling_from_wire(s.sampling), history, base, s.verify
                 )
                 accepted = len(emitted) - 1
                 del history[base + accepted + 1 :]  # the rejected drafts
