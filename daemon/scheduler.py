@@ -158,6 +158,8 @@ class Request:
         self._events.put(token)
 
     def _finish(self, reason: str, error: str | None = None) -> None:
+        if self._done.is_set():
+            return
         self.finish_reason, self.error = reason, error
         self._events.put(None)
         self._done.set()
@@ -265,6 +267,9 @@ class Scheduler:
             self._waiting.clear()
             self._active = []
             self._cond.notify()
+        cached = [s.request.seq_id for s in stranded if s.cached]
+        if cached:  # the pipeline may outlive this scheduler
+            self.pipeline.release(cached)
         for seq in stranded:
             seq.request._finish("error", "the scheduler stopped")
         self._thread.join(timeout=5)
@@ -390,6 +395,8 @@ class Scheduler:
         self._observe(batch, outcome)
         finished: dict[str, list[_Sequence]] = {"stop": [], "length": []}
         for seq, n in batch:
+            if seq not in self._active:
+                continue  # the scheduler stopped while the step ran
             result = outcome.results.get(seq.request.seq_id)
             if result is None:
                 seq.cached += n  # a prefill chunk that does not end the prompt
