@@ -28,11 +28,10 @@ from mtpd.v1 import worker_pb2 as pb
 from mtpd.v1 import worker_pb2_grpc as pb_grpc
 from mtpd.worker.engine import load_shard
 from mtpd.worker.stage import Stage
-from mtpd.worker.transport import DistLink, TransportError
+from mtpd.worker.transport import DTYPES, DistLink, TransportError
 
 log = logging.getLogger("mtpd.worker")
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Without --cache-memory the KV cache takes at most this share of the memory left
 # after the weights are loaded.
 DEFAULT_CACHE_SHARE = 0.5
@@ -61,8 +60,8 @@ def free_memory(device: torch.device) -> int:
     return int(psutil.virtual_memory().available)
 
 
-def cache_slots(wanted: int, bytes_per_slot: int, cache_memory: int, free: int) -> tuple[int, int]:
-    """How many sequence slots the KV cache gets, and its budget in bytes."""
+def cache_slots(wanted: int, bytes_per_slot: int, cache_memory: int, free: int) -> int:
+    """How many sequence slots the KV cache gets."""
     budget = int(free * DEFAULT_CACHE_SHARE)
     if cache_memory:
         budget = min(budget, cache_memory)
@@ -72,7 +71,7 @@ def cache_slots(wanted: int, bytes_per_slot: int, cache_memory: int, free: int) 
             f"KV cache budget of {budget} bytes cannot hold one sequence of "
             f"{bytes_per_slot} bytes: lower max_context or raise --cache-memory"
         )
-    return slots, budget
+    return slots
 
 
 class WorkerService(pb_grpc.WorkerServicer):
@@ -144,7 +143,7 @@ class WorkerService(pb_grpc.WorkerServicer):
         max_context = shard.stack.max_context
         per_slot = spec.num_layers * 2 * cfg.num_kv_heads * max_context * cfg.head_dim
         per_slot *= dtype.itemsize
-        slots, _ = cache_slots(
+        slots = cache_slots(
             max(1, req.max_seqs), per_slot, req.cache_memory_bytes, free_memory(self.device)
         )
         cache = shard.new_cache(slots, max_context)

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from mtpd.v1 import worker_pb2 as pb
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class TransportError(RuntimeError):
@@ -34,7 +34,7 @@ def decode(message: pb.Activations, rows: int, hidden_size: int) -> torch.Tensor
     """The tensor in `message`, checked against the shape the step implies."""
     try:
         header = msgpack.unpackb(message.header)
-        shape, dtype = list(header["shape"]), _DTYPES[header["dtype"]]
+        shape, dtype = list(header["shape"]), DTYPES[header["dtype"]]
     except (ValueError, KeyError, TypeError, msgpack.UnpackException) as e:
         raise TransportError(f"malformed activation header: {e}") from e
     if shape != [rows, hidden_size]:

@@ -52,22 +52,20 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("version", "pid", "device", "free_memory_bytes", "state", "model_identity", "threads")
+    __slots__ = ("version", "pid", "device", "free_memory_bytes", "state", "threads")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     FREE_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
-    MODEL_IDENTITY_FIELD_NUMBER: _ClassVar[int]
     THREADS_FIELD_NUMBER: _ClassVar[int]
     version: str
     pid: int
     device: str
     free_memory_bytes: int
     state: WorkerState
-    model_identity: str
     threads: int
-    def __init__(self, version: _Optional[str] = ..., pid: _Optional[int] = ..., device: _Optional[str] = ..., free_memory_bytes: _Optional[int] = ..., state: _Optional[_Union[WorkerState, str]] = ..., model_identity: _Optional[str] = ..., threads: _Optional[int] = ...) -> None: ...
+    def __init__(self, version: _Optional[str] = ..., pid: _Optional[int] = ..., device: _Optional[str] = ..., free_memory_bytes: _Optional[int] = ..., state: _Optional[_Union[WorkerState, str]] = ..., threads: _Optional[int] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
     __slots__ = ("model", "first_layer", "end_layer", "dtype", "max_seqs", "max_context", "cache_memory_bytes", "mtp_head", "rank", "world_size", "transport", "rendezvous", "recv_timeout_ms", "load_mtp")
