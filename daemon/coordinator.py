@@ -11,7 +11,7 @@ from mtpd.daemon.pipeline import Pipeline, PipelineConfig
 from mtpd.daemon.scheduler import Scheduler
 from mtpd.model.checkpoint import open_checkpoint, read_config
 from mtpd.model.config import ModelConfig
-from mtpd.model.default_model import default_head_path, resolve_model
+from mtpd.model.default_model import resolve_model
 from mtpd.model.tokenizer import Tokenizer
 
 
@@ -35,6 +35,7 @@ class Settings:
     draft_tokens: int | str = AUTO  # 0 turns MTP off
     draft_p_min: float = 0.0
     mtp_head: Path | None = None  # default: the shipped head, else the checkpoint's own
+    # (resolved by the tail worker, which may be on another host)
 
 
 class Coordinator:
@@ -57,7 +58,6 @@ class Coordinator:
         cfg = read_config(ckpt)
         tokenizer = Tokenizer.from_checkpoint(ckpt, cfg)
         policy = DraftPolicy(settings.draft_tokens, settings.draft_p_min)
-        head = settings.mtp_head or default_head_path(settings.model)
         pipeline = Pipeline.start(
             PipelineConfig(
                 model=str(path),
@@ -75,7 +75,7 @@ class Coordinator:
                 join_listen=settings.join_listen,
                 token=settings.token,
                 load_mtp=policy.enabled,
-                mtp_head=str(head) if head else None,
+                mtp_head=str(settings.mtp_head) if settings.mtp_head else None,
             )
         )
         notes = []

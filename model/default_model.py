@@ -44,6 +44,15 @@ def default_head_path(model: str | None) -> Path | None:
     return path if path.exists() else None
 
 
+def shipped_head_for(model_path: Path) -> Path | None:
+    """The shipped MTP head when `model_path` is the embedded default model's file."""
+    try:
+        default = default_model_path()
+    except ModelLoadError:
+        return None
+    return default_head_path(None) if Path(model_path).resolve() == default.resolve() else None
+
+
 def resolve_model(model: str | None) -> Path:
     """A model argument (None or 'smollm2' for the default, else a path) as a path."""
     if model is None or model == DEFAULT_MODEL:

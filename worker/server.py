@@ -22,6 +22,7 @@ import torch
 from mtpd import __version__
 from mtpd.model.checkpoint import open_checkpoint, read_config
 from mtpd.model.decoder import ShardSpec, model_identity, shard_tensor_shapes
+from mtpd.model.default_model import shipped_head_for
 from mtpd.model.errors import InputError
 from mtpd.rpc import CHANNEL_OPTIONS, bearer_metadata, bearer_token_matches
 from mtpd.v1 import worker_pb2 as pb
@@ -136,7 +137,10 @@ class WorkerService(pb_grpc.WorkerServicer):
         spec = ShardSpec(req.first_layer, req.end_layer, req.rank == 0, tail)
         dtype = DTYPES[req.dtype]
         load_mtp = tail and req.load_mtp
-        head = Path(req.mtp_head) if load_mtp and req.mtp_head else None
+        head = None
+        if load_mtp:
+            # A worker resolves the shipped head itself: a remote one has its own install.
+            head = Path(req.mtp_head) if req.mtp_head else shipped_head_for(Path(model))
         shard, mtp = load_shard(
             ckpt, cfg, spec, dtype, req.max_context, self.device, head, checkpoint_mtp=load_mtp
         )
