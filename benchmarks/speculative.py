@@ -1,6 +1,6 @@
 """MTP speculative decoding against plain decoding, side by side in one run.
 
-    python benchmarks/speculative.py [--workers 1 2] [--tokens 128] [--json OUT]
+    python benchmarks/speculative.py [--workers 1 2] [--tokens 128] [--p-min P] [--json OUT]
 
 SmolLM2 with the shipped head, greedy, one stream: each prompt is generated with MTP
 off and with the adaptive policy (order alternating), on the same pipeline. Reports
@@ -46,8 +46,8 @@ QUESTIONS = [
 ]
 
 
-def run_one(pipeline: Pipeline, prompt: list[int], setting, tokens: int) -> dict:
-    scheduler = Scheduler(pipeline, eos_ids=set(), policy=DraftPolicy(setting))
+def run_one(pipeline: Pipeline, prompt: list[int], setting, tokens: int, p_min: float) -> dict:
+    scheduler = Scheduler(pipeline, eos_ids=set(), policy=DraftPolicy(setting, p_min))
     request = scheduler.submit(
         prompt, SamplingParams(), tokens, ignore_eos=True, return_logits=setting == 0
     )
@@ -67,7 +67,7 @@ def run_one(pipeline: Pipeline, prompt: list[int], setting, tokens: int) -> dict
     }
 
 
-def bench(path, cfg, prompts, workers: int, tokens: int) -> dict:
+def bench(path, cfg, prompts, workers: int, tokens: int, p_min: float) -> dict:
     pipeline = Pipeline.start(
         PipelineConfig(
             model=str(path),
@@ -82,10 +82,10 @@ def bench(path, cfg, prompts, workers: int, tokens: int) -> dict:
     )
     runs = {0: [], AUTO: []}
     with pipeline:
-        run_one(pipeline, prompts[0], AUTO, 16)  # warm-up
+        run_one(pipeline, prompts[0], AUTO, 16, p_min)  # warm-up
         for i, prompt in enumerate(prompts):
             for setting in (0, AUTO) if i % 2 == 0 else (AUTO, 0):
-                runs[setting].append(run_one(pipeline, prompt, setting, tokens))
+                runs[setting].append(run_one(pipeline, prompt, setting, tokens, p_min))
 
     plain, spec = runs[0], runs[AUTO]
     agreements = [
@@ -133,6 +133,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--prompts", type=int, default=len(QUESTIONS))
+    ap.add_argument("--p-min", type=float, default=0.0, help="--draft-p-min for auto")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     path = resolve_model(None)
@@ -143,7 +144,7 @@ def main() -> None:
         tok.encode(tok.render_chat([{"role": "user", "content": q}]))
         for q in QUESTIONS[: args.prompts]
     ]
-    out = [bench(path, cfg, prompts, w, args.tokens) for w in args.workers]
+    out = [bench(path, cfg, prompts, w, args.tokens, args.p_min) for w in args.workers]
     print(json.dumps(out, indent=2))
     if args.json:
         with open(args.json, "w") as f:
