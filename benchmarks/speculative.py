@@ -21,9 +21,9 @@ import json
 import statistics
 import time
 
-from mtpd.daemon.draft_policy import AUTO, DraftPolicy
+from mtpd.daemon.draft_policy import AUTO, DraftPolicy, DraftStats
 from mtpd.daemon.pipeline import Pipeline, PipelineConfig
-from mtpd.daemon.scheduler import DraftStats, Scheduler
+from mtpd.daemon.scheduler import Scheduler
 from mtpd.model.checkpoint import open_checkpoint, read_config
 from mtpd.model.compare import compare_tokens
 from mtpd.model.default_model import default_head_path, resolve_model

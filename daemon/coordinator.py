@@ -11,6 +11,7 @@ from mtpd.daemon.pipeline import Pipeline, PipelineConfig
 from mtpd.daemon.scheduler import Scheduler
 from mtpd.model.checkpoint import open_checkpoint, read_config
 from mtpd.model.config import ModelConfig
+from mtpd.model.decoder import model_identity
 from mtpd.model.default_model import resolve_model
 from mtpd.model.tokenizer import Tokenizer
 
@@ -74,6 +75,7 @@ class Coordinator:
                 runtime_dir=settings.runtime_dir,
                 join_listen=settings.join_listen,
                 token=settings.token,
+                model_identity=model_identity(ckpt, cfg) if settings.join_listen else "",
                 load_mtp=policy.enabled,
                 mtp_head=str(settings.mtp_head) if settings.mtp_head else None,
             )

@@ -13,9 +13,11 @@ a sequence's acceptance starts from the server-wide rates and moves to its own.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 from mtpd.model.errors import InvalidParameter
+from mtpd.v1 import worker_pb2 as pb
 
 AUTO = "auto"
 MAX_DRAFT = 6  # the longest draft `auto` considers
@@ -25,20 +27,68 @@ _EXPLORE_EVERY = 8  # with k = 0 chosen, draft one token every this many steps a
 
 
 @dataclass
-class AcceptanceCounts:
-    """Per draft position: how often it was reached (drafted with every earlier draft
-    accepted) and accepted."""
+class DraftStats:
+    """Speculative decoding of a request (or of the server): per draft position, how
+    often a draft was verified there, reached (every earlier draft accepted) and
+    accepted; and where the time of the steps it took part in went (a step shared by a
+    batch counts for each of its sequences in their own stats, once in the server's)."""
 
-    reached: list[float] = field(default_factory=lambda: [0.0] * MAX_DRAFT)
-    accepted: list[float] = field(default_factory=lambda: [0.0] * MAX_DRAFT)
-    decisions: int = 0
+    steps: int = 0  # verification steps after the prompt
+    tokens: int = 0  # tokens those steps emitted
+    drafted: list[int] = field(default_factory=list)
+    reached: list[int] = field(default_factory=list)  # drafted, every earlier one accepted
+    accepted: list[int] = field(default_factory=list)
+    verify_s: float = 0.0  # the trunk on every stage (verification included)
+    draft_s: float = 0.0  # the MTP head on the tail
+    transport_s: float = 0.0  # activations between stages
 
-    def add(self, drafted: int, accepted: int) -> None:
-        for j in range(min(drafted, MAX_DRAFT)):
-            if j > accepted:
-                break
-            self.reached[j] += 1
+    def add_times(self, timings: list[pb.StepTimings]) -> None:
+        draft = timings[-1].draft_s
+        self.draft_s += draft
+        self.verify_s += sum(t.compute_s for t in timings) - draft
+        self.transport_s += sum(
+            max(0.0, b.input_ready_at - a.computed_at) for a, b in itertools.pairwise(timings)
+        )
+
+    def add(self, drafted: int, accepted: int, emitted: int) -> None:
+        self.steps += 1
+        self.tokens += emitted
+        while len(self.drafted) < drafted:
+            self.drafted.append(0)
+            self.reached.append(0)
+            self.accepted.append(0)
+        for j in range(drafted):
+            self.drafted[j] += 1
+            self.reached[j] += j <= accepted
             self.accepted[j] += j < accepted
+
+    def merge(self, other: DraftStats) -> None:
+        """Add another request's counts (server-wide and benchmark totals)."""
+        self.steps += other.steps
+        self.tokens += other.tokens
+        self.verify_s += other.verify_s
+        self.draft_s += other.draft_s
+        self.transport_s += other.transport_s
+        for name in ("drafted", "reached", "accepted"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            mine.extend([0] * (len(theirs) - len(mine)))
+            for j, n in enumerate(theirs):
+                mine[j] += n
+
+    @property
+    def acceptance_by_position(self) -> list[float]:
+        """Of the steps that drafted position i, the share where it was accepted."""
+        return [a / d for a, d in zip(self.accepted, self.drafted, strict=True)]
+
+    @property
+    def conditional_acceptance_by_position(self) -> list[float]:
+        """Of the drafts at position i whose earlier drafts were all accepted, the share
+        accepted (what the cost model uses)."""
+        return [a / r if r else 0.0 for a, r in zip(self.accepted, self.reached, strict=True)]
+
+    @property
+    def tokens_per_step(self) -> float:
+        return self.tokens / self.steps if self.steps else 0.0
 
 
 def parse_draft_tokens(text: str) -> int | str:
@@ -58,7 +108,7 @@ class DraftPolicy:
         if not 0 <= p_min < 1:
             raise InvalidParameter(f"--draft-p-min must be in [0, 1), got {p_min}")
         self.setting, self.p_min = setting, p_min
-        self.server = AcceptanceCounts()
+        self.server = DraftStats()  # every sequence's steps: the prior for new ones
         # Weighted least squares of step time on positions, with forgetting.
         self._sw = self._sx = self._sy = self._sxx = self._sxy = 0.0
         self.draft_pass_s = 0.0
@@ -90,13 +140,14 @@ class DraftPolicy:
         beta = max(beta, 0.0)
         return max(mean_y - beta * mean_x, 1e-6), beta
 
-    def rates(self, own: AcceptanceCounts) -> list[float]:
+    def rates(self, own: DraftStats) -> list[float]:
+        """Conditional acceptance by position: the sequence's own, pulled towards the
+        server's while it has few observations."""
         out = []
         for j in range(MAX_DRAFT):
-            server = (self.server.accepted[j] + 1) / (self.server.reached[j] + 2)
-            out.append(
-                (own.accepted[j] + _PRIOR_WEIGHT * server) / (own.reached[j] + _PRIOR_WEIGHT)
-            )
+            server = (_at(self.server.accepted, j) + 1) / (_at(self.server.reached, j) + 2)
+            mine, tries = _at(own.accepted, j), _at(own.reached, j)
+            out.append((mine + _PRIOR_WEIGHT * server) / (tries + _PRIOR_WEIGHT))
         return out
 
     def expected_tokens(self, rates: list[float], k: int) -> float:
@@ -106,7 +157,7 @@ class DraftPolicy:
             total += chain
         return total
 
-    def choose(self, own: AcceptanceCounts, limit: int, batch: int = 1) -> int:
+    def choose(self, own: DraftStats, limit: int, batch: int = 1) -> int:
         """Drafts to request for a sequence's next step (at most `limit`), when it
         shares steps with `batch` sequences (which share the fixed cost of a pass)."""
         if limit <= 0:
@@ -123,11 +174,10 @@ class DraftPolicy:
             rate = self.expected_tokens(rates, k) / cost
             if rate > best_rate:
                 best, best_rate = k, rate
-        own.decisions += 1
-        if best == 0 and own.decisions % _EXPLORE_EVERY == 0:
+        if best == 0 and own.steps % _EXPLORE_EVERY == _EXPLORE_EVERY - 1:
             best = 1  # keep measuring, so a sequence that turns predictable is noticed
         return best
 
-    def record(self, own: AcceptanceCounts, drafted: int, accepted: int) -> None:
-        own.add(drafted, accepted)
-        self.server.add(drafted, accepted)
+
+def _at(counts: list[int], j: int) -> int:
+    return counts[j] if j < len(counts) else 0

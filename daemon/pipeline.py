@@ -50,6 +50,7 @@ class PipelineConfig:
     # shared token; `workers` of them are awaited instead of starting local ones.
     join_listen: str | None = None
     token: str | None = None
+    model_identity: str = ""  # what joining workers must match (mtpd.model.decoder.model_identity)
     join_timeout_s: float = 300.0
     load_mtp: bool = False  # the tail loads an MTP head (mtp_head, or the checkpoint's own)
 
@@ -121,7 +122,6 @@ class Pipeline:
         self.max_seqs = min(s.load.max_seqs for s in stages)
         self.max_context = min(s.load.max_context for s in stages)
         self.mtp_head = stages[-1].load.mtp_head  # "" when the tail has none
-        self.transport = cfg.transport
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._pending: dict[int, _Pending] = {}
@@ -148,6 +148,8 @@ class Pipeline:
         if remote:
             if not cfg.token:
                 raise InputError("remote workers (--join-listen) need a --token-file")
+            if not cfg.model_identity:
+                raise ValueError("PipelineConfig.model_identity is needed for remote workers")
             n = cfg.workers if cfg.workers is not None else 1
         else:
             devices = _resolve_devices(cfg.device, cfg.workers)
@@ -238,10 +240,13 @@ class Pipeline:
             self._pending[request.step_id] = pending
             # Every stage hears of every step, in one order. Relayed activations
             # (gRPC transport) reach later stages from _on_reply instead.
-            relay = self.transport == "grpc" and bool(sequences)
-            for link in self.links[:1] if relay else self.links:
+            for link in self.links[:1] if self._relayed(request) else self.links:
                 link.send(request)
         return future
+
+    def _relayed(self, request: pb.StepRequest) -> bool:
+        """Whether the daemon carries this step's activations from stage to stage."""
+        return self.cfg.transport == "grpc" and bool(request.sequences)
 
     def release(self, seq_ids: list[str]) -> Future[StepOutcome]:
         """Free the sequences' cache slots on every worker (ordered after their steps)."""
@@ -253,7 +258,7 @@ class Pipeline:
             if pending is None:
                 return
             pending.replies[rank] = reply
-            relay = self.transport == "grpc" and bool(pending.request.sequences)
+            relay = self._relayed(pending.request)
             if relay and rank + 1 < self.num_stages and not reply.error:
                 forward = pb.StepRequest()
                 forward.CopyFrom(pending.request)
@@ -329,8 +334,6 @@ class _RemoteSide:
         import torch.distributed as dist
 
         from mtpd.daemon.registry import WorkerRegistry, serve_registry
-        from mtpd.model.checkpoint import open_checkpoint, read_config
-        from mtpd.model.decoder import model_identity
 
         host = cfg.join_listen.rsplit(":", 1)[0]
         if host in ("", "0.0.0.0", "[::]", "::"):
@@ -338,8 +341,7 @@ class _RemoteSide:
                 f"--join-listen {cfg.join_listen!r}: name the address workers reach this "
                 f"host at (it is also where they meet for the data plane)"
             )
-        ckpt = open_checkpoint(cfg.model)
-        registry = WorkerRegistry(expected, cfg.token, model_identity(ckpt, read_config(ckpt)))
+        registry = WorkerRegistry(expected, cfg.token, cfg.model_identity)
         server = serve_registry(cfg.join_listen, registry)
         try:
             store = dist.TCPStore(

@@ -22,7 +22,7 @@ from typing import Protocol
 
 import torch
 
-from mtpd.daemon.draft_policy import AcceptanceCounts, DraftPolicy
+from mtpd.daemon.draft_policy import DraftPolicy, DraftStats
 from mtpd.daemon.pipeline import Pipeline, StepOutcome
 from mtpd.model.errors import InputError, InvalidParameter
 from mtpd.model.sampling import SamplingParams
@@ -38,70 +38,6 @@ class QueueFullError(InputError):
 
 class RequestFailed(RuntimeError):
     """The pipeline failed while the request ran."""
-
-
-@dataclass
-class DraftStats:
-    """Speculative decoding of a request (or of the server): per draft position, how
-    often a draft was verified there and accepted; and where the time of the steps it
-    took part in went (a step shared by a batch counts for each of its sequences)."""
-
-    steps: int = 0  # verification steps after the prompt
-    tokens: int = 0  # tokens those steps emitted
-    drafted: list[int] = field(default_factory=list)
-    reached: list[int] = field(default_factory=list)  # drafted, every earlier one accepted
-    accepted: list[int] = field(default_factory=list)
-    verify_s: float = 0.0  # the trunk on every stage (verification included)
-    draft_s: float = 0.0  # the MTP head on the tail
-    transport_s: float = 0.0  # activations between stages
-
-    def add_times(self, timings: list[pb.StepTimings]) -> None:
-        draft = timings[-1].draft_s
-        self.draft_s += draft
-        self.verify_s += sum(t.compute_s for t in timings) - draft
-        self.transport_s += sum(
-            max(0.0, b.input_ready_at - a.computed_at) for a, b in itertools.pairwise(timings)
-        )
-
-    def add(self, drafted: int, accepted: int, emitted: int) -> None:
-        self.steps += 1
-        self.tokens += emitted
-        while len(self.drafted) < drafted:
-            self.drafted.append(0)
-            self.reached.append(0)
-            self.accepted.append(0)
-        for j in range(drafted):
-            self.drafted[j] += 1
-            self.reached[j] += j <= accepted
-            self.accepted[j] += j < accepted
-
-    def merge(self, other: DraftStats) -> None:
-        """Add another request's counts (server-wide and benchmark totals)."""
-        self.steps += other.steps
-        self.tokens += other.tokens
-        self.verify_s += other.verify_s
-        self.draft_s += other.draft_s
-        self.transport_s += other.transport_s
-        for name in ("drafted", "reached", "accepted"):
-            mine, theirs = getattr(self, name), getattr(other, name)
-            mine.extend([0] * (len(theirs) - len(mine)))
-            for j, n in enumerate(theirs):
-                mine[j] += n
-
-    @property
-    def acceptance_by_position(self) -> list[float]:
-        """Of the steps that drafted position i, the share where it was accepted."""
-        return [a / d for a, d in zip(self.accepted, self.drafted, strict=True)]
-
-    @property
-    def conditional_acceptance_by_position(self) -> list[float]:
-        """Of the drafts at position i whose earlier drafts were all accepted, the share
-        accepted (what the cost model uses)."""
-        return [a / r if r else 0.0 for a, r in zip(self.accepted, self.reached, strict=True)]
-
-    @property
-    def tokens_per_step(self) -> float:
-        return self.tokens / self.steps if self.steps else 0.0
 
 
 @dataclass
@@ -182,10 +118,12 @@ class _Sequence:
     return_logits: bool
     cached: int = 0  # positions every worker holds in its KV cache
     in_flight: bool = False
-    generated: int = 0
     proposed: list[int] = field(default_factory=list)  # the head's drafts for the next step
     verifying: int = 0  # drafts in the step in flight
-    acceptance: AcceptanceCounts = field(default_factory=AcceptanceCounts)
+
+    @property
+    def generated(self) -> int:
+        return len(self.history) - self.prompt_len
 
     @property
     def pending(self) -> int:
@@ -214,7 +152,6 @@ class Scheduler:
         self._active: list[_Sequence] = []
         self._in_flight = 0
         self._stopped = False
-        self.totals = DraftStats()  # of every finished request
         # The latest steps, for benchmarks and stats.
         self.recent_steps: deque[StepRecord] = deque(maxlen=4096)
         self._thread = threading.Thread(target=self._loop, daemon=True, name="scheduler")
@@ -259,6 +196,11 @@ class Scheduler:
             self._waiting.append(seq)
             self._cond.notify()
         return request
+
+    @property
+    def stats(self) -> DraftStats:
+        """Server-wide speculative statistics (each step counted once)."""
+        return self.policy.server
 
     def close(self) -> None:
         with self._cond:
@@ -319,13 +261,15 @@ class Scheduler:
             limit = min(remaining - 1, room)
             drafts = seq.proposed[:limit]
             if self.draft_source is not None:
-                k = self.policy.choose(seq.acceptance, limit, batch)
+                k = self.policy.choose(seq.request.drafts, limit, batch)
                 drafts = self.draft_source(seq.request.seq_id, seq.history, drafts, k)[:limit]
             step.token_ids.extend(drafts)
             step.verify = seq.verifying = len(drafts)
             room -= len(drafts)
         if self.policy.enabled:
-            step.draft_tokens = self.policy.choose(seq.acceptance, min(remaining - 2, room), batch)
+            step.draft_tokens = self.policy.choose(
+                seq.request.drafts, min(remaining - 2, room), batch
+            )
         return step
 
     def _next_batch(self) -> list[tuple[_Sequence, int]] | None:
@@ -367,7 +311,6 @@ class Scheduler:
         for seq in seqs:
             if seq in self._active:
                 self._active.remove(seq)
-            self.totals.merge(seq.request.drafts)
             seq.request._finish(reason, error)
 
     def _complete(self, batch: list[tuple[_Sequence, int]], future: Future[StepOutcome]) -> None:
@@ -413,7 +356,7 @@ class Scheduler:
         emitted = list(result.token_ids)
         if seq.generated:  # a verification step after the prompt
             seq.request.drafts.add(seq.verifying, result.accepted, len(emitted))
-            self.policy.record(seq.acceptance, seq.verifying, result.accepted)
+            self.policy.server.add(seq.verifying, result.accepted, len(emitted))
         seq.cached += n + result.accepted
         seq.proposed = list(result.draft_token_ids)
         rows = None
@@ -424,7 +367,6 @@ class Scheduler:
             if token in self.eos_ids and not seq.ignore_eos:
                 return "stop"
             seq.history.append(token)
-            seq.generated += 1
             if rows is not None:
                 seq.request.logits.append(rows[i])
             seq.request._emit(token)
@@ -438,6 +380,7 @@ class Scheduler:
         )
         for seq, _ in batch:
             seq.request.drafts.add_times(outcome.timings)
+        self.policy.server.add_times(outcome.timings)
         # The cost model is about decoding steps; prefill chunks would skew it.
         if all(seq.generated for seq, _ in batch):
             tail = outcome.timings[-1]

@@ -18,6 +18,7 @@ from mtpd.model.decoder import DecoderShard
 from mtpd.model.errors import InputError
 from mtpd.model.kv_cache import KVCache
 from mtpd.model.mtp import MTPHead
+from mtpd.model.sampling import SamplingParams
 from mtpd.rpc import sampling_from_wire
 from mtpd.v1 import worker_pb2 as pb
 from mtpd.worker.drafter import Advance, Drafter
@@ -57,12 +58,12 @@ class Stage:
             world_size,
             link,
         )
+        self.is_first, self.is_tail = rank == 0, rank == world_size - 1
         self.drafter = (
             Drafter(mtp, cache.max_seqs, cache.max_context)
-            if mtp is not None and rank == world_size - 1
+            if mtp is not None and self.is_tail
             else None
         )
-        self.is_first, self.is_tail = rank == 0, rank == world_size - 1
         self.hidden_size = shard.cfg.hidden_size
         # The tail keeps each sequence's cached token ids: sampling needs the position
         # and the history (repetition penalty).
@@ -73,8 +74,10 @@ class Stage:
     def active_sequences(self) -> int:
         return self.cache.max_seqs - self.cache.free_slots
 
-    def _check(self, req: pb.StepRequest) -> None:
+    def _check(self, req: pb.StepRequest) -> list[SamplingParams]:
+        """Refuse a step that cannot run; returns each sequence's sampling parameters."""
         seen: set[str] = set()
+        params = []
         for s in req.sequences:
             if s.seq_id in seen:
                 raise StepRefused(f"sequence {s.seq_id!r} appears twice in step {req.step_id}")
@@ -93,7 +96,7 @@ class Stage:
                     f"beyond the cache's max context of {self.cache.max_context}"
                 )
             try:
-                sampling_from_wire(s.sampling)
+                params.append(sampling_from_wire(s.sampling))
             except InputError as e:
                 raise StepRefused(f"sequence {s.seq_id!r}: {e}") from e
             if s.verify >= len(s.token_ids) or (s.verify and not s.sample):
@@ -110,12 +113,13 @@ class Stage:
         released = sum(1 for sid in req.release if self.cache.slot_of(sid) is not None)
         if new > self.cache.free_slots + released:
             raise StepRefused(f"KV cache full: all {self.cache.max_seqs} sequence slots in use")
+        return params
 
     def run(self, req: pb.StepRequest) -> pb.StepReply:
         arrived = time.monotonic()
         reply = pb.StepReply(step_id=req.step_id)
         try:
-            self._check(req)
+            params = self._check(req)
         except StepRefused as e:
             reply.error = str(e)
             return reply
@@ -127,10 +131,12 @@ class Stage:
         if not req.sequences:
             return reply
         with torch.inference_mode():
-            self._compute(req, reply, arrived)
+            self._compute(req, params, reply, arrived)
         return reply
 
-    def _compute(self, req: pb.StepRequest, reply: pb.StepReply, arrived: float) -> None:
+    def _compute(
+        self, req: pb.StepRequest, params: list[SamplingParams], reply: pb.StepReply, arrived: float
+    ) -> None:
         seqs = req.sequences
         slots = [self.cache.slot(s.seq_id) for s in seqs]
         counts = [len(s.token_ids) for s in seqs]
@@ -149,7 +155,7 @@ class Stage:
 
         hidden = self.shard(x, self.cache, slots, counts)
         if self.is_tail:
-            self._verify_and_draft(seqs, counts, hidden, reply)
+            self._verify_and_draft(seqs, params, counts, hidden, reply)
         elif device.type == "cuda":
             torch.cuda.synchronize(device)  # so compute time is not billed to the send
         computed = time.monotonic()
@@ -183,6 +189,7 @@ class Stage:
     def _verify_and_draft(
         self,
         seqs: list[pb.SequenceStep],
+        params: list[SamplingParams],
         counts: list[int],
         hidden: torch.Tensor,
         reply: pb.StepReply,
@@ -212,9 +219,7 @@ class Stage:
             if s.sample:
                 base = s.keep + counts[i] - 1 - s.verify
                 n = s.verify + 1
-                emitted = verify(
-                    logits[row : row + n], sampling_from_wire(s.sampling), history, base, s.verify
-                )
+                emitted = verify(logits[row : row + n], params[i], history, base, s.verify)
                 accepted = len(emitted) - 1
                 del history[base + accepted + 1 :]  # the rejected drafts
                 verified = counts[i] - s.verify + accepted

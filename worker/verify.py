@@ -23,9 +23,10 @@ def verify(
     Returns the accepted drafts followed by the drawn token after them.
     """
     emitted = []
+    ids = torch.tensor(history)  # once: row j sees the prefix before its position
     for j in range(drafts + 1):
         position = base + j + 1
-        token = select_token(logits[j], params, position, torch.tensor(history[:position]))
+        token = select_token(logits[j], params, position, ids[:position])
         emitted.append(token)
         if j == drafts or token != history[position]:
             break
