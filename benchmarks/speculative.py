@@ -54,7 +54,7 @@ def run_one(pipeline: Pipeline, prompt: list[int], setting, tokens: int, p_min: 
     stream = iter(request)
     next(stream)  # prefill and first token
     start = time.perf_counter()
-    n = 1 + sum(1 for _ in stream)
+    n = 1 + sum(len(step.token_ids) for step in stream)
     elapsed = time.perf_counter() - start
     result = request.result()
     steps = [s for s in scheduler.recent_steps][1:]  # decode steps only

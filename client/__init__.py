@@ -1,4 +1,44 @@
-"""The client SDK (Client, AsyncClient), knowing only the gRPC contract in protos/.
+"""The mtpd client SDK: `Client` (blocking) and `AsyncClient` (asyncio) for a running
+`mtpd serve`. It knows only the gRPC contract (protos/mtpd/v1/inference.proto) and
+imports neither torch nor the daemon.
 
-Built by the public-interface issue.
+    from mtpd.client import Client
+
+    with Client() as client:  # $MTPD_ADDRESS, else the default socket
+        print(client.generate("The capital of France is", max_tokens=8).text)
+        for delta in client.chat_stream([{"role": "user", "content": "Hi!"}]):
+            print(delta.text, end="", flush=True)
 """
+
+from mtpd.client.async_client import AsyncClient, AsyncStream
+from mtpd.client.errors import (
+    Cancelled,
+    InvalidRequest,
+    MtpdError,
+    Overloaded,
+    ServerError,
+    Timeout,
+    Unauthenticated,
+    Unavailable,
+)
+from mtpd.client.messages import Delta, GenerationResult, Message, Options
+from mtpd.client.sync_client import Client, Stream
+
+__all__ = [
+    "AsyncClient",
+    "AsyncStream",
+    "Cancelled",
+    "Client",
+    "Delta",
+    "GenerationResult",
+    "InvalidRequest",
+    "Message",
+    "MtpdError",
+    "Options",
+    "Overloaded",
+    "ServerError",
+    "Stream",
+    "Timeout",
+    "Unauthenticated",
+    "Unavailable",
+]

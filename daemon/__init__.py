@@ -1,6 +1,7 @@
-"""The coordinator: API, scheduler, request state, draft policy, worker supervision.
+"""The daemon (coordinator): the gRPC front (server, service), one request's path
+(options, generation), continuous batching (scheduler, draft policy) and the pipeline of
+workers it drives.
 
 It holds no model tensors and needs no GPU; it talks to workers only through the
-contract in protos/. Built by the pipeline issue; until then `mtpd run` drives the
-single-process engine in mtpd.worker.engine directly.
+contract in protos/.
 """

@@ -31,7 +31,7 @@ class WorkerRegistry(pb_grpc.WorkerRegistryServicer):
 
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
         peer = context.peer()
-        if not bearer_token_matches(context, self.token):
+        if not bearer_token_matches(context.invocation_metadata(), self.token):
             log.warning("refused a worker from %s: wrong token", peer)
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong worker token")
         if request.version != __version__:

@@ -9,13 +9,16 @@ its next tokens depend on that step's result.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import logging
 import math
 import queue
 import threading
+import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -58,27 +61,61 @@ class DraftSource(Protocol):
     ) -> list[int]: ...
 
 
+@dataclass(frozen=True)
+class Accepted:
+    """The tokens one step accepted for a request."""
+
+    token_ids: list[int]
+    drafts: int  # how many of them were MTP drafts the verification accepted
+
+
 class Request:
-    """A caller's handle: iterate it for token ids as they are accepted, or wait for
-    `result()`."""
+    """A caller's handle: iterate it (or `async for` over it) for the tokens each step
+    accepts, or wait for `result()`."""
 
     def __init__(self, seq_id: str, max_tokens: int) -> None:
         self.seq_id = seq_id
-        # Bounded by construction: at most max_tokens tokens and one end marker.
-        self._events: queue.Queue[int | None] = queue.Queue(maxsize=max_tokens + 1)
+        # Bounded by construction: every step emits a token, so at most max_tokens
+        # steps' tokens and one end marker.
+        self._events: queue.Queue[Accepted | None] = queue.Queue(maxsize=max_tokens + 1)
         self._done = threading.Event()
+        self._listener: Callable[[], None] | None = None  # wakes an async reader
+        self._wake_scheduler: Callable[[], None] = lambda: None
         self.cancelled = False
+        self.submitted_at = time.monotonic()
+        self.admitted_at: float | None = None  # when it joined the running sequences
         self.token_ids: list[int] = []
         self.logits: list[torch.Tensor] = []
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.drafts = DraftStats()
 
-    def __iter__(self) -> Iterator[int]:
-        while (token := self._events.get()) is not None:
-            yield token
+    def __iter__(self) -> Iterator[Accepted]:
+        while (step := self._events.get()) is not None:
+            yield step
         if self.error is not None:
             raise RequestFailed(self.error)
+
+    async def __aiter__(self) -> AsyncIterator[Accepted]:
+        loop = asyncio.get_running_loop()
+        ready = asyncio.Event()
+        self._listener = lambda: loop.call_soon_threadsafe(ready.set)
+        while True:
+            ready.clear()  # before looking, so a put after the look sets it again
+            try:
+                step = self._events.get_nowait()
+            except queue.Empty:
+                await ready.wait()
+                continue
+            if step is None:
+                break
+            yield step
+        if self.error is not None:
+            raise RequestFailed(self.error)
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
 
     def result(self, timeout: float | None = None) -> Result:
         if not self._done.wait(timeout):
@@ -87,18 +124,26 @@ class Request:
         return Result(list(self.token_ids), reason, self.logits, self.error, self.drafts)
 
     def cancel(self) -> None:
+        """Stop generating; the sequence's cache is freed on every worker."""
         self.cancelled = True
+        self._wake_scheduler()
 
-    def _emit(self, token: int) -> None:
-        self.token_ids.append(token)
-        self._events.put(token)
+    def _emit(self, step: Accepted) -> None:
+        self.token_ids.extend(step.token_ids)
+        self._put(step)
 
     def _finish(self, reason: str, error: str | None = None) -> None:
         if self._done.is_set():
             return
         self.finish_reason, self.error = reason, error
-        self._events.put(None)
+        self._put(None)
         self._done.set()
+
+    def _put(self, event: Accepted | None) -> None:
+        self._events.put(event)
+        if self._listener is not None:
+            with contextlib.suppress(RuntimeError):  # the reader's event loop is gone
+                self._listener()
 
 
 @dataclass(frozen=True)
@@ -116,6 +161,7 @@ class _Sequence:
     max_tokens: int
     ignore_eos: bool
     return_logits: bool
+    draft_tokens: int | None  # the request's own drafts per step; None: the policy's
     cached: int = 0  # positions every worker holds in its KV cache
     in_flight: bool = False
     proposed: list[int] = field(default_factory=list)  # the head's drafts for the next step
@@ -167,6 +213,7 @@ class Scheduler:
         *,
         ignore_eos: bool = False,
         return_logits: bool = False,
+        draft_tokens: int | None = None,
     ) -> Request:
         if not prompt_ids:
             raise InvalidParameter("prompt is empty")
@@ -179,6 +226,7 @@ class Scheduler:
                 f"the context of {context} tokens"
             )
         request = Request(f"seq-{next(self._ids)}", max_tokens)
+        request._wake_scheduler = self._wake
         seq = _Sequence(
             request=request,
             params=sampling_to_wire(params),
@@ -187,12 +235,17 @@ class Scheduler:
             max_tokens=max_tokens,
             ignore_eos=ignore_eos,
             return_logits=return_logits,
+            draft_tokens=draft_tokens,
         )
         with self._cond:
             if self._stopped:
                 raise RequestFailed("the scheduler is stopped")
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFullError(f"admission queue full ({self.max_queue} requests waiting)")
+            # The queue holds what cannot start now: free sequence slots are not queue.
+            free = max(0, self.pipeline.max_seqs - len(self._active))
+            if len(self._waiting) >= self.max_queue + free:
+                raise QueueFullError(
+                    f"the admission queue is full ({self.max_queue} requests waiting); retry later"
+                )
             self._waiting.append(seq)
             self._cond.notify()
         return request
@@ -201,6 +254,15 @@ class Scheduler:
     def stats(self) -> DraftStats:
         """Server-wide speculative statistics (each step counted once)."""
         return self.policy.server
+
+    def load(self) -> tuple[int, int]:
+        """(sequences running, requests waiting for admission)."""
+        with self._cond:
+            return len(self._active), len(self._waiting)
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
 
     def close(self) -> None:
         with self._cond:
@@ -261,22 +323,27 @@ class Scheduler:
             limit = min(remaining - 1, room)
             drafts = seq.proposed[:limit]
             if self.draft_source is not None:
-                k = self.policy.choose(seq.request.drafts, limit, batch)
+                k = self._drafts_for(seq, limit, batch)
                 drafts = self.draft_source(seq.request.seq_id, seq.history, drafts, k)[:limit]
             step.token_ids.extend(drafts)
             step.verify = seq.verifying = len(drafts)
             room -= len(drafts)
         if self.policy.enabled:
-            step.draft_tokens = self.policy.choose(
-                seq.request.drafts, min(remaining - 2, room), batch
-            )
+            step.draft_tokens = self._drafts_for(seq, min(remaining - 2, room), batch)
         return step
+
+    def _drafts_for(self, seq: _Sequence, limit: int, batch: int) -> int:
+        if seq.draft_tokens is not None:
+            return max(0, min(seq.draft_tokens, limit))
+        return self.policy.choose(seq.request.drafts, limit, batch)
 
     def _next_batch(self) -> list[tuple[_Sequence, int]] | None:
         """Sequences and token counts for the next micro-batch (called under the lock)."""
         self._drop_cancelled()
         while self._waiting and len(self._active) < self.pipeline.max_seqs:
-            self._active.append(self._waiting.popleft())
+            seq = self._waiting.popleft()
+            seq.request.admitted_at = time.monotonic()
+            self._active.append(seq)
         if self._in_flight >= self.pipeline.num_stages:
             return None
         ready = [s for s in self._active if not s.in_flight]
@@ -359,20 +426,23 @@ class Scheduler:
             self.policy.server.add(seq.verifying, result.accepted, len(emitted))
         seq.cached += n + result.accepted
         seq.proposed = list(result.draft_token_ids)
-        rows = None
+        kept = emitted[: seq.max_tokens - seq.generated]
+        if not seq.ignore_eos:
+            end = next((i for i, t in enumerate(kept) if t in self.eos_ids), None)
+            if end is not None:
+                self._emit(seq, kept[:end], result)
+                return "stop"
+        self._emit(seq, kept, result)
+        return "length" if seq.generated == seq.max_tokens else None
+
+    def _emit(self, seq: _Sequence, tokens: list[int], result: pb.SequenceResult) -> None:
+        if not tokens:
+            return
+        seq.history.extend(tokens)
         if seq.return_logits:
             rows = torch.frombuffer(bytearray(result.logits), dtype=torch.float32)
-            rows = rows.view(len(emitted), -1)
-        for i, token in enumerate(emitted):
-            if token in self.eos_ids and not seq.ignore_eos:
-                return "stop"
-            seq.history.append(token)
-            if rows is not None:
-                seq.request.logits.append(rows[i])
-            seq.request._emit(token)
-            if seq.generated == seq.max_tokens:
-                return "length"
-        return None
+            seq.request.logits.extend(rows.view(len(result.token_ids), -1)[: len(tokens)])
+        seq.request._emit(Accepted(tokens, min(result.accepted, len(tokens))))
 
     def _observe(self, batch: list[tuple[_Sequence, int]], outcome: StepOutcome) -> None:
         self.recent_steps.append(

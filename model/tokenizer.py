@@ -90,21 +90,28 @@ class Tokenizer:
 class IncrementalDecoder:
     """Turns a growing token list into text deltas, never emitting half a character:
     a token may end inside a multi-byte UTF-8 sequence, which decodes to U+FFFD until
-    the next token completes it."""
+    the next token completes it. Each push decodes only a window of recent tokens (the
+    ones since the last delta, after those of the delta before, whose text gives the
+    context a decoder needs for spacing), so a long generation costs linear time."""
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self._tokenizer = tokenizer
         self._ids: list[int] = []
-        self._emitted = 0  # characters of the decoded text already returned
+        self._prefix = 0  # the window starts here
+        self._read = 0  # tokens before this have been returned as text
 
     def push(self, token_ids: Sequence[int]) -> str:
         self._ids.extend(token_ids)
-        text = self._tokenizer.decode(self._ids)
-        if text.endswith("\ufffd"):
+        seen = self._tokenizer.decode(self._ids[self._prefix : self._read])
+        text = self._tokenizer.decode(self._ids[self._prefix :])
+        if len(text) <= len(seen) or text.endswith("\ufffd"):
             return ""
-        delta = text[self._emitted :]
-        self._emitted = len(text)
-        return delta
+        self._prefix, self._read = self._read, len(self._ids)
+        return text[len(seen) :]
 
-    def text(self) -> str:
-        return self._tokenizer.decode(self._ids)
+    def flush(self) -> str:
+        """What the tokens not yet returned decode to, even if it ends mid-character."""
+        seen = self._tokenizer.decode(self._ids[self._prefix : self._read])
+        text = self._tokenizer.decode(self._ids[self._prefix :])
+        self._prefix = self._read = len(self._ids)
+        return text[len(seen) :]

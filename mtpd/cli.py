@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from mtpd import __version__
+from mtpd.credentials import TokenFileError, read_token_file
+from mtpd.daemon.options import (
+    DEFAULT_MAX_REQUEST_BYTES,
+    DEFAULT_MAX_TOKENS,
+    MAX_DRAFT_TOKENS,
+    GenerationOptions,
+)
 
 EXIT_USAGE = 2  # bad input: model files, flags, prompts
 
@@ -18,36 +23,65 @@ class UserError(Exception):
     """Reported as one line on stderr with exit code 2, no traceback."""
 
 
-def _add_generation_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("prompt", help="the prompt (a user message unless --raw)")
+def _draft_tokens(text: str) -> int | None:
+    """A number of drafts per step, or auto (None: the server's policy)."""
+    if text == "auto":
+        return None
+    try:
+        k = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a number of drafts or auto") from None
+    if not 0 <= k <= MAX_DRAFT_TOKENS:
+        raise argparse.ArgumentTypeError(f"must be in 0..{MAX_DRAFT_TOKENS} or auto, got {k}")
+    return k
+
+
+def _add_generation_flags(p: argparse.ArgumentParser, prompt: bool = True) -> None:
+    """The flags of one generation: the same for `run`, `generate` and `chat`, with the
+    defaults every interface shares (mtpd.daemon.options)."""
+    if prompt:
+        p.add_argument("prompt", help="the prompt (a user message unless --raw)")
+        p.add_argument(
+            "--raw", action="store_true", help="send the prompt as is, without the chat template"
+        )
+    d = GenerationOptions()
     p.add_argument(
-        "--model",
-        default=None,
-        help="HF directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)",
+        "--max-tokens",
+        type=int,
+        help=f"tokens to generate at most (default {DEFAULT_MAX_TOKENS}, or what fits the context)",
     )
+    p.add_argument("--temperature", type=float, help=f"0 means greedy (default {d.temperature})")
+    p.add_argument("--top-p", type=float, help=f"nucleus sampling (default {d.top_p}: off)")
+    p.add_argument("--top-k", type=int, help=f"0 turns top-k off (default {d.top_k})")
+    p.add_argument("--min-p", type=float, help=f"(default {d.min_p}: off)")
+    p.add_argument("--repetition-penalty", type=float, help=f"(default {d.repetition_penalty})")
+    p.add_argument("--seed", type=int, help=f"seed of the sampler (default {d.seed})")
     p.add_argument(
-        "--max-tokens", type=int, default=128, help="tokens to generate at most (default 128)"
-    )
-    p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (the default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="0 turns top-k off")
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampler (default 0)")
-    p.add_argument(
-        "--raw", action="store_true", help="send the prompt as is, without the chat template"
+        "--stop",
+        action="append",
+        help="a stop sequence: generation ends before it (repeat for several)",
     )
     p.add_argument("--system", default=None, help="a system message for the chat template")
     p.add_argument(
         "--json", action="store_true", help="print one JSON object instead of streaming text"
     )
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument(
         "--draft-tokens",
-        default="auto",
+        type=_draft_tokens,
+        default=None,
+        metavar="K|auto",
         help="MTP drafts per step: a number (0 turns MTP off) or auto (the default: chosen "
         "per sequence from measured acceptance and costs)",
     )
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        default=None,
+        help="HF directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)",
+    )
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument(
         "--draft-p-min",
         type=float,
@@ -60,6 +94,17 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
         help="MTP head file (default: the shipped one for the default model, else the "
         "checkpoint's own MTP layer)",
     )
+
+
+def _add_client_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--address",
+        default=None,
+        help="the daemon: unix:PATH, a socket path or HOST:PORT (default $MTPD_ADDRESS, "
+        "else the default socket)",
+    )
+    p.add_argument("--api-token-file", default=None, help="the daemon's API token")
+    p.add_argument("--timeout", type=float, default=None, help="seconds per call")
 
 
 def _parse_bytes(text: str) -> int:
@@ -122,14 +167,75 @@ def _add_pipeline_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token-file", default=None, help="the shared worker token (--join-listen)")
 
 
+def _add_serve_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--socket",
+        type=Path,
+        default=None,
+        help="the unix socket to listen on (default /run/mtpd/mtpd.sock when writable, else "
+        "$XDG_RUNTIME_DIR/mtpd/mtpd.sock or /tmp/mtpd-$UID/mtpd.sock)",
+    )
+    p.add_argument(
+        "--listen",
+        default=None,
+        metavar="HOST:PORT",
+        help="also listen on TCP (port 0: any free port); off by default",
+    )
+    p.add_argument("--api-token-file", default=None, help="require this bearer token on every call")
+    p.add_argument("--max-seqs", type=int, default=16, help="sequences decoded together")
+    p.add_argument(
+        "--max-queue", type=int, default=256, help="requests waiting for admission at most"
+    )
+    p.add_argument(
+        "--max-request-bytes",
+        type=_parse_bytes,
+        default=DEFAULT_MAX_REQUEST_BYTES,
+        metavar="SIZE",
+        help="larger requests are refused (default 1M)",
+    )
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mtpd", description=__doc__)
     parser.add_argument("--version", action="version", version=f"mtpd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="generate from one prompt in this process and print stats")
     _add_generation_flags(run)
+    _add_model_flags(run)
     _add_pipeline_flags(run)
     run.set_defaults(func=_cmd_run)
+
+    serve = sub.add_parser("serve", help="run the daemon: load the model, serve the gRPC API")
+    _add_model_flags(serve)
+    serve.add_argument(
+        "--draft-tokens",
+        type=_draft_tokens,
+        default=None,
+        metavar="K|auto",
+        help="the server's MTP drafts per step: a number (0 turns MTP off) or auto (default)",
+    )
+    _add_pipeline_flags(serve)
+    _add_serve_flags(serve)
+    serve.set_defaults(func=_cmd_serve)
+
+    generate = sub.add_parser("generate", help="generate from a running daemon, streaming")
+    _add_generation_flags(generate)
+    _add_client_flags(generate)
+    generate.set_defaults(func=_client_command("cmd_generate"))
+
+    chat = sub.add_parser("chat", help="chat with a running daemon (one message per line)")
+    _add_generation_flags(chat, prompt=False)
+    _add_client_flags(chat)
+    chat.set_defaults(func=_client_command("cmd_chat"))
+
+    for name, what in (
+        ("info", "the model, its workers and defaults"),
+        ("stats", "load and speed"),
+    ):
+        cmd = sub.add_parser(name, help=f"a running daemon's {what}")
+        _add_client_flags(cmd)
+        cmd.add_argument("--json", action="store_true", help="print one JSON object")
+        cmd.set_defaults(func=_client_command(f"cmd_{name}"))
 
     worker = sub.add_parser("worker", help="serve one pipeline stage (started by the daemon)")
     worker.add_argument("--listen", required=True, help="unix:PATH or HOST:PORT")
@@ -154,10 +260,20 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _client_command(name: str):
+    """A command of mtpd.client.commands, imported when it runs."""
+
+    def run(args: argparse.Namespace) -> int:
+        from mtpd.client import commands
+
+        return getattr(commands, name)(args)
+
+    return run
+
+
 def _cmd_worker(args: argparse.Namespace) -> int:
     import logging
 
-    from mtpd.rpc import read_token_file
     from mtpd.worker.server import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -174,27 +290,11 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     )
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    # Heavy imports here, so `mtpd --help` stays instant.
-    from mtpd.daemon.coordinator import Coordinator, Settings
-    from mtpd.daemon.draft_policy import parse_draft_tokens
-    from mtpd.model.sampling import SamplingParams
-    from mtpd.model.tokenizer import IncrementalDecoder
-    from mtpd.rpc import read_token_file
+def _settings(args: argparse.Namespace, max_seqs: int):
+    from mtpd.daemon.coordinator import Settings
+    from mtpd.daemon.draft_policy import AUTO
 
-    if args.max_tokens < 1:
-        raise UserError(f"--max-tokens must be >= 1, got {args.max_tokens}")
-    if not args.prompt:
-        raise UserError("the prompt is empty")
-    params = SamplingParams(
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty,
-        seed=args.seed,
-    )
-    settings = Settings(
+    return Settings(
         model=args.model,
         workers=args.workers,
         device=args.device,
@@ -202,83 +302,91 @@ def _cmd_run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         threads=args.threads,
         transport=args.transport,
-        max_seqs=1,
+        max_seqs=max_seqs,
         max_context=args.max_context,
         cache_memory=args.cache_memory,
         join_listen=args.join_listen,
         token=read_token_file(args.token_file) if args.token_file else None,
-        draft_tokens=parse_draft_tokens(args.draft_tokens),
+        draft_tokens=AUTO if args.draft_tokens is None else args.draft_tokens,
         draft_p_min=args.draft_p_min,
         mtp_head=Path(args.mtp_head) if args.mtp_head else None,
     )
-    with Coordinator.start(settings) as daemon:
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from mtpd.address import default_socket
+    from mtpd.daemon.server import ServeConfig, serve
+    from mtpd.daemon.service import Limits
+
+    if args.max_seqs < 1 or args.max_queue < 0:
+        raise UserError("--max-seqs must be >= 1 and --max-queue >= 0")
+    settings = _settings(args, args.max_seqs)
+    settings.max_queue = args.max_queue
+    config = ServeConfig(
+        socket=args.socket or default_socket(),
+        listen=args.listen,
+        api_token=read_token_file(args.api_token_file) if args.api_token_file else None,
+        limits=Limits(max_request_bytes=args.max_request_bytes),
+    )
+    return serve(settings, config)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    # Heavy imports here, so `mtpd --help` stays instant.
+    import asyncio
+
+    from mtpd.client.commands import report, request_options, user_messages
+    from mtpd.daemon.coordinator import Coordinator
+    from mtpd.daemon.generation import chat_prompt_ids
+    from mtpd.daemon.service import Limits, model_info
+
+    if not args.prompt:
+        raise UserError("the prompt is empty")
+    options = GenerationOptions(**request_options(args))
+    with Coordinator.start(_settings(args, max_seqs=1)) as daemon:
         for note in daemon.notes:
             print(f"mtpd: note: {note}", file=sys.stderr)
         tok = daemon.tokenizer
         if args.raw or not tok.has_chat_template:
-            text = args.prompt
+            prompt_ids = tok.encode(args.prompt)
         else:
-            messages = [{"role": "system", "content": args.system}] if args.system else []
-            text = tok.render_chat([*messages, {"role": "user", "content": args.prompt}])
-        prompt_ids = tok.encode(text)
-
-        decoder = IncrementalDecoder(tok)
-        start = time.perf_counter()
-        first_token_at = None
-        request = daemon.scheduler.submit(prompt_ids, params, args.max_tokens)
-        for token in request:
-            first_token_at = first_token_at or time.perf_counter()
-            delta = decoder.push([token])
-            if not args.json:
-                sys.stdout.write(delta)
-                sys.stdout.flush()
-        elapsed = time.perf_counter() - start
-        result = request.result()
-        stages = [(s.first_layer, s.end_layer) for s in daemon.pipeline.stages]
-
-    n = len(result.token_ids)
-    decode_s = elapsed - ((first_token_at or start + elapsed) - start)
-    stats = {
-        "model": str(daemon.model_path),
-        "workers": len(stages),
-        "layers_per_worker": [end - first for first, end in stages],
-        "prompt_tokens": len(prompt_ids),
-        "n_tokens": n,
-        "finish_reason": result.finish_reason,
-        "elapsed_s": round(elapsed, 4),
-        "time_to_first_token_s": round((first_token_at or start) - start, 4),
-        "tokens_per_s": round(n / elapsed, 2) if elapsed > 0 else 0.0,
-        "decode_tokens_per_s": round((n - 1) / decode_s, 2) if n > 1 and decode_s > 0 else 0.0,
-        "draft_tokens": settings.draft_tokens if daemon.scheduler.policy.enabled else 0,
-        "acceptance_by_position": [round(a, 4) for a in result.drafts.acceptance_by_position],
-        "tokens_per_step": round(result.drafts.tokens_per_step, 4),
-        "verify_s": round(result.drafts.verify_s, 4),
-        "draft_s": round(result.drafts.draft_s, 4),
-        "transport_s": round(result.drafts.transport_s, 4),
-    }
-    if args.json:
-        print(json.dumps({"text": decoder.text(), "token_ids": result.token_ids, **stats}))
-    else:
-        print(flush=True)
-        print(
-            f"[{n} tokens in {stats['elapsed_s']:.2f} s: {stats['tokens_per_s']:.1f} tok/s, "
-            f"decode {stats['decode_tokens_per_s']:.1f} tok/s, "
-            f"first token {stats['time_to_first_token_s']:.2f} s; {stats['finish_reason']}; "
-            f"{len(stages)} worker(s)]",
-            file=sys.stderr,
-        )
+            prompt_ids = chat_prompt_ids(tok, user_messages(args, args.prompt))
+        result = asyncio.run(_generate_here(daemon, prompt_ids, options, echo=not args.json))
+        info = model_info(daemon, Limits())
+    report(result, info, args.json)
     return 0
+
+
+async def _generate_here(daemon, prompt_ids: list[int], options, echo: bool):
+    """Generate in this process, through the daemon's own request path."""
+    import contextlib
+
+    from mtpd.client.messages import GenerationResult
+    from mtpd.daemon.generation import generate
+
+    result = GenerationResult()
+    async with contextlib.aclosing(generate(daemon, prompt_ids, options, "run")) as chunks:
+        async for chunk in chunks:
+            result.add(chunk)
+            if echo:
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+    return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
+    from mtpd.client.errors import MtpdError
     from mtpd.model.errors import InputError
 
     try:
         return args.func(args)
-    except (UserError, InputError) as e:
+    except (UserError, InputError, TokenFileError) as e:
         print(f"mtpd: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except MtpdError as e:
+        print(f"mtpd: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import hmac
-from pathlib import Path
-
-import grpc
+from collections.abc import Iterable
 
 from mtpd.model.sampling import SamplingParams
 from mtpd.v1 import worker_pb2 as pb
@@ -24,22 +22,11 @@ def bearer_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),) if token else ()
 
 
-def bearer_token_matches(context: grpc.ServicerContext, token: str) -> bool:
-    sent = dict(context.invocation_metadata()).get("authorization", "")
-    return hmac.compare_digest(sent.encode(), f"Bearer {token}".encode())
-
-
-def read_token_file(path: str) -> str:
-    """The shared secret in `path` (surrounding whitespace ignored); never empty."""
-    from mtpd.model.errors import InputError
-
-    try:
-        token = Path(path).read_text(encoding="utf-8").strip()
-    except OSError as e:
-        raise InputError(f"cannot read the token file {path!r}: {e.strerror}") from None
-    if not token:
-        raise InputError(f"the token file {path!r} is empty")
-    return token
+def bearer_token_matches(metadata: Iterable[tuple[str, str | bytes]] | None, token: str) -> bool:
+    """Whether the call's metadata carries "authorization: Bearer <token>"."""
+    sent = dict(metadata or ()).get("authorization", "")
+    sent = sent.encode() if isinstance(sent, str) else sent
+    return hmac.compare_digest(sent, f"Bearer {token}".encode())
 
 
 def sampling_to_wire(params: SamplingParams) -> pb.SamplingParams:

@@ -97,7 +97,7 @@ def test_not_a_model_file(capsys, tmp_path):
     [
         ("--temperature", "-1", "temperature"),
         ("--top-p", "0", "top_p"),
-        ("--max-tokens", "0", "max-tokens"),
+        ("--max-tokens", "0", "max_tokens"),
     ],
 )
 def test_bad_generation_flags(capsys, model_dir, flag, value, named):

@@ -72,3 +72,35 @@ def test_streamed_text_never_splits_a_character(engine):
     assert "".join(deltas) == tok.decode(ids) == text
     assert not any("\ufffd" in d for d in deltas)
     assert any(d == "" for d in deltas)  # some token ended mid-character and waited
+
+
+@pytest.mark.parametrize("step", [1, 3, 7])
+def test_steps_of_several_tokens_stream_whole_characters_and_stop_exactly(engine, step):
+    """As when MTP drafts are accepted: a step brings several tokens at once."""
+    from mtpd.daemon.generation import Generation
+    from mtpd.daemon.options import GenerationOptions
+    from mtpd.daemon.scheduler import Accepted, Request
+
+    tok = engine.tokenizer
+    text = "naïve café 🚀🔥 日本語 — done, and more text after it"
+    ids = tok.encode(text)
+    for stop, want in (("日本", text[: text.index("日本")]), ("zzz", text)):
+        generation = Generation(
+            tok, Request("t", 64), 0, GenerationOptions(stop=(stop,)), "t", "auto", 0.0
+        )
+        chunks = []
+        for i in range(0, len(ids), step):
+            chunks.append(generation.chunk(Accepted(ids[i : i + step], step - 1)))
+            if generation.stopped:
+                break
+        chunks.append(generation.last_chunk())
+        assert "".join(c.text for c in chunks) == want
+        assert not any("\ufffd" in c.text for c in chunks)
+        kept = [t for c in chunks for t in c.token_ids]
+        if stop in text:  # counted up to the token that completes the stop, no further
+            assert stop in tok.decode(kept) and stop not in tok.decode(kept[:-1])
+        else:
+            assert kept == ids
+        assert chunks[-1].usage.completion_tokens == len(kept)
+        # A step's drafts come first: a cut step keeps only drafts.
+        assert all(c.accepted_drafts == min(step - 1, len(c.token_ids)) for c in chunks[:-1])

@@ -90,7 +90,7 @@ class WorkerService(pb_grpc.WorkerServicer):
     def _authorize(self, context: grpc.ServicerContext) -> None:
         if self.token is None:
             return
-        if not bearer_token_matches(context, self.token):
+        if not bearer_token_matches(context.invocation_metadata(), self.token):
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong or missing worker token")
 
     def GetInfo(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.WorkerInfo:

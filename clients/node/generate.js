@@ -1,0 +1,97 @@
+#!/usr/bin/env node
+// Stream a generation from a running `mtpd serve`, from Node.js.
+//
+//   npm install
+//   node generate.js [--address unix:/path | host:port] [--token-file F]
+//                    [--max-tokens N] [--raw] [--json] "prompt"
+//
+// The .proto is loaded at run time (no generated code): this is all a client in another
+// language needs. Text streams to stdout as each step's tokens are accepted; --json
+// prints the final result as one JSON object instead.
+"use strict";
+
+const fs = require("fs");
+const os = require("os");
+const path = require("path");
+const grpc = require("@grpc/grpc-js");
+const protoLoader = require("@grpc/proto-loader");
+
+const PROTO_ROOT = process.env.MTPD_PROTO_ROOT || path.join(__dirname, "..", "..", "protos");
+
+function parseArgs(argv) {
+  const args = { address: process.env.MTPD_ADDRESS, maxTokens: null, raw: false, json: false };
+  const rest = [];
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i];
+    if (a === "--address") args.address = argv[++i];
+    else if (a === "--token-file") args.token = fs.readFileSync(argv[++i], "utf8").trim();
+    else if (a === "--max-tokens") args.maxTokens = Number(argv[++i]);
+    else if (a === "--raw") args.raw = true;
+    else if (a === "--json") args.json = true;
+    else rest.push(a);
+  }
+  if (rest.length !== 1) {
+    console.error('usage: node generate.js [--address A] [--token-file F] [--max-tokens N] [--raw] [--json] "prompt"');
+    process.exit(2);
+  }
+  args.prompt = rest[0];
+  return args;
+}
+
+// The same default as the Python SDK: $MTPD_ADDRESS, else the user's socket.
+function target(address) {
+  if (!address) {
+    const base = process.env.XDG_RUNTIME_DIR
+      ? path.join(process.env.XDG_RUNTIME_DIR, "mtpd")
+      : path.join(os.tmpdir(), `mtpd-${process.getuid()}`);
+    return `unix:${path.join(base, "mtpd.sock")}`;
+  }
+  return address.startsWith("/") ? `unix:${address}` : address;
+}
+
+function main() {
+  const args = parseArgs(process.argv.slice(2));
+  const definition = protoLoader.loadSync("mtpd/v1/inference.proto", {
+    includeDirs: [PROTO_ROOT],
+    keepCase: true,
+    longs: Number,
+    enums: String,
+    defaults: true,
+  });
+  const { Inference } = grpc.loadPackageDefinition(definition).mtpd.v1;
+  const client = new Inference(target(args.address), grpc.credentials.createInsecure());
+  const metadata = new grpc.Metadata();
+  if (args.token) metadata.set("authorization", `Bearer ${args.token}`);
+
+  // Absent options take the server's defaults; proto3 `optional` fields are set only
+  // when given.
+  const options = {};
+  if (args.maxTokens !== null) options.max_tokens = args.maxTokens;
+  const call = args.raw
+    ? client.Generate({ prompt: args.prompt, options }, metadata)
+    : client.Chat({ messages: [{ role: "user", content: args.prompt }], options }, metadata);
+
+  const result = { text: "", token_ids: [], accepted_drafts: 0 };
+  call.on("data", (chunk) => {
+    result.text += chunk.text;
+    result.token_ids.push(...chunk.token_ids);
+    result.accepted_drafts += chunk.accepted_drafts;
+    if (!args.json) process.stdout.write(chunk.text);
+    if (chunk.finish_reason !== "FINISH_REASON_UNSPECIFIED") {
+      result.finish_reason = chunk.finish_reason.replace("FINISH_REASON_", "").toLowerCase();
+      result.usage = chunk.usage;
+      result.request_id = chunk.request_id;
+    }
+  });
+  call.on("error", (err) => {
+    console.error(`mtpd: ${grpc.status[err.code]}: ${err.details}`);
+    process.exitCode = 1;
+  });
+  call.on("end", () => {
+    if (args.json) console.log(JSON.stringify(result));
+    else process.stdout.write("\n");
+    client.close();
+  });
+}
+
+main();

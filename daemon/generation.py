@@ -1,0 +1,202 @@
+"""One request's way from the tokens the scheduler accepts to the chunks its caller
+receives: UTF-8-safe text, exact stop sequences, usage and timing. The gRPC service,
+the HTTP API and `mtpd run` all generate through `generate()`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Sequence
+
+from mtpd.daemon.coordinator import Coordinator
+from mtpd.daemon.draft_policy import DraftStats
+from mtpd.daemon.options import GenerationOptions
+from mtpd.daemon.scheduler import Accepted, Request
+from mtpd.model.errors import InvalidParameter
+from mtpd.model.tokenizer import IncrementalDecoder, Tokenizer
+from mtpd.v1 import inference_pb2 as api
+
+_FINISH = {"stop": api.FINISH_REASON_STOP, "length": api.FINISH_REASON_LENGTH}
+FINISH_NAMES = {code: name for name, code in _FINISH.items()}
+
+
+class StopMatcher:
+    """Finds the first stop sequence in streamed text. Text that could be the start of
+    one is held back until the next text shows it is not, so a stop sequence split
+    across steps is found, and nothing of it is ever streamed."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self._stops = list(stops)
+        self._held = ""
+
+    def feed(self, text: str) -> tuple[str, str | None]:
+        """(text safe to stream, the stop sequence found or None). After a stop
+        sequence, the text before it is all that is returned."""
+        text = self._held + text
+        hits = [(i, stop) for stop in self._stops if (i := text.find(stop)) >= 0]
+        if hits:
+            i, stop = min(hits)
+            self._held = ""
+            return text[:i], stop
+        hold = max(
+            (
+                n
+                for stop in self._stops
+                for n in range(min(len(stop) - 1, len(text)), 0, -1)
+                if text.endswith(stop[:n])
+            ),
+            default=0,
+        )
+        self._held = text[len(text) - hold :]
+        return text[: len(text) - hold], None
+
+    def flush(self) -> str:
+        text, self._held = self._held, ""
+        return text
+
+
+class Generation:
+    """Turns a request's accepted steps into GenerateChunks."""
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        request: Request,
+        prompt_tokens: int,
+        options: GenerationOptions,
+        request_id: str,
+        draft_policy: str,
+        arrived_at: float,
+    ) -> None:
+        self.request, self.request_id = request, request_id
+        self._decoder = IncrementalDecoder(tokenizer)
+        self._stops = StopMatcher(options.stop)
+        self._prompt_tokens, self._draft_policy = prompt_tokens, draft_policy
+        self._arrived_at = arrived_at
+        self._first_token_at: float | None = None
+        self.completion_tokens = 0
+        self.stop_sequence: str | None = None
+
+    @property
+    def stopped(self) -> bool:
+        """A stop sequence ended the generation (the request itself may still run)."""
+        return self.stop_sequence is not None
+
+    def chunk(self, step: Accepted) -> api.GenerateChunk:
+        texts, kept = [], []
+        # Token by token, so the token that completes a stop sequence is known.
+        for token in step.token_ids:
+            kept.append(token)
+            text, self.stop_sequence = self._stops.feed(self._decoder.push([token]))
+            texts.append(text)
+            if self.stopped:
+                break
+        self.completion_tokens += len(kept)
+        self._first_token_at = self._first_token_at or time.monotonic()
+        return api.GenerateChunk(
+            text="".join(texts),
+            token_ids=kept,
+            accepted_drafts=min(step.drafts, len(kept)),
+            request_id=self.request_id,
+        )
+
+    def last_chunk(self) -> api.GenerateChunk:
+        text = ""
+        if not self.stopped:  # the end may complete a character, or a stop sequence
+            text, self.stop_sequence = self._stops.feed(self._decoder.flush())
+            if not self.stopped:
+                text += self._stops.flush()
+        reason = "stop" if self.stopped else (self.request.finish_reason or "stop")
+        return api.GenerateChunk(
+            text=text,
+            request_id=self.request_id,
+            finish_reason=_FINISH[reason],
+            stop_sequence=self.stop_sequence or "",
+            usage=api.Usage(
+                prompt_tokens=self._prompt_tokens, completion_tokens=self.completion_tokens
+            ),
+            timing=self._timing(),
+            drafts=draft_summary(self.request.drafts, self._draft_policy),
+        )
+
+    def _timing(self) -> api.Timing:
+        now, request = time.monotonic(), self.request
+        elapsed = now - self._arrived_at
+        first = self._first_token_at or now
+        n = self.completion_tokens
+        return api.Timing(
+            queued_s=(request.admitted_at or now) - request.submitted_at,
+            time_to_first_token_s=first - self._arrived_at,
+            elapsed_s=elapsed,
+            tokens_per_s=n / elapsed if elapsed > 0 else 0.0,
+            decode_tokens_per_s=(n - 1) / (now - first) if n > 1 and now > first else 0.0,
+            verify_s=request.drafts.verify_s,
+            draft_s=request.drafts.draft_s,
+            transport_s=request.drafts.transport_s,
+        )
+
+
+def draft_summary(stats: DraftStats, draft_policy: str) -> api.DraftSummary:
+    return api.DraftSummary(
+        draft_policy=draft_policy,
+        steps=stats.steps,
+        drafted=sum(stats.drafted),
+        accepted=sum(stats.accepted),
+        acceptance_by_position=stats.acceptance_by_position,
+        tokens_per_step=stats.tokens_per_step,
+    )
+
+
+def draft_policy_name(daemon: Coordinator, override: int | None = None) -> str:
+    policy = daemon.scheduler.policy
+    if not policy.enabled:
+        return "0"
+    return str(override if override is not None else policy.setting)
+
+
+async def generate(
+    daemon: Coordinator,
+    prompt_ids: list[int],
+    options: GenerationOptions,
+    request_id: str,
+    arrived_at: float | None = None,
+) -> AsyncIterator[api.GenerateChunk]:
+    """Submit a request and stream its chunks, the last one with the finish reason.
+    Closing the stream early (the caller went away, a deadline) cancels the request,
+    which frees its cache on every worker."""
+    vocab = daemon.cfg.vocab_size
+    bad = next((i for i, t in enumerate(prompt_ids) if t >= vocab), None)
+    if bad is not None:
+        raise InvalidParameter(
+            f"prompt_token_ids[{bad}]: {prompt_ids[bad]} is not below the vocabulary size {vocab}"
+        )
+    request = daemon.scheduler.submit(
+        prompt_ids,
+        options.sampling(),
+        options.max_tokens_for(len(prompt_ids), daemon.pipeline.max_context),
+        ignore_eos=options.ignore_eos,
+        draft_tokens=options.draft_tokens,
+    )
+    generation = Generation(
+        daemon.tokenizer,
+        request,
+        len(prompt_ids),
+        options,
+        request_id,
+        draft_policy_name(daemon, options.draft_tokens),
+        arrived_at if arrived_at is not None else request.submitted_at,
+    )
+    try:
+        async for step in request:
+            yield generation.chunk(step)
+            if generation.stopped:
+                break
+        yield generation.last_chunk()
+    finally:
+        if not request.done:
+            request.cancel()
+
+
+def chat_prompt_ids(tokenizer: Tokenizer, messages: Sequence[dict[str, str]]) -> list[int]:
+    if not messages:
+        raise InvalidParameter("messages: at least one message is needed")
+    return tokenizer.encode(tokenizer.render_chat(messages))

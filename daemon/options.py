@@ -1,0 +1,101 @@
+"""A request's generation options: their defaults (the one table the CLI, the SDK, gRPC
+and HTTP share; protos/mtpd/v1/inference.proto documents it field by field) and their
+validation, with errors that name the field.
+
+Torch-free at import, so the CLI can build its help from the defaults instantly."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from mtpd.model.errors import InvalidParameter
+from mtpd.v1 import inference_pb2 as api
+
+if TYPE_CHECKING:
+    from mtpd.model.sampling import SamplingParams
+
+DEFAULT_MAX_TOKENS = 128
+MAX_STOP_SEQUENCES = 16
+MAX_STOP_BYTES = 256
+MAX_DRAFT_TOKENS = 16  # the workers' bound (mtpd.worker.stage.MAX_DRAFT_TOKENS)
+MAX_REQUEST_ID = 128
+DEFAULT_MAX_REQUEST_BYTES = 1 << 20  # mtpd serve --max-request-bytes
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    max_tokens: int | None = None  # None: DEFAULT_MAX_TOKENS, or what fits the context
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+    draft_tokens: int | None = None  # None: the server's draft policy
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise InvalidParameter(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if len(self.stop) > MAX_STOP_SEQUENCES:
+            raise InvalidParameter(
+                f"stop: at most {MAX_STOP_SEQUENCES} stop sequences, got {len(self.stop)}"
+            )
+        for i, s in enumerate(self.stop):
+            if not 1 <= len(s.encode()) <= MAX_STOP_BYTES:
+                raise InvalidParameter(
+                    f"stop[{i}]: a stop sequence must be 1 to {MAX_STOP_BYTES} bytes, "
+                    f"got {len(s.encode())}"
+                )
+        if self.seed < 0:
+            raise InvalidParameter(f"seed must be >= 0, got {self.seed}")
+        if self.draft_tokens is not None and not 0 <= self.draft_tokens <= MAX_DRAFT_TOKENS:
+            raise InvalidParameter(
+                f"draft_tokens must be in 0..{MAX_DRAFT_TOKENS}, got {self.draft_tokens}"
+            )
+        # Sampling fields are checked where they are defined (naming the field).
+        self.sampling()
+
+    def sampling(self) -> SamplingParams:
+        from mtpd.model.sampling import SamplingParams
+
+        return SamplingParams(
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty,
+            seed=self.seed,
+        )
+
+    def max_tokens_for(self, prompt_tokens: int, context: int) -> int:
+        """An absent max_tokens means the default, shortened to what fits the context; an
+        explicit one that does not fit is the caller's error (the scheduler says so)."""
+        if self.max_tokens is not None:
+            return self.max_tokens
+        return max(1, min(DEFAULT_MAX_TOKENS, context - prompt_tokens))
+
+    @classmethod
+    def from_proto(cls, msg: api.GenerationOptions) -> GenerationOptions:
+        fields = {
+            f.name: getattr(msg, f.name)
+            for f in dataclasses.fields(cls)
+            if f.name not in ("stop", "ignore_eos") and msg.HasField(f.name)
+        }
+        return cls(**fields, stop=tuple(msg.stop), ignore_eos=msg.ignore_eos)
+
+    def to_proto(self) -> api.GenerationOptions:
+        msg = api.GenerationOptions(stop=list(self.stop), ignore_eos=self.ignore_eos)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name not in ("stop", "ignore_eos") and value is not None:
+                setattr(msg, f.name, value)
+        return msg
+
+
+def defaults_proto() -> api.GenerationOptions:
+    """Every option with its default set (draft_tokens stays absent: the policy's)."""
+    return dataclasses.replace(GenerationOptions(), max_tokens=DEFAULT_MAX_TOKENS).to_proto()

@@ -1,0 +1,174 @@
+"""`mtpd serve`: the daemon's gRPC front. It listens at once (health NOT_SERVING), loads
+the model on its workers, turns SERVING, and serves until SIGTERM or SIGINT.
+
+Listens on a unix socket (mode 0660) by default and on TCP only when asked. With an API
+token, every call but the health check must carry it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from mtpd.daemon.coordinator import Coordinator, Settings
+from mtpd.daemon.service import InferenceService, Limits
+from mtpd.model.errors import InputError
+from mtpd.rpc import bearer_token_matches
+from mtpd.v1 import inference_pb2 as api
+from mtpd.v1 import inference_pb2_grpc as api_grpc
+
+log = logging.getLogger("mtpd.daemon")
+
+INFERENCE = api.DESCRIPTOR.services_by_name["Inference"].full_name
+HEALTH = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+# gRPC's own receive limit sits far above the request-size limit, so an oversized
+# request reaches the handler and is told which limit it broke.
+RECEIVE_LIMIT_FLOOR = 64 << 20
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    socket: Path
+    listen: str | None = None  # HOST:PORT
+    api_token: str | None = None
+    limits: Limits = field(default_factory=Limits)
+    grace_s: float = 30.0  # in-flight requests get this long to finish on shutdown
+
+
+class BearerAuth(grpc.aio.ServerInterceptor):
+    """Refuses calls without the API token (UNAUTHENTICATED); the health check is open,
+    as supervisors probe it without credentials and it reveals nothing."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(f"/{HEALTH}/"):
+            return handler
+        if bearer_token_matches(details.invocation_metadata, self._token):
+            return handler
+        return _refusal(handler)
+
+
+def _refusal(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    message = "a valid API token is required: send 'authorization: Bearer <token>'"
+
+    async def refuse(request, context: grpc.aio.ServicerContext):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    async def refuse_stream(request, context: grpc.aio.ServicerContext):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        yield  # pragma: no cover  (makes this an async generator)
+
+    kinds = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    streaming = handler.response_streaming
+    make = kinds[(handler.request_streaming, streaming)]
+    return make(
+        refuse_stream if streaming else refuse,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+def _claim_socket(path: Path) -> None:
+    """Make way for our socket: refuse if a daemon answers there, remove a stale one."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not path.exists():
+        return
+    probe = socket.socket(socket.AF_UNIX)
+    try:
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        path.unlink(missing_ok=True)
+    else:
+        raise InputError(f"{path}: another mtpd is already serving there")
+    finally:
+        probe.close()
+
+
+async def serve_async(settings: Settings, config: ServeConfig) -> int:
+    service = InferenceService(config.limits)
+    health = health_aio.HealthServicer()
+    receive_limit = max(RECEIVE_LIMIT_FLOOR, 2 * config.limits.max_request_bytes)
+    server = grpc.aio.server(
+        interceptors=[BearerAuth(config.api_token)] if config.api_token else [],
+        options=[("grpc.max_receive_message_length", receive_limit)],
+        # Every stream holds a slot: running and queued requests, plus room for probes.
+        maximum_concurrent_rpcs=settings.max_seqs + settings.max_queue + 32,
+    )
+    api_grpc.add_InferenceServicer_to_server(service, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection([INFERENCE, HEALTH, reflection.SERVICE_NAME], server)
+    for name in ("", INFERENCE):
+        await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    _claim_socket(config.socket)
+    server.add_insecure_port(f"unix:{config.socket}")
+    listening = [f"unix:{config.socket}"]
+    if config.listen:
+        try:
+            port = server.add_insecure_port(config.listen)
+        except RuntimeError as e:
+            raise InputError(f"--listen {config.listen}: cannot listen there ({e})") from None
+        host = config.listen.rsplit(":", 1)[0]
+        listening.append(f"{host}:{port}")
+    await server.start()
+    os.chmod(config.socket, 0o660)
+    print(f"mtpd: listening on {' and '.join(listening)}", file=sys.stderr, flush=True)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loading = asyncio.ensure_future(asyncio.to_thread(Coordinator.start, settings))
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([loading, stopping], return_when=asyncio.FIRST_COMPLETED)
+    daemon: Coordinator | None = None
+    try:
+        try:
+            daemon = await loading
+        except InputError as e:
+            print(f"mtpd: error: {e}", file=sys.stderr, flush=True)
+            return 2
+        for note in daemon.notes:
+            print(f"mtpd: note: {note}", file=sys.stderr, flush=True)
+        service.daemon = daemon
+        for name in ("", INFERENCE):
+            await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        stages = ", ".join(
+            f"layers {s.first_layer}-{s.end_layer - 1} on {s.device}"
+            for s in daemon.pipeline.stages
+        )
+        print(f"mtpd: ready: {daemon.model_path} ({stages})", file=sys.stderr, flush=True)
+        await stopping
+    finally:
+        stopping.cancel()
+        await health.enter_graceful_shutdown()
+        await server.stop(config.grace_s)
+        if daemon is not None:
+            daemon.close()
+        with contextlib.suppress(OSError):
+            config.socket.unlink()
+    return 0
+
+
+def serve(settings: Settings, config: ServeConfig) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    return asyncio.run(serve_async(settings, config))

@@ -1,0 +1,77 @@
+"""A live `mtpd serve` for integration tests: the real daemon process, its worker
+processes and its gRPC API, on a tiny random model with a chat template and an MTP head."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tiny_models import add_mtp_head, write_char_tokenizer, write_tiny_model
+
+# Roles as markup the character tokenizer spells out; "</s>" is its end-of-sequence.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+CONTEXT = 256
+
+
+def write_served_model(path: Path) -> Path:
+    write_tiny_model(path, "llama", layers=4, vocab=98)
+    write_char_tokenizer(path, CHAT_TEMPLATE)
+    add_mtp_head(path)
+    return path
+
+
+class LiveDaemon:
+    def __init__(self, model: Path, workdir: Path, *flags: str, token: str | None = None) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.socket = workdir / "mtpd.sock"
+        self.address = f"unix:{self.socket}"
+        self.token = token
+        cmd = [sys.executable, "-m", "mtpd", "serve", "--model", str(model), "--device", "cpu"]
+        cmd += ["--workers", "2", "--threads", "1", "--socket", str(self.socket)]
+        cmd += ["--max-context", str(CONTEXT), "--cache-memory", "64M", *flags]
+        if token:
+            token_file = workdir / "api-token"
+            token_file.write_text(token + "\n")
+            cmd += ["--api-token-file", str(token_file)]
+        self.log = workdir / "daemon.log"
+        self.process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.log.open("w"))
+        self.health_seen = self._await_serving()
+
+    def _await_serving(self, timeout: float = 120) -> list[str]:
+        """Health statuses observed from the first answer until SERVING."""
+        seen: list[str] = []
+        deadline = time.monotonic() + timeout
+        with grpc.insecure_channel(self.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"mtpd serve exited: {self.log.read_text()}")
+                try:
+                    reply = health.Check(health_pb2.HealthCheckRequest(), timeout=2)
+                except grpc.RpcError:
+                    time.sleep(0.05)
+                    continue
+                status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+                if not seen or seen[-1] != status:
+                    seen.append(status)
+                if status == "SERVING":
+                    return seen
+                time.sleep(0.05)
+        raise TimeoutError(f"mtpd serve not SERVING after {timeout} s: {self.log.read_text()}")
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.kill(self.process.pid, signal.SIGKILL)
+            raise

@@ -1,0 +1,388 @@
+"""The public interface against a live `mtpd serve` with 2 CPU workers: the gRPC API
+through the Python SDK, the CLI on top of it, and every kind of bad request."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import math
+import os
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from live_daemon import CONTEXT, LiveDaemon, write_served_model
+from reference import GREEDY, solo_run
+
+from mtpd.cli import main
+from mtpd.client import AsyncClient, Client, InvalidRequest, Overloaded, Timeout, Unauthenticated
+from mtpd.model.sampling import SamplingParams
+from mtpd.v1 import inference_pb2 as api
+from mtpd.v1 import inference_pb2_grpc as api_grpc
+from mtpd.worker.engine import Engine
+
+TOKEN = "s3cret-test-token"
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return write_served_model(tmp_path_factory.mktemp("served") / "model")
+
+
+@pytest.fixture(scope="module")
+def engine(model):
+    return Engine.load(model, max_context=CONTEXT)
+
+
+@pytest.fixture(scope="module")
+def daemon(model, tmp_path_factory):
+    live = LiveDaemon(model, tmp_path_factory.mktemp("daemon"), token=TOKEN)
+    yield live
+    assert live.stop() == 0, live.log.read_text()
+
+
+@pytest.fixture(scope="module")
+def client(daemon):
+    with Client(daemon.address, token=TOKEN, timeout=120) as c:
+        yield c
+
+
+def reference(engine, text: str, n: int, params: SamplingParams = GREEDY) -> list[int]:
+    return solo_run(engine, engine.tokenizer.encode(text), n, params)[0]
+
+
+def wait_for(predicate, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.05)
+    return value
+
+
+def test_health_turns_serving_only_once_the_model_is_loaded(daemon):
+    assert daemon.health_seen[0] == "NOT_SERVING"
+    assert daemon.health_seen[-1] == "SERVING"
+
+
+def test_stream_gives_the_single_process_tokens_and_utf8_whole_text(client, engine):
+    prompt = "Once upon a time"
+    stream = client.stream(prompt, max_tokens=24, ignore_eos=True, draft_tokens=2)
+    deltas = list(stream)
+    result = stream.result
+    assert result.token_ids == reference(engine, prompt, 24)
+    assert [t for d in deltas for t in d.token_ids] == result.token_ids
+    assert "".join(d.text for d in deltas) == result.text
+    assert result.text == engine.tokenizer.decode(result.token_ids)
+    assert all(0 <= d.accepted_drafts <= len(d.token_ids) for d in deltas)
+    assert result.accepted_drafts == sum(d.accepted_drafts for d in deltas)
+    assert (result.finish_reason, result.completion_tokens) == ("length", 24)
+    assert result.prompt_tokens == len(prompt)
+    assert result.drafts.draft_policy == "2" and result.drafts.steps == 23
+    assert result.timing.elapsed_s >= result.timing.time_to_first_token_s > 0
+
+
+def test_chat_renders_the_model_template_server_side(client):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    rendered = "<system>Be brief.</s><user>Hi</s><assistant>"
+    ids = client.tokenize(messages=messages)
+    assert client.tokenize(rendered) == ids
+    chat = client.chat(messages, max_tokens=12, ignore_eos=True)
+    raw = client.generate(ids, max_tokens=12, ignore_eos=True)
+    assert chat.token_ids == raw.token_ids and chat.prompt_tokens == len(ids)
+
+
+def test_tokenize_and_model_info(client, model):
+    assert client.tokenize("abc") == [ord(c) - 32 + 3 for c in "abc"]
+    info = client.info()
+    assert info.model == str(model) and info.context_length == CONTEXT
+    assert [(w.first_layer, w.end_layer) for w in info.workers] == [(0, 2), (2, 4)]
+    assert all(w.device == "cpu" and w.pid > 0 for w in info.workers)
+    assert info.mtp_head and info.draft_policy == "auto" and info.chat_template
+    assert info.defaults.max_tokens == 128 and info.defaults.HasField("temperature")
+    assert not info.defaults.HasField("draft_tokens")
+
+
+def test_stop_sequences_end_the_text_exactly(client, engine):
+    full = engine.tokenizer.decode(reference(engine, "The", 40))
+    stop = full[10:13]
+    cut = full.index(stop)
+    result = client.generate("The", max_tokens=40, ignore_eos=True, stop=["zzzz", stop])
+    assert result.text == full[:cut]
+    assert (result.finish_reason, result.stop_sequence) == ("stop", stop)
+    # The character tokenizer makes tokens characters: counted up to the stop's end.
+    assert result.completion_tokens == len(result.token_ids) == cut + len(stop)
+
+
+def test_cancelling_a_stream_frees_its_cache_on_every_worker(client):
+    stream = client.stream("Cancel me", max_tokens=200, ignore_eos=True)
+    deltas = iter(stream)
+    next(deltas)
+    stats = client.stats()
+    assert stats.running == 1 and [w.cached_sequences for w in stats.workers] == [1, 1]
+    before = stats.finished.get("cancelled", 0)
+    stream.cancel()
+    wait_for(lambda: all(w.cached_sequences == 0 for w in client.stats().workers))
+    stats = wait_for(lambda: (s := client.stats()).finished.get("cancelled", 0) > before and s)
+    assert stats.running == 0
+
+
+def test_a_passed_deadline_ends_the_request_and_frees_its_cache(client):
+    with pytest.raises(Timeout):
+        client.generate("Too slow", max_tokens=220, ignore_eos=True, timeout=0.5)
+    wait_for(lambda: all(w.cached_sequences == 0 for w in client.stats().workers))
+
+
+def test_sixteen_concurrent_streams_each_equal_their_solo_run(client, engine):
+    cases = [
+        (f"Prompt number {i}:", SamplingParams(temperature=0.9, seed=i) if i % 2 else None)
+        for i in range(16)
+    ]
+    results: list = [None] * len(cases)
+
+    def run(i: int) -> None:
+        prompt, params = cases[i]
+        sampling = {"temperature": params.temperature, "seed": params.seed} if params else {}
+        results[i] = client.generate(prompt, max_tokens=20, ignore_eos=True, **sampling)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for (prompt, params), result in zip(cases, results, strict=True):
+        assert result.token_ids == reference(engine, prompt, 20, params or GREEDY)
+
+
+def test_async_client_streams_the_same_tokens(daemon, client):
+    want = client.generate("Async", max_tokens=10, ignore_eos=True)
+
+    async def go():
+        async with AsyncClient(daemon.address, token=TOKEN) as aclient:
+            stream = aclient.stream("Async", max_tokens=10, ignore_eos=True)
+            texts = [d.text async for d in stream]
+            chat = await aclient.chat([("user", "Hi")], max_tokens=3, ignore_eos=True)
+            return stream.result, texts, chat, await aclient.info()
+
+    result, texts, chat, info = asyncio.run(go())
+    assert result.token_ids == want.token_ids and "".join(texts) == want.text
+    assert chat.completion_tokens == 3 and info.num_layers == 4
+
+
+BAD_REQUESTS = [
+    ("empty prompt", {"prompt": ""}, "prompt"),
+    ("prompt beyond the context", {"prompt": "x" * (CONTEXT + 1)}, "context"),
+    ("max_tokens 0", {"max_tokens": 0}, "max_tokens"),
+    ("max_tokens beyond the context", {"max_tokens": CONTEXT}, "max_tokens"),
+    ("negative temperature", {"temperature": -0.5}, "temperature"),
+    ("NaN temperature", {"temperature": math.nan}, "temperature"),
+    ("top_p 0", {"top_p": 0.0}, "top_p"),
+    ("top_p above 1", {"top_p": 1.5}, "top_p"),
+    ("negative top_k", {"top_k": -1}, "top_k"),
+    ("draft_tokens above 16", {"draft_tokens": 17}, "draft_tokens"),
+    ("thousands of stop sequences", {"stop": [f"s{i}" for i in range(5000)]}, "stop"),
+    ("a token id outside the vocabulary", {"prompt": [5, 98]}, "prompt_token_ids"),
+    ("a 10 MB prompt", {"prompt": "y" * (10 << 20)}, "limit"),
+    ("a long request id", {"request_id": "r" * 129}, "request_id"),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "fields", "named"), BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS]
+)
+def test_bad_requests_are_refused_naming_the_field(client, case, fields, named):
+    fields = {"prompt": "Hello", "max_tokens": 4, **fields}
+    with pytest.raises(InvalidRequest) as refused:
+        client.generate(fields.pop("prompt"), **fields)
+    assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert named in str(refused.value)
+
+
+def test_bad_chat_messages_are_refused_naming_the_field(client):
+    with pytest.raises(InvalidRequest, match=r"messages\[1\]\.role.*'robot'"):
+        client.chat([("user", "Hi"), ("robot", "beep")])
+    with pytest.raises(InvalidRequest, match="messages"):
+        client.chat([])
+
+
+def test_a_wrong_token_is_unauthenticated_but_health_stays_open(daemon):
+    for token in ("wrong", None):
+        with Client(daemon.address, token=token) as c, pytest.raises(Unauthenticated):
+            c.info()
+    with grpc.insecure_channel(daemon.address) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_random_requests_always_get_an_answer_or_a_status(daemon, client):
+    """Hundreds of random requests: each gets chunks or a status the API documents, and
+    the daemon keeps serving."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    floats = st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True, width=64))
+    ints = st.one_of(st.none(), st.integers(-(2**31), 2**31 - 1))
+    options = st.fixed_dictionaries(
+        {},
+        optional={
+            "max_tokens": st.one_of(st.integers(-3, 6), ints),
+            "temperature": floats,
+            "top_p": floats,
+            "top_k": ints,
+            "min_p": floats,
+            "repetition_penalty": floats,
+            "seed": st.integers(-(2**63), 2**63 - 1),
+            "stop": st.lists(st.text(max_size=300), max_size=20),
+            "draft_tokens": st.one_of(st.integers(-2, 20), ints),
+        },
+    )
+    prompts = st.one_of(
+        st.text(max_size=300),
+        st.lists(st.integers(0, 2**32 - 1), max_size=40),
+    )
+    messages = st.lists(
+        st.tuples(st.sampled_from(["user", "system", "assistant", "tool", "bot", ""]), st.text()),
+        max_size=4,
+    )
+    allowed = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}
+    stub = api_grpc.InferenceStub(grpc.insecure_channel(daemon.address))
+    metadata = (("authorization", f"Bearer {TOKEN}"),)
+
+    @settings(max_examples=250, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(prompt=prompts, chat=messages, opts=options, use_chat=st.booleans())
+    def one_request(prompt, chat, opts, use_chat):
+        opts = {k: v for k, v in opts.items() if v is not None}
+        opts["max_tokens"] = min(opts.get("max_tokens", 3), 3)  # keep generations short
+        try:
+            message = api.GenerationOptions(**opts)
+        except (ValueError, TypeError):
+            return  # not representable on the wire
+        if use_chat:
+            msgs = [api.ChatMessage(role=r, content=c) for r, c in chat]
+            call = stub.Chat(api.ChatRequest(messages=msgs, options=message), metadata=metadata)
+        elif isinstance(prompt, str):
+            request = api.GenerateRequest(prompt=prompt, options=message)
+            call = stub.Generate(request, metadata=metadata)
+        else:
+            request = api.GenerateRequest(prompt_token_ids=prompt, options=message)
+            call = stub.Generate(request, metadata=metadata)
+        try:
+            chunks = list(call)
+        except grpc.RpcError as e:
+            assert e.code() in allowed, (e.code(), e.details())
+            assert e.details()
+            return
+        assert chunks[-1].finish_reason in (api.FINISH_REASON_STOP, api.FINISH_REASON_LENGTH)
+
+    one_request()
+    assert client.generate("Still here", max_tokens=3, ignore_eos=True).completion_tokens == 3
+    assert all(w.cached_sequences == 0 for w in client.stats().workers)
+
+
+def test_cli_generate_has_run_fields_and_info_stats_chat_work(
+    daemon, model, tmp_path, capsys, monkeypatch
+):
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    remote = ["--address", daemon.address, "--api-token-file", str(token_file)]
+    flags = ["--max-tokens", "8", "--json", "--temperature", "0.7", "--seed", "3"]
+    assert main(["generate", "Hello", "--raw", *flags, *remote]) == 0
+    served = json.loads(capsys.readouterr().out)
+    local = ["--model", str(model), "--workers", "2", "--device", "cpu", "--threads", "1"]
+    assert main(["run", "Hello", "--raw", *flags, *local, "--cache-memory", "32M"]) == 0
+    ran = json.loads(capsys.readouterr().out)
+    assert served.keys() == ran.keys()
+    assert served["token_ids"] == ran["token_ids"] and served["text"] == ran["text"]
+    assert served["workers"] == ran["workers"] == 2
+
+    assert main(["info", "--json", *remote]) == 0
+    assert json.loads(capsys.readouterr().out)["workers"][1]["end_layer"] == 4
+    assert main(["stats", "--json", *remote]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert isinstance(stats["requests"], int) and stats["requests"] > 0
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hi\nAgain\n"))
+    assert main(["chat", "--max-tokens", "4", "--json", *remote]) == 0
+    replies = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(replies) == 2 and replies[1]["prompt_tokens"] > replies[0]["prompt_tokens"]
+
+
+@pytest.fixture(scope="module")
+def small_daemon(model, tmp_path_factory):
+    """No token, one sequence at a time, one waiting, and a TCP listener."""
+    live = LiveDaemon(
+        model,
+        tmp_path_factory.mktemp("small"),
+        "--max-seqs",
+        "1",
+        "--max-queue",
+        "1",
+        "--listen",
+        "127.0.0.1:0",
+    )
+    yield live
+    assert live.stop() == 0, live.log.read_text()
+
+
+def test_a_full_admission_queue_is_resource_exhausted(small_daemon):
+    port = small_daemon.log.read_text().split("127.0.0.1:")[1].split()[0]
+    with Client(f"127.0.0.1:{port}") as c:
+        running = c.stream("a", max_tokens=200, ignore_eos=True)
+        next(iter(running))
+        waiting = c.stream("b", max_tokens=2, ignore_eos=True)
+        wait_for(lambda: c.stats().queued == 1)
+        with pytest.raises(Overloaded, match="queue"):
+            c.generate("c", max_tokens=2)
+        running.cancel()
+        assert [d.token_ids for d in waiting] and waiting.result.completion_tokens == 2
+        assert c.stats().rejected == 1
+
+
+def test_node_client_streams_a_generation(daemon, client, tmp_path):
+    """clients/node, installed with npm from its lockfile, against the live daemon."""
+    work = tmp_path / "node"
+    work.mkdir()
+    for name in ("package.json", "package-lock.json", "generate.js"):
+        shutil.copy(REPO / "clients" / "node" / name, work)
+    subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=work, check=True, timeout=600)
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    env = {"PATH": os.environ["PATH"], "MTPD_PROTO_ROOT": str(REPO / "protos")}
+    base = ["node", "generate.js", "--address", daemon.address, "--token-file", str(token_file)]
+    want = client.generate("Hello", max_tokens=12)
+
+    out = subprocess.run(
+        [*base, "--raw", "--max-tokens", "12", "--json", "Hello"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    result = json.loads(out.stdout)
+    assert result["token_ids"] == want.token_ids and result["text"] == want.text
+    assert result["finish_reason"] == want.finish_reason
+    assert result["usage"]["completion_tokens"] == want.completion_tokens
+
+    streamed = subprocess.run(
+        [*base, "--raw", "--max-tokens", "12", "Hello"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert streamed.stdout == want.text + "\n"
+    refused = subprocess.run(
+        [*base, "--max-tokens", "0", "Hello"], cwd=work, env=env, capture_output=True, text=True
+    )
+    assert refused.returncode == 1 and "INVALID_ARGUMENT" in refused.stderr
+    assert "max_tokens" in refused.stderr
