@@ -10,7 +10,7 @@ from typing import Unpack
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from mtpd.client.errors import MtpdError, Unavailable, from_rpc_error
+from mtpd.client.errors import Cancelled, MtpdError, Unavailable, from_rpc_error
 from mtpd.client.messages import (
     CallSettings,
     Delta,
@@ -39,6 +39,12 @@ class AsyncStream:
                     yield delta
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
+        except asyncio.CancelledError:
+            if not self._call.cancelled():
+                raise  # the task running us was cancelled
+            raise Cancelled(
+                "CANCELLED: the stream was cancelled", grpc.StatusCode.CANCELLED
+            ) from None
 
     def cancel(self) -> None:
         self._call.cancel()

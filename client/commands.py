@@ -103,13 +103,13 @@ def _print_stream(stream, echo: bool) -> GenerationResult:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        options = request_options(args)
-        if args.raw:
+        options, info = request_options(args), client.info()
+        if args.raw or not info.chat_template:  # as `mtpd run` does
             stream = client.stream(args.prompt, **options)
         else:
             stream = client.chat_stream(user_messages(args, args.prompt), **options)
         result = _print_stream(stream, echo=not args.json)
-        report(result, client.info(), args.json)
+        report(result, info, args.json)
     return 0
 
 

@@ -28,14 +28,17 @@ class Options(TypedDict, total=False):
     min_p: float
     repetition_penalty: float
     seed: int
-    stop: Sequence[str]
+    stop: str | Sequence[str]
     draft_tokens: int
     ignore_eos: bool
 
 
 def generation_options(options: Options) -> api.GenerationOptions:
+    values = {k: v for k, v in options.items() if v is not None}
+    if isinstance(values.get("stop"), str):  # one stop sequence, not one per character
+        values["stop"] = [values["stop"]]
     try:
-        return api.GenerationOptions(**{k: v for k, v in options.items() if v is not None})
+        return api.GenerationOptions(**values)
     except ValueError as e:  # an unknown option
         raise TypeError(str(e)) from None
 
@@ -47,6 +50,8 @@ def generate_request(
     request = api.GenerateRequest(options=generation_options(options), request_id=request_id or "")
     if isinstance(prompt, str):
         request.prompt = prompt
+    elif isinstance(prompt, bytes | bytearray):
+        raise TypeError("the prompt is text (str) or token ids, not bytes")
     else:
         request.prompt_token_ids.extend(prompt)
     return request

@@ -78,7 +78,8 @@ class DraftStats:
     @property
     def acceptance_by_position(self) -> list[float]:
         """Of the steps that drafted position i, the share where it was accepted."""
-        return [a / d for a, d in zip(self.accepted, self.drafted, strict=True)]
+        # Not strict: a reader may see the lists while add() lengthens them one by one.
+        return [a / d for a, d in zip(self.accepted, self.drafted, strict=False)]
 
     @property
     def conditional_acceptance_by_position(self) -> list[float]:
@@ -89,18 +90,6 @@ class DraftStats:
     @property
     def tokens_per_step(self) -> float:
         return self.tokens / self.steps if self.steps else 0.0
-
-
-def parse_draft_tokens(text: str) -> int | str:
-    if text == AUTO:
-        return AUTO
-    try:
-        k = int(text)
-    except ValueError:
-        raise InvalidParameter(f"--draft-tokens {text!r}: a number of drafts or 'auto'") from None
-    if not 0 <= k <= 16:
-        raise InvalidParameter(f"--draft-tokens must be in 0..16 or auto, got {k}")
-    return k
 
 
 class DraftPolicy:

@@ -1,16 +1,16 @@
 """One request's way from the tokens the scheduler accepts to the chunks its caller
-receives: UTF-8-safe text, exact stop sequences, usage and timing. The gRPC service,
-the HTTP API and `mtpd run` all generate through `generate()`."""
+receives: UTF-8-safe text, exact stop sequences, usage and timing. The gRPC service
+and `mtpd run` both generate through `generate()`."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from mtpd.daemon.coordinator import Coordinator
 from mtpd.daemon.draft_policy import DraftStats
 from mtpd.daemon.options import GenerationOptions
-from mtpd.daemon.scheduler import Accepted, Request
+from mtpd.daemon.scheduler import Accepted, Request, RequestFailed
 from mtpd.model.errors import InvalidParameter
 from mtpd.model.tokenizer import IncrementalDecoder, Tokenizer
 from mtpd.v1 import inference_pb2 as api
@@ -37,21 +37,21 @@ class StopMatcher:
             i, stop = min(hits)
             self._held = ""
             return text[:i], stop
-        hold = max(
-            (
-                n
-                for stop in self._stops
-                for n in range(min(len(stop) - 1, len(text)), 0, -1)
-                if text.endswith(stop[:n])
-            ),
-            default=0,
-        )
+        hold = max((self._partial(stop, text) for stop in self._stops), default=0)
         self._held = text[len(text) - hold :]
         return text[: len(text) - hold], None
 
     def flush(self) -> str:
         text, self._held = self._held, ""
         return text
+
+    @staticmethod
+    def _partial(stop: str, text: str) -> int:
+        """The length of the longest end of `text` that begins `stop`."""
+        return next(
+            (n for n in range(min(len(stop) - 1, len(text)), 0, -1) if text.endswith(stop[:n])),
+            0,
+        )
 
 
 class Generation:
@@ -105,7 +105,9 @@ class Generation:
             text, self.stop_sequence = self._stops.feed(self._decoder.flush())
             if not self.stopped:
                 text += self._stops.flush()
-        reason = "stop" if self.stopped else (self.request.finish_reason or "stop")
+        reason = "stop" if self.stopped else self.request.finish_reason
+        if reason not in _FINISH:
+            raise RequestFailed(f"request {self.request_id} ended: {reason}")
         return api.GenerateChunk(
             text=text,
             request_id=self.request_id,
@@ -159,10 +161,12 @@ async def generate(
     options: GenerationOptions,
     request_id: str,
     arrived_at: float | None = None,
+    on_admitted: Callable[[Request], None] | None = None,
 ) -> AsyncIterator[api.GenerateChunk]:
     """Submit a request and stream its chunks, the last one with the finish reason.
     Closing the stream early (the caller went away, a deadline) cancels the request,
-    which frees its cache on every worker."""
+    which frees its cache on every worker; so does a stop sequence, at once.
+    `on_admitted` sees the request as soon as the scheduler has taken it."""
     vocab = daemon.cfg.vocab_size
     bad = next((i for i, t in enumerate(prompt_ids) if t >= vocab), None)
     if bad is not None:
@@ -176,6 +180,8 @@ async def generate(
         ignore_eos=options.ignore_eos,
         draft_tokens=options.draft_tokens,
     )
+    if on_admitted is not None:
+        on_admitted(request)
     generation = Generation(
         daemon.tokenizer,
         request,
@@ -187,16 +193,20 @@ async def generate(
     )
     try:
         async for step in request:
-            yield generation.chunk(step)
+            chunk = generation.chunk(step)
             if generation.stopped:
+                request.cancel()  # nothing after a stop sequence is wanted
+                yield chunk
                 break
+            yield chunk
         yield generation.last_chunk()
     finally:
         if not request.done:
             request.cancel()
 
 
-def chat_prompt_ids(tokenizer: Tokenizer, messages: Sequence[dict[str, str]]) -> list[int]:
+def render_messages(tokenizer: Tokenizer, messages: Sequence[api.ChatMessage]) -> str:
+    """The chat template applied to API messages, with the generation prompt."""
     if not messages:
         raise InvalidParameter("messages: at least one message is needed")
-    return tokenizer.encode(tokenizer.render_chat(messages))
+    return tokenizer.render_chat([{"role": m.role, "content": m.content} for m in messages])

@@ -1,5 +1,5 @@
-"""A request's generation options: their defaults (the one table the CLI, the SDK, gRPC
-and HTTP share; protos/mtpd/v1/inference.proto documents it field by field) and their
+"""A request's generation options: their defaults (the one table the CLI, the SDK and
+gRPC share; protos/mtpd/v1/inference.proto documents it field by field) and their
 validation, with errors that name the field.
 
 Torch-free at import, so the CLI can build its help from the defaults instantly."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import itertools
 import logging
 import math
@@ -252,8 +253,10 @@ class Scheduler:
 
     @property
     def stats(self) -> DraftStats:
-        """Server-wide speculative statistics (each step counted once)."""
-        return self.policy.server
+        """Server-wide speculative statistics (each step counted once): a copy, as the
+        scheduler's thread keeps adding to them."""
+        with self._cond:
+            return copy.deepcopy(self.policy.server)
 
     def load(self) -> tuple[int, int]:
         """(sequences running, requests waiting for admission)."""
@@ -271,7 +274,8 @@ class Scheduler:
             self._waiting.clear()
             self._active = []
             self._cond.notify()
-        cached = [s.request.seq_id for s in stranded if s.cached]
+        # A sequence whose first chunk is in flight holds slots too.
+        cached = [s.request.seq_id for s in stranded if s.cached or s.in_flight]
         if cached:  # the pipeline may outlive this scheduler
             self.pipeline.release(cached)
         for seq in stranded:
@@ -399,7 +403,7 @@ class Scheduler:
     ) -> None:
         error = future.exception()
         if error is not None:
-            self._retire([seq for seq, _ in batch], "error", str(error))
+            self._retire([seq for seq, _ in batch if seq in self._active], "error", str(error))
             return
         outcome = future.result()
         self._observe(batch, outcome)

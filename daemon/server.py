@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,19 +89,44 @@ def _refusal(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
 
 
 def _claim_socket(path: Path) -> None:
-    """Make way for our socket: refuse if a daemon answers there, remove a stale one."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if not path.exists():
+    """Make way for our socket in a directory no other user controls: refuse if a
+    daemon answers there, remove a stale socket (never any other file)."""
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        folder = path.parent.lstat()
+    except OSError as e:
+        raise InputError(f"{path.parent}: cannot use it for the socket: {e.strerror}") from None
+    others_write = folder.st_mode & 0o022 and not folder.st_mode & stat.S_ISVTX
+    if folder.st_uid not in (os.geteuid(), 0) or others_write or stat.S_ISLNK(folder.st_mode):
+        raise InputError(
+            f"{path.parent}: another user owns or can write this directory; "
+            "choose a --socket in a directory of your own"
+        )
+    try:
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            raise InputError(f"{path}: exists and is not a socket; choose another --socket")
+    except FileNotFoundError:
         return
     probe = socket.socket(socket.AF_UNIX)
     try:
         probe.connect(str(path))
     except (ConnectionRefusedError, FileNotFoundError):
         path.unlink(missing_ok=True)
+    except OSError as e:
+        raise InputError(f"{path}: cannot use this socket: {e.strerror}") from None
     else:
         raise InputError(f"{path}: another mtpd is already serving there")
     finally:
         probe.close()
+
+
+async def _watch_pipeline(daemon: Coordinator, health: health_aio.HealthServicer) -> None:
+    """Health turns NOT_SERVING when the pipeline fails, so a supervisor notices."""
+    while daemon.pipeline.failure is None:
+        await asyncio.sleep(0.5)
+    log.error("the pipeline failed: %s", daemon.pipeline.failure)
+    for name in ("", INFERENCE):
+        await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
 
 async def serve_async(settings: Settings, config: ServeConfig) -> int:
@@ -120,7 +146,11 @@ async def serve_async(settings: Settings, config: ServeConfig) -> int:
         await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
     _claim_socket(config.socket)
-    server.add_insecure_port(f"unix:{config.socket}")
+    umask = os.umask(0o117)  # the socket is born 0660: never open to others, not even briefly
+    try:
+        server.add_insecure_port(f"unix:{config.socket}")
+    finally:
+        os.umask(umask)
     listening = [f"unix:{config.socket}"]
     if config.listen:
         try:
@@ -130,7 +160,6 @@ async def serve_async(settings: Settings, config: ServeConfig) -> int:
         host = config.listen.rsplit(":", 1)[0]
         listening.append(f"{host}:{port}")
     await server.start()
-    os.chmod(config.socket, 0o660)
     print(f"mtpd: listening on {' and '.join(listening)}", file=sys.stderr, flush=True)
 
     stop = asyncio.Event()
@@ -141,12 +170,19 @@ async def serve_async(settings: Settings, config: ServeConfig) -> int:
     stopping = asyncio.ensure_future(stop.wait())
     await asyncio.wait([loading, stopping], return_when=asyncio.FIRST_COMPLETED)
     daemon: Coordinator | None = None
+    watcher: asyncio.Task | None = None
     try:
         try:
-            daemon = await loading
+            daemon = await loading  # a load cannot be interrupted; stopping waits for it
         except InputError as e:
             print(f"mtpd: error: {e}", file=sys.stderr, flush=True)
             return 2
+        except Exception as e:
+            log.exception("loading the model failed")
+            print(f"mtpd: error: loading the model failed: {e}", file=sys.stderr, flush=True)
+            return 1
+        if stop.is_set():
+            return 0
         for note in daemon.notes:
             print(f"mtpd: note: {note}", file=sys.stderr, flush=True)
         service.daemon = daemon
@@ -157,9 +193,12 @@ async def serve_async(settings: Settings, config: ServeConfig) -> int:
             for s in daemon.pipeline.stages
         )
         print(f"mtpd: ready: {daemon.model_path} ({stages})", file=sys.stderr, flush=True)
+        watcher = asyncio.create_task(_watch_pipeline(daemon, health))
         await stopping
     finally:
         stopping.cancel()
+        if watcher is not None:
+            watcher.cancel()
         await health.enter_graceful_shutdown()
         await server.stop(config.grace_s)
         if daemon is not None:

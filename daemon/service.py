@@ -20,10 +20,10 @@ from mtpd import __version__
 from mtpd.daemon.coordinator import Coordinator
 from mtpd.daemon.generation import (
     FINISH_NAMES,
-    chat_prompt_ids,
     draft_policy_name,
     draft_summary,
     generate,
+    render_messages,
 )
 from mtpd.daemon.options import (
     DEFAULT_MAX_REQUEST_BYTES,
@@ -31,7 +31,7 @@ from mtpd.daemon.options import (
     GenerationOptions,
     defaults_proto,
 )
-from mtpd.daemon.scheduler import QueueFullError, RequestFailed
+from mtpd.daemon.scheduler import QueueFullError, Request, RequestFailed
 from mtpd.model.errors import InputError, InvalidParameter
 from mtpd.v1 import inference_pb2 as api
 from mtpd.v1 import inference_pb2_grpc as api_grpc
@@ -109,20 +109,31 @@ class InferenceService(api_grpc.InferenceServicer):
     async def Generate(
         self, request: api.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[api.GenerateChunk]:
-        async for chunk in self._stream(request, context):
-            yield chunk
+        async with contextlib.aclosing(self._stream(request, context)) as chunks:
+            async for chunk in chunks:
+                yield chunk
 
     async def Chat(
         self, request: api.ChatRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[api.GenerateChunk]:
-        async for chunk in self._stream(request, context):
-            yield chunk
+        async with contextlib.aclosing(self._stream(request, context)) as chunks:
+            async for chunk in chunks:
+                yield chunk
 
     async def _stream(
         self, request: api.GenerateRequest | api.ChatRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[api.GenerateChunk]:
         arrived = time.monotonic()
         admitted, reason = False, "error"
+
+        def admit(handle: Request) -> None:
+            nonlocal admitted
+            admitted = True
+            self.requests += 1
+            # However the call ends (cancelled, deadline, even while gRPC is blocked
+            # writing to a slow reader), the request ends with it.
+            context.add_done_callback(lambda _: handle.cancel())
+
         try:
             with _statuses():
                 daemon = self._ready()
@@ -130,13 +141,9 @@ class InferenceService(api_grpc.InferenceServicer):
                 request_id = self._request_id(request.request_id)
                 options = GenerationOptions.from_proto(request.options)
                 prompt_ids = await asyncio.to_thread(self._prompt_ids, daemon, request)
-                generation = generate(daemon, prompt_ids, options, request_id, arrived)
+                log.info("%s: %d prompt tokens", request_id, len(prompt_ids))
+                generation = generate(daemon, prompt_ids, options, request_id, arrived, admit)
                 async with contextlib.aclosing(generation) as chunks:
-                    first = await anext(chunks)  # admission errors come before streaming
-                    admitted = True
-                    self.requests += 1
-                    log.info("%s: admitted, %d prompt tokens", request_id, len(prompt_ids))
-                    yield first
                     async for chunk in chunks:
                         if chunk.finish_reason:
                             reason = FINISH_NAMES[chunk.finish_reason]
@@ -154,15 +161,16 @@ class InferenceService(api_grpc.InferenceServicer):
             if admitted:
                 self.finished[reason] += 1
 
+    @staticmethod
     def _prompt_ids(
-        self, daemon: Coordinator, request: api.GenerateRequest | api.ChatRequest
+        daemon: Coordinator, request: api.GenerateRequest | api.ChatRequest
     ) -> list[int]:
+        tok = daemon.tokenizer
         if isinstance(request, api.ChatRequest):
-            messages = [{"role": m.role, "content": m.content} for m in request.messages]
-            return chat_prompt_ids(daemon.tokenizer, messages)
+            return tok.encode(render_messages(tok, request.messages))
         if request.prompt and request.prompt_token_ids:
             raise InvalidParameter("set one of prompt and prompt_token_ids, not both")
-        return list(request.prompt_token_ids) or daemon.tokenizer.encode(request.prompt)
+        return list(request.prompt_token_ids) or tok.encode(request.prompt)
 
     # -- the rest -----------------------------------------------------------------------
 
@@ -194,12 +202,13 @@ class InferenceService(api_grpc.InferenceServicer):
         self._check_size(request)
         if request.text and request.messages:
             raise InvalidParameter("set one of text and messages, not both")
-        tok, text = daemon.tokenizer, request.text
-        if request.messages:
-            text = tok.render_chat(
-                [{"role": m.role, "content": m.content} for m in request.messages]
-            )
-        ids = await asyncio.to_thread(tok.encode, text)
+        tok = daemon.tokenizer
+
+        def tokenize() -> tuple[str, list[int]]:
+            text = render_messages(tok, request.messages) if request.messages else request.text
+            return text, tok.encode(text)
+
+        text, ids = await asyncio.to_thread(tokenize)
         return api.TokenizeReply(token_ids=ids, tokens=[tok.token(i) or "" for i in ids], text=text)
 
     async def _model_info(self) -> api.ModelInfo:

@@ -87,6 +87,9 @@ class Tokenizer:
             raise ChatTemplateError(f"chat template failed: {e}") from e
 
 
+_MAX_WINDOW = 32  # tokens a text-less run may add to the window before it moves on
+
+
 class IncrementalDecoder:
     """Turns a growing token list into text deltas, never emitting half a character:
     a token may end inside a multi-byte UTF-8 sequence, which decodes to U+FFFD until
@@ -102,16 +105,26 @@ class IncrementalDecoder:
 
     def push(self, token_ids: Sequence[int]) -> str:
         self._ids.extend(token_ids)
-        seen = self._tokenizer.decode(self._ids[self._prefix : self._read])
-        text = self._tokenizer.decode(self._ids[self._prefix :])
-        if len(text) <= len(seen) or text.endswith("\ufffd"):
+        seen, text = self._window()
+        if text.endswith("\ufffd"):
+            return ""  # wait for the rest of the character
+        if len(text) <= len(seen):
+            # No text (special tokens): step past them, keeping the window's context
+            # for the next token's spacing while the window stays short.
+            self._read = len(self._ids)
+            if self._read - self._prefix > _MAX_WINDOW:
+                self._prefix = self._read
             return ""
         self._prefix, self._read = self._read, len(self._ids)
         return text[len(seen) :]
 
     def flush(self) -> str:
         """What the tokens not yet returned decode to, even if it ends mid-character."""
-        seen = self._tokenizer.decode(self._ids[self._prefix : self._read])
-        text = self._tokenizer.decode(self._ids[self._prefix :])
+        seen, text = self._window()
         self._prefix = self._read = len(self._ids)
         return text[len(seen) :]
+
+    def _window(self) -> tuple[str, str]:
+        """The window's text before the unreturned tokens, and with them."""
+        decode, window = self._tokenizer.decode, self._ids[self._prefix :]
+        return decode(window[: self._read - self._prefix]), decode(window)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,7 +45,8 @@ def _add_generation_flags(p: argparse.ArgumentParser, prompt: bool = True) -> No
         p.add_argument(
             "--raw", action="store_true", help="send the prompt as is, without the chat template"
         )
-    d = GenerationOptions()
+    # The class's field defaults: an instance would import torch to validate itself.
+    d = argparse.Namespace(**{f.name: f.default for f in dataclasses.fields(GenerationOptions)})
     p.add_argument(
         "--max-tokens",
         type=int,
@@ -337,7 +339,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     from mtpd.client.commands import report, request_options, user_messages
     from mtpd.daemon.coordinator import Coordinator
-    from mtpd.daemon.generation import chat_prompt_ids
     from mtpd.daemon.service import Limits, model_info
 
     if not args.prompt:
@@ -350,7 +351,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if args.raw or not tok.has_chat_template:
             prompt_ids = tok.encode(args.prompt)
         else:
-            prompt_ids = chat_prompt_ids(tok, user_messages(args, args.prompt))
+            prompt_ids = tok.encode(tok.render_chat(user_messages(args, args.prompt)))
         result = asyncio.run(_generate_here(daemon, prompt_ids, options, echo=not args.json))
         info = model_info(daemon, Limits())
     report(result, info, args.json)

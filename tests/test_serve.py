@@ -9,6 +9,8 @@ import json
 import math
 import os
 import shutil
+import signal
+import stat
 import subprocess
 import threading
 import time
@@ -21,7 +23,16 @@ from live_daemon import CONTEXT, LiveDaemon, write_served_model
 from reference import GREEDY, solo_run
 
 from mtpd.cli import main
-from mtpd.client import AsyncClient, Client, InvalidRequest, Overloaded, Timeout, Unauthenticated
+from mtpd.client import (
+    AsyncClient,
+    Cancelled,
+    Client,
+    InvalidRequest,
+    Overloaded,
+    Timeout,
+    Unauthenticated,
+    Unavailable,
+)
 from mtpd.model.sampling import SamplingParams
 from mtpd.v1 import inference_pb2 as api
 from mtpd.v1 import inference_pb2_grpc as api_grpc
@@ -118,6 +129,7 @@ def test_stop_sequences_end_the_text_exactly(client, engine):
     assert (result.finish_reason, result.stop_sequence) == ("stop", stop)
     # The character tokenizer makes tokens characters: counted up to the stop's end.
     assert result.completion_tokens == len(result.token_ids) == cut + len(stop)
+    assert client.generate("The", max_tokens=40, ignore_eos=True, stop=stop).text == full[:cut]
 
 
 def test_cancelling_a_stream_frees_its_cache_on_every_worker(client):
@@ -168,6 +180,13 @@ def test_async_client_streams_the_same_tokens(daemon, client):
             stream = aclient.stream("Async", max_tokens=10, ignore_eos=True)
             texts = [d.text async for d in stream]
             chat = await aclient.chat([("user", "Hi")], max_tokens=3, ignore_eos=True)
+            long = aclient.stream("Cancel", max_tokens=200, ignore_eos=True)
+            deltas = aiter(long)
+            await anext(deltas)
+            long.cancel()
+            with pytest.raises(Cancelled):
+                async for _ in deltas:
+                    pass
             return stream.result, texts, chat, await aclient.info()
 
     result, texts, chat, info = asyncio.run(go())
@@ -386,3 +405,28 @@ def test_node_client_streams_a_generation(daemon, client, tmp_path):
     )
     assert refused.returncode == 1 and "INVALID_ARGUMENT" in refused.stderr
     assert "max_tokens" in refused.stderr
+
+
+def test_the_socket_is_private_and_never_taken_from_another_daemon(daemon, tmp_path, capsys):
+    assert stat.S_IMODE(daemon.socket.stat().st_mode) == 0o660
+    assert main(["serve", "--socket", str(daemon.socket)]) == 2
+    assert "already serving" in capsys.readouterr().err
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    assert main(["serve", "--socket", str(notes)]) == 2
+    assert "not a socket" in capsys.readouterr().err and notes.read_text() == "keep me"
+
+
+def test_a_dead_worker_turns_health_not_serving_and_calls_unavailable(small_daemon):
+    with Client(small_daemon.address) as c:
+        os.kill(c.info().workers[1].pid, signal.SIGKILL)
+        with grpc.insecure_channel(small_daemon.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            wait_for(
+                lambda: (
+                    health.Check(health_pb2.HealthCheckRequest()).status
+                    == health_pb2.HealthCheckResponse.NOT_SERVING
+                )
+            )
+        with pytest.raises(Unavailable, match="worker 1"):
+            c.generate("after", max_tokens=2)

@@ -85,14 +85,14 @@ def test_steps_of_several_tokens_stream_whole_characters_and_stop_exactly(engine
     text = "naïve café 🚀🔥 日本語 — done, and more text after it"
     ids = tok.encode(text)
     for stop, want in (("日本", text[: text.index("日本")]), ("zzz", text)):
-        generation = Generation(
-            tok, Request("t", 64), 0, GenerationOptions(stop=(stop,)), "t", "auto", 0.0
-        )
+        request = Request("t", 64)
+        generation = Generation(tok, request, 0, GenerationOptions(stop=(stop,)), "t", "auto", 0.0)
         chunks = []
         for i in range(0, len(ids), step):
             chunks.append(generation.chunk(Accepted(ids[i : i + step], step - 1)))
             if generation.stopped:
                 break
+        request._finish("length")  # as the scheduler does after the last token
         chunks.append(generation.last_chunk())
         assert "".join(c.text for c in chunks) == want
         assert not any("\ufffd" in c.text for c in chunks)

@@ -25,7 +25,13 @@ function parseArgs(argv) {
     const a = argv[i];
     if (a === "--address") args.address = argv[++i];
     else if (a === "--token-file") args.token = fs.readFileSync(argv[++i], "utf8").trim();
-    else if (a === "--max-tokens") args.maxTokens = Number(argv[++i]);
+    else if (a === "--max-tokens") {
+      args.maxTokens = Number(argv[++i]);
+      if (!Number.isInteger(args.maxTokens)) {
+        console.error(`--max-tokens: not a whole number: ${argv[i]}`);
+        process.exit(2);
+      }
+    }
     else if (a === "--raw") args.raw = true;
     else if (a === "--json") args.json = true;
     else rest.push(a);
@@ -38,15 +44,18 @@ function parseArgs(argv) {
   return args;
 }
 
-// The same default as the Python SDK: $MTPD_ADDRESS, else the user's socket.
+// The same convention as the Python SDK (mtpd/address.py): $MTPD_ADDRESS, else the
+// user's socket if it exists, else the system service's; a path means a unix socket.
 function target(address) {
   if (!address) {
     const base = process.env.XDG_RUNTIME_DIR
       ? path.join(process.env.XDG_RUNTIME_DIR, "mtpd")
       : path.join(os.tmpdir(), `mtpd-${process.getuid()}`);
-    return `unix:${path.join(base, "mtpd.sock")}`;
+    const mine = path.join(base, "mtpd.sock");
+    const system = "/run/mtpd/mtpd.sock";
+    return `unix:${fs.existsSync(mine) || !fs.existsSync(system) ? mine : system}`;
   }
-  return address.startsWith("/") ? `unix:${address}` : address;
+  return address.startsWith("/") || address.startsWith(".") ? `unix:${address}` : address;
 }
 
 function main() {
