@@ -3,6 +3,7 @@ the worker pipeline, and the scheduler feeding it. It holds no model tensors."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,7 +54,9 @@ class Coordinator:
         self.notes: list[str] = []  # what the user should hear once about this start
 
     @classmethod
-    def start(cls, settings: Settings) -> Coordinator:
+    def start(
+        cls, settings: Settings, on_status: Callable[[str], None] | None = None
+    ) -> Coordinator:
         path = resolve_model(settings.model)
         ckpt = open_checkpoint(path)
         cfg = read_config(ckpt)
@@ -78,7 +81,8 @@ class Coordinator:
                 model_identity=model_identity(ckpt, cfg) if settings.join_listen else "",
                 load_mtp=policy.enabled,
                 mtp_head=str(settings.mtp_head) if settings.mtp_head else None,
-            )
+            ),
+            on_status,
         )
         notes = []
         if policy.enabled and not pipeline.mtp_head:

@@ -15,6 +15,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,7 +140,10 @@ class Pipeline:
     # -- starting -----------------------------------------------------------------
 
     @classmethod
-    def start(cls, cfg: PipelineConfig) -> Pipeline:
+    def start(cls, cfg: PipelineConfig, on_status: Callable[[str], None] | None = None) -> Pipeline:
+        """Start (or await) the workers and load every shard; `on_status` hears what is
+        happening, for systemd's STATUS line."""
+        say = on_status or (lambda _: None)
         if cfg.transport not in ("dist", "grpc"):
             raise InputError(f"--transport {cfg.transport!r}: use dist or grpc")
         if cfg.threads is not None and cfg.threads < 1:
@@ -166,6 +170,7 @@ class Pipeline:
         remote_side: _RemoteSide | None = None
         try:
             if remote:
+                say(f"waiting for {n} remote worker(s) to join at {cfg.join_listen}")
                 remote_side = _RemoteSide.open(cfg, n)
                 links = [WorkerLink(a, cfg.token) for a in remote_side.addresses]
                 rendezvous = remote_side.rendezvous
@@ -179,6 +184,8 @@ class Pipeline:
                 path = runtime_dir / "rendezvous"
                 path.unlink(missing_ok=True)
                 rendezvous = str(path)
+            if processes:
+                say(f"starting {n} worker(s) on {', '.join(devices)}")
             infos = _await_workers(links, processes)
             free = [i.free_memory_bytes for i in infos] if cfg.split == "auto" else None
             ranges = layer_ranges(cfg.num_layers, n, split, free)
@@ -206,6 +213,10 @@ class Pipeline:
                 )
                 for rank, (first, end) in enumerate(ranges)
             ]
+            say(
+                "loading "
+                + ", ".join(f"layers {a}-{b - 1} on worker {i}" for i, (a, b) in enumerate(ranges))
+            )
             loads = _load_all(links, processes, requests)
             stages = [
                 StageInfo(rank, first, end, infos[rank].device, infos[rank].pid, loads[rank])

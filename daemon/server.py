@@ -14,6 +14,7 @@ import signal
 import socket
 import stat
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 
 from mtpd.daemon.coordinator import Coordinator, Settings
 from mtpd.daemon.service import InferenceService, Limits
+from mtpd.daemon.systemd import Notifier
 from mtpd.model.errors import InputError
 from mtpd.rpc import bearer_token_matches
 from mtpd.v1 import inference_pb2 as api
@@ -44,7 +46,7 @@ class ServeConfig:
     listen: str | None = None  # HOST:PORT
     api_token: str | None = None
     limits: Limits = field(default_factory=Limits)
-    grace_s: float = 30.0  # in-flight requests get this long to finish on shutdown
+    drain_s: float = 30.0  # on SIGTERM, in-flight requests get this long to finish
 
 
 class BearerAuth(grpc.aio.ServerInterceptor):
@@ -120,13 +122,37 @@ def _claim_socket(path: Path) -> None:
         probe.close()
 
 
-async def _watch_pipeline(daemon: Coordinator, health: health_aio.HealthServicer) -> None:
+async def _watch_pipeline(
+    daemon: Coordinator, health: health_aio.HealthServicer, notifier: Notifier
+) -> None:
     """Health turns NOT_SERVING when the pipeline fails, so a supervisor notices."""
     while daemon.pipeline.failure is None:
         await asyncio.sleep(0.5)
     log.error("the pipeline failed: %s", daemon.pipeline.failure)
+    notifier.status(f"the pipeline failed: {daemon.pipeline.failure}")
     for name in ("", INFERENCE):
         await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+
+async def _keep_watchdog(service: InferenceService, notifier: Notifier, every: float) -> None:
+    """WATCHDOG=1 while the event loop runs and the pipeline has not failed: a wedged
+    or broken daemon stops pinging, and systemd restarts it."""
+    while service.daemon is None or service.daemon.pipeline.failure is None:
+        notifier.watchdog()
+        await asyncio.sleep(every)
+
+
+async def _drain(service: InferenceService, notifier: Notifier, seconds: float) -> None:
+    """Give the running generations up to `seconds` to finish."""
+    deadline = time.monotonic() + seconds
+    told = None
+    while service.running and time.monotonic() < deadline:
+        if told != service.running:
+            told = service.running
+            notifier.stopping(f"draining: {told} request(s) still running")
+        await asyncio.sleep(0.1)
+    if service.running:
+        log.warning("%d request(s) still running after the drain timeout", service.running)
 
 
 async def serve_async(settings: Settings, config: ServeConfig) -> int:
@@ -161,16 +187,25 @@ async def serve_async(settings: Settings, config: ServeConfig) -> int:
         listening.append(f"{host}:{port}")
     await server.start()
     print(f"mtpd: listening on {' and '.join(listening)}", file=sys.stderr, flush=True)
+    notifier = Notifier()
+    notifier.status(f"listening on {' and '.join(listening)}; starting the workers")
+
+    def on_status(text: str) -> None:
+        log.info("%s", text)
+        notifier.status(text)
+
+    background = []
+    if (every := Notifier.watchdog_interval()) is not None:
+        background.append(asyncio.create_task(_keep_watchdog(service, notifier, every)))
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loading = asyncio.ensure_future(asyncio.to_thread(Coordinator.start, settings))
+    loading = asyncio.ensure_future(asyncio.to_thread(Coordinator.start, settings, on_status))
     stopping = asyncio.ensure_future(stop.wait())
     await asyncio.wait([loading, stopping], return_when=asyncio.FIRST_COMPLETED)
     daemon: Coordinator | None = None
-    watcher: asyncio.Task | None = None
     try:
         try:
             daemon = await loading  # a load cannot be interrupted; stopping waits for it
@@ -193,16 +228,22 @@ async def serve_async(settings: Settings, config: ServeConfig) -> int:
             for s in daemon.pipeline.stages
         )
         print(f"mtpd: ready: {daemon.model_path} ({stages})", file=sys.stderr, flush=True)
-        watcher = asyncio.create_task(_watch_pipeline(daemon, health))
+        notifier.ready(f"serving {daemon.model_path.name} on {' and '.join(listening)}")
+        background.append(asyncio.create_task(_watch_pipeline(daemon, health, notifier)))
         await stopping
+        service.draining = True  # before health says so: a caller who saw it is refused
+        notifier.stopping("stopping: no new requests")
+        await health.enter_graceful_shutdown()
+        await _drain(service, notifier, config.drain_s)
     finally:
         stopping.cancel()
-        if watcher is not None:
-            watcher.cancel()
+        for task in background:
+            task.cancel()
         await health.enter_graceful_shutdown()
-        await server.stop(config.grace_s)
+        await server.stop(1.0)
         if daemon is not None:
             daemon.close()
+        notifier.close()
         with contextlib.suppress(OSError):
             config.socket.unlink()
     return 0

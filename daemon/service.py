@@ -103,6 +103,8 @@ class InferenceService(api_grpc.InferenceServicer):
         self._ids = itertools.count(1)
         self.requests = self.rejected = self.prompt_tokens = self.completion_tokens = 0
         self.finished: Counter[str] = Counter()
+        self.running = 0  # admitted generations not yet ended
+        self.draining = False  # shutting down: no new generations
 
     # -- generation -------------------------------------------------------------------
 
@@ -130,6 +132,7 @@ class InferenceService(api_grpc.InferenceServicer):
             nonlocal admitted
             admitted = True
             self.requests += 1
+            self.running += 1
             # However the call ends (cancelled, deadline, even while gRPC is blocked
             # writing to a slow reader), the request ends with it.
             context.add_done_callback(lambda _: handle.cancel())
@@ -137,6 +140,8 @@ class InferenceService(api_grpc.InferenceServicer):
         try:
             with _statuses():
                 daemon = self._ready()
+                if self.draining:
+                    raise RequestFailed("mtpd is shutting down: no new requests")
                 self._check_size(request)
                 request_id = self._request_id(request.request_id)
                 options = GenerationOptions.from_proto(request.options)
@@ -159,6 +164,7 @@ class InferenceService(api_grpc.InferenceServicer):
             raise
         finally:
             if admitted:
+                self.running -= 1
                 self.finished[reason] += 1
 
     @staticmethod

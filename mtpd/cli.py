@@ -195,6 +195,14 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
         metavar="SIZE",
         help="larger requests are refused (default 1M)",
     )
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="on SIGTERM, new requests are refused and running ones get this long to "
+        "finish (default 30)",
+    )
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -329,6 +337,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         listen=args.listen,
         api_token=read_token_file(args.api_token_file) if args.api_token_file else None,
         limits=Limits(max_request_bytes=args.max_request_bytes),
+        drain_s=args.drain_timeout,
     )
     return serve(settings, config)
 

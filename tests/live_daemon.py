@@ -30,7 +30,14 @@ def write_served_model(path: Path) -> Path:
 
 
 class LiveDaemon:
-    def __init__(self, model: Path, workdir: Path, *flags: str, token: str | None = None) -> None:
+    def __init__(
+        self,
+        model: Path,
+        workdir: Path,
+        *flags: str,
+        token: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.socket = workdir / "mtpd.sock"
         self.address = f"unix:{self.socket}"
@@ -43,7 +50,12 @@ class LiveDaemon:
             token_file.write_text(token + "\n")
             cmd += ["--api-token-file", str(token_file)]
         self.log = workdir / "daemon.log"
-        self.process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.log.open("w"))
+        self.process = subprocess.Popen(
+            cmd,
+            stdout=subprocess.DEVNULL,
+            stderr=self.log.open("w"),
+            env={**os.environ, **(env or {})},
+        )
         self.health_seen = self._await_serving()
 
     def _await_serving(self, timeout: float = 120) -> list[str]:

@@ -230,6 +230,26 @@ def test_bad_chat_messages_are_refused_naming_the_field(client):
         client.chat([])
 
 
+def test_reflection_lists_the_services(daemon):
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
+
+    channel = grpc.intercept_channel(grpc.insecure_channel(daemon.address), _with_token(TOKEN))
+    with channel:
+        services = ProtoReflectionDescriptorDatabase(channel).get_services()
+        assert {"mtpd.v1.Inference", "grpc.health.v1.Health"} <= set(services)
+
+
+def _with_token(token: str) -> grpc.StreamStreamClientInterceptor:
+    class Add(grpc.StreamStreamClientInterceptor):
+        def intercept_stream_stream(self, continuation, details, requests):
+            metadata = [*(details.metadata or ()), ("authorization", f"Bearer {token}")]
+            return continuation(details._replace(metadata=metadata), requests)
+
+    return Add()
+
+
 def test_a_wrong_token_is_unauthenticated_but_health_stays_open(daemon):
     for token in ("wrong", None):
         with Client(daemon.address, token=token) as c, pytest.raises(Unauthenticated):
