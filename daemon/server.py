@@ -24,6 +24,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from mtpd.daemon.coordinator import Coordinator, Settings
+from mtpd.daemon.metrics import serve_metrics
 from mtpd.daemon.service import InferenceService, Limits
 from mtpd.daemon.systemd import Notifier
 from mtpd.model.errors import InputError
@@ -45,6 +46,7 @@ class ServeConfig:
     socket: Path
     listen: str | None = None  # HOST:PORT
     api_token: str | None = None
+    metrics_listen: str | None = None  # HOST:PORT of the Prometheus endpoint
     limits: Limits = field(default_factory=Limits)
     drain_s: float = 30.0  # on SIGTERM, in-flight requests get this long to finish
 
@@ -186,6 +188,9 @@ async def serve_async(settings: Settings, config: ServeConfig) -> int:
         host = config.listen.rsplit(":", 1)[0]
         listening.append(f"{host}:{port}")
     await server.start()
+    if config.metrics_listen:
+        where, _ = serve_metrics(service, config.metrics_listen)
+        print(f"mtpd: metrics on http://{where}/metrics", file=sys.stderr, flush=True)
     print(f"mtpd: listening on {' and '.join(listening)}", file=sys.stderr, flush=True)
     notifier = Notifier()
     notifier.status(f"listening on {' and '.join(listening)}; starting the workers")

@@ -196,6 +196,12 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
         help="larger requests are refused (default 1M)",
     )
     p.add_argument(
+        "--metrics-listen",
+        default=None,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (off by default)",
+    )
+    p.add_argument(
         "--drain-timeout",
         type=float,
         default=30.0,
@@ -338,6 +344,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         api_token=read_token_file(args.api_token_file) if args.api_token_file else None,
         limits=Limits(max_request_bytes=args.max_request_bytes),
         drain_s=args.drain_timeout,
+        metrics_listen=args.metrics_listen,
     )
     return serve(settings, config)
 

@@ -80,6 +80,13 @@ class LiveDaemon:
                 time.sleep(0.05)
         raise TimeoutError(f"mtpd serve not SERVING after {timeout} s: {self.log.read_text()}")
 
+    def announced(self, prefix: str) -> str:
+        """The rest of the daemon's first stderr line that starts with `prefix`."""
+        for line in self.log.read_text().splitlines():
+            if line.startswith(prefix):
+                return line[len(prefix) :]
+        raise AssertionError(f"no line {prefix!r} in {self.log.read_text()}")
+
     def stop(self) -> int:
         self.process.send_signal(signal.SIGTERM)
         try:

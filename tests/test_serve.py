@@ -14,12 +14,14 @@ import stat
 import subprocess
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from live_daemon import CONTEXT, LiveDaemon, write_served_model
+from prometheus_client.parser import text_string_to_metric_families
 from reference import GREEDY, solo_run
 
 from mtpd.cli import main
@@ -364,13 +366,15 @@ def small_daemon(model, tmp_path_factory):
         "1",
         "--listen",
         "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
     )
     yield live
     assert live.stop() == 0, live.log.read_text()
 
 
 def test_a_full_admission_queue_is_resource_exhausted(small_daemon):
-    port = small_daemon.log.read_text().split("127.0.0.1:")[1].split()[0]
+    port = small_daemon.announced("mtpd: listening on ").split("127.0.0.1:")[1].split()[0]
     with Client(f"127.0.0.1:{port}") as c:
         running = c.stream("a", max_tokens=200, ignore_eos=True)
         next(iter(running))
@@ -381,6 +385,22 @@ def test_a_full_admission_queue_is_resource_exhausted(small_daemon):
         running.cancel()
         assert [d.token_ids for d in waiting] and waiting.result.completion_tokens == 2
         assert c.stats().rejected == 1
+
+    url = small_daemon.announced("mtpd: metrics on ")
+    with urllib.request.urlopen(url, timeout=30) as page:
+        families = {f.name: f for f in text_string_to_metric_families(page.read().decode())}
+    value = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in families.values()
+        for s in f.samples
+    }
+    assert value[("mtpd_requests_total", ())] >= 2
+    assert value[("mtpd_requests_rejected_total", ())] == 1
+    assert value[("mtpd_requests_finished_total", (("reason", "length"),))] >= 1
+    assert value[("mtpd_generated_tokens_total", ())] >= 2
+    assert value[("mtpd_kv_cache_slots", (("worker", "1"),))] >= 1
+    assert value[("mtpd_stage_steps_total", (("worker", "0"),))] > 0
+    assert value[("mtpd_queue_depth", ())] == 0
 
 
 def test_node_client_streams_a_generation(daemon, client, tmp_path):

@@ -1,0 +1,113 @@
+"""Prometheus metrics (`mtpd serve --metrics-listen HOST:PORT`): read at each scrape from
+the service's counters, the scheduler and the workers, so nothing on the request path
+pays for them."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+
+from prometheus_client import start_http_server
+from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from mtpd.daemon.service import InferenceService
+from mtpd.model.errors import InputError
+
+log = logging.getLogger("mtpd.daemon")
+
+
+class DaemonCollector(Collector):
+    def __init__(self, service: InferenceService) -> None:
+        self.service = service
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        s = self.service
+        yield CounterMetricFamily("mtpd_requests", "Generations admitted", value=s.requests)
+        yield CounterMetricFamily(
+            "mtpd_requests_rejected", "Requests refused: bad input or a full queue", s.rejected
+        )
+        finished = CounterMetricFamily(
+            "mtpd_requests_finished", "Generations ended, by reason", labels=["reason"]
+        )
+        for reason, n in sorted(s.finished.items()):
+            finished.add_metric([reason], n)
+        yield finished
+        yield CounterMetricFamily("mtpd_prompt_tokens", "Prompt tokens admitted", s.prompt_tokens)
+        yield CounterMetricFamily(
+            "mtpd_generated_tokens", "Tokens generated and sent", s.completion_tokens
+        )
+        daemon = s.daemon
+        yield GaugeMetricFamily("mtpd_ready", "1 once the model is loaded", int(daemon is not None))
+        if daemon is None:
+            return
+        running, queued = daemon.scheduler.load()
+        yield GaugeMetricFamily("mtpd_requests_running", "Sequences being decoded", running)
+        yield GaugeMetricFamily("mtpd_queue_depth", "Requests waiting for admission", queued)
+        drafts = daemon.scheduler.stats
+        acceptance = GaugeMetricFamily(
+            "mtpd_draft_acceptance",
+            "Of the steps that drafted position i, the share where it was accepted",
+            labels=["position"],
+        )
+        for i, rate in enumerate(drafts.acceptance_by_position):
+            acceptance.add_metric([str(i + 1)], rate)
+        yield acceptance
+        yield GaugeMetricFamily(
+            "mtpd_tokens_per_step",
+            "Tokens per verification step (accepted drafts + 1)",
+            drafts.tokens_per_step,
+        )
+        yield CounterMetricFamily(
+            "mtpd_verification_steps", "Verification steps after prompts", drafts.steps
+        )
+        yield from self._workers(daemon)
+
+    def _workers(self, daemon) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        try:
+            workers = daemon.pipeline.worker_stats()
+        except Exception as e:  # a dead worker: the rest of the metrics still count
+            log.warning("metrics: a worker did not answer: %s", e)
+            return
+        families = {
+            "steps": CounterMetricFamily("mtpd_stage_steps", "Steps run", labels=["worker"]),
+            "compute": CounterMetricFamily(
+                "mtpd_stage_compute_seconds", "Compute time of steps", labels=["worker"]
+            ),
+            "recv": CounterMetricFamily(
+                "mtpd_stage_recv_wait_seconds",
+                "Time waiting for activations from the previous stage",
+                labels=["worker"],
+            ),
+            "send": CounterMetricFamily(
+                "mtpd_stage_send_seconds", "Time sending activations", labels=["worker"]
+            ),
+            "cached": GaugeMetricFamily(
+                "mtpd_kv_cache_sequences", "Sequences holding KV cache", labels=["worker"]
+            ),
+            "slots": GaugeMetricFamily(
+                "mtpd_kv_cache_slots", "Sequence slots of the KV cache", labels=["worker"]
+            ),
+        }
+        for rank, w in enumerate(workers):
+            label = [str(rank)]
+            families["steps"].add_metric(label, w.steps)
+            families["compute"].add_metric(label, w.compute_s)
+            families["recv"].add_metric(label, w.recv_wait_s)
+            families["send"].add_metric(label, w.send_s)
+            families["cached"].add_metric(label, w.active_sequences)
+            families["slots"].add_metric(label, w.max_seqs)
+        yield from families.values()
+
+
+def serve_metrics(service: InferenceService, listen: str) -> tuple[str, threading.Thread]:
+    """Start the /metrics endpoint; returns the address it listens on."""
+    host, _, port = listen.rpartition(":")
+    registry = CollectorRegistry()
+    registry.register(DaemonCollector(service))
+    try:
+        server, thread = start_http_server(int(port), addr=host or "127.0.0.1", registry=registry)
+    except (OSError, ValueError) as e:
+        raise InputError(f"--metrics-listen {listen}: cannot listen there ({e})") from None
+    return f"{host or '127.0.0.1'}:{server.server_port}", thread
