@@ -166,6 +166,7 @@ class InferenceService(api_grpc.InferenceServicer):
             if admitted:
                 self.running -= 1
                 self.finished[reason] += 1
+                log.info("%s: %s, %.2f s", request_id, reason, time.monotonic() - arrived)
 
     @staticmethod
     def _prompt_ids(

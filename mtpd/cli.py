@@ -18,6 +18,10 @@ from mtpd.daemon.options import (
 )
 
 EXIT_USAGE = 2  # bad input: model files, flags, prompts
+CONFIG_HELP = (
+    "a TOML file of mtpd serve's flags (default $MTPD_CONFIG, else /etc/mtpd/mtpd.toml "
+    "if it exists); MTPD_<FLAG> variables override it, flags override both"
+)
 
 
 class UserError(Exception):
@@ -232,7 +236,16 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     _add_pipeline_flags(serve)
     _add_serve_flags(serve)
+    serve.add_argument("--config", default=None, help=CONFIG_HELP)
     serve.set_defaults(func=_cmd_serve)
+
+    config = sub.add_parser("config", help="the daemon's configuration")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    show = config_sub.add_parser(
+        "show", help="print mtpd serve's effective configuration and where each value is from"
+    )
+    show.add_argument("--config", default=None, help=CONFIG_HELP)
+    show.set_defaults(func=lambda args: _cmd_config_show(args, serve))
 
     generate = sub.add_parser("generate", help="generate from a running daemon, streaming")
     _add_generation_flags(generate)
@@ -274,6 +287,27 @@ def _build_parser() -> argparse.ArgumentParser:
 
     add_parsers(sub)
     return parser
+
+
+def _serve_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return commands.choices["serve"]
+
+
+def _flag_value(argv: list[str], flag: str) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _cmd_config_show(args: argparse.Namespace, serve: argparse.ArgumentParser) -> int:
+    from mtpd.daemon.config import load, render
+
+    print(render(load(serve, args.config)))
+    return 0
 
 
 def _client_command(name: str):
@@ -392,11 +426,17 @@ async def _generate_here(daemon, prompt_ids: list[int], options, echo: bool):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _build_parser()
     from mtpd.client.errors import MtpdError
     from mtpd.model.errors import InputError
 
     try:
+        if argv[:1] == ["serve"]:
+            from mtpd.daemon.config import apply
+
+            apply(_serve_parser(parser), _flag_value(argv, "--config"))
+        args = parser.parse_args(argv)
         return args.func(args)
     except (UserError, InputError, TokenFileError) as e:
         print(f"mtpd: error: {e}", file=sys.stderr)
