@@ -61,10 +61,19 @@ class AsyncClient(CallSettings):
     """As `Client`, for asyncio; use it inside a running event loop."""
 
     def __init__(
-        self, address: str | None = None, *, token: str | None = None, timeout: float | None = None
+        self,
+        address: str | None = None,
+        *,
+        token: str | None = None,
+        timeout: float | None = None,
+        tls_ca: str | None = None,
     ) -> None:
-        super().__init__(address, token, timeout)
-        self._channel = grpc.aio.insecure_channel(self.address)
+        super().__init__(address, token, timeout, tls_ca)
+        self._channel = (
+            grpc.aio.secure_channel(self.address, self._tls)
+            if self._tls
+            else grpc.aio.insecure_channel(self.address)
+        )
         self._stub = api_grpc.InferenceStub(self._channel)
 
     async def generate(

@@ -89,7 +89,7 @@ def summary_line(result: GenerationResult, info: api.ModelInfo) -> str:
 
 def _client(args: argparse.Namespace) -> Client:
     token = read_token_file(args.api_token_file) if args.api_token_file else None
-    return Client(args.address, token=token, timeout=args.timeout)
+    return Client(args.address, token=token, timeout=args.timeout, tls_ca=args.tls_ca)
 
 
 def _print_stream(stream, echo: bool) -> GenerationResult:

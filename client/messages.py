@@ -6,7 +6,10 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TypedDict
+
+import grpc
 
 from mtpd.address import client_address
 from mtpd.v1 import inference_pb2 as api
@@ -121,14 +124,28 @@ class GenerationResult:
 TOKEN_ENV = "MTPD_API_TOKEN"
 
 
-class CallSettings:
-    """What both clients hold: the address, the default deadline and the token."""
+TLS_CA_ENV = "MTPD_TLS_CA"
 
-    def __init__(self, address: str | None, token: str | None, timeout: float | None) -> None:
+
+class CallSettings:
+    """What both clients hold: the address, the default deadline, the token, and the
+    TLS credentials for a TCP address (None: plaintext)."""
+
+    def __init__(
+        self,
+        address: str | None,
+        token: str | None,
+        timeout: float | None,
+        tls_ca: str | None,
+    ) -> None:
         self.address = client_address(address)
         self.timeout = timeout
         token = token or os.environ.get(TOKEN_ENV)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        self._tls: grpc.ChannelCredentials | None = None
+        ca = tls_ca or os.environ.get(TLS_CA_ENV)
+        if ca and not self.address.startswith("unix:"):
+            self._tls = grpc.ssl_channel_credentials(Path(ca).read_bytes())
 
     def _call(self, timeout: float | None) -> dict:
         """Keyword arguments of a stub call."""

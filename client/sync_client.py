@@ -58,13 +58,23 @@ class Client(CallSettings):
     address: "unix:/path", a socket path, or "host:port"; default $MTPD_ADDRESS, else
     the default socket. token: the API token; default $MTPD_API_TOKEN. timeout:
     seconds for each call (a whole generation included); None waits as long as it
-    takes."""
+    takes. tls_ca: for a TCP address served with TLS, the PEM certificate to trust;
+    default $MTPD_TLS_CA."""
 
     def __init__(
-        self, address: str | None = None, *, token: str | None = None, timeout: float | None = None
+        self,
+        address: str | None = None,
+        *,
+        token: str | None = None,
+        timeout: float | None = None,
+        tls_ca: str | None = None,
     ) -> None:
-        super().__init__(address, token, timeout)
-        self._channel = grpc.insecure_channel(self.address)
+        super().__init__(address, token, timeout, tls_ca)
+        self._channel = (
+            grpc.secure_channel(self.address, self._tls)
+            if self._tls
+            else grpc.insecure_channel(self.address)
+        )
         self._stub = api_grpc.InferenceStub(self._channel)
 
     def generate(

@@ -45,6 +45,8 @@ RECEIVE_LIMIT_FLOOR = 64 << 20
 class ServeConfig:
     socket: Path
     listen: str | None = None  # HOST:PORT
+    tls_cert: Path | None = None  # PEM certificate chain and key for the TCP listener
+    tls_key: Path | None = None
     api_token: str | None = None
     metrics_listen: str | None = None  # HOST:PORT of the Prometheus endpoint
     limits: Limits = field(default_factory=Limits)
@@ -157,6 +159,30 @@ async def _drain(service: InferenceService, notifier: Notifier, seconds: float) 
         log.warning("%d request(s) still running after the drain timeout", service.running)
 
 
+def _listen_tcp(server: grpc.aio.Server, config: ServeConfig) -> str:
+    """Add the TCP listener (with TLS when a certificate is given); returns HOST:PORT."""
+    host = config.listen.rsplit(":", 1)[0]
+    credentials = None
+    if config.tls_cert or config.tls_key:
+        if not (config.tls_cert and config.tls_key):
+            raise InputError("TLS needs both --tls-cert and --tls-key")
+        try:
+            pair = (config.tls_key.read_bytes(), config.tls_cert.read_bytes())
+        except OSError as e:
+            raise InputError(f"cannot read the TLS key or certificate: {e}") from None
+        credentials = grpc.ssl_server_credentials([pair])
+    elif host not in ("127.0.0.1", "localhost", "[::1]") or not config.api_token:
+        log.warning("--listen %s without TLS: traffic is in the clear", config.listen)
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(config.listen)
+        else:
+            port = server.add_secure_port(config.listen, credentials)
+    except RuntimeError as e:
+        raise InputError(f"--listen {config.listen}: cannot listen there ({e})") from None
+    return f"{host}:{port}" + (" (TLS)" if credentials else "")
+
+
 async def serve_async(settings: Settings, config: ServeConfig) -> int:
     service = InferenceService(config.limits)
     health = health_aio.HealthServicer()
@@ -181,12 +207,7 @@ async def serve_async(settings: Settings, config: ServeConfig) -> int:
         os.umask(umask)
     listening = [f"unix:{config.socket}"]
     if config.listen:
-        try:
-            port = server.add_insecure_port(config.listen)
-        except RuntimeError as e:
-            raise InputError(f"--listen {config.listen}: cannot listen there ({e})") from None
-        host = config.listen.rsplit(":", 1)[0]
-        listening.append(f"{host}:{port}")
+        listening.append(_listen_tcp(server, config))
     await server.start()
     if config.metrics_listen:
         where, _ = serve_metrics(service, config.metrics_listen)

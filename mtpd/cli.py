@@ -110,6 +110,9 @@ def _add_client_flags(p: argparse.ArgumentParser) -> None:
         "else the default socket)",
     )
     p.add_argument("--api-token-file", default=None, help="the daemon's API token")
+    p.add_argument(
+        "--tls-ca", default=None, help="talk TLS to a TCP address, trusting this PEM certificate"
+    )
     p.add_argument("--timeout", type=float, default=None, help="seconds per call")
 
 
@@ -187,6 +190,8 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
         metavar="HOST:PORT",
         help="also listen on TCP (port 0: any free port); off by default",
     )
+    p.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate for --listen")
+    p.add_argument("--tls-key", type=Path, default=None, help="PEM private key for --listen")
     p.add_argument("--api-token-file", default=None, help="require this bearer token on every call")
     p.add_argument("--max-seqs", type=int, default=16, help="sequences decoded together")
     p.add_argument(
@@ -375,6 +380,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     config = ServeConfig(
         socket=args.socket or default_socket(),
         listen=args.listen,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
         api_token=read_token_file(args.api_token_file) if args.api_token_file else None,
         limits=Limits(max_request_bytes=args.max_request_bytes),
         drain_s=args.drain_timeout,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import ipaddress
 import json
 import math
 import os
@@ -18,6 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import grpc
+import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from live_daemon import CONTEXT, LiveDaemon, write_served_model
@@ -355,11 +357,32 @@ def test_cli_generate_has_run_fields_and_info_stats_chat_work(
 
 
 @pytest.fixture(scope="module")
-def small_daemon(model, tmp_path_factory):
-    """No token, one sequence at a time, one waiting, and a TCP listener."""
+def certificate(tmp_path_factory):
+    """A self-signed certificate for 127.0.0.1: (certificate, key)."""
+    where = tmp_path_factory.mktemp("tls")
+    cert, key = where / "cert.pem", where / "key.pem"
+    request = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+    subject = ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"]
+    subprocess.run(
+        [*request, *subject, "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    return cert, key
+
+
+@pytest.fixture(scope="module")
+def small_daemon(model, tmp_path_factory, certificate):
+    """No token, one sequence at a time, one waiting, a TLS TCP listener, metrics."""
+    cert, key = certificate
     live = LiveDaemon(
         model,
         tmp_path_factory.mktemp("small"),
+        "--tls-cert",
+        str(cert),
+        "--tls-key",
+        str(key),
         "--max-seqs",
         "1",
         "--max-queue",
@@ -373,9 +396,34 @@ def small_daemon(model, tmp_path_factory):
     assert live.stop() == 0, live.log.read_text()
 
 
-def test_a_full_admission_queue_is_resource_exhausted(small_daemon):
+def test_tls_on_the_tcp_listener(small_daemon, certificate):
     port = small_daemon.announced("mtpd: listening on ").split("127.0.0.1:")[1].split()[0]
-    with Client(f"127.0.0.1:{port}") as c:
+    with Client(f"127.0.0.1:{port}", tls_ca=str(certificate[0]), timeout=30) as c:
+        assert c.generate("tls", max_tokens=2, ignore_eos=True).completion_tokens == 2
+    with Client(f"127.0.0.1:{port}", timeout=5) as plain, pytest.raises(Unavailable):
+        plain.info()
+
+
+def test_nothing_listens_beyond_loopback(small_daemon):
+    """The daemon and its workers (the data plane's rendezvous and gloo included)."""
+    daemon = psutil.Process(small_daemon.process.pid)
+    listening = [
+        (p.pid, c.laddr)
+        for p in [daemon, *daemon.children(recursive=True)]
+        for c in p.net_connections(kind="inet")
+        if c.status == psutil.CONN_LISTEN
+    ]
+    assert listening, "the TCP listener should be there"
+    assert all(_loopback(addr.ip) for _, addr in listening), listening
+
+
+def _loopback(ip: str) -> bool:
+    address = ipaddress.ip_address(ip)
+    return (getattr(address, "ipv4_mapped", None) or address).is_loopback
+
+
+def test_a_full_admission_queue_is_resource_exhausted(small_daemon):
+    with Client(small_daemon.address) as c:
         running = c.stream("a", max_tokens=200, ignore_eos=True)
         next(iter(running))
         waiting = c.stream("b", max_tokens=2, ignore_eos=True)
@@ -470,3 +518,35 @@ def test_a_dead_worker_turns_health_not_serving_and_calls_unavailable(small_daem
             )
         with pytest.raises(Unavailable, match="worker 1"):
             c.generate("after", max_tokens=2)
+
+
+def test_a_pickle_is_refused_on_the_wire_and_nowhere_unpickled(daemon, client):
+    """Bytes that are a pickle (of a harmless object) sent as a request: refused by
+    the protobuf parser; and no module of mtpd can unpickle anything."""
+    import ast
+    import pickle
+
+    payload = pickle.dumps({"prompt": "hello", "options": {"max_tokens": 4}})
+    with grpc.insecure_channel(daemon.address) as channel:
+        generate = channel.unary_stream(
+            "/mtpd.v1.Inference/Generate",
+            request_serializer=lambda b: b,
+            response_deserializer=lambda b: b,
+        )
+        with pytest.raises(grpc.RpcError) as refused:
+            list(generate(payload, metadata=(("authorization", f"Bearer {TOKEN}"),)))
+        assert refused.value.code() != grpc.StatusCode.OK
+    assert client.generate("ok", max_tokens=2, ignore_eos=True).completion_tokens == 2
+
+    banned = {"pickle", "cPickle", "dill", "cloudpickle", "marshal", "shelve"}
+    for path in REPO.glob("*/**/*.py"):
+        if "tests" in path.parts or "node_modules" in path.parts:
+            continue
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
+                assert not banned & {n.split(".")[0] for n in names}, f"{path}: {names}"
+            if isinstance(node, ast.Attribute) and node.attr == "load":
+                target = ast.unparse(node.value)
+                assert target != "torch", f"{path}:{node.lineno}: torch.load"
