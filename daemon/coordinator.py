@@ -36,6 +36,9 @@ class Settings:
     token: str | None = None
     draft_tokens: int | str = AUTO  # 0 turns MTP off
     draft_p_min: float = 0.0
+    step_timeout_s: float = 120.0  # a worker this late with a step is restarted
+    max_restarts: int = 3  # per worker, then requests fail
+    rejoin_timeout_s: float = 300.0  # how long a failed remote worker has to rejoin
     mtp_head: Path | None = None  # default: the shipped head, else the checkpoint's own
     # (resolved by the tail worker, which may be on another host)
 
@@ -81,6 +84,9 @@ class Coordinator:
                 model_identity=model_identity(ckpt, cfg) if settings.join_listen else "",
                 load_mtp=policy.enabled,
                 mtp_head=str(settings.mtp_head) if settings.mtp_head else None,
+                step_timeout_s=settings.step_timeout_s,
+                max_restarts=settings.max_restarts,
+                rejoin_timeout_s=settings.rejoin_timeout_s,
             ),
             on_status,
         )

@@ -62,6 +62,12 @@ class DaemonCollector(Collector):
         yield CounterMetricFamily(
             "mtpd_verification_steps", "Verification steps after prompts", drafts.steps
         )
+        restarts = CounterMetricFamily(
+            "mtpd_worker_restarts", "Workers replaced after dying or wedging", labels=["worker"]
+        )
+        for rank, n in enumerate(daemon.pipeline.restarts):
+            restarts.add_metric([str(rank)], n)
+        yield restarts
         yield from self._workers(daemon)
 
     def _workers(self, daemon) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:

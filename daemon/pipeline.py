@@ -9,7 +9,9 @@ stage has answered, and the tail's answer carries the sampled tokens.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import logging
 import os
 import shutil
 import tempfile
@@ -23,10 +25,13 @@ from pathlib import Path
 import grpc
 
 from mtpd import __version__
+from mtpd.daemon.registry import WorkerRegistry
 from mtpd.daemon.split import layer_ranges, parse_split
 from mtpd.daemon.workers import LocalWorker, WorkerError, WorkerLink
 from mtpd.model.errors import InputError
 from mtpd.v1 import worker_pb2 as pb
+
+log = logging.getLogger("mtpd.daemon")
 
 START_TIMEOUT_S = 120.0
 
@@ -54,6 +59,11 @@ class PipelineConfig:
     model_identity: str = ""  # what joining workers must match (mtpd.model.decoder.model_identity)
     join_timeout_s: float = 300.0
     load_mtp: bool = False  # the tail loads an MTP head (mtp_head, or the checkpoint's own)
+    # Supervision: a local worker that dies, or leaves a step unanswered this long, is
+    # restarted (at most max_restarts times each) and every sequence replayed.
+    step_timeout_s: float = 120.0
+    max_restarts: int = 3
+    rejoin_timeout_s: float = 300.0  # a remote worker's replacement must join within it
 
 
 @dataclass
@@ -72,6 +82,10 @@ class StepOutcome:
     timings: list[pb.StepTimings]  # per stage
     submitted_at: float  # time.monotonic()
     completed_at: float
+
+
+class PipelineRestarting(WorkerError):
+    """A worker failed and is being restarted: the step's sequences will be replayed."""
 
 
 class StepRefusedError(InputError):
@@ -116,8 +130,11 @@ class Pipeline:
         runtime_dir: Path,
         owns_runtime_dir: bool,
         remote_side: _RemoteSide | None = None,
+        load_requests: list[pb.LoadRequest] | None = None,
+        threads: int = 1,
     ) -> None:
         self.cfg, self.links, self.stages, self.processes = cfg, links, stages, processes
+        self._load_requests, self._threads = load_requests or [], threads
         self._remote_side = remote_side
         self.runtime_dir, self._owns_runtime_dir = runtime_dir, owns_runtime_dir
         self.max_seqs = min(s.load.max_seqs for s in stages)
@@ -127,11 +144,27 @@ class Pipeline:
         self._lock = threading.Lock()
         self._pending: dict[int, _Pending] = {}
         self.failure: str | None = None
-        for rank, link in enumerate(links):
+        # Recovery: while `recovering`, steps are refused with PipelineRestarting; each
+        # completed recovery adds one to `epoch` (before `recovering` clears), telling the
+        # scheduler that every cache is empty and its sequences must be replayed.
+        self.recovering = False
+        self.epoch = 0
+        self.restarts = [0] * len(links)
+        self._listeners: list[Callable[[], None]] = []
+        self._closed = threading.Event()
+        self._open_steps()
+        threading.Thread(target=self._watch_steps, daemon=True, name="step-watch").start()
+
+    def _open_steps(self) -> None:
+        for rank, link in enumerate(self.links):
             link.open_steps(
                 lambda reply, rank=rank: self._on_reply(rank, reply),
                 lambda message, rank=rank: self._on_stream_error(rank, message),
             )
+
+    def add_listener(self, listener: Callable[[], None]) -> None:
+        """`listener` is called when a recovery ends (or fails)."""
+        self._listeners.append(listener)
 
     @property
     def num_stages(self) -> int:
@@ -222,7 +255,17 @@ class Pipeline:
                 StageInfo(rank, first, end, infos[rank].device, infos[rank].pid, loads[rank])
                 for rank, (first, end) in enumerate(ranges)
             ]
-            return cls(cfg, links, stages, processes, runtime_dir, owns_dir, remote_side)
+            return cls(
+                cfg,
+                links,
+                stages,
+                processes,
+                runtime_dir,
+                owns_dir,
+                remote_side,
+                requests,
+                threads if processes else 1,
+            )
         except BaseException:
             for link in links:
                 link.close()
@@ -243,6 +286,9 @@ class Pipeline:
         with self._lock:
             if self.failure is not None:
                 future.set_exception(WorkerError(self.failure))
+                return future
+            if self.recovering:
+                future.set_exception(PipelineRestarting("a worker is being restarted"))
                 return future
             request = pb.StepRequest(
                 step_id=next(self._ids), sequences=sequences, release=release or []
@@ -294,15 +340,116 @@ class Pipeline:
             )
         )
 
+    # -- recovering ---------------------------------------------------------------
+
     def _on_stream_error(self, rank: int, message: str) -> None:
         with self._lock:
-            if self.failure is not None:
-                return
-            exit_note = self.processes[rank].describe_exit() if rank < len(self.processes) else None
-            self.failure = f"worker {rank}: {message}" + (f" ({exit_note})" if exit_note else "")
+            if self.failure is not None or self.recovering or self._closed.is_set():
+                return  # the first failure is being handled, or we are closing
+            process = self.processes[rank] if rank < len(self.processes) else None
+            exit_note = process.describe_exit() if process is not None else None
+            reason = f"worker {rank}: {message}" + (f" ({exit_note})" if exit_note else "")
             pending, self._pending = list(self._pending.values()), {}
+            if self.restarts[rank] >= self.cfg.max_restarts:
+                self.failure = reason + f" (given up after {self.restarts[rank]} restarts)"
+            else:
+                self.recovering = True
+        if self.failure is not None:
+            for p in pending:
+                p.future.set_exception(WorkerError(self.failure))
+            self._tell_listeners()
+            return
         for p in pending:
-            p.future.set_exception(WorkerError(self.failure))
+            p.future.set_exception(PipelineRestarting(reason))
+        threading.Thread(
+            target=self._recover, args=(rank, reason), daemon=True, name="recovery"
+        ).start()
+
+    def _recover(self, rank: int, reason: str) -> None:
+        """Replace worker `rank`, trying up to max_restarts times in all: a new process
+        loads its shard while every other worker drops its caches, and all of them form
+        a fresh data-plane group (the survivors keep their weights: no reload)."""
+        error = None
+        while self.restarts[rank] < self.cfg.max_restarts and not self._closed.is_set():
+            self.restarts[rank] += 1
+            log.warning("%s; restarting it (restart %d)", reason, self.restarts[rank])
+            try:
+                self._restart(rank)
+            except Exception as e:
+                error = e
+                log.exception("restarting worker %d failed", rank)
+                continue
+            log.warning("worker %d restarted; replaying its sequences", rank)
+            with self._lock:
+                self.epoch += 1
+                self.recovering = False
+            break
+        else:
+            with self._lock:
+                self.failure = f"{reason}; given up after {self.restarts[rank]} restarts" + (
+                    f", the last failing with: {error}" if error else ""
+                )
+                self.recovering = False
+        self._tell_listeners()
+
+    def _restart(self, rank: int) -> None:
+        remote = self._remote_side
+        if remote is None:
+            self.processes[rank].kill()  # a wedged one too; its sockets close at once
+        else:
+            remote.registry.reopen(rank)
+        for link in self.links:
+            link.close_steps()
+        self.links[rank].close()
+        if remote is None:
+            device = self.stages[rank].device
+            self.processes[rank] = LocalWorker(rank, self.runtime_dir, device, self._threads)
+            self.links[rank] = WorkerLink(self.processes[rank].address)
+            (info,) = _await_workers([self.links[rank]], [self.processes[rank]])
+            rendezvous = str(self.runtime_dir / f"rendezvous-{rank}-{self.restarts[rank]}")
+        else:  # its host restarts it (systemd), and it joins again
+            log.warning(
+                "waiting up to %.0f s for worker %d to rejoin", self.cfg.rejoin_timeout_s, rank
+            )
+            address = remote.registry.wait_for_all(self.cfg.rejoin_timeout_s)[rank]
+            self.links[rank] = WorkerLink(address, self.cfg.token)
+            (info,) = _await_workers([self.links[rank]], [])
+            rendezvous = f"{remote.rendezvous}/{rank}-{self.restarts[rank]}"
+        request = pb.LoadRequest()
+        request.CopyFrom(self._load_requests[rank])
+        request.rendezvous = rendezvous
+
+        def rejoin(r: int) -> pb.LoadReply | None:
+            if r == rank:
+                return self.links[r].load(request)
+            self.links[r].reset(rendezvous)
+            return None
+
+        with ThreadPoolExecutor(self.num_stages) as pool:
+            load = list(pool.map(rejoin, range(self.num_stages)))[rank]
+        self.stages[rank] = dataclasses.replace(self.stages[rank], pid=info.pid, load=load)
+        self._open_steps()
+
+    def _tell_listeners(self) -> None:
+        for listener in self._listeners:
+            listener()
+
+    def _watch_steps(self) -> None:
+        """A worker that leaves a step unanswered past the step timeout is wedged."""
+        while not self._closed.wait(min(1.0, self.cfg.step_timeout_s / 4)):
+            with self._lock:
+                late = [
+                    p
+                    for p in self._pending.values()
+                    if time.monotonic() - p.submitted_at > self.cfg.step_timeout_s
+                ]
+                if not late or self.recovering or self.failure is not None:
+                    continue
+                oldest = min(late, key=lambda p: p.submitted_at)
+                rank = next(r for r, reply in enumerate(oldest.replies) if reply is None)
+            self._on_stream_error(
+                rank, f"no reply to step {oldest.request.step_id} in {self.cfg.step_timeout_s} s"
+            )
 
     # -- inspecting and stopping ----------------------------------------------------
 
@@ -310,6 +457,7 @@ class Pipeline:
         return [link.stats() for link in self.links]
 
     def close(self) -> None:
+        self._closed.set()
         with self._lock:
             self.failure = self.failure or "pipeline closed"
         for link in self.links:
@@ -333,7 +481,8 @@ class _RemoteSide:
     """What the daemon opens for remote workers: the registry they join through and
     the TCPStore their process group meets at."""
 
-    registry: grpc.Server
+    server: grpc.Server
+    registry: WorkerRegistry
     store: object  # torch.distributed.TCPStore, kept alive while the pipeline runs
     addresses: list[str]
     rendezvous: str
@@ -344,7 +493,7 @@ class _RemoteSide:
 
         import torch.distributed as dist
 
-        from mtpd.daemon.registry import WorkerRegistry, serve_registry
+        from mtpd.daemon.registry import serve_registry
 
         host = cfg.join_listen.rsplit(":", 1)[0]
         if host in ("", "0.0.0.0", "[::]", "::"):
@@ -367,10 +516,10 @@ class _RemoteSide:
         except BaseException:
             server.stop(None)
             raise
-        return cls(server, store, addresses, f"tcp://{host}:{store.port}")
+        return cls(server, registry, store, addresses, f"tcp://{host}:{store.port}")
 
     def close(self) -> None:
-        self.registry.stop(None)
+        self.server.stop(None)
 
 
 def _await_workers(links: list[WorkerLink], processes: list[LocalWorker]) -> list[pb.WorkerInfo]:

@@ -26,7 +26,9 @@ log = logging.getLogger("mtpd.daemon")
 class WorkerRegistry(pb_grpc.WorkerRegistryServicer):
     def __init__(self, expected: int, token: str, model_identity: str) -> None:
         self.expected, self.token, self.model_identity = expected, token, model_identity
-        self.addresses: list[str] = []
+        # One slot per rank, filled in join order; a failed worker's slot opens again
+        # for its replacement.
+        self.addresses: list[str | None] = [None] * expected
         self._cond = threading.Condition()
 
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
@@ -47,7 +49,7 @@ class WorkerRegistry(pb_grpc.WorkerRegistryServicer):
                 f"(identity {request.model_identity[:12]} != {self.model_identity[:12]})",
             )
         with self._cond:
-            if len(self.addresses) >= self.expected:
+            if None not in self.addresses:
                 context.abort(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"the pipeline already has its {self.expected} workers",
@@ -56,20 +58,27 @@ class WorkerRegistry(pb_grpc.WorkerRegistryServicer):
                 context.abort(
                     grpc.StatusCode.ALREADY_EXISTS, f"{request.address} has already joined"
                 )
-            self.addresses.append(request.address)
+            rank = self.addresses.index(None)
+            self.addresses[rank] = request.address
             self._cond.notify_all()
-            joined = len(self.addresses)
-        log.info("worker at %s joined (%d of %d)", request.address, joined, self.expected)
+            joined = self.expected - self.addresses.count(None)
+        log.info("worker at %s joined as rank %d", request.address, rank)
         return pb.JoinReply(workers_joined=joined, workers_expected=self.expected)
+
+    def reopen(self, rank: int) -> None:
+        """Let a replacement for worker `rank` join."""
+        with self._cond:
+            self.addresses[rank] = None
 
     def wait_for_all(self, timeout: float) -> list[str]:
         with self._cond:
-            if not self._cond.wait_for(lambda: len(self.addresses) >= self.expected, timeout):
+            if not self._cond.wait_for(lambda: None not in self.addresses, timeout):
+                missing = self.addresses.count(None)
                 raise WorkerError(
-                    f"only {len(self.addresses)} of {self.expected} remote workers joined "
-                    f"within {timeout:.0f} s"
+                    f"{missing} of {self.expected} remote workers did not join within "
+                    f"{timeout:.0f} s"
                 )
-            return list(self.addresses)
+            return [a for a in self.addresses if a is not None]
 
 
 def serve_registry(listen: str, registry: WorkerRegistry) -> grpc.Server:

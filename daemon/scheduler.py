@@ -27,7 +27,7 @@ from typing import Protocol
 import torch
 
 from mtpd.daemon.draft_policy import DraftPolicy, DraftStats
-from mtpd.daemon.pipeline import Pipeline, StepOutcome
+from mtpd.daemon.pipeline import Pipeline, PipelineRestarting, StepOutcome
 from mtpd.model.errors import InputError, InvalidParameter
 from mtpd.model.sampling import SamplingParams
 from mtpd.rpc import sampling_to_wire
@@ -199,6 +199,8 @@ class Scheduler:
         self._active: list[_Sequence] = []
         self._in_flight = 0
         self._stopped = False
+        self._epoch = pipeline.epoch  # the pipeline's recoveries seen (each one: replay)
+        pipeline.add_listener(self._wake)
         # The latest steps, for benchmarks and stats.
         self.recent_steps: deque[StepRecord] = deque(maxlen=4096)
         self._thread = threading.Thread(target=self._loop, daemon=True, name="scheduler")
@@ -344,6 +346,10 @@ class Scheduler:
     def _next_batch(self) -> list[tuple[_Sequence, int]] | None:
         """Sequences and token counts for the next micro-batch (called under the lock)."""
         self._drop_cancelled()
+        if self.pipeline.recovering:
+            return None  # steps would be refused; the pipeline wakes us when it is back
+        if self.pipeline.epoch != self._epoch:
+            self._replay()
         while self._waiting and len(self._active) < self.pipeline.max_seqs:
             seq = self._waiting.popleft()
             seq.request.admitted_at = time.monotonic()
@@ -365,6 +371,17 @@ class Scheduler:
             batch.append((seq, n))
             budget -= n
         return batch
+
+    def _replay(self) -> None:
+        """After a worker restart every cache is empty: each running sequence starts over
+        from its token history (prompt and accepted tokens), as one long prompt. Greedy
+        and seeded sampling depend only on the history, so the output is unchanged."""
+        self._epoch = self.pipeline.epoch
+        replayed = [s for s in self._active if s.cached]
+        for seq in replayed:
+            seq.cached, seq.proposed, seq.verifying = 0, [], 0
+        if replayed:
+            log.warning("replaying %d sequence(s) after a worker restart", len(replayed))
 
     def _drop_cancelled(self) -> None:
         for seq in [s for s in self._waiting if s.request.cancelled]:
@@ -402,6 +419,8 @@ class Scheduler:
         self, batch: list[tuple[_Sequence, int]], future: Future[StepOutcome]
     ) -> None:
         error = future.exception()
+        if isinstance(error, PipelineRestarting):
+            return  # nothing was applied: the sequences wait for the replay
         if error is not None:
             self._retire([seq for seq, _ in batch if seq in self._active], "error", str(error))
             return

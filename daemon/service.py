@@ -205,7 +205,7 @@ class InferenceService(api_grpc.InferenceServicer):
             raise  # not reached: abort raises
 
     async def _tokenize(self, request: api.TokenizeRequest) -> api.TokenizeReply:
-        daemon = self._ready()
+        daemon = self._loaded()
         self._check_size(request)
         if request.text and request.messages:
             raise InvalidParameter("set one of text and messages, not both")
@@ -219,7 +219,7 @@ class InferenceService(api_grpc.InferenceServicer):
         return api.TokenizeReply(token_ids=ids, tokens=[tok.token(i) or "" for i in ids], text=text)
 
     async def _model_info(self) -> api.ModelInfo:
-        return model_info(self._ready(), self.limits)
+        return model_info(self._loaded(), self.limits)
 
     async def _stats(self) -> api.Stats:
         daemon = self._ready()
@@ -248,6 +248,7 @@ class InferenceService(api_grpc.InferenceServicer):
                     compute_s=w.compute_s,
                     recv_wait_s=w.recv_wait_s,
                     send_s=w.send_s,
+                    restarts=daemon.pipeline.restarts[rank],
                 )
                 for rank, w in enumerate(workers)
             ],
@@ -255,14 +256,19 @@ class InferenceService(api_grpc.InferenceServicer):
 
     # -- checks -------------------------------------------------------------------------
 
-    def _ready(self) -> Coordinator:
+    def _loaded(self) -> Coordinator:
         if self.daemon is None:
             raise RequestFailed(
                 "the model is still loading; retry when the health check says SERVING"
             )
-        if self.daemon.pipeline.failure is not None:
-            raise RequestFailed(f"the pipeline failed: {self.daemon.pipeline.failure}")
         return self.daemon
+
+    def _ready(self) -> Coordinator:
+        """The daemon, able to generate."""
+        daemon = self._loaded()
+        if daemon.pipeline.failure is not None:
+            raise RequestFailed(f"the pipeline failed: {daemon.pipeline.failure}")
+        return daemon
 
     def _check_size(self, request: object) -> None:
         size = request.ByteSize()

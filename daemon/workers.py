@@ -51,6 +51,12 @@ class LocalWorker:
         tail = self.log_tail()
         return f"worker {self.index} exited with code {code}" + (f":\n{tail}" if tail else "")
 
+    def kill(self) -> None:
+        """At once, even a stopped (SIGSTOP) process."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()
@@ -87,12 +93,16 @@ class WorkerLink:
     def stats(self, timeout: float = 10.0) -> pb.WorkerStats:
         return self.stub.GetStats(pb.StatsRequest(), timeout=timeout, metadata=self.metadata)
 
+    def reset(self, rendezvous: str) -> None:
+        self.stub.Reset(pb.ResetRequest(rendezvous=rendezvous), metadata=self.metadata)
+
     def open_steps(
         self,
         on_reply: Callable[[pb.StepReply], None],
         on_error: Callable[[str], None],
     ) -> None:
-        replies = self.stub.Step(self._requests(), metadata=self.metadata)
+        self._outbox = queue.SimpleQueue()
+        replies = self.stub.Step(self._requests(self._outbox), metadata=self.metadata)
 
         def read() -> None:
             try:
@@ -105,9 +115,16 @@ class WorkerLink:
         self._reader = threading.Thread(target=read, daemon=True, name=f"steps-{self.address}")
         self._reader.start()
 
-    def _requests(self) -> Iterator[pb.StepRequest]:
-        while (request := self._outbox.get()) is not None:
+    @staticmethod
+    def _requests(outbox: queue.SimpleQueue) -> Iterator[pb.StepRequest]:
+        while (request := outbox.get()) is not None:
             yield request
+
+    def close_steps(self, timeout: float = 30.0) -> None:
+        """End the step stream and wait for its reader (its errors are expected now)."""
+        self._outbox.put(None)
+        if self._reader is not None:
+            self._reader.join(timeout)
 
     def send(self, request: pb.StepRequest) -> None:
         self._outbox.put(request)

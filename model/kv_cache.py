@@ -59,6 +59,9 @@ class KVCache:
             self.lengths[slot] = 0
         return slot
 
+    def sequences(self) -> list[str]:
+        return list(self._slot_of)
+
     def slot_of(self, seq_id: str) -> int | None:
         return self._slot_of.get(seq_id)
 

@@ -174,6 +174,26 @@ def _add_pipeline_flags(p: argparse.ArgumentParser) -> None:
         "local ones; private networks only: the data-plane rendezvous is unauthenticated",
     )
     p.add_argument("--token-file", default=None, help="the shared worker token (--join-listen)")
+    p.add_argument(
+        "--step-timeout",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="a worker that leaves a step unanswered this long is restarted (default 120)",
+    )
+    p.add_argument(
+        "--max-restarts",
+        type=int,
+        default=3,
+        help="restarts (local) or rejoins (remote) of each worker before requests fail (default 3)",
+    )
+    p.add_argument(
+        "--rejoin-timeout",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="how long a failed remote worker has to join again (default 300)",
+    )
 
 
 def _add_serve_flags(p: argparse.ArgumentParser) -> None:
@@ -365,6 +385,9 @@ def _settings(args: argparse.Namespace, max_seqs: int):
         draft_tokens=AUTO if args.draft_tokens is None else args.draft_tokens,
         draft_p_min=args.draft_p_min,
         mtp_head=Path(args.mtp_head) if args.mtp_head else None,
+        step_timeout_s=args.step_timeout,
+        max_restarts=args.max_restarts,
+        rejoin_timeout_s=args.rejoin_timeout,
     )
 
 

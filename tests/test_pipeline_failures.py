@@ -1,6 +1,6 @@
 """A bad pipeline configuration fails at start with a message naming the problem, and
-a worker that dies mid-request is noticed (the request ends with an error), not
-waited on forever."""
+a worker that dies mid-request (with restarts off) is noticed (the request ends with
+an error), not waited on forever."""
 
 from __future__ import annotations
 
@@ -69,6 +69,7 @@ def test_a_dead_worker_is_noticed_not_waited_on(tiny, victim):
         cache_memory=32 << 20,
         threads=1,
         recv_timeout_s=30,
+        max_restarts=0,  # no supervision here: tests/test_supervision.py has it
     )
     with Pipeline.start(cfg) as pipeline:
         scheduler = Scheduler(pipeline, eos_ids=set())

@@ -86,6 +86,7 @@ class WorkerService(pb_grpc.WorkerServicer):
         self.stage: Stage | None = None
         self._load_lock = threading.Lock()
         self._step_lock = threading.Lock()
+        self._link_args: tuple | None = None  # how to make a DistLink again on Reset
 
     def _authorize(self, context: grpc.ServicerContext) -> None:
         if self.token is None:
@@ -154,7 +155,8 @@ class WorkerService(pb_grpc.WorkerServicer):
         link = None
         if req.world_size > 1 and req.transport == pb.TRANSPORT_DIST:
             timeout = timedelta(milliseconds=req.recv_timeout_ms or 60_000)
-            link = DistLink(req.rank, req.world_size, req.rendezvous, self.device, timeout)
+            self._link_args = (req.rank, req.world_size, self.device, timeout)
+            link = self._new_link(req.rendezvous)
         self.stage = Stage(shard, cache, req.rank, req.world_size, link, mtp)
         return pb.LoadReply(
             parameter_count=shard.parameter_count,
@@ -180,12 +182,44 @@ class WorkerService(pb_grpc.WorkerServicer):
                 try:
                     yield self.stage.run(request)
                 except Exception as e:
-                    # The data plane may be out of step now; the daemon replaces us.
+                    # The data plane is out of step now. Leaving the group closes our
+                    # connections, so neighbours blocked on us fail at once too (not
+                    # after the receive timeout); the daemon resets us.
                     self.state = pb.WORKER_STATE_FAILED
                     log.exception("step %d failed", request.step_id)
+                    if self.stage.link is not None:
+                        self.stage.link.close()
+                        self.stage.link = None
                     context.abort(grpc.StatusCode.INTERNAL, f"step {request.step_id}: {e}")
         finally:
             self._step_lock.release()
+
+    def _new_link(self, rendezvous: str) -> DistLink | None:
+        if self._link_args is None:
+            return None
+        rank, world_size, device, timeout = self._link_args
+        return DistLink(rank, world_size, rendezvous, device, timeout)
+
+    def Reset(self, request: pb.ResetRequest, context: grpc.ServicerContext) -> pb.ResetReply:
+        self._authorize(context)
+        if self.stage is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no shard loaded")
+        # The daemon has ended our step stream; a step still failing on a dead
+        # neighbour's socket ends soon.
+        if not self._step_lock.acquire(timeout=60):
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the step stream did not end")
+        try:
+            if self.stage.link is not None:  # a survivor whose steps never failed
+                self.stage.link.close()
+            self.stage.reset(self._new_link(request.rendezvous))
+            self.state = pb.WORKER_STATE_READY
+        except (TransportError, RuntimeError) as e:
+            self.state = pb.WORKER_STATE_FAILED
+            context.abort(grpc.StatusCode.INTERNAL, f"reset: {e}")
+        finally:
+            self._step_lock.release()
+        log.info("reset: caches cleared, joined the data plane at %s", request.rendezvous)
+        return pb.ResetReply()
 
     def GetStats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.WorkerStats:
         self._authorize(context)

@@ -10,6 +10,7 @@ lockstep: a refused step touches neither the cache nor the transport.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -123,16 +124,24 @@ class Stage:
         except StepRefused as e:
             reply.error = str(e)
             return reply
-        for seq_id in req.release:
-            self.cache.release(seq_id)
-            self.tokens.pop(seq_id, None)
-            if self.drafter is not None:
-                self.drafter.release(seq_id)
+        self._release(req.release)
         if not req.sequences:
             return reply
         with torch.inference_mode():
             self._compute(req, params, reply, arrived)
         return reply
+
+    def _release(self, seq_ids: Iterable[str]) -> None:
+        for seq_id in seq_ids:
+            self.cache.release(seq_id)
+            self.tokens.pop(seq_id, None)
+            if self.drafter is not None:
+                self.drafter.release(seq_id)
+
+    def reset(self, link: DistLink | None) -> None:
+        """Forget every sequence and use a new data-plane link (the weights stay)."""
+        self._release(self.cache.sequences() + list(self.tokens))
+        self.link = link
 
     def _compute(
         self, req: pb.StepRequest, params: list[SamplingParams], reply: pb.StepReply, arrived: float

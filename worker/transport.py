@@ -59,8 +59,12 @@ class DistLink:
     ) -> None:
         self.rank, self.world_size, self.device, self.timeout = rank, world_size, device, timeout
         if rendezvous.startswith("tcp://"):
-            host, port = rendezvous.removeprefix("tcp://").rsplit(":", 1)
+            # tcp://HOST:PORT[/PREFIX]: after a restart, a fresh group on the same store.
+            address, _, prefix = rendezvous.removeprefix("tcp://").partition("/")
+            host, port = address.rsplit(":", 1)
             store: dist.Store = dist.TCPStore(host, int(port), None, False, timeout)
+            if prefix:
+                store = dist.PrefixStore(prefix, store)
         else:
             # Local workers: a file in the daemon's private runtime directory, so no
             # port is opened; gloo's own sockets are bound to loopback.

@@ -242,7 +242,7 @@ class Stats(_message.Message):
     def __init__(self, uptime_s: _Optional[float] = ..., requests: _Optional[int] = ..., running: _Optional[int] = ..., queued: _Optional[int] = ..., rejected: _Optional[int] = ..., finished: _Optional[_Mapping[str, int]] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., drafts: _Optional[_Union[DraftSummary, _Mapping]] = ..., workers: _Optional[_Iterable[_Union[WorkerLoad, _Mapping]]] = ...) -> None: ...
 
 class WorkerLoad(_message.Message):
-    __slots__ = ("rank", "cached_sequences", "max_seqs", "steps", "positions", "compute_s", "recv_wait_s", "send_s")
+    __slots__ = ("rank", "cached_sequences", "max_seqs", "steps", "positions", "compute_s", "recv_wait_s", "send_s", "restarts")
     RANK_FIELD_NUMBER: _ClassVar[int]
     CACHED_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     MAX_SEQS_FIELD_NUMBER: _ClassVar[int]
@@ -251,6 +251,7 @@ class WorkerLoad(_message.Message):
     COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
     RECV_WAIT_S_FIELD_NUMBER: _ClassVar[int]
     SEND_S_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_FIELD_NUMBER: _ClassVar[int]
     rank: int
     cached_sequences: int
     max_seqs: int
@@ -259,4 +260,5 @@ class WorkerLoad(_message.Message):
     compute_s: float
     recv_wait_s: float
     send_s: float
-    def __init__(self, rank: _Optional[int] = ..., cached_sequences: _Optional[int] = ..., max_seqs: _Optional[int] = ..., steps: _Optional[int] = ..., positions: _Optional[int] = ..., compute_s: _Optional[float] = ..., recv_wait_s: _Optional[float] = ..., send_s: _Optional[float] = ...) -> None: ...
+    restarts: int
+    def __init__(self, rank: _Optional[int] = ..., cached_sequences: _Optional[int] = ..., max_seqs: _Optional[int] = ..., steps: _Optional[int] = ..., positions: _Optional[int] = ..., compute_s: _Optional[float] = ..., recv_wait_s: _Optional[float] = ..., send_s: _Optional[float] = ..., restarts: _Optional[int] = ...) -> None: ...

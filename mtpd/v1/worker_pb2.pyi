@@ -235,6 +235,16 @@ class StatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class ResetRequest(_message.Message):
+    __slots__ = ("rendezvous",)
+    RENDEZVOUS_FIELD_NUMBER: _ClassVar[int]
+    rendezvous: str
+    def __init__(self, rendezvous: _Optional[str] = ...) -> None: ...
+
+class ResetReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class WorkerStats(_message.Message):
     __slots__ = ("steps", "tokens", "active_sequences", "max_seqs", "compute_s", "recv_wait_s", "send_s")
     STEPS_FIELD_NUMBER: _ClassVar[int]

@@ -54,6 +54,11 @@ class WorkerStub:
                 request_serializer=mtpd_dot_v1_dot_worker__pb2.StatsRequest.SerializeToString,
                 response_deserializer=mtpd_dot_v1_dot_worker__pb2.WorkerStats.FromString,
                 _registered_method=True)
+        self.Reset = channel.unary_unary(
+                '/mtpd.v1.Worker/Reset',
+                request_serializer=mtpd_dot_v1_dot_worker__pb2.ResetRequest.SerializeToString,
+                response_deserializer=mtpd_dot_v1_dot_worker__pb2.ResetReply.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -88,6 +93,15 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Reset(self, request, context):
+        """After a failure elsewhere in the pipeline: drop every sequence's cache and join a
+        fresh data-plane group at `rendezvous`, keeping the loaded weights. The daemon
+        ends this worker's step stream first and opens a new one after.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -110,6 +124,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=mtpd_dot_v1_dot_worker__pb2.StatsRequest.FromString,
                     response_serializer=mtpd_dot_v1_dot_worker__pb2.WorkerStats.SerializeToString,
+            ),
+            'Reset': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reset,
+                    request_deserializer=mtpd_dot_v1_dot_worker__pb2.ResetRequest.FromString,
+                    response_serializer=mtpd_dot_v1_dot_worker__pb2.ResetReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -220,6 +239,33 @@ class Worker:
             '/mtpd.v1.Worker/GetStats',
             mtpd_dot_v1_dot_worker__pb2.StatsRequest.SerializeToString,
             mtpd_dot_v1_dot_worker__pb2.WorkerStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mtpd.v1.Worker/Reset',
+            mtpd_dot_v1_dot_worker__pb2.ResetRequest.SerializeToString,
+            mtpd_dot_v1_dot_worker__pb2.ResetReply.FromString,
             options,
             channel_credentials,
             insecure,
