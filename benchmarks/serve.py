@@ -24,21 +24,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from pipeline import QUESTIONS  # benchmarks/pipeline.py: the same prompts
+
 from mtpd.client import AsyncClient, Client
 from mtpd.daemon.coordinator import Coordinator, Settings
 from mtpd.daemon.generation import generate
 from mtpd.daemon.options import GenerationOptions
-
-QUESTIONS = [
-    "What is the capital of France?",
-    "Write a short story about a robot who learns to paint.",
-    "Explain how a hash table works.",
-    "List five fruits and their colours.",
-    "Write a haiku about autumn.",
-    "How do vaccines work?",
-    "Give me three tips for learning a language.",
-    "Describe the water cycle.",
-]
 
 
 async def in_process(daemon: Coordinator, streams: int, tokens: int) -> float:

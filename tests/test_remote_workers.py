@@ -1,6 +1,7 @@
-"""Remote workers: `mtpd worker --join` with the shared token and the same model is
-accepted and gives the local pipeline's output; a wrong token or another model is
-refused at start with a message naming the problem."""
+"""Remote workers: `mtpd worker --join` with the shared token, the same mtpd version and
+the same model is accepted and gives the local pipeline's output; a wrong token,
+another version or another model is refused with a message naming the problem; a
+remote worker that dies is replaced by one that joins again."""
 
 from __future__ import annotations
 
@@ -10,8 +11,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import grpc
 import pytest
 from tiny_models import write_char_tokenizer, write_tiny_model
+
+from mtpd.rpc import bearer_metadata
+from mtpd.v1 import worker_pb2 as pb
+from mtpd.v1 import worker_pb2_grpc as pb_grpc
 
 MTPD = [sys.executable, "-m", "mtpd"]
 
@@ -88,6 +94,15 @@ def test_remote_workers_join_only_with_the_token_and_the_model(models):
         )
         assert other.returncode == 2, other.stderr
         assert "different model" in other.stderr
+
+        with grpc.insecure_channel(join) as channel, pytest.raises(grpc.RpcError) as older:
+            pb_grpc.WorkerRegistryStub(channel).Join(
+                pb.JoinRequest(version="0.0.1", model_identity="any", address="127.0.0.1:9"),
+                metadata=bearer_metadata((models / "token").read_text().strip()),
+                timeout=60,
+            )
+        assert older.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "version mismatch" in older.value.details()
 
         joined = [
             subprocess.Popen(

@@ -374,7 +374,8 @@ def certificate(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def small_daemon(model, tmp_path_factory, certificate):
-    """No token, one sequence at a time, one waiting, a TLS TCP listener, metrics."""
+    """No token, one sequence at a time, one waiting, a TLS TCP listener, metrics, and
+    no worker restarts."""
     cert, key = certificate
     live = LiveDaemon(
         model,
@@ -391,6 +392,8 @@ def small_daemon(model, tmp_path_factory, certificate):
         "127.0.0.1:0",
         "--metrics-listen",
         "127.0.0.1:0",
+        "--max-restarts",
+        "0",  # a dead worker fails the pipeline (tests/test_supervision.py restarts them)
     )
     yield live
     assert live.stop() == 0, live.log.read_text()
@@ -462,35 +465,22 @@ def test_node_client_streams_a_generation(daemon, client, tmp_path):
     token_file.write_text(TOKEN)
     env = {"PATH": os.environ["PATH"], "MTPD_PROTO_ROOT": str(REPO / "protos")}
     base = ["node", "generate.js", "--address", daemon.address, "--token-file", str(token_file)]
-    want = client.generate("Hello", max_tokens=12)
 
-    out = subprocess.run(
-        [*base, "--raw", "--max-tokens", "12", "--json", "Hello"],
-        cwd=work,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
+    def node(*args: str) -> subprocess.CompletedProcess:
+        command = [*base, *args]
+        return subprocess.run(
+            command, cwd=work, env=env, capture_output=True, text=True, timeout=120
+        )
+
+    want = client.generate("Hello", max_tokens=12)
+    out = node("--raw", "--max-tokens", "12", "--json", "Hello")
+    assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert result["token_ids"] == want.token_ids and result["text"] == want.text
     assert result["finish_reason"] == want.finish_reason
     assert result["usage"]["completion_tokens"] == want.completion_tokens
-
-    streamed = subprocess.run(
-        [*base, "--raw", "--max-tokens", "12", "Hello"],
-        cwd=work,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
-    assert streamed.stdout == want.text + "\n"
-    refused = subprocess.run(
-        [*base, "--max-tokens", "0", "Hello"], cwd=work, env=env, capture_output=True, text=True
-    )
+    assert node("--raw", "--max-tokens", "12", "Hello").stdout == want.text + "\n"
+    refused = node("--max-tokens", "0", "Hello")
     assert refused.returncode == 1 and "INVALID_ARGUMENT" in refused.stderr
     assert "max_tokens" in refused.stderr
 
