@@ -195,10 +195,10 @@ async def generate(
         async for step in request:
             chunk = generation.chunk(step)
             if generation.stopped:
-                request.cancel()  # nothing after a stop sequence is wanted
-                yield chunk
-                break
+                request.cancel()  # at once: nothing after a stop sequence is wanted
             yield chunk
+            if generation.stopped:
+                break
         yield generation.last_chunk()
     finally:
         if not request.done:

@@ -126,24 +126,26 @@ def _claim_socket(path: Path) -> None:
         probe.close()
 
 
-async def _watch_pipeline(
-    daemon: Coordinator, health: health_aio.HealthServicer, notifier: Notifier
-) -> None:
-    """Health turns NOT_SERVING when the pipeline fails, so a supervisor notices."""
-    while daemon.pipeline.failure is None:
-        await asyncio.sleep(0.5)
-    log.error("the pipeline failed: %s", daemon.pipeline.failure)
-    notifier.status(f"the pipeline failed: {daemon.pipeline.failure}")
+async def _set_health(health: health_aio.HealthServicer, status: int) -> None:
     for name in ("", INFERENCE):
-        await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await health.set(name, status)
 
 
-async def _keep_watchdog(service: InferenceService, notifier: Notifier, every: float) -> None:
-    """WATCHDOG=1 while the event loop runs and the pipeline has not failed: a wedged
-    or broken daemon stops pinging, and systemd restarts it."""
+async def _monitor(
+    service: InferenceService, health: health_aio.HealthServicer, notifier: Notifier
+) -> None:
+    """While the pipeline is healthy (or still loading): WATCHDOG=1 under a systemd
+    watchdog, so a wedged daemon stops pinging. Once the pipeline fails: no more pings
+    (systemd restarts the daemon) and health NOT_SERVING, so any supervisor notices."""
+    every = Notifier.watchdog_interval()
     while service.daemon is None or service.daemon.pipeline.failure is None:
-        notifier.watchdog()
-        await asyncio.sleep(every)
+        if every is not None:
+            notifier.watchdog()
+        await asyncio.sleep(min(every or 0.5, 0.5))
+    failure = service.daemon.pipeline.failure
+    log.error("the pipeline failed: %s", failure)
+    notifier.status(f"the pipeline failed: {failure}")
+    await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
 
 
 async def _drain(service: InferenceService, notifier: Notifier, seconds: float) -> None:
@@ -196,8 +198,7 @@ async def serve_async(settings: Settings, config: ServeConfig) -> int:
     api_grpc.add_InferenceServicer_to_server(service, server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection([INFERENCE, HEALTH, reflection.SERVICE_NAME], server)
-    for name in ("", INFERENCE):
-        await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
 
     _claim_socket(config.socket)
     umask = os.umask(0o117)  # the socket is born 0660: never open to others, not even briefly
@@ -205,24 +206,22 @@ async def serve_async(settings: Settings, config: ServeConfig) -> int:
         server.add_insecure_port(f"unix:{config.socket}")
     finally:
         os.umask(umask)
-    listening = [f"unix:{config.socket}"]
+    listening = f"unix:{config.socket}"
     if config.listen:
-        listening.append(_listen_tcp(server, config))
+        listening += f" and {_listen_tcp(server, config)}"
     await server.start()
     if config.metrics_listen:
         where, _ = serve_metrics(service, config.metrics_listen)
         print(f"mtpd: metrics on http://{where}/metrics", file=sys.stderr, flush=True)
-    print(f"mtpd: listening on {' and '.join(listening)}", file=sys.stderr, flush=True)
+    print(f"mtpd: listening on {listening}", file=sys.stderr, flush=True)
     notifier = Notifier()
-    notifier.status(f"listening on {' and '.join(listening)}; starting the workers")
+    notifier.status(f"listening on {listening}; starting the workers")
 
     def on_status(text: str) -> None:
         log.info("%s", text)
         notifier.status(text)
 
-    background = []
-    if (every := Notifier.watchdog_interval()) is not None:
-        background.append(asyncio.create_task(_keep_watchdog(service, notifier, every)))
+    monitor = asyncio.create_task(_monitor(service, health, notifier))
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -247,15 +246,13 @@ async def serve_async(settings: Settings, config: ServeConfig) -> int:
         for note in daemon.notes:
             print(f"mtpd: note: {note}", file=sys.stderr, flush=True)
         service.daemon = daemon
-        for name in ("", INFERENCE):
-            await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await _set_health(health, health_pb2.HealthCheckResponse.SERVING)
         stages = ", ".join(
             f"layers {s.first_layer}-{s.end_layer - 1} on {s.device}"
             for s in daemon.pipeline.stages
         )
         print(f"mtpd: ready: {daemon.model_path} ({stages})", file=sys.stderr, flush=True)
-        notifier.ready(f"serving {daemon.model_path.name} on {' and '.join(listening)}")
-        background.append(asyncio.create_task(_watch_pipeline(daemon, health, notifier)))
+        notifier.ready(f"serving {daemon.model_path.name} on {listening}")
         await stopping
         service.draining = True  # before health says so: a caller who saw it is refused
         notifier.stopping("stopping: no new requests")
@@ -263,8 +260,7 @@ async def serve_async(settings: Settings, config: ServeConfig) -> int:
         await _drain(service, notifier, config.drain_s)
     finally:
         stopping.cancel()
-        for task in background:
-            task.cancel()
+        monitor.cancel()
         await health.enter_graceful_shutdown()
         await server.stop(1.0)
         if daemon is not None:

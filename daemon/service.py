@@ -109,18 +109,13 @@ class InferenceService(api_grpc.InferenceServicer):
     # -- generation -------------------------------------------------------------------
 
     async def Generate(
-        self, request: api.GenerateRequest, context: grpc.aio.ServicerContext
+        self, request: api.GenerateRequest | api.ChatRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[api.GenerateChunk]:
         async with contextlib.aclosing(self._stream(request, context)) as chunks:
             async for chunk in chunks:
                 yield chunk
 
-    async def Chat(
-        self, request: api.ChatRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[api.GenerateChunk]:
-        async with contextlib.aclosing(self._stream(request, context)) as chunks:
-            async for chunk in chunks:
-                yield chunk
+    Chat = Generate  # one path: _prompt_ids tells a ChatRequest from a GenerateRequest
 
     async def _stream(
         self, request: api.GenerateRequest | api.ChatRequest, context: grpc.aio.ServicerContext

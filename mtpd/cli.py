@@ -240,7 +240,8 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _build_parser() -> argparse.ArgumentParser:
+def _build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The command line, and its `serve` command (configuration files apply to it)."""
     parser = argparse.ArgumentParser(prog="mtpd", description=__doc__)
     parser.add_argument("--version", action="version", version=f"mtpd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -311,12 +312,7 @@ def _build_parser() -> argparse.ArgumentParser:
     from mtpd.train.commands import add_parsers
 
     add_parsers(sub)
-    return parser
-
-
-def _serve_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return commands.choices["serve"]
+    return parser, serve
 
 
 def _flag_value(argv: list[str], flag: str) -> str | None:
@@ -457,7 +453,7 @@ async def _generate_here(daemon, prompt_ids: list[int], options, echo: bool):
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = _build_parser()
+    parser, serve = _build_parser()
     from mtpd.client.errors import MtpdError
     from mtpd.model.errors import InputError
 
@@ -465,7 +461,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if argv[:1] == ["serve"]:
             from mtpd.daemon.config import apply
 
-            apply(_serve_parser(parser), _flag_value(argv, "--config"))
+            apply(serve, _flag_value(argv, "--config"))
         args = parser.parse_args(argv)
         return args.func(args)
     except (UserError, InputError, TokenFileError) as e:
