@@ -12,18 +12,18 @@ from prometheus_client import start_http_server
 from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from mtpd.daemon.service import InferenceService
+from mtpd.daemon.frontend import Frontend
 from mtpd.model.errors import InputError
 
 log = logging.getLogger("mtpd.daemon")
 
 
 class DaemonCollector(Collector):
-    def __init__(self, service: InferenceService) -> None:
-        self.service = service
+    def __init__(self, front: Frontend) -> None:
+        self.front = front
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
-        s = self.service
+        s = self.front
         yield CounterMetricFamily("mtpd_requests", "Generations admitted", value=s.requests)
         yield CounterMetricFamily(
             "mtpd_requests_rejected", "Requests refused: bad input or a full queue", s.rejected
@@ -107,13 +107,19 @@ class DaemonCollector(Collector):
         yield from families.values()
 
 
-def serve_metrics(service: InferenceService, listen: str) -> tuple[str, threading.Thread]:
+def metrics_registry(front: Frontend) -> CollectorRegistry:
+    registry = CollectorRegistry()
+    registry.register(DaemonCollector(front))
+    return registry
+
+
+def serve_metrics(front: Frontend, listen: str) -> tuple[str, threading.Thread]:
     """Start the /metrics endpoint; returns the address it listens on."""
     host, _, port = listen.rpartition(":")
-    registry = CollectorRegistry()
-    registry.register(DaemonCollector(service))
     try:
-        server, thread = start_http_server(int(port), addr=host or "127.0.0.1", registry=registry)
+        server, thread = start_http_server(
+            int(port), addr=host or "127.0.0.1", registry=metrics_registry(front)
+        )
     except (OSError, ValueError) as e:
         raise InputError(f"--metrics-listen {listen}: cannot listen there ({e})") from None
     return f"{host or '127.0.0.1'}:{server.server_port}", thread

@@ -15,17 +15,21 @@ import socket
 import stat
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import uvicorn
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from mtpd.daemon.coordinator import Coordinator, Settings
+from mtpd.daemon.frontend import Frontend, Limits
 from mtpd.daemon.metrics import serve_metrics
-from mtpd.daemon.service import InferenceService, Limits
+from mtpd.daemon.openai_api import OpenAIApp
+from mtpd.daemon.service import InferenceService
 from mtpd.daemon.systemd import Notifier
 from mtpd.model.errors import InputError
 from mtpd.rpc import bearer_token_matches
@@ -49,6 +53,8 @@ class ServeConfig:
     tls_key: Path | None = None
     api_token: str | None = None
     metrics_listen: str | None = None  # HOST:PORT of the Prometheus endpoint
+    http: str | None = None  # HOST:PORT of the OpenAI-compatible HTTP API
+    served_model_name: str | None = None  # its model id (default: the model's name)
     limits: Limits = field(default_factory=Limits)
     drain_s: float = 30.0  # on SIGTERM, in-flight requests get this long to finish
 
@@ -131,50 +137,60 @@ async def _set_health(health: health_aio.HealthServicer, status: int) -> None:
         await health.set(name, status)
 
 
-async def _monitor(
-    service: InferenceService, health: health_aio.HealthServicer, notifier: Notifier
-) -> None:
+async def _monitor(front: Frontend, health: health_aio.HealthServicer, notifier: Notifier) -> None:
     """While the pipeline is healthy (or still loading): WATCHDOG=1 under a systemd
     watchdog, so a wedged daemon stops pinging. Once the pipeline fails: no more pings
     (systemd restarts the daemon) and health NOT_SERVING, so any supervisor notices."""
     every = Notifier.watchdog_interval()
-    while service.daemon is None or service.daemon.pipeline.failure is None:
+    while front.daemon is None or front.daemon.pipeline.failure is None:
         if every is not None:
             notifier.watchdog()
         await asyncio.sleep(min(every or 0.5, 0.5))
-    failure = service.daemon.pipeline.failure
+    failure = front.daemon.pipeline.failure
     log.error("the pipeline failed: %s", failure)
     notifier.status(f"the pipeline failed: {failure}")
     await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
 
 
-async def _drain(service: InferenceService, notifier: Notifier, seconds: float) -> None:
+async def _drain(front: Frontend, notifier: Notifier, seconds: float) -> None:
     """Give the running generations up to `seconds` to finish."""
     deadline = time.monotonic() + seconds
     told = None
-    while service.running and time.monotonic() < deadline:
-        if told != service.running:
-            told = service.running
+    while front.running and time.monotonic() < deadline:
+        if told != front.running:
+            told = front.running
             notifier.stopping(f"draining: {told} request(s) still running")
         await asyncio.sleep(0.1)
-    if service.running:
-        log.warning("%d request(s) still running after the drain timeout", service.running)
+    if front.running:
+        log.warning("%d request(s) still running after the drain timeout", front.running)
+
+
+def _tls(config: ServeConfig) -> tuple[bytes, bytes] | None:
+    """(key, certificate chain) when TLS is configured."""
+    if not (config.tls_cert or config.tls_key):
+        return None
+    if not (config.tls_cert and config.tls_key):
+        raise InputError("TLS needs both --tls-cert and --tls-key")
+    try:
+        return config.tls_key.read_bytes(), config.tls_cert.read_bytes()
+    except OSError as e:
+        raise InputError(f"cannot read the TLS key or certificate: {e}") from None
+
+
+def _warn_if_clear(flag: str, where: str, config: ServeConfig) -> None:
+    host = where.rsplit(":", 1)[0]
+    if host not in ("127.0.0.1", "localhost", "[::1]") or not config.api_token:
+        log.warning("%s %s without TLS: traffic is in the clear", flag, where)
 
 
 def _listen_tcp(server: grpc.aio.Server, config: ServeConfig) -> str:
     """Add the TCP listener (with TLS when a certificate is given); returns HOST:PORT."""
     host = config.listen.rsplit(":", 1)[0]
     credentials = None
-    if config.tls_cert or config.tls_key:
-        if not (config.tls_cert and config.tls_key):
-            raise InputError("TLS needs both --tls-cert and --tls-key")
-        try:
-            pair = (config.tls_key.read_bytes(), config.tls_cert.read_bytes())
-        except OSError as e:
-            raise InputError(f"cannot read the TLS key or certificate: {e}") from None
+    if pair := _tls(config):
         credentials = grpc.ssl_server_credentials([pair])
-    elif host not in ("127.0.0.1", "localhost", "[::1]") or not config.api_token:
-        log.warning("--listen %s without TLS: traffic is in the clear", config.listen)
+    else:
+        _warn_if_clear("--listen", config.listen, config)
     try:
         if credentials is None:
             port = server.add_insecure_port(config.listen)
@@ -185,8 +201,53 @@ def _listen_tcp(server: grpc.aio.Server, config: ServeConfig) -> str:
     return f"{host}:{port}" + (" (TLS)" if credentials else "")
 
 
+class _EmbeddedUvicorn(uvicorn.Server):
+    """uvicorn on the daemon's event loop; the daemon handles the signals itself."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _listen_http(
+    front: Frontend, config: ServeConfig, settings: Settings
+) -> tuple[_EmbeddedUvicorn, socket.socket, str]:
+    """Bind the HTTP API's socket (errors name the flag); returns the server to run on it."""
+    host, _, port = config.http.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    tls = _tls(config)
+    if tls is None:
+        _warn_if_clear("--http", config.http, config)
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.create_server((host, int(port)), family=family)
+    except (OSError, ValueError) as e:
+        raise InputError(f"--http {config.http}: cannot listen there ({e})") from None
+    app = OpenAIApp(
+        front, config.served_model_name, config.api_token, metrics=config.metrics_listen is None
+    )
+    http_config = uvicorn.Config(
+        app.app,
+        log_config=None,
+        access_log=False,
+        lifespan="off",
+        # Bounded like the gRPC side: running and queued requests, plus probes.
+        limit_concurrency=settings.max_seqs + settings.max_queue + 32,
+        timeout_graceful_shutdown=1,
+        ssl_certfile=config.tls_cert if tls else None,
+        ssl_keyfile=config.tls_key if tls else None,
+    )
+    try:
+        http_config.load()  # here, so a bad certificate is an error that names it
+    except (OSError, ValueError) as e:
+        sock.close()
+        raise InputError(f"--http with --tls-cert/--tls-key: {e}") from None
+    scheme = "https" if tls else "http"
+    return _EmbeddedUvicorn(http_config), sock, f"{scheme}://{host}:{sock.getsockname()[1]}"
+
+
 async def serve_async(settings: Settings, config: ServeConfig) -> int:
-    service = InferenceService(config.limits)
+    front = Frontend(config.limits)
     health = health_aio.HealthServicer()
     receive_limit = max(RECEIVE_LIMIT_FLOOR, 2 * config.limits.max_request_bytes)
     server = grpc.aio.server(
@@ -195,7 +256,7 @@ async def serve_async(settings: Settings, config: ServeConfig) -> int:
         # Every stream holds a slot: running and queued requests, plus room for probes.
         maximum_concurrent_rpcs=settings.max_seqs + settings.max_queue + 32,
     )
-    api_grpc.add_InferenceServicer_to_server(service, server)
+    api_grpc.add_InferenceServicer_to_server(InferenceService(front), server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection([INFERENCE, HEALTH, reflection.SERVICE_NAME], server)
     await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -211,8 +272,13 @@ async def serve_async(settings: Settings, config: ServeConfig) -> int:
         listening += f" and {_listen_tcp(server, config)}"
     await server.start()
     if config.metrics_listen:
-        where, _ = serve_metrics(service, config.metrics_listen)
+        where, _ = serve_metrics(front, config.metrics_listen)
         print(f"mtpd: metrics on http://{where}/metrics", file=sys.stderr, flush=True)
+    http: asyncio.Task | None = None
+    if config.http:
+        http_server, http_socket, where = _listen_http(front, config, settings)
+        http = asyncio.create_task(http_server.serve(sockets=[http_socket]))
+        print(f"mtpd: OpenAI-compatible HTTP API on {where}/v1", file=sys.stderr, flush=True)
     print(f"mtpd: listening on {listening}", file=sys.stderr, flush=True)
     notifier = Notifier()
     notifier.status(f"listening on {listening}; starting the workers")
@@ -221,7 +287,7 @@ async def serve_async(settings: Settings, config: ServeConfig) -> int:
         log.info("%s", text)
         notifier.status(text)
 
-    monitor = asyncio.create_task(_monitor(service, health, notifier))
+    monitor = asyncio.create_task(_monitor(front, health, notifier))
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -245,7 +311,7 @@ async def serve_async(settings: Settings, config: ServeConfig) -> int:
             return 0
         for note in daemon.notes:
             print(f"mtpd: note: {note}", file=sys.stderr, flush=True)
-        service.daemon = daemon
+        front.daemon = daemon
         await _set_health(health, health_pb2.HealthCheckResponse.SERVING)
         stages = ", ".join(
             f"layers {s.first_layer}-{s.end_layer - 1} on {s.device}"
@@ -254,14 +320,17 @@ async def serve_async(settings: Settings, config: ServeConfig) -> int:
         print(f"mtpd: ready: {daemon.model_path} ({stages})", file=sys.stderr, flush=True)
         notifier.ready(f"serving {daemon.model_path.name} on {listening}")
         await stopping
-        service.draining = True  # before health says so: a caller who saw it is refused
+        front.draining = True  # before health says so: a caller who saw it is refused
         notifier.stopping("stopping: no new requests")
         await health.enter_graceful_shutdown()
-        await _drain(service, notifier, config.drain_s)
+        await _drain(front, notifier, config.drain_s)
     finally:
         stopping.cancel()
         monitor.cancel()
         await health.enter_graceful_shutdown()
+        if http is not None:
+            http_server.should_exit = True
+            await asyncio.wait([http], timeout=5.0)
         await server.stop(1.0)
         if daemon is not None:
             daemon.close()

@@ -210,8 +210,23 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
         metavar="HOST:PORT",
         help="also listen on TCP (port 0: any free port); off by default",
     )
-    p.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate for --listen")
-    p.add_argument("--tls-key", type=Path, default=None, help="PEM private key for --listen")
+    p.add_argument(
+        "--http",
+        default=None,
+        metavar="HOST:PORT",
+        help="also serve the OpenAI-compatible HTTP API (port 0: any free port); off by default",
+    )
+    p.add_argument(
+        "--served-model-name",
+        default=None,
+        help="the model id of the HTTP API (default: the model file's or directory's name)",
+    )
+    p.add_argument(
+        "--tls-cert", type=Path, default=None, help="PEM certificate for --listen and --http"
+    )
+    p.add_argument(
+        "--tls-key", type=Path, default=None, help="PEM private key for --listen and --http"
+    )
     p.add_argument("--api-token-file", default=None, help="require this bearer token on every call")
     p.add_argument("--max-seqs", type=int, default=16, help="sequences decoded together")
     p.add_argument(
@@ -228,7 +243,8 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
         "--metrics-listen",
         default=None,
         metavar="HOST:PORT",
-        help="serve Prometheus metrics at http://HOST:PORT/metrics (off by default)",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (off by default; "
+        "with --http and without this, at /metrics on the HTTP port)",
     )
     p.add_argument(
         "--drain-timeout",
@@ -389,8 +405,8 @@ def _settings(args: argparse.Namespace, max_seqs: int):
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from mtpd.address import default_socket
+    from mtpd.daemon.frontend import Limits
     from mtpd.daemon.server import ServeConfig, serve
-    from mtpd.daemon.service import Limits
 
     if args.max_seqs < 1 or args.max_queue < 0:
         raise UserError("--max-seqs must be >= 1 and --max-queue >= 0")
@@ -405,6 +421,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         limits=Limits(max_request_bytes=args.max_request_bytes),
         drain_s=args.drain_timeout,
         metrics_listen=args.metrics_listen,
+        http=args.http,
+        served_model_name=args.served_model_name,
     )
     return serve(settings, config)
 
@@ -415,7 +433,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     from mtpd.client.commands import report, request_options, user_messages
     from mtpd.daemon.coordinator import Coordinator
-    from mtpd.daemon.service import Limits, model_info
+    from mtpd.daemon.frontend import Limits, model_info
 
     if not args.prompt:
         raise UserError("the prompt is empty")

@@ -1,0 +1,193 @@
+"""What every API of the daemon shares (the gRPC Inference service and the OpenAI HTTP
+API): the loaded coordinator, admission, the one request path through
+`generation.generate`, and the counters behind stats and metrics. Failures are the
+daemon's own exceptions; each API maps them onto its statuses."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import grpc
+
+from mtpd import __version__
+from mtpd.daemon.coordinator import Coordinator
+from mtpd.daemon.generation import FINISH_NAMES, draft_policy_name, draft_summary, generate
+from mtpd.daemon.options import (
+    DEFAULT_MAX_REQUEST_BYTES,
+    MAX_REQUEST_ID,
+    GenerationOptions,
+    defaults_proto,
+)
+from mtpd.daemon.scheduler import Request, RequestFailed
+from mtpd.model.errors import InvalidParameter
+from mtpd.v1 import inference_pb2 as api
+
+log = logging.getLogger("mtpd.daemon")
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+
+
+class RequestTooLarge(InvalidParameter):
+    """The request is over --max-request-bytes."""
+
+
+def model_info(daemon: Coordinator, limits: Limits) -> api.ModelInfo:
+    policy = daemon.scheduler.policy
+    return api.ModelInfo(
+        version=__version__,
+        model=str(daemon.model_path),
+        architecture=daemon.cfg.architecture,
+        context_length=daemon.pipeline.max_context,
+        vocab_size=daemon.cfg.vocab_size,
+        num_layers=daemon.cfg.num_layers,
+        workers=[
+            api.WorkerShard(
+                rank=s.rank,
+                device=s.device,
+                first_layer=s.first_layer,
+                end_layer=s.end_layer,
+                pid=s.pid,
+            )
+            for s in daemon.pipeline.stages
+        ],
+        mtp_head=daemon.pipeline.mtp_head if policy.enabled else "",
+        draft_policy=draft_policy_name(daemon),
+        draft_p_min=policy.p_min,
+        chat_template=daemon.tokenizer.has_chat_template,
+        max_seqs=daemon.pipeline.max_seqs,
+        max_queue=daemon.scheduler.max_queue,
+        max_request_bytes=limits.max_request_bytes,
+        defaults=defaults_proto(),
+    )
+
+
+class Frontend:
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.daemon: Coordinator | None = None  # set once every worker has loaded
+        self.started_at = time.monotonic()
+        self._ids = itertools.count(1)
+        self.requests = self.rejected = self.prompt_tokens = self.completion_tokens = 0
+        self.finished: Counter[str] = Counter()
+        self.running = 0  # admitted generations not yet ended
+        self.draining = False  # shutting down: no new generations
+
+    def loaded(self) -> Coordinator:
+        if self.daemon is None:
+            raise RequestFailed(
+                "the model is still loading; retry when the health check says SERVING"
+            )
+        return self.daemon
+
+    def ready(self) -> Coordinator:
+        """The daemon, able to generate."""
+        daemon = self.loaded()
+        if daemon.pipeline.failure is not None:
+            raise RequestFailed(f"the pipeline failed: {daemon.pipeline.failure}")
+        return daemon
+
+    def check_size(self, size: int) -> None:
+        if size > self.limits.max_request_bytes:
+            raise RequestTooLarge(
+                f"the request is {size} bytes, over the limit of {self.limits.max_request_bytes} "
+                f"bytes (mtpd serve --max-request-bytes)"
+            )
+
+    def request_id(self, given: str = "") -> str:
+        if len(given) > MAX_REQUEST_ID:
+            raise InvalidParameter(
+                f"request_id: at most {MAX_REQUEST_ID} characters, got {len(given)}"
+            )
+        return given or f"req-{next(self._ids)}"
+
+    async def generate(
+        self,
+        prompt_ids: Callable[[Coordinator], list[int]],
+        options: GenerationOptions,
+        request_id: str,
+        arrived: float,
+        on_admitted: Callable[[Request], None] | None = None,
+    ) -> AsyncIterator[api.GenerateChunk]:
+        """The request path of every API: refuses while loading, failed or draining;
+        tokenizes off the event loop (`prompt_ids` may raise InputError); streams the
+        chunks; counts what happened. Closing the stream early cancels the request.
+        InputError and QueueFullError come only before admission: the API counts them
+        in `rejected` as it refuses."""
+        admitted, reason = False, "error"
+
+        def admit(handle: Request) -> None:
+            nonlocal admitted
+            admitted = True
+            self.requests += 1
+            self.running += 1
+            if on_admitted is not None:
+                on_admitted(handle)
+
+        try:
+            daemon = self.ready()
+            if self.draining:
+                raise RequestFailed("mtpd is shutting down: no new requests")
+            ids = await asyncio.to_thread(prompt_ids, daemon)
+            log.info("%s: %d prompt tokens", request_id, len(ids))
+            generation = generate(daemon, ids, options, request_id, arrived, admit)
+            async with contextlib.aclosing(generation) as chunks:
+                async for chunk in chunks:
+                    if chunk.finish_reason:
+                        reason = FINISH_NAMES[chunk.finish_reason]
+                        self.prompt_tokens += chunk.usage.prompt_tokens
+                        self.completion_tokens += chunk.usage.completion_tokens
+                    yield chunk
+        except (asyncio.CancelledError, GeneratorExit):
+            reason = "cancelled"  # the caller went away, or its deadline passed
+            raise
+        finally:
+            if admitted:
+                self.running -= 1
+                self.finished[reason] += 1
+                log.info("%s: %s, %.2f s", request_id, reason, time.monotonic() - arrived)
+
+    def model_info(self) -> api.ModelInfo:
+        return model_info(self.loaded(), self.limits)
+
+    async def stats(self) -> api.Stats:
+        daemon = self.ready()
+        try:
+            workers = await asyncio.to_thread(daemon.pipeline.worker_stats)
+        except grpc.RpcError as e:
+            raise RequestFailed(f"a worker did not answer for its stats: {e.details()}") from e
+        running, queued = daemon.scheduler.load()
+        return api.Stats(
+            uptime_s=time.monotonic() - self.started_at,
+            requests=self.requests,
+            running=running,
+            queued=queued,
+            rejected=self.rejected,
+            finished=dict(self.finished),
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            drafts=draft_summary(daemon.scheduler.stats, draft_policy_name(daemon)),
+            workers=[
+                api.WorkerLoad(
+                    rank=rank,
+                    cached_sequences=w.active_sequences,
+                    max_seqs=w.max_seqs,
+                    steps=w.steps,
+                    positions=w.tokens,
+                    compute_s=w.compute_s,
+                    recv_wait_s=w.recv_wait_s,
+                    send_s=w.send_s,
+                    restarts=daemon.pipeline.restarts[rank],
+                )
+                for rank, w in enumerate(workers)
+            ],
+        )

@@ -1,0 +1,613 @@
+"""The OpenAI-compatible HTTP API (`mtpd serve --http HOST:PORT`): chat completions,
+completions, the model list, a health check and the Prometheus metrics, as a Starlette
+app served by uvicorn inside the daemon process. Every generation goes through the same
+`Frontend.generate` as gRPC, so batching, cancellation and metrics are shared.
+
+Where OpenAI and mtpd differ, OpenAI's behaviour wins: temperature defaults to 1, a
+missing seed samples afresh each time, a missing max_tokens means "until the context is
+full" for chat (16 tokens for completions, OpenAI's default there). Parameters for behaviour mtpd lacks (n > 1, tools, logprobs, penalties) are
+refused by name rather than ignored; unknown parameters are ignored, as OpenAI's newer
+parameters arrive before any server knows them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Literal, TypeVar
+
+import anyio
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from mtpd import __version__
+from mtpd.daemon.coordinator import Coordinator
+from mtpd.daemon.frontend import Frontend, RequestTooLarge
+from mtpd.daemon.generation import FINISH_NAMES, render_messages
+from mtpd.daemon.metrics import metrics_registry
+from mtpd.daemon.options import GenerationOptions
+from mtpd.daemon.scheduler import QueueFullError, RequestFailed
+from mtpd.model.errors import InputError, InvalidParameter
+from mtpd.rpc import bearer_token_matches
+from mtpd.v1 import inference_pb2 as api
+
+log = logging.getLogger("mtpd.http")
+
+COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+CHAT_ROLES = ("system", "developer", "user", "assistant")
+
+T = TypeVar("T")
+
+
+# -- the request bodies --------------------------------------------------------------
+
+
+class _Body(BaseModel):
+    # strict: "5" is not a number and 1 is not a boolean, as in OpenAI's own checks.
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class _Sampling(_Body):
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0)
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # mtpd's own sampling and drafting controls (the openai SDK sends them via extra_body)
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    draft_tokens: int | None = None
+    ignore_eos: bool = False
+
+    def refuse_unsupported(self) -> None:
+        neutral = {
+            "n": self.n == 1,
+            "presence_penalty": self.presence_penalty == 0,
+            "frequency_penalty": self.frequency_penalty == 0,
+            "logit_bias": not self.logit_bias,
+        }
+        for name, ok in neutral.items():
+            if not ok:
+                raise Unsupported(name, f"{name}: mtpd supports only the neutral value")
+        if self.stream_options is not None and not self.stream:
+            raise Unsupported("stream_options", "stream_options: only allowed with stream")
+
+    def options(self, max_tokens: int) -> GenerationOptions:
+        extras = {
+            k: v
+            for k in ("top_k", "min_p", "repetition_penalty", "draft_tokens")
+            if (v := getattr(self, k)) is not None
+        }
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        # No seed: a fresh one, so sampling varies from call to call as with OpenAI.
+        seed = self.seed if self.seed is not None else secrets.randbits(62)
+        return GenerationOptions(
+            max_tokens=max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=seed,
+            stop=tuple(stop),
+            ignore_eos=self.ignore_eos,
+            **extras,
+        )
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Body):
+    role: str
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    def refuse_unsupported(self) -> None:
+        super().refuse_unsupported()
+        if self.logprobs or self.top_logprobs is not None:
+            raise Unsupported("logprobs", "logprobs: mtpd does not return log probabilities")
+        if self.tools or self.functions or self.tool_choice not in (None, "none"):
+            name = "tools" if self.tools or self.tool_choice else "functions"
+            raise Unsupported(name, f"{name}: mtpd does not support tool calling")
+        if self.response_format and self.response_format.get("type") != "text":
+            raise Unsupported("response_format", "response_format: only {'type': 'text'}")
+        for i, m in enumerate(self.messages):
+            if m.role in ("tool", "function"):
+                raise Unsupported(
+                    f"messages[{i}].role",
+                    f"messages[{i}].role: {m.role!r} messages need tool calling, "
+                    "which mtpd does not support",
+                )
+            if m.role not in CHAT_ROLES:
+                raise Unsupported(
+                    f"messages[{i}].role",
+                    f"messages[{i}].role: unknown role {m.role!r} "
+                    f"(expected one of {', '.join(CHAT_ROLES)})",
+                )
+
+    def rendered_messages(self) -> list[api.ChatMessage]:
+        # "developer" is OpenAI's newer name for the system role.
+        return [
+            api.ChatMessage(role="system" if m.role == "developer" else m.role, content=m.text())
+            for m in self.messages
+        ]
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+    logprobs: int | None = None
+
+    def refuse_unsupported(self) -> None:
+        super().refuse_unsupported()
+        if self.echo:
+            raise Unsupported("echo", "echo: mtpd does not echo the prompt")
+        if self.suffix:
+            raise Unsupported("suffix", "suffix: mtpd does not insert text")
+        if self.best_of not in (None, 1):
+            raise Unsupported("best_of", "best_of: mtpd generates one completion")
+        if self.logprobs is not None:
+            raise Unsupported("logprobs", "logprobs: mtpd does not return log probabilities")
+        several = isinstance(self.prompt, list) and len(self.prompt) > 1
+        if several and not isinstance(self.prompt[0], int):
+            raise Unsupported("prompt", "prompt: one prompt per request")
+
+
+# -- errors in OpenAI's shape -----------------------------------------------------------
+
+
+class Unsupported(InvalidParameter):
+    """A parameter asks for what mtpd does not do, or names what it does not know."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class _ApiError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.kind, self.param, self.code = status, kind, param, code
+
+    def body(self) -> dict:
+        return {
+            "error": {
+                "message": str(self),
+                "type": self.kind,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+def _api_error(e: Exception) -> _ApiError:
+    """The daemon's exceptions as OpenAI errors."""
+    if isinstance(e, _ApiError):
+        return e
+    if isinstance(e, RequestTooLarge):
+        return _ApiError(413, str(e), code="request_too_large")
+    if isinstance(e, Unsupported):
+        return _ApiError(400, str(e), param=e.param, code="unsupported_parameter")
+    if isinstance(e, InputError):
+        return _ApiError(400, str(e))
+    if isinstance(e, QueueFullError):
+        return _ApiError(429, str(e), kind="rate_limit_error", code="queue_full")
+    if isinstance(e, RequestFailed):
+        return _ApiError(503, str(e), kind="server_error", code="unavailable")
+    log.exception("unexpected error", exc_info=e)
+    return _ApiError(500, f"internal error: {e}", kind="server_error")
+
+
+def _validation_error(e: ValidationError) -> _ApiError:
+    # The deepest error is the most specific; a union adds its member's type to the path
+    # (content.str, content.list[TextPart]), which is not part of the parameter's name.
+    worst = max(e.errors(), key=lambda err: len(err["loc"]))
+    parts = [p for p in worst["loc"] if not (isinstance(p, str) and _is_type_tag(p))]
+    param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts).lstrip(".")
+    got = f" (got {json.dumps(worst['input'])[:80]})" if worst["type"] != "missing" else ""
+    return _ApiError(400, f"{param or 'body'}: {worst['msg']}{got}", param=param or None)
+
+
+def _is_type_tag(part: str) -> bool:
+    return part in ("str", "int", "float", "bool", "none") or "[" in part or part[:1].isupper()
+
+
+# -- streaming that notices a client going away -------------------------------------------
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events that stop the moment the client disconnects: the disconnect is
+    awaited beside the stream instead of being found at the next write, so a request whose
+    next tokens are slow to come is cancelled at once (cancelling its generator cancels
+    the request on every worker)."""
+
+    media_type = "text/event-stream"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async with anyio.create_task_group() as group:
+
+            async def stream() -> None:
+                with contextlib.suppress(OSError):  # the client went away mid-write
+                    await self.stream_response(send)
+                group.cancel_scope.cancel()
+
+            group.start_soon(stream)
+            await self.listen_for_disconnect(receive)
+            group.cancel_scope.cancel()
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
+    """`work`'s result, or None (and `work` cancelled) if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watch = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait([task, watch], return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        watch.cancel()
+    if not task.done():  # the client went away first
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return None
+    return task.result()
+
+
+def _event(payload: dict | str) -> bytes:
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    return f"data: {data}\n\n".encode()
+
+
+# -- the app --------------------------------------------------------------------------------
+
+
+def _usage(last: api.GenerateChunk) -> dict:
+    u, d, t = last.usage, last.drafts, last.timing
+    return {
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+        # mtpd's extension: how speculative decoding went for this request.
+        "mtpd": {
+            "draft_policy": d.draft_policy,
+            "steps": d.steps,
+            "drafted": d.drafted,
+            "accepted": d.accepted,
+            "acceptance_by_position": list(d.acceptance_by_position),
+            "tokens_per_step": d.tokens_per_step,
+            "time_to_first_token_s": t.time_to_first_token_s,
+            "decode_tokens_per_s": t.decode_tokens_per_s,
+        },
+    }
+
+
+class OpenAIApp:
+    """The routes, over one Frontend."""
+
+    def __init__(
+        self, front: Frontend, model_name: str | None, api_token: str | None, metrics: bool
+    ) -> None:
+        self.front, self._model_name, self.api_token = front, model_name, api_token
+        self.created = int(time.time())
+        routes = [
+            Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+            Route("/v1/completions", self.completions, methods=["POST"]),
+            Route("/v1/models", self.models, methods=["GET"]),
+            Route("/v1/models/{model:path}", self.model, methods=["GET"]),
+            Route("/health", self.health, methods=["GET"]),
+        ]
+        if metrics:
+            self._registry = metrics_registry(front)
+            routes.append(Route("/metrics", self.metrics, methods=["GET"]))
+        self.app = Starlette(
+            routes=routes,
+            exception_handlers={HTTPException: self._http_exception},
+        )
+
+    @property
+    def model_name(self) -> str:
+        """The model id: as configured, else the model file's (or directory's) name."""
+        if self._model_name:
+            return self._model_name
+        path = self.front.loaded().model_path
+        return path.stem if path.is_file() else path.name
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    def _check_token(self, request: Request) -> None:
+        if self.api_token is not None and not bearer_token_matches(
+            request.headers.items(), self.api_token
+        ):
+            raise _ApiError(
+                401,
+                "a valid API key is required: send 'Authorization: Bearer <token>'",
+                code="invalid_api_key",
+            )
+
+    @staticmethod
+    async def _http_exception(request: Request, e: HTTPException) -> Response:
+        message = {404: f"no route {request.url.path}", 405: f"{request.method} not allowed here"}
+        return _ApiError(e.status_code, message.get(e.status_code, str(e.detail))).response()
+
+    async def _body(self, request: Request) -> Any:
+        """The JSON body, read no further than the size limit."""
+        limit = self.front.limits.max_request_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit():
+            self.front.check_size(int(declared))
+        body = bytearray()
+        try:
+            async for part in request.stream():
+                body += part
+                self.front.check_size(len(body))
+        except ClientDisconnect:
+            raise _ApiError(400, "the client went away while sending the body") from None
+        if len(body) > limit:  # pragma: no cover (check_size raised already)
+            raise RequestTooLarge("request too large")
+        try:
+            return json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise _ApiError(400, f"the body is not valid JSON: {e}") from None
+
+    async def _parse(self, request: Request, schema: type[_Sampling]) -> _Sampling:
+        self._check_token(request)
+        data = await self._body(request)
+        if not isinstance(data, dict):
+            raise _ApiError(400, "the body must be a JSON object")
+        try:
+            body = schema.model_validate(data)
+        except ValidationError as e:
+            raise _validation_error(e) from None
+        if body.model != self.model_name:
+            raise _ApiError(
+                404,
+                f"model: {body.model!r} is not served here; this daemon serves "
+                f"{self.model_name!r} (GET /v1/models)",
+                param="model",
+                code="model_not_found",
+            )
+        body.refuse_unsupported()
+        return body
+
+    async def _generation(self, request: Request, schema: type[_Sampling]) -> Response:
+        arrived = time.monotonic()
+        front = self.front
+        chunks = None
+        try:
+            body = await self._parse(request, schema)
+            daemon = front.ready()
+            ids = await asyncio.to_thread(self._prompt_ids, daemon, body)
+            if isinstance(body, ChatCompletionRequest):
+                room = max(1, daemon.pipeline.max_context - len(ids))
+                max_tokens = body.max_completion_tokens or body.max_tokens or room
+            else:
+                max_tokens = body.max_tokens or COMPLETION_MAX_TOKENS
+            request_id = front.request_id()
+            chunks = front.generate(lambda _: ids, body.options(max_tokens), request_id, arrived)
+            # The first chunk before the response starts: a refusal (a full queue, a prompt
+            # too long) is then a status, not an error inside a 200 stream.
+            first = await _unless_disconnected(request, anext(chunks))
+            if first is None:
+                return Response(status_code=499)  # the client went away while queued
+            reply = _Reply(request_id, self.model_name, body)
+            if body.stream:
+                return EventStream(reply.events(first, chunks))
+            result = await _unless_disconnected(request, reply.collect(first, chunks))
+            return Response(status_code=499) if result is None else JSONResponse(result)
+        except Exception as e:
+            if chunks is not None:
+                await chunks.aclose()
+            error = _api_error(e)
+            if error.status in (400, 404, 413, 429):
+                front.rejected += 1
+            return error.response()
+
+    @staticmethod
+    def _prompt_ids(daemon: Coordinator, body: _Sampling) -> list[int]:
+        tok = daemon.tokenizer
+        if isinstance(body, ChatCompletionRequest):
+            return tok.encode(render_messages(tok, body.rendered_messages()))
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], list):
+            prompt = prompt[0]
+        if isinstance(prompt, list) and (not prompt or isinstance(prompt[0], int)):
+            return list(prompt)
+        return tok.encode(prompt[0] if isinstance(prompt, list) else prompt)
+
+    # -- routes ---------------------------------------------------------------------------
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._generation(request, ChatCompletionRequest)
+
+    async def completions(self, request: Request) -> Response:
+        return await self._generation(request, CompletionRequest)
+
+    def _model_card(self) -> dict:
+        daemon = self.front.loaded()
+        return {
+            "id": self.model_name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "mtpd",
+            "max_model_len": daemon.pipeline.max_context,
+        }
+
+    async def models(self, request: Request) -> Response:
+        return await self._answer(request, lambda: {"object": "list", "data": [self._model_card()]})
+
+    async def model(self, request: Request) -> Response:
+        def card() -> dict:
+            if request.path_params["model"] != self.model_name:
+                raise _ApiError(
+                    404,
+                    f"model {request.path_params['model']!r} is not served here",
+                    param="model",
+                    code="model_not_found",
+                )
+            return self._model_card()
+
+        return await self._answer(request, card)
+
+    async def _answer(self, request: Request, make: Callable[[], dict]) -> Response:
+        try:
+            self._check_token(request)
+            return JSONResponse(make())
+        except Exception as e:
+            return _api_error(e).response()
+
+    async def metrics(self, request: Request) -> Response:
+        """The Prometheus metrics (behind the token, when one is set)."""
+        try:
+            self._check_token(request)
+        except _ApiError as e:
+            return e.response()
+        # Collecting asks the workers for their stats: off the event loop.
+        text = await asyncio.to_thread(generate_latest, self._registry)
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
+
+    async def health(self, request: Request) -> Response:
+        """200 once the model is loaded and the pipeline can generate; open to probes."""
+        try:
+            self.front.ready()
+        except RequestFailed as e:
+            return JSONResponse({"status": "unavailable", "reason": str(e)}, status_code=503)
+        if self.front.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+
+class _Reply:
+    """One generation's chunks as an OpenAI response: a whole object or its events."""
+
+    def __init__(self, request_id: str, model: str, body: _Sampling) -> None:
+        self.chat = isinstance(body, ChatCompletionRequest)
+        self.id = f"{'chatcmpl' if self.chat else 'cmpl'}-{request_id}"
+        self.model, self.created = model, int(time.time())
+        self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    def _envelope(self, choices: list[dict], streaming: bool) -> dict:
+        kind = "chat.completion" if self.chat else "text_completion"
+        return {
+            "id": self.id,
+            "object": f"{kind}.chunk" if streaming and self.chat else kind,
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": f"mtpd-{__version__}",
+            "choices": choices,
+        }
+
+    def _choice(self, text: str | None, finish: str | None, streaming: bool) -> dict:
+        choice: dict[str, Any] = {"index": 0}
+        if self.chat and streaming:
+            choice["delta"] = {} if text is None else {"content": text}
+        elif self.chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text or ""
+        choice["logprobs"] = None
+        choice["finish_reason"] = finish
+        return choice
+
+    async def collect(
+        self, first: api.GenerateChunk, rest: AsyncIterator[api.GenerateChunk]
+    ) -> dict:
+        texts, last = [first.text], first
+        async with contextlib.aclosing(rest):
+            while not last.finish_reason:
+                last = await anext(rest)
+                texts.append(last.text)
+        finish = FINISH_NAMES[last.finish_reason]
+        out = self._envelope([self._choice("".join(texts), finish, streaming=False)], False)
+        out["usage"] = _usage(last)
+        return out
+
+    async def events(
+        self, first: api.GenerateChunk, rest: AsyncIterator[api.GenerateChunk]
+    ) -> AsyncIterator[bytes]:
+        def event(choice: dict) -> bytes:
+            out = self._envelope([choice], True)
+            if self.include_usage:
+                out["usage"] = None
+            return _event(out)
+
+        if self.chat:  # the role first, as OpenAI sends it
+            opening = self._choice("", None, streaming=True)
+            opening["delta"]["role"] = "assistant"
+            yield event(opening)
+        try:
+            async with contextlib.aclosing(rest):
+                chunk = first
+                while True:
+                    if chunk.text:
+                        yield event(self._choice(chunk.text, None, streaming=True))
+                    if chunk.finish_reason:
+                        break
+                    chunk = await anext(rest)
+        except Exception as e:  # the pipeline failed mid-generation: say so, then end
+            yield _event(_api_error(e).body())
+            yield _event("[DONE]")
+            return
+        yield event(self._choice(None, FINISH_NAMES[chunk.finish_reason], streaming=True))
+        if self.include_usage:
+            final = self._envelope([], True)
+            final["usage"] = _usage(chunk)
+            yield _event(final)
+        yield _event("[DONE]")

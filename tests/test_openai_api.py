@@ -1,0 +1,443 @@
+"""The OpenAI-compatible HTTP API against a live `mtpd serve --http` with 2 CPU workers,
+driven by the official `openai` package as its users drive it, and by raw HTTP for what
+no SDK sends (malformed JSON, wrong types, a 10 MB body)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+import time
+from urllib.parse import urlsplit
+
+import openai
+import pytest
+from live_daemon import CONTEXT, LiveDaemon, write_served_model
+from prometheus_client.parser import text_string_to_metric_families
+from reference import GREEDY, solo_run
+
+from mtpd.client import Client
+from mtpd.model.sampling import SamplingParams
+from mtpd.worker.engine import Engine
+
+TOKEN = "http-test-token"
+MODEL = "tiny-served"
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    model = write_served_model(tmp_path_factory.mktemp("served") / "model")
+    return Engine.load(model, max_context=CONTEXT)
+
+
+@pytest.fixture(scope="module")
+def daemon(engine, tmp_path_factory):
+    live = LiveDaemon(
+        engine.model_path,
+        tmp_path_factory.mktemp("daemon"),
+        "--http",
+        "127.0.0.1:0",
+        "--served-model-name",
+        MODEL,
+        token=TOKEN,
+    )
+    live.url = live.announced("mtpd: OpenAI-compatible HTTP API on ")
+    yield live
+    assert live.stop() == 0, live.log.read_text()
+
+
+@pytest.fixture(scope="module")
+def oai(daemon):
+    return openai.OpenAI(base_url=daemon.url, api_key=TOKEN, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def grpc_client(daemon):
+    with Client(daemon.address, token=TOKEN, timeout=60) as c:
+        yield c
+
+
+def reference_text(engine, prompt_ids: list[int], n: int, params=GREEDY) -> str:
+    return engine.tokenizer.decode(solo_run(engine, prompt_ids, n, params)[0])
+
+
+def chat_ids(engine, messages: list[dict]) -> list[int]:
+    tok = engine.tokenizer
+    return tok.encode(tok.render_chat(messages))
+
+
+def wait_for(predicate, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.05)
+    return value
+
+
+MESSAGES = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Say something"},
+]
+
+
+def test_models_list_and_retrieve(oai):
+    models = oai.models.list().data
+    assert [m.id for m in models] == [MODEL]
+    assert oai.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError, match="not served here"):
+        oai.models.retrieve("gpt-4o")
+
+
+def test_chat_completion_is_the_engine_greedy_text_with_right_usage(oai, engine):
+    reply = oai.chat.completions.create(
+        model=MODEL,
+        messages=MESSAGES,
+        max_tokens=12,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
+    prompt = chat_ids(engine, MESSAGES)
+    assert reply.object == "chat.completion"
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].message.content == reference_text(engine, prompt, 12)
+    assert reply.choices[0].finish_reason == "length"
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (len(prompt), 12)
+    assert reply.usage.total_tokens == len(prompt) + 12
+    drafts = reply.usage.model_extra["mtpd"]
+    assert drafts["steps"] >= 1 and drafts["draft_policy"] == "auto"
+
+
+def test_streamed_chat_reassembles_to_the_whole_reply(oai, engine):
+    args = dict(model=MODEL, messages=MESSAGES, max_tokens=20, temperature=0)
+    whole = oai.chat.completions.create(**args)
+    chunks = list(
+        oai.chat.completions.create(**args, stream=True, stream_options={"include_usage": True})
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == whole.choices[0].finish_reason and set(finishes[:-1]) == {None}
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == (
+        whole.usage.completion_tokens
+    )
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_completion_and_its_stream(oai, engine):
+    prompt = "Once upon"
+    reply = oai.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=10, temperature=0, extra_body={"ignore_eos": True}
+    )
+    ids = engine.tokenizer.encode(prompt)
+    assert reply.object == "text_completion"
+    assert reply.choices[0].text == reference_text(engine, ids, 10)
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (len(ids), 10)
+    streamed = oai.completions.create(
+        model=MODEL,
+        prompt=prompt,
+        max_tokens=10,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    assert "".join(c.choices[0].text for c in streamed) == reply.choices[0].text
+    # Token ids are a prompt too; the default length is OpenAI's 16.
+    by_ids = oai.completions.create(model=MODEL, prompt=ids, temperature=0)
+    assert by_ids.usage.prompt_tokens == len(ids) and by_ids.usage.completion_tokens <= 16
+
+
+def test_seeded_sampling_equals_the_grpc_api_and_stops_apply(oai, grpc_client, engine):
+    args = dict(max_tokens=15, temperature=0.9, top_p=0.95, seed=7)
+    http = oai.completions.create(
+        model=MODEL, prompt="Seeded", extra_body={"ignore_eos": True}, **args
+    )
+    via_grpc = grpc_client.generate("Seeded", ignore_eos=True, **args)
+    params = SamplingParams(temperature=0.9, top_p=0.95, seed=7)
+    expected = reference_text(engine, engine.tokenizer.encode("Seeded"), 15, params)
+    assert http.choices[0].text == via_grpc.text == expected
+    stop = expected[3:5]
+    stopped = oai.completions.create(
+        model=MODEL, prompt="Seeded", stop=[stop], extra_body={"ignore_eos": True}, **args
+    )
+    assert stopped.choices[0].text == expected[: expected.index(stop)]
+    assert stopped.choices[0].finish_reason == "stop"
+
+
+def test_concurrent_requests_each_equal_their_solo_run(daemon, engine):
+    results: dict[int, str] = {}
+
+    def ask(i: int) -> None:
+        oai = openai.OpenAI(base_url=daemon.url, api_key=TOKEN, max_retries=0, timeout=120)
+        stream = oai.completions.create(
+            model=MODEL,
+            prompt=f"Request {i}",
+            max_tokens=8 + i,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        results[i] = "".join(c.choices[0].text for c in stream)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(4):
+        ids = engine.tokenizer.encode(f"Request {i}")
+        assert results[i] == reference_text(engine, ids, 8 + i), i
+
+
+def _cached(grpc_client) -> list[int]:
+    return [w.cached_sequences for w in grpc_client.stats().workers]
+
+
+def test_a_disconnect_mid_stream_frees_the_sequence(oai, grpc_client):
+    before = grpc_client.stats().finished.get("cancelled", 0)
+    stream = oai.chat.completions.create(
+        model=MODEL,
+        messages=MESSAGES,
+        max_tokens=CONTEXT - 100,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    next(iter(stream))
+    assert _cached(grpc_client) == [1, 1]
+    stream.close()
+    wait_for(lambda: _cached(grpc_client) == [0, 0])
+    wait_for(lambda: grpc_client.stats().finished.get("cancelled", 0) == before + 1)
+
+
+def test_a_disconnect_while_waiting_for_a_whole_reply_frees_the_sequence(daemon, grpc_client):
+    before = grpc_client.stats().finished.get("cancelled", 0)
+    body = {
+        "model": MODEL,
+        "prompt": "slow",
+        "max_tokens": CONTEXT - 10,
+        "ignore_eos": True,
+    }
+    with pytest.raises(TimeoutError):  # the client gives up and hangs up
+        request(daemon, "POST", "/v1/completions", body, _auth(), timeout=0.5)
+    wait_for(lambda: grpc_client.stats().finished.get("cancelled", 0) == before + 1)
+    wait_for(lambda: _cached(grpc_client) == [0, 0])
+
+
+def _auth(token: str = TOKEN) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def request(
+    daemon,
+    method: str,
+    path: str,
+    body: bytes | dict | list | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 30,
+) -> tuple[int, bytes]:
+    """One raw HTTP exchange (what no SDK sends); `path` is under the server's root."""
+    url = urlsplit(daemon.url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=timeout)
+    try:
+        content = body if isinstance(body, bytes | None) else json.dumps(body).encode()
+        conn.request(method, path, body=content, headers=headers or {})
+        reply = conn.getresponse()
+        return reply.status, reply.read()
+    finally:
+        conn.close()
+
+
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+BAD_REQUESTS = [
+    # (what, path, body or raw bytes, status, param, words in the message)
+    ("malformed JSON", "chat/completions", b'{"model": "x", ', 400, None, "not valid JSON"),
+    ("not an object", "chat/completions", [1, 2], 400, None, "JSON object"),
+    ("missing messages", "chat/completions", {"model": MODEL}, 400, "messages", "required"),
+    ("messages a string", "chat/completions", {**CHAT, "messages": "hi"}, 400, "messages", "list"),
+    (
+        "max_tokens a string",
+        "chat/completions",
+        {**CHAT, "max_tokens": "5"},
+        400,
+        "max_tokens",
+        "integer",
+    ),
+    (
+        "temperature a word",
+        "chat/completions",
+        {**CHAT, "temperature": "hot"},
+        400,
+        "temperature",
+        "number",
+    ),
+    ("stream a number", "chat/completions", {**CHAT, "stream": 1}, 400, "stream", "boolean"),
+    (
+        "negative max_tokens",
+        "chat/completions",
+        {**CHAT, "max_tokens": -5},
+        400,
+        "max_tokens",
+        "greater than",
+    ),
+    (
+        "temperature too high",
+        "chat/completions",
+        {**CHAT, "temperature": 3},
+        400,
+        "temperature",
+        "less than",
+    ),
+    (
+        "unknown role",
+        "chat/completions",
+        {**CHAT, "messages": [{"role": "wizard", "content": "x"}]},
+        400,
+        "messages[0].role",
+        "unknown role 'wizard'",
+    ),
+    (
+        "content of a number",
+        "chat/completions",
+        {**CHAT, "messages": [{"role": "user", "content": 5}]},
+        400,
+        "messages[0].content",
+        "string",
+    ),
+    (
+        "an image part",
+        "chat/completions",
+        {
+            **CHAT,
+            "messages": [
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}
+            ],
+        },
+        400,
+        "messages[0].content[0].type",
+        "'text'",
+    ),
+    ("n of 2", "chat/completions", {**CHAT, "n": 2}, 400, "n", "n:"),
+    (
+        "tools",
+        "chat/completions",
+        {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]},
+        400,
+        "tools",
+        "tool calling",
+    ),
+    (
+        "a tool message",
+        "chat/completions",
+        {**CHAT, "messages": [{"role": "tool", "content": "x"}]},
+        400,
+        "messages[0].role",
+        "tool calling",
+    ),
+    (
+        "logprobs",
+        "chat/completions",
+        {**CHAT, "logprobs": True},
+        400,
+        "logprobs",
+        "log probabilities",
+    ),
+    (
+        "a penalty",
+        "chat/completions",
+        {**CHAT, "presence_penalty": 0.5},
+        400,
+        "presence_penalty",
+        "neutral",
+    ),
+    (
+        "json mode",
+        "chat/completions",
+        {**CHAT, "response_format": {"type": "json_object"}},
+        400,
+        "response_format",
+        "text",
+    ),
+    ("too many stops", "chat/completions", {**CHAT, "stop": ["a"] * 40}, 400, None, "stop"),
+    ("negative seed", "chat/completions", {**CHAT, "seed": -1}, 400, "seed", "greater than"),
+    (
+        "unknown model",
+        "chat/completions",
+        {**CHAT, "model": "gpt-4o"},
+        404,
+        "model",
+        "not served here",
+    ),
+    (
+        "beyond the context",
+        "chat/completions",
+        {**CHAT, "max_tokens": 10 * CONTEXT},
+        400,
+        None,
+        "context",
+    ),
+    (
+        "two prompts",
+        "completions",
+        {"model": MODEL, "prompt": ["a", "b"]},
+        400,
+        "prompt",
+        "one prompt",
+    ),
+    ("echo", "completions", {"model": MODEL, "prompt": "a", "echo": True}, 400, "echo", "echo"),
+    (
+        "a 10 MB body",
+        "chat/completions",
+        {**CHAT, "messages": [{"role": "user", "content": "x" * (10 << 20)}]},
+        413,
+        None,
+        "over the limit",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "param", "words"),
+    [case[1:] for case in BAD_REQUESTS],
+    ids=[case[0] for case in BAD_REQUESTS],
+)
+def test_bad_requests_get_openai_errors_naming_the_problem(
+    daemon, path, body, status, param, words
+):
+    code, reply = request(
+        daemon, "POST", f"/v1/{path}", body, {**_auth(), "Content-Type": "application/json"}
+    )
+    assert code == status, reply
+    error = json.loads(reply)["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == param
+    assert words in error["message"], error["message"]
+
+
+def test_the_daemon_serves_on_after_bad_requests_and_auth_is_enforced(daemon, oai):
+    assert oai.completions.create(model=MODEL, prompt="still", max_tokens=3).usage.completion_tokens
+    wrong = openai.OpenAI(base_url=daemon.url, api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError, match="API key"):
+        wrong.models.list()
+    status, reply = request(daemon, "POST", "/v1/chat/completions", CHAT)
+    assert status == 401 and json.loads(reply)["error"]["code"] == "invalid_api_key"
+    assert request(daemon, "GET", "/v1/nowhere", headers=_auth())[0] == 404
+    assert request(daemon, "GET", "/v1/chat/completions", headers=_auth())[0] == 405
+
+
+def test_health_is_open_and_metrics_share_the_port(daemon, oai):
+    status, health = request(daemon, "GET", "/health")
+    assert status == 200 and json.loads(health) == {"status": "ok"}
+    assert request(daemon, "GET", "/metrics")[0] == 401
+
+    def counter(name: str) -> float:
+        text = request(daemon, "GET", "/metrics", headers=_auth())[1].decode()
+        return {f.name: f for f in text_string_to_metric_families(text)}[name].samples[0].value
+
+    requests, rejected = counter("mtpd_requests"), counter("mtpd_requests_rejected")
+    oai.completions.create(model=MODEL, prompt="counted", max_tokens=1)
+    with pytest.raises(openai.BadRequestError):
+        oai.completions.create(model=MODEL, prompt="refused", max_tokens=1, n=3)
+    assert (counter("mtpd_requests"), counter("mtpd_requests_rejected")) == (
+        requests + 1,
+        rejected + 1,
+    )
