@@ -85,6 +85,8 @@ class Request:
         self.cancelled = False
         self.submitted_at = time.monotonic()
         self.admitted_at: float | None = None  # when it joined the running sequences
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
         self.token_ids: list[int] = []
         self.logits: list[torch.Tensor] = []
         self.finish_reason: str | None = None
@@ -130,6 +132,8 @@ class Request:
         self._wake_scheduler()
 
     def _emit(self, step: Accepted) -> None:
+        if self.first_token_at is None:
+            self.first_token_at = time.monotonic()
         self.token_ids.extend(step.token_ids)
         self._put(step)
 
@@ -137,6 +141,7 @@ class Request:
         if self._done.is_set():
             return
         self.finish_reason, self.error = reason, error
+        self.finished_at = time.monotonic()
         self._put(None)
         self._done.set()
 
@@ -320,6 +325,7 @@ class Scheduler:
             sampling=seq.params,
             return_logits=seq.return_logits,
             draft_p_min=self.policy.p_min,
+            no_mtp=seq.draft_tokens == 0 or (seq.draft_tokens is None and not self.policy.enabled),
         )
         if not sample:
             return step

@@ -41,6 +41,10 @@ class KVCache:
         self._k_views = [list(layer.unbind(0)) for layer in self.k.unbind(0)]
         self._v_views = [list(layer.unbind(0)) for layer in self.v.unbind(0)]
 
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
     def k_slot(self, layer: int, slot: int) -> torch.Tensor:
         """[kv_heads, max_context, head_dim] keys of one sequence in one layer."""
         return self._k_views[layer][slot]

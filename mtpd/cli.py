@@ -281,6 +281,17 @@ def _build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     serve.add_argument("--config", default=None, help=CONFIG_HELP)
     serve.set_defaults(func=_cmd_serve)
 
+    bench = sub.add_parser(
+        "bench",
+        help="measure decode speed by draft length and concurrency, side by side in one run",
+    )
+    _add_model_flags(bench)
+    _add_pipeline_flags(bench)
+    from mtpd.bench.commands import add_arguments as add_bench_arguments
+
+    add_bench_arguments(bench)
+    bench.set_defaults(func=_cmd_bench)
+
     config = sub.add_parser("config", help="the daemon's configuration")
     config_sub = config.add_subparsers(dest="config_command", required=True)
     show = config_sub.add_parser(
@@ -425,6 +436,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         served_model_name=args.served_model_name,
     )
     return serve(settings, config)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from mtpd.bench.commands import run_bench
+
+    # The head loads when any setting drafts; max_seqs fits the widest concurrency.
+    args.draft_tokens = None if any(d != 0 for d in args.draft_list) else 0
+    return run_bench(args, _settings(args, max_seqs=max(args.concurrency)))
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

@@ -28,6 +28,7 @@ from mtpd.rpc import CHANNEL_OPTIONS, bearer_metadata, bearer_token_matches
 from mtpd.v1 import worker_pb2 as pb
 from mtpd.v1 import worker_pb2_grpc as pb_grpc
 from mtpd.worker.engine import load_shard
+from mtpd.worker.memory import peak_memory_bytes, tensor_bytes
 from mtpd.worker.stage import Stage
 from mtpd.worker.transport import DTYPES, DistLink, TransportError
 
@@ -225,15 +226,22 @@ class WorkerService(pb_grpc.WorkerServicer):
         self._authorize(context)
         if self.stage is None:
             return pb.WorkerStats()
-        st = self.stage.stats
+        stage, st = self.stage, self.stage.stats
+        drafter = stage.drafter
         return pb.WorkerStats(
             steps=st.steps,
             tokens=st.tokens,
-            active_sequences=self.stage.active_sequences,
-            max_seqs=self.stage.cache.max_seqs,
+            active_sequences=stage.active_sequences,
+            max_seqs=stage.cache.max_seqs,
             compute_s=st.compute_s,
             recv_wait_s=st.recv_wait_s,
             send_s=st.send_s,
+            weight_bytes=tensor_bytes(stage.shard),
+            mtp_bytes=0
+            if drafter is None
+            else tensor_bytes(drafter.head, shared_with=stage.shard) + drafter.cache.nbytes,
+            kv_cache_bytes=stage.cache.nbytes,
+            peak_memory_bytes=peak_memory_bytes(stage.shard.device),
         )
 
 

@@ -236,7 +236,7 @@ class Stage:
                 if s.return_logits:
                     result.logits = logits[row : row + len(emitted)].numpy().tobytes()
                 row += n
-            if self.drafter is not None:
+            if self.drafter is not None and not s.no_mtp:
                 known = history[s.keep + 1 :] + ([result.token_ids[-1]] if result else [])
                 advances.append(
                     Advance(

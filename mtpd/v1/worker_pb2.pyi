@@ -140,7 +140,7 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., min_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class SequenceStep(_message.Message):
-    __slots__ = ("seq_id", "keep", "token_ids", "sample", "sampling", "draft_tokens", "return_logits", "verify", "draft_p_min")
+    __slots__ = ("seq_id", "keep", "token_ids", "sample", "sampling", "draft_tokens", "return_logits", "verify", "draft_p_min", "no_mtp")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     KEEP_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -150,6 +150,7 @@ class SequenceStep(_message.Message):
     RETURN_LOGITS_FIELD_NUMBER: _ClassVar[int]
     VERIFY_FIELD_NUMBER: _ClassVar[int]
     DRAFT_P_MIN_FIELD_NUMBER: _ClassVar[int]
+    NO_MTP_FIELD_NUMBER: _ClassVar[int]
     seq_id: str
     keep: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -159,7 +160,8 @@ class SequenceStep(_message.Message):
     return_logits: bool
     verify: int
     draft_p_min: float
-    def __init__(self, seq_id: _Optional[str] = ..., keep: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., sample: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., draft_tokens: _Optional[int] = ..., return_logits: _Optional[bool] = ..., verify: _Optional[int] = ..., draft_p_min: _Optional[float] = ...) -> None: ...
+    no_mtp: bool
+    def __init__(self, seq_id: _Optional[str] = ..., keep: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., sample: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., draft_tokens: _Optional[int] = ..., return_logits: _Optional[bool] = ..., verify: _Optional[int] = ..., draft_p_min: _Optional[float] = ..., no_mtp: _Optional[bool] = ...) -> None: ...
 
 class Activations(_message.Message):
     __slots__ = ("header", "data")
@@ -246,7 +248,7 @@ class ResetReply(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("steps", "tokens", "active_sequences", "max_seqs", "compute_s", "recv_wait_s", "send_s")
+    __slots__ = ("steps", "tokens", "active_sequences", "max_seqs", "compute_s", "recv_wait_s", "send_s", "weight_bytes", "mtp_bytes", "kv_cache_bytes", "peak_memory_bytes")
     STEPS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
@@ -254,6 +256,10 @@ class WorkerStats(_message.Message):
     COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
     RECV_WAIT_S_FIELD_NUMBER: _ClassVar[int]
     SEND_S_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MTP_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PEAK_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     steps: int
     tokens: int
     active_sequences: int
@@ -261,4 +267,8 @@ class WorkerStats(_message.Message):
     compute_s: float
     recv_wait_s: float
     send_s: float
-    def __init__(self, steps: _Optional[int] = ..., tokens: _Optional[int] = ..., active_sequences: _Optional[int] = ..., max_seqs: _Optional[int] = ..., compute_s: _Optional[float] = ..., recv_wait_s: _Optional[float] = ..., send_s: _Optional[float] = ...) -> None: ...
+    weight_bytes: int
+    mtp_bytes: int
+    kv_cache_bytes: int
+    peak_memory_bytes: int
+    def __init__(self, steps: _Optional[int] = ..., tokens: _Optional[int] = ..., active_sequences: _Optional[int] = ..., max_seqs: _Optional[int] = ..., compute_s: _Optional[float] = ..., recv_wait_s: _Optional[float] = ..., send_s: _Optional[float] = ..., weight_bytes: _Optional[int] = ..., mtp_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., peak_memory_bytes: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,1 @@
+"""`mtpd bench`: the speed of every configuration, side by side in one run."""

@@ -1,0 +1,146 @@
+"""`mtpd bench`: every configuration side by side in one run, on one pipeline, so the
+ratios hold on a noisy machine — decode speed by draft length and concurrency, where a
+step's time goes, acceptance, memory, the cost model's prediction beside the realized
+speedup, whether greedy outputs stayed identical, and peers on the same weights."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from mtpd.model.errors import InputError
+
+DEFAULT_PROMPTS = [
+    "What is the capital of France? Answer in one sentence.",
+    "Write a short story about a robot who learns to paint.",
+    "Explain how a hash table works.",
+    "List five fruits and their colours.",
+    "Write a haiku about autumn.",
+    "How do vaccines work?",
+    "Give me three tips for learning a language.",
+    "Describe the water cycle.",
+    "Write a Python function that reverses a string.",
+    "What are the main causes of the French Revolution?",
+    "Write a polite email declining a meeting invitation.",
+    "Summarize the plot of Romeo and Juliet.",
+]
+
+
+def _draft_list(text: str) -> list[int | str]:
+    out: list[int | str] = []
+    for part in text.split(","):
+        part = part.strip()
+        if part == "auto":
+            out.append("auto")
+        elif part.isdigit() and int(part) <= 16:
+            out.append(int(part))
+        else:
+            raise argparse.ArgumentTypeError(f"{part!r}: draft tokens are 0..16 or auto")
+    return list(dict.fromkeys([0, *out]))  # MTP off is always measured: the baseline
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = sorted({int(p) for p in text.split(",")})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a list like 1,8") from None
+    if values[0] < 1:
+        raise argparse.ArgumentTypeError("concurrency must be >= 1")
+    return values
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompts", default=None, help="a file of prompts, one per line")
+    p.add_argument("--requests", type=int, default=8, help="prompts per configuration")
+    p.add_argument("--max-tokens", type=int, default=96, help="tokens per request")
+    p.add_argument(
+        "--draft-tokens",
+        dest="draft_list",
+        type=_draft_list,
+        default=_draft_list("1,2,3,4,auto"),
+        metavar="LIST",
+        help="draft settings to compare, like 0,1,3,auto (0, MTP off, is always measured)",
+    )
+    p.add_argument("--concurrency", type=_int_list, default=[1, 8], metavar="LIST", help="like 1,8")
+    p.add_argument("--rounds", type=int, default=1, help="repeat every configuration")
+    p.add_argument("--peer", action="append", default=[], help="transformers or llama.cpp")
+    p.add_argument("--json", default=None, metavar="OUT", help="write the report here")
+    p.add_argument("--plot", default=None, metavar="OUT.png", help="draw tokens/s (matplotlib)")
+
+
+def run_bench(args: argparse.Namespace, settings) -> int:
+    from mtpd.bench.peers import load_peer
+    from mtpd.bench.report import config_report, plot, print_report, summary
+    from mtpd.bench.runner import memory, run_config
+    from mtpd.daemon.coordinator import Coordinator
+
+    if args.requests < 1 or args.max_tokens < 2 or args.rounds < 1:
+        raise InputError("--requests and --rounds must be >= 1, --max-tokens >= 2")
+    texts = DEFAULT_PROMPTS
+    if args.prompts:
+        path = Path(args.prompts)
+        if not path.exists():
+            raise InputError(f"{path}: prompts file not found")
+        texts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not texts:
+            raise InputError(f"{path}: no prompts in it")
+    texts = [texts[i % len(texts)] for i in range(args.requests)]
+    with Coordinator.start(settings) as daemon:
+        for note in daemon.notes:
+            print(f"mtpd: note: {note}", file=sys.stderr)
+        tok = daemon.tokenizer
+        prompts = [
+            tok.encode(tok.render_chat([{"role": "user", "content": t}]))
+            if tok.has_chat_template
+            else tok.encode(t)
+            for t in texts
+        ]
+        drafts = args.draft_list if daemon.scheduler.policy.enabled else [0]
+        pipeline = daemon.pipeline
+        run_config(pipeline, prompts[:1], drafts[-1], 1, 8)  # warm-up: first-call costs
+        runs: dict[tuple[str, int], list] = {}
+        for r in range(args.rounds):
+            for n in args.concurrency:
+                order = drafts[r % len(drafts) :] + drafts[: r % len(drafts)]
+                for d in order:
+                    print(f"mtpd bench: drafts {d}, {n} stream(s)", file=sys.stderr, flush=True)
+                    run = run_config(
+                        pipeline, prompts, d, n, args.max_tokens, settings.draft_p_min, d == 0
+                    )
+                    runs.setdefault((str(d), n), []).append(run)
+        mem = memory(pipeline)
+        workers = len(pipeline.stages)
+        device = pipeline.stages[0].device
+        model_name = daemon.model_path.name
+    peers = {}
+    for name in args.peer:
+        peer = load_peer(name, daemon.model_path, settings.threads or 2)
+        rates = [peer.decode_rate(p, args.max_tokens) for p in prompts for _ in range(args.rounds)]
+        peers[name] = {"decode_tokens_per_s": round(statistics.median(rates), 3)}
+    configs = [
+        config_report(runs[key], runs[("0", key[1])])
+        for key in sorted(runs, key=lambda k: (k[1], list(map(str, drafts)).index(k[0])))
+    ]
+    report = {
+        "model": str(daemon.model_path),
+        "model_name": model_name,
+        "workers": workers,
+        "device": device,
+        "dtype": settings.dtype,
+        "requests": args.requests,
+        "max_tokens": args.max_tokens,
+        "rounds": args.rounds,
+        "configs": configs,
+        "memory": mem,
+        "peers": peers,
+    }
+    report["summary"] = summary(configs, peers)
+    print_report(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    if args.plot:
+        plot(report, args.plot)
+    return 0

@@ -1,0 +1,129 @@
+"""`mtpd bench` end to end on a tiny model with 2 CPU workers: every configuration runs,
+the report has the documented fields with values that follow from the run, greedy
+outputs agree across configurations, the peer runs, the plot is drawn."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from live_daemon import write_served_model
+
+from mtpd.cli import main
+
+CONFIG_FIELDS = {
+    "draft_tokens",
+    "concurrency",
+    "decode_tokens_per_s",
+    "throughput_tokens_per_s",
+    "ttft_s",
+    "acceptance_by_position",
+    "drafts_by_position",
+    "mean_accepted_length",
+    "tokens_per_step",
+    "step",
+    "verify_cost_vs_plain",
+    "speedup_vs_mtp_off",
+    "predicted_speedup",
+    "realized_over_predicted",
+    "outputs",
+}
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    model = write_served_model(tmp / "model")
+    out, png = tmp / "bench.json", tmp / "bench.png"
+    code = main(
+        [
+            "bench",
+            "--model",
+            str(model),
+            "--device",
+            "cpu",
+            "--workers",
+            "2",
+            "--threads",
+            "1",
+            "--max-context",
+            "256",
+            "--cache-memory",
+            "64M",
+            "--requests",
+            "3",
+            "--max-tokens",
+            "12",
+            "--draft-tokens",
+            "2,auto",
+            "--concurrency",
+            "1,2",
+            "--peer",
+            "transformers",
+            "--json",
+            str(out),
+            "--plot",
+            str(png),
+        ]
+    )
+    assert code == 0
+    return json.loads(out.read_text()), png
+
+
+def test_every_configuration_is_measured_with_the_documented_fields(report):
+    data, _ = report
+    keys = [(c["draft_tokens"], c["concurrency"]) for c in data["configs"]]
+    assert keys == [("0", 1), ("2", 1), ("auto", 1), ("0", 2), ("2", 2), ("auto", 2)]
+    for c in data["configs"]:
+        assert set(c) == CONFIG_FIELDS
+        assert c["decode_tokens_per_s"] > 0 and c["throughput_tokens_per_s"] > 0
+        assert c["ttft_s"] > 0
+        assert set(c["step"]) >= {"step_ms", "verify_ms_per_stage", "draft_ms", "control_ms"}
+        assert len(c["step"]["verify_ms_per_stage"]) == 2
+        assert len(c["step"]["transport_ms_per_hop"]) == 1
+    by = {(c["draft_tokens"], c["concurrency"]): c for c in data["configs"]}
+    off, two = by[("0", 1)], by[("2", 1)]
+    # MTP off drafts nothing and never runs the head; two drafts per step are verified.
+    assert off["drafts_by_position"] == [] and off["tokens_per_step"] == 1.0
+    assert off["step"]["draft_ms"] == 0 and off["speedup_vs_mtp_off"] == 1.0
+    assert len(two["drafts_by_position"]) == 2 and two["drafts_by_position"][0] > 0
+    assert two["tokens_per_step"] == pytest.approx(1 + two["mean_accepted_length"])
+    assert two["speedup_vs_mtp_off"] == pytest.approx(
+        two["decode_tokens_per_s"] / off["decode_tokens_per_s"], rel=1e-3
+    )
+
+
+def test_greedy_outputs_agree_across_configurations(report):
+    for c in report[0]["configs"]:
+        assert c["outputs"]["diverged"] == 0, c
+        assert c["outputs"]["identical"] + c["outputs"]["near_ties"] == 3
+
+
+def test_memory_peers_summary_and_plot(report):
+    data, png = report
+    memory = data["memory"]
+    assert [w["rank"] for w in memory["workers"]] == [0, 1]
+    assert all(w["weight_bytes"] > 0 and w["peak_bytes"] > 0 for w in memory["workers"])
+    # Only the tail holds the head.
+    assert memory["workers"][0]["mtp_bytes"] == 0 < memory["workers"][1]["mtp_bytes"]
+    assert memory["mtp_over_weights"] == pytest.approx(
+        memory["mtp_bytes"] / memory["weight_bytes"], abs=1e-4
+    )
+    assert data["peers"]["transformers"]["decode_tokens_per_s"] > 0
+    summary = data["summary"]
+    assert summary["mtp_off_over_transformers"] == pytest.approx(
+        data["configs"][0]["decode_tokens_per_s"]
+        / data["peers"]["transformers"]["decode_tokens_per_s"],
+        rel=1e-3,
+    )
+    assert {"mtp_auto_over_off", "throughput_2_over_1_streams", "best_single_stream"} <= set(
+        summary
+    )
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_settings_are_refused(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--draft-tokens", "1,99"])
+    assert exit_.value.code == 2
+    assert "draft tokens are 0..16 or auto" in capsys.readouterr().err
