@@ -115,6 +115,13 @@ def run_bench(args: argparse.Namespace, settings) -> int:
         workers = len(pipeline.stages)
         device = pipeline.stages[0].device
         model_name = daemon.model_path.name
+    if settings.quant != "none":
+        from mtpd.bench.quality import quantization_quality
+        from mtpd.worker.transport import DTYPES
+
+        report_quality = quantization_quality(
+            daemon.model_path, settings.quant, DTYPES[settings.dtype], prompts, args.max_tokens
+        )
     peers = {}
     for name in args.peer:
         peer = load_peer(name, daemon.model_path, settings.threads or 2)
@@ -130,6 +137,7 @@ def run_bench(args: argparse.Namespace, settings) -> int:
         "workers": workers,
         "device": device,
         "dtype": settings.dtype,
+        "quant": settings.quant,
         "requests": args.requests,
         "max_tokens": args.max_tokens,
         "rounds": args.rounds,
@@ -137,6 +145,8 @@ def run_bench(args: argparse.Namespace, settings) -> int:
         "memory": mem,
         "peers": peers,
     }
+    if settings.quant != "none":
+        report["quantization"] = report_quality
     report["summary"] = summary(configs, peers)
     print_report(report)
     if args.json:

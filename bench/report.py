@@ -90,6 +90,15 @@ def print_report(report: dict) -> None:
         + ", ".join(f"{w['peak_bytes'] / 2**20:.0f} MiB" for w in m["workers"])
         + f"; coordinator {m['coordinator_peak_bytes'] / 2**20:.0f} MiB"
     )
+    if "quantization" in report:
+        q = report["quantization"]
+        print(
+            f"{q['quant']} against float, on float's greedy text ({q['positions']} positions): "
+            f"perplexity {q['perplexity'][q['quant']]:.3f} vs {q['perplexity']['float']:.3f}, "
+            f"top-1 agreement {q['top1_agreement']:.3f}; 8-bit blocks requantized per channel, "
+            "relative RMS error: "
+            + (", ".join(f"{k} {v:.4f}" for k, v in q["requantized_8bit"].items()) or "none")
+        )
     for name, line in report["summary"].items():
         print(f"{name}: {line}")
 

@@ -24,6 +24,7 @@ class Settings:
     device: str | None = None
     split: str | None = None
     dtype: str = "float32"
+    quant: str = "none"
     threads: int | None = None
     transport: str = "dist"
     max_seqs: int = 16
@@ -73,6 +74,7 @@ class Coordinator:
                 device=settings.device,
                 split=settings.split,
                 dtype=settings.dtype,
+                quant=settings.quant,
                 max_seqs=settings.max_seqs,
                 max_context=min(settings.max_context, cfg.max_position_embeddings),
                 cache_memory=settings.cache_memory,

@@ -44,6 +44,7 @@ class PipelineConfig:
     device: str | None = None  # "cpu" or "cuda"; default cuda when visible
     split: str | None = None  # "auto", "10,20", or None for even
     dtype: str = "float32"
+    quant: str = "none"  # weight-only quantization: none, int8, int4
     max_seqs: int = 16
     max_context: int = 2048
     cache_memory: int = 0  # bytes per worker; 0 = a share of free memory
@@ -233,6 +234,7 @@ class Pipeline:
                     first_layer=first,
                     end_layer=end,
                     dtype=cfg.dtype,
+                    quant=cfg.quant,
                     max_seqs=cfg.max_seqs,
                     max_context=cfg.max_context,
                     cache_memory_bytes=cache_memory,

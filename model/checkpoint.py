@@ -19,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 
 from mtpd.model.config import ModelConfig
 from mtpd.model.errors import ModelLoadError
+from mtpd.model.quant import Int4Weight
 
 
 class Checkpoint(Protocol):
@@ -31,6 +32,12 @@ class Checkpoint(Protocol):
     def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]: ...
 
     def tokenizer(self) -> tokenizers.Tokenizer: ...
+
+    def int4_blocks(self, names: tuple[str, ...]) -> Int4Weight | None:
+        """Exact int4 groups of these tensors when the file stores them so (GGUF Q4)."""
+
+    def stored_at_8_bits(self, names: tuple[str, ...]) -> bool:
+        """Whether any of these tensors is stored with 8-bit weights (GGUF Q8_0)."""
 
 
 class HFCheckpoint:
@@ -54,6 +61,12 @@ class HFCheckpoint:
             with _open_safetensors(single) as f:
                 self._file_of = dict.fromkeys(f.keys(), single)
         self.chat_template = self._find_chat_template()
+
+    def int4_blocks(self, names: tuple[str, ...]) -> Int4Weight | None:
+        return None  # safetensors weights are floats
+
+    def stored_at_8_bits(self, names: tuple[str, ...]) -> bool:
+        return False
 
     def tensor_names(self) -> set[str]:
         return set(self._file_of)

@@ -128,8 +128,8 @@ class DecoderShard(nn.Module):
         self.norm = self.lm_head = None
         if spec.has_head:
             self.norm = RMSNorm(tensors[FINAL_NORM], cfg.rms_norm_eps)
-            head = tensors[EMBEDDING] if cfg.tie_word_embeddings else tensors[LM_HEAD]
-            self.lm_head = Linear(head)
+            head = EMBEDDING if cfg.tie_word_embeddings else LM_HEAD
+            self.lm_head = Linear(tensors[head], sources=(head,))
         # Counted now, while every weight is a plain parameter (packing turns them into
         # buffers); tied weights count once.
         self.parameter_count = sum(p.numel() for p in self.parameters())

@@ -14,12 +14,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGUFReader, GGUFValueType, TokenType
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, TokenType
 from gguf.quants import dequantize
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors
 from tokenizers.models import BPE
 
 from mtpd.model.errors import ModelLoadError
+from mtpd.model.quant import Int4Weight
 
 _GLOBAL_TENSORS = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -54,6 +55,28 @@ _PRE_TOKENIZER_SPLITS: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(("smollm", "starcoder", "refact"), (r"\p{N}", _GPT2_SPLIT)),
     **dict.fromkeys(_LLAMA3_PRES, (_LLAMA3_SPLIT,)),
 }
+
+
+_Q4 = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1)
+_PERMUTED_HEADS = {"q_proj": "num_attention_heads", "k_proj": "num_key_value_heads"}
+
+
+def _q4_groups(data: np.ndarray, kind: GGMLQuantizationType) -> Int4Weight:
+    """Q4_0 / Q4_1 blocks as int4 groups. A block is its scale d (float16), for Q4_1 its
+    minimum m (float16), then 16 bytes of nibbles: element j in byte j's low half, element
+    j + 16 in its high half. Q4_0 means (q - 8) * d; Q4_1 means q * d + m, which is
+    (q - 8) * d + (m + 8d)."""
+    rows = data.shape[0]
+    header = 2 if kind == GGMLQuantizationType.Q4_0 else 4
+    blocks = data.reshape(rows, -1, header + 16)
+    d = torch.from_numpy(blocks[..., 0:2].copy().view(np.float16)[..., 0]).float()
+    nibbles = torch.from_numpy(blocks[..., header:].copy())
+    q = torch.cat([nibbles & 0xF, nibbles >> 4], dim=-1).reshape(rows, -1)
+    if kind == GGMLQuantizationType.Q4_0:
+        zero = torch.zeros_like(d)
+    else:
+        zero = torch.from_numpy(blocks[..., 2:4].copy().view(np.float16)[..., 0]).float() + 8 * d
+    return Int4Weight(q, d, zero)
 
 
 class GGUFCheckpoint:
@@ -135,6 +158,31 @@ class GGUFCheckpoint:
                 weight = self._unpermute(weight, self.hf_config["num_key_value_heads"], tensor.name)
             out[name] = weight.contiguous()
         return out
+
+    def int4_blocks(self, names: tuple[str, ...]) -> Int4Weight | None:
+        """The exact int4 groups of these tensors, fused in order, when every one is stored
+        as Q4_0 or Q4_1 (blocks of 32 with a scale, and for Q4_1 a minimum): repacked, not
+        dequantized."""
+        tensors = [self._tensors.get(n) for n in names]
+        if not names or any(t is None or t.tensor_type not in _Q4 for t in tensors):
+            return None
+        parts = []
+        for name, tensor in zip(names, tensors, strict=True):
+            part = _q4_groups(tensor.data, tensor.tensor_type)
+            heads = _PERMUTED_HEADS.get(name.rsplit(".", 2)[-2])
+            if heads is not None:  # rows regrouped for llama.cpp's RoPE, as in read()
+                n = self.hf_config[heads]
+                part = Int4Weight(
+                    *(self._unpermute(x, n, tensor.name) for x in (part.q, part.scale, part.zero))
+                )
+            parts.append(part)
+        return Int4Weight.cat(parts)
+
+    def stored_at_8_bits(self, names: tuple[str, ...]) -> bool:
+        return any(
+            (t := self._tensors.get(n)) is not None and t.tensor_type == GGMLQuantizationType.Q8_0
+            for n in names
+        )
 
     def tokenizer(self) -> Tokenizer:
         """The tokenizer the metadata describes, splitting text the way llama.cpp does."""

@@ -40,8 +40,16 @@ class Linear(nn.Module):
     at one row and makes a 5-row verification cost little more than one row.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        sources: tuple[str, ...] = (),
+    ) -> None:
         super().__init__()
+        # The checkpoint tensors the weight was built from (fused in this order): what
+        # quantization reads exact blocks from, when the file stores them quantized.
+        self.sources = sources
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.packed = False
@@ -127,11 +135,12 @@ class Attention(nn.Module):
         )
         projections = [f"{prefix}.{p}_proj" for p in "qkv"]
         # One fused matmul for q, k and v reads the input once and amortises dispatch.
+        weights = [f"{p}.weight" for p in projections]
         self.qkv = Linear(
-            _fused(t, [f"{p}.weight" for p in projections]),
-            _fused(t, [f"{p}.bias" for p in projections]),
+            _fused(t, weights), _fused(t, [f"{p}.bias" for p in projections]), tuple(weights)
         )
-        self.o = Linear(t[f"{prefix}.o_proj.weight"], t.get(f"{prefix}.o_proj.bias"))
+        o = f"{prefix}.o_proj.weight"
+        self.o = Linear(t[o], t.get(f"{prefix}.o_proj.bias"), (o,))
         self.q_norm = self.k_norm = None
         if cfg.qk_norm:
             self.q_norm = RMSNorm(t[f"{prefix}.q_norm.weight"], cfg.rms_norm_eps)
@@ -223,10 +232,12 @@ class MLP(nn.Module):
         super().__init__()
         self.intermediate = cfg.intermediate_size
         names = [f"{prefix}.gate_proj", f"{prefix}.up_proj"]
+        weights = [f"{p}.weight" for p in names]
         self.gate_up = Linear(
-            _fused(t, [f"{p}.weight" for p in names]), _fused(t, [f"{p}.bias" for p in names])
+            _fused(t, weights), _fused(t, [f"{p}.bias" for p in names]), tuple(weights)
         )
-        self.down = Linear(t[f"{prefix}.down_proj.weight"], t.get(f"{prefix}.down_proj.bias"))
+        down = f"{prefix}.down_proj.weight"
+        self.down = Linear(t[down], t.get(f"{prefix}.down_proj.bias"), (down,))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).split(self.intermediate, dim=-1)

@@ -89,6 +89,13 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument(
+        "--quant",
+        choices=["none", "int8", "int4"],
+        default="none",
+        help="weight-only quantization of the linear layers (GGUF Q4_0/Q4_1 weights are "
+        "repacked exactly under int4)",
+    )
+    p.add_argument(
         "--draft-p-min",
         type=float,
         default=0.0,
@@ -398,6 +405,7 @@ def _settings(args: argparse.Namespace, max_seqs: int):
         device=args.device,
         split=args.split,
         dtype=args.dtype,
+        quant=args.quant,
         threads=args.threads,
         transport=args.transport,
         max_seqs=max_seqs,

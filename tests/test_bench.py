@@ -1,6 +1,7 @@
-"""`mtpd bench` end to end on a tiny model with 2 CPU workers: every configuration runs,
-the report has the documented fields with values that follow from the run, greedy
-outputs agree across configurations, the peer runs, the plot is drawn."""
+"""`mtpd bench` end to end on a tiny model with 2 CPU workers and int4 weights: every
+configuration runs, the report has the documented fields with values that follow from
+the run, greedy outputs agree across configurations, the quantized model is compared
+with its float self, the peer runs, the plot is drawn."""
 
 from __future__ import annotations
 
@@ -58,6 +59,8 @@ def report(tmp_path_factory):
             "2,auto",
             "--concurrency",
             "1,2",
+            "--quant",
+            "int4",
             "--peer",
             "transformers",
             "--json",
@@ -97,6 +100,16 @@ def test_greedy_outputs_agree_across_configurations(report):
     for c in report[0]["configs"]:
         assert c["outputs"]["diverged"] == 0, c
         assert c["outputs"]["identical"] + c["outputs"]["near_ties"] == 3
+
+
+def test_quantized_runs_report_their_distance_from_float(report):
+    data, _ = report
+    q = data["quantization"]
+    assert data["quant"] == q["quant"] == "int4"
+    assert q["positions"] == 3 * 12
+    assert q["perplexity"]["float"] >= 1 and q["perplexity"]["int4"] >= 1
+    assert 0 < q["top1_agreement"] <= 1
+    assert q["requantized_8bit"] == {}  # safetensors floats: nothing stored at 8 bits
 
 
 def test_memory_peers_summary_and_plot(report):

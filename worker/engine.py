@@ -18,6 +18,7 @@ from mtpd.model.errors import InvalidParameter
 from mtpd.model.kv_cache import CacheFullError
 from mtpd.model.layers import pack_linears
 from mtpd.model.mtp import MTPHead, check_head_base, read_checkpoint_head, read_head_file
+from mtpd.model.quant import quantize_linears
 from mtpd.model.sampling import SamplingParams, select_token
 from mtpd.model.tokenizer import Tokenizer
 
@@ -31,9 +32,11 @@ def load_shard(
     device: torch.device,
     mtp_head: Path | None = None,
     checkpoint_mtp: bool = False,
+    quant: str = "none",
 ) -> tuple[DecoderShard, MTPHead | None]:
-    """Load a shard in its fastest inference layout, and on the tail an MTP head: from
-    `mtp_head`, else with `checkpoint_mtp` the checkpoint's own MTP layer if any."""
+    """Load a shard in its fastest inference layout (its linear layers quantized with
+    `quant`), and on the tail an MTP head: from `mtp_head`, else with `checkpoint_mtp` the
+    checkpoint's own MTP layer if any."""
     max_context = min(max_context, cfg.max_position_embeddings)
     shard = DecoderShard.load(ckpt, cfg, spec, dtype, max_context, device)
     tensors = None
@@ -46,6 +49,7 @@ def load_shard(
     if tensors is not None:
         # Built before packing: the draft head copies rows of the dense LM head.
         mtp = MTPHead(cfg, tensors, shard.embedding, shard.lm_head, max_context, dtype)
+    quantize_linears(shard, quant, ckpt.int4_blocks, ckpt.stored_at_8_bits)
     pack_linears(shard)
     if mtp is not None:
         pack_linears(mtp)
@@ -77,13 +81,21 @@ class Engine:
         max_context: int = 2048,
         mtp_head: Path | None = None,
         device: torch.device | str = "cpu",
+        quant: str = "none",
     ) -> Engine:
         path = resolve_model(None if model is None else str(model))
         ckpt = open_checkpoint(path)
         cfg = read_config(ckpt)
         tokenizer = Tokenizer.from_checkpoint(ckpt, cfg)
         shard, mtp = load_shard(
-            ckpt, cfg, ShardSpec.whole(cfg), dtype, max_context, torch.device(device), mtp_head
+            ckpt,
+            cfg,
+            ShardSpec.whole(cfg),
+            dtype,
+            max_context,
+            torch.device(device),
+            mtp_head,
+            quant=quant,
         )
         return cls(path, cfg, tokenizer, shard, max_seqs, mtp)
 

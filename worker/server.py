@@ -144,7 +144,15 @@ class WorkerService(pb_grpc.WorkerServicer):
             # A worker resolves the shipped head itself: a remote one has its own install.
             head = Path(req.mtp_head) if req.mtp_head else shipped_head_for(Path(model))
         shard, mtp = load_shard(
-            ckpt, cfg, spec, dtype, req.max_context, self.device, head, checkpoint_mtp=load_mtp
+            ckpt,
+            cfg,
+            spec,
+            dtype,
+            req.max_context,
+            self.device,
+            head,
+            checkpoint_mtp=load_mtp,
+            quant=req.quant or "none",
         )
         max_context = shard.stack.max_context
         per_slot = spec.num_layers * 2 * cfg.num_kv_heads * max_context * cfg.head_dim

@@ -1,0 +1,162 @@
+"""Weight-only quantization of a shard's linear layers (`--quant int8|int4`), on
+PyTorch's packed-weight matmul operators (as gpt-fast does): the bytes read per token
+set decode speed, and these read 1 or 1/2 byte per weight instead of 4.
+
+- int8: one scale per output channel (`_weight_int8pack_mm`).
+- int4: groups of 32 input weights with a scale and a zero point
+  (`_weight_int4pack_mm`; on CPU its `_for_cpu` twin), w = (q - 8) * scale + zero.
+
+GGUF Q4_0 / Q4_1 blocks are exactly such groups, so their weights are repacked, not
+dequantized and re-rounded (`GGUFCheckpoint.int4_blocks`); Q8_0's per-block scales do
+not fit int8's one scale per row, so those weights are requantized per channel (the
+error is what `requantization_error` reports). Activations, norms, attention and the
+embedding lookup stay in the model dtype; so does the MTP head (small, and its accuracy
+is its acceptance).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mtpd.model.errors import ModelLoadError
+from mtpd.model.layers import Linear
+
+QUANT_MODES = ("none", "int8", "int4")
+INT4_GROUP = 32
+
+
+def _inner_k_tiles(k: int) -> int:
+    """The packed layout's tiling of the input dimension: gpt-fast's 8 where it divides
+    (the CUDA kernel needs K to be a multiple of 16 x tiles), else fewer."""
+    return next(t for t in (8, 4, 2) if k % (16 * t) == 0)
+
+
+@dataclass
+class Int4Weight:
+    """w[n, k] = (q[n, k] - 8) * scale[n, k // group] + zero[n, k // group]."""
+
+    q: torch.Tensor  # uint8 in 0..15, [N, K]
+    scale: torch.Tensor  # float32 [N, K // group]
+    zero: torch.Tensor  # float32 [N, K // group]
+    group: int = INT4_GROUP
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor, group: int = INT4_GROUP) -> Int4Weight:
+        """Round to nearest with each group's minimum and maximum as the ends."""
+        n, k = w.shape
+        g = w.float().reshape(n, k // group, group)
+        low, high = g.amin(-1), g.amax(-1)
+        scale = ((high - low) / 15).clamp(min=1e-12)
+        q = ((g - low[..., None]) / scale[..., None]).round().clamp(0, 15)
+        return cls(q.to(torch.uint8).reshape(n, k), scale, low + 8 * scale, group)
+
+    @classmethod
+    def cat(cls, parts: list[Int4Weight]) -> Int4Weight:
+        return cls(
+            torch.cat([p.q for p in parts]),
+            torch.cat([p.scale for p in parts]),
+            torch.cat([p.zero for p in parts]),
+            parts[0].group,
+        )
+
+    def to(self, device: torch.device) -> Int4Weight:
+        return Int4Weight(
+            self.q.to(device), self.scale.to(device), self.zero.to(device), self.group
+        )
+
+    def dequantize(self) -> torch.Tensor:
+        n, k = self.q.shape
+        g = self.q.float().reshape(n, k // self.group, self.group) - 8
+        return (g * self.scale[..., None] + self.zero[..., None]).reshape(n, k)
+
+
+class Int4Linear(nn.Module):
+    def __init__(self, weight: Int4Weight, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
+        super().__init__()
+        device = weight.q.device
+        self.out_features, self.group = weight.q.shape[0], weight.group
+        q = weight.q.to(torch.int32)
+        if device.type == "cuda":
+            # The CUDA kernel takes two weights per byte and bfloat16 activations and scales.
+            packed = torch.ops.aten._convert_weight_to_int4pack(
+                (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), _inner_k_tiles(q.shape[1])
+            )
+            self.compute_dtype = torch.bfloat16
+        else:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                q, _inner_k_tiles(q.shape[1])
+            )
+            self.compute_dtype = dtype
+        self.register_buffer("weight", packed, persistent=False)
+        pairs = torch.stack([weight.scale.t(), weight.zero.t()], dim=-1)  # [K/g, N, 2]
+        self.register_buffer("scales_and_zeros", pairs.to(self.compute_dtype).contiguous())
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1]).to(self.compute_dtype)
+        matmul = (
+            torch.ops.aten._weight_int4pack_mm
+            if rows.is_cuda
+            else torch.ops.aten._weight_int4pack_mm_for_cpu
+        )
+        y = matmul(rows, self.weight, self.group, self.scales_and_zeros).to(x.dtype)
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+class Int8Linear(nn.Module):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        w = weight.float()
+        scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+        q = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+        self.register_buffer("weight", q)
+        self.register_buffer("scales", scale.to(weight.dtype))
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        y = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.scales.to(rows.dtype))
+        y = y.view(*x.shape[:-1], self.weight.shape[0])
+        return y if self.bias is None else y + self.bias
+
+
+def requantization_error(w: torch.Tensor) -> float:
+    """Relative RMS error of `w` through int8 with one scale per output channel."""
+    scale = (w.abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-12)
+    back = (w / scale).round().clamp(-127, 127) * scale
+    return float((back - w).pow(2).mean().sqrt() / w.pow(2).mean().sqrt().clamp(min=1e-12))
+
+
+def quantize_linears(
+    module: nn.Module,
+    mode: str,
+    int4_source: Callable[[tuple[str, ...]], Int4Weight | None] = lambda names: None,
+    keep_int8: Callable[[tuple[str, ...]], bool] = lambda names: False,
+) -> None:
+    """Replace every `Linear` of `module` (not of a head built on it) by its quantized
+    form. `int4_source` gives exact int4 groups for a layer's checkpoint tensors when the
+    checkpoint stores them so (GGUF Q4_0/Q4_1); `keep_int8(names)` keeps a layer at int8
+    under int4 (weights stored at 8 bits: rounding them to 4 would lose what the file
+    holds)."""
+    if mode == "none":
+        return
+    if mode not in QUANT_MODES:
+        raise ModelLoadError(f"unknown --quant {mode!r} (use one of {', '.join(QUANT_MODES)})")
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, Linear) or child.packed:
+                continue
+            w, bias = child.weight.detach(), child.bias
+            # The packed int4 layout tiles outputs by 16 and inputs by 32 (whole groups).
+            fits = w.shape[0] % 16 == 0 and w.shape[1] % 32 == 0
+            if mode == "int4" and fits and not keep_int8(child.sources):
+                exact = int4_source(child.sources)
+                weight = exact.to(w.device) if exact is not None else Int4Weight.from_float(w)
+                setattr(parent, name, Int4Linear(weight, bias, w.dtype))
+            else:
+                setattr(parent, name, Int8Linear(w, bias))

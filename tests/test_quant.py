@@ -1,0 +1,139 @@
+"""Weight-only quantization: the packed int8/int4 layers compute what their dequantized
+weights do, GGUF Q4 blocks are repacked exactly, and a quantized pipeline matches the
+quantized single-process engine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from reference import solo_run
+from tiny_models import write_char_tokenizer, write_tiny_model
+
+from mtpd.daemon.draft_policy import DraftPolicy
+from mtpd.daemon.pipeline import Pipeline, PipelineConfig
+from mtpd.daemon.scheduler import Scheduler
+from mtpd.model.compare import compare_tokens
+from mtpd.model.default_model import default_model_path
+from mtpd.model.gguf_checkpoint import GGUFCheckpoint
+from mtpd.model.layers import Linear
+from mtpd.model.quant import (
+    Int4Linear,
+    Int4Weight,
+    Int8Linear,
+    quantize_linears,
+    requantization_error,
+)
+from mtpd.model.sampling import SamplingParams
+from mtpd.worker.engine import Engine
+
+
+def test_int4_groups_round_to_nearest_within_half_a_step():
+    w = torch.randn(48, 96, generator=torch.Generator().manual_seed(0))
+    q = Int4Weight.from_float(w)
+    step = q.scale.repeat_interleave(32, dim=1)
+    assert ((q.dequantize() - w).abs() <= step / 2 + 1e-6).all()
+    assert q.q.max() == 15 and q.q.min() == 0
+
+
+@pytest.mark.parametrize("rows", [1, 5, 33])
+def test_packed_layers_compute_their_dequantized_weights(rows):
+    g = torch.Generator().manual_seed(rows)
+    w, bias, x = torch.randn(64, 128, generator=g), torch.randn(64), torch.randn(rows, 128)
+    q4 = Int4Weight.from_float(w)
+    expected4 = x @ q4.dequantize().t() + bias
+    torch.testing.assert_close(
+        Int4Linear(q4, bias, torch.float32)(x), expected4, atol=1e-4, rtol=1e-4
+    )
+    int8 = Int8Linear(w, bias)
+    expected8 = x @ (int8.weight.float() * int8.scales[:, None]).t() + bias
+    torch.testing.assert_close(int8(x), expected8, atol=1e-4, rtol=1e-4)
+    # Leading dimensions are kept, as nn.Linear keeps them.
+    assert Int4Linear(q4, None, torch.float32)(x[None]).shape == (1, rows, 64)
+
+
+def test_gguf_q4_blocks_are_repacked_exactly():
+    ckpt = GGUFCheckpoint(default_model_path())
+    layer = "model.layers.7"
+    for names in [
+        (f"{layer}.self_attn.q_proj.weight",),  # rows permuted for llama.cpp's RoPE
+        tuple(f"{layer}.self_attn.{p}_proj.weight" for p in "qkv"),  # fused as the layer does
+        (f"{layer}.mlp.down_proj.weight",),
+    ]:
+        blocks = ckpt.int4_blocks(names)
+        floats = torch.cat(list(ckpt.read(names).values()))
+        assert torch.equal(blocks.dequantize(), floats), names
+    # The tied embedding is stored as Q8_0: no int4 groups, kept at 8 bits.
+    assert ckpt.int4_blocks(("model.embed_tokens.weight",)) is None
+    assert ckpt.stored_at_8_bits(("model.embed_tokens.weight",))
+    assert (
+        0
+        < requantization_error(
+            ckpt.read(["model.embed_tokens.weight"])["model.embed_tokens.weight"]
+        )
+        < 0.05
+    )
+
+
+def test_quantize_linears_uses_exact_blocks_and_keeps_8_bit_tensors():
+    layers = torch.nn.ModuleDict(
+        {
+            "a": Linear(torch.randn(16, 64), sources=("a.weight",)),
+            "b": Linear(torch.randn(16, 64), sources=("b.weight",)),
+            "c": Linear(torch.randn(16, 48), sources=("c.weight",)),  # not whole groups
+            "d": Linear(torch.randn(8, 64), sources=("d.weight",)),  # not whole tiles
+        }
+    )
+    exact = Int4Weight.from_float(torch.randn(16, 64))
+    quantize_linears(
+        layers,
+        "int4",
+        lambda names: exact if names == ("a.weight",) else None,
+        lambda names: names == ("b.weight",),
+    )
+    assert isinstance(layers["a"], Int4Linear) and isinstance(layers["b"], Int8Linear)
+    assert isinstance(layers["c"], Int8Linear) and isinstance(layers["d"], Int8Linear)
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(layers["a"](x), x @ exact.dequantize().t(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("quant") / "model"
+    write_tiny_model(path, "qwen3", layers=4, vocab=96)
+    write_char_tokenizer(path)
+    return path
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_quantized_engine_stays_close_to_float(tiny, quant):
+    prompt = list(range(3, 40))
+    full = Engine.load(tiny, max_context=128).forward("s", 0, prompt, all_logits=True)
+    engine = Engine.load(tiny, max_context=128, quant=quant)
+    assert not any(isinstance(m, Linear) for m in engine.shard.modules())
+    logits = engine.forward("s", 0, prompt, all_logits=True)
+    assert (logits.argmax(-1) == full.argmax(-1)).float().mean() > 0.8
+    assert (logits - full).abs().max() < 0.5 * full.abs().max()
+
+
+def test_a_quantized_pipeline_equals_the_quantized_engine(tiny):
+    engine = Engine.load(tiny, max_context=128, quant="int4")
+    prompt = list(range(5, 30))
+    expected, logits = solo_run(engine, prompt, 16)
+    pipeline = Pipeline.start(
+        PipelineConfig(
+            model=str(tiny),
+            num_layers=4,
+            workers=2,
+            device="cpu",
+            max_seqs=2,
+            max_context=128,
+            cache_memory=16 << 20,
+            threads=1,
+            quant="int4",
+        )
+    )
+    with pipeline:
+        scheduler = Scheduler(pipeline, eos_ids=set(), policy=DraftPolicy(0))
+        result = scheduler.submit(prompt, SamplingParams(), 16, ignore_eos=True).result(120)
+        scheduler.close()
+    assert compare_tokens(expected, logits, result.token_ids).ok
