@@ -66,6 +66,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--concurrency", type=_int_list, default=[1, 8], metavar="LIST", help="like 1,8")
     p.add_argument("--rounds", type=int, default=1, help="repeat every configuration")
+    p.add_argument(
+        "--force-acceptance",
+        type=float,
+        default=None,
+        metavar="P",
+        help="draft MTP off's own continuation, each draft kept with probability P: the "
+        "cost of drafting and verifying at a chosen acceptance (random-weight models)",
+    )
     p.add_argument("--peer", action="append", default=[], help="transformers or llama.cpp")
     p.add_argument("--json", default=None, metavar="OUT", help="write the report here")
     p.add_argument("--plot", default=None, metavar="OUT.png", help="draw tokens/s (matplotlib)")
@@ -74,11 +82,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run_bench(args: argparse.Namespace, settings) -> int:
     from mtpd.bench.peers import load_peer
     from mtpd.bench.report import config_report, plot, print_report, summary
-    from mtpd.bench.runner import memory, run_config
+    from mtpd.bench.runner import ForcedAcceptance, memory, run_config
     from mtpd.daemon.coordinator import Coordinator
 
     if args.requests < 1 or args.max_tokens < 2 or args.rounds < 1:
         raise InputError("--requests and --rounds must be >= 1, --max-tokens >= 2")
+    if args.force_acceptance is not None and not 0 <= args.force_acceptance <= 1:
+        raise InputError(f"--force-acceptance must be in [0, 1], got {args.force_acceptance}")
     texts = DEFAULT_PROMPTS
     if args.prompts:
         path = Path(args.prompts)
@@ -102,13 +112,25 @@ def run_bench(args: argparse.Namespace, settings) -> int:
         pipeline = daemon.pipeline
         run_config(pipeline, prompts[:1], drafts[-1], 1, 8)  # warm-up: first-call costs
         runs: dict[tuple[str, int], list] = {}
+        forced = None
+        if args.force_acceptance is not None:
+            plain = run_config(pipeline, prompts, 0, max(args.concurrency), args.max_tokens)
+            references = [(p, r.token_ids) for p, r in zip(prompts, plain.results, strict=True)]
+            forced = ForcedAcceptance(references, daemon.cfg.vocab_size, args.force_acceptance)
         for r in range(args.rounds):
             for n in args.concurrency:
                 order = drafts[r % len(drafts) :] + drafts[: r % len(drafts)]
                 for d in order:
                     print(f"mtpd bench: drafts {d}, {n} stream(s)", file=sys.stderr, flush=True)
                     run = run_config(
-                        pipeline, prompts, d, n, args.max_tokens, settings.draft_p_min, d == 0
+                        pipeline,
+                        prompts,
+                        d,
+                        n,
+                        args.max_tokens,
+                        settings.draft_p_min,
+                        want_logits=d == 0,
+                        draft_source=forced,
                     )
                     runs.setdefault((str(d), n), []).append(run)
         mem = memory(pipeline)
@@ -141,6 +163,7 @@ def run_bench(args: argparse.Namespace, settings) -> int:
         "requests": args.requests,
         "max_tokens": args.max_tokens,
         "rounds": args.rounds,
+        "forced_acceptance": args.force_acceptance,
         "configs": configs,
         "memory": mem,
         "peers": peers,

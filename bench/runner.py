@@ -4,6 +4,7 @@ memory went."""
 
 from __future__ import annotations
 
+import random
 import resource
 import statistics
 import sys
@@ -45,6 +46,28 @@ class ConfigRun:
         return statistics.mean(self.decode_rates)
 
 
+class ForcedAcceptance:
+    """Drafts taken from MTP off's greedy continuations, each one kept with probability
+    `p` (else changed, so it is rejected): acceptance by position becomes `p` whatever
+    the head proposes, while drafting (the head still runs) and verification cost what
+    they cost. For models whose head cannot draft well yet, like random-weight ones:
+    the output stays exactly plain decoding's."""
+
+    def __init__(self, references: list[tuple[list[int], list[int]]], vocab: int, p: float):
+        self.references, self.vocab, self.p = references, vocab, p
+        self._random = random.Random(0)
+
+    def __call__(self, seq_id: str, history: list[int], proposed: list[int], k: int) -> list[int]:
+        prompt, continuation = next((p, c) for p, c in self.references if history[: len(p)] == p)
+        done = len(history) - len(prompt)
+        drafts = list(continuation[done : done + k])
+        for j, token in enumerate(drafts):
+            if self._random.random() >= self.p:
+                drafts[j] = (token + 1) % self.vocab
+                break
+        return drafts
+
+
 def run_config(
     pipeline: Pipeline,
     prompts: list[list[int]],
@@ -53,11 +76,17 @@ def run_config(
     max_tokens: int,
     p_min: float = 0.0,
     want_logits: bool = False,
+    draft_source: ForcedAcceptance | None = None,
 ) -> ConfigRun:
     """Every prompt once, greedy, `max_tokens` each (end-of-sequence ignored, so every
     configuration does the same work), with `concurrency` requests in flight (a closed
     loop: the next is submitted as one finishes)."""
-    scheduler = Scheduler(pipeline, eos_ids=set(), policy=DraftPolicy(draft, p_min))
+    scheduler = Scheduler(
+        pipeline,
+        eos_ids=set(),
+        policy=DraftPolicy(draft, p_min),
+        draft_source=draft_source,
+    )
     try:
         start = time.monotonic()
         pending = list(prompts)

@@ -101,7 +101,7 @@ class _Pending:
     replies: list[pb.StepReply | None] = field(default_factory=list)
 
 
-def _resolve_devices(device: str | None, workers: int | None) -> list[str]:
+def _resolve_devices(device: str | None, workers: int | None, transport: str) -> list[str]:
     import torch  # the daemon only asks how many GPUs there are
 
     gpus = torch.cuda.device_count()
@@ -113,10 +113,14 @@ def _resolve_devices(device: str | None, workers: int | None) -> list[str]:
     if gpus == 0:
         raise InputError("--device cuda, but this machine has 0 GPU(s) visible")
     n = workers if workers is not None else gpus
+    if n > gpus and transport == "grpc":
+        # Activations relayed as bytes: several workers may share a GPU (a test setup).
+        return [f"cuda:{i % gpus}" for i in range(n)]
     if n > gpus:
         raise InputError(
             f"--device cuda with {n} workers, but this machine has {gpus} GPU(s) "
-            f"(one worker per GPU: NCCL cannot pair two processes on one device)"
+            f"(one worker per GPU: NCCL cannot pair two processes on one device; "
+            "--transport grpc can)"
         )
     return [f"cuda:{i}" for i in range(n)]
 
@@ -190,7 +194,7 @@ class Pipeline:
                 raise ValueError("PipelineConfig.model_identity is needed for remote workers")
             n = cfg.workers if cfg.workers is not None else 1
         else:
-            devices = _resolve_devices(cfg.device, cfg.workers)
+            devices = _resolve_devices(cfg.device, cfg.workers, cfg.transport)
             n = len(devices)
         split = None if cfg.split in (None, "auto") else parse_split(cfg.split)
         if cfg.split != "auto":  # refuse a bad layout before any worker starts

@@ -140,3 +140,38 @@ def test_bad_settings_are_refused(capsys):
         main(["bench", "--draft-tokens", "1,99"])
     assert exit_.value.code == 2
     assert "draft tokens are 0..16 or auto" in capsys.readouterr().err
+
+
+def test_forced_acceptance_sets_acceptance_and_keeps_the_output(tmp_path):
+    model = write_served_model(tmp_path / "model")
+    out = tmp_path / "forced.json"
+    pipeline = [
+        "--device",
+        "cpu",
+        "--workers",
+        "1",
+        "--max-context",
+        "256",
+        "--cache-memory",
+        "64M",
+    ]
+    run = ["--requests", "2", "--max-tokens", "13", "--draft-tokens", "3", "--concurrency", "1"]
+    code = main(
+        [
+            "bench",
+            "--model",
+            str(model),
+            *pipeline,
+            *run,
+            "--force-acceptance",
+            "1",
+            "--json",
+            str(out),
+        ]
+    )
+    assert code == 0
+    three = json.loads(out.read_text())["configs"][1]
+    assert three["draft_tokens"] == "3"
+    assert three["acceptance_by_position"] == [1.0, 1.0, 1.0]
+    assert three["tokens_per_step"] == 4.0  # 12 tokens after the first, in 3 steps of 4
+    assert three["outputs"]["diverged"] == 0

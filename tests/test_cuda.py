@@ -1,0 +1,85 @@
+"""The CUDA path, on one GPU (`benchmarks/gpu_check.sh` runs these with `-m cuda`; the
+CPU suite deselects them). One GPU cannot host two NCCL ranks, so the two-worker test
+relays activations as bytes (`--transport grpc`); the NCCL calls are the same
+torch.distributed point-to-point the CPU tests run over gloo."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from reference import solo_run
+from tiny_models import add_mtp_head, write_char_tokenizer, write_tiny_model
+
+from mtpd.daemon.draft_policy import AUTO, DraftPolicy
+from mtpd.daemon.pipeline import Pipeline, PipelineConfig
+from mtpd.daemon.scheduler import Scheduler
+from mtpd.model.compare import compare_tokens
+from mtpd.model.quant import Int4Linear, Int4Weight, Int8Linear
+from mtpd.model.sampling import SamplingParams
+from mtpd.worker.engine import Engine
+
+pytestmark = pytest.mark.cuda
+
+PROMPT = list(range(3, 40))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    if not torch.cuda.is_available():
+        pytest.fail("the CUDA tests need a GPU (run them with benchmarks/gpu_check.sh)")
+    path = tmp_path_factory.mktemp("cuda") / "model"
+    write_tiny_model(path, "qwen3", layers=4, vocab=96)
+    write_char_tokenizer(path)
+    add_mtp_head(path)
+    return path
+
+
+def test_the_engine_on_cuda_gives_the_cpu_logits(tiny):
+    cpu = Engine.load(tiny, max_context=128).forward("s", 0, PROMPT, all_logits=True)
+    gpu = Engine.load(tiny, max_context=128, device="cuda").forward("s", 0, PROMPT, all_logits=True)
+    torch.testing.assert_close(gpu, cpu, atol=1e-3, rtol=1e-3)
+    half = Engine.load(tiny, max_context=128, device="cuda", dtype=torch.bfloat16)
+    logits = half.forward("s", 0, PROMPT, all_logits=True)
+    assert (logits.argmax(-1) == cpu.argmax(-1)).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_packed_layers_on_cuda(quant):
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(256, 512, generator=g), torch.randn(5, 512, generator=g)
+    if quant == "int4":
+        q = Int4Weight.from_float(w)
+        layer, dense = Int4Linear(q.to(torch.device("cuda")), None, torch.bfloat16), q.dequantize()
+    else:
+        layer = Int8Linear(w.cuda().bfloat16(), None)
+        dense = layer.weight.float().cpu() * layer.scales.float().cpu()[:, None]
+    y = layer(x.cuda().bfloat16()).float().cpu()
+    torch.testing.assert_close(y, x @ dense.t(), atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("quant", ["none", "int4"])
+def test_two_workers_on_one_gpu_with_mtp_equal_the_engine(tiny, quant):
+    engine = Engine.load(tiny, max_context=128, device="cuda", quant=quant)
+    expected, logits = solo_run(engine, PROMPT, 24)
+    pipeline = Pipeline.start(
+        PipelineConfig(
+            model=str(tiny),
+            num_layers=4,
+            workers=2,
+            device="cuda",
+            transport="grpc",
+            max_seqs=2,
+            max_context=128,
+            cache_memory=16 << 20,
+            load_mtp=True,
+            quant=quant,
+        )
+    )
+    with pipeline:
+        for setting in (0, 3, AUTO):
+            scheduler = Scheduler(pipeline, eos_ids=set(), policy=DraftPolicy(setting))
+            request = scheduler.submit(PROMPT, SamplingParams(), 24, ignore_eos=True)
+            result = request.result(300)
+            scheduler.close()
+            assert compare_tokens(expected, logits, result.token_ids).ok, setting
+    assert [s.device for s in pipeline.stages] == ["cuda:0", "cuda:0"]
