@@ -13,9 +13,8 @@ import statistics
 import time
 
 import torch
-from transformers import AutoModelForCausalLM
-from transformers.generation.streamers import BaseStreamer
 
+from mtpd.bench.peers import TransformersPeer
 from mtpd.model.default_model import resolve_model
 from mtpd.model.sampling import SamplingParams
 from mtpd.worker.engine import Engine
@@ -27,42 +26,12 @@ PROMPTS = [
 ]
 
 
-class _FirstTokenClock(BaseStreamer):
-    """Timestamps the first generated token (transformers first sends the prompt)."""
-
-    def __init__(self) -> None:
-        self.calls, self.first = 0, 0.0
-
-    def put(self, value: torch.Tensor) -> None:
-        self.calls += 1
-        if self.calls == 2:
-            self.first = time.perf_counter()
-
-    def end(self) -> None:
-        pass
-
-
 def mtpd_decode_rate(engine: Engine, prompt: list[int], n: int) -> float:
     gen = engine.generate(prompt, SamplingParams(), n, ignore_eos=True)
     next(gen)  # prefill and first token
     start = time.perf_counter()
     count = sum(1 for _ in gen)
     return count / (time.perf_counter() - start)
-
-
-def hf_decode_rate(model, prompt: list[int], n: int) -> float:
-    clock = _FirstTokenClock()
-    with torch.no_grad():
-        model.generate(
-            torch.tensor([prompt]),
-            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            max_new_tokens=n,
-            min_new_tokens=n,
-            do_sample=False,
-            streamer=clock,
-            pad_token_id=0,
-        )
-    return (n - 1) / (time.perf_counter() - clock.first)
 
 
 def verify_cost_ratio(engine: Engine, context: int = 256, reps: int = 30) -> dict[str, float]:
@@ -91,25 +60,19 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     path = resolve_model(args.model)
-    hf_kwargs = {"gguf_file": path.name} if path.suffix == ".gguf" else {}
-    hf_dir = str(path.parent) if path.suffix == ".gguf" else str(path)
 
     results: dict[str, dict] = {"model": str(path), "threads": args.threads}
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
         engine = Engine.load(path, dtype=dtype, max_context=1024)
-        hf = (
-            AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, **hf_kwargs)
-            .to(dtype)
-            .eval()
-        )
+        hf = TransformersPeer(path, dtype)
         tok = engine.tokenizer
         prompts = [tok.encode(tok.render_chat([{"role": "user", "content": p}])) for p in PROMPTS]
         rates: dict[str, list[float]] = {"mtpd": [], "transformers": []}
         for _ in range(args.rounds):
             for prompt in prompts:  # interleaved: each pair sees the same machine state
                 rates["mtpd"].append(mtpd_decode_rate(engine, prompt, args.max_tokens))
-                rates["transformers"].append(hf_decode_rate(hf, prompt, args.max_tokens))
+                rates["transformers"].append(hf.decode_rate(prompt, args.max_tokens))
         row = {name: statistics.median(r) for name, r in rates.items()}
         row["speedup"] = row["mtpd"] / row["transformers"]
         row.update(verify_cost_ratio(engine))

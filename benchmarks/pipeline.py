@@ -16,53 +16,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 
+from mtpd.bench.commands import DEFAULT_PROMPTS
+from mtpd.bench.runner import step_split
 from mtpd.daemon.pipeline import Pipeline, PipelineConfig
-from mtpd.daemon.scheduler import Scheduler, StepRecord
+from mtpd.daemon.scheduler import Scheduler
 from mtpd.model.checkpoint import open_checkpoint, read_config
 from mtpd.model.default_model import resolve_model
 from mtpd.model.sampling import SamplingParams
 from mtpd.model.tokenizer import Tokenizer
-
-QUESTIONS = [
-    "What is the capital of France?",
-    "Write a short story about a robot who learns to paint.",
-    "Explain how a hash table works.",
-    "List five fruits and their colours.",
-    "Write a haiku about autumn.",
-    "How do vaccines work?",
-    "Give me three tips for learning a language.",
-    "Describe the water cycle.",
-]
-
-
-def step_split(steps: list[StepRecord]) -> dict:
-    """Median milliseconds per decode step (every sequence sent one token)."""
-    decode = [s for s in steps if all(n == 1 for _, n in s.tokens)]
-    stages = len(decode[0].outcome.timings)
-    rows = []
-    for s in decode:
-        t, o = s.outcome.timings, s.outcome
-        compute = [x.compute_s for x in t]
-        hops = [t[i + 1].input_ready_at - t[i].computed_at for i in range(stages - 1)]
-        total = o.completed_at - o.submitted_at
-        rows.append((total, compute, hops, total - sum(compute) - sum(hops)))
-
-    def med(values: list[float]) -> float:
-        return round(1000 * statistics.median(values), 3)
-
-    total = med([r[0] for r in rows])
-    control = med([r[3] for r in rows])
-    return {
-        "decode_steps": len(rows),
-        "step_ms": total,
-        "compute_ms_per_stage": [med([r[1][i] for r in rows]) for i in range(stages)],
-        "transport_ms_per_hop": [med([r[2][i] for r in rows]) for i in range(stages - 1)],
-        "control_ms": control,
-        "control_fraction": round(control / total, 4),
-    }
 
 
 def aggregate_rate(scheduler: Scheduler, prompts: list[list[int]], streams: int, n: int) -> float:
@@ -90,7 +53,9 @@ def main() -> None:
     ckpt = open_checkpoint(path)
     cfg = read_config(ckpt)
     tok = Tokenizer.from_checkpoint(ckpt, cfg)
-    prompts = [tok.encode(tok.render_chat([{"role": "user", "content": q}])) for q in QUESTIONS]
+    prompts = [
+        tok.encode(tok.render_chat([{"role": "user", "content": q}])) for q in DEFAULT_PROMPTS[:8]
+    ]
     pipeline = Pipeline.start(
         PipelineConfig(
             model=str(path),

@@ -24,8 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline import QUESTIONS  # benchmarks/pipeline.py: the same prompts
-
+from mtpd.bench.commands import DEFAULT_PROMPTS as QUESTIONS
 from mtpd.client import AsyncClient, Client
 from mtpd.daemon.coordinator import Coordinator, Settings
 from mtpd.daemon.generation import generate

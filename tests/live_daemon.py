@@ -29,6 +29,15 @@ def write_served_model(path: Path) -> Path:
     return path
 
 
+def wait_for(predicate, timeout: float = 30.0):
+    """Poll until `predicate()` is truthy; returns its value."""
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.05)
+    return value
+
+
 class LiveDaemon:
     def __init__(
         self,

@@ -7,12 +7,11 @@ from __future__ import annotations
 import http.client
 import json
 import threading
-import time
 from urllib.parse import urlsplit
 
 import openai
 import pytest
-from live_daemon import CONTEXT, LiveDaemon, write_served_model
+from live_daemon import CONTEXT, LiveDaemon, wait_for, write_served_model
 from prometheus_client.parser import text_string_to_metric_families
 from reference import GREEDY, solo_run
 
@@ -64,14 +63,6 @@ def reference_text(engine, prompt_ids: list[int], n: int, params=GREEDY) -> str:
 def chat_ids(engine, messages: list[dict]) -> list[int]:
     tok = engine.tokenizer
     return tok.encode(tok.render_chat(messages))
-
-
-def wait_for(predicate, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.05)
-    return value
 
 
 MESSAGES = [

@@ -14,7 +14,6 @@ import signal
 import stat
 import subprocess
 import threading
-import time
 import urllib.request
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import grpc
 import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from live_daemon import CONTEXT, LiveDaemon, write_served_model
+from live_daemon import CONTEXT, LiveDaemon, wait_for, write_served_model
 from prometheus_client.parser import text_string_to_metric_families
 from reference import GREEDY, solo_run
 
@@ -71,14 +70,6 @@ def client(daemon):
 
 def reference(engine, text: str, n: int, params: SamplingParams = GREEDY) -> list[int]:
     return solo_run(engine, engine.tokenizer.encode(text), n, params)[0]
-
-
-def wait_for(predicate, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.05)
-    return value
 
 
 def test_health_turns_serving_only_once_the_model_is_loaded(daemon):

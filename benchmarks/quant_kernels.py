@@ -1,0 +1,71 @@
+"""What one linear layer costs per weight format, on SmolLM2-135M's shapes: float32
+(oneDNN-packed, mtpd's CPU default), bfloat16, and the packed int8 / int4 operators that
+`--quant` uses. Interleaved in one run, so the ratios hold on a noisy machine. This is
+the profile behind the README's quantization numbers.
+
+    python benchmarks/quant_kernels.py [--threads 2] [--reps 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from mtpd.model.quant import Int4Linear, Int4Weight, Int8Linear
+
+SHAPES = {  # [out, in] of SmolLM2-135M's fused layers and its output head
+    "qkv": (960, 576),
+    "o": (576, 576),
+    "gate_up": (3072, 576),
+    "down": (576, 1536),
+    "lm_head": (49152, 576),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=200)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    out = {}
+    for name, (n, k) in SHAPES.items():
+        w = torch.randn(n, k) * 0.02
+        packed = torch.ops.mkldnn._reorder_linear_weight(w)
+        wb = w.bfloat16()
+        i8, i4 = Int8Linear(w, None), Int4Linear(Int4Weight.from_float(w), None, torch.float32)
+        for rows in (1, 5):
+            x = torch.randn(rows, k)
+            xb = x.bfloat16()
+            kinds = {
+                "float32": partial(
+                    torch.ops.mkldnn._linear_pointwise, x, packed, None, "none", [], ""
+                ),
+                "bfloat16": partial(F.linear, xb, wb),
+                "int8": partial(i8, x),
+                "int4": partial(i4, x),
+            }
+            times = {kind: [] for kind in kinds}
+            for _ in range(args.reps):
+                for kind, f in kinds.items():
+                    start = time.perf_counter()
+                    f()
+                    times[kind].append(time.perf_counter() - start)
+            row = {kind: round(statistics.median(t) * 1e6, 1) for kind, t in times.items()}
+            out[f"{name} x{rows}"] = row
+            print(
+                f"{name:>8} rows {rows}: "
+                + ", ".join(f"{kind} {us:8.1f} us" for kind, us in row.items()),
+                flush=True,
+            )
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
