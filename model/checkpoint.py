@@ -8,6 +8,7 @@ tokenizer. `open_checkpoint` picks the format from the path.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +20,12 @@ from safetensors import SafetensorError, safe_open
 
 from mtpd.model.config import ModelConfig
 from mtpd.model.errors import ModelLoadError
+
+log = logging.getLogger("mtpd.model")
+
+# Multimodal Qwen3.5 checkpoints name the decoder's tensors model.language_model.* and
+# hold a vision tower beside it.
+WRAPPED_DECODER, VISION_TOWER = "model.language_model.", "model.visual."
 
 
 class Checkpoint(Protocol):
@@ -53,7 +60,31 @@ class HFCheckpoint:
                 )
             with _open_safetensors(single) as f:
                 self._file_of = dict.fromkeys(f.keys(), single)
+        self._stored_name = self._text_decoder_names()
         self.chat_template = self._find_chat_template()
+
+    def _text_decoder_names(self) -> dict[str, str]:
+        """Present a multimodal checkpoint's decoder under the text-only names
+        (model.*), without its vision tower; returns each name's stored name."""
+        vision = [n for n in self._file_of if n.startswith(VISION_TOWER)]
+        if vision:
+            log.info(
+                "%s: skipping the vision tower's %d tensors (%s*): text only",
+                self.path,
+                len(vision),
+                VISION_TOWER,
+            )
+        stored, file_of = {}, {}
+        for name, file in self._file_of.items():
+            if name.startswith(VISION_TOWER):
+                continue
+            text_name = name
+            if name.startswith(WRAPPED_DECODER):
+                text_name = "model." + name.removeprefix(WRAPPED_DECODER)
+            stored[text_name] = name
+            file_of[text_name] = file
+        self._file_of = file_of
+        return stored
 
     def tensor_names(self) -> set[str]:
         return set(self._file_of)
@@ -69,7 +100,7 @@ class HFCheckpoint:
             with _open_safetensors(file) as f:
                 for name in wanted:
                     try:
-                        out[name] = f.get_tensor(name)
+                        out[name] = f.get_tensor(self._stored_name[name])
                     except (SafetensorError, KeyError) as e:
                         raise ModelLoadError(f"{file}: cannot read tensor {name!r}: {e}") from e
         return out
