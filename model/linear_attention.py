@@ -59,7 +59,9 @@ class GatedDeltaNet(nn.Module):
         mixed, z, b, a = self.in_proj(x).split(self.split, dim=-1)
         beta = b.sigmoid().float()
         g = self.neg_rate * F.softplus(a.float() + self.dt_bias)
-        core = torch.empty(n, dims.num_value_heads, dims.value_head_dim, device=x.device)
+        core = torch.empty(
+            n, dims.num_value_heads, dims.value_head_dim, dtype=torch.float32, device=x.device
+        )
         offset = 0
         for slot, count in zip(layout.slots, layout.counts, strict=True):
             rows = slice(offset, offset + count)

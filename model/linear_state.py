@@ -99,7 +99,7 @@ class LinearStates:
         followed by the step's convolution inputs; q, k, v, g, beta as `delta_rule`
         takes them. Returns the outputs [T, H, dv]. The buffers flip in `finish_step`."""
         cur = self.current[slot]
-        self.window[layer, slot, 1 - cur] = conv_inputs[:, -self.width :]
+        self.window[layer, slot, 1 - cur] = self._last_inputs(conv_inputs)
         state = self.state[layer, slot, 1 - cur]
         state.copy_(self.state[layer, slot, cur])
         count = q.shape[0]
@@ -111,6 +111,10 @@ class LinearStates:
         self.log_beta[layer, slot, :count] = beta
         self.log_conv[layer, slot, :count] = conv_inputs[:, self.width :].T
         return delta_rule.recurrent(state, q, k, v, g, beta)
+
+    def _last_inputs(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The window after these inputs [conv_dim, columns]: the last `width` columns."""
+        return inputs[:, inputs.shape[1] - self.width :]
 
     def finish_step(self, slot: int) -> None:
         self.current[slot] ^= 1
@@ -136,7 +140,7 @@ class LinearStates:
             inputs = torch.cat(
                 [self.window[layer, slot, before], self.log_conv[layer, slot, :positions].T], 1
             )
-            self.window[layer, slot, cur] = inputs[:, -self.width :]
+            self.window[layer, slot, cur] = self._last_inputs(inputs)
 
 
 class HybridCache(KVCache):
