@@ -60,31 +60,8 @@ class HFCheckpoint:
                 )
             with _open_safetensors(single) as f:
                 self._file_of = dict.fromkeys(f.keys(), single)
-        self._stored_name = self._text_decoder_names()
+        self._file_of, self._stored_name = _text_decoder_names(self._file_of, path)
         self.chat_template = self._find_chat_template()
-
-    def _text_decoder_names(self) -> dict[str, str]:
-        """Present a multimodal checkpoint's decoder under the text-only names
-        (model.*), without its vision tower; returns each name's stored name."""
-        vision = [n for n in self._file_of if n.startswith(VISION_TOWER)]
-        if vision:
-            log.info(
-                "%s: skipping the vision tower's %d tensors (%s*): text only",
-                self.path,
-                len(vision),
-                VISION_TOWER,
-            )
-        stored, file_of = {}, {}
-        for name, file in self._file_of.items():
-            if name.startswith(VISION_TOWER):
-                continue
-            text_name = name
-            if name.startswith(WRAPPED_DECODER):
-                text_name = "model." + name.removeprefix(WRAPPED_DECODER)
-            stored[text_name] = name
-            file_of[text_name] = file
-        self._file_of = file_of
-        return stored
 
     def tensor_names(self) -> set[str]:
         return set(self._file_of)
@@ -124,6 +101,25 @@ class HFCheckpoint:
             if isinstance(template, str):
                 return template
         return None
+
+
+def _text_decoder_names(
+    file_of: dict[str, Path], path: Path
+) -> tuple[dict[str, Path], dict[str, str]]:
+    """A multimodal checkpoint's decoder under the text-only names (model.*), without its
+    vision tower: each name's file, and the name it is stored under."""
+    vision = sum(1 for n in file_of if n.startswith(VISION_TOWER))
+    if vision:
+        log.info("%s: skipping the vision tower's %d tensors (%s*)", path, vision, VISION_TOWER)
+    files, stored = {}, {}
+    for name, file in file_of.items():
+        if name.startswith(VISION_TOWER):
+            continue
+        text_name = name
+        if name.startswith(WRAPPED_DECODER):
+            text_name = "model." + name.removeprefix(WRAPPED_DECODER)
+        files[text_name], stored[text_name] = file, name
+    return files, stored
 
 
 @contextmanager

@@ -28,7 +28,7 @@ class ZeroCenteredRMSNorm(nn.Module):
 
     def __init__(self, weight: torch.Tensor, eps: float) -> None:
         super().__init__()
-        self.register_buffer("scale", 1.0 + weight.float(), persistent=False)
+        self.scale = nn.Parameter(1.0 + weight.float(), requires_grad=False)
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -47,7 +47,7 @@ class GatedDeltaNet(nn.Module):
         self.conv = nn.Parameter(t[f"{prefix}.conv1d.weight"], requires_grad=False)  # [C, 1, K]
         self.dt_bias = nn.Parameter(t[f"{prefix}.dt_bias"], requires_grad=False)
         # -exp(A_log) in float32, as the reference computes it at every step.
-        self.register_buffer("neg_rate", -t[f"{prefix}.A_log"].float().exp(), persistent=False)
+        self.neg_rate = nn.Parameter(-t[f"{prefix}.A_log"].float().exp(), requires_grad=False)
         self.norm = GatedRMSNorm(t[f"{prefix}.norm.weight"], cfg.rms_norm_eps)
         self.out = Linear(t[f"{prefix}.out_proj.weight"])
 

@@ -93,6 +93,11 @@ def test_hybrid_pipeline_matches_reference_and_mtp_changes_nothing(tiny):
     path, workers, oracle, references = tiny
     with start(path, workers) as pipeline:
         assert "own MTP layer" in pipeline.mtp_head
+        # Every weight loaded once, by the worker of its layer (the first and the last
+        # stage both hold the embedding).
+        loaded = sum(s.load.parameter_count for s in pipeline.stages)
+        embedding = oracle.model.embed_tokens.weight.numel()
+        assert loaded - embedding == sum(p.numel() for p in oracle.parameters())
         # Plain decoding: the reference's logits at every position (prefill and decode).
         results, _ = generate(pipeline, CASES, 0)
         for (prompt, _), result in zip(CASES, results, strict=True):
