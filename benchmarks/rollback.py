@@ -5,9 +5,9 @@ A verification step keeps each linear-attention layer's state from before the st
 (the step writes the other of two buffers) and logs the delta rule's inputs at its
 positions; a rollback to n of the step's positions replays n logged updates from the
 kept state (`mtpd.model.linear_state`). Measured: the step itself (1 and k+1 new
-tokens), the bookkeeping inside it (copying the state into the buffer the step
-writes, and the log), and the rollback for each n. For comparison, the memory that
-per-position snapshots of the state would take.
+tokens), the bookkeeping inside it (the log: writing the other buffer costs nothing
+more than writing in place), and the rollback for each n. For comparison, the memory
+that per-position snapshots of the state would take.
 
     python benchmarks/rollback.py [--hidden 1024] [--layers 8] [--drafts 3] [--json OUT]
 """
@@ -172,12 +172,9 @@ def window_bytes(states: LinearStates) -> int:
 
 
 def bookkeeping_of_one_step(states: LinearStates, slot: int, positions: int) -> None:
-    """What a step does only so it can be rolled back: copy each layer's state into the
-    buffer the step writes (the one read stays as the state before the step), and log
-    each position's delta-rule and convolution inputs."""
-    cur = states.current[slot]
+    """What a step does only so it can be rolled back: log each position's delta-rule
+    and convolution inputs, in every layer."""
     for layer in range(states.num_layers):
-        states.state[layer, slot, 1 - cur].copy_(states.state[layer, slot, cur])
         for log in (states.log_k, states.log_v, states.log_g, states.log_beta, states.log_conv):
             log[layer, slot, :positions].copy_(log[layer, slot, -positions:])
 

@@ -13,7 +13,8 @@ final state for a long prompt with matmuls over chunks of positions (the UT tran
 of the DeltaNet papers). Inputs are one sequence's: q and k [T, H, dk] (l2-normalised,
 q also scaled by 1/sqrt(dk), key heads already repeated to the value heads), v
 [T, H, dv], g and beta [T, H]; everything float32. Both forms advance `state` [H, dk,
-dv] in place and return the outputs [T, H, dv].
+dv] and return the outputs [T, H, dv]; given `initial`, they start from it instead and
+write the result into `state` (no copy of the state before the first position).
 """
 
 from __future__ import annotations
@@ -25,10 +26,15 @@ CHUNK = 64
 
 
 def update(
-    state: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor
+    state: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    initial: torch.Tensor | None = None,
 ) -> None:
     """One position: state [H, dk, dv]; k [H, dk]; v [H, dv]; g and beta [H]."""
-    state.mul_(g.exp()[:, None, None])
+    torch.mul(state if initial is None else initial, g.exp()[:, None, None], out=state)
     predicted = torch.bmm(k[:, None, :], state)[:, 0]  # [H, dv]: what S already recalls for k
     correction = (v - predicted) * beta[:, None]
     state.baddbmm_(k[:, :, None], correction[:, None, :])
@@ -41,10 +47,11 @@ def recurrent(
     v: torch.Tensor,
     g: torch.Tensor,
     beta: torch.Tensor,
+    initial: torch.Tensor | None = None,
 ) -> torch.Tensor:
     out = torch.empty_like(v)
     for t in range(q.shape[0]):
-        update(state, k[t], v[t], g[t], beta[t])
+        update(state, k[t], v[t], g[t], beta[t], initial if t == 0 else None)
         out[t] = torch.bmm(q[t][:, None, :], state)[:, 0]
     return out
 
@@ -56,6 +63,7 @@ def chunked(
     v: torch.Tensor,
     g: torch.Tensor,
     beta: torch.Tensor,
+    initial: torch.Tensor | None = None,
     chunk: int = CHUNK,
 ) -> torch.Tensor:
     length = q.shape[0]
@@ -86,7 +94,7 @@ def chunked(
     chunk_decay = decay[..., -1].exp()[..., None, None]
 
     out = torch.empty_like(v)
-    s = state
+    s = state if initial is None else initial
     for i in range(q.shape[1]):
         fresh = values[:, i] - keys_read[:, i] @ s  # the writes, less what s already recalls
         out[:, i] = q_decayed[:, i] @ s + within[:, i] @ fresh

@@ -100,17 +100,16 @@ class LinearStates:
         takes them. Returns the outputs [T, H, dv]. The buffers flip in `finish_step`."""
         cur = self.current[slot]
         self.window[layer, slot, 1 - cur] = self._last_inputs(conv_inputs)
-        state = self.state[layer, slot, 1 - cur]
-        state.copy_(self.state[layer, slot, cur])
+        before, after = self.state[layer, slot, cur], self.state[layer, slot, 1 - cur]
         count = q.shape[0]
         if count > ROLLBACK_POSITIONS:
-            return delta_rule.chunked(state, q, k, v, g, beta)
+            return delta_rule.chunked(after, q, k, v, g, beta, initial=before)
         self.log_k[layer, slot, :count] = k
         self.log_v[layer, slot, :count] = v
         self.log_g[layer, slot, :count] = g
         self.log_beta[layer, slot, :count] = beta
         self.log_conv[layer, slot, :count] = conv_inputs[:, self.width :].T
-        return delta_rule.recurrent(state, q, k, v, g, beta)
+        return delta_rule.recurrent(after, q, k, v, g, beta, initial=before)
 
     def _last_inputs(self, inputs: torch.Tensor) -> torch.Tensor:
         """The window after these inputs [conv_dim, columns]: the last `width` columns."""
@@ -127,15 +126,14 @@ class LinearStates:
             return
         cur, before = self.current[slot], 1 - self.current[slot]
         for layer in range(self.num_layers):
-            state = self.state[layer, slot, cur]
-            state.copy_(self.state[layer, slot, before])
             for t in range(positions):
                 delta_rule.update(
-                    state,
+                    self.state[layer, slot, cur],
                     self.log_k[layer, slot, t],
                     self.log_v[layer, slot, t],
                     self.log_g[layer, slot, t],
                     self.log_beta[layer, slot, t],
+                    initial=self.state[layer, slot, before] if t == 0 else None,
                 )
             inputs = torch.cat(
                 [self.window[layer, slot, before], self.log_conv[layer, slot, :positions].T], 1
