@@ -44,7 +44,9 @@ class GatedDeltaNet(nn.Module):
             _fused(t, [f"{prefix}.in_proj_{p}.weight" for p in ["qkv", "z", "b", "a"]])
         )
         self.split = [dims.conv_dim, dims.value_dim, dims.num_value_heads, dims.num_value_heads]
-        self.conv = nn.Parameter(t[f"{prefix}.conv1d.weight"], requires_grad=False)  # [C, 1, K]
+        # [C, 1, K] taps, in float32: the convolution accumulates in float32 whatever the
+        # activations' dtype, as a convolution kernel does.
+        self.conv = nn.Parameter(t[f"{prefix}.conv1d.weight"].float(), requires_grad=False)
         self.dt_bias = nn.Parameter(t[f"{prefix}.dt_bias"], requires_grad=False)
         # -exp(A_log) in float32, as the reference computes it at every step.
         self.neg_rate = nn.Parameter(-t[f"{prefix}.A_log"].float().exp(), requires_grad=False)
@@ -87,7 +89,7 @@ class GatedDeltaNet(nn.Module):
         # Depthwise: each channel's last `kernel` inputs times its own taps. Written out
         # rather than F.conv1d, whose oneDNN path costs milliseconds at these sizes on CPU.
         taps = inputs.unfold(1, self.conv.shape[-1], 1)  # [C, T, K]
-        conv = F.silu((taps * self.conv).sum(-1)).T
+        conv = F.silu((taps.float() * self.conv).sum(-1).to(inputs.dtype)).T
         q, k, v = conv.float().split([dims.key_dim, dims.key_dim, dims.value_dim], dim=-1)
         t = conv.shape[0]
         repeat = dims.num_value_heads // dims.num_key_heads

@@ -112,23 +112,14 @@ def write_tiny_multimodal_qwen3_5(out: Path, vocab: int = 96, seed: int = 0):
         "num_position_embeddings": 16,
         "patch_size": 4,
     }
-    # Token ids of the image markers inside the vocabulary; text never uses them here.
-    markers = range(vocab - 4, vocab)
+    # The image markers' token ids at the top of the vocabulary (text here never uses them).
     config = qwen3_5.Qwen3_5Config(
         text_config=text,
         vision_config=vision,
-        **dict(
-            zip(
-                [
-                    "image_token_id",
-                    "video_token_id",
-                    "vision_start_token_id",
-                    "vision_end_token_id",
-                ],
-                markers,
-                strict=True,
-            )
-        ),
+        image_token_id=vocab - 4,
+        video_token_id=vocab - 3,
+        vision_start_token_id=vocab - 2,
+        vision_end_token_id=vocab - 1,
     )
     torch.manual_seed(seed)
     model = qwen3_5.Qwen3_5ForConditionalGeneration(config).float().eval()
