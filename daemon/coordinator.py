@@ -93,6 +93,8 @@ class Coordinator:
             on_status,
         )
         notes = []
+        if cfg.vision_tower_skipped:
+            notes.append(f"{path}: the vision tower is skipped: mtpd serves the text decoder")
         if policy.enabled and not pipeline.mtp_head:
             notes.append(f"{path} has no MTP head: decoding without drafts (k = 0)")
             policy = DraftPolicy(0)

@@ -8,6 +8,7 @@ tokenizer. `open_checkpoint` picks the format from the path.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +21,12 @@ from safetensors import SafetensorError, safe_open
 from mtpd.model.config import ModelConfig
 from mtpd.model.errors import ModelLoadError
 from mtpd.model.quant import Int4Weight
+
+log = logging.getLogger("mtpd.model")
+
+# Multimodal Qwen3.5 checkpoints name the decoder's tensors model.language_model.* and
+# hold a vision tower beside it.
+WRAPPED_DECODER, VISION_TOWER = "model.language_model.", "model.visual."
 
 
 class Checkpoint(Protocol):
@@ -60,6 +67,7 @@ class HFCheckpoint:
                 )
             with _open_safetensors(single) as f:
                 self._file_of = dict.fromkeys(f.keys(), single)
+        self._file_of, self._stored_name = _text_decoder_names(self._file_of, path)
         self.chat_template = self._find_chat_template()
 
     def int4_blocks(self, names: tuple[str, ...]) -> Int4Weight | None:
@@ -82,7 +90,7 @@ class HFCheckpoint:
             with _open_safetensors(file) as f:
                 for name in wanted:
                     try:
-                        out[name] = f.get_tensor(name)
+                        out[name] = f.get_tensor(self._stored_name[name])
                     except (SafetensorError, KeyError) as e:
                         raise ModelLoadError(f"{file}: cannot read tensor {name!r}: {e}") from e
         return out
@@ -106,6 +114,25 @@ class HFCheckpoint:
             if isinstance(template, str):
                 return template
         return None
+
+
+def _text_decoder_names(
+    file_of: dict[str, Path], path: Path
+) -> tuple[dict[str, Path], dict[str, str]]:
+    """A multimodal checkpoint's decoder under the text-only names (model.*), without its
+    vision tower: each name's file, and the name it is stored under."""
+    vision = sum(1 for n in file_of if n.startswith(VISION_TOWER))
+    if vision:
+        log.info("%s: skipping the vision tower's %d tensors (%s*)", path, vision, VISION_TOWER)
+    files, stored = {}, {}
+    for name, file in file_of.items():
+        if name.startswith(VISION_TOWER):
+            continue
+        text_name = name
+        if name.startswith(WRAPPED_DECODER):
+            text_name = "model." + name.removeprefix(WRAPPED_DECODER)
+        files[text_name], stored[text_name] = file, name
+    return files, stored
 
 
 @contextmanager

@@ -11,9 +11,44 @@ from typing import Any
 
 from mtpd.model.errors import ModelLoadError
 
+# The Qwen3.5/3.6 family: Gated DeltaNet and gated attention layers, dense or MoE MLPs.
+HYBRID_ARCHITECTURES = ("qwen3_5", "qwen3_5_moe")
 # model_type -> what distinguishes the family inside one shared decoder.
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", *HYBRID_ARCHITECTURES)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+LINEAR_ATTENTION, FULL_ATTENTION = "linear_attention", "full_attention"
+
+
+@dataclass(frozen=True)
+class LinearAttentionConfig:
+    """Gated DeltaNet dimensions (Qwen3.5 `linear_*` keys)."""
+
+    num_key_heads: int
+    num_value_heads: int
+    key_head_dim: int
+    value_head_dim: int
+    conv_kernel: int
+
+    @property
+    def key_dim(self) -> int:
+        return self.num_key_heads * self.key_head_dim
+
+    @property
+    def value_dim(self) -> int:
+        return self.num_value_heads * self.value_head_dim
+
+    @property
+    def conv_dim(self) -> int:
+        """Channels of the causal convolution: q, k and v side by side."""
+        return 2 * self.key_dim + self.value_dim
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    num_experts: int
+    experts_per_token: int
+    expert_intermediate_size: int
+    shared_expert_intermediate_size: int
 
 
 @dataclass(frozen=True)
@@ -38,30 +73,41 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     mtp_num_layers: int = 0
+    # Hybrid (Qwen3.5) models only: each layer's kind, rotary on part of each head,
+    # the linear-attention dimensions and, for MoE models, the experts.
+    layer_types: tuple[str, ...] = ()
+    partial_rotary_factor: float = 1.0
+    linear_attention: LinearAttentionConfig | None = None
+    moe: MoEConfig | None = None
+    vision_tower_skipped: bool = False  # a multimodal checkpoint served as text only
 
     @property
     def rope_type(self) -> str:
         return self.rope_scaling.get("rope_type", "default")
 
+    @property
+    def is_hybrid(self) -> bool:
+        return self.architecture in HYBRID_ARCHITECTURES
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
     @classmethod
     def from_hf(cls, cfg: dict[str, Any], source: str = "config.json") -> ModelConfig:
         """Validate and translate a config.json dictionary; errors name `source` and the key."""
         arch = cfg.get("model_type")
+        vision_tower = False
+        if arch in _QWEN3_5_MODEL_TYPES:
+            arch, cfg, vision_tower = _qwen3_5_text_config(arch, cfg, source)
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ModelLoadError(
                 f"{source}: unsupported architecture model_type={arch!r} "
                 f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
             )
 
-        def need(key: str, kind: type = int) -> Any:
-            if key not in cfg:
-                raise ModelLoadError(f"{source}: missing required key {key!r}")
-            value = cfg[key]
-            if kind is int and (
-                not isinstance(value, int) or isinstance(value, bool) or value <= 0
-            ):
-                raise ModelLoadError(f"{source}: {key} must be a positive integer, got {value!r}")
-            return value
+        def need(key: str) -> int:
+            return _positive_int(cfg, key, source)
 
         hidden = need("hidden_size")
         heads = need("num_attention_heads")
@@ -85,6 +131,7 @@ class ModelConfig:
             )
         rope["rope_type"] = rope_type
         rope.pop("type", None)
+        hybrid = _hybrid_fields(arch, cfg, rope, source) if arch in HYBRID_ARCHITECTURES else {}
 
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
@@ -92,7 +139,8 @@ class ModelConfig:
             architecture=arch,
             vocab_size=need("vocab_size"),
             hidden_size=hidden,
-            intermediate_size=need("intermediate_size"),
+            # An MoE model has no dense MLP: its experts' sizes are in `moe`.
+            intermediate_size=0 if hybrid.get("moe") else need("intermediate_size"),
             num_layers=need("num_hidden_layers"),
             num_heads=heads,
             num_kv_heads=kv_heads,
@@ -104,11 +152,126 @@ class ModelConfig:
             attention_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
             o_proj_bias=arch != "qwen2" and bool(cfg.get("attention_bias", False)),
             mlp_bias=bool(cfg.get("mlp_bias", False)),
-            qk_norm=arch == "qwen3",
+            qk_norm=arch == "qwen3" or arch in HYBRID_ARCHITECTURES,
             rope_scaling=rope,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
             mtp_num_layers=int(
                 cfg.get("mtp_num_hidden_layers", cfg.get("num_nextn_predict_layers", 0)) or 0
             ),
+            vision_tower_skipped=vision_tower,
+            **hybrid,
         )
+
+
+def _positive_int(cfg: dict[str, Any], key: str, source: str) -> int:
+    if key not in cfg:
+        raise ModelLoadError(f"{source}: missing required key {key!r}")
+    value = cfg[key]
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ModelLoadError(f"{source}: {key} must be a positive integer, got {value!r}")
+    return value
+
+
+# Qwen3.5 checkpoints are multimodal wrappers (model_type qwen3_5 with the decoder in
+# text_config); a text-only save carries the text config itself (qwen3_5_text).
+_QWEN3_5_MODEL_TYPES = {
+    "qwen3_5": "qwen3_5",
+    "qwen3_5_moe": "qwen3_5_moe",
+    "qwen3_5_text": "qwen3_5",
+    "qwen3_5_moe_text": "qwen3_5_moe",
+}
+
+
+def _qwen3_5_text_config(
+    model_type: str, cfg: dict[str, Any], source: str
+) -> tuple[str, dict[str, Any], bool]:
+    """The architecture and the decoder's own keys of a Qwen3.5 config, and whether it
+    has a vision tower (which mtpd skips)."""
+    arch = _QWEN3_5_MODEL_TYPES[model_type]
+    if "text_config" not in cfg:
+        return arch, cfg, False
+    text = cfg["text_config"]
+    if not isinstance(text, dict):
+        raise ModelLoadError(f"{source}: text_config must be an object")
+    merged = dict(text)
+    # The wrapper's own keys win where transformers reads them from the wrapper.
+    merged["tie_word_embeddings"] = cfg.get(
+        "tie_word_embeddings", text.get("tie_word_embeddings", False)
+    )
+    for key in ("bos_token_id", "eos_token_id"):
+        if merged.get(key) is None and cfg.get(key) is not None:
+            merged[key] = cfg[key]
+    return arch, merged, cfg.get("vision_config") is not None
+
+
+def _hybrid_fields(
+    arch: str, cfg: dict[str, Any], rope: dict[str, Any], source: str
+) -> dict[str, Any]:
+    """The Qwen3.5 keys the reference implementation reads, validated. `rope` is the
+    parsed rope dictionary; the keys that only concern the rotary are taken out of it."""
+
+    def need(key: str) -> int:
+        return _positive_int(cfg, key, source)
+
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise ModelLoadError(
+            f"{source}: unsupported hidden_act {cfg['hidden_act']!r} (supported: 'silu')"
+        )
+    layers = need("num_hidden_layers")
+    types = cfg.get("layer_types")
+    if types is None:
+        # The reference's default: every fourth layer is full attention.
+        interval = _positive_int(
+            {"full_attention_interval": 4, **cfg}, "full_attention_interval", source
+        )
+        types = [
+            FULL_ATTENTION if (i + 1) % interval == 0 else LINEAR_ATTENTION for i in range(layers)
+        ]
+    if not isinstance(types, list) or len(types) != layers:
+        raise ModelLoadError(
+            f"{source}: layer_types must list one type for each of the {layers} layers"
+        )
+    for kind in types:
+        if kind not in (LINEAR_ATTENTION, FULL_ATTENTION):
+            raise ModelLoadError(
+                f"{source}: unsupported layer type {kind!r} in layer_types "
+                f"(supported: {LINEAR_ATTENTION!r}, {FULL_ATTENTION!r})"
+            )
+    linear = LinearAttentionConfig(
+        num_key_heads=need("linear_num_key_heads"),
+        num_value_heads=need("linear_num_value_heads"),
+        key_head_dim=need("linear_key_head_dim"),
+        value_head_dim=need("linear_value_head_dim"),
+        conv_kernel=need("linear_conv_kernel_dim"),
+    )
+    if linear.num_value_heads % linear.num_key_heads:
+        raise ModelLoadError(
+            f"{source}: linear_num_value_heads={linear.num_value_heads} is not a multiple of "
+            f"linear_num_key_heads={linear.num_key_heads}"
+        )
+    # Text positions are the same on mrope's three axes, where it reduces to plain rope.
+    for key in ("mrope_section", "mrope_interleaved"):
+        rope.pop(key, None)
+    factor = rope.pop("partial_rotary_factor", cfg.get("partial_rotary_factor", 0.25))
+    if not isinstance(factor, int | float) or not 0 < factor <= 1:
+        raise ModelLoadError(f"{source}: partial_rotary_factor must be in (0, 1], got {factor!r}")
+    moe = None
+    if arch == "qwen3_5_moe":
+        moe = MoEConfig(
+            num_experts=need("num_experts"),
+            experts_per_token=need("num_experts_per_tok"),
+            expert_intermediate_size=need("moe_intermediate_size"),
+            shared_expert_intermediate_size=need("shared_expert_intermediate_size"),
+        )
+        if moe.experts_per_token > moe.num_experts:
+            raise ModelLoadError(
+                f"{source}: num_experts_per_tok={moe.experts_per_token} is more than "
+                f"num_experts={moe.num_experts}"
+            )
+    return {
+        "layer_types": tuple(types),
+        "partial_rotary_factor": float(factor),
+        "linear_attention": linear,
+        "moe": moe,
+    }

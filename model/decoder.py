@@ -14,11 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mtpd.model.architecture import decoder_layer_shapes, layer_stack, rms_norm
 from mtpd.model.checkpoint import Checkpoint
 from mtpd.model.config import ModelConfig
 from mtpd.model.errors import ModelLoadError
 from mtpd.model.kv_cache import KVCache
-from mtpd.model.layers import LayerStack, Linear, RMSNorm, layer_tensor_shapes
+from mtpd.model.layers import Linear
 
 EMBEDDING = "model.embed_tokens.weight"
 FINAL_NORM = "model.norm.weight"
@@ -48,7 +49,7 @@ def shard_tensor_shapes(cfg: ModelConfig, spec: ShardSpec) -> dict[str, tuple[in
     if spec.has_embedding or spec.has_head:
         shapes[EMBEDDING] = (cfg.vocab_size, cfg.hidden_size)
     for i in range(spec.first_layer, spec.end_layer):
-        shapes.update(layer_tensor_shapes(cfg, f"model.layers.{i}"))
+        shapes.update(decoder_layer_shapes(cfg, f"model.layers.{i}"))
     if spec.has_head:
         shapes[FINAL_NORM] = (cfg.hidden_size,)
         if not cfg.tie_word_embeddings:
@@ -78,7 +79,7 @@ def fingerprint_names(cfg: ModelConfig) -> list[str]:
     final norm) and the trunk's last layer, whose output it reads. The tail worker holds
     all of them."""
     names = [EMBEDDING if cfg.tie_word_embeddings else LM_HEAD, FINAL_NORM]
-    return names + sorted(layer_tensor_shapes(cfg, f"model.layers.{cfg.num_layers - 1}"))
+    return names + sorted(decoder_layer_shapes(cfg, f"model.layers.{cfg.num_layers - 1}"))
 
 
 def weights_fingerprint(tensors: Mapping[str, torch.Tensor], cfg: ModelConfig) -> str:
@@ -118,7 +119,7 @@ class DecoderShard(nn.Module):
         self.embedding = (
             nn.Parameter(tensors[EMBEDDING], requires_grad=False) if EMBEDDING in tensors else None
         )
-        self.stack = LayerStack(
+        self.stack = layer_stack(
             cfg,
             [f"model.layers.{i}" for i in range(spec.first_layer, spec.end_layer)],
             tensors,
@@ -127,7 +128,7 @@ class DecoderShard(nn.Module):
         )
         self.norm = self.lm_head = None
         if spec.has_head:
-            self.norm = RMSNorm(tensors[FINAL_NORM], cfg.rms_norm_eps)
+            self.norm = rms_norm(cfg, tensors[FINAL_NORM])
             head = EMBEDDING if cfg.tie_word_embeddings else LM_HEAD
             self.lm_head = Linear(tensors[head], sources=(head,))
         # Counted now, while every weight is a plain parameter (packing turns them into

@@ -78,6 +78,12 @@ class KVCache:
         if slot is not None:
             self._free.append(slot)
 
+    def keep_error(self, slot: int, keep: int) -> str | None:
+        """Why the slot cannot be truncated to `keep` positions, or None if it can."""
+        if keep > self.lengths[slot]:
+            return f"keep {keep} beyond its {self.lengths[slot]} cached positions"
+        return None
+
     def truncate(self, slot: int, length: int) -> None:
         if not 0 <= length <= self.lengths[slot]:
             raise ValueError(

@@ -45,11 +45,13 @@ class Linear(nn.Module):
         weight: torch.Tensor,
         bias: torch.Tensor | None = None,
         sources: tuple[str, ...] = (),
+        quantizable: bool = True,
     ) -> None:
         super().__init__()
         # The checkpoint tensors the weight was built from (fused in this order): what
         # quantization reads exact blocks from, when the file stores them quantized.
         self.sources = sources
+        self.quantizable = quantizable
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.packed = False
@@ -126,6 +128,8 @@ def _fused(tensors: Mapping[str, torch.Tensor], names: list[str]) -> torch.Tenso
 
 
 class Attention(nn.Module):
+    norm_class: type[nn.Module] = RMSNorm  # of q_norm and k_norm
+
     def __init__(self, cfg: ModelConfig, prefix: str, t: Mapping[str, torch.Tensor]) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = (
@@ -143,8 +147,8 @@ class Attention(nn.Module):
         self.o = Linear(t[o], t.get(f"{prefix}.o_proj.bias"), (o,))
         self.q_norm = self.k_norm = None
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(t[f"{prefix}.q_norm.weight"], cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(t[f"{prefix}.k_norm.weight"], cfg.rms_norm_eps)
+            self.q_norm = self.norm_class(t[f"{prefix}.q_norm.weight"], cfg.rms_norm_eps)
+            self.k_norm = self.norm_class(t[f"{prefix}.k_norm.weight"], cfg.rms_norm_eps)
 
     def _project(
         self, x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor
@@ -177,13 +181,25 @@ class Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, layout: BatchLayout, cache: KVCache, layer: int
     ) -> torch.Tensor:
-        n = x.shape[0]
+        q, k, v = self._project(x, layout.cos, layout.sin_signed)
+        return self.o(self._attend_rows(q, k, v, layout, cache, layer))
+
+    def _attend_rows(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layout: BatchLayout,
+        cache: KVCache,
+        layer: int,
+    ) -> torch.Tensor:
+        """Every sequence's rows attended over its own cache slot: [N, heads * head_dim]."""
+        n = q.shape[0]
         q_size = self.num_heads * self.head_dim
         heads, d = self.num_heads, self.head_dim
-        q, k, v = self._project(x, layout.cos, layout.sin_signed)
         if len(layout.slots) == 1:
             o = self._attend(q, k, v, layout.slots[0], layout.starts[0], cache, layer)
-            return self.o(o.transpose(0, 1).reshape(n, q_size))
+            return o.transpose(0, 1).reshape(n, q_size)
         out = torch.empty(n, heads, d, dtype=q.dtype, device=q.device)
         offset = 0
         for slot, start, count in zip(layout.slots, layout.starts, layout.counts, strict=True):
@@ -192,7 +208,7 @@ class Attention(nn.Module):
                 q[rows], k[rows], v[rows], slot, start, cache, layer
             ).transpose(0, 1)
             offset += count
-        return self.o(out.view(n, q_size))
+        return out.view(n, q_size)
 
     @staticmethod
     def _attend(
@@ -230,7 +246,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, prefix: str, t: Mapping[str, torch.Tensor]) -> None:
         super().__init__()
-        self.intermediate = cfg.intermediate_size
+        # From the weights: the same block serves as an MoE expert or shared expert.
+        self.intermediate = t[f"{prefix}.down_proj.weight"].shape[1]
         names = [f"{prefix}.gate_proj", f"{prefix}.up_proj"]
         weights = [f"{p}.weight" for p in names]
         self.gate_up = Linear(
@@ -245,14 +262,29 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, prefix: str, t: Mapping[str, torch.Tensor]) -> None:
+    """A pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)). `attn` is
+    the token mixer (attention, or linear attention in hybrid models)."""
+
+    def __init__(
+        self, input_norm: nn.Module, attn: nn.Module, post_attn_norm: nn.Module, mlp: nn.Module
+    ) -> None:
         super().__init__()
-        self.input_norm = RMSNorm(t[f"{prefix}.input_layernorm.weight"], cfg.rms_norm_eps)
-        self.attn = Attention(cfg, f"{prefix}.self_attn", t)
-        self.post_attn_norm = RMSNorm(
-            t[f"{prefix}.post_attention_layernorm.weight"], cfg.rms_norm_eps
+        self.input_norm, self.attn, self.post_attn_norm, self.mlp = (
+            input_norm,
+            attn,
+            post_attn_norm,
+            mlp,
         )
-        self.mlp = MLP(cfg, f"{prefix}.mlp", t)
+
+    @classmethod
+    def load(cls, cfg: ModelConfig, prefix: str, t: Mapping[str, torch.Tensor]) -> DecoderLayer:
+        eps = cfg.rms_norm_eps
+        return cls(
+            RMSNorm(t[f"{prefix}.input_layernorm.weight"], eps),
+            Attention(cfg, f"{prefix}.self_attn", t),
+            RMSNorm(t[f"{prefix}.post_attention_layernorm.weight"], eps),
+            MLP(cfg, f"{prefix}.mlp", t),
+        )
 
     def forward(
         self, x: torch.Tensor, layout: BatchLayout, cache: KVCache, layer: int
@@ -311,30 +343,42 @@ class LayerStack(nn.Module):
     ) -> None:
         super().__init__()
         self.cfg, self.dtype = cfg, dtype
-        self.layers = nn.ModuleList(DecoderLayer(cfg, p, t) for p in prefixes)
+        self.layers = nn.ModuleList(self.build_layer(cfg, p, t) for p in prefixes)
         device = next(iter(t.values())).device
         cos, sin = rope_tables(cfg, max_context)
         sin[:, : sin.shape[-1] // 2].neg_()  # the form _apply_rope takes
         self.register_buffer("cos", cos.to(device), persistent=False)
         self.register_buffer("sin_signed", sin.to(device), persistent=False)
 
+    @staticmethod
+    def build_layer(cfg: ModelConfig, prefix: str, t: Mapping[str, torch.Tensor]) -> nn.Module:
+        return DecoderLayer.load(cfg, prefix, t)
+
     @property
     def max_context(self) -> int:
         return self.cos.shape[0]
 
-    def new_cache(self, max_seqs: int, max_context: int | None = None) -> KVCache:
-        device = self.cos.device
+    @property
+    def cache_dtype(self) -> torch.dtype:
         # Attention on CPU runs in float32: SDPA is several times slower in bfloat16
         # there, and the cache is small next to the weights.
-        dtype = torch.float32 if device.type == "cpu" else self.dtype
+        return torch.float32 if self.cos.device.type == "cpu" else self.dtype
+
+    def cache_bytes_per_slot(self, max_context: int) -> int:
+        """What one sequence's slot of `new_cache` holds."""
+        cfg = self.cfg
+        per_layer = 2 * cfg.num_kv_heads * max_context * cfg.head_dim
+        return len(self.layers) * per_layer * self.cache_dtype.itemsize
+
+    def new_cache(self, max_seqs: int, max_context: int | None = None) -> KVCache:
         return KVCache(
             len(self.layers),
             max_seqs,
             max_context or self.max_context,
             self.cfg.num_kv_heads,
             self.cfg.head_dim,
-            dtype,
-            device,
+            self.cache_dtype,
+            self.cos.device,
         )
 
     def forward_causal(self, h: torch.Tensor) -> torch.Tensor:

@@ -23,11 +23,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from mtpd.model.architecture import decoder_layer_shapes, layer_stack, rms_norm
 from mtpd.model.checkpoint import Checkpoint
 from mtpd.model.config import ModelConfig
 from mtpd.model.errors import ModelLoadError
 from mtpd.model.kv_cache import KVCache
-from mtpd.model.layers import LayerStack, Linear, RMSNorm, layer_tensor_shapes
+from mtpd.model.layers import Linear
 
 PREFIX = "mtp"
 DRAFT_VOCAB = f"{PREFIX}.draft_vocab"  # optional int64 [N]: the token ids drafts may take
@@ -42,7 +43,7 @@ def mtp_tensor_shapes(cfg: ModelConfig, num_layers: int = 1) -> dict[str, tuple[
         f"{PREFIX}.norm.weight": (h,),
     }
     for i in range(num_layers):
-        shapes.update(layer_tensor_shapes(cfg, f"{PREFIX}.layers.{i}"))
+        shapes.update(decoder_layer_shapes(cfg, f"{PREFIX}.layers.{i}"))
     return shapes
 
 
@@ -158,14 +159,13 @@ class MTPHead(nn.Module):
             k: v.to(device=embedding.device, dtype=dtype) for k, v in tensors.items() if k in shapes
         }
         self.cfg, self.dtype = cfg, dtype
-        eps = cfg.rms_norm_eps
-        self.norm_embedding = RMSNorm(t[f"{PREFIX}.pre_fc_norm_embedding.weight"], eps)
-        self.norm_hidden = RMSNorm(t[f"{PREFIX}.pre_fc_norm_hidden.weight"], eps)
+        self.norm_embedding = rms_norm(cfg, t[f"{PREFIX}.pre_fc_norm_embedding.weight"])
+        self.norm_hidden = rms_norm(cfg, t[f"{PREFIX}.pre_fc_norm_hidden.weight"])
         self.fc = Linear(t[f"{PREFIX}.fc.weight"])
-        self.stack = LayerStack(
+        self.stack = layer_stack(
             cfg, [f"{PREFIX}.layers.{i}" for i in range(num_layers)], t, dtype, max_context
         )
-        self.norm = RMSNorm(t[f"{PREFIX}.norm.weight"], eps)
+        self.norm = rms_norm(cfg, t[f"{PREFIX}.norm.weight"])
         # Shared with the trunk, not copied.
         self.embedding = embedding
         self.lm_head = lm_head

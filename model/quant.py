@@ -149,7 +149,7 @@ def quantize_linears(
         raise ModelLoadError(f"unknown --quant {mode!r} (use one of {', '.join(QUANT_MODES)})")
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
-            if not isinstance(child, Linear) or child.packed:
+            if not isinstance(child, Linear) or child.packed or not child.quantizable:
                 continue
             w, bias = child.weight.detach(), child.bias
             # The packed int4 layout tiles outputs by 16 and inputs by 32 (whole groups).

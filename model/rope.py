@@ -66,8 +66,9 @@ def _yarn(cfg: ModelConfig, dim: int) -> tuple[torch.Tensor, float]:
 
 
 def rope_tables(cfg: ModelConfig, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin, each [max_positions, head_dim] in float32 (rotate-half layout)."""
-    dim = cfg.head_dim
+    """cos and sin, each [max_positions, rotary_dim] in float32 (rotate-half layout);
+    the rotary dimension is the whole head unless the model rotates only part of it."""
+    dim = cfg.rotary_dim
     attention_factor = 1.0
     kind = cfg.rope_type
     if kind == "yarn":

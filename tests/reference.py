@@ -29,6 +29,39 @@ def solo_run(
     return tokens, logits_seen
 
 
+class ScriptedDrafts:
+    """Drafts taken from the reference continuation, with one chosen position corrupted
+    per step (cycling through none, 0, 1, ..., k-1), so every acceptance length and the
+    bonus token occur; records the acceptance each step must have."""
+
+    def __init__(self, prompt: list[int], reference: list[int], k: int, vocab: int) -> None:
+        self.prompt, self.reference, self.k, self.vocab = prompt, reference, k, vocab
+        self.expected: list[tuple[int, int]] = []  # (drafts sent, drafts that must pass)
+
+    def __call__(self, seq_id, history, proposed, k):
+        g = len(history) - len(self.prompt)
+        drafts = list(self.reference[g : g + k])
+        corrupt = len(self.expected) % (self.k + 1) - 1  # -1: none
+        if 0 <= corrupt < len(drafts):
+            drafts[corrupt] = (drafts[corrupt] + 1) % self.vocab
+            self.expected.append((len(drafts), corrupt))
+        else:
+            self.expected.append((len(drafts), len(drafts)))
+        return drafts
+
+    def check(self, steps: list) -> None:
+        """Every decoding step (the scheduler's records after the prompt's) accepted
+        exactly what it had to, and each acceptance length occurred."""
+        decode_steps = steps[1:]
+        assert len(decode_steps) == len(self.expected)
+        for step, (sent, must_pass) in zip(decode_steps, self.expected, strict=True):
+            (outcome,) = step.outcome.results.values()
+            assert outcome.accepted == must_pass, (sent, must_pass)
+            assert len(outcome.token_ids) == outcome.accepted + 1  # the correction or the bonus
+        # Full acceptance with a bonus token, and every partial length, all happened.
+        assert {(self.k, a) for a in range(self.k + 1)} <= set(self.expected)
+
+
 def smollm2_references(
     questions: list[str], tokens: int
 ) -> tuple[int, list[tuple[list[int], list[int], list[torch.Tensor]]]]:

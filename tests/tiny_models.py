@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from transformers.models import qwen3_5, qwen3_5_moe
 
 from mtpd.model.config import ModelConfig
 from mtpd.model.mtp import mtp_tensor_shapes
@@ -14,6 +15,30 @@ FAMILIES = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
     "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+    # Text-only Qwen3.5 (model_type qwen3_5_text / qwen3_5_moe_text).
+    "qwen3_5": (qwen3_5.Qwen3_5TextConfig, qwen3_5.Qwen3_5ForCausalLM),
+    "qwen3_5_moe": (qwen3_5_moe.Qwen3_5MoeTextConfig, qwen3_5_moe.Qwen3_5MoeForCausalLM),
+}
+# Gated DeltaNet with two key heads shared by four value heads, as the real models group them.
+LINEAR_ATTENTION = {
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4,
+    "linear_key_head_dim": 16,
+    "linear_value_head_dim": 16,
+    "linear_conv_kernel_dim": 4,
+}
+# The default init (std 0.02) leaves these models' logits nearly blind to the recurrent
+# state (a token five back moves them by 0.02); at 0.1 an error in the state shows.
+HYBRID_INIT = {**LINEAR_ATTENTION, "initializer_range": 0.1}
+FAMILY_CONFIG = {
+    "qwen3_5": {**HYBRID_INIT, "intermediate_size": 112},
+    "qwen3_5_moe": {
+        **HYBRID_INIT,
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "shared_expert_intermediate_size": 48,
+    },
 }
 
 
@@ -35,7 +60,7 @@ def write_tiny_model(
     config = config_cls(
         vocab_size=vocab,
         hidden_size=64,
-        intermediate_size=112,
+        **FAMILY_CONFIG.get(family, {"intermediate_size": 112}),
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=heads // gqa,
@@ -49,12 +74,57 @@ def write_tiny_model(
     )
     torch.manual_seed(seed)
     model = model_cls(config).float().eval()
-    # Random init leaves norms at 1 and biases at 0: perturb them so they are tested.
+    _perturb_norms_and_biases(model)
+    model.save_pretrained(out, safe_serialization=True, max_shard_size=max_shard_size)
+    return model
+
+
+def _perturb_norms_and_biases(model: transformers.PreTrainedModel) -> None:
+    # Random init leaves norms at 1 (or 0, zero-centred) and biases at 0: perturb them so
+    # they are tested.
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name or name.endswith("bias"):
                 p.add_(torch.randn_like(p) * 0.1)
-    model.save_pretrained(out, safe_serialization=True, max_shard_size=max_shard_size)
+
+
+def write_tiny_multimodal_qwen3_5(out: Path, vocab: int = 96, seed: int = 0):
+    """A Qwen3.5 checkpoint as published: the multimodal wrapper (model_type qwen3_5), the
+    decoder under model.language_model.*, and a (tiny) vision tower under model.visual.*."""
+    text = {
+        "vocab_size": vocab,
+        "hidden_size": 64,
+        **FAMILY_CONFIG["qwen3_5"],
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "max_position_embeddings": 512,
+        "rms_norm_eps": 1e-6,
+        "eos_token_id": 2,
+    }
+    vision = {
+        "depth": 1,
+        "hidden_size": 32,
+        "intermediate_size": 32,
+        "num_heads": 2,
+        "out_hidden_size": 64,
+        "num_position_embeddings": 16,
+        "patch_size": 4,
+    }
+    # The image markers' token ids at the top of the vocabulary (text here never uses them).
+    config = qwen3_5.Qwen3_5Config(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=vocab - 4,
+        video_token_id=vocab - 3,
+        vision_start_token_id=vocab - 2,
+        vision_end_token_id=vocab - 1,
+    )
+    torch.manual_seed(seed)
+    model = qwen3_5.Qwen3_5ForConditionalGeneration(config).float().eval()
+    _perturb_norms_and_biases(model)
+    model.save_pretrained(out, safe_serialization=True)
     return model
 
 
@@ -79,8 +149,9 @@ def write_char_tokenizer(out: Path, chat_template: str | None = None) -> int:
 def random_head(cfg: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
     """Random MTP head tensors (Qwen3.5 layout) for a model of `cfg`."""
     g = torch.Generator().manual_seed(seed)
+    norm_scale = 0 if cfg.is_hybrid else 1  # hybrid models' norms are zero-centred
     return {
-        name: (1 + 0.1 * torch.randn(shape, generator=g))
+        name: (norm_scale + 0.1 * torch.randn(shape, generator=g))
         if len(shape) == 1
         else 0.1 * torch.randn(shape, generator=g)
         for name, shape in mtp_tensor_shapes(cfg).items()

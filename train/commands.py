@@ -94,6 +94,11 @@ def run_train(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     device = torch.device(args.device)
     engine = Engine.load(args.model, max_seqs=args.batch, max_context=512, device=device)
+    if engine.cfg.is_hybrid:
+        raise ModelLoadError(
+            f"{engine.model_path}: train-mtp supports dense decoders (llama, qwen2, qwen3); "
+            f"{engine.cfg.architecture} models ship their own MTP layer"
+        )
     work_dir = Path(
         args.work_dir or Path.home() / ".cache" / "mtpd" / "train" / engine.shard.fingerprint
     )

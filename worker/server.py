@@ -155,8 +155,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             quant=req.quant or "none",
         )
         max_context = shard.stack.max_context
-        per_slot = spec.num_layers * 2 * cfg.num_kv_heads * max_context * cfg.head_dim
-        per_slot *= dtype.itemsize
+        per_slot = shard.stack.cache_bytes_per_slot(max_context)
         slots = cache_slots(
             max(1, req.max_seqs), per_slot, req.cache_memory_bytes, free_memory(self.device)
         )

@@ -86,11 +86,13 @@ class Stage:
             if not s.token_ids:
                 raise StepRefused(f"sequence {s.seq_id!r}: no token ids to append")
             slot = self.cache.slot_of(s.seq_id)
-            length = 0 if slot is None else self.cache.lengths[slot]
-            if s.keep > length:
+            if slot is None and s.keep:
                 raise StepRefused(
-                    f"sequence {s.seq_id!r}: keep {s.keep} beyond its {length} cached positions"
+                    f"sequence {s.seq_id!r}: keep {s.keep} beyond its 0 cached positions"
                 )
+            problem = None if slot is None else self.cache.keep_error(slot, s.keep)
+            if problem:
+                raise StepRefused(f"sequence {s.seq_id!r}: {problem}")
             if s.keep + len(s.token_ids) > self.cache.max_context:
                 raise StepRefused(
                     f"sequence {s.seq_id!r} would reach {s.keep + len(s.token_ids)} positions, "
