@@ -11,9 +11,16 @@ from torch import nn
 
 
 def _tensors(module: nn.Module) -> dict[int, torch.Tensor]:
-    # By identity: packed (oneDNN) weights have no storage pointer to compare, and a
-    # tied or shared weight is the same tensor object wherever it is used.
-    return {id(t): t for t in [*module.parameters(), *module.buffers()] if t is not None}
+    # Keyed by storage, so a tied or shared weight counts once even where two Parameter
+    # objects wrap it; packed (oneDNN) weights have no storage to share: by identity.
+    return {_storage_key(t): t for t in [*module.parameters(), *module.buffers()] if t is not None}
+
+
+def _storage_key(t: torch.Tensor) -> int:
+    try:
+        return t.untyped_storage().data_ptr()
+    except RuntimeError:
+        return id(t)
 
 
 def tensor_bytes(module: nn.Module, shared_with: nn.Module | None = None) -> int:
