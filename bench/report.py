@@ -155,7 +155,7 @@ def plot(report: dict, path: str) -> None:
             settings,
             [by[(s, n)]["decode_tokens_per_s"] for s in settings],
             "o-",
-            label=f"{n} streams",
+            label=f"{n} stream{'s' if n > 1 else ''}",
         )
     left.set(xlabel="draft tokens", ylabel="decode tokens/s per stream", title="Draft length")
     for s in settings:

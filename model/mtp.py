@@ -168,7 +168,6 @@ class MTPHead(nn.Module):
         self.norm = rms_norm(cfg, t[f"{PREFIX}.norm.weight"])
         # Shared with the trunk, not copied.
         self.embedding = embedding
-        self.lm_head = lm_head
         # A reduced draft vocabulary makes the draft pass's LM head a few percent of the
         # trunk instead of a quarter; verification still scores the full vocabulary.
         self.register_buffer("draft_ids", None, persistent=False)

@@ -1,4 +1,4 @@
-"""The embedded SmolLM2 through 1-4 CPU workers, with either activation transport:
+"""The embedded SmolLM2 through 2 and 3 CPU workers, one per activation transport:
 the same tokens and logits as the single-process engine."""
 
 from __future__ import annotations
@@ -24,7 +24,10 @@ def references():
 # Each transport on two worker counts here (one worker has no activations to move);
 # tests/test_pipeline.py runs every pairing on tiny models.
 @pytest.mark.parametrize(
-    ("workers", "transport"), [(1, "dist"), (2, "grpc"), (3, "dist"), (4, "grpc")]
+    # The real model on one pairing per transport (the suite's time budget); tiny models
+    # cover every worker count with both transports, and the MTP test runs 1 worker.
+    ("workers", "transport"),
+    [(2, "grpc"), (3, "dist")],
 )
 def test_smollm2_pipeline_equals_single_process(references, workers, transport):
     num_layers, runs = references

@@ -29,7 +29,9 @@ def references():
 # Every draft length runs once on the real model (each on a different worker count, to
 # keep the suite short), the adaptive policy on all; tiny models cover every pairing.
 @pytest.mark.parametrize(
-    ("workers", "settings"), [(1, [1, 4, AUTO]), (2, [2, 5, AUTO]), (3, [3, 6, AUTO])]
+    # Draft lengths 5 and 6 and the 2-worker split run on tiny models (the time budget).
+    ("workers", "settings"),
+    [(1, [1, 3, AUTO]), (3, [2, 4, AUTO])],
 )
 def test_smollm2_mtp_equals_plain_decoding(references, workers, settings):
     num_layers, runs = references
