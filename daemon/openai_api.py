@@ -389,7 +389,6 @@ class OpenAIApp:
 
     async def _body(self, request: Request) -> Any:
         """The JSON body, read no further than the size limit."""
-        limit = self.front.limits.max_request_bytes
         declared = request.headers.get("content-length", "")
         if declared.isdigit():
             self.front.check_size(int(declared))
@@ -400,8 +399,6 @@ class OpenAIApp:
                 self.front.check_size(len(body))
         except ClientDisconnect:
             raise _ApiError(400, "the client went away while sending the body") from None
-        if len(body) > limit:  # pragma: no cover (check_size raised already)
-            raise RequestTooLarge("request too large")
         try:
             return json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
