@@ -25,6 +25,7 @@ class Settings:
     split: str | None = None
     dtype: str = "float32"
     quant: str = "none"
+    cuda_graphs: bool = False
     threads: int | None = None
     transport: str = "dist"
     max_seqs: int = 16
@@ -75,6 +76,7 @@ class Coordinator:
                 split=settings.split,
                 dtype=settings.dtype,
                 quant=settings.quant,
+                cuda_graphs=settings.cuda_graphs,
                 max_seqs=settings.max_seqs,
                 max_context=min(settings.max_context, cfg.max_position_embeddings),
                 cache_memory=settings.cache_memory,

@@ -45,6 +45,7 @@ class PipelineConfig:
     split: str | None = None  # "auto", "10,20", or None for even
     dtype: str = "float32"
     quant: str = "none"  # weight-only quantization: none, int8, int4
+    cuda_graphs: bool = False  # decode and verification steps replayed as CUDA graphs
     max_seqs: int = 16
     max_context: int = 2048
     cache_memory: int = 0  # bytes per worker; 0 = a share of free memory
@@ -196,6 +197,8 @@ class Pipeline:
         else:
             devices = _resolve_devices(cfg.device, cfg.workers, cfg.transport)
             n = len(devices)
+            if cfg.cuda_graphs and devices[0] == "cpu":
+                raise InputError("--cuda-graphs needs --device cuda")
         split = None if cfg.split in (None, "auto") else parse_split(cfg.split)
         if cfg.split != "auto":  # refuse a bad layout before any worker starts
             layer_ranges(cfg.num_layers, n, split)
@@ -239,6 +242,7 @@ class Pipeline:
                     end_layer=end,
                     dtype=cfg.dtype,
                     quant=cfg.quant,
+                    cuda_graphs=cfg.cuda_graphs,
                     max_seqs=cfg.max_seqs,
                     max_context=cfg.max_context,
                     cache_memory_bytes=cache_memory,

@@ -19,7 +19,7 @@ from mtpd.model.checkpoint import Checkpoint
 from mtpd.model.config import ModelConfig
 from mtpd.model.errors import ModelLoadError
 from mtpd.model.kv_cache import KVCache
-from mtpd.model.layers import Linear
+from mtpd.model.layers import Linear, PaddedLayout
 
 EMBEDDING = "model.embed_tokens.weight"
 FINAL_NORM = "model.norm.weight"
@@ -158,8 +158,10 @@ class DecoderShard(nn.Module):
     def device(self) -> torch.device:
         return self.stack.cos.device
 
-    def new_cache(self, max_seqs: int, max_context: int | None = None) -> KVCache:
-        return self.stack.new_cache(max_seqs, max_context)
+    def new_cache(
+        self, max_seqs: int, max_context: int | None = None, scratch_slot: bool = False
+    ) -> KVCache:
+        return self.stack.new_cache(max_seqs, max_context, scratch_slot)
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(token_ids, self.embedding)
@@ -175,6 +177,14 @@ class DecoderShard(nn.Module):
         """
         h = self.embed(x) if self.spec.has_embedding else x
         h = self.stack(h, cache, slots, counts)
+        return self.norm(h) if self.norm is not None else h
+
+    def forward_padded(self, x: torch.Tensor, cache: KVCache, layout: PaddedLayout) -> torch.Tensor:
+        """forward() on a padded step (x: [B * T] ids or [B * T, hidden]): tensors in,
+        tensors out, nothing on the host, so it can be captured in a CUDA graph. The
+        caller records the new cache lengths."""
+        h = self.embed(x) if self.spec.has_embedding else x
+        h = self.stack.run_layers(h, layout, cache)
         return self.norm(h) if self.norm is not None else h
 
     def logits(self, normed_hidden: torch.Tensor) -> torch.Tensor:

@@ -159,7 +159,11 @@ class HybridLayerStack(LayerStack):
         linear = LinearStates.bytes_per_slot(self.num_linear, cfg.linear_attention, self.dtype)
         return kv * self.cache_dtype.itemsize + linear
 
-    def new_cache(self, max_seqs: int, max_context: int | None = None) -> HybridCache:
+    def new_cache(
+        self, max_seqs: int, max_context: int | None = None, scratch_slot: bool = False
+    ) -> HybridCache:
+        if scratch_slot:
+            raise ValueError("padded steps (CUDA graphs) cover attention-only layer stacks")
         device = self.cos.device
         linear = None
         if self.num_linear:

@@ -27,8 +27,12 @@ class KVCache:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device,
+        scratch_slot: bool = False,
     ) -> None:
-        shape = (num_layers, max_seqs, num_kv_heads, max_context, head_dim)
+        # The scratch slot is never given to a sequence: a CUDA graph captured for more
+        # sequences than a step holds points the missing ones there.
+        self.scratch_slot = max_seqs if scratch_slot else None
+        shape = (num_layers, max_seqs + scratch_slot, num_kv_heads, max_context, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_seqs = max_seqs

@@ -113,6 +113,46 @@ class BatchLayout:
             cache.lengths[slot] = start + count
 
 
+@dataclass
+class PaddedLayout:
+    """A step as B sequences × T rows each, held in tensors only: one attention call
+    serves every sequence and nothing in the layers touches Python lists, so the step
+    can be captured in a CUDA graph. A sequence with fewer than T new tokens is padded;
+    its padding rows take the positions after its real ones, where the cache tolerates
+    stale entries (its length excludes them) and no real row's mask reaches them."""
+
+    slots: torch.Tensor  # [B]
+    positions: torch.Tensor  # [B, T]: each row's cache position
+    context: int  # keys read per sequence: more than any row's position
+    cos: torch.Tensor  # [B * T, 1, head_dim]
+    sin_signed: torch.Tensor
+    mask: torch.Tensor  # [B, 1, T, context]: row (b, t) sees keys up to its position
+
+    @classmethod
+    def build(
+        cls,
+        slots: torch.Tensor,
+        starts: torch.Tensor,
+        rows_per_seq: int,
+        context: int,
+        cos_table: torch.Tensor,
+        sin_signed_table: torch.Tensor,
+        dtype: torch.dtype,
+    ) -> PaddedLayout:
+        device = starts.device
+        positions = starts[:, None] + torch.arange(rows_per_seq, device=device)[None, :]
+        flat = positions.reshape(-1)
+        mask = torch.arange(context, device=device)[None, None, :] <= positions[:, :, None]
+        return cls(
+            slots,
+            positions,
+            context,
+            cos_table[flat][:, None].to(dtype),
+            sin_signed_table[flat][:, None].to(dtype),
+            mask[:, None],
+        )
+
+
 def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
     """Rotate-half RoPE: x*cos + rotate_half(x)*sin, with rotate_half(x) = [-x2, x1]
     written as roll(x) * [-sin, sin] (bit-identical, fewer kernels).
@@ -182,7 +222,35 @@ class Attention(nn.Module):
         self, x: torch.Tensor, layout: BatchLayout, cache: KVCache, layer: int
     ) -> torch.Tensor:
         q, k, v = self._project(x, layout.cos, layout.sin_signed)
-        return self.o(self._attend_rows(q, k, v, layout, cache, layer))
+        attend = self._attend_padded if isinstance(layout, PaddedLayout) else self._attend_rows
+        return self.o(attend(q, k, v, layout, cache, layer))
+
+    def _attend_padded(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layout: PaddedLayout,
+        cache: KVCache,
+        layer: int,
+    ) -> torch.Tensor:
+        """All sequences at once: write the new k/v at their positions, then attend over
+        each slot's first `context` keys under the causal mask. [B * T, heads * d]"""
+        b, t = layout.positions.shape
+        heads, d = self.num_heads, self.head_dim
+        layer_k, layer_v = cache.k[layer], cache.v[layer]  # [slots, kv_heads, context, d]
+        rows = layout.slots[:, None].expand(b, t)
+        # Advanced indices around a slice put their dims first: [B, T, kv_heads, d].
+        layer_k[rows, :, layout.positions] = k.view(b, t, -1, d).to(layer_k.dtype)
+        layer_v[rows, :, layout.positions] = v.view(b, t, -1, d).to(layer_v.dtype)
+        o = F.scaled_dot_product_attention(
+            q.view(b, t, heads, d).transpose(1, 2).to(layer_k.dtype),
+            layer_k[layout.slots, :, : layout.context],
+            layer_v[layout.slots, :, : layout.context],
+            attn_mask=layout.mask,
+            enable_gqa=True,
+        )
+        return o.transpose(1, 2).reshape(b * t, heads * d).to(k.dtype)
 
     def _attend_rows(
         self,
@@ -370,7 +438,9 @@ class LayerStack(nn.Module):
         per_layer = 2 * cfg.num_kv_heads * max_context * cfg.head_dim
         return len(self.layers) * per_layer * self.cache_dtype.itemsize
 
-    def new_cache(self, max_seqs: int, max_context: int | None = None) -> KVCache:
+    def new_cache(
+        self, max_seqs: int, max_context: int | None = None, scratch_slot: bool = False
+    ) -> KVCache:
         return KVCache(
             len(self.layers),
             max_seqs,
@@ -379,6 +449,7 @@ class LayerStack(nn.Module):
             self.cfg.head_dim,
             self.cache_dtype,
             self.cos.device,
+            scratch_slot,
         )
 
     def forward_causal(self, h: torch.Tensor) -> torch.Tensor:
@@ -393,7 +464,13 @@ class LayerStack(nn.Module):
         self, h: torch.Tensor, cache: KVCache, slots: list[int], counts: list[int]
     ) -> torch.Tensor:
         layout = BatchLayout.build(cache, slots, counts, self.cos, self.sin_signed, self.dtype)
+        h = self.run_layers(h, layout, cache)
+        layout.commit(cache)
+        return h
+
+    def run_layers(
+        self, h: torch.Tensor, layout: BatchLayout | PaddedLayout, cache: KVCache
+    ) -> torch.Tensor:
         for i, layer in enumerate(self.layers):
             h = layer(h, layout, cache, i)
-        layout.commit(cache)
         return h

@@ -164,6 +164,12 @@ def _add_pipeline_flags(p: argparse.ArgumentParser) -> None:
         help="activations between workers: torch.distributed (default) or relayed over gRPC",
     )
     p.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="replay decode and verification steps as CUDA graphs (dense models on CUDA; "
+        "not yet measured on a GPU, so off by default)",
+    )
+    p.add_argument(
         "--max-context", type=int, default=2048, help="positions per sequence (default 2048)"
     )
     p.add_argument(
@@ -406,6 +412,7 @@ def _settings(args: argparse.Namespace, max_seqs: int):
         split=args.split,
         dtype=args.dtype,
         quant=args.quant,
+        cuda_graphs=args.cuda_graphs,
         threads=args.threads,
         transport=args.transport,
         max_seqs=max_seqs,

@@ -16,6 +16,7 @@ from mtpd.daemon.scheduler import Scheduler
 from mtpd.model.compare import compare_tokens
 from mtpd.model.quant import Int4Linear, Int4Weight, Int8Linear
 from mtpd.model.sampling import SamplingParams
+from mtpd.worker.cuda_graphs import StepGraphs
 from mtpd.worker.engine import Engine
 
 pytestmark = pytest.mark.cuda
@@ -83,3 +84,51 @@ def test_two_workers_on_one_gpu_with_mtp_equal_the_engine(tiny, quant):
             scheduler.close()
             assert compare_tokens(expected, logits, result.token_ids).ok, setting
     assert [s.device for s in pipeline.stages] == ["cuda:0", "cuda:0"]
+
+
+def test_steps_replayed_as_cuda_graphs_give_the_eager_logits(tiny):
+    engine = Engine.load(tiny, max_context=128, device="cuda")
+    shard = engine.shard
+    eager, graphed = (shard.new_cache(4, 128, scratch_slot=True) for _ in range(2))
+    steps = StepGraphs(shard, graphed)
+    g = torch.Generator().manual_seed(0)
+    slots = [eager.slot(str(i)) for i in range(3)]
+    assert slots == [graphed.slot(str(i)) for i in range(3)]
+    with torch.inference_mode():
+        for slot in slots:
+            prompt = torch.randint(0, 96, (5 + 7 * slot,), generator=g).cuda()
+            for cache in (eager, graphed):
+                shard(prompt, cache, [slot], [len(prompt)])
+        for round_ in range(8):  # decoding, verification, rejected drafts
+            counts = [1 + (round_ + i) % 4 for i in range(3)]
+            x = torch.randint(0, 96, (sum(counts),), generator=g).cuda()
+            want = shard.logits(shard(x, eager, slots, counts))
+            got = shard.logits(steps.run(x, slots, counts))
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+            for cache in (eager, graphed):
+                for slot, count in zip(slots, counts, strict=True):
+                    cache.truncate(slot, cache.lengths[slot] - (count - 1) // 2)
+    assert all(b.graph is not None for b in steps.buckets.values())
+
+
+def test_a_pipeline_with_cuda_graphs_equals_the_engine(tiny):
+    engine = Engine.load(tiny, max_context=128, device="cuda")
+    expected, logits = solo_run(engine, PROMPT, 24)
+    config = PipelineConfig(
+        model=str(tiny),
+        num_layers=4,
+        workers=1,
+        device="cuda",
+        max_seqs=2,
+        max_context=128,
+        cache_memory=16 << 20,
+        load_mtp=True,
+        cuda_graphs=True,
+    )
+    with Pipeline.start(config) as pipeline:
+        for setting in (0, 3, AUTO):
+            scheduler = Scheduler(pipeline, eos_ids=set(), policy=DraftPolicy(setting))
+            request = scheduler.submit(PROMPT, SamplingParams(), 24, ignore_eos=True)
+            result = request.result(300)
+            scheduler.close()
+            assert compare_tokens(expected, logits, result.token_ids).ok, setting

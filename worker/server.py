@@ -27,6 +27,7 @@ from mtpd.model.errors import InputError
 from mtpd.rpc import CHANNEL_OPTIONS, bearer_metadata, bearer_token_matches
 from mtpd.v1 import worker_pb2 as pb
 from mtpd.v1 import worker_pb2_grpc as pb_grpc
+from mtpd.worker.cuda_graphs import StepGraphs
 from mtpd.worker.engine import load_shard
 from mtpd.worker.memory import peak_memory_bytes, tensor_bytes
 from mtpd.worker.stage import Stage
@@ -154,18 +155,25 @@ class WorkerService(pb_grpc.WorkerServicer):
             checkpoint_mtp=load_mtp,
             quant=req.quant or "none",
         )
+        if req.cuda_graphs and (self.device.type != "cuda" or not StepGraphs.supports(shard)):
+            raise InputError(
+                f"CUDA graphs need a CUDA device and a model of attention layers only "
+                f"(this worker: {self.device}, {cfg.architecture})"
+            )
         max_context = shard.stack.max_context
         per_slot = shard.stack.cache_bytes_per_slot(max_context)
-        slots = cache_slots(
-            max(1, req.max_seqs), per_slot, req.cache_memory_bytes, free_memory(self.device)
-        )
-        cache = shard.new_cache(slots, max_context)
+        budget = req.cache_memory_bytes
+        if req.cuda_graphs and budget:
+            budget = max(1, budget - per_slot)  # the scratch slot is in the budget too
+        slots = cache_slots(max(1, req.max_seqs), per_slot, budget, free_memory(self.device))
+        cache = shard.new_cache(slots, max_context, scratch_slot=req.cuda_graphs)
+        graphs = StepGraphs(shard, cache) if req.cuda_graphs else None
         link = None
         if req.world_size > 1 and req.transport == pb.TRANSPORT_DIST:
             timeout = timedelta(milliseconds=req.recv_timeout_ms or 60_000)
             self._link_args = (req.rank, req.world_size, self.device, timeout)
             link = self._new_link(req.rendezvous)
-        self.stage = Stage(shard, cache, req.rank, req.world_size, link, mtp)
+        self.stage = Stage(shard, cache, req.rank, req.world_size, link, mtp, graphs)
         return pb.LoadReply(
             parameter_count=shard.parameter_count,
             tensor_names=sorted(shard_tensor_shapes(cfg, spec)),

@@ -22,11 +22,16 @@ from mtpd.model.mtp import MTPHead
 from mtpd.model.sampling import SamplingParams
 from mtpd.rpc import sampling_from_wire
 from mtpd.v1 import worker_pb2 as pb
+from mtpd.worker.cuda_graphs import StepGraphs
 from mtpd.worker.drafter import Advance, Drafter
+from mtpd.worker.host_copy import PinnedStaging
 from mtpd.worker.transport import DistLink, decode, encode
 from mtpd.worker.verify import verify
 
 MAX_DRAFT_TOKENS = 16
+# Host staging for the tail's logits and relayed activations: 64 MiB of float32 holds
+# the logits of 100 verified rows of a 152k vocabulary; larger copies go unpinned.
+PINNED_ELEMENTS = 16 * 2**20
 
 
 class StepRefused(InputError):
@@ -51,6 +56,7 @@ class Stage:
         world_size: int,
         link: DistLink | None,
         mtp: MTPHead | None = None,
+        graphs: StepGraphs | None = None,
     ) -> None:
         self.shard, self.cache, self.rank, self.world_size, self.link = (
             shard,
@@ -59,13 +65,15 @@ class Stage:
             world_size,
             link,
         )
+        self.graphs = graphs
+        self.hidden_size = shard.cfg.hidden_size
+        self.host = PinnedStaging(PINNED_ELEMENTS)
         self.is_first, self.is_tail = rank == 0, rank == world_size - 1
         self.drafter = (
             Drafter(mtp, cache.max_seqs, cache.max_context)
             if mtp is not None and self.is_tail
             else None
         )
-        self.hidden_size = shard.cfg.hidden_size
         # The tail keeps each sequence's cached token ids: sampling needs the position
         # and the history (repetition penalty).
         self.tokens: dict[str, list[int]] = {}
@@ -164,7 +172,9 @@ class Stage:
             x = decode(req.activations, rows, self.hidden_size).to(device)
         input_ready = time.monotonic()
 
-        hidden = self.shard(x, self.cache, slots, counts)
+        hidden = None if self.graphs is None else self.graphs.run(x, slots, counts)
+        if hidden is None:
+            hidden = self.shard(x, self.cache, slots, counts)
         if self.is_tail:
             self._verify_and_draft(seqs, params, counts, hidden, reply)
         elif device.type == "cuda":
@@ -175,7 +185,7 @@ class Stage:
             if self.link is not None:
                 self.link.send(hidden)
             else:
-                reply.activations.CopyFrom(encode(hidden))
+                reply.activations.CopyFrom(encode(self.host.to_host(hidden)))
         sent = time.monotonic()
 
         t = reply.timings
@@ -218,7 +228,7 @@ class Stage:
             for r in range(starts[i + 1] - 1 - s.verify, starts[i + 1])
         ]
         logits = (
-            self.shard.logits(hidden[torch.tensor(rows, device=hidden.device)]).cpu()
+            self.host.to_host(self.shard.logits(hidden[torch.tensor(rows, device=hidden.device)]))
             if rows
             else None
         )

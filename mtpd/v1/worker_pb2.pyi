@@ -68,7 +68,7 @@ class WorkerInfo(_message.Message):
     def __init__(self, version: _Optional[str] = ..., pid: _Optional[int] = ..., device: _Optional[str] = ..., free_memory_bytes: _Optional[int] = ..., state: _Optional[_Union[WorkerState, str]] = ..., threads: _Optional[int] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
-    __slots__ = ("model", "first_layer", "end_layer", "dtype", "max_seqs", "max_context", "cache_memory_bytes", "mtp_head", "rank", "world_size", "transport", "rendezvous", "recv_timeout_ms", "load_mtp", "quant")
+    __slots__ = ("model", "first_layer", "end_layer", "dtype", "max_seqs", "max_context", "cache_memory_bytes", "mtp_head", "rank", "world_size", "transport", "rendezvous", "recv_timeout_ms", "load_mtp", "quant", "cuda_graphs")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     FIRST_LAYER_FIELD_NUMBER: _ClassVar[int]
     END_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +84,7 @@ class LoadRequest(_message.Message):
     RECV_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     LOAD_MTP_FIELD_NUMBER: _ClassVar[int]
     QUANT_FIELD_NUMBER: _ClassVar[int]
+    CUDA_GRAPHS_FIELD_NUMBER: _ClassVar[int]
     model: str
     first_layer: int
     end_layer: int
@@ -99,7 +100,8 @@ class LoadRequest(_message.Message):
     recv_timeout_ms: int
     load_mtp: bool
     quant: str
-    def __init__(self, model: _Optional[str] = ..., first_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., dtype: _Optional[str] = ..., max_seqs: _Optional[int] = ..., max_context: _Optional[int] = ..., cache_memory_bytes: _Optional[int] = ..., mtp_head: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., transport: _Optional[_Union[Transport, str]] = ..., rendezvous: _Optional[str] = ..., recv_timeout_ms: _Optional[int] = ..., load_mtp: _Optional[bool] = ..., quant: _Optional[str] = ...) -> None: ...
+    cuda_graphs: bool
+    def __init__(self, model: _Optional[str] = ..., first_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., dtype: _Optional[str] = ..., max_seqs: _Optional[int] = ..., max_context: _Optional[int] = ..., cache_memory_bytes: _Optional[int] = ..., mtp_head: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., transport: _Optional[_Union[Transport, str]] = ..., rendezvous: _Optional[str] = ..., recv_timeout_ms: _Optional[int] = ..., load_mtp: _Optional[bool] = ..., quant: _Optional[str] = ..., cuda_graphs: _Optional[bool] = ...) -> None: ...
 
 class LoadReply(_message.Message):
     __slots__ = ("parameter_count", "tensor_names", "max_seqs", "max_context", "cache_bytes", "hidden_size", "weights_fingerprint", "load_seconds", "mtp_head", "draft_vocab")
