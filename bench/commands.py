@@ -160,6 +160,7 @@ def run_bench(args: argparse.Namespace, settings) -> int:
         "device": device,
         "dtype": settings.dtype,
         "quant": settings.quant,
+        "cuda_graphs": settings.cuda_graphs,
         "requests": args.requests,
         "max_tokens": args.max_tokens,
         "rounds": args.rounds,

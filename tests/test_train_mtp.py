@@ -22,8 +22,8 @@ def tiny(tmp_path_factory):
     return d
 
 
-def train(tiny, steps: int, out: str, capsys) -> dict:
-    args = ["train-mtp", "--model", str(tiny / "model"), "--out", str(tiny / out)]
+def train(tiny, steps: int, out: str, capsys, *extra: str) -> dict:
+    args = ["train-mtp", "--model", str(tiny / "model"), "--out", str(tiny / out), *extra]
     args += [
         "--work-dir",
         str(tiny / "work"),
@@ -73,6 +73,31 @@ def test_head_refused_by_another_model(tiny, tmp_path, capsys):
     code = main(["eval-mtp", "--model", str(other), "--head", str(tiny / "trained.safetensors")])
     err = capsys.readouterr().err
     assert code == 2 and "different base model" in err and "trained.safetensors" in err
+
+
+def test_training_goes_on_from_a_trained_head(tiny, tmp_path, capsys):
+    if not (tiny / "trained.safetensors").exists():
+        train(tiny, 5, "trained.safetensors", capsys)
+    start = str(tiny / "trained.safetensors")
+    meta = train(tiny, 0, "continued.safetensors", capsys, "--init-head", start)
+    with safe_open(start, "pt") as a, safe_open(str(tiny / "continued.safetensors"), "pt") as b:
+        assert set(a.keys()) == set(b.keys())
+        for name in a.keys():  # noqa: SIM118
+            assert a.get_tensor(name).equal(b.get_tensor(name)), name
+        before = json.loads(a.metadata()["training"])
+    assert json.loads(meta["training"])["init_head"] == {
+        "file": "trained.safetensors",
+        "training": before,
+    }
+    # A head made for another model is refused before any data is collected.
+    other = tmp_path / "other"
+    write_tiny_model(other, "llama", vocab=98, layers=2, seed=7)
+    write_char_tokenizer(other, TEMPLATE)
+    work = tmp_path / "work"
+    args = ["train-mtp", "--model", str(other), "--out", str(tmp_path / "h.safetensors")]
+    code = main([*args, "--init-head", start, "--work-dir", str(work)])
+    assert code == 2 and "different base model" in capsys.readouterr().err
+    assert not work.exists()
 
 
 def test_interrupted_training_resumes_to_the_same_head(tiny, tmp_path, capsys):

@@ -62,13 +62,14 @@ def _clock(seconds: float) -> str:
     return f"{m // 60}:{m % 60:02d}:{s:02d}"
 
 
-def _settings_key(settings: object, init: dict) -> str:
+def _settings_key(settings: object, init: dict, init_head: str | None) -> str:
     import hashlib
 
     from mtpd.model.mtp import DRAFT_VOCAB
 
     vocab = len(init.get(DRAFT_VOCAB, []))
-    return hashlib.sha256(f"{settings!r} {vocab}".encode()).hexdigest()[:12]
+    start = hashlib.sha256(Path(init_head).read_bytes()).hexdigest() if init_head else "trunk"
+    return hashlib.sha256(f"{settings!r} {vocab} {start}".encode()).hexdigest()[:12]
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -76,7 +77,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     from mtpd.model.checkpoint import open_checkpoint
     from mtpd.model.decoder import fingerprint_names
-    from mtpd.model.mtp import DRAFT_VOCAB, save_head_file
+    from mtpd.model.mtp import DRAFT_VOCAB, check_head_base, read_head_file, save_head_file
     from mtpd.train.collect import collect, read_shards
     from mtpd.train.evaluate import evaluate_head
     from mtpd.train.prompts import training_prompts
@@ -102,6 +103,11 @@ def run_train(args: argparse.Namespace) -> int:
     work_dir = Path(
         args.work_dir or Path.home() / ".cache" / "mtpd" / "train" / engine.shard.fingerprint
     )
+    start_from = None
+    if args.init_head:  # read first: a head for another model fails before any work
+        source = Path(args.init_head)
+        start_from = read_head_file(source)
+        check_head_base(start_from[1], engine.shard.fingerprint, source)
     prompts = read_prompts(Path(args.prompts)) if args.prompts else training_prompts(args.seed)
     prompts = prompts[: args.num_prompts]
     print(f"collecting continuations of {len(prompts)} prompts into {work_dir}", file=sys.stderr)
@@ -123,6 +129,15 @@ def run_train(args: argparse.Namespace) -> int:
     ckpt = open_checkpoint(engine.model_path)
     trunk = {k: v.float() for k, v in ckpt.read(fingerprint_names(engine.cfg)).items()}
     init = initial_head(trunk, engine.cfg)
+    if start_from is not None:
+        # Go on from a trained head (more data, more steps); the draft vocabulary is
+        # chosen afresh from this data.
+        missing = sorted(set(init) - set(start_from[0]))
+        if missing:
+            raise ModelLoadError(
+                f"{args.init_head}: not an MTP head of this layout: no {missing[0]!r}"
+            )
+        init = {k: start_from[0][k].float() for k in init}
     coverage = 1.0
     if args.draft_vocab:
         init[DRAFT_VOCAB], coverage = draft_vocabulary(records, args.draft_vocab)
@@ -155,7 +170,8 @@ def run_train(args: argparse.Namespace) -> int:
         settings,
         # Named by the settings: a rerun with other settings starts afresh, not from a
         # state trained under different ones.
-        state_file=work_dir / f"train-state-{_settings_key(settings, init)}.safetensors",
+        state_file=work_dir
+        / f"train-state-{_settings_key(settings, init, args.init_head)}.safetensors",
         progress=lambda step, loss, agree, eta: _bar(
             "train", step, settings.steps, f"loss {loss:.3f} top-1 {agree:.3f} eta {_clock(eta)}"
         ),
@@ -179,6 +195,12 @@ def run_train(args: argparse.Namespace) -> int:
                 "unroll": settings.unroll,
                 "distill": settings.distill,
                 "seed": args.seed,
+                "init_head": None
+                if start_from is None
+                else {
+                    "file": Path(args.init_head).name,
+                    "training": json.loads(start_from[1].get("training", "null")),
+                },
                 "final_loss": round(final["loss"], 4),
                 "final_top1_agreement": round(final["top1_agreement"], 4),
                 "collect_s": round(collected - started),
@@ -247,6 +269,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "--corpus", nargs="*", default=[], help="text or JSON files the model also reads"
     )
     t.add_argument("--steps", type=int, default=1500)
+    t.add_argument(
+        "--init-head",
+        default=None,
+        help="start from this head (trained for the same model) instead of the trunk's last layer",
+    )
     t.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument(
