@@ -35,6 +35,16 @@ def tiny(tmp_path_factory):
     return path
 
 
+def assert_generates(pipeline: Pipeline, expected: list[int], logits: torch.Tensor) -> None:
+    """The pipeline's greedy tokens equal the engine's at MTP off, 3 drafts and auto."""
+    for setting in (0, 3, AUTO):
+        scheduler = Scheduler(pipeline, eos_ids=set(), policy=DraftPolicy(setting))
+        request = scheduler.submit(PROMPT, SamplingParams(), 24, ignore_eos=True)
+        result = request.result(300)
+        scheduler.close()
+        assert compare_tokens(expected, logits, result.token_ids).ok, setting
+
+
 def test_the_engine_on_cuda_gives_the_cpu_logits(tiny):
     cpu = Engine.load(tiny, max_context=128).forward("s", 0, PROMPT, all_logits=True)
     gpu = Engine.load(tiny, max_context=128, device="cuda").forward("s", 0, PROMPT, all_logits=True)
@@ -77,12 +87,7 @@ def test_two_workers_on_one_gpu_with_mtp_equal_the_engine(tiny, quant):
         )
     )
     with pipeline:
-        for setting in (0, 3, AUTO):
-            scheduler = Scheduler(pipeline, eos_ids=set(), policy=DraftPolicy(setting))
-            request = scheduler.submit(PROMPT, SamplingParams(), 24, ignore_eos=True)
-            result = request.result(300)
-            scheduler.close()
-            assert compare_tokens(expected, logits, result.token_ids).ok, setting
+        assert_generates(pipeline, expected, logits)
     assert [s.device for s in pipeline.stages] == ["cuda:0", "cuda:0"]
 
 
@@ -126,9 +131,4 @@ def test_a_pipeline_with_cuda_graphs_equals_the_engine(tiny):
         cuda_graphs=True,
     )
     with Pipeline.start(config) as pipeline:
-        for setting in (0, 3, AUTO):
-            scheduler = Scheduler(pipeline, eos_ids=set(), policy=DraftPolicy(setting))
-            request = scheduler.submit(PROMPT, SamplingParams(), 24, ignore_eos=True)
-            result = request.result(300)
-            scheduler.close()
-            assert compare_tokens(expected, logits, result.token_ids).ok, setting
+        assert_generates(pipeline, expected, logits)
