@@ -3,12 +3,17 @@
 The output never depends on this choice (verification is exact), only the speed does.
 With acceptance c_j at draft position j (conditional on the earlier ones being
 accepted), a step drafting k tokens emits E(k) = 1 + sum_i prod_{j<=i} c_j tokens on
-average and costs T(k) = V(1 + k) + D * max(k, 1): a pipeline pass over 1 + k positions,
-V(n) = alpha + beta * n fitted online to the measured steps (alpha is shared by the
-sequences of a batch), plus the head's passes (the first runs even for k = 0, to keep
-its cache current). The policy picks the k in 0..6 with the largest E(k) / T(k),
-drafting one token every few steps even at k = 0 so acceptance keeps being measured;
-a sequence's acceptance starts from the server-wide rates and moves to its own.
+average and costs T(k) = V(b(1 + k)) / b + D * max(k, 1): a sequence's share of a
+pipeline pass over the b sequences of its batch with 1 + k positions each, plus the
+head's passes (the first runs even for k = 0, to keep its cache current). V(n) is the
+measured mean time of passes over n positions where such passes were seen, else the
+line alpha + beta * n fitted online to every pass, continued from the measured sizes
+below n. A line alone is not enough: on CPU oneDNN changes kernels with the row count,
+and a pass's third row was measured to add twice what its second did, so a policy
+trusting the line drafts two tokens where one pays better. The policy picks the k in
+0..6 with the largest E(k) / T(k), drafting one token every few steps even at k = 0 so
+acceptance keeps being measured; a sequence's acceptance starts from the server-wide
+rates and moves to its own.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ MAX_DRAFT = 6  # the longest draft `auto` considers
 _PRIOR_WEIGHT = 8.0  # how many observations the server-wide rate is worth per sequence
 _FORGET = 0.98  # per step, for the cost fit
 _EXPLORE_EVERY = 8  # with k = 0 chosen, draft one token every this many steps anyway
+_MEASURED = 3.0  # weight of observations before a pass size's mean replaces the line
+_SIZES = 512  # pass sizes (positions) whose mean time is kept
 
 
 @dataclass
@@ -100,6 +107,9 @@ class DraftPolicy:
         self.server = DraftStats()  # every sequence's steps: the prior for new ones
         # Weighted least squares of step time on positions, with forgetting.
         self._sw = self._sx = self._sy = self._sxx = self._sxy = 0.0
+        self._by_size: dict[int, tuple[float, float]] = {}  # positions: (weight, sum)
+        # alpha, beta and the well-measured (size, mean) pairs, sorted; None once stale.
+        self._costs: tuple[float, float, list[tuple[int, float]]] | None = None
         self.draft_pass_s = 0.0
 
     @property
@@ -112,6 +122,10 @@ class DraftPolicy:
         f = _FORGET
         self._sw, self._sx, self._sy = f * self._sw + 1, f * self._sx + x, f * self._sy + y
         self._sxx, self._sxy = f * self._sxx + x * x, f * self._sxy + x * y
+        if positions <= _SIZES:
+            w, total = self._by_size.get(positions, (0.0, 0.0))
+            self._by_size[positions] = (f * w + 1, f * total + y)
+        self._costs = None
         if passes:
             per_pass = draft_s / passes
             self.draft_pass_s = (
@@ -128,6 +142,23 @@ class DraftPolicy:
         beta = (self._sxy / self._sw - mean_x * mean_y) / var if var > 1e-9 else 0.0
         beta = max(beta, 0.0)
         return max(mean_y - beta * mean_x, 1e-6), beta
+
+    def pass_cost(self, positions: int) -> float:
+        """V(positions): the measured mean where passes of this size were seen enough,
+        else the fitted line, continued from any measured size below (a size not yet
+        measured never looks cheaper than a smaller one that was)."""
+        if self._costs is None:  # once per observed step, not per sequence and k
+            measured = ((n, t / w) for n, (w, t) in self._by_size.items() if w >= _MEASURED)
+            self._costs = (*self.cost_fit(), sorted(measured))
+        alpha, beta, measured = self._costs
+        cost = alpha + beta * positions
+        for n, mean in measured:
+            if n == positions:
+                return mean
+            if n > positions:
+                break
+            cost = max(cost, mean + beta * (positions - n))
+        return cost
 
     def rates(self, own: DraftStats) -> list[float]:
         """Conditional acceptance by position: the sequence's own, pulled towards the
@@ -154,12 +185,14 @@ class DraftPolicy:
         if self.setting != AUTO:
             return min(int(self.setting), limit)
         rates = self.rates(own)
-        alpha, beta = self.cost_fit()
-        draft = self.draft_pass_s if self._sw >= 2 and self.draft_pass_s else 0.1 * alpha
+        batch = max(batch, 1)
+        draft = (
+            self.draft_pass_s if self._sw >= 2 and self.draft_pass_s else 0.1 * self.cost_fit()[0]
+        )
         best, best_rate = 0, 0.0
         for k in range(min(MAX_DRAFT, limit) + 1):
             # The head's first pass runs even for k = 0: it keeps its cache current.
-            cost = alpha / max(batch, 1) + beta * (1 + k) + draft * max(k, 1)
+            cost = self.pass_cost(batch * (1 + k)) / batch + draft * max(k, 1)
             rate = self.expected_tokens(rates, k) / cost
             if rate > best_rate:
                 best, best_rate = k, rate

@@ -1,0 +1,52 @@
+"""The `auto` draft policy's choice of draft length, from measured acceptance and costs."""
+
+from __future__ import annotations
+
+from mtpd.daemon.draft_policy import AUTO, DraftPolicy, DraftStats
+
+DRAFT_PASS_S = 0.003
+
+
+def steady_sequence(rate: float) -> DraftStats:
+    """A sequence with a long record of drafts accepted at `rate` at each position."""
+    reached = [1000, int(1000 * rate), int(1000 * rate * rate)]
+    accepted = [int(n * rate) for n in reached]
+    return DraftStats(steps=1000, drafted=[1000] * 3, reached=reached, accepted=accepted)
+
+
+def observe(policy: DraftPolicy, positions: int, pass_s: float, times: int = 4) -> None:
+    for _ in range(times):
+        policy.observe_step(positions, pass_s + DRAFT_PASS_S, DRAFT_PASS_S, passes=1)
+
+
+def test_a_measured_jump_in_pass_cost_overrules_the_fitted_line():
+    policy, seq = DraftPolicy(AUTO), steady_sequence(0.45)
+    # Passes over 1 and 2 positions seen: the line through them says each position adds
+    # 6 ms, so two drafts (a pass over 3 positions) look best.
+    observe(policy, 1, 0.100, times=20)
+    observe(policy, 2, 0.106, times=20)
+    assert policy.choose(seq, limit=6) == 2
+    # Measured, the third position costs 24 ms (a slower kernel): one draft pays better,
+    # and the sizes beyond are no cheaper than the one measured below them.
+    observe(policy, 3, 0.130)
+    assert policy.choose(seq, limit=6) == 1
+    assert policy.pass_cost(5) >= 0.130
+
+
+def test_batched_sequences_share_a_pass():
+    policy, seq = DraftPolicy(AUTO), steady_sequence(0.45)
+    # A lone sequence's second position costs 60%; in a batch of four, a second
+    # position each costs 5%: the policy drafts there and not alone.
+    observe(policy, 1, 0.100)
+    observe(policy, 2, 0.160)
+    observe(policy, 4, 0.200)
+    observe(policy, 8, 0.210)
+    assert policy.choose(seq, limit=6, batch=1) == 0
+    assert policy.choose(seq, limit=6, batch=4) == 1
+
+
+def test_fixed_settings_and_limits_are_kept():
+    seq = steady_sequence(0.9)
+    assert DraftPolicy(3).choose(seq, limit=6) == 3
+    assert DraftPolicy(3).choose(seq, limit=2) == 2
+    assert DraftPolicy(AUTO).choose(seq, limit=0) == 0
