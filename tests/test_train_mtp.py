@@ -11,7 +11,7 @@ from tiny_models import write_char_tokenizer, write_tiny_model
 
 from mtpd.cli import main
 
-TEMPLATE = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+TEMPLATE = "{% for m in messages %}> {{ m['content'] }}\n{% endfor %}"
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +29,8 @@ def train(tiny, steps: int, out: str, capsys, *extra: str) -> dict:
         str(tiny / "work"),
         "--num-prompts",
         "96",
+        "--self-prompts",
+        "32",
         "--gen-tokens",
         "48",
         "--batch",
@@ -185,3 +187,35 @@ def test_corpus_text_becomes_records(tiny):
         assert len(r.tokens) == len(r.argmax) + 1 and r.hidden.shape == (len(r.argmax), 64)
     # The reading slot was released: the one-slot cache can take a new sequence.
     assert engine.cache.slot("next") == 0 and engine.cache.lengths[0] == 0
+
+
+def test_the_model_writes_prompts(tiny, tmp_path):
+    from mtpd.train.prompts import self_written_prompts
+    from mtpd.worker.engine import Engine
+
+    engine = Engine.load(tiny / "model", max_seqs=8, max_context=256)
+    cache = tmp_path / "written.json"
+    prompts = self_written_prompts(engine, 12, cache, exclude=(), seed=3, batch=8)
+    assert len(prompts) == 12 and len(set(prompts)) == 12 and all(p == p.strip() for p in prompts)
+    # Written once: a rerun reads the file instead of sampling again.
+    stamp = cache.stat().st_mtime_ns
+    assert self_written_prompts(engine, 12, cache, exclude=(), seed=3, batch=8) == prompts
+    assert cache.stat().st_mtime_ns == stamp
+    # Deterministic by seed, and an excluded prompt (the evaluation set's) never appears.
+    banned = prompts[4]
+    again = self_written_prompts(
+        engine, 12, tmp_path / "other.json", exclude=[f"  {banned.upper()} "], seed=3, batch=8
+    )
+    assert banned not in again and again[:4] == prompts[:4] and again[4:11] == prompts[5:]
+
+
+def test_writing_prompts_needs_a_template_with_a_cue(tmp_path):
+    from mtpd.model.errors import ModelLoadError
+    from mtpd.train.prompts import self_written_prompts
+    from mtpd.worker.engine import Engine
+
+    write_tiny_model(tmp_path / "m", "llama", vocab=98, layers=2)
+    write_char_tokenizer(tmp_path / "m", "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    engine = Engine.load(tmp_path / "m", max_context=128)
+    with pytest.raises(ModelLoadError, match="--self-prompts 0"):
+        self_written_prompts(engine, 4, tmp_path / "w.json", exclude=(), seed=0)

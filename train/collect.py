@@ -38,9 +38,10 @@ def continue_prompts(
     engine: Engine,
     prompts: Sequence[list[int]],
     max_new: int,
-    params: SamplingParams,
+    params: Sequence[SamplingParams],
 ) -> list[Record]:
-    """Continue every prompt in one batch (each weight read once per step for all)."""
+    """Continue every prompt in one batch (each weight read once per step for all), the
+    i-th with params[i]: sampled rows need seeds of their own to differ."""
     shard, cache = engine.shard, engine.cache
     ids = [f"collect-{i}" for i in range(len(prompts))]
     slots = [cache.slot(s) for s in ids]
@@ -63,7 +64,7 @@ def continue_prompts(
                     hidden[i].append(h[offset : offset + n].to(torch.bfloat16))
                     argmax[i].extend(best[offset : offset + n])
                     history = torch.tensor(tokens[i])
-                    token = select_token(logits[offset + n - 1], params, len(tokens[i]), history)
+                    token = select_token(logits[offset + n - 1], params[i], len(tokens[i]), history)
                     offset += n
                     tokens[i].append(token)
                     if token not in engine.tokenizer.eos_ids:
@@ -159,7 +160,12 @@ def collect(
         chunk = prompts[b * batch : (b + 1) * batch]
         ids = [tok.encode(tok.render_chat([{"role": "user", "content": p}])) for p in chunk]
         sampled = random.Random(seed * 1_000_003 + b).random() < sampled_share
-        params = SamplingParams(temperature=0.8, seed=seed + b) if sampled else SamplingParams()
+        params = [
+            SamplingParams(temperature=0.8, seed=seed + b * batch + i)
+            if sampled
+            else SamplingParams()
+            for i in range(len(ids))
+        ]
         start = time.perf_counter()
         records = continue_prompts(engine, ids, max_new, params)
         write_shard(work_dir / f"shard-{b:05d}.safetensors", records)

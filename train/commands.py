@@ -80,7 +80,7 @@ def run_train(args: argparse.Namespace) -> int:
     from mtpd.model.mtp import DRAFT_VOCAB, check_head_base, read_head_file, save_head_file
     from mtpd.train.collect import collect, read_shards
     from mtpd.train.evaluate import evaluate_head
-    from mtpd.train.prompts import training_prompts
+    from mtpd.train.prompts import self_written_prompts, training_prompts
     from mtpd.train.trainer import (
         TrainSettings,
         build_trainable_head,
@@ -110,6 +110,21 @@ def run_train(args: argparse.Namespace) -> int:
         check_head_base(start_from[1], engine.shard.fingerprint, source)
     prompts = read_prompts(Path(args.prompts)) if args.prompts else training_prompts(args.seed)
     prompts = prompts[: args.num_prompts]
+    work_dir.mkdir(parents=True, exist_ok=True)
+    if args.self_prompts:
+        # Appended, so a work dir collected without them goes on where it stopped.
+        written = self_written_prompts(
+            engine,
+            args.self_prompts,
+            work_dir / "self-prompts.json",
+            exclude=read_prompts(eval_prompts_path()),
+            seed=args.seed,
+            batch=args.batch,
+            progress=lambda done, n: _bar("write prompts", done, n, ""),
+        )
+        if len(written) < args.self_prompts:
+            print(f"\nthe model wrote only {len(written)} distinct prompts", file=sys.stderr)
+        prompts += written
     print(f"collecting continuations of {len(prompts)} prompts into {work_dir}", file=sys.stderr)
     collect(
         engine,
@@ -186,6 +201,7 @@ def run_train(args: argparse.Namespace) -> int:
         "training": json.dumps(
             {
                 "prompts": len(prompts),
+                "self_written_prompts": args.self_prompts,
                 "sequences": len(records),
                 "tokens": n_tokens,
                 "corpus_files": [Path(c).name for c in args.corpus],
@@ -281,7 +297,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="a file of prompts, one per line (default: the built-in set)",
     )
-    t.add_argument("--num-prompts", type=int, default=1536)
+    t.add_argument("--num-prompts", type=int, default=1536, help="composed prompts used")
+    t.add_argument(
+        "--self-prompts",
+        type=int,
+        default=512,
+        help="prompts the model writes itself, added to the composed ones (0: none)",
+    )
     t.add_argument("--gen-tokens", type=int, default=160, help="tokens generated per prompt")
     t.add_argument("--batch", type=int, default=32, help="prompts generated together")
     t.add_argument("--train-batch", type=int, default=16, help="sequences per training step")

@@ -92,7 +92,7 @@ def evaluate_head(
             tok.encode(tok.render_chat([{"role": "user", "content": p}]))
             for p in prompts[b : b + batch]
         ]
-        records = continue_prompts(engine, ids, max_new, SamplingParams())
+        records = continue_prompts(engine, ids, max_new, [SamplingParams()] * len(ids))
         starts = [len(i) - 1 for i in ids]  # first position whose next token is generated
         drafts = draft_along(head, records, starts, k)
         for r, s, d in zip(records, starts, drafts, strict=True):

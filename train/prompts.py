@@ -1,11 +1,19 @@
 """The training prompt set, built offline: no instruction data set installs without a
-download, so prompts are composed from topics and task types. The evaluation prompts
-(data/eval_prompts.txt) are written separately, on topics that never appear here, so
-evaluation measures generalisation, not recall."""
+download, so prompts are composed from topics and task types, and the model writes more
+itself. The evaluation prompts (data/eval_prompts.txt) are written separately, on topics
+that never appear here, so evaluation measures generalisation, not recall."""
 
 from __future__ import annotations
 
+import json
 import random
+from collections.abc import Callable, Collection
+from pathlib import Path
+
+from mtpd.model.errors import ModelLoadError
+from mtpd.model.sampling import SamplingParams
+from mtpd.train.collect import continue_prompts
+from mtpd.worker.engine import Engine
 
 TOPICS = """
 the water cycle; volcanoes; black holes; photosynthesis; the Roman Empire; the French Revolution;
@@ -97,3 +105,54 @@ def training_prompts(seed: int = 0) -> list[str]:
     prompts += [task.format(t=t) for t in _split(CODE_TASKS) for task in CODE_PROMPTS]
     random.Random(seed).shuffle(prompts)
     return prompts
+
+
+def _normal(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def self_written_prompts(
+    engine: Engine,
+    n: int,
+    cache: Path,
+    *,
+    exclude: Collection[str],
+    seed: int,
+    batch: int = 32,
+    max_tokens: int = 64,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[str]:
+    """`n` user messages the model writes itself: given the chat template up to the start
+    of a user turn, an instruction-tuned model samples what a user would ask (the
+    "Magpie" method). Far more varied than composed prompts, which is what a head needs
+    to generalise. Prompts in `exclude` (the evaluation set) and repeats are dropped.
+    Kept in `cache` (JSON), so a rerun reuses them; at most 4n rows are sampled."""
+    done: list[str] = json.loads(cache.read_text()) if cache.exists() else []
+    if len(done) >= n:
+        return done[:n]
+    tok = engine.tokenizer
+    # The rendered chat up to where the user's words start.
+    head = tok.encode(tok.render_chat([{"role": "user", "content": "\0"}]).split("\0")[0])
+    if not head:
+        raise ModelLoadError(
+            "the chat template puts nothing before the user's words, so the model has no "
+            "cue to write prompts from; use --self-prompts 0"
+        )
+    seen = {_normal(p) for p in exclude} | {_normal(p) for p in done}
+    rows = 0
+    while len(done) < n and rows < 4 * n:
+        params = [
+            SamplingParams(temperature=1.0, top_p=0.98, seed=seed * 1_000_003 + rows + i)
+            for i in range(batch)
+        ]
+        rows += batch
+        for record in continue_prompts(engine, [head] * batch, max_tokens, params):
+            words = record.tokens[len(head) :]
+            text = tok.decode([t for t in words if t not in tok.eos_ids]).strip()
+            if text and _normal(text) not in seen:
+                seen.add(_normal(text))
+                done.append(text)
+        cache.write_text(json.dumps(done))
+        if progress:
+            progress(min(len(done), n), n)
+    return done[:n]
