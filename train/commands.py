@@ -11,6 +11,8 @@ from pathlib import Path
 
 from mtpd.model.errors import ModelLoadError
 
+DEFAULT_SELF_PROMPTS = 512
+
 
 def eval_prompts_path() -> Path:
     return Path(str(resources.files("mtpd.train") / "data" / "eval_prompts.txt"))
@@ -80,7 +82,7 @@ def run_train(args: argparse.Namespace) -> int:
     from mtpd.model.mtp import DRAFT_VOCAB, check_head_base, read_head_file, save_head_file
     from mtpd.train.collect import collect, read_shards
     from mtpd.train.evaluate import evaluate_head
-    from mtpd.train.prompts import self_written_prompts, training_prompts
+    from mtpd.train.prompts import self_written_prompts, training_prompts, user_turn_cue
     from mtpd.train.trainer import (
         TrainSettings,
         build_trainable_head,
@@ -111,18 +113,27 @@ def run_train(args: argparse.Namespace) -> int:
     prompts = read_prompts(Path(args.prompts)) if args.prompts else training_prompts(args.seed)
     prompts = prompts[: args.num_prompts]
     work_dir.mkdir(parents=True, exist_ok=True)
-    if args.self_prompts:
+    n_self = args.self_prompts
+    if n_self is None:  # the default: written prompts where the template lets the model
+        n_self = DEFAULT_SELF_PROMPTS if user_turn_cue(engine.tokenizer) else 0
+        if not n_self:
+            print(
+                "note: the chat template gives the model no cue to write prompts from; "
+                "training on the composed prompts only",
+                file=sys.stderr,
+            )
+    if n_self:
         # Appended, so a work dir collected without them goes on where it stopped.
         written = self_written_prompts(
             engine,
-            args.self_prompts,
+            n_self,
             work_dir / "self-prompts.json",
             exclude=read_prompts(eval_prompts_path()),
             seed=args.seed,
             batch=args.batch,
             progress=lambda done, n: _bar("write prompts", done, n, ""),
         )
-        if len(written) < args.self_prompts:
+        if len(written) < n_self:
             print(f"\nthe model wrote only {len(written)} distinct prompts", file=sys.stderr)
         prompts += written
     print(f"collecting continuations of {len(prompts)} prompts into {work_dir}", file=sys.stderr)
@@ -201,7 +212,7 @@ def run_train(args: argparse.Namespace) -> int:
         "training": json.dumps(
             {
                 "prompts": len(prompts),
-                "self_written_prompts": args.self_prompts,
+                "self_written_prompts": n_self,
                 "sequences": len(records),
                 "tokens": n_tokens,
                 "corpus_files": [Path(c).name for c in args.corpus],
@@ -301,8 +312,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     t.add_argument(
         "--self-prompts",
         type=int,
-        default=512,
-        help="prompts the model writes itself, added to the composed ones (0: none)",
+        default=None,
+        help=f"prompts the model writes itself, added to the composed ones (default "
+        f"{DEFAULT_SELF_PROMPTS} where the chat template cues a user turn; 0: none)",
     )
     t.add_argument("--gen-tokens", type=int, default=160, help="tokens generated per prompt")
     t.add_argument("--batch", type=int, default=32, help="prompts generated together")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from mtpd.model.errors import ModelLoadError
 from mtpd.model.sampling import SamplingParams
+from mtpd.model.tokenizer import Tokenizer
 from mtpd.train.collect import continue_prompts
 from mtpd.worker.engine import Engine
 
@@ -111,6 +112,12 @@ def _normal(text: str) -> str:
     return " ".join(text.lower().split())
 
 
+def user_turn_cue(tok: Tokenizer) -> list[int]:
+    """The rendered chat up to where a user's words start: what cues the model to write
+    a user's message ([] when the template puts nothing there)."""
+    return tok.encode(tok.render_chat([{"role": "user", "content": "\0"}]).split("\0")[0])
+
+
 def self_written_prompts(
     engine: Engine,
     n: int,
@@ -131,8 +138,7 @@ def self_written_prompts(
     if len(done) >= n:
         return done[:n]
     tok = engine.tokenizer
-    # The rendered chat up to where the user's words start.
-    head = tok.encode(tok.render_chat([{"role": "user", "content": "\0"}]).split("\0")[0])
+    head = user_turn_cue(tok)
     if not head:
         raise ModelLoadError(
             "the chat template puts nothing before the user's words, so the model has no "
