@@ -463,10 +463,48 @@ class LayerStack(nn.Module):
     def forward(
         self, h: torch.Tensor, cache: KVCache, slots: list[int], counts: list[int]
     ) -> torch.Tensor:
+        # On a GPU the per-sequence path launches an attention call per sequence per
+        # layer, which bounds a step of many sequences (train-mtp continues 256 at once);
+        # the padded step makes it one per layer. The CPU keeps the per-sequence path,
+        # which is as fast there (README, "On a GPU").
+        if h.device.type == "cuda" and len(slots) > 1:
+            padded = self.forward_as_padded(h, cache, slots, counts)
+            if padded is not None:
+                return padded
         layout = BatchLayout.build(cache, slots, counts, self.cos, self.sin_signed, self.dtype)
         h = self.run_layers(h, layout, cache)
         layout.commit(cache)
         return h
+
+    def forward_as_padded(
+        self, h: torch.Tensor, cache: KVCache, slots: list[int], counts: list[int]
+    ) -> torch.Tensor | None:
+        """forward() run as one padded step (PaddedLayout): every sequence padded to the
+        most rows any brings. None when a sequence's padding rows would not fit its slot."""
+        rows = max(counts)
+        starts = [cache.reserve(s, c) for s, c in zip(slots, counts, strict=True)]
+        if max(starts) + rows > cache.max_context:
+            return None
+        device = h.device
+        layout = PaddedLayout.build(
+            torch.tensor(slots, device=device),
+            torch.tensor(starts, device=device),
+            rows,
+            max(starts) + rows,
+            self.cos,
+            self.sin_signed,
+            self.dtype,
+        )
+        real = None
+        if min(counts) < rows:
+            real = torch.tensor(
+                [i * rows + j for i, c in enumerate(counts) for j in range(c)], device=device
+            )
+            h = h.new_zeros(len(slots) * rows, *h.shape[1:]).index_copy_(0, real, h)
+        h = self.run_layers(h, layout, cache)
+        for slot, start, count in zip(slots, starts, counts, strict=True):
+            cache.lengths[slot] = start + count
+        return h if real is None else h.index_select(0, real)
 
     def run_layers(
         self, h: torch.Tensor, layout: BatchLayout | PaddedLayout, cache: KVCache

@@ -9,7 +9,9 @@ many tokens one step emits (which is what lets verification of drafts be exact).
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -73,37 +75,90 @@ def apply_repetition_penalty(
 def target_probs(
     logits: torch.Tensor, params: SamplingParams, history: torch.Tensor
 ) -> torch.Tensor:
-    """The distribution a token is drawn from at temperature > 0, as float64 [V].
+    """The distribution a token is drawn from at temperature > 0, as float64 [V]."""
+    return target_probs_rows(logits[None], [params], [history])[0]
+
+
+def target_probs_rows(
+    logits: torch.Tensor, params: Sequence[SamplingParams], histories: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """target_probs for many rows at once, each with its own parameters: [B, V] float64.
 
     Filters run in the reference's order: penalty, temperature, top-k, top-p, min-p.
+    Batched because a CPU loop over rows, one sort of the vocabulary each, is what
+    bounds sampling many sequences together on a GPU.
     """
-    logits = apply_repetition_penalty(logits.float(), history, params.repetition_penalty)
-    logits = logits.double() / params.temperature
-    if 0 < params.top_k < logits.numel():
-        kth = torch.topk(logits, params.top_k).values[-1]
+    logits = _penalised(logits.float(), params, histories).double()
+    column = functools.partial(torch.tensor, dtype=torch.float64, device=logits.device)
+    logits = logits / column([[p.temperature] for p in params])
+    vocab = logits.shape[-1]
+    if any(0 < p.top_k < vocab for p in params):
+        ks = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
+        top = torch.topk(logits, max(ks), dim=-1).values
+        kth = top.gather(-1, torch.tensor([[max(k, 1) - 1] for k in ks], device=logits.device))
+        kth = kth.masked_fill(column([[k == 0] for k in ks]).bool(), -math.inf)
         logits = logits.masked_fill(logits < kth, -math.inf)
     probs = torch.softmax(logits, dim=-1)
-    if params.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True, stable=True)
+    if any(p.top_p < 1.0 for p in params):
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
         # Keep the smallest prefix whose mass reaches top_p (the top token always stays).
-        before = torch.cumsum(sorted_probs, 0) - sorted_probs
-        drop = order[before >= params.top_p]
-        probs[drop] = 0.0
-    if params.min_p > 0:
-        probs[probs < params.min_p * probs.max()] = 0.0
-    return probs / probs.sum()
+        before = torch.cumsum(sorted_probs, -1) - sorted_probs
+        top_p = column([[p.top_p] for p in params])
+        drop_sorted = (before >= top_p) & (top_p < 1.0)
+        probs = probs.masked_fill(torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted), 0)
+    if any(p.min_p > 0 for p in params):
+        min_p = column([[p.min_p] for p in params])
+        probs = probs.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), 0.0)
+    return probs / probs.sum(-1, keepdim=True)
+
+
+def _penalised(
+    logits: torch.Tensor, params: Sequence[SamplingParams], histories: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0 and histories[i].numel()]
+    if not rows:
+        return logits
+    logits = logits.clone()
+    for i in rows:
+        logits[i] = apply_repetition_penalty(
+            logits[i], histories[i].to(logits.device), params[i].repetition_penalty
+        )
+    return logits
 
 
 def select_token(
     logits: torch.Tensor, params: SamplingParams, position: int, history: torch.Tensor
 ) -> int:
     """The token at `position` given its logits [V] and the ids already in the sequence."""
-    if params.greedy:
-        return int(
-            torch.argmax(apply_repetition_penalty(logits, history, params.repetition_penalty))
+    return select_tokens(logits[None], [params], [position], [history])[0]
+
+
+def select_tokens(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    positions: Sequence[int],
+    histories: Sequence[torch.Tensor],
+) -> list[int]:
+    """select_token for rows of logits [B, V] at once (on their device)."""
+    tokens = [0] * len(params)
+    greedy = [i for i, p in enumerate(params) if p.greedy]
+    if greedy:
+        rows = logits[greedy] if len(greedy) < len(params) else logits
+        rows = _penalised(rows, [params[i] for i in greedy], [histories[i] for i in greedy])
+        for i, token in zip(greedy, rows.argmax(-1).tolist(), strict=True):
+            tokens[i] = token
+    sampled = [i for i, p in enumerate(params) if not p.greedy]
+    if sampled:
+        probs = target_probs_rows(
+            logits[sampled], [params[i] for i in sampled], [histories[i] for i in sampled]
         )
-    probs = target_probs(logits, params, history)
-    cdf = torch.cumsum(probs, 0)
-    u = uniform(params.seed, position) * float(cdf[-1])
-    index = int(torch.searchsorted(cdf, torch.tensor([u], dtype=cdf.dtype), right=True)[0])
-    return min(index, probs.numel() - 1)
+        cdf = torch.cumsum(probs, -1)
+        u = torch.tensor(
+            [[uniform(params[i].seed, positions[i])] for i in sampled],
+            dtype=cdf.dtype,
+            device=cdf.device,
+        )
+        index = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp(max=cdf.shape[-1] - 1)
+        for i, token in zip(sampled, index[:, 0].tolist(), strict=True):
+            tokens[i] = token
+    return tokens

@@ -75,6 +75,41 @@ def test_padded_steps_give_the_reference_logits(model):
     assert {c for _, _, c in steps.buckets} == {256, MAX_CONTEXT}
 
 
+def test_a_step_of_many_sequences_run_as_one_padded_step(model):
+    # What the stack does with a multi-sequence step on a GPU (forward_as_padded): prompts
+    # of different lengths prefilled together, then decoding and verification steps.
+    ref, shard = model
+    stack = shard.stack
+    cache = shard.new_cache(max_seqs=5, max_context=MAX_CONTEXT)
+    g = torch.Generator().manual_seed(4)
+    seqs = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (2, 9, 40, 1, 23)]
+    slots = [cache.slot(str(i)) for i in range(5)]
+    new = seqs
+    for round_ in range(4):
+        flat = torch.tensor([t for part in new for t in part])
+        with torch.inference_mode():
+            hidden = stack.forward_as_padded(
+                shard.embed(flat), cache, slots, [len(part) for part in new]
+            )
+            logits = shard.logits(shard.norm(hidden))
+        offset = 0
+        for i, part in enumerate(new):
+            whole = seqs[i] if round_ == 0 else seqs[i] + part
+            want = reference_logits(ref, whole)[-len(part) :]
+            assert (logits[offset : offset + len(part)] - want).abs().max() <= TOL
+            offset += len(part)
+            assert cache.lengths[slots[i]] == len(whole)
+            seqs[i] = whole
+        new = [
+            torch.randint(0, VOCAB, (1 + (round_ + i) % 3,), generator=g).tolist() for i in range(5)
+        ]
+    # Padding rows past the cache's end: left to the per-sequence path.
+    cache.truncate(slots[0], 0)
+    shard(torch.arange(MAX_CONTEXT - 1) % VOCAB, cache, [slots[0]], [MAX_CONTEXT - 1])
+    x = shard.embed(torch.arange(3))
+    assert stack.forward_as_padded(x, cache, slots[:2], [1, 2]) is None
+
+
 def test_steps_no_bucket_holds_are_left_to_the_eager_path(model):
     _, shard = model
     cache = shard.new_cache(max_seqs=2, max_context=MAX_CONTEXT, scratch_slot=True)

@@ -14,7 +14,13 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from mtpd.model.sampling import SamplingParams, select_token, target_probs, uniform
+from mtpd.model.sampling import (
+    SamplingParams,
+    select_token,
+    select_tokens,
+    target_probs,
+    uniform,
+)
 
 
 def reference_probs(logits, history, p: SamplingParams) -> torch.Tensor:
@@ -99,3 +105,28 @@ def test_sampled_frequencies_follow_the_distribution():
 def test_invalid_parameters_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**kwargs)
+
+
+def test_a_batch_of_rows_draws_what_each_row_draws_alone():
+    # Rows with different filters, seeds, penalties and greedy ones mixed in: batching
+    # must not let one row's parameters leak into another's draw.
+    g = torch.Generator().manual_seed(5)
+    params = [
+        SamplingParams(),
+        SamplingParams(temperature=0.7, seed=1),
+        SamplingParams(temperature=1.3, top_k=5, seed=2),
+        SamplingParams(temperature=1.0, top_p=0.8, seed=3),
+        SamplingParams(repetition_penalty=1.5),
+        SamplingParams(temperature=0.9, min_p=0.1, seed=4),
+        SamplingParams(temperature=1.0, top_k=20, top_p=0.9, min_p=0.02, repetition_penalty=1.3),
+    ]
+    for trial in range(30):
+        logits = torch.randn(len(params), 40, generator=g) * 3
+        histories = [torch.randint(0, 40, (trial % 7,), generator=g) for _ in params]
+        positions = [trial * 3 + i for i in range(len(params))]
+        alone = [
+            select_token(logits[i], params[i], positions[i], histories[i])
+            for i in range(len(params))
+        ]
+        assert select_tokens(logits, params, positions, histories) == alone
+        assert select_tokens(logits[3:], params[3:], positions[3:], histories[3:]) == alone[3:]

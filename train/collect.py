@@ -8,6 +8,7 @@ next run starts after the last complete one.
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import time
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from mtpd.model.sampling import SamplingParams, select_token
+from mtpd.model.sampling import SamplingParams, select_tokens
 from mtpd.worker.engine import Engine
 
 SHARD_GLOB = "shard-*.safetensors"
@@ -54,18 +55,24 @@ def continue_prompts(
             active = list(range(len(prompts)))
             for _ in range(max_new):
                 flat = torch.tensor([t for i in active for t in feed[i]], device=shard.device)
-                h = shard(flat, cache, [slots[i] for i in active], [len(feed[i]) for i in active])
-                logits = shard.logits(h).cpu()  # token selection runs beside the histories
-                h = h.cpu()
+                lengths = [len(feed[i]) for i in active]
+                h = shard(flat, cache, [slots[i] for i in active], lengths)
+                logits = shard.logits(h)
                 best = logits.argmax(-1).tolist()
-                still, offset = [], 0
-                for i in active:
-                    n = len(feed[i])
-                    hidden[i].append(h[offset : offset + n].to(torch.bfloat16))
-                    argmax[i].extend(best[offset : offset + n])
-                    history = torch.tensor(tokens[i])
-                    token = select_token(logits[offset + n - 1], params[i], len(tokens[i]), history)
-                    offset += n
+                # Only each row's last position is drawn from, all rows at once where the
+                # logits are: a copy of every row to the CPU would cost more than the step.
+                ends = list(itertools.accumulate(lengths))
+                chosen = select_tokens(
+                    logits[[e - 1 for e in ends]],
+                    [params[i] for i in active],
+                    [len(tokens[i]) for i in active],
+                    [torch.tensor(tokens[i]) for i in active],
+                )
+                h = h.cpu().to(torch.bfloat16)
+                still = []
+                for i, end, n, token in zip(active, ends, lengths, chosen, strict=True):
+                    hidden[i].append(h[end - n : end])
+                    argmax[i].extend(best[end - n : end])
                     tokens[i].append(token)
                     if token not in engine.tokenizer.eos_ids:
                         feed[i] = [token]
