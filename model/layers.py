@@ -153,6 +153,13 @@ class PaddedLayout:
         )
 
 
+def padded_rows(counts: list[int], rows: int, device: torch.device) -> torch.Tensor:
+    """Where each sequence's real rows sit in a step padded to `rows` rows per sequence."""
+    return torch.tensor(
+        [i * rows + j for i, c in enumerate(counts) for j in range(c)], device=device
+    )
+
+
 def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
     """Rotate-half RoPE: x*cos + rotate_half(x)*sin, with rotate_half(x) = [-x2, x1]
     written as roll(x) * [-sin, sin] (bit-identical, fewer kernels).
@@ -497,9 +504,7 @@ class LayerStack(nn.Module):
         )
         real = None
         if min(counts) < rows:
-            real = torch.tensor(
-                [i * rows + j for i, c in enumerate(counts) for j in range(c)], device=device
-            )
+            real = padded_rows(counts, rows, device)
             h = h.new_zeros(len(slots) * rows, *h.shape[1:]).index_copy_(0, real, h)
         h = self.run_layers(h, layout, cache)
         for slot, start, count in zip(slots, starts, counts, strict=True):

@@ -96,7 +96,8 @@ def target_probs_rows(
         ks = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
         top = torch.topk(logits, max(ks), dim=-1).values
         kth = top.gather(-1, torch.tensor([[max(k, 1) - 1] for k in ks], device=logits.device))
-        kth = kth.masked_fill(column([[k == 0] for k in ks]).bool(), -math.inf)
+        off = torch.tensor([[k == 0] for k in ks], device=logits.device)
+        kth = kth.masked_fill(off, -math.inf)
         logits = logits.masked_fill(logits < kth, -math.inf)
     probs = torch.softmax(logits, dim=-1)
     if any(p.top_p < 1.0 for p in params):

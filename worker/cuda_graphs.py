@@ -21,7 +21,7 @@ import torch
 
 from mtpd.model.decoder import DecoderShard
 from mtpd.model.kv_cache import KVCache
-from mtpd.model.layers import LayerStack, PaddedLayout
+from mtpd.model.layers import LayerStack, PaddedLayout, padded_rows
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 MAX_ROWS_PER_SEQ = 8  # one token plus up to 7 drafts: decoding and verification
@@ -79,9 +79,7 @@ class StepGraphs:
         bucket = self.buckets.get(key) or self._new_bucket(*key)
 
         device, pad = self.shard.device, batch - len(slots)
-        real_rows = torch.tensor(
-            [i * rows_per_seq + j for i, c in enumerate(counts) for j in range(c)], device=device
-        )
+        real_rows = padded_rows(counts, rows_per_seq, device)
         bucket.slots.copy_(torch.tensor(slots + [cache.scratch_slot] * pad))
         bucket.starts.copy_(torch.tensor(starts + [0] * pad))
         bucket.inputs.index_copy_(0, real_rows, x)
