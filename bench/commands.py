@@ -84,6 +84,7 @@ def run_bench(args: argparse.Namespace, settings) -> int:
     from mtpd.bench.report import config_report, plot, print_report, summary
     from mtpd.bench.runner import ForcedAcceptance, memory, run_config
     from mtpd.daemon.coordinator import Coordinator
+    from mtpd.worker.transport import DTYPES
 
     if args.requests < 1 or args.max_tokens < 2 or args.rounds < 1:
         raise InputError("--requests and --rounds must be >= 1, --max-tokens >= 2")
@@ -136,10 +137,10 @@ def run_bench(args: argparse.Namespace, settings) -> int:
         mem = memory(pipeline)
         workers = len(pipeline.stages)
         device = pipeline.stages[0].device
+        cuda_graphs = all(stage.load.cuda_graphs for stage in pipeline.stages)
         model_name = daemon.model_path.name
     if settings.quant != "none":
         from mtpd.bench.quality import quantization_quality
-        from mtpd.worker.transport import DTYPES
 
         report_quality = quantization_quality(
             daemon.model_path, settings.quant, DTYPES[settings.dtype], prompts, args.max_tokens
@@ -150,7 +151,7 @@ def run_bench(args: argparse.Namespace, settings) -> int:
         rates = [peer.decode_rate(p, args.max_tokens) for p in prompts for _ in range(args.rounds)]
         peers[name] = {"decode_tokens_per_s": round(statistics.median(rates), 3)}
     configs = [
-        config_report(runs[key], runs[("0", key[1])])
+        config_report(runs[key], runs[("0", key[1])], DTYPES[settings.dtype])
         for key in sorted(runs, key=lambda k: (k[1], list(map(str, drafts)).index(k[0])))
     ]
     report = {
@@ -160,7 +161,7 @@ def run_bench(args: argparse.Namespace, settings) -> int:
         "device": device,
         "dtype": settings.dtype,
         "quant": settings.quant,
-        "cuda_graphs": settings.cuda_graphs,
+        "cuda_graphs": cuda_graphs,
         "requests": args.requests,
         "max_tokens": args.max_tokens,
         "rounds": args.rounds,

@@ -6,6 +6,8 @@ from __future__ import annotations
 import statistics
 from collections.abc import Sequence
 
+import torch
+
 from mtpd.bench.runner import ConfigRun, mean_step_s, mean_verify_s, step_split
 from mtpd.daemon.draft_policy import DraftStats
 from mtpd.model.compare import compare_tokens
@@ -16,8 +18,9 @@ def _mean(values: Sequence[float]) -> float:
     return statistics.mean(values) if values else 0.0
 
 
-def config_report(runs: list[ConfigRun], baseline: list[ConfigRun]) -> dict:
-    """One configuration over its rounds, against MTP off at the same concurrency."""
+def config_report(runs: list[ConfigRun], baseline: list[ConfigRun], dtype: torch.dtype) -> dict:
+    """One configuration over its rounds, against MTP off at the same concurrency; the
+    model computed in `dtype` (which sets what counts as a near-tie)."""
     drafts = DraftStats()
     for run in runs:
         drafts.merge(run.drafts)
@@ -30,7 +33,7 @@ def config_report(runs: list[ConfigRun], baseline: list[ConfigRun]) -> dict:
     predicted = tokens_per_step * base_step_s / step_s if step_s else 0.0
     realized = rate / base_rate if base_rate else 0.0
     agreements = [
-        compare_tokens(b.token_ids, b.logits, r.token_ids)
+        compare_tokens(b.token_ids, b.logits, r.token_ids, dtype)
         for run, base in zip(runs, baseline, strict=True)
         for r, b in zip(run.results, base.results, strict=True)
     ]

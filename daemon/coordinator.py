@@ -25,7 +25,7 @@ class Settings:
     split: str | None = None
     dtype: str = "float32"
     quant: str = "none"
-    cuda_graphs: bool = False
+    cuda_graphs: bool | None = None  # None: on CUDA where they apply
     threads: int | None = None
     transport: str = "dist"
     max_seqs: int = 16

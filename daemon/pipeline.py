@@ -45,7 +45,9 @@ class PipelineConfig:
     split: str | None = None  # "auto", "10,20", or None for even
     dtype: str = "float32"
     quant: str = "none"  # weight-only quantization: none, int8, int4
-    cuda_graphs: bool = False  # decode and verification steps replayed as CUDA graphs
+    # Decode and verification steps replayed as CUDA graphs; None: where they apply
+    # (StepGraphs.wanted, decided by each worker for its own device and layers).
+    cuda_graphs: bool | None = None
     max_seqs: int = 16
     max_context: int = 2048
     cache_memory: int = 0  # bytes per worker; 0 = a share of free memory

@@ -190,6 +190,6 @@ class HybridLayerStack(LayerStack):
         layout = BatchLayout.build(cache, slots, counts, self.cos, self.sin_signed, self.dtype)
         for layer, index in zip(self.layers, self.cache_index, strict=True):
             h = layer(h, layout, cache, index)
-        layout.commit(cache)
+        cache.commit(layout.slots, layout.starts, layout.counts)
         cache.finish_step(layout.slots, layout.starts, layout.counts)
         return h

@@ -95,6 +95,11 @@ class KVCache:
             )
         self.lengths[slot] = length
 
+    def commit(self, slots: list[int], starts: list[int], counts: list[int]) -> None:
+        """Record positions appended by a step, once every layer has written them."""
+        for slot, start, count in zip(slots, starts, counts, strict=True):
+            self.lengths[slot] = start + count
+
     def reserve(self, slot: int, n_new: int) -> int:
         """Check room for `n_new` positions; returns the start position of the new ones."""
         start = self.lengths[slot]

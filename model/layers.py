@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mtpd.model import cpu_linear
 from mtpd.model.config import ModelConfig
 from mtpd.model.kv_cache import KVCache
 from mtpd.model.rope import rope_tables
@@ -35,9 +36,10 @@ class RMSNorm(nn.Module):
 class Linear(nn.Module):
     """y = x W^T + b, with W stored as [out_features, in_features].
 
-    On CPU, `pack()` reorders a float32 weight into oneDNN's blocked layout once, at load:
-    measured on the target CPUs, that streams weights ~1.5x faster than a plain matmul
-    at one row and makes a 5-row verification cost little more than one row.
+    On CPU, `pack()` puts a float32 layer on the AVX2 kernel of cpu_linear.py (plain
+    weights, read at the memory's bandwidth; a few rows cost little more than one), else
+    reorders its weight into oneDNN's blocked layout once, at load: that streams weights
+    ~1.5x faster than a plain matmul at one row.
     """
 
     def __init__(
@@ -54,17 +56,24 @@ class Linear(nn.Module):
         self.quantizable = quantizable
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self.packed = False
+        self.packed = False  # in an inference-only layout (no gradients)
+        self.on_kernel = False  # packed for cpu_linear's kernel, else for oneDNN
 
     def pack(self) -> None:
         if self.packed or self.weight.device.type != "cpu" or self.weight.dtype != torch.float32:
             return
-        packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach())
-        del self.weight
-        self.register_buffer("weight", packed, persistent=False)
-        self.packed = True
+        if cpu_linear.available_for(self.weight):
+            self.weight = nn.Parameter(self.weight.detach().contiguous(), requires_grad=False)
+            self.packed = self.on_kernel = True
+        elif torch.backends.mkldnn.is_available():
+            packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach())
+            del self.weight
+            self.register_buffer("weight", packed, persistent=False)
+            self.packed = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.on_kernel:
+            return cpu_linear.linear(x, self.weight, self.bias)
         if self.packed:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
@@ -73,8 +82,6 @@ class Linear(nn.Module):
 def pack_linears(module: nn.Module) -> None:
     """Put every Linear of `module` in its fastest inference layout (inference only:
     packed weights take no gradients)."""
-    if not torch.backends.mkldnn.is_available():
-        return
     for m in module.modules():
         if isinstance(m, Linear):
             m.pack()
@@ -106,11 +113,6 @@ class BatchLayout:
         ).to(cos_table.device)
         cos, sin = cos_table[positions][:, None], sin_signed_table[positions][:, None]
         return cls(slots, starts, counts, cos.to(dtype), sin.to(dtype))
-
-    def commit(self, cache: KVCache) -> None:
-        """Record the appended positions once every layer has written them."""
-        for slot, start, count in zip(self.slots, self.starts, self.counts, strict=True):
-            cache.lengths[slot] = start + count
 
 
 @dataclass
@@ -480,7 +482,7 @@ class LayerStack(nn.Module):
                 return padded
         layout = BatchLayout.build(cache, slots, counts, self.cos, self.sin_signed, self.dtype)
         h = self.run_layers(h, layout, cache)
-        layout.commit(cache)
+        cache.commit(layout.slots, layout.starts, layout.counts)
         return h
 
     def forward_as_padded(
@@ -507,8 +509,7 @@ class LayerStack(nn.Module):
             real = padded_rows(counts, rows, device)
             h = h.new_zeros(len(slots) * rows, *h.shape[1:]).index_copy_(0, real, h)
         h = self.run_layers(h, layout, cache)
-        for slot, start, count in zip(slots, starts, counts, strict=True):
-            cache.lengths[slot] = start + count
+        cache.commit(slots, starts, counts)
         return h if real is None else h.index_select(0, real)
 
     def run_layers(

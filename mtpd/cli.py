@@ -165,9 +165,10 @@ def _add_pipeline_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--cuda-graphs",
-        action="store_true",
-        help="replay decode and verification steps as CUDA graphs (dense models on CUDA; "
-        "not yet measured on a GPU, so off by default)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="replay decode and verification steps as CUDA graphs (default: on for CUDA "
+        "workers with attention layers only and unquantized weights)",
     )
     p.add_argument(
         "--max-context", type=int, default=2048, help="positions per sequence (default 2048)"

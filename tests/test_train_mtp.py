@@ -207,6 +207,15 @@ def test_the_model_writes_prompts(tiny, tmp_path):
         engine, 12, tmp_path / "other.json", exclude=[f"  {banned.upper()} "], seed=3, batch=8
     )
     assert banned not in again and again[:4] == prompts[:4] and again[4:11] == prompts[5:]
+    # An interrupted run resumes at the next row instead of sampling its rows again.
+    partial = tmp_path / "partial.json"
+    assert self_written_prompts(engine, 6, partial, exclude=(), seed=3, batch=8) == prompts[:6]
+    assert json.loads(partial.read_text())["rows_sampled"] == 8
+    assert self_written_prompts(engine, 12, partial, exclude=(), seed=3, batch=8) == prompts
+    assert (
+        json.loads(partial.read_text())["rows_sampled"]
+        == json.loads(cache.read_text())["rows_sampled"]
+    )
 
 
 def test_writing_prompts_needs_a_template_with_a_cue(tmp_path):

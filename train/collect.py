@@ -66,7 +66,7 @@ def continue_prompts(
                     logits[[e - 1 for e in ends]],
                     [params[i] for i in active],
                     [len(tokens[i]) for i in active],
-                    [torch.tensor(tokens[i]) for i in active],
+                    [_history(tokens[i], params[i]) for i in active],
                 )
                 h = h.cpu().to(torch.bfloat16)
                 still = []
@@ -87,6 +87,17 @@ def continue_prompts(
         Record(tokens[i][: sum(len(x) for x in hidden[i]) + 1], torch.cat(hidden[i]), argmax[i])
         for i in range(len(prompts))
     ]
+
+
+def _history(tokens: list[int], params: SamplingParams) -> torch.Tensor:
+    # Only a repetition penalty reads the history: a tensor of every row's tokens on
+    # every step would be built for nothing.
+    if params.repetition_penalty == 1.0:
+        return _NO_HISTORY
+    return torch.tensor(tokens)
+
+
+_NO_HISTORY = torch.empty(0, dtype=torch.long)
 
 
 def read_corpus_records(engine: Engine, texts: Sequence[str], chunk_tokens: int) -> list[Record]:

@@ -133,8 +133,10 @@ def self_written_prompts(
     of a user turn, an instruction-tuned model samples what a user would ask (the
     "Magpie" method). Far more varied than composed prompts, which is what a head needs
     to generalise. Prompts in `exclude` (the evaluation set) and repeats are dropped.
-    Kept in `cache` (JSON), so a rerun reuses them; at most 4n rows are sampled."""
-    done: list[str] = json.loads(cache.read_text()) if cache.exists() else []
+    Kept in `cache` (JSON, with how many rows were sampled for which seed), so a rerun
+    reuses them and an interrupted run resumes at the next row; at most 4n rows are
+    sampled."""
+    done, rows = _read_written(cache, seed)
     if len(done) >= n:
         return done[:n]
     tok = engine.tokenizer
@@ -145,7 +147,6 @@ def self_written_prompts(
             "cue to write prompts from; use --self-prompts 0"
         )
     seen = {_normal(p) for p in exclude} | {_normal(p) for p in done}
-    rows = 0
     while len(done) < n and rows < 4 * n:
         params = [
             SamplingParams(temperature=1.0, top_p=0.98, seed=seed * 1_000_003 + rows + i)
@@ -158,7 +159,18 @@ def self_written_prompts(
             if text and _normal(text) not in seen:
                 seen.add(_normal(text))
                 done.append(text)
-        cache.write_text(json.dumps(done))
+        cache.write_text(json.dumps({"seed": seed, "rows_sampled": rows, "prompts": done}))
         if progress:
             progress(min(len(done), n), n)
     return done[:n]
+
+
+def _read_written(cache: Path, seed: int) -> tuple[list[str], int]:
+    """The prompts written so far and the rows to go on from: none for another seed, or
+    for the first format (a bare list, which did not record its rows)."""
+    if not cache.exists():
+        return [], 0
+    data = json.loads(cache.read_text())
+    if isinstance(data, list):
+        return data, 0
+    return data["prompts"], data["rows_sampled"] if data["seed"] == seed else 0

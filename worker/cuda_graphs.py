@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from mtpd.model.decoder import DecoderShard
+from mtpd.model.errors import InputError
 from mtpd.model.kv_cache import KVCache
 from mtpd.model.layers import LayerStack, PaddedLayout, padded_rows
 
@@ -66,6 +67,19 @@ class StepGraphs:
         # Hybrid stacks keep per-step state logs and MoE layers sync with the host.
         return type(shard.stack) is LayerStack
 
+    @classmethod
+    def wanted(cls, requested: bool | None, shard: DecoderShard, quant: str) -> bool:
+        """Whether the shard's steps replay as graphs. Unset (None): wherever they apply
+        and were measured on a GPU — a CUDA device, attention layers only, unquantized
+        weights (packed int8/int4 kernels under capture are not yet measured)."""
+        applies = shard.device.type == "cuda" and cls.supports(shard)
+        if requested and not applies:
+            raise InputError(
+                f"CUDA graphs need a CUDA device and a model of attention layers only "
+                f"(this worker: {shard.device}, {shard.cfg.architecture})"
+            )
+        return (applies and quant == "none") if requested is None else requested
+
     def run(self, x: torch.Tensor, slots: list[int], counts: list[int]) -> torch.Tensor | None:
         """The shard's output for this step ([sum(counts), hidden], like forward()), with
         the cache lengths advanced; None when no bucket holds the step (run it eagerly)."""
@@ -87,8 +101,7 @@ class StepGraphs:
             bucket.graph.replay()
         else:
             bucket.output = self._forward(bucket, rows_per_seq, key[2])
-        for slot, start, count in zip(slots, starts, counts, strict=True):
-            cache.lengths[slot] = start + count
+        cache.commit(slots, starts, counts)
         # A copy: the next replay overwrites the graph's output (and this one may still
         # be in flight to the next stage).
         return bucket.output.index_select(0, real_rows)

@@ -155,19 +155,16 @@ class WorkerService(pb_grpc.WorkerServicer):
             checkpoint_mtp=load_mtp,
             quant=req.quant or "none",
         )
-        if req.cuda_graphs and (self.device.type != "cuda" or not StepGraphs.supports(shard)):
-            raise InputError(
-                f"CUDA graphs need a CUDA device and a model of attention layers only "
-                f"(this worker: {self.device}, {cfg.architecture})"
-            )
+        requested = req.cuda_graphs if req.HasField("cuda_graphs") else None
+        use_graphs = StepGraphs.wanted(requested, shard, req.quant or "none")
         max_context = shard.stack.max_context
         per_slot = shard.stack.cache_bytes_per_slot(max_context)
         budget = req.cache_memory_bytes
-        if req.cuda_graphs and budget:
+        if use_graphs and budget:
             budget = max(1, budget - per_slot)  # the scratch slot is in the budget too
         slots = cache_slots(max(1, req.max_seqs), per_slot, budget, free_memory(self.device))
-        cache = shard.new_cache(slots, max_context, scratch_slot=req.cuda_graphs)
-        graphs = StepGraphs(shard, cache) if req.cuda_graphs else None
+        cache = shard.new_cache(slots, max_context, scratch_slot=use_graphs)
+        graphs = StepGraphs(shard, cache) if use_graphs else None
         link = None
         if req.world_size > 1 and req.transport == pb.TRANSPORT_DIST:
             timeout = timedelta(milliseconds=req.recv_timeout_ms or 60_000)
@@ -185,6 +182,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             load_seconds=time.monotonic() - start,
             mtp_head=("" if mtp is None else str(head or f"{model} (its own MTP layer)")),
             draft_vocab=0 if mtp is None else mtp.draft_vocab_size,
+            cuda_graphs=use_graphs,
         )
 
     def Step(self, request_iterator, context: grpc.ServicerContext):
