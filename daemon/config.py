@@ -44,7 +44,7 @@ def _options(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
 
 
 def _convert(action: argparse.Action, raw: Any, where: str) -> Any:
-    if isinstance(action, argparse._StoreTrueAction):
+    if isinstance(action, argparse._StoreTrueAction | argparse.BooleanOptionalAction):
         if isinstance(raw, bool):
             return raw
         text = str(raw).lower()

@@ -47,7 +47,7 @@ def top2_gap(logits: torch.Tensor) -> float:
 
 def near_tie_tolerance(logits: torch.Tensor, dtype: torch.dtype = torch.float32) -> float:
     """The top-2 gap under which a model computed in `dtype` may pick either token."""
-    relative = NEAR_TIE_EPSILONS * torch.finfo(dtype).eps * float(logits.abs().max())
+    relative = NEAR_TIE_EPSILONS * torch.finfo(dtype).eps * abs(float(logits.max()))
     return max(NEAR_TIE_FLOAT32, relative)
 
 

@@ -30,6 +30,19 @@ def test_config_show_gives_each_value_and_its_source(tmp_path, capsys, monkeypat
     assert "max_seqs = 16  # default" in lines
 
 
+@pytest.mark.parametrize(("raw", "value"), [("false", "false"), ("0", "false"), ("on", "true")])
+def test_a_switch_with_a_default_of_its_own_takes_true_and_false(
+    tmp_path, capsys, monkeypatch, raw, value
+):
+    # --cuda-graphs / --no-cuda-graphs: unset means "where they apply".
+    path = write(tmp_path, "cuda_graphs = true\n")
+    assert main(["config", "show", "--config", str(path)]) == 0
+    assert f"cuda_graphs = true  # {path}" in capsys.readouterr().out.splitlines()
+    monkeypatch.setenv("MTPD_CUDA_GRAPHS", raw)
+    assert main(["config", "show", "--config", str(path)]) == 0
+    assert f"cuda_graphs = {value}  # $MTPD_CUDA_GRAPHS" in capsys.readouterr().out.splitlines()
+
+
 @pytest.mark.parametrize(
     ("text", "named"),
     [

@@ -159,7 +159,10 @@ def self_written_prompts(
             if text and _normal(text) not in seen:
                 seen.add(_normal(text))
                 done.append(text)
-        cache.write_text(json.dumps({"seed": seed, "rows_sampled": rows, "prompts": done}))
+        # Replaced whole, so an interrupted write cannot leave a file that will not parse.
+        partial = cache.with_suffix(".tmp")
+        partial.write_text(json.dumps({"seed": seed, "rows_sampled": rows, "prompts": done}))
+        partial.replace(cache)
         if progress:
             progress(min(len(done), n), n)
     return done[:n]
