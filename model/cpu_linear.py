@@ -118,14 +118,15 @@ def available_for(weight: torch.Tensor) -> bool:
         weight.device.type == "cpu"
         and weight.dtype == torch.float32
         and weight.dim() == 2
+        and weight.is_contiguous()
         and weight.shape[1] % K_MULTIPLE == 0
         and _kernel() is not None
     )
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear for a contiguous float32 CPU weight that `available_for` accepted
-    (inference only: no gradients)."""
+    """F.linear for a weight that `available_for` accepted (inference only: no
+    gradients)."""
     # What C would otherwise read through a wrong pointer (after a .to(), say).
     if x.dtype != torch.float32 or x.device.type != "cpu":
         raise TypeError(f"the float32 CPU kernel got {x.dtype} inputs on {x.device}")

@@ -63,7 +63,6 @@ class Linear(nn.Module):
         if self.packed or self.weight.device.type != "cpu" or self.weight.dtype != torch.float32:
             return
         if cpu_linear.available_for(self.weight):
-            self.weight = nn.Parameter(self.weight.detach().contiguous(), requires_grad=False)
             self.packed = self.on_kernel = True
         elif torch.backends.mkldnn.is_available():
             packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach())
