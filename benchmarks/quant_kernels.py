@@ -1,7 +1,8 @@
-"""What one linear layer costs per weight format, on SmolLM2-135M's shapes: float32
-(oneDNN-packed, mtpd's CPU default), bfloat16, and the packed int8 / int4 operators that
-`--quant` uses. Interleaved in one run, so the ratios hold on a noisy machine. This is
-the profile behind the README's quantization numbers.
+"""What one linear layer costs per weight format, on SmolLM2-135M's shapes: float32 on
+mtpd's kernel (its CPU default) and oneDNN-packed, bfloat16, and int8 / int4 on mtpd's
+kernels (what `--quant` runs on CPU) and on PyTorch's packed operators (gpt-fast's).
+Interleaved in one run, so the ratios hold on a noisy machine. This is the profile
+behind the README's quantization numbers.
 
     python benchmarks/quant_kernels.py [--threads 2] [--reps 200]
 """
@@ -17,6 +18,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from mtpd.model import cpu_kernels
 from mtpd.model.quant import Int4Linear, Int4Weight, Int8Linear
 
 SHAPES = {  # [out, in] of SmolLM2-135M's fused layers and its output head
@@ -39,17 +41,23 @@ def main() -> None:
         w = torch.randn(n, k) * 0.02
         packed = torch.ops.mkldnn._reorder_linear_weight(w)
         wb = w.bfloat16()
-        i8, i4 = Int8Linear(w, None), Int4Linear(Int4Weight.from_float(w), None, torch.float32)
+        q4 = Int4Weight.from_float(w)
+        i8, i4 = Int8Linear(w, None), Int4Linear(q4, None, torch.float32)
+        i8_op = Int8Linear(w, None, use_kernel=False)
+        i4_op = Int4Linear(q4, None, torch.float32, use_kernel=False)
         for rows in (1, 5):
             x = torch.randn(rows, k)
             xb = x.bfloat16()
             kinds = {
-                "float32": partial(
+                "float32": partial(cpu_kernels.linear, x, w, None),
+                "float32 oneDNN": partial(
                     torch.ops.mkldnn._linear_pointwise, x, packed, None, "none", [], ""
                 ),
                 "bfloat16": partial(F.linear, xb, wb),
                 "int8": partial(i8, x),
+                "int8 op": partial(i8_op, x),
                 "int4": partial(i4, x),
+                "int4 op": partial(i4_op, x),
             }
             times = {kind: [] for kind in kinds}
             for _ in range(args.reps):

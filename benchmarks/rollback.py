@@ -24,7 +24,7 @@ import torch
 
 from mtpd.model.config import ModelConfig
 from mtpd.model.decoder import DecoderShard, ShardSpec, shard_tensor_shapes
-from mtpd.model.layers import pack_linears
+from mtpd.model.layers import pack_for_inference
 from mtpd.model.linear_state import ROLLBACK_POSITIONS, LinearStates
 
 
@@ -66,7 +66,7 @@ def random_shard(cfg: ModelConfig, context: int) -> DecoderShard:
             fan_in = math.prod(shape[1:])
             tensors[name] = torch.randn(shape, generator=g) / math.sqrt(fan_in)
     shard = DecoderShard(cfg, ShardSpec.whole(cfg), tensors, context)
-    pack_linears(shard)
+    pack_for_inference(shard)
     return shard
 
 

@@ -383,8 +383,9 @@ class Pipeline:
         a fresh data-plane group (the survivors keep their weights: no reload)."""
         error = None
         while self.restarts[rank] < self.cfg.max_restarts and not self._closed.is_set():
+            rank = self._exited_worker(rank)
             self.restarts[rank] += 1
-            log.warning("%s; restarting it (restart %d)", reason, self.restarts[rank])
+            log.warning("%s; restarting worker %d (restart %d)", reason, rank, self.restarts[rank])
             try:
                 self._restart(rank)
             except Exception as e:
@@ -403,6 +404,17 @@ class Pipeline:
                 )
                 self.recovering = False
         self._tell_listeners()
+
+    def _exited_worker(self, rank: int) -> int:
+        """The worker to replace. The first to report a failure may be a survivor that
+        lost its data-plane peer (a killed stage 0 shows first as stage 1's failed
+        receive): a local worker whose process has exited goes first, since no group can
+        form while it is gone."""
+        if self._remote_side is None:
+            for r, process in enumerate(self.processes):
+                if process.describe_exit() is not None:
+                    return r
+        return rank
 
     def _restart(self, rank: int) -> None:
         remote = self._remote_side

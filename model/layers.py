@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtpd.model import cpu_linear
+from mtpd.model import cpu_kernels
 from mtpd.model.config import ModelConfig
 from mtpd.model.kv_cache import KVCache
 from mtpd.model.rope import rope_tables
@@ -25,8 +25,14 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.eps = eps
+        self.on_kernel = False  # inference on cpu_kernels' RMSNorm
+
+    def pack(self) -> None:
+        self.on_kernel = cpu_kernels.norm_available_for(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.on_kernel:
+            return cpu_kernels.rms_norm(x, self.weight, self.eps)
         # Normalise in float32 whatever the storage dtype and scale after casting back,
         # as the reference does; F.rms_norm does the normalising in one kernel.
         h = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps)
@@ -36,7 +42,7 @@ class RMSNorm(nn.Module):
 class Linear(nn.Module):
     """y = x W^T + b, with W stored as [out_features, in_features].
 
-    On CPU, `pack()` puts a float32 layer on the AVX2 kernel of cpu_linear.py (plain
+    On CPU, `pack()` puts a float32 layer on the AVX2 kernel of cpu_kernels.py (plain
     weights, read at the memory's bandwidth; a few rows cost little more than one), else
     reorders its weight into oneDNN's blocked layout once, at load: that streams weights
     ~1.5x faster than a plain matmul at one row.
@@ -57,12 +63,12 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.packed = False  # in an inference-only layout (no gradients)
-        self.on_kernel = False  # packed for cpu_linear's kernel, else for oneDNN
+        self.on_kernel = False  # packed for cpu_kernels' linear, else for oneDNN
 
     def pack(self) -> None:
         if self.packed or self.weight.device.type != "cpu" or self.weight.dtype != torch.float32:
             return
-        if cpu_linear.available_for(self.weight):
+        if cpu_kernels.available_for(self.weight):
             self.packed = self.on_kernel = True
         elif torch.backends.mkldnn.is_available():
             packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach())
@@ -72,17 +78,18 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.on_kernel:
-            return cpu_linear.linear(x, self.weight, self.bias)
+            return cpu_kernels.linear(x, self.weight, self.bias)
         if self.packed:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
 
-def pack_linears(module: nn.Module) -> None:
-    """Put every Linear of `module` in its fastest inference layout (inference only:
-    packed weights take no gradients)."""
+def pack_for_inference(module: nn.Module) -> None:
+    """Put every block of `module` on its fastest inference path: linear layers in their
+    fastest layout, and on CPU norms, attention and SwiGLU on cpu_kernels (inference
+    only: packed weights take no gradients)."""
     for m in module.modules():
-        if isinstance(m, Linear):
+        if isinstance(m, (Linear, RMSNorm, Attention, MLP)):
             m.pack()
 
 
@@ -185,6 +192,8 @@ class Attention(nn.Module):
             cfg.num_kv_heads,
             cfg.head_dim,
         )
+        self.rotary_dim = cfg.rotary_dim
+        self.on_kernel = False  # float32 CPU steps attend on cpu_kernels' attention
         projections = [f"{prefix}.{p}_proj" for p in "qkv"]
         # One fused matmul for q, k and v reads the input once and amortises dispatch.
         weights = [f"{p}.weight" for p in projections]
@@ -197,6 +206,14 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             self.q_norm = self.norm_class(t[f"{prefix}.q_norm.weight"], cfg.rms_norm_eps)
             self.k_norm = self.norm_class(t[f"{prefix}.k_norm.weight"], cfg.rms_norm_eps)
+
+    def pack(self) -> None:
+        # The kernel applies RoPE over whole heads, without q/k norms in between.
+        self.on_kernel = (
+            self.q_norm is None
+            and self.rotary_dim == self.head_dim
+            and cpu_kernels.attention_available_for(self.head_dim, torch.float32)
+        )
 
     def _project(
         self, x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor
@@ -229,6 +246,13 @@ class Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, layout: BatchLayout, cache: KVCache, layer: int
     ) -> torch.Tensor:
+        if (
+            self.on_kernel
+            and isinstance(layout, BatchLayout)
+            and x.dtype == cache.k.dtype == torch.float32
+            and x.device.type == "cpu"
+        ):
+            return self.o(self._attend_on_kernel(self.qkv(x), layout, cache, layer))
         q, k, v = self._project(x, layout.cos, layout.sin_signed)
         attend = self._attend_padded if isinstance(layout, PaddedLayout) else self._attend_rows
         return self.o(attend(q, k, v, layout, cache, layer))
@@ -286,6 +310,31 @@ class Attention(nn.Module):
             offset += count
         return out.view(n, q_size)
 
+    def _attend_on_kernel(
+        self, qkv: torch.Tensor, layout: BatchLayout, cache: KVCache, layer: int
+    ) -> torch.Tensor:
+        """_project and _attend_rows in one kernel call per sequence: [N, heads * d]."""
+        n = qkv.shape[0]
+        out = torch.empty(n, self.num_heads * self.head_dim)
+        cos, sin_signed = layout.cos.view(n, -1), layout.sin_signed.view(n, -1)
+        offset = 0
+        for slot, start, count in zip(layout.slots, layout.starts, layout.counts, strict=True):
+            rows = slice(offset, offset + count)
+            cpu_kernels.attend(
+                qkv[rows],
+                cos[rows],
+                sin_signed[rows],
+                cache.k_slot(layer, slot),
+                cache.v_slot(layer, slot),
+                out[rows],
+                start,
+                self.num_heads,
+                self.num_kv_heads,
+                self.head_dim**-0.5,
+            )
+            offset += count
+        return out
+
     @staticmethod
     def _attend(
         q: torch.Tensor,
@@ -331,8 +380,14 @@ class MLP(nn.Module):
         )
         down = f"{prefix}.down_proj.weight"
         self.down = Linear(t[down], t.get(f"{prefix}.down_proj.bias"), (down,))
+        self.on_kernel = False  # float32 CPU inputs take cpu_kernels' SwiGLU
+
+    def pack(self) -> None:
+        self.on_kernel = cpu_kernels.available()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.on_kernel and x.dtype == torch.float32 and x.device.type == "cpu":
+            return self.down(cpu_kernels.silu_mul(self.gate_up(x)))
         gate, up = self.gate_up(x).split(self.intermediate, dim=-1)
         return self.down(F.silu(gate) * up)
 

@@ -5,6 +5,9 @@ set decode speed, and these read 1 or 1/2 byte per weight instead of 4.
 - int8: one scale per output channel (`_weight_int8pack_mm`).
 - int4: groups of 32 input weights with a scale and a zero point
   (`_weight_int4pack_mm`; on CPU its `_for_cpu` twin), w = (q - 8) * scale + zero.
+  With float32 activations on CPU the layer runs on cpu_kernels' int4 kernel instead,
+  which reads the groups as GGUF stores them, tens of times faster than the packed
+  operator there (`python benchmarks/cpu_kernels.py --quant`); int8 likewise.
 
 GGUF Q4_0 / Q4_1 blocks are exactly such groups, so their weights are repacked, not
 dequantized and re-rounded (`GGUFCheckpoint.int4_blocks`); Q8_0's per-block scales do
@@ -22,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mtpd.model import cpu_kernels
 from mtpd.model.errors import ModelLoadError
 from mtpd.model.layers import Linear
 
@@ -75,10 +79,32 @@ class Int4Weight:
 
 
 class Int4Linear(nn.Module):
-    def __init__(self, weight: Int4Weight, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        weight: Int4Weight,
+        bias: torch.Tensor | None,
+        dtype: torch.dtype,
+        use_kernel: bool = True,  # False: PyTorch's operator (benchmarks compare them)
+    ) -> None:
         super().__init__()
         device = weight.q.device
         self.out_features, self.group = weight.q.shape[0], weight.group
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.on_kernel = (
+            use_kernel
+            and device.type == "cpu"
+            and dtype == torch.float32
+            and weight.group == 32
+            and cpu_kernels.available()
+        )
+        if self.on_kernel:
+            n, k = weight.q.shape
+            halves = weight.q.reshape(n, k // 32, 2, 16)
+            nibbles = (halves[:, :, 0] | halves[:, :, 1] << 4).reshape(n, k // 2)
+            self.register_buffer("weight", nibbles.contiguous(), persistent=False)
+            self.register_buffer("scales", weight.scale.float().contiguous())
+            self.register_buffer("mins", (weight.zero - 8 * weight.scale).float().contiguous())
+            return
         q = weight.q.to(torch.int32)
         if device.type == "cuda":
             # The CUDA kernel takes two weights per byte and bfloat16 activations and scales.
@@ -94,9 +120,10 @@ class Int4Linear(nn.Module):
         self.register_buffer("weight", packed, persistent=False)
         pairs = torch.stack([weight.scale.t(), weight.zero.t()], dim=-1)  # [K/g, N, 2]
         self.register_buffer("scales_and_zeros", pairs.to(self.compute_dtype).contiguous())
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.on_kernel:
+            return cpu_kernels.linear_q4(x, self.weight, self.scales, self.mins, self.bias)
         rows = x.reshape(-1, x.shape[-1]).to(self.compute_dtype)
         matmul = (
             torch.ops.aten._weight_int4pack_mm
@@ -109,7 +136,9 @@ class Int4Linear(nn.Module):
 
 
 class Int8Linear(nn.Module):
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, use_kernel: bool = True
+    ) -> None:
         super().__init__()
         w = weight.float()
         scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
@@ -117,8 +146,17 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", q)
         self.register_buffer("scales", scale.to(weight.dtype))
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.on_kernel = (
+            use_kernel
+            and q.device.type == "cpu"
+            and weight.dtype == torch.float32
+            and q.shape[1] % cpu_kernels.K_MULTIPLE == 0
+            and cpu_kernels.available()
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.on_kernel:
+            return cpu_kernels.linear_q8(x, self.weight, self.scales, self.bias)
         rows = x.reshape(-1, x.shape[-1])
         y = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.scales.to(rows.dtype))
         y = y.view(*x.shape[:-1], self.weight.shape[0])

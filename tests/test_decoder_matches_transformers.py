@@ -13,7 +13,7 @@ from tiny_models import write_tiny_model
 from mtpd.model.checkpoint import open_checkpoint
 from mtpd.model.config import ModelConfig
 from mtpd.model.decoder import DecoderShard, ShardSpec
-from mtpd.model.layers import pack_linears
+from mtpd.model.layers import pack_for_inference
 
 TOL = 1e-4
 VOCAB = 96
@@ -23,7 +23,7 @@ def load(path) -> DecoderShard:
     ckpt = open_checkpoint(path)
     cfg = ModelConfig.from_hf(ckpt.hf_config)
     shard = DecoderShard.load(ckpt, cfg, ShardSpec.whole(cfg), torch.float32, max_context=256)
-    pack_linears(shard)  # the layout workers run
+    pack_for_inference(shard)  # the layout workers run
     return shard
 
 

@@ -14,7 +14,7 @@ from mtpd.model.checkpoint import open_checkpoint
 from mtpd.model.config import ModelConfig
 from mtpd.model.decoder import DecoderShard, ShardSpec
 from mtpd.model.errors import InputError
-from mtpd.model.layers import pack_linears
+from mtpd.model.layers import pack_for_inference
 from mtpd.worker.cuda_graphs import MAX_ROWS_PER_SEQ, StepGraphs, context_bucket
 
 TOL = 1e-4
@@ -34,7 +34,7 @@ def model(tmp_path_factory):
     ckpt = open_checkpoint(path)
     cfg = ModelConfig.from_hf(ckpt.hf_config)
     shard = DecoderShard.load(ckpt, cfg, ShardSpec.whole(cfg), torch.float32, MAX_CONTEXT)
-    pack_linears(shard)
+    pack_for_inference(shard)
     return ref, shard
 
 

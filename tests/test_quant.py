@@ -35,20 +35,32 @@ def test_int4_groups_round_to_nearest_within_half_a_step():
     assert q.q.max() == 15 and q.q.min() == 0
 
 
+@pytest.mark.parametrize("use_kernel", [True, False], ids=["mtpd-kernel", "pytorch-op"])
 @pytest.mark.parametrize("rows", [1, 5, 33])
-def test_packed_layers_compute_their_dequantized_weights(rows):
+def test_packed_layers_compute_their_dequantized_weights(rows, use_kernel):
     g = torch.Generator().manual_seed(rows)
     w, bias, x = torch.randn(64, 128, generator=g), torch.randn(64), torch.randn(rows, 128)
     q4 = Int4Weight.from_float(w)
+    int4 = Int4Linear(q4, bias, torch.float32, use_kernel=use_kernel)
+    assert int4.on_kernel == use_kernel  # float32 on CPU: the kernel unless told otherwise
     expected4 = x @ q4.dequantize().t() + bias
-    torch.testing.assert_close(
-        Int4Linear(q4, bias, torch.float32)(x), expected4, atol=1e-4, rtol=1e-4
-    )
-    int8 = Int8Linear(w, bias)
+    torch.testing.assert_close(int4(x), expected4, atol=1e-4, rtol=1e-4)
+    int8 = Int8Linear(w, bias, use_kernel=use_kernel)
+    assert int8.on_kernel == use_kernel
     expected8 = x @ (int8.weight.float() * int8.scales[:, None]).t() + bias
     torch.testing.assert_close(int8(x), expected8, atol=1e-4, rtol=1e-4)
     # Leading dimensions are kept, as nn.Linear keeps them.
-    assert Int4Linear(q4, None, torch.float32)(x[None]).shape == (1, rows, 64)
+    assert int4(x[None]).shape == (1, rows, 64)
+    assert int8(x[None]).shape == (1, rows, 64)
+
+
+def test_quantized_kernels_give_a_row_the_same_bits_alone_or_among_others():
+    g = torch.Generator().manual_seed(3)
+    w, x = torch.randn(100, 576, generator=g), torch.randn(7, 576, generator=g)
+    for layer in (Int4Linear(Int4Weight.from_float(w), None, torch.float32), Int8Linear(w, None)):
+        together = layer(x)
+        for i in range(7):
+            assert torch.equal(layer(x[i : i + 1]), together[i : i + 1])
 
 
 def test_gguf_q4_blocks_are_repacked_exactly():

@@ -22,7 +22,7 @@ from mtpd.model.checkpoint import open_checkpoint, read_config
 from mtpd.model.config import ModelConfig
 from mtpd.model.decoder import DecoderShard, ShardSpec
 from mtpd.model.errors import ModelLoadError
-from mtpd.model.layers import pack_linears
+from mtpd.model.layers import pack_for_inference
 from mtpd.model.linear_state import ROLLBACK_POSITIONS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -50,7 +50,7 @@ def load_shards(path, workers: int) -> list[DecoderShard]:
     for rank, (first, end) in enumerate(layer_ranges(cfg.num_layers, workers)):
         spec = ShardSpec(first, end, rank == 0, rank == workers - 1)
         shard = DecoderShard.load(ckpt, cfg, spec, torch.float32, max_context=256)
-        pack_linears(shard)  # the layout workers run
+        pack_for_inference(shard)  # the layout workers run
         shards.append(shard)
     return shards
 

@@ -16,7 +16,7 @@ from mtpd.model.decoder import DecoderShard, ShardSpec
 from mtpd.model.default_model import resolve_model
 from mtpd.model.errors import InvalidParameter
 from mtpd.model.kv_cache import CacheFullError
-from mtpd.model.layers import pack_linears
+from mtpd.model.layers import pack_for_inference
 from mtpd.model.mtp import MTPHead, check_head_base, read_checkpoint_head, read_head_file
 from mtpd.model.quant import quantize_linears
 from mtpd.model.sampling import SamplingParams, select_token
@@ -53,9 +53,9 @@ def load_shard(
     quantize_linears(shard, quant, ckpt.int4_blocks, ckpt.stored_at_8_bits)
     if mtp is not None and mtp.draft_head is dense_head:
         mtp.draft_head = shard.lm_head  # drafting over the full vocabulary: the trunk's head
-    pack_linears(shard)
+    pack_for_inference(shard)
     if mtp is not None:
-        pack_linears(mtp)
+        pack_for_inference(mtp)
     return shard, mtp
 
 

@@ -1,9 +1,9 @@
-"""Every linear layer of a model, once, at a given row count: mtpd's AVX2 kernel
-(model/cpu_linear.py) against oneDNN's packed layout (what mtpd used before) and a plain
+"""Every linear layer of a model, once, at a given row count: mtpd's float32 AVX2 kernel
+(model/cpu_kernels.py) against oneDNN's packed layout (what mtpd used before) and a plain
 matmul (what transformers runs), interleaved in one run so the ratios hold on a noisy
 machine. One row is a decoding step, 2–8 a verification step, more a prefill chunk.
 
-    python benchmarks/cpu_linear.py [--model M] [--threads 2] [--rounds 10] [--json OUT]
+    python benchmarks/cpu_kernels.py [--model M] [--threads 2] [--rounds 10] [--json OUT]
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from mtpd.model import cpu_linear
+from mtpd.model import cpu_kernels
 from mtpd.model.layers import Linear
 from mtpd.worker.engine import Engine
 
@@ -43,7 +43,7 @@ def main() -> None:
         for w, packed in zip(weights, onednn, strict=True):
             x = inputs[w.shape[1]]
             if kind == "kernel":
-                cpu_linear.linear(x, w, None)
+                cpu_kernels.linear(x, w, None)
             elif kind == "onednn":
                 torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
             else:

@@ -1,0 +1,326 @@
+"""float32 decoding on x86 CPUs through small AVX2 kernels (cpu_kernels.c).
+
+Linear layers. Decoding multiplies each weight matrix by one row, verification by a
+few: the step streams every weight once, so its speed is the speed at which weights are
+read. On the 2-core AVX2 machines this project targets, oneDNN's packed layout (what
+PyTorch offers) reads them at ~10 GB/s and MKL's plain matmul at ~10 GB/s, while the
+memory delivers ~21 GB/s; a plain loop of 8-wide FMAs over four weight rows at a time,
+threads splitting the rows, reads at that bandwidth and multiplies a few more rows
+nearly for free (`python benchmarks/cpu_kernels.py`). It also keeps the weight in its
+plain layout, so a tied LM head shares the embedding's memory instead of holding a
+reordered copy.
+
+What lies between them: RMSNorm, SwiGLU, and attention with RoPE and the cache write.
+At a few rows each is a few microseconds of arithmetic behind ten or more PyTorch ops
+of several microseconds' dispatch each; on CPU they took a third of a step once the
+linear layers were fast. Here each is one call.
+
+The kernels are compiled on first use with the system C compiler (about a second),
+linked with the OpenMP runtime torch loaded and glibc's vector math library, cached
+under ~/.cache/mtpd (or $XDG_CACHE_HOME/mtpd), and loaded with ctypes. Without a
+compiler, on a CPU without AVX2, or with MTPD_CPU_KERNEL=0, layers keep PyTorch's ops
+(linear layers in oneDNN's layout).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+K_MULTIPLE = 8  # the kernels read 8 floats at a time
+MAX_HEAD_DIM = 256  # attention holds a query head in a fixed buffer
+
+
+def _cache_dir() -> Path:
+    """Where the library is kept: a directory only this user can write to, since what
+    lies there is loaded as code."""
+    try:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mtpd"
+        base.mkdir(parents=True, exist_ok=True, mode=0o700)
+        st = base.stat()
+        if st.st_uid == os.getuid() and not st.st_mode & 0o022 and os.access(base, os.W_OK):
+            return base
+    except (OSError, RuntimeError):  # RuntimeError: no home directory
+        pass
+    return Path(tempfile.mkdtemp(prefix="mtpd-kernel-"))  # private, built afresh
+
+
+def _openmp_runtime() -> Path | None:
+    """The OpenMP library this process already runs (torch's): the kernel links against
+    that very file, so it shares torch's thread pool even where torch bundles the
+    runtime under another name, instead of bringing a second one whose idle threads
+    spin against torch's."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    for line in maps.splitlines():
+        path = Path(line.split()[-1])
+        if path.name.startswith(("libgomp", "libiomp5")) and ".so" in path.name:
+            return path
+    return None
+
+
+def _build(compiler: str, runtime: Path | None) -> Path:
+    # Compiled with -fopenmp, linked with the runtime torch loaded (or the compiler's).
+    link = [str(runtime)] if runtime else []
+    command = [compiler, *FLAGS, str(SOURCE), *link, "-lmvec"]
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(command).encode()).hexdigest()
+    library = _cache_dir() / f"mtpd-cpu-kernels-{digest[:16]}.so"
+    if not library.exists():
+        # Built under a private name and renamed: workers starting together may race.
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=library.parent)
+        os.close(fd)
+        try:
+            subprocess.run([*command, "-o", tmp], check=True, capture_output=True, timeout=120)
+            os.replace(tmp, library)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+    return library
+
+
+_POINTER, _INT, _FLOAT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+_SIGNATURES = {
+    "mtpd_linear_f32": [_POINTER] * 3 + [_INT] * 3 + [ctypes.c_int],
+    "mtpd_linear_q4_f32": [_POINTER] * 5 + [_INT] * 3 + [ctypes.c_int],
+    "mtpd_linear_q8_f32": [_POINTER] * 4 + [_INT] * 3 + [ctypes.c_int],
+    "mtpd_rms_norm_f32": [_POINTER] * 3 + [_INT] * 2 + [_FLOAT],
+    "mtpd_silu_mul_f32": [_POINTER] * 2 + [_INT] * 2,
+    "mtpd_attend_f32": [_POINTER] * 6 + [_INT] * 6 + [_FLOAT, ctypes.c_int],
+}
+
+
+def _load(library: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(library))
+    for name, argtypes in _SIGNATURES.items():
+        function = getattr(lib, name)
+        function.argtypes, function.restype = argtypes, None
+    return lib
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get("MTPD_CPU_KERNEL", "1") == "0":
+        return None
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return None
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None:
+        log.warning("no C compiler: float32 CPU layers use PyTorch's ops (slower)")
+        return None
+    runtime = _openmp_runtime()
+    try:
+        library = _build(compiler, runtime)
+        try:
+            return _load(library)
+        except (OSError, AttributeError):  # a damaged cached copy: build it again, once
+            library.unlink(missing_ok=True)
+            return _load(_build(compiler, runtime))
+    except (OSError, AttributeError, subprocess.SubprocessError) as e:
+        detail = getattr(e, "stderr", b"") or b""
+        log.warning("CPU kernels unavailable (%s %s): using PyTorch's ops", e, detail.decode())
+        return None
+
+
+def available() -> bool:
+    return _library() is not None
+
+
+def available_for(weight: torch.Tensor) -> bool:
+    """Whether the kernel can serve this [out, in] weight."""
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype == torch.float32
+        and weight.dim() == 2
+        and weight.is_contiguous()
+        and weight.shape[1] % K_MULTIPLE == 0
+        and available()
+    )
+
+
+def _check(name: str, *tensors: torch.Tensor) -> None:
+    # What C would otherwise read through a wrong pointer (after a .to(), say).
+    for t in tensors:
+        if t.dtype != torch.float32 or t.device.type != "cpu":
+            raise TypeError(f"the float32 CPU kernel {name} got {t.dtype} on {t.device}")
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear for a weight that `available_for` accepted (inference only: no
+    gradients)."""
+    _check("linear", x, weight)
+    n, k = weight.shape
+    rows = x.reshape(-1, k).contiguous()
+    out = torch.empty(rows.shape[0], n, dtype=torch.float32)
+    if rows.shape[0]:
+        _library().mtpd_linear_f32(
+            rows.data_ptr(),
+            weight.data_ptr(),
+            out.data_ptr(),
+            rows.shape[0],
+            n,
+            k,
+            torch.get_num_threads(),
+        )
+    if bias is not None:
+        out += bias
+    return out.view(*x.shape[:-1], n)
+
+
+def linear_q4(
+    x: torch.Tensor,
+    nibbles: torch.Tensor,
+    scales: torch.Tensor,
+    mins: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """x W^T for W in groups of 32 inputs, W[n, 32 b + j] = q * scales[n, b] + mins[n, b]:
+    nibbles [N, K / 2] uint8, a group's 16 bytes holding input j's q in the low nibble of
+    byte j and input j + 16's in the high one (GGUF's Q4_1 order)."""
+    _check("linear_q4", x, scales, mins)
+    if nibbles.dtype != torch.uint8 or not nibbles.is_contiguous():
+        raise TypeError("the int4 CPU kernel takes contiguous uint8 nibbles")
+    n, k = nibbles.shape[0], nibbles.shape[1] * 2
+    if k % 32 or scales.shape != (n, k // 32) or mins.shape != (n, k // 32):
+        raise ValueError(f"int4 groups of 32 do not fit a [{n}, {k}] weight")
+    rows = x.reshape(-1, k).contiguous()
+    out = torch.empty(rows.shape[0], n, dtype=torch.float32)
+    if rows.shape[0]:
+        _library().mtpd_linear_q4_f32(
+            rows.data_ptr(),
+            nibbles.data_ptr(),
+            scales.contiguous().data_ptr(),
+            mins.contiguous().data_ptr(),
+            out.data_ptr(),
+            rows.shape[0],
+            n,
+            k,
+            torch.get_num_threads(),
+        )
+    if bias is not None:
+        out += bias
+    return out.view(*x.shape[:-1], n)
+
+
+def linear_q8(
+    x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """x W^T for W[n, k] = q[n, k] * scales[n]: q [N, K] int8, K a multiple of 8."""
+    _check("linear_q8", x, scales)
+    if q.dtype != torch.int8 or not q.is_contiguous() or q.shape[1] % K_MULTIPLE:
+        raise TypeError("the int8 CPU kernel takes contiguous int8 weights, K a multiple of 8")
+    n, k = q.shape
+    rows = x.reshape(-1, k).contiguous()
+    out = torch.empty(rows.shape[0], n, dtype=torch.float32)
+    if rows.shape[0]:
+        _library().mtpd_linear_q8_f32(
+            rows.data_ptr(),
+            q.data_ptr(),
+            scales.contiguous().data_ptr(),
+            out.data_ptr(),
+            rows.shape[0],
+            n,
+            k,
+            torch.get_num_threads(),
+        )
+    if bias is not None:
+        out += bias
+    return out.view(*x.shape[:-1], n)
+
+
+def norm_available_for(weight: torch.Tensor) -> bool:
+    """Whether `rms_norm` can serve an RMSNorm with this [hidden] weight."""
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype == torch.float32
+        and weight.dim() == 1
+        and weight.shape[0] % K_MULTIPLE == 0
+        and available()
+    )
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) * weight over the last dimension."""
+    _check("rms_norm", x, weight)
+    rows = x.reshape(-1, weight.shape[0]).contiguous()
+    out = torch.empty_like(rows)
+    _library().mtpd_rms_norm_f32(
+        rows.data_ptr(), weight.data_ptr(), out.data_ptr(), rows.shape[0], rows.shape[1], eps
+    )
+    return out.view(x.shape)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate and up side by side in the last dimension."""
+    _check("silu_mul", gate_up)
+    width = gate_up.shape[-1]
+    rows = gate_up.reshape(-1, width).contiguous()
+    out = torch.empty(rows.shape[0], width // 2, dtype=torch.float32)
+    _library().mtpd_silu_mul_f32(rows.data_ptr(), out.data_ptr(), rows.shape[0], width // 2)
+    return out.view(*gate_up.shape[:-1], width // 2)
+
+
+def attention_available_for(head_dim: int, dtype: torch.dtype) -> bool:
+    """Whether `attend` can serve heads of this size with a cache of this dtype."""
+    return (
+        head_dim % K_MULTIPLE == 0
+        and head_dim <= MAX_HEAD_DIM
+        and dtype == torch.float32
+        and available()
+    )
+
+
+def attend(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin_signed: torch.Tensor,
+    slot_k: torch.Tensor,
+    slot_v: torch.Tensor,
+    out: torch.Tensor,
+    start: int,
+    heads: int,
+    kv_heads: int,
+    scale: float,
+) -> None:
+    """One sequence's new rows: RoPE on q and k, k and v written into its cache slot at
+    positions start.., and causal attention over the slot, into `out` [T, heads * d].
+    qkv [T, (heads + 2 kv_heads) d] as the fused projection makes it; cos and
+    sin_signed [T, d] (see layers._apply_rope); slot_k and slot_v [kv_heads, context, d].
+    """
+    _check("attend", qkv, cos, sin_signed, slot_k, slot_v, out)
+    for t in (qkv, cos, sin_signed, slot_k, slot_v, out):
+        if not t.is_contiguous():
+            raise ValueError("the attention kernel takes contiguous tensors")
+    _, context, d = slot_k.shape
+    rows = qkv.shape[0]
+    if start + rows > context:
+        raise ValueError(f"{rows} rows from position {start} overrun a context of {context}")
+    _library().mtpd_attend_f32(
+        qkv.data_ptr(),
+        cos.data_ptr(),
+        sin_signed.data_ptr(),
+        slot_k.data_ptr(),
+        slot_v.data_ptr(),
+        out.data_ptr(),
+        rows,
+        start,
+        heads,
+        kv_heads,
+        d,
+        context,
+        scale,
+        torch.get_num_threads(),
+    )

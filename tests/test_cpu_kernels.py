@@ -1,0 +1,174 @@
+"""The float32 AVX2 kernels behind CPU steps (model/cpu_kernels.py): linear layers,
+RMSNorm, SwiGLU and attention compute what PyTorch's ops do, a row gets the same bits
+alone or among others, and layers and shards run on them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny_models import write_tiny_model
+
+from mtpd.model import cpu_kernels
+from mtpd.model.checkpoint import open_checkpoint, read_config
+from mtpd.model.decoder import ShardSpec
+from mtpd.model.layers import Attention, Linear, _apply_rope
+from mtpd.worker.engine import load_shard
+
+
+def test_the_kernels_are_built_on_these_machines():
+    # CI's machines and this project's are x86 with AVX2 and a C compiler: a fallback to
+    # oneDNN there would be a silent 1.5x slowdown, so it fails here instead.
+    assert cpu_kernels.available_for(torch.zeros(4, 8))
+    assert cpu_kernels.attention_available_for(64, torch.float32)
+
+
+@pytest.mark.parametrize("out_features", [1, 3, 4, 98, 3072])
+@pytest.mark.parametrize("bias", [False, True])
+def test_it_computes_what_f_linear_does(out_features, bias):
+    g = torch.Generator().manual_seed(out_features)
+    w = torch.randn(out_features, 576, generator=g)
+    b = torch.randn(out_features, generator=g) if bias else None
+    for rows in (0, 1, 2, 3, 4, 5, 7, 8, 33):
+        x = torch.randn(rows, 576, generator=g)
+        torch.testing.assert_close(
+            cpu_kernels.linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-4
+        )
+    # Any leading shape, and inputs that are views.
+    x = torch.randn(2, 5, 576, generator=g)
+    torch.testing.assert_close(
+        cpu_kernels.linear(x[:, 1:4], w, b), F.linear(x[:, 1:4], w, b), rtol=1e-5, atol=1e-4
+    )
+
+
+def test_a_row_gets_the_same_bits_alone_or_in_a_step_of_many():
+    # What lets a verification step of k+1 rows reproduce one-row decoding exactly.
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(1000, 1536, generator=g)
+    x = torch.randn(9, 1536, generator=g)
+    together = cpu_kernels.linear(x, w, None)
+    for i in range(9):
+        assert torch.equal(cpu_kernels.linear(x[i : i + 1], w, None), together[i : i + 1])
+    assert torch.equal(cpu_kernels.linear(x[2:7], w, None), together[2:7])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if threads > 1 else 2)
+    try:
+        assert torch.equal(cpu_kernels.linear(x, w, None), together)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_layers_pack_onto_the_kernel_or_onednn():
+    layer = Linear(torch.randn(16, 64))
+    layer.pack()
+    assert layer.on_kernel and layer.packed
+    w = torch.randn(16, 60)
+    odd = Linear(w.clone())  # inputs not a multiple of 8: oneDNN's layout
+    odd.pack()
+    assert odd.packed and not odd.on_kernel
+    x = torch.randn(3, 60)
+    torch.testing.assert_close(odd(x), F.linear(x, w), rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError, match="float32"):
+        layer(torch.randn(1, 64, dtype=torch.bfloat16))
+
+
+def test_a_tied_lm_head_shares_the_embedding(tmp_path):
+    write_tiny_model(tmp_path, "llama", tied=True)
+    ckpt = open_checkpoint(tmp_path)
+    cfg = read_config(ckpt)
+    shard, _ = load_shard(ckpt, cfg, ShardSpec.whole(cfg), torch.float32, 32, torch.device("cpu"))
+    assert shard.lm_head.on_kernel
+    assert shard.lm_head.weight.data_ptr() == shard.embedding.data_ptr()
+
+
+def test_rms_norm_and_swiglu_compute_what_pytorch_does():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(576, generator=g)
+    for rows in (1, 3, 17):
+        x = torch.randn(rows, 576, generator=g) * 3
+        expected = F.rms_norm(x, (576,), None, 1e-5) * w
+        torch.testing.assert_close(cpu_kernels.rms_norm(x, w, 1e-5), expected)
+        # Widths that are not a multiple of 8 take the padded tail of the vector exp.
+        gate_up = torch.randn(rows, 2 * 1541, generator=g) * 4
+        gate, up = gate_up.split(1541, dim=-1)
+        torch.testing.assert_close(cpu_kernels.silu_mul(gate_up), F.silu(gate) * up)
+
+
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "start", "rows"),
+    [(9, 3, 0, 1), (9, 3, 37, 4), (4, 4, 5, 1), (8, 2, 0, 13)],
+)
+def test_attention_computes_what_rope_and_sdpa_do(heads, kv_heads, start, rows):
+    d, context = 64, 64
+    g = torch.Generator().manual_seed(start + rows)
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * d, generator=g)
+    cos_table, sin_table = _rope(context, d)
+    cos, sin_signed = cos_table[start : start + rows], sin_table[start : start + rows]
+    slot_k = torch.randn(kv_heads, context, d, generator=g)
+    slot_v = torch.randn(kv_heads, context, d, generator=g)
+    before_k, before_v = slot_k.clone(), slot_v.clone()
+    out = torch.empty(rows, heads * d)
+    cpu_kernels.attend(qkv, cos, sin_signed, slot_k, slot_v, out, start, heads, kv_heads, d**-0.5)
+
+    q, k, v = qkv.view(rows, heads + 2 * kv_heads, d).split([heads, kv_heads, kv_heads], dim=1)
+    q = _apply_rope(q, cos[:, None], sin_signed[:, None])
+    k = _apply_rope(k, cos[:, None], sin_signed[:, None])
+    end = start + rows
+    torch.testing.assert_close(slot_k[:, start:end], k.transpose(0, 1))
+    assert torch.equal(slot_v[:, start:end], v.transpose(0, 1))
+    # Nothing else in the slot was touched.
+    assert torch.equal(slot_k[:, :start], before_k[:, :start])
+    assert torch.equal(slot_k[:, end:], before_k[:, end:])
+    assert torch.equal(slot_v[:, end:], before_v[:, end:])
+    mask = torch.arange(end)[None, :] <= torch.arange(start, end)[:, None]
+    expected = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None],
+        slot_k[None, :, :end],
+        slot_v[None, :, :end],
+        attn_mask=mask,
+        enable_gqa=True,
+    )[0].transpose(0, 1)
+    torch.testing.assert_close(out, expected.reshape(rows, heads * d))
+
+
+def test_attention_refuses_rows_beyond_the_slot():
+    slot = torch.zeros(1, 8, 16)
+    with pytest.raises(ValueError, match="overrun"):
+        cpu_kernels.attend(
+            torch.zeros(2, 48),
+            torch.zeros(2, 16),
+            torch.zeros(2, 16),
+            slot,
+            slot.clone(),
+            torch.zeros(2, 16),
+            7,
+            1,
+            1,
+            0.25,
+        )
+
+
+def _rope(context: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin_signed [context, d] for rotate-half RoPE with theta 10000."""
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, d, 2).float() / d)
+    angles = torch.arange(context).float()[:, None] * inv_freq[None, :]
+    return torch.cat([angles.cos()] * 2, -1), torch.cat([-angles.sin(), angles.sin()], -1)
+
+
+def test_a_shard_runs_on_the_kernels_and_a_row_gets_the_same_bits_in_a_verification_step(
+    tmp_path,
+):
+    write_tiny_model(tmp_path, "llama")
+    ckpt = open_checkpoint(tmp_path)
+    cfg = read_config(ckpt)
+    shard, _ = load_shard(ckpt, cfg, ShardSpec.whole(cfg), torch.float32, 64, torch.device("cpu"))
+    attention = [m for m in shard.modules() if isinstance(m, Attention)]
+    assert attention and all(a.on_kernel for a in attention)
+    cache = shard.new_cache(2, 64)
+    prompt, drafts = torch.tensor([3, 14, 15, 9, 2, 6]), torch.tensor([5, 35, 8])
+    with torch.inference_mode():
+        for slot in (0, 1):
+            shard(prompt, cache, [slot], [len(prompt)])
+        together = shard(drafts, cache, [0], [3])
+        alone = torch.cat([shard(drafts[i : i + 1], cache, [1], [1]) for i in range(3)])
+    assert torch.equal(together, alone)
