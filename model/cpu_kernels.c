@@ -65,14 +65,16 @@ void mtpd_linear_f32(const float* X, const float* W, float* Y, int64_t M, int64_
 // W[n, 32 b + j] = q * S[n, b] + Z[n, b], q in 0..15 (GGUF's Q4_1 form). Q[n] holds a
 // group in 16 bytes, byte j carrying q of input j in its low nibble and of input j + 16
 // in its high one, as GGUF stores them. Each group's four vectors of weights are unpacked
-// once and multiplied with up to three input rows; Z's share is Z[n] . XSUM[m], the sums
-// of X's groups, computed once per call. K is a multiple of 32.
+// once and multiplied with up to three input rows. Z's share, Z[n, b] * sum(X[m, group
+// b]), rides in the same accumulator through XS[m, b], each group's inputs summed to 8
+// lanes once per call. K is a multiple of 32.
 static inline __attribute__((always_inline)) void q4_tile(
-    const int G, const float* X, const float* XSUM, const uint8_t* Q, const float* S,
+    const int G, const float* X, const float* XS, const uint8_t* Q, const float* S,
     const float* Z, float* Y, int64_t m0, int64_t n, int64_t N, int64_t K) {
     const int64_t groups = K / 32;
     const uint8_t* q = Q + n * (K / 2);
     const float* s = S + n * groups;
+    const float* z = Z + n * groups;
     const __m128i low_nibbles = _mm_set1_epi8(0x0F);
     __m256 acc[3];
     for (int g = 0; g < G; g++) acc[g] = _mm256_setzero_ps();
@@ -84,7 +86,7 @@ static inline __attribute__((always_inline)) void q4_tile(
         const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
         const __m256 w2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
         const __m256 w3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
-        const __m256 scale = _mm256_broadcast_ss(s + b);
+        const __m256 scale = _mm256_broadcast_ss(s + b), zero = _mm256_broadcast_ss(z + b);
         for (int g = 0; g < G; g++) {
             const float* x = X + (m0 + g) * K + 32 * b;
             __m256 t = _mm256_mul_ps(w0, _mm256_loadu_ps(x));
@@ -92,34 +94,30 @@ static inline __attribute__((always_inline)) void q4_tile(
             t = _mm256_fmadd_ps(w2, _mm256_loadu_ps(x + 16), t);
             t = _mm256_fmadd_ps(w3, _mm256_loadu_ps(x + 24), t);
             acc[g] = _mm256_fmadd_ps(scale, t, acc[g]);
+            acc[g] = _mm256_fmadd_ps(zero, _mm256_loadu_ps(XS + ((m0 + g) * groups + b) * 8), acc[g]);
         }
     }
-    for (int g = 0; g < G; g++) {
-        const float* xs = XSUM + (m0 + g) * groups;
-        float zero_part = 0.0f;
-        for (int64_t b = 0; b < groups; b++) zero_part += Z[n * groups + b] * xs[b];
-        Y[(m0 + g) * N + n] = hsum(acc[g]) + zero_part;
-    }
+    for (int g = 0; g < G; g++) Y[(m0 + g) * N + n] = hsum(acc[g]);
 }
 
 void mtpd_linear_q4_f32(const float* X, const uint8_t* Q, const float* S, const float* Z,
                         float* Y, int64_t M, int64_t N, int64_t K, int threads) {
     const int64_t groups = K / 32;
-    float* xsum = malloc(sizeof(float) * M * groups);
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t b = 0; b < groups; b++) {
-            float total = 0.0f;
-            for (int j = 0; j < 32; j++) total += X[m * K + 32 * b + j];
-            xsum[m * groups + b] = total;
-        }
+    float* xs = malloc(sizeof(float) * M * K / 4);
+    for (int64_t i = 0; i < M * groups; i++) {
+        const float* x = X + 32 * i;
+        __m256 v = _mm256_add_ps(_mm256_loadu_ps(x), _mm256_loadu_ps(x + 8));
+        v = _mm256_add_ps(v, _mm256_loadu_ps(x + 16));
+        _mm256_storeu_ps(xs + 8 * i, _mm256_add_ps(v, _mm256_loadu_ps(x + 24)));
+    }
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
         int64_t m = 0;
-        for (; m + 3 <= M; m += 3) q4_tile(3, X, xsum, Q, S, Z, Y, m, n, N, K);
-        if (M - m == 2) q4_tile(2, X, xsum, Q, S, Z, Y, m, n, N, K);
-        if (M - m == 1) q4_tile(1, X, xsum, Q, S, Z, Y, m, n, N, K);
+        for (; m + 3 <= M; m += 3) q4_tile(3, X, xs, Q, S, Z, Y, m, n, N, K);
+        if (M - m == 2) q4_tile(2, X, xs, Q, S, Z, Y, m, n, N, K);
+        if (M - m == 1) q4_tile(1, X, xs, Q, S, Z, Y, m, n, N, K);
     }
-    free(xsum);
+    free(xs);
 }
 
 // ---- int8 linear: Y[M, N] = X[M, K] @ W[N, K]^T with W[n, k] = Q[n, k] * S[n] (one scale

@@ -154,30 +154,44 @@ def available_for(weight: torch.Tensor) -> bool:
 def _check(name: str, *tensors: torch.Tensor) -> None:
     # What C would otherwise read through a wrong pointer (after a .to(), say).
     for t in tensors:
-        if t.dtype != torch.float32 or t.device.type != "cpu":
+        if t.dtype is not torch.float32 or not t.is_cpu:
             raise TypeError(f"the float32 CPU kernel {name} got {t.dtype} on {t.device}")
+
+
+def _as_rows(x: torch.Tensor, width: int) -> torch.Tensor:
+    """x as contiguous [rows, width]: x itself when it already is (a step's flat batch)."""
+    if x.dim() == 2 and x.is_contiguous():
+        return x
+    return x.reshape(-1, width).contiguous()
+
+
+def _product(
+    name: str,
+    x: torch.Tensor,
+    n: int,
+    k: int,
+    weight: tuple[int, ...],
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """Run the linear kernel `name` (X, the weight's pointers, Y, M, N, K, threads) on x."""
+    _check(name, x)
+    rows = _as_rows(x, k)
+    out = torch.empty(rows.shape[0], n, dtype=torch.float32)
+    if rows.shape[0]:
+        getattr(_library(), name)(
+            rows.data_ptr(), *weight, out.data_ptr(), rows.shape[0], n, k, torch.get_num_threads()
+        )
+    if bias is not None:
+        out += bias
+    return out if x.dim() == 2 else out.view(*x.shape[:-1], n)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """F.linear for a weight that `available_for` accepted (inference only: no
     gradients)."""
-    _check("linear", x, weight)
+    _check("linear", weight)
     n, k = weight.shape
-    rows = x.reshape(-1, k).contiguous()
-    out = torch.empty(rows.shape[0], n, dtype=torch.float32)
-    if rows.shape[0]:
-        _library().mtpd_linear_f32(
-            rows.data_ptr(),
-            weight.data_ptr(),
-            out.data_ptr(),
-            rows.shape[0],
-            n,
-            k,
-            torch.get_num_threads(),
-        )
-    if bias is not None:
-        out += bias
-    return out.view(*x.shape[:-1], n)
+    return _product("mtpd_linear_f32", x, n, k, (weight.data_ptr(),), bias)
 
 
 def linear_q4(
@@ -190,55 +204,26 @@ def linear_q4(
     """x W^T for W in groups of 32 inputs, W[n, 32 b + j] = q * scales[n, b] + mins[n, b]:
     nibbles [N, K / 2] uint8, a group's 16 bytes holding input j's q in the low nibble of
     byte j and input j + 16's in the high one (GGUF's Q4_1 order)."""
-    _check("linear_q4", x, scales, mins)
-    if nibbles.dtype != torch.uint8 or not nibbles.is_contiguous():
+    _check("linear_q4", scales, mins)
+    if nibbles.dtype is not torch.uint8 or not nibbles.is_contiguous():
         raise TypeError("the int4 CPU kernel takes contiguous uint8 nibbles")
     n, k = nibbles.shape[0], nibbles.shape[1] * 2
     if k % 32 or scales.shape != (n, k // 32) or mins.shape != (n, k // 32):
         raise ValueError(f"int4 groups of 32 do not fit a [{n}, {k}] weight")
-    rows = x.reshape(-1, k).contiguous()
-    out = torch.empty(rows.shape[0], n, dtype=torch.float32)
-    if rows.shape[0]:
-        _library().mtpd_linear_q4_f32(
-            rows.data_ptr(),
-            nibbles.data_ptr(),
-            scales.contiguous().data_ptr(),
-            mins.contiguous().data_ptr(),
-            out.data_ptr(),
-            rows.shape[0],
-            n,
-            k,
-            torch.get_num_threads(),
-        )
-    if bias is not None:
-        out += bias
-    return out.view(*x.shape[:-1], n)
+    pointers = (nibbles.data_ptr(), scales.contiguous().data_ptr(), mins.contiguous().data_ptr())
+    return _product("mtpd_linear_q4_f32", x, n, k, pointers, bias)
 
 
 def linear_q8(
     x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """x W^T for W[n, k] = q[n, k] * scales[n]: q [N, K] int8, K a multiple of 8."""
-    _check("linear_q8", x, scales)
-    if q.dtype != torch.int8 or not q.is_contiguous() or q.shape[1] % K_MULTIPLE:
+    _check("linear_q8", scales)
+    if q.dtype is not torch.int8 or not q.is_contiguous() or q.shape[1] % K_MULTIPLE:
         raise TypeError("the int8 CPU kernel takes contiguous int8 weights, K a multiple of 8")
     n, k = q.shape
-    rows = x.reshape(-1, k).contiguous()
-    out = torch.empty(rows.shape[0], n, dtype=torch.float32)
-    if rows.shape[0]:
-        _library().mtpd_linear_q8_f32(
-            rows.data_ptr(),
-            q.data_ptr(),
-            scales.contiguous().data_ptr(),
-            out.data_ptr(),
-            rows.shape[0],
-            n,
-            k,
-            torch.get_num_threads(),
-        )
-    if bias is not None:
-        out += bias
-    return out.view(*x.shape[:-1], n)
+    pointers = (q.data_ptr(), scales.contiguous().data_ptr())
+    return _product("mtpd_linear_q8_f32", x, n, k, pointers, bias)
 
 
 def norm_available_for(weight: torch.Tensor) -> bool:
@@ -255,22 +240,22 @@ def norm_available_for(weight: torch.Tensor) -> bool:
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x / sqrt(mean(x^2) + eps) * weight over the last dimension."""
     _check("rms_norm", x, weight)
-    rows = x.reshape(-1, weight.shape[0]).contiguous()
+    rows = _as_rows(x, weight.shape[0])
     out = torch.empty_like(rows)
     _library().mtpd_rms_norm_f32(
         rows.data_ptr(), weight.data_ptr(), out.data_ptr(), rows.shape[0], rows.shape[1], eps
     )
-    return out.view(x.shape)
+    return out if x.dim() == 2 else out.view(x.shape)
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for gate and up side by side in the last dimension."""
     _check("silu_mul", gate_up)
     width = gate_up.shape[-1]
-    rows = gate_up.reshape(-1, width).contiguous()
+    rows = _as_rows(gate_up, width)
     out = torch.empty(rows.shape[0], width // 2, dtype=torch.float32)
     _library().mtpd_silu_mul_f32(rows.data_ptr(), out.data_ptr(), rows.shape[0], width // 2)
-    return out.view(*gate_up.shape[:-1], width // 2)
+    return out if gate_up.dim() == 2 else out.view(*gate_up.shape[:-1], width // 2)
 
 
 def attention_available_for(head_dim: int, dtype: torch.dtype) -> bool:

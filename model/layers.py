@@ -319,7 +319,8 @@ class Attention(nn.Module):
         cos, sin_signed = layout.cos.view(n, -1), layout.sin_signed.view(n, -1)
         offset = 0
         for slot, start, count in zip(layout.slots, layout.starts, layout.counts, strict=True):
-            rows = slice(offset, offset + count)
+            # One sequence (a decode step) takes the tensors whole: slicing costs more.
+            rows = slice(offset, offset + count) if count < n else slice(None)
             cpu_kernels.attend(
                 qkv[rows],
                 cos[rows],

@@ -8,6 +8,7 @@ import json
 from safetensors import safe_open
 
 from mtpd.model.default_model import default_head_path
+from mtpd.model.quant import Int8Linear
 from mtpd.train.commands import eval_prompts_path, read_prompts
 from mtpd.train.evaluate import evaluate_head
 from mtpd.worker.engine import Engine
@@ -21,6 +22,10 @@ def test_shipped_head_binds_to_the_default_model_and_drafts():
     recorded = json.loads(meta["acceptance"])
     engine = Engine.load(None, max_seqs=4, max_context=512, mtp_head=path)  # fingerprint checked
     assert engine.mtp is not None and engine.mtp.draft_ids is not None
+    # Its draft-vocabulary rows are held at int8 (quantize_draft_rows), a quarter of float32.
+    rows = engine.mtp.draft_head
+    assert isinstance(rows, Int8Linear) and rows.on_kernel
+    assert rows.weight.shape == (engine.mtp.draft_vocab_size, engine.cfg.hidden_size)
     report = evaluate_head(
         engine, engine.mtp, read_prompts(eval_prompts_path())[:4], k=3, max_new=48
     )
