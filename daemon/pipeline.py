@@ -34,6 +34,7 @@ from mtpd.v1 import worker_pb2 as pb
 log = logging.getLogger("mtpd.daemon")
 
 START_TIMEOUT_S = 120.0
+EXIT_NOTICE_S = 0.3  # how long a failure report waits for a dying worker to be reaped
 
 
 @dataclass
@@ -354,16 +355,19 @@ class Pipeline:
 
     # -- recovering ---------------------------------------------------------------
 
-    def _on_stream_error(self, rank: int, message: str) -> None:
+    def _on_stream_error(self, reporter: int, message: str) -> None:
         with self._lock:
             if self.failure is not None or self.recovering or self._closed.is_set():
                 return  # the first failure is being handled, or we are closing
+            rank = self._exited_worker(reporter)
             process = self.processes[rank] if rank < len(self.processes) else None
             exit_note = process.describe_exit() if process is not None else None
-            reason = f"worker {rank}: {message}" + (f" ({exit_note})" if exit_note else "")
+            reason = f"worker {reporter}: {message}" + (f" ({exit_note})" if exit_note else "")
             pending, self._pending = list(self._pending.values()), {}
             if self.restarts[rank] >= self.cfg.max_restarts:
-                self.failure = reason + f" (given up after {self.restarts[rank]} restarts)"
+                self.failure = (
+                    reason + f" (worker {rank} given up after {self.restarts[rank]} restarts)"
+                )
             else:
                 self.recovering = True
         if self.failure is not None:
@@ -382,8 +386,12 @@ class Pipeline:
         loads its shard while every other worker drops its caches, and all of them form
         a fresh data-plane group (the survivors keep their weights: no reload)."""
         error = None
-        while self.restarts[rank] < self.cfg.max_restarts and not self._closed.is_set():
-            rank = self._exited_worker(rank)
+        wait_s = EXIT_NOTICE_S
+        while not self._closed.is_set():
+            rank = self._exited_worker(rank, wait_s)
+            wait_s = 0.0
+            if self.restarts[rank] >= self.cfg.max_restarts:
+                break
             self.restarts[rank] += 1
             log.warning("%s; restarting worker %d (restart %d)", reason, rank, self.restarts[rank])
             try:
@@ -396,25 +404,32 @@ class Pipeline:
             with self._lock:
                 self.epoch += 1
                 self.recovering = False
-            break
-        else:
-            with self._lock:
-                self.failure = f"{reason}; given up after {self.restarts[rank]} restarts" + (
-                    f", the last failing with: {error}" if error else ""
-                )
-                self.recovering = False
+            self._tell_listeners()
+            return
+        with self._lock:
+            self.failure = (
+                f"{reason}; worker {rank} given up after {self.restarts[rank]} restarts"
+                + (f", the last failing with: {error}" if error else "")
+            )
+            self.recovering = False
         self._tell_listeners()
 
-    def _exited_worker(self, rank: int) -> int:
+    def _exited_worker(self, rank: int, wait_s: float = 0.0) -> int:
         """The worker to replace. The first to report a failure may be a survivor that
         lost its data-plane peer (a killed stage 0 shows first as stage 1's failed
         receive): a local worker whose process has exited goes first, since no group can
-        form while it is gone."""
-        if self._remote_side is None:
+        form while it is gone. `wait_s` gives a dying process time to be reaped: its
+        sockets close before its exit shows."""
+        if self._remote_side is not None:
+            return rank
+        deadline = time.monotonic() + wait_s
+        while True:
             for r, process in enumerate(self.processes):
                 if process.describe_exit() is not None:
                     return r
-        return rank
+            if time.monotonic() >= deadline:
+                return rank
+            time.sleep(0.01)
 
     def _restart(self, rank: int) -> None:
         remote = self._remote_side

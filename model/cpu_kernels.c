@@ -148,17 +148,28 @@ void mtpd_linear_q8_f32(const float* X, const int8_t* Q, const float* S, float* 
     }
 }
 
-// ---- Elementwise exp, 8 lanes at a time through glibc's vector math library (libmvec);
-// a tail shorter than 8 goes through the same function, padded.
+// ---- Elementwise exp, 8 lanes at a time through glibc's vector math library (libmvec),
+// or lane by lane where it does not link (built with MTPD_SCALAR_EXP); a tail shorter
+// than 8 goes through the same function, padded.
+#ifdef MTPD_SCALAR_EXP
+static __m256 exp8(__m256 x) {
+    float v[8];
+    _mm256_storeu_ps(v, x);
+    for (int i = 0; i < 8; i++) v[i] = expf(v[i]);
+    return _mm256_loadu_ps(v);
+}
+#else
 __m256 _ZGVdN8v_expf(__m256 x);
+#define exp8 _ZGVdN8v_expf
+#endif
 
 static void exp_all(float* x, int64_t n) {
     int64_t i = 0;
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, _ZGVdN8v_expf(_mm256_loadu_ps(x + i)));
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, exp8(_mm256_loadu_ps(x + i)));
     if (i < n) {
         float tail[8] = {0};
         for (int64_t j = i; j < n; j++) tail[j - i] = x[j];
-        _mm256_storeu_ps(tail, _ZGVdN8v_expf(_mm256_loadu_ps(tail)));
+        _mm256_storeu_ps(tail, exp8(_mm256_loadu_ps(tail)));
         for (int64_t j = i; j < n; j++) x[j] = tail[j - i];
     }
 }

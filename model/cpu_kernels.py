@@ -74,10 +74,10 @@ def _openmp_runtime() -> Path | None:
     return None
 
 
-def _build(compiler: str, runtime: Path | None) -> Path:
+def _build(compiler: str, runtime: Path | None, math: list[str]) -> Path:
     # Compiled with -fopenmp, linked with the runtime torch loaded (or the compiler's).
     link = [str(runtime)] if runtime else []
-    command = [compiler, *FLAGS, str(SOURCE), *link, "-lmvec"]
+    command = [compiler, *FLAGS, str(SOURCE), *link, *math]
     digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(command).encode()).hexdigest()
     library = _cache_dir() / f"mtpd-cpu-kernels-{digest[:16]}.so"
     if not library.exists():
@@ -90,6 +90,15 @@ def _build(compiler: str, runtime: Path | None) -> Path:
         finally:
             Path(tmp).unlink(missing_ok=True)
     return library
+
+
+def _build_any(compiler: str, runtime: Path | None) -> Path:
+    """With glibc's vector exp (libmvec) where it links, else with the scalar one."""
+    try:
+        return _build(compiler, runtime, ["-lmvec"])
+    except subprocess.CalledProcessError:
+        log.info("libmvec does not link here: the kernels' exp runs lane by lane")
+        return _build(compiler, runtime, ["-DMTPD_SCALAR_EXP", "-lm"])
 
 
 _POINTER, _INT, _FLOAT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
@@ -123,12 +132,12 @@ def _library() -> ctypes.CDLL | None:
         return None
     runtime = _openmp_runtime()
     try:
-        library = _build(compiler, runtime)
+        library = _build_any(compiler, runtime)
         try:
             return _load(library)
         except (OSError, AttributeError):  # a damaged cached copy: build it again, once
             library.unlink(missing_ok=True)
-            return _load(_build(compiler, runtime))
+            return _load(_build_any(compiler, runtime))
     except (OSError, AttributeError, subprocess.SubprocessError) as e:
         detail = getattr(e, "stderr", b"") or b""
         log.warning("CPU kernels unavailable (%s %s): using PyTorch's ops", e, detail.decode())
@@ -175,6 +184,8 @@ def _product(
 ) -> torch.Tensor:
     """Run the linear kernel `name` (X, the weight's pointers, Y, M, N, K, threads) on x."""
     _check(name, x)
+    if x.shape[-1] != k:
+        raise ValueError(f"{name}: inputs {x.shape[-1]} wide for a weight taking {k}")
     rows = _as_rows(x, k)
     out = torch.empty(rows.shape[0], n, dtype=torch.float32)
     if rows.shape[0]:
@@ -210,7 +221,8 @@ def linear_q4(
     n, k = nibbles.shape[0], nibbles.shape[1] * 2
     if k % 32 or scales.shape != (n, k // 32) or mins.shape != (n, k // 32):
         raise ValueError(f"int4 groups of 32 do not fit a [{n}, {k}] weight")
-    pointers = (nibbles.data_ptr(), scales.contiguous().data_ptr(), mins.contiguous().data_ptr())
+    scales, mins = scales.contiguous(), mins.contiguous()  # held through the call
+    pointers = (nibbles.data_ptr(), scales.data_ptr(), mins.data_ptr())
     return _product("mtpd_linear_q4_f32", x, n, k, pointers, bias)
 
 
@@ -222,8 +234,8 @@ def linear_q8(
     if q.dtype is not torch.int8 or not q.is_contiguous() or q.shape[1] % K_MULTIPLE:
         raise TypeError("the int8 CPU kernel takes contiguous int8 weights, K a multiple of 8")
     n, k = q.shape
-    pointers = (q.data_ptr(), scales.contiguous().data_ptr())
-    return _product("mtpd_linear_q8_f32", x, n, k, pointers, bias)
+    scales = scales.contiguous()  # held through the call
+    return _product("mtpd_linear_q8_f32", x, n, k, (q.data_ptr(), scales.data_ptr()), bias)
 
 
 def norm_available_for(weight: torch.Tensor) -> bool:
@@ -232,6 +244,7 @@ def norm_available_for(weight: torch.Tensor) -> bool:
         weight.device.type == "cpu"
         and weight.dtype == torch.float32
         and weight.dim() == 1
+        and weight.is_contiguous()
         and weight.shape[0] % K_MULTIPLE == 0
         and available()
     )
@@ -240,6 +253,8 @@ def norm_available_for(weight: torch.Tensor) -> bool:
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x / sqrt(mean(x^2) + eps) * weight over the last dimension."""
     _check("rms_norm", x, weight)
+    if x.shape[-1] != weight.shape[0]:
+        raise ValueError(f"rms_norm: inputs {x.shape[-1]} wide for a weight of {weight.shape[0]}")
     rows = _as_rows(x, weight.shape[0])
     out = torch.empty_like(rows)
     _library().mtpd_rms_norm_f32(
@@ -258,14 +273,9 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return out if gate_up.dim() == 2 else out.view(*gate_up.shape[:-1], width // 2)
 
 
-def attention_available_for(head_dim: int, dtype: torch.dtype) -> bool:
-    """Whether `attend` can serve heads of this size with a cache of this dtype."""
-    return (
-        head_dim % K_MULTIPLE == 0
-        and head_dim <= MAX_HEAD_DIM
-        and dtype == torch.float32
-        and available()
-    )
+def attention_available_for(head_dim: int) -> bool:
+    """Whether `attend` can serve heads of this size (with a float32 cache)."""
+    return head_dim % K_MULTIPLE == 0 and head_dim <= MAX_HEAD_DIM and available()
 
 
 def attend(
@@ -289,10 +299,26 @@ def attend(
     for t in (qkv, cos, sin_signed, slot_k, slot_v, out):
         if not t.is_contiguous():
             raise ValueError("the attention kernel takes contiguous tensors")
-    _, context, d = slot_k.shape
+    groups, context, d = slot_k.shape
     rows = qkv.shape[0]
     if start + rows > context:
         raise ValueError(f"{rows} rows from position {start} overrun a context of {context}")
+    # The C side trusts these: a mismatch would read or write beyond a tensor.
+    if (
+        not attention_available_for(d)
+        or groups != kv_heads
+        or heads % kv_heads
+        or slot_v.shape != slot_k.shape
+        or qkv.shape[1] != (heads + 2 * kv_heads) * d
+        or cos.shape != (rows, d)
+        or sin_signed.shape != (rows, d)
+        or out.shape != (rows, heads * d)
+    ):
+        raise ValueError(
+            f"attend: shapes do not fit {heads} heads over {kv_heads} kv heads of {d}: qkv "
+            f"{list(qkv.shape)}, cos {list(cos.shape)}, slot {list(slot_k.shape)}, out "
+            f"{list(out.shape)}"
+        )
     _library().mtpd_attend_f32(
         qkv.data_ptr(),
         cos.data_ptr(),

@@ -210,9 +210,10 @@ class Attention(nn.Module):
     def pack(self) -> None:
         # The kernel applies RoPE over whole heads, without q/k norms in between.
         self.on_kernel = (
-            self.q_norm is None
+            self.o.weight.device.type == "cpu"
+            and self.q_norm is None
             and self.rotary_dim == self.head_dim
-            and cpu_kernels.attention_available_for(self.head_dim, torch.float32)
+            and cpu_kernels.attention_available_for(self.head_dim)
         )
 
     def _project(
@@ -315,7 +316,7 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """_project and _attend_rows in one kernel call per sequence: [N, heads * d]."""
         n = qkv.shape[0]
-        out = torch.empty(n, self.num_heads * self.head_dim)
+        out = torch.empty(n, self.num_heads * self.head_dim, dtype=torch.float32)
         cos, sin_signed = layout.cos.view(n, -1), layout.sin_signed.view(n, -1)
         offset = 0
         for slot, start, count in zip(layout.slots, layout.starts, layout.counts, strict=True):
@@ -384,7 +385,7 @@ class MLP(nn.Module):
         self.on_kernel = False  # float32 CPU inputs take cpu_kernels' SwiGLU
 
     def pack(self) -> None:
-        self.on_kernel = cpu_kernels.available()
+        self.on_kernel = self.down.weight.device.type == "cpu" and cpu_kernels.available()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.on_kernel and x.dtype == torch.float32 and x.device.type == "cpu":

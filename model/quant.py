@@ -6,8 +6,8 @@ set decode speed, and these read 1 or 1/2 byte per weight instead of 4.
 - int4: groups of 32 input weights with a scale and a zero point
   (`_weight_int4pack_mm`; on CPU its `_for_cpu` twin), w = (q - 8) * scale + zero.
   With float32 activations on CPU the layer runs on cpu_kernels' int4 kernel instead,
-  which reads the groups as GGUF stores them, tens of times faster than the packed
-  operator there (`python benchmarks/cpu_kernels.py --quant`); int8 likewise.
+  which reads the groups as GGUF stores them, several times faster than the packed
+  operator there (`python benchmarks/quant_kernels.py`); int8 likewise.
 
 GGUF Q4_0 / Q4_1 blocks are exactly such groups, so their weights are repacked, not
 dequantized and re-rounded (`GGUFCheckpoint.int4_blocks`); Q8_0's per-block scales do
@@ -206,8 +206,8 @@ def quantize_draft_rows(mtp: nn.Module) -> None:
     so output is unchanged, while the rows (a third of the head's bytes in float32)
     take a quarter of the memory and of the draft pass's reading. Rows shared with
     the trunk (no draft vocabulary) stay as they are."""
-    if mtp.draft_ids is None:
+    weight = mtp.draft_head.weight
+    if mtp.draft_ids is None or not weight.is_cpu or weight.dtype is not torch.float32:
         return
-    rows = Int8Linear(mtp.draft_head.weight.detach(), None)
-    if rows.on_kernel:
-        mtp.draft_head = rows
+    if cpu_kernels.available():
+        mtp.draft_head = Int8Linear(weight.detach(), None)

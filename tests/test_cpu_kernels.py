@@ -4,6 +4,9 @@ alone or among others, and layers and shards run on them."""
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,7 +23,7 @@ def test_the_kernels_are_built_on_these_machines():
     # CI's machines and this project's are x86 with AVX2 and a C compiler: a fallback to
     # oneDNN there would be a silent 1.5x slowdown, so it fails here instead.
     assert cpu_kernels.available_for(torch.zeros(4, 8))
-    assert cpu_kernels.attention_available_for(64, torch.float32)
+    assert cpu_kernels.attention_available_for(64)
 
 
 @pytest.mark.parametrize("out_features", [1, 3, 4, 98, 3072])
@@ -131,21 +134,19 @@ def test_attention_computes_what_rope_and_sdpa_do(heads, kv_heads, start, rows):
     torch.testing.assert_close(out, expected.reshape(rows, heads * d))
 
 
-def test_attention_refuses_rows_beyond_the_slot():
+def test_attention_refuses_what_would_read_or_write_beyond_a_tensor():
     slot = torch.zeros(1, 8, 16)
+    rows, cos = torch.zeros(2, 48), torch.zeros(2, 16)
     with pytest.raises(ValueError, match="overrun"):
+        cpu_kernels.attend(rows, cos, cos, slot, slot.clone(), torch.zeros(2, 16), 7, 1, 1, 0.25)
+    with pytest.raises(ValueError, match="shapes do not fit"):  # 2 heads need a wider qkv
+        cpu_kernels.attend(rows, cos, cos, slot, slot.clone(), torch.zeros(2, 32), 0, 2, 1, 0.25)
+    with pytest.raises(ValueError, match="shapes do not fit"):  # rotary tables for 1 row
         cpu_kernels.attend(
-            torch.zeros(2, 48),
-            torch.zeros(2, 16),
-            torch.zeros(2, 16),
-            slot,
-            slot.clone(),
-            torch.zeros(2, 16),
-            7,
-            1,
-            1,
-            0.25,
+            rows, cos[:1], cos, slot, slot.clone(), torch.zeros(2, 16), 0, 1, 1, 0.25
         )
+    with pytest.raises(ValueError, match="wide"):
+        cpu_kernels.linear(torch.zeros(1, 16), torch.zeros(4, 8), None)
 
 
 def _rope(context: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,3 +173,16 @@ def test_a_shard_runs_on_the_kernels_and_a_row_gets_the_same_bits_in_a_verificat
         together = shard(drafts, cache, [0], [3])
         alone = torch.cat([shard(drafts[i : i + 1], cache, [1], [1]) for i in range(3)])
     assert torch.equal(together, alone)
+
+
+def test_the_kernels_build_with_scalar_exp_where_libmvec_does_not_link():
+    # The fallback _build_any takes when `-lmvec` fails: same results, lane by lane.
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    library = cpu_kernels._load(
+        cpu_kernels._build(compiler, cpu_kernels._openmp_runtime(), ["-DMTPD_SCALAR_EXP", "-lm"])
+    )
+    gate_up = torch.randn(3, 2 * 21, generator=torch.Generator().manual_seed(5)) * 4
+    out = torch.empty(3, 21)
+    library.mtpd_silu_mul_f32(gate_up.data_ptr(), out.data_ptr(), 3, 21)
+    gate, up = gate_up.split(21, dim=-1)
+    torch.testing.assert_close(out, F.silu(gate) * up)

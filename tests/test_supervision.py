@@ -10,6 +10,7 @@ import os
 import random
 import signal
 import time
+from types import SimpleNamespace
 
 import pytest
 from live_daemon import LiveDaemon, write_served_model
@@ -157,3 +158,19 @@ def test_through_the_daemon_a_restart_costs_latency_and_a_crash_loop_fails_clean
         assert daemon.process.poll() is None  # the daemon itself stays up
         assert client.info().num_layers == 4
     assert daemon.stop() == 0
+
+
+def test_the_worker_replaced_is_the_one_that_exited_not_the_one_that_reported():
+    # A killed stage 0 often shows first as stage 1's failed receive; restarting stage 1
+    # could never succeed while stage 0 is gone.
+    class Process:
+        def __init__(self, exited: bool) -> None:
+            self.exited = exited
+
+        def describe_exit(self) -> str | None:
+            return "exited with code -9" if self.exited else None
+
+    pipeline = SimpleNamespace(_remote_side=None, processes=[Process(True), Process(False)])
+    assert Pipeline._exited_worker(pipeline, 1) == 0
+    pipeline.processes[0].exited = False
+    assert Pipeline._exited_worker(pipeline, 1, wait_s=0.05) == 1  # none exited: the reporter
