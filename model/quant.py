@@ -6,8 +6,8 @@ set decode speed, and these read 1 or 1/2 byte per weight instead of 4.
 - int4: groups of 32 input weights with a scale and a zero point
   (`_weight_int4pack_mm`; on CPU its `_for_cpu` twin), w = (q - 8) * scale + zero.
   With float32 activations on CPU the layer runs on cpu_kernels' int4 kernel instead,
-  which reads the groups as GGUF stores them, several times faster than the packed
-  operator there (`python benchmarks/quant_kernels.py`); int8 likewise.
+  which reads the groups as GGUF stores them, about ten times faster than the packed
+  operator there at one row (`python benchmarks/quant_kernels.py`); int8 likewise.
 
 GGUF Q4_0 / Q4_1 blocks are exactly such groups, so their weights are repacked, not
 dequantized and re-rounded (`GGUFCheckpoint.int4_blocks`); Q8_0's per-block scales do
