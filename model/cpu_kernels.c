@@ -61,80 +61,148 @@ void mtpd_linear_f32(const float* X, const float* W, float* Y, int64_t M, int64_
     for (int64_t n = 4 * blocks; n < N; n++) rows(1, X, W, Y, n, M, N, K);
 }
 
+// Two accumulators per input row, taking alternate steps: one would chain every
+// step's FMA on the last one's result, and at one row that latency, not memory or
+// arithmetic, sets the speed. Summed in a fixed order, so results stay reproducible.
+
 // ---- int4 linear: Y[M, N] = X[M, K] @ W[N, K]^T with W in groups of 32 inputs,
 // W[n, 32 b + j] = q * S[n, b] + Z[n, b], q in 0..15 (GGUF's Q4_1 form). Q[n] holds a
 // group in 16 bytes, byte j carrying q of input j in its low nibble and of input j + 16
-// in its high one, as GGUF stores them. Each group's four vectors of weights are unpacked
-// once and multiplied with up to three input rows. Z's share, Z[n, b] * sum(X[m, group
-// b]), rides in the same accumulator through XS[m, b], each group's inputs summed to 8
-// lanes once per call. K is a multiple of 32.
+// in its high one, as GGUF stores them. As llama.cpp does, each group of X's inputs is
+// rounded to 8 bits with its own scale (XQ, XD) once per call, so a group's product is
+// one integer multiply-add of 32 byte pairs (maddubs) instead of converting every weight
+// to a float. Z's share is Z[n] . XS[m], XS the rounded groups' sums: every weight then
+// multiplies the same rounded input (summing the exact inputs instead would leave the
+// rounding of the nibbles' common offset uncancelled, several times the error). K is a
+// multiple of 32.
+static inline __m256 q4_group(__m256i w, const int8_t* xq, float xd, __m256 scale) {
+    const __m256i x = _mm256_loadu_si256((const __m256i*)xq);
+    const __m256i pairs = _mm256_maddubs_epi16(w, x);  // |15 * 127 * 2| fits int16
+    const __m256 dots = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+    return _mm256_mul_ps(_mm256_mul_ps(dots, _mm256_set1_ps(xd)), scale);
+}
+
+static inline __m256i q4_unpack(const uint8_t* q) {
+    const __m128i bytes = _mm_loadu_si128((const __m128i*)q), low = _mm_set1_epi8(0x0F);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), low), _mm_and_si128(bytes, low));
+}
+
 static inline __attribute__((always_inline)) void q4_tile(
-    const int G, const float* X, const float* XS, const uint8_t* Q, const float* S,
-    const float* Z, float* Y, int64_t m0, int64_t n, int64_t N, int64_t K) {
+    const int G, const int8_t* XQ, const float* XD, const float* XS, const uint8_t* Q,
+    const float* S, const float* Z, float* Y, int64_t m0, int64_t n, int64_t N, int64_t K) {
     const int64_t groups = K / 32;
     const uint8_t* q = Q + n * (K / 2);
     const float* s = S + n * groups;
-    const float* z = Z + n * groups;
-    const __m128i low_nibbles = _mm_set1_epi8(0x0F);
-    __m256 acc[3];
-    for (int g = 0; g < G; g++) acc[g] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < groups; b++) {
-        const __m128i bytes = _mm_loadu_si128((const __m128i*)(q + 16 * b));
-        const __m128i lo = _mm_and_si128(bytes, low_nibbles);
-        const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low_nibbles);
-        const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
-        const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
-        const __m256 w2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
-        const __m256 w3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
-        const __m256 scale = _mm256_broadcast_ss(s + b), zero = _mm256_broadcast_ss(z + b);
+    __m256 even[3], odd[3];
+    for (int g = 0; g < G; g++) even[g] = odd[g] = _mm256_setzero_ps();
+    int64_t b = 0;
+    for (; b + 2 <= groups; b += 2) {
+        const __m256i w0 = q4_unpack(q + 16 * b), w1 = q4_unpack(q + 16 * (b + 1));
+        const __m256 s0 = _mm256_broadcast_ss(s + b), s1 = _mm256_broadcast_ss(s + b + 1);
         for (int g = 0; g < G; g++) {
-            const float* x = X + (m0 + g) * K + 32 * b;
-            __m256 t = _mm256_mul_ps(w0, _mm256_loadu_ps(x));
-            t = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + 8), t);
-            t = _mm256_fmadd_ps(w2, _mm256_loadu_ps(x + 16), t);
-            t = _mm256_fmadd_ps(w3, _mm256_loadu_ps(x + 24), t);
-            acc[g] = _mm256_fmadd_ps(scale, t, acc[g]);
-            acc[g] = _mm256_fmadd_ps(zero, _mm256_loadu_ps(XS + ((m0 + g) * groups + b) * 8), acc[g]);
+            const int64_t xg = (m0 + g) * groups + b;
+            even[g] = _mm256_add_ps(even[g], q4_group(w0, XQ + 32 * xg, XD[xg], s0));
+            odd[g] = _mm256_add_ps(odd[g], q4_group(w1, XQ + 32 * (xg + 1), XD[xg + 1], s1));
         }
     }
-    for (int g = 0; g < G; g++) Y[(m0 + g) * N + n] = hsum(acc[g]);
+    if (b < groups) {
+        const __m256i w0 = q4_unpack(q + 16 * b);
+        const __m256 s0 = _mm256_broadcast_ss(s + b);
+        for (int g = 0; g < G; g++) {
+            const int64_t xg = (m0 + g) * groups + b;
+            even[g] = _mm256_add_ps(even[g], q4_group(w0, XQ + 32 * xg, XD[xg], s0));
+        }
+    }
+    for (int g = 0; g < G; g++) {
+        const float* xs = XS + (m0 + g) * groups;
+        const float* z = Z + n * groups;
+        int64_t i = 0;
+        __m256 zero_part = _mm256_setzero_ps();
+        for (; i + 8 <= groups; i += 8)
+            zero_part = _mm256_fmadd_ps(_mm256_loadu_ps(z + i), _mm256_loadu_ps(xs + i), zero_part);
+        float total = hsum(_mm256_add_ps(_mm256_add_ps(even[g], odd[g]), zero_part));
+        for (; i < groups; i++) total += z[i] * xs[i];
+        Y[(m0 + g) * N + n] = total;
+    }
+}
+
+// Each group of 32 inputs: 8-bit values XQ with scale XD (max |x| / 127, rounded to
+// nearest), and the sum of the rounded values (XQ * XD) in XS.
+static void q8_groups(const float* X, int64_t count, int8_t* XQ, float* XD, float* XS) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int64_t i = 0; i < count; i++) {
+        const float* x = X + 32 * i;
+        __m256 v[4], top = _mm256_setzero_ps();
+        for (int j = 0; j < 4; j++) {
+            v[j] = _mm256_loadu_ps(x + 8 * j);
+            top = _mm256_max_ps(top, _mm256_andnot_ps(sign, v[j]));
+        }
+        __m128 t = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
+        t = _mm_max_ps(t, _mm_movehl_ps(t, t));
+        t = _mm_max_ss(t, _mm_shuffle_ps(t, t, 1));
+        const float d = _mm_cvtss_f32(t) / 127.0f;
+        const __m256 inv = _mm256_set1_ps(d > 0.0f ? 1.0f / d : 0.0f);
+        __m256i q[4];
+        for (int j = 0; j < 4; j++)
+            q[j] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[j], inv),
+                                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        // int32 -> int8 in input order: packs interleave 128-bit lanes, the permute undoes it.
+        const __m256i w16a = _mm256_packs_epi32(q[0], q[1]), w16b = _mm256_packs_epi32(q[2], q[3]);
+        const __m256i w8 = _mm256_packs_epi16(w16a, w16b);
+        _mm256_storeu_si256((__m256i*)(XQ + 32 * i),
+                            _mm256_permutevar8x32_epi32(w8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+        XD[i] = d;
+        const __m256i sums = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+        XS[i] = hsum(_mm256_cvtepi32_ps(sums)) * d;
+    }
 }
 
 void mtpd_linear_q4_f32(const float* X, const uint8_t* Q, const float* S, const float* Z,
                         float* Y, int64_t M, int64_t N, int64_t K, int threads) {
-    const int64_t groups = K / 32;
-    float* xs = malloc(sizeof(float) * M * K / 4);
-    for (int64_t i = 0; i < M * groups; i++) {
-        const float* x = X + 32 * i;
-        __m256 v = _mm256_add_ps(_mm256_loadu_ps(x), _mm256_loadu_ps(x + 8));
-        v = _mm256_add_ps(v, _mm256_loadu_ps(x + 16));
-        _mm256_storeu_ps(xs + 8 * i, _mm256_add_ps(v, _mm256_loadu_ps(x + 24)));
-    }
+    const int64_t count = M * K / 32;
+    int8_t* xq = malloc(32 * count);
+    float* xd = malloc(sizeof(float) * count);
+    float* xs = malloc(sizeof(float) * count);
+    q8_groups(X, count, xq, xd, xs);
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
         int64_t m = 0;
-        for (; m + 3 <= M; m += 3) q4_tile(3, X, xs, Q, S, Z, Y, m, n, N, K);
-        if (M - m == 2) q4_tile(2, X, xs, Q, S, Z, Y, m, n, N, K);
-        if (M - m == 1) q4_tile(1, X, xs, Q, S, Z, Y, m, n, N, K);
+        for (; m + 3 <= M; m += 3) q4_tile(3, xq, xd, xs, Q, S, Z, Y, m, n, N, K);
+        if (M - m == 2) q4_tile(2, xq, xd, xs, Q, S, Z, Y, m, n, N, K);
+        if (M - m == 1) q4_tile(1, xq, xd, xs, Q, S, Z, Y, m, n, N, K);
     }
+    free(xq);
+    free(xd);
     free(xs);
 }
 
 // ---- int8 linear: Y[M, N] = X[M, K] @ W[N, K]^T with W[n, k] = Q[n, k] * S[n] (one scale
 // per output, as PyTorch's int8 operator takes); K a multiple of 8.
+static inline __m256 q8_load(const int8_t* q) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)q)));
+}
+
 static inline __attribute__((always_inline)) void q8_tile(
     const int G, const float* X, const int8_t* Q, const float* S, float* Y, int64_t m0,
     int64_t n, int64_t N, int64_t K) {
     const int8_t* q = Q + n * K;
-    __m256 acc[3];
-    for (int g = 0; g < G; g++) acc[g] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < K; k += 8) {
-        const __m128i bytes = _mm_loadl_epi64((const __m128i*)(q + k));
-        const __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
-        for (int g = 0; g < G; g++)
-            acc[g] = _mm256_fmadd_ps(w, _mm256_loadu_ps(X + (m0 + g) * K + k), acc[g]);
+    __m256 even[3], odd[3];
+    for (int g = 0; g < G; g++) even[g] = odd[g] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+        const __m256 w0 = q8_load(q + k), w1 = q8_load(q + k + 8);
+        for (int g = 0; g < G; g++) {
+            const float* x = X + (m0 + g) * K + k;
+            even[g] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x), even[g]);
+            odd[g] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + 8), odd[g]);
+        }
     }
-    for (int g = 0; g < G; g++) Y[(m0 + g) * N + n] = hsum(acc[g]) * S[n];
+    if (k < K) {
+        const __m256 w0 = q8_load(q + k);
+        for (int g = 0; g < G; g++)
+            even[g] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(X + (m0 + g) * K + k), even[g]);
+    }
+    for (int g = 0; g < G; g++) Y[(m0 + g) * N + n] = hsum(_mm256_add_ps(even[g], odd[g])) * S[n];
 }
 
 void mtpd_linear_q8_f32(const float* X, const int8_t* Q, const float* S, float* Y,
