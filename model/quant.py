@@ -1,20 +1,22 @@
-"""Weight-only quantization of a shard's linear layers (`--quant int8|int4`), on
-PyTorch's packed-weight matmul operators (as gpt-fast does): the bytes read per token
-set decode speed, and these read 1 or 1/2 byte per weight instead of 4.
+"""Weight-only quantization of a shard's linear layers (`--quant int8|int4`): the bytes
+read per token set decode speed, and these read 1 or 1/2 byte per weight instead of 4.
 
 - int8: one scale per output channel (`_weight_int8pack_mm`).
 - int4: groups of 32 input weights with a scale and a zero point
   (`_weight_int4pack_mm`; on CPU its `_for_cpu` twin), w = (q - 8) * scale + zero.
-  With float32 activations on CPU the layer runs on cpu_kernels' int4 kernel instead,
-  which reads the groups as GGUF stores them, about ten times faster than the packed
-  operator there at one row (`python benchmarks/quant_kernels.py`); int8 likewise.
+
+On GPU, and for bfloat16 on CPU, the layers run on those PyTorch packed-weight
+operators (as gpt-fast does). For float32 on CPU they run on cpu_kernels' int4 and int8
+kernels, ten or more times faster there at one row (`python benchmarks/quant_kernels.py`);
+the int4 kernel reads groups as GGUF stores them and rounds each group of 32 inputs to
+8 bits first, as llama.cpp does.
 
 GGUF Q4_0 / Q4_1 blocks are exactly such groups, so their weights are repacked, not
 dequantized and re-rounded (`GGUFCheckpoint.int4_blocks`); Q8_0's per-block scales do
 not fit int8's one scale per row, so those weights are requantized per channel (the
 error is what `requantization_error` reports). Activations, norms, attention and the
 embedding lookup stay in the model dtype; so does the MTP head (small, and its accuracy
-is its acceptance).
+is its acceptance), but for its draft-vocabulary rows (`quantize_draft_rows`).
 """
 
 from __future__ import annotations
