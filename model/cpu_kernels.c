@@ -5,6 +5,7 @@
 // holds and however many threads run, so a row gets bit-identical results alone or in a
 // verification step of several rows.
 
+#include <float.h>
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
@@ -84,7 +85,8 @@ static inline __m256 q4_group(__m256i w, const int8_t* xq, float xd, __m256 scal
 
 static inline __m256i q4_unpack(const uint8_t* q) {
     const __m128i bytes = _mm_loadu_si128((const __m128i*)q), low = _mm_set1_epi8(0x0F);
-    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), low), _mm_and_si128(bytes, low));
+    const __m256i lo = _mm256_castsi128_si256(_mm_and_si128(bytes, low));
+    return _mm256_inserti128_si256(lo, _mm_and_si128(_mm_srli_epi16(bytes, 4), low), 1);
 }
 
 static inline __attribute__((always_inline)) void q4_tile(
@@ -127,21 +129,32 @@ static inline __attribute__((always_inline)) void q4_tile(
 }
 
 // Each group of 32 inputs: 8-bit values XQ with scale XD (max |x| / 127, rounded to
-// nearest), and the sum of the rounded values (XQ * XD) in XS.
+// nearest), and the sum of the rounded values (XQ * XD) in XS. A group holding a NaN or
+// an infinity gets a NaN scale, so the outputs it reaches are NaN, as a float product's
+// would be; a group too small for its scale to invert counts as zero.
 static void q8_groups(const float* X, int64_t count, int8_t* XQ, float* XD, float* XS) {
-    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256 sign = _mm256_set1_ps(-0.0f), huge = _mm256_set1_ps(FLT_MAX);
     for (int64_t i = 0; i < count; i++) {
         const float* x = X + 32 * i;
         __m256 v[4], top = _mm256_setzero_ps();
+        int finite = 1;
         for (int j = 0; j < 4; j++) {
             v[j] = _mm256_loadu_ps(x + 8 * j);
-            top = _mm256_max_ps(top, _mm256_andnot_ps(sign, v[j]));
+            const __m256 size = _mm256_andnot_ps(sign, v[j]);
+            finite &= _mm256_movemask_ps(_mm256_cmp_ps(size, huge, _CMP_LE_OQ)) == 0xFF;
+            top = _mm256_max_ps(top, size);
         }
         __m128 t = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
         t = _mm_max_ps(t, _mm_movehl_ps(t, t));
         t = _mm_max_ss(t, _mm_shuffle_ps(t, t, 1));
-        const float d = _mm_cvtss_f32(t) / 127.0f;
-        const __m256 inv = _mm256_set1_ps(d > 0.0f ? 1.0f / d : 0.0f);
+        float d = _mm_cvtss_f32(t) / 127.0f, inverse = d > 0.0f ? 1.0f / d : 0.0f;
+        if (!(inverse <= FLT_MAX)) d = inverse = 0.0f;
+        if (!finite) {
+            for (int j = 0; j < 32; j++) XQ[32 * i + j] = 0;
+            XD[i] = XS[i] = NAN;
+            continue;
+        }
+        const __m256 inv = _mm256_set1_ps(inverse);
         __m256i q[4];
         for (int j = 0; j < 4; j++)
             q[j] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[j], inv),

@@ -7,7 +7,7 @@ read per token set decode speed, and these read 1 or 1/2 byte per weight instead
 
 On GPU, and for bfloat16 on CPU, the layers run on those PyTorch packed-weight
 operators (as gpt-fast does). For float32 on CPU they run on cpu_kernels' int4 and int8
-kernels, ten or more times faster there at one row (`python benchmarks/quant_kernels.py`);
+kernels, 4–20x faster there at one row (`python benchmarks/quant_kernels.py`);
 the int4 kernel reads groups as GGUF stores them and rounds each group of 32 inputs to
 8 bits first, as llama.cpp does.
 

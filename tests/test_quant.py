@@ -164,3 +164,33 @@ def test_a_quantized_pipeline_equals_the_quantized_engine(tiny):
         result = scheduler.submit(prompt, SamplingParams(), 16, ignore_eos=True).result(120)
         scheduler.close()
     assert compare_tokens(expected, logits, result.token_ids).ok
+
+
+@pytest.mark.parametrize("width", [32, 96, 288, 576])
+def test_the_kernels_cover_odd_group_counts_and_tails(width):
+    # 96 and 288 end on a single group after the pairs, 288 and 576 take the minimums 8
+    # groups at a time with a tail; int8 at width + 8 ends on half a step of 16.
+    g = torch.Generator().manual_seed(width)
+    w, x = torch.randn(40, width, generator=g), torch.randn(3, width, generator=g)
+    q4 = Int4Weight.from_float(w)
+    expected4 = _rounded_to_8_bits_per_group(x) @ q4.dequantize().t()
+    torch.testing.assert_close(
+        Int4Linear(q4, None, torch.float32)(x), expected4, atol=1e-4, rtol=1e-4
+    )
+    w8, x8 = torch.randn(40, width + 8, generator=g), torch.randn(3, width + 8, generator=g)
+    int8 = Int8Linear(w8, None)
+    expected8 = x8 @ (int8.weight.float() * int8.scales[:, None]).t()
+    torch.testing.assert_close(int8(x8), expected8, atol=1e-4, rtol=1e-4)
+
+
+def test_int4_rounding_is_to_nearest_even_and_non_finite_inputs_stay_non_finite():
+    w = torch.zeros(16, 32)
+    w[0, :4] = 1.0
+    layer = Int4Linear(Int4Weight.from_float(w), None, torch.float32)
+    x = torch.zeros(1, 32)
+    x[0, :5] = torch.tensor([0.5, 1.5, 2.5, -0.5, 127.0])  # max 127: scale exactly 1
+    # Rounded to 0, 2, 2, -0 (ties to even): weights 1 on the first four give 4.
+    torch.testing.assert_close(layer(x)[0, 0], torch.tensor(4.0), atol=1e-5, rtol=0)
+    for bad in (float("nan"), float("inf")):
+        x[0, 7] = bad
+        assert not torch.isfinite(layer(x)[0, 0])
