@@ -149,13 +149,14 @@ def available() -> bool:
 
 
 def available_for(weight: torch.Tensor) -> bool:
-    """Whether the kernel can serve this [out, in] weight."""
+    """Whether the kernels can serve this weight: a linear layer's [out, in] or a norm's
+    [hidden], float32 on CPU, read in rows a multiple of 8 wide."""
     return (
         weight.device.type == "cpu"
         and weight.dtype == torch.float32
-        and weight.dim() == 2
+        and weight.dim() in (1, 2)
         and weight.is_contiguous()
-        and weight.shape[1] % K_MULTIPLE == 0
+        and weight.shape[-1] % K_MULTIPLE == 0
         and available()
     )
 
@@ -236,18 +237,6 @@ def linear_q8(
     n, k = q.shape
     scales = scales.contiguous()  # held through the call
     return _product("mtpd_linear_q8_f32", x, n, k, (q.data_ptr(), scales.data_ptr()), bias)
-
-
-def norm_available_for(weight: torch.Tensor) -> bool:
-    """Whether `rms_norm` can serve an RMSNorm with this [hidden] weight."""
-    return (
-        weight.device.type == "cpu"
-        and weight.dtype == torch.float32
-        and weight.dim() == 1
-        and weight.is_contiguous()
-        and weight.shape[0] % K_MULTIPLE == 0
-        and available()
-    )
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

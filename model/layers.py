@@ -28,7 +28,7 @@ class RMSNorm(nn.Module):
         self.on_kernel = False  # inference on cpu_kernels' RMSNorm
 
     def pack(self) -> None:
-        self.on_kernel = cpu_kernels.norm_available_for(self.weight)
+        self.on_kernel = cpu_kernels.available_for(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.on_kernel:
@@ -250,8 +250,7 @@ class Attention(nn.Module):
         if (
             self.on_kernel
             and isinstance(layout, BatchLayout)
-            and x.dtype == cache.k.dtype == torch.float32
-            and x.device.type == "cpu"
+            and x.dtype == cache.k.dtype == torch.float32  # pack() saw CPU weights
         ):
             return self.o(self._attend_on_kernel(self.qkv(x), layout, cache, layer))
         q, k, v = self._project(x, layout.cos, layout.sin_signed)
@@ -388,7 +387,7 @@ class MLP(nn.Module):
         self.on_kernel = self.down.weight.device.type == "cpu" and cpu_kernels.available()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.on_kernel and x.dtype == torch.float32 and x.device.type == "cpu":
+        if self.on_kernel and x.dtype == torch.float32:  # pack() saw CPU weights
             return self.down(cpu_kernels.silu_mul(self.gate_up(x)))
         gate, up = self.gate_up(x).split(self.intermediate, dim=-1)
         return self.down(F.silu(gate) * up)
