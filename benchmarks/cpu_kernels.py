@@ -16,7 +16,6 @@ import time
 import torch
 import torch.nn.functional as F
 
-from mtpd.model import cpu_kernels
 from mtpd.model.layers import Linear
 from mtpd.worker.engine import Engine
 
@@ -36,14 +35,15 @@ def main() -> None:
     if not all(m.on_kernel for m in layers):
         raise SystemExit("the kernel is unavailable here (see the log): nothing to compare")
     weights = [m.weight for m in layers]
+    matrices = [m.matrix for m in layers]
     onednn = [torch.ops.mkldnn._reorder_linear_weight(w) for w in weights]
     gigabytes = sum(w.numel() * 4 for w in weights) / 1e9
 
     def run(kind: str, inputs: dict[int, torch.Tensor]) -> None:
-        for w, packed in zip(weights, onednn, strict=True):
+        for w, matrix, packed in zip(weights, matrices, onednn, strict=True):
             x = inputs[w.shape[1]]
             if kind == "kernel":
-                cpu_kernels.linear(x, w, None)
+                matrix(x)
             elif kind == "onednn":
                 torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
             else:

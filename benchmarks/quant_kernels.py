@@ -42,6 +42,7 @@ def main() -> None:
         packed = torch.ops.mkldnn._reorder_linear_weight(w)
         wb = w.bfloat16()
         q4 = Int4Weight.from_float(w)
+        f32 = cpu_kernels.Matrix.f32(w)
         i8, i4 = Int8Linear(w, None), Int4Linear(q4, None, torch.float32)
         i8_op = Int8Linear(w, None, use_kernel=False)
         i4_op = Int4Linear(q4, None, torch.float32, use_kernel=False)
@@ -49,7 +50,7 @@ def main() -> None:
             x = torch.randn(rows, k)
             xb = x.bfloat16()
             kinds = {
-                "float32": partial(cpu_kernels.linear, x, w, None),
+                "float32": partial(f32, x),
                 "float32 oneDNN": partial(
                     torch.ops.mkldnn._linear_pointwise, x, packed, None, "none", [], ""
                 ),

@@ -4,17 +4,17 @@
 // few rows. Every result a row gets is computed in the same order whatever else the step
 // holds and however many threads run, so a row gets bit-identical results alone or in a
 // verification step of several rows.
+//
+// Each operation is a body whose loops are orphaned `omp for`s: the threads of the
+// enclosing parallel region share them, and each ends on a barrier. So a whole decoder
+// layer is one call and one parallel region (mtpd_decoder_layer_f32, at the end), and
+// each other mtpd_* entry point is a region around one body.
 
 #include <float.h>
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
-
-// ---- linear: Y[M, N] = X[M, K] @ W[N, K]^T, row-major and contiguous, K a multiple of 8.
-// Threads split the output columns: each reads its own weight rows once, from memory,
-// and multiplies them with every input row while they sit in L1. Every output is one
-// dot product summed in the same order whatever M and the thread count are.
 
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -23,11 +23,43 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+// ---- A linear layer's weight, as the Python side describes it (cpu_kernels.Matrix).
+enum { MTPD_F32 = 0, MTPD_Q4 = 1, MTPD_Q8 = 2 };
+
+typedef struct {
+    int64_t kind, n, k;  // Y[M, n] = X[M, k] @ W^T
+    const void* q;       // F32: W [n, k]; Q4: nibbles [n, k / 2]; Q8: int8 [n, k]
+    const float* s;      // Q4: scale per group of 32 [n, k / 32]; Q8: per output [n]
+    const float* z;      // Q4: minimum per group [n, k / 32]
+    const float* bias;   // [n] or NULL
+} mtpd_matrix;
+
+// Where a product's outputs go: Y[m, n] = R[m, n] + (dot + bias[n]), the residual R
+// optional and possibly Y itself (each output is read and written by one thread): the
+// same float additions, in the same order, as PyTorch's `x + (x W^T + b)`.
+typedef struct {
+    float* y;
+    const float* bias;
+    const float* residual;
+    int64_t n;
+} out_t;
+
+static inline void store(const out_t* o, int64_t m, int64_t n, float v) {
+    if (o->bias) v += o->bias[n];
+    if (o->residual) v = o->residual[m * o->n + n] + v;
+    o->y[m * o->n + n] = v;
+}
+
+// ---- float32 linear, K a multiple of 8. Threads split the output columns: each reads
+// its own weight rows once, from memory, and multiplies them with every input row while
+// they sit in L1. Every output is one dot product summed in the same order whatever M
+// and the thread count are.
+
 // R weight rows from n0 against G input rows from m0: R * G accumulators, R + G loads
 // per 8 columns. Called with constant R and G, so the loops unroll into registers.
 static inline __attribute__((always_inline)) void tile(
-    const int R, const int G, const float* X, const float* W, float* Y,
-    int64_t m0, int64_t n0, int64_t N, int64_t K) {
+    const int R, const int G, const float* X, const float* W, const out_t* o, int64_t m0,
+    int64_t n0, int64_t K) {
     __m256 acc[3][4];
     for (int g = 0; g < G; g++)
         for (int r = 0; r < R; r++) acc[g][r] = _mm256_setzero_ps();
@@ -41,41 +73,40 @@ static inline __attribute__((always_inline)) void tile(
         }
     }
     for (int g = 0; g < G; g++)
-        for (int r = 0; r < R; r++) Y[(m0 + g) * N + n0 + r] = hsum(acc[g][r]);
+        for (int r = 0; r < R; r++) store(o, m0 + g, n0 + r, hsum(acc[g][r]));
 }
 
 // All input rows against R weight rows from n0, three input rows at a time.
 static inline __attribute__((always_inline)) void rows(
-    const int R, const float* X, const float* W, float* Y, int64_t n0, int64_t M, int64_t N,
+    const int R, const float* X, const float* W, const out_t* o, int64_t n0, int64_t M,
     int64_t K) {
     int64_t m = 0;
-    for (; m + 3 <= M; m += 3) tile(R, 3, X, W, Y, m, n0, N, K);
-    if (M - m == 2) tile(R, 2, X, W, Y, m, n0, N, K);
-    if (M - m == 1) tile(R, 1, X, W, Y, m, n0, N, K);
+    for (; m + 3 <= M; m += 3) tile(R, 3, X, W, o, m, n0, K);
+    if (M - m == 2) tile(R, 2, X, W, o, m, n0, K);
+    if (M - m == 1) tile(R, 1, X, W, o, m, n0, K);
 }
 
-void mtpd_linear_f32(const float* X, const float* W, float* Y, int64_t M, int64_t N,
-                     int64_t K, int threads) {
-    const int64_t blocks = N / 4;
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t b = 0; b < blocks; b++) rows(4, X, W, Y, 4 * b, M, N, K);
-    for (int64_t n = 4 * blocks; n < N; n++) rows(1, X, W, Y, n, M, N, K);
+static void linear_f32(const float* X, const float* W, const out_t* o, int64_t M, int64_t K) {
+    const int64_t N = o->n, blocks = N / 4;
+#pragma omp single nowait
+    for (int64_t n = 4 * blocks; n < N; n++) rows(1, X, W, o, n, M, K);
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < blocks; b++) rows(4, X, W, o, 4 * b, M, K);
 }
 
 // Two accumulators per input row, taking alternate steps: one would chain every
 // step's FMA on the last one's result, and at one row that latency, not memory or
 // arithmetic, sets the speed. Summed in a fixed order, so results stay reproducible.
 
-// ---- int4 linear: Y[M, N] = X[M, K] @ W[N, K]^T with W in groups of 32 inputs,
-// W[n, 32 b + j] = q * S[n, b] + Z[n, b], q in 0..15 (GGUF's Q4_1 form). Q[n] holds a
-// group in 16 bytes, byte j carrying q of input j in its low nibble and of input j + 16
-// in its high one, as GGUF stores them. As llama.cpp does, each group of X's inputs is
-// rounded to 8 bits with its own scale (XQ, XD) once per call, so a group's product is
-// one integer multiply-add of 32 byte pairs (maddubs) instead of converting every weight
-// to a float. Z's share is Z[n] . XS[m], XS the rounded groups' sums: every weight then
-// multiplies the same rounded input (summing the exact inputs instead would leave the
-// rounding of the nibbles' common offset uncancelled, several times the error). K is a
-// multiple of 32.
+// ---- int4 linear: W in groups of 32 inputs, W[n, 32 b + j] = q * S[n, b] + Z[n, b], q in
+// 0..15 (GGUF's Q4_1 form). Q[n] holds a group in 16 bytes, byte j carrying q of input j
+// in its low nibble and of input j + 16 in its high one, as GGUF stores them. As
+// llama.cpp does, each group of X's inputs is rounded to 8 bits with its own scale (XQ,
+// XD) once per product, so a group's product is one integer multiply-add of 32 byte
+// pairs (maddubs) instead of converting every weight to a float. Z's share is Z[n] .
+// XS[m], XS the rounded groups' sums: every weight then multiplies the same rounded
+// input (summing the exact inputs instead would leave the rounding of the nibbles'
+// common offset uncancelled, several times the error). K is a multiple of 32.
 static inline __m256 q4_group(__m256i w, const int8_t* xq, float xd, __m256 scale) {
     const __m256i x = _mm256_loadu_si256((const __m256i*)xq);
     const __m256i pairs = _mm256_maddubs_epi16(w, x);  // |15 * 127 * 2| fits int16
@@ -91,7 +122,7 @@ static inline __m256i q4_unpack(const uint8_t* q) {
 
 static inline __attribute__((always_inline)) void q4_tile(
     const int G, const int8_t* XQ, const float* XD, const float* XS, const uint8_t* Q,
-    const float* S, const float* Z, float* Y, int64_t m0, int64_t n, int64_t N, int64_t K) {
+    const float* S, const float* Z, const out_t* o, int64_t m0, int64_t n, int64_t K) {
     const int64_t groups = K / 32;
     const uint8_t* q = Q + n * (K / 2);
     const float* s = S + n * groups;
@@ -124,80 +155,79 @@ static inline __attribute__((always_inline)) void q4_tile(
             zero_part = _mm256_fmadd_ps(_mm256_loadu_ps(z + i), _mm256_loadu_ps(xs + i), zero_part);
         float total = hsum(_mm256_add_ps(_mm256_add_ps(even[g], odd[g]), zero_part));
         for (; i < groups; i++) total += z[i] * xs[i];
-        Y[(m0 + g) * N + n] = total;
+        store(o, m0 + g, n, total);
     }
 }
 
-// Each group of 32 inputs: 8-bit values XQ with scale XD (max |x| / 127, rounded to
-// nearest), and the sum of the rounded values (XQ * XD) in XS. A group holding a NaN or
+// One group of 32 inputs: 8-bit values xq with scale xd (max |x| / 127, rounded to
+// nearest), and the sum of the rounded values (xq * xd) in xs. A group holding a NaN or
 // an infinity gets a NaN scale, so the outputs it reaches are NaN, as a float product's
 // would be; a group too small for its scale to invert counts as zero.
-static void q8_groups(const float* X, int64_t count, int8_t* XQ, float* XD, float* XS) {
+static void q8_group(const float* x, int8_t* xq, float* xd, float* xs) {
     const __m256 sign = _mm256_set1_ps(-0.0f), huge = _mm256_set1_ps(FLT_MAX);
-    for (int64_t i = 0; i < count; i++) {
-        const float* x = X + 32 * i;
-        __m256 v[4], top = _mm256_setzero_ps();
-        int finite = 1;
-        for (int j = 0; j < 4; j++) {
-            v[j] = _mm256_loadu_ps(x + 8 * j);
-            const __m256 size = _mm256_andnot_ps(sign, v[j]);
-            finite &= _mm256_movemask_ps(_mm256_cmp_ps(size, huge, _CMP_LE_OQ)) == 0xFF;
-            top = _mm256_max_ps(top, size);
-        }
-        __m128 t = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
-        t = _mm_max_ps(t, _mm_movehl_ps(t, t));
-        t = _mm_max_ss(t, _mm_shuffle_ps(t, t, 1));
-        float d = _mm_cvtss_f32(t) / 127.0f, inverse = d > 0.0f ? 1.0f / d : 0.0f;
-        if (!(inverse <= FLT_MAX)) d = inverse = 0.0f;
-        if (!finite) {
-            for (int j = 0; j < 32; j++) XQ[32 * i + j] = 0;
-            XD[i] = XS[i] = NAN;
-            continue;
-        }
-        const __m256 inv = _mm256_set1_ps(inverse);
-        __m256i q[4];
-        for (int j = 0; j < 4; j++)
-            q[j] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[j], inv),
-                                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-        // int32 -> int8 in input order: packs interleave 128-bit lanes, the permute undoes it.
-        const __m256i w16a = _mm256_packs_epi32(q[0], q[1]), w16b = _mm256_packs_epi32(q[2], q[3]);
-        const __m256i w8 = _mm256_packs_epi16(w16a, w16b);
-        _mm256_storeu_si256((__m256i*)(XQ + 32 * i),
-                            _mm256_permutevar8x32_epi32(w8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
-        XD[i] = d;
-        const __m256i sums = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
-        XS[i] = hsum(_mm256_cvtepi32_ps(sums)) * d;
+    __m256 v[4], top = _mm256_setzero_ps();
+    int finite = 1;
+    for (int j = 0; j < 4; j++) {
+        v[j] = _mm256_loadu_ps(x + 8 * j);
+        const __m256 size = _mm256_andnot_ps(sign, v[j]);
+        finite &= _mm256_movemask_ps(_mm256_cmp_ps(size, huge, _CMP_LE_OQ)) == 0xFF;
+        top = _mm256_max_ps(top, size);
     }
+    __m128 t = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
+    t = _mm_max_ps(t, _mm_movehl_ps(t, t));
+    t = _mm_max_ss(t, _mm_shuffle_ps(t, t, 1));
+    float d = _mm_cvtss_f32(t) / 127.0f, inverse = d > 0.0f ? 1.0f / d : 0.0f;
+    if (!(inverse <= FLT_MAX)) d = inverse = 0.0f;
+    if (!finite) {
+        for (int j = 0; j < 32; j++) xq[j] = 0;
+        *xd = *xs = NAN;
+        return;
+    }
+    const __m256 inv = _mm256_set1_ps(inverse);
+    __m256i q[4];
+    for (int j = 0; j < 4; j++)
+        q[j] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[j], inv),
+                                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    // int32 -> int8 in input order: packs interleave 128-bit lanes, the permute undoes it.
+    const __m256i w16a = _mm256_packs_epi32(q[0], q[1]), w16b = _mm256_packs_epi32(q[2], q[3]);
+    const __m256i w8 = _mm256_packs_epi16(w16a, w16b);
+    _mm256_storeu_si256((__m256i*)xq,
+                        _mm256_permutevar8x32_epi32(w8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    *xd = d;
+    const __m256i sums = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+    *xs = hsum(_mm256_cvtepi32_ps(sums)) * d;
 }
 
-void mtpd_linear_q4_f32(const float* X, const uint8_t* Q, const float* S, const float* Z,
-                        float* Y, int64_t M, int64_t N, int64_t K, int threads) {
-    const int64_t count = M * K / 32;
-    int8_t* xq = malloc(32 * count);
-    float* xd = malloc(sizeof(float) * count);
-    float* xs = malloc(sizeof(float) * count);
-    q8_groups(X, count, xq, xd, xs);
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t n = 0; n < N; n++) {
+// Rounded inputs for int4 products: 32 * count bytes and 2 * count floats, count the
+// number of input groups (M * K / 32) of the widest product.
+typedef struct {
+    int8_t* xq;
+    float *xd, *xs;
+} q8_inputs;
+
+static void linear_q4(const float* X, const mtpd_matrix* w, const out_t* o, int64_t M,
+                      const q8_inputs* in) {
+    const int64_t K = w->k, count = M * K / 32;
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < count; i++) q8_group(X + 32 * i, in->xq + 32 * i, in->xd + i, in->xs + i);
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < o->n; n++) {
         int64_t m = 0;
-        for (; m + 3 <= M; m += 3) q4_tile(3, xq, xd, xs, Q, S, Z, Y, m, n, N, K);
-        if (M - m == 2) q4_tile(2, xq, xd, xs, Q, S, Z, Y, m, n, N, K);
-        if (M - m == 1) q4_tile(1, xq, xd, xs, Q, S, Z, Y, m, n, N, K);
+        for (; m + 3 <= M; m += 3) q4_tile(3, in->xq, in->xd, in->xs, w->q, w->s, w->z, o, m, n, K);
+        if (M - m == 2) q4_tile(2, in->xq, in->xd, in->xs, w->q, w->s, w->z, o, m, n, K);
+        if (M - m == 1) q4_tile(1, in->xq, in->xd, in->xs, w->q, w->s, w->z, o, m, n, K);
     }
-    free(xq);
-    free(xd);
-    free(xs);
 }
 
-// ---- int8 linear: Y[M, N] = X[M, K] @ W[N, K]^T with W[n, k] = Q[n, k] * S[n] (one scale
-// per output, as PyTorch's int8 operator takes); K a multiple of 8.
+// ---- int8 linear: W[n, k] = Q[n, k] * S[n] (one scale per output, as PyTorch's int8
+// operator takes); K a multiple of 8.
 static inline __m256 q8_load(const int8_t* q) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)q)));
 }
 
 static inline __attribute__((always_inline)) void q8_tile(
-    const int G, const float* X, const int8_t* Q, const float* S, float* Y, int64_t m0,
-    int64_t n, int64_t N, int64_t K) {
+    const int G, const float* X, const int8_t* Q, const float* S, const out_t* o, int64_t m0,
+    int64_t n, int64_t K) {
     const int8_t* q = Q + n * K;
     __m256 even[3], odd[3];
     for (int g = 0; g < G; g++) even[g] = odd[g] = _mm256_setzero_ps();
@@ -215,18 +245,55 @@ static inline __attribute__((always_inline)) void q8_tile(
         for (int g = 0; g < G; g++)
             even[g] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(X + (m0 + g) * K + k), even[g]);
     }
-    for (int g = 0; g < G; g++) Y[(m0 + g) * N + n] = hsum(_mm256_add_ps(even[g], odd[g])) * S[n];
+    for (int g = 0; g < G; g++) store(o, m0 + g, n, hsum(_mm256_add_ps(even[g], odd[g])) * S[n]);
 }
 
-void mtpd_linear_q8_f32(const float* X, const int8_t* Q, const float* S, float* Y,
-                        int64_t M, int64_t N, int64_t K, int threads) {
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t n = 0; n < N; n++) {
+static void linear_q8(const float* X, const mtpd_matrix* w, const out_t* o, int64_t M) {
+    const int64_t K = w->k;
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < o->n; n++) {
         int64_t m = 0;
-        for (; m + 3 <= M; m += 3) q8_tile(3, X, Q, S, Y, m, n, N, K);
-        if (M - m == 2) q8_tile(2, X, Q, S, Y, m, n, N, K);
-        if (M - m == 1) q8_tile(1, X, Q, S, Y, m, n, N, K);
+        for (; m + 3 <= M; m += 3) q8_tile(3, X, w->q, w->s, o, m, n, K);
+        if (M - m == 2) q8_tile(2, X, w->q, w->s, o, m, n, K);
+        if (M - m == 1) q8_tile(1, X, w->q, w->s, o, m, n, K);
     }
+}
+
+// Y[M, w.n] = R + (X @ W^T + bias), R optional.
+static void product(const mtpd_matrix* w, const float* X, float* Y, const float* R, int64_t M,
+                    const q8_inputs* in) {
+    const out_t o = {Y, w->bias, R, w->n};
+    if (w->kind == MTPD_Q4)
+        linear_q4(X, w, &o, M, in);
+    else if (w->kind == MTPD_Q8)
+        linear_q8(X, w, &o, M);
+    else
+        linear_f32(X, w->q, &o, M, w->k);
+}
+
+static int alloc_q8_inputs(q8_inputs* in, int64_t count) {
+    in->xq = malloc(32 * count + 1);
+    in->xd = malloc(sizeof(float) * count + 1);
+    in->xs = malloc(sizeof(float) * count + 1);
+    return in->xq && in->xd && in->xs;
+}
+
+static void free_q8_inputs(q8_inputs* in) {
+    free(in->xq);
+    free(in->xd);
+    free(in->xs);
+}
+
+// Returns 0, or -1 where memory for the rounded inputs could not be had.
+int mtpd_linear(const mtpd_matrix* w, const float* X, float* Y, int64_t M, int threads) {
+    q8_inputs in = {0};
+    const int ok = w->kind != MTPD_Q4 || alloc_q8_inputs(&in, M * w->k / 32);
+    if (ok) {
+#pragma omp parallel num_threads(threads)
+        product(w, X, Y, NULL, M, &in);
+    }
+    free_q8_inputs(&in);
+    return ok ? 0 : -1;
 }
 
 // ---- Elementwise exp, 8 lanes at a time through glibc's vector math library (libmvec),
@@ -264,8 +331,8 @@ static float dot(const float* a, const float* b, int64_t n) {
 }
 
 // ---- RMSNorm: Y[m] = X[m] / sqrt(mean(X[m]^2) + eps) * W, M rows of H (a multiple of 8).
-void mtpd_rms_norm_f32(const float* X, const float* W, float* Y, int64_t M, int64_t H,
-                       float eps) {
+static void rms_norm(const float* X, const float* W, float* Y, int64_t M, int64_t H, float eps) {
+#pragma omp for schedule(static)
     for (int64_t m = 0; m < M; m++) {
         const float* x = X + m * H;
         const float r = 1.0f / sqrtf(dot(x, x, H) / (float)H + eps);
@@ -273,8 +340,14 @@ void mtpd_rms_norm_f32(const float* X, const float* W, float* Y, int64_t M, int6
     }
 }
 
+void mtpd_rms_norm_f32(const float* X, const float* W, float* Y, int64_t M, int64_t H,
+                       float eps) {
+    rms_norm(X, W, Y, M, H, eps);  // a few rows: one thread
+}
+
 // ---- SwiGLU: Y[m, i] = silu(G[m, i]) * U[m, i], gate and up side by side in GU[m].
-void mtpd_silu_mul_f32(const float* GU, float* Y, int64_t M, int64_t I) {
+static void silu_mul(const float* GU, float* Y, int64_t M, int64_t I) {
+#pragma omp for schedule(static)
     for (int64_t m = 0; m < M; m++) {
         const float* g = GU + m * 2 * I;
         float* y = Y + m * I;
@@ -282,6 +355,10 @@ void mtpd_silu_mul_f32(const float* GU, float* Y, int64_t M, int64_t I) {
         exp_all(y, I);
         for (int64_t i = 0; i < I; i++) y[i] = g[i] / (1.0f + y[i]) * g[I + i];
     }
+}
+
+void mtpd_silu_mul_f32(const float* GU, float* Y, int64_t M, int64_t I) {
+    silu_mul(GU, Y, M, I);
 }
 
 // ---- Attention for one sequence's T new rows over its cache slot.
@@ -296,42 +373,130 @@ static void rope(const float* x, const float* c, const float* s, float* y, int64
     for (int64_t i = 0; i < d; i++) y[i] = x[i] * c[i] + x[(i + half) % d] * s[i];
 }
 
-void mtpd_attend_f32(const float* QKV, const float* COS, const float* SIN_SIGNED, float* KC,
-                     float* VC, float* OUT, int64_t T, int64_t start, int64_t heads,
-                     int64_t kv_heads, int64_t d, int64_t max_context, float scale,
-                     int threads) {
-    const int64_t width = (heads + 2 * kv_heads) * d;
-    for (int64_t t = 0; t < T; t++) {
+typedef struct {
+    int64_t heads, kv_heads, d;
+    float scale;
+} heads_t;
+
+// Returns 0, or -1 where a row's scores could not be allocated (its output is then 0).
+static int attend(const heads_t* a, const float* QKV, const float* COS, const float* SIN_SIGNED,
+                  float* KC, float* VC, float* OUT, int64_t T, int64_t start, int64_t context) {
+    const int64_t heads = a->heads, kv_heads = a->kv_heads, d = a->d;
+    const int64_t width = (heads + 2 * kv_heads) * d, group = heads / kv_heads;
+    int failed = 0;  // this thread's: the caller's region combines them
+#pragma omp for schedule(static)
+    for (int64_t task = 0; task < T * kv_heads; task++) {
+        const int64_t t = task / kv_heads, g = task % kv_heads;
         const float* row = QKV + t * width;
-        for (int64_t g = 0; g < kv_heads; g++) {
-            const int64_t at = (g * max_context + start + t) * d;
-            rope(row + (heads + g) * d, COS + t * d, SIN_SIGNED + t * d, KC + at, d);
-            for (int64_t i = 0; i < d; i++) VC[at + i] = row[(heads + kv_heads + g) * d + i];
-        }
+        const int64_t at = (g * context + start + t) * d;
+        rope(row + (heads + g) * d, COS + t * d, SIN_SIGNED + t * d, KC + at, d);
+        for (int64_t i = 0; i < d; i++) VC[at + i] = row[(heads + kv_heads + g) * d + i];
     }
-    const int64_t group = heads / kv_heads;
-#pragma omp parallel for schedule(static) num_threads(threads)
+#pragma omp for schedule(static)
     for (int64_t task = 0; task < T * heads; task++) {
         const int64_t t = task / heads, h = task % heads, keys = start + t + 1;
-        const float* k = KC + h / group * max_context * d;
-        const float* v = VC + h / group * max_context * d;
+        const float* k = KC + h / group * context * d;
+        const float* v = VC + h / group * context * d;
+        float* o = OUT + t * heads * d + h * d;
+        for (int64_t i = 0; i < d; i++) o[i] = 0.0f;
         float q[256];
         rope(QKV + t * width + h * d, COS + t * d, SIN_SIGNED + t * d, q, d);
         float* p = malloc(sizeof(float) * keys);
+        if (!p) {
+            failed = 1;
+            continue;
+        }
         float top = -INFINITY, total = 0.0f;
         for (int64_t j = 0; j < keys; j++) {
-            p[j] = dot(q, k + j * d, d) * scale;
+            p[j] = dot(q, k + j * d, d) * a->scale;
             top = p[j] > top ? p[j] : top;
         }
         for (int64_t j = 0; j < keys; j++) p[j] -= top;
         exp_all(p, keys);
         for (int64_t j = 0; j < keys; j++) total += p[j];
-        float* o = OUT + t * heads * d + h * d;
-        for (int64_t i = 0; i < d; i++) o[i] = 0.0f;
         for (int64_t j = 0; j < keys; j++) {
             const float w = p[j] / total;
             for (int64_t i = 0; i < d; i++) o[i] += w * v[j * d + i];
         }
         free(p);
     }
+    return failed ? -1 : 0;
+}
+
+int mtpd_attend_f32(const float* QKV, const float* COS, const float* SIN_SIGNED, float* KC,
+                    float* VC, float* OUT, int64_t T, int64_t start, int64_t heads,
+                    int64_t kv_heads, int64_t d, int64_t max_context, float scale, int threads) {
+    const heads_t a = {heads, kv_heads, d, scale};
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    failed |= attend(&a, QKV, COS, SIN_SIGNED, KC, VC, OUT, T, start, max_context) != 0;
+    return failed ? -1 : 0;
+}
+
+// ---- A whole pre-norm decoder layer (layers.DecoderLayer with Attention and MLP):
+// Y = X + o(attention(qkv(norm(X)))), then Y += down(silu_mul(gate_up(norm(Y)))).
+typedef struct {
+    const float *input_norm, *post_norm;
+    mtpd_matrix qkv, o, gate_up, down;
+    heads_t attention;
+    float eps;
+} mtpd_layer;
+
+// A step's rows: sequence i has counts[i] rows from row offset sum(counts[:i]), at cache
+// positions starts[i].., in slot slots[i] of the caches K and V [layers, slots_per_layer,
+// kv_heads, max_context, d]; COS and SIN_SIGNED [rows, d] at those positions.
+typedef struct {
+    int64_t rows, sequences;
+    const int64_t *slots, *starts, *counts;
+    const float *cos, *sin_signed;
+    float *k, *v;
+    int64_t slots_per_layer, max_context;
+} mtpd_step;
+
+// Layer `layer` of the step's caches on rows X, into Y (not X). Returns 0, or -1 where
+// memory for the layer's intermediate rows could not be had.
+int mtpd_decoder_layer_f32(const mtpd_layer* L, const mtpd_step* S, int64_t layer,
+                           const float* X, float* Y, int threads) {
+    const int64_t M = S->rows, H = L->o.n, d = L->attention.d, I = L->gate_up.n / 2;
+    const int64_t slot_size = L->attention.kv_heads * S->max_context * d;
+    float* const KC = S->k + layer * S->slots_per_layer * slot_size;
+    float* const VC = S->v + layer * S->slots_per_layer * slot_size;
+    int64_t widest = L->qkv.k > L->o.k ? L->qkv.k : L->o.k;  // of the products' inputs
+    widest = widest > L->gate_up.k ? widest : L->gate_up.k;
+    widest = widest > L->down.k ? widest : L->down.k;
+    float* normed = malloc(sizeof(float) * M * H);
+    float* qkv = malloc(sizeof(float) * M * L->qkv.n);
+    float* attended = malloc(sizeof(float) * M * L->o.k);
+    float* gate_up = malloc(sizeof(float) * M * 2 * I);
+    float* act = malloc(sizeof(float) * M * I);
+    q8_inputs in = {0};
+    int failed = !(normed && qkv && attended && gate_up && act) ||
+                 !alloc_q8_inputs(&in, M * widest / 32);
+    if (!failed) {
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+        {
+            rms_norm(X, L->input_norm, normed, M, H, L->eps);
+            product(&L->qkv, normed, qkv, NULL, M, &in);
+            int64_t row = 0;
+            for (int64_t i = 0; i < S->sequences; i++) {
+                const int64_t at = S->slots[i] * slot_size, c = row * d;
+                failed |= attend(&L->attention, qkv + row * L->qkv.n, S->cos + c,
+                                 S->sin_signed + c, KC + at, VC + at, attended + row * L->o.k,
+                                 S->counts[i], S->starts[i], S->max_context) != 0;
+                row += S->counts[i];
+            }
+            product(&L->o, attended, Y, X, M, &in);
+            rms_norm(Y, L->post_norm, normed, M, H, L->eps);
+            product(&L->gate_up, normed, gate_up, NULL, M, &in);
+            silu_mul(gate_up, act, M, I);
+            product(&L->down, act, Y, Y, M, &in);
+        }
+    }
+    free(normed);
+    free(qkv);
+    free(attended);
+    free(gate_up);
+    free(act);
+    free_q8_inputs(&in);
+    return failed ? -1 : 0;
 }

@@ -101,22 +101,21 @@ def _build_any(compiler: str, runtime: Path | None) -> Path:
         return _build(compiler, runtime, ["-DMTPD_SCALAR_EXP", "-lm"])
 
 
-_POINTER, _INT, _FLOAT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-_SIGNATURES = {
-    "mtpd_linear_f32": [_POINTER] * 3 + [_INT] * 3 + [ctypes.c_int],
-    "mtpd_linear_q4_f32": [_POINTER] * 5 + [_INT] * 3 + [ctypes.c_int],
-    "mtpd_linear_q8_f32": [_POINTER] * 4 + [_INT] * 3 + [ctypes.c_int],
-    "mtpd_rms_norm_f32": [_POINTER] * 3 + [_INT] * 2 + [_FLOAT],
-    "mtpd_silu_mul_f32": [_POINTER] * 2 + [_INT] * 2,
-    "mtpd_attend_f32": [_POINTER] * 6 + [_INT] * 6 + [_FLOAT, ctypes.c_int],
+_POINTER, _INT, _FLOAT, _STATUS = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+_SIGNATURES = {  # name: (argument types, result type)
+    "mtpd_linear": ([_POINTER] * 3 + [_INT, ctypes.c_int], _STATUS),
+    "mtpd_rms_norm_f32": ([_POINTER] * 3 + [_INT] * 2 + [_FLOAT], None),
+    "mtpd_silu_mul_f32": ([_POINTER] * 2 + [_INT] * 2, None),
+    "mtpd_attend_f32": ([_POINTER] * 6 + [_INT] * 6 + [_FLOAT, ctypes.c_int], _STATUS),
+    "mtpd_decoder_layer_f32": ([_POINTER] * 2 + [_INT] + [_POINTER] * 2 + [ctypes.c_int], _STATUS),
 }
 
 
 def _load(library: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(library))
-    for name, argtypes in _SIGNATURES.items():
+    for name, (argtypes, restype) in _SIGNATURES.items():
         function = getattr(lib, name)
-        function.argtypes, function.restype = argtypes, None
+        function.argtypes, function.restype = argtypes, restype
     return lib
 
 
@@ -175,68 +174,107 @@ def _as_rows(x: torch.Tensor, width: int) -> torch.Tensor:
     return x.reshape(-1, width).contiguous()
 
 
-def _product(
-    name: str,
-    x: torch.Tensor,
-    n: int,
-    k: int,
-    weight: tuple[int, ...],
-    bias: torch.Tensor | None,
-) -> torch.Tensor:
-    """Run the linear kernel `name` (X, the weight's pointers, Y, M, N, K, threads) on x."""
-    _check(name, x)
-    if x.shape[-1] != k:
-        raise ValueError(f"{name}: inputs {x.shape[-1]} wide for a weight taking {k}")
-    rows = _as_rows(x, k)
-    out = torch.empty(rows.shape[0], n, dtype=torch.float32)
-    if rows.shape[0]:
-        getattr(_library(), name)(
-            rows.data_ptr(), *weight, out.data_ptr(), rows.shape[0], n, k, torch.get_num_threads()
+def _pointer(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _out_of_memory(status: int, name: str) -> None:
+    if status:
+        raise MemoryError(f"{name}: the kernel could not allocate its working memory")
+
+
+class Matrix(ctypes.Structure):
+    """A linear layer's weight as the kernels read it (mtpd_matrix in cpu_kernels.c),
+    made once when the layer is packed; calling it computes x W^T + b. It holds the
+    tensors it points into, so they live as long as it does."""
+
+    F32, Q4, Q8 = 0, 1, 2
+    _fields_ = [
+        ("kind", _INT),
+        ("n", _INT),
+        ("k", _INT),
+        ("q", _POINTER),
+        ("s", _POINTER),
+        ("z", _POINTER),
+        ("bias", _POINTER),
+    ]
+
+    @classmethod
+    def _of(
+        cls,
+        kind: int,
+        weight: torch.Tensor,
+        n: int,
+        k: int,
+        bias: torch.Tensor | None,
+        scales: torch.Tensor | None = None,
+        mins: torch.Tensor | None = None,
+    ) -> Matrix:
+        if bias is not None:
+            _check("linear", bias)
+            bias = bias.detach().contiguous()
+            if bias.shape != (n,):
+                raise ValueError(f"a bias of shape {list(bias.shape)} for {n} outputs")
+        matrix = cls(
+            kind, n, k, weight.data_ptr(), _pointer(scales), _pointer(mins), _pointer(bias)
         )
-    if bias is not None:
-        out += bias
-    return out if x.dim() == 2 else out.view(*x.shape[:-1], n)
+        matrix.tensors = (weight, scales, mins, bias)
+        return matrix
 
+    @classmethod
+    def f32(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Matrix:
+        """A float32 [out, in] weight that `available_for` accepts (inference only: the
+        kernel takes no gradients)."""
+        if weight.dim() != 2 or not available_for(weight):
+            raise TypeError("the float32 CPU kernel takes a contiguous float32 [out, in] weight")
+        weight = weight.detach()
+        return cls._of(cls.F32, weight, *weight.shape, bias)
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear for a weight that `available_for` accepted (inference only: no
-    gradients)."""
-    _check("linear", weight)
-    n, k = weight.shape
-    return _product("mtpd_linear_f32", x, n, k, (weight.data_ptr(),), bias)
+    @classmethod
+    def q4(
+        cls,
+        nibbles: torch.Tensor,
+        scales: torch.Tensor,
+        mins: torch.Tensor,
+        bias: torch.Tensor | None = None,
+    ) -> Matrix:
+        """W in groups of 32 inputs, W[n, 32 b + j] = q * scales[n, b] + mins[n, b]:
+        nibbles [N, K / 2] uint8, a group's 16 bytes holding input j's q in the low
+        nibble of byte j and input j + 16's in the high one (GGUF's Q4_1 order)."""
+        _check("linear_q4", scales, mins)
+        if nibbles.dtype is not torch.uint8 or not nibbles.is_contiguous():
+            raise TypeError("the int4 CPU kernel takes contiguous uint8 nibbles")
+        n, k = nibbles.shape[0], nibbles.shape[1] * 2
+        if k % 32 or scales.shape != (n, k // 32) or mins.shape != (n, k // 32):
+            raise ValueError(f"int4 groups of 32 do not fit a [{n}, {k}] weight")
+        return cls._of(cls.Q4, nibbles, n, k, bias, scales.contiguous(), mins.contiguous())
 
+    @classmethod
+    def q8(cls, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> Matrix:
+        """W[n, k] = q[n, k] * scales[n]: q [N, K] int8, K a multiple of 8."""
+        _check("linear_q8", scales)
+        if q.dtype is not torch.int8 or not q.is_contiguous() or q.shape[1] % K_MULTIPLE:
+            raise TypeError("the int8 CPU kernel takes contiguous int8 weights, K a multiple of 8")
+        if scales.shape != (q.shape[0],):
+            raise ValueError(f"int8 scales {list(scales.shape)} for {q.shape[0]} outputs")
+        return cls._of(cls.Q8, q, *q.shape, bias, scales.contiguous())
 
-def linear_q4(
-    x: torch.Tensor,
-    nibbles: torch.Tensor,
-    scales: torch.Tensor,
-    mins: torch.Tensor,
-    bias: torch.Tensor | None,
-) -> torch.Tensor:
-    """x W^T for W in groups of 32 inputs, W[n, 32 b + j] = q * scales[n, b] + mins[n, b]:
-    nibbles [N, K / 2] uint8, a group's 16 bytes holding input j's q in the low nibble of
-    byte j and input j + 16's in the high one (GGUF's Q4_1 order)."""
-    _check("linear_q4", scales, mins)
-    if nibbles.dtype is not torch.uint8 or not nibbles.is_contiguous():
-        raise TypeError("the int4 CPU kernel takes contiguous uint8 nibbles")
-    n, k = nibbles.shape[0], nibbles.shape[1] * 2
-    if k % 32 or scales.shape != (n, k // 32) or mins.shape != (n, k // 32):
-        raise ValueError(f"int4 groups of 32 do not fit a [{n}, {k}] weight")
-    scales, mins = scales.contiguous(), mins.contiguous()  # held through the call
-    pointers = (nibbles.data_ptr(), scales.data_ptr(), mins.data_ptr())
-    return _product("mtpd_linear_q4_f32", x, n, k, pointers, bias)
-
-
-def linear_q8(
-    x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
-) -> torch.Tensor:
-    """x W^T for W[n, k] = q[n, k] * scales[n]: q [N, K] int8, K a multiple of 8."""
-    _check("linear_q8", scales)
-    if q.dtype is not torch.int8 or not q.is_contiguous() or q.shape[1] % K_MULTIPLE:
-        raise TypeError("the int8 CPU kernel takes contiguous int8 weights, K a multiple of 8")
-    n, k = q.shape
-    scales = scales.contiguous()  # held through the call
-    return _product("mtpd_linear_q8_f32", x, n, k, (q.data_ptr(), scales.data_ptr()), bias)
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        _check("linear", x)
+        if x.shape[-1] != self.k:
+            raise ValueError(f"linear: inputs {x.shape[-1]} wide for a weight taking {self.k}")
+        rows = _as_rows(x, self.k)
+        out = torch.empty(rows.shape[0], self.n, dtype=torch.float32)
+        if rows.shape[0]:
+            status = _library().mtpd_linear(
+                ctypes.byref(self),
+                rows.data_ptr(),
+                out.data_ptr(),
+                rows.shape[0],
+                torch.get_num_threads(),
+            )
+            _out_of_memory(status, "linear")
+        return out if x.dim() == 2 else out.view(*x.shape[:-1], self.n)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -308,7 +346,7 @@ def attend(
             f"{list(qkv.shape)}, cos {list(cos.shape)}, slot {list(slot_k.shape)}, out "
             f"{list(out.shape)}"
         )
-    _library().mtpd_attend_f32(
+    status = _library().mtpd_attend_f32(
         qkv.data_ptr(),
         cos.data_ptr(),
         sin_signed.data_ptr(),
@@ -324,3 +362,163 @@ def attend(
         scale,
         torch.get_num_threads(),
     )
+    _out_of_memory(status, "attend")
+
+
+class _Heads(ctypes.Structure):
+    _fields_ = [("heads", _INT), ("kv_heads", _INT), ("d", _INT), ("scale", _FLOAT)]
+
+
+class Layer(ctypes.Structure):
+    """A pre-norm decoder layer with attention and a SwiGLU MLP (mtpd_layer in
+    cpu_kernels.c): x + o(attention(qkv(norm(x)))), then + down(silu_mul(gate_up(norm(.)))),
+    one kernel call per step instead of some twenty PyTorch and kernel calls."""
+
+    _fields_ = [
+        ("input_norm", _POINTER),
+        ("post_norm", _POINTER),
+        ("qkv", Matrix),
+        ("o", Matrix),
+        ("gate_up", Matrix),
+        ("down", Matrix),
+        ("attention", _Heads),
+        ("eps", _FLOAT),
+    ]
+
+    @classmethod
+    def of(
+        cls,
+        norms: tuple[torch.Tensor, torch.Tensor],
+        eps: float,
+        linears: tuple[Matrix, Matrix, Matrix, Matrix],  # qkv, o, gate_up, down
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+    ) -> Layer:
+        qkv, o, gate_up, down = linears
+        hidden = o.n
+        # The C side trusts these: a mismatch would read or write beyond a buffer.
+        if not (
+            all(available_for(w) and w.shape == (hidden,) for w in norms)
+            and attention_available_for(head_dim)
+            and heads % kv_heads == 0
+            and qkv.k == gate_up.k == down.n == hidden
+            and qkv.n == (heads + 2 * kv_heads) * head_dim
+            and o.k == heads * head_dim
+            and gate_up.n == 2 * down.k
+        ):
+            raise ValueError(
+                f"a layer of {heads} heads over {kv_heads} kv heads of {head_dim} does not fit "
+                f"its weights: qkv [{qkv.n}, {qkv.k}], o [{o.n}, {o.k}], gate_up "
+                f"[{gate_up.n}, {gate_up.k}], down [{down.n}, {down.k}]"
+            )
+        norms = tuple(w.detach() for w in norms)
+        layer = cls(
+            norms[0].data_ptr(),
+            norms[1].data_ptr(),
+            qkv,
+            o,
+            gate_up,
+            down,
+            _Heads(heads, kv_heads, head_dim, head_dim**-0.5),
+            eps,
+        )
+        layer.tensors = (norms, linears)  # what its pointers point into
+        layer.hidden, layer.kv_heads, layer.head_dim = hidden, kv_heads, head_dim
+        return layer
+
+
+class Step(ctypes.Structure):
+    """Where a step's rows go (mtpd_step in cpu_kernels.c): sequence i's counts[i] rows,
+    in order, at positions starts[i].. of cache slot slots[i], with the rotary tables
+    cos and sin_signed [rows, d] at those positions; made once per step."""
+
+    _fields_ = [
+        ("rows", _INT),
+        ("sequences", _INT),
+        ("slots", _POINTER),
+        ("starts", _POINTER),
+        ("counts", _POINTER),
+        ("cos", _POINTER),
+        ("sin_signed", _POINTER),
+        ("k", _POINTER),
+        ("v", _POINTER),
+        ("slots_per_layer", _INT),
+        ("max_context", _INT),
+    ]
+
+    @classmethod
+    def of(
+        cls,
+        slots: list[int],
+        starts: list[int],
+        counts: list[int],
+        cos: torch.Tensor,
+        sin_signed: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+    ) -> Step:
+        """k and v: the caches [layers, slots, kv_heads, max_context, d]."""
+        rows = sum(counts)
+        cos, sin_signed = cos.reshape(rows, -1).contiguous(), sin_signed.reshape(rows, -1)
+        sin_signed = sin_signed.contiguous()
+        _check("decoder_layer", cos, sin_signed, k, v)
+        layers, slot_count, kv_heads, context, d = k.shape
+        if (
+            not k.is_contiguous()
+            or not v.is_contiguous()
+            or v.shape != k.shape
+            or cos.shape != (rows, d)
+            or sin_signed.shape != (rows, d)
+            or any(not 0 <= s < slot_count for s in slots)
+            or any(s < 0 or s + c > context for s, c in zip(starts, counts, strict=True))
+        ):
+            raise ValueError(
+                f"a step of {counts} rows at {starts} in slots {slots} does not fit a cache "
+                f"{list(k.shape)} with rotary tables {list(cos.shape)}"
+            )
+        index = torch.tensor([slots, starts, counts], dtype=torch.int64)
+        step = cls(
+            rows,
+            len(slots),
+            *(index[i].data_ptr() for i in range(3)),
+            cos.data_ptr(),
+            sin_signed.data_ptr(),
+            k.data_ptr(),
+            v.data_ptr(),
+            slot_count,
+            context,
+        )
+        step.tensors = (index, cos, sin_signed, k, v)
+        step.layers, step.kv_heads, step.head_dim = layers, kv_heads, d
+        return step
+
+
+def decoder_layer(layer: Layer, step: Step, index: int, x: torch.Tensor) -> torch.Tensor:
+    """Layer `layer` (number `index` of the step's caches) on the step's rows x
+    [rows, hidden]: the new rows, its k and v written into the caches."""
+    _check("decoder_layer", x)
+    x = x.contiguous()
+    if (
+        not 0 <= index < step.layers
+        or layer.kv_heads != step.kv_heads
+        or layer.head_dim != step.head_dim
+        or x.shape != (step.rows, layer.hidden)
+        or not x.is_contiguous()
+    ):
+        raise ValueError(
+            f"decoder_layer: rows {list(x.shape)} for layer {index} of {step.layers} do not "
+            f"fit a step of {step.rows} rows, {layer.hidden} wide, with {step.kv_heads} kv "
+            f"heads of {step.head_dim} in its cache"
+        )
+    out = torch.empty_like(x)
+    status = _library().mtpd_decoder_layer_f32(
+        ctypes.byref(layer),
+        ctypes.byref(step),
+        index,
+        x.data_ptr(),
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    _out_of_memory(status, "decoder_layer")
+    return out

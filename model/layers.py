@@ -8,7 +8,7 @@ each weight is read once per step whatever the batch holds.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -63,13 +63,18 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.packed = False  # in an inference-only layout (no gradients)
-        self.on_kernel = False  # packed for cpu_kernels' linear, else for oneDNN
+        self.matrix: cpu_kernels.Matrix | None = None  # packed for cpu_kernels, else oneDNN
+
+    @property
+    def on_kernel(self) -> bool:
+        return self.matrix is not None
 
     def pack(self) -> None:
         if self.packed or self.weight.device.type != "cpu" or self.weight.dtype != torch.float32:
             return
         if cpu_kernels.available_for(self.weight):
-            self.packed = self.on_kernel = True
+            self.matrix = cpu_kernels.Matrix.f32(self.weight, self.bias)
+            self.packed = True
         elif torch.backends.mkldnn.is_available():
             packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach())
             del self.weight
@@ -77,8 +82,8 @@ class Linear(nn.Module):
             self.packed = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.on_kernel:
-            return cpu_kernels.linear(x, self.weight, self.bias)
+        if self.matrix is not None:
+            return self.matrix(x)
         if self.packed:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
@@ -86,10 +91,12 @@ class Linear(nn.Module):
 
 def pack_for_inference(module: nn.Module) -> None:
     """Put every block of `module` on its fastest inference path: linear layers in their
-    fastest layout, and on CPU norms, attention and SwiGLU on cpu_kernels (inference
-    only: packed weights take no gradients)."""
-    for m in module.modules():
-        if isinstance(m, (Linear, RMSNorm, Attention, MLP)):
+    fastest layout, and on CPU norms, attention, SwiGLU and whole decoder layers on
+    cpu_kernels (inference only: packed weights take no gradients, and are not to be
+    changed afterwards: the kernels hold pointers to them)."""
+    # Parts before the blocks made of them: a module follows its parent in modules().
+    for m in reversed(list(module.modules())):
+        if isinstance(m, (Linear, RMSNorm, Attention, MLP, DecoderLayer)):
             m.pack()
 
 
@@ -102,6 +109,15 @@ class BatchLayout:
     counts: list[int]  # new tokens per sequence
     cos: torch.Tensor  # [N, 1, head_dim] rotary tables at the tokens' positions
     sin_signed: torch.Tensor  # sin with its first half negated (see _apply_rope)
+    _kernel_step: cpu_kernels.Step | None = field(default=None, repr=False)
+
+    def kernel_step(self, cache: KVCache) -> cpu_kernels.Step:
+        """The layout as cpu_kernels' decoder layers take it, made on first use."""
+        if self._kernel_step is None:
+            self._kernel_step = cpu_kernels.Step.of(
+                self.slots, self.starts, self.counts, self.cos, self.sin_signed, cache.k, cache.v
+            )
+        return self._kernel_step
 
     @classmethod
     def build(
@@ -407,6 +423,7 @@ class DecoderLayer(nn.Module):
             post_attn_norm,
             mlp,
         )
+        self.kernel: cpu_kernels.Layer | None = None  # the whole layer as one kernel call
 
     @classmethod
     def load(cls, cfg: ModelConfig, prefix: str, t: Mapping[str, torch.Tensor]) -> DecoderLayer:
@@ -418,9 +435,37 @@ class DecoderLayer(nn.Module):
             MLP(cfg, f"{prefix}.mlp", t),
         )
 
+    def pack(self) -> None:
+        # After its parts (pack_for_inference): on the kernels as a whole when each part
+        # is. A layer call then costs one Python call instead of some twenty.
+        attn, mlp, norms = self.attn, self.mlp, (self.input_norm, self.post_attn_norm)
+        linears = (attn.qkv, attn.o, mlp.gate_up, mlp.down)
+        if (
+            type(attn) is Attention  # not a subclass with its own forward
+            and type(mlp) is MLP
+            and attn.on_kernel
+            and mlp.on_kernel
+            and all(type(n) is RMSNorm and n.on_kernel and n.eps == norms[0].eps for n in norms)
+            and all(getattr(m, "matrix", None) is not None for m in linears)
+        ):
+            self.kernel = cpu_kernels.Layer.of(
+                (norms[0].weight, norms[1].weight),
+                norms[0].eps,
+                tuple(m.matrix for m in linears),
+                attn.num_heads,
+                attn.num_kv_heads,
+                attn.head_dim,
+            )
+
     def forward(
         self, x: torch.Tensor, layout: BatchLayout, cache: KVCache, layer: int
     ) -> torch.Tensor:
+        if (
+            self.kernel is not None
+            and isinstance(layout, BatchLayout)
+            and x.dtype == cache.k.dtype == torch.float32
+        ):
+            return cpu_kernels.decoder_layer(self.kernel, layout.kernel_step(cache), layer, x)
         x = x + self.attn(self.input_norm(x), layout, cache, layer)
         return x + self.mlp(self.post_attn_norm(x))
 

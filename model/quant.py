@@ -92,20 +92,21 @@ class Int4Linear(nn.Module):
         device = weight.q.device
         self.out_features, self.group = weight.q.shape[0], weight.group
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self.on_kernel = (
+        self.matrix: cpu_kernels.Matrix | None = None
+        if (
             use_kernel
             and device.type == "cpu"
             and dtype == torch.float32
             and weight.group == 32
             and cpu_kernels.available()
-        )
-        if self.on_kernel:
+        ):
             n, k = weight.q.shape
             halves = weight.q.reshape(n, k // 32, 2, 16)
             nibbles = (halves[:, :, 0] | halves[:, :, 1] << 4).reshape(n, k // 2)
             self.register_buffer("weight", nibbles.contiguous(), persistent=False)
             self.register_buffer("scales", weight.scale.float().contiguous())
             self.register_buffer("mins", (weight.zero - 8 * weight.scale).float().contiguous())
+            self.matrix = cpu_kernels.Matrix.q4(self.weight, self.scales, self.mins, self.bias)
             return
         q = weight.q.to(torch.int32)
         if device.type == "cuda":
@@ -123,9 +124,13 @@ class Int4Linear(nn.Module):
         pairs = torch.stack([weight.scale.t(), weight.zero.t()], dim=-1)  # [K/g, N, 2]
         self.register_buffer("scales_and_zeros", pairs.to(self.compute_dtype).contiguous())
 
+    @property
+    def on_kernel(self) -> bool:
+        return self.matrix is not None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.on_kernel:
-            return cpu_kernels.linear_q4(x, self.weight, self.scales, self.mins, self.bias)
+        if self.matrix is not None:
+            return self.matrix(x)
         rows = x.reshape(-1, x.shape[-1]).to(self.compute_dtype)
         matmul = (
             torch.ops.aten._weight_int4pack_mm
@@ -148,17 +153,23 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", q)
         self.register_buffer("scales", scale.to(weight.dtype))
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self.on_kernel = (
+        self.matrix: cpu_kernels.Matrix | None = None
+        if (
             use_kernel
             and q.device.type == "cpu"
             and weight.dtype == torch.float32
             and q.shape[1] % cpu_kernels.K_MULTIPLE == 0
             and cpu_kernels.available()
-        )
+        ):
+            self.matrix = cpu_kernels.Matrix.q8(self.weight, self.scales, self.bias)
+
+    @property
+    def on_kernel(self) -> bool:
+        return self.matrix is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.on_kernel:
-            return cpu_kernels.linear_q8(x, self.weight, self.scales, self.bias)
+        if self.matrix is not None:
+            return self.matrix(x)
         rows = x.reshape(-1, x.shape[-1])
         y = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.scales.to(rows.dtype))
         y = y.view(*x.shape[:-1], self.weight.shape[0])

@@ -35,12 +35,12 @@ def test_it_computes_what_f_linear_does(out_features, bias):
     for rows in (0, 1, 2, 3, 4, 5, 7, 8, 33):
         x = torch.randn(rows, 576, generator=g)
         torch.testing.assert_close(
-            cpu_kernels.linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-4
+            cpu_kernels.Matrix.f32(w, b)(x), F.linear(x, w, b), rtol=1e-5, atol=1e-4
         )
     # Any leading shape, and inputs that are views.
     x = torch.randn(2, 5, 576, generator=g)
     torch.testing.assert_close(
-        cpu_kernels.linear(x[:, 1:4], w, b), F.linear(x[:, 1:4], w, b), rtol=1e-5, atol=1e-4
+        cpu_kernels.Matrix.f32(w, b)(x[:, 1:4]), F.linear(x[:, 1:4], w, b), rtol=1e-5, atol=1e-4
     )
 
 
@@ -49,14 +49,15 @@ def test_a_row_gets_the_same_bits_alone_or_in_a_step_of_many():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(1000, 1536, generator=g)
     x = torch.randn(9, 1536, generator=g)
-    together = cpu_kernels.linear(x, w, None)
+    linear = cpu_kernels.Matrix.f32(w)
+    together = linear(x)
     for i in range(9):
-        assert torch.equal(cpu_kernels.linear(x[i : i + 1], w, None), together[i : i + 1])
-    assert torch.equal(cpu_kernels.linear(x[2:7], w, None), together[2:7])
+        assert torch.equal(linear(x[i : i + 1]), together[i : i + 1])
+    assert torch.equal(linear(x[2:7]), together[2:7])
     threads = torch.get_num_threads()
     torch.set_num_threads(1 if threads > 1 else 2)
     try:
-        assert torch.equal(cpu_kernels.linear(x, w, None), together)
+        assert torch.equal(linear(x), together)
     finally:
         torch.set_num_threads(threads)
 
@@ -146,7 +147,7 @@ def test_attention_refuses_what_would_read_or_write_beyond_a_tensor():
             rows, cos[:1], cos, slot, slot.clone(), torch.zeros(2, 16), 0, 1, 1, 0.25
         )
     with pytest.raises(ValueError, match="wide"):
-        cpu_kernels.linear(torch.zeros(1, 16), torch.zeros(4, 8), None)
+        cpu_kernels.Matrix.f32(torch.zeros(4, 8))(torch.zeros(1, 16))
 
 
 def _rope(context: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,6 +166,7 @@ def test_a_shard_runs_on_the_kernels_and_a_row_gets_the_same_bits_in_a_verificat
     shard, _ = load_shard(ckpt, cfg, ShardSpec.whole(cfg), torch.float32, 64, torch.device("cpu"))
     attention = [m for m in shard.modules() if isinstance(m, Attention)]
     assert attention and all(a.on_kernel for a in attention)
+    assert all(layer.kernel is not None for layer in shard.stack.layers)  # whole layers
     cache = shard.new_cache(2, 64)
     prompt, drafts = torch.tensor([3, 14, 15, 9, 2, 6]), torch.tensor([5, 35, 8])
     with torch.inference_mode():
@@ -186,3 +188,50 @@ def test_the_kernels_build_with_scalar_exp_where_libmvec_does_not_link():
     library.mtpd_silu_mul_f32(gate_up.data_ptr(), out.data_ptr(), 3, 21)
     gate, up = gate_up.split(21, dim=-1)
     torch.testing.assert_close(out, F.silu(gate) * up)
+
+
+@pytest.mark.parametrize("quant", ["none", "int4"])  # int4: int4 and int8 layers mixed
+def test_a_decoder_layer_in_one_kernel_call_gives_the_bits_its_parts_give(tmp_path, quant):
+    write_tiny_model(tmp_path, "llama")
+    ckpt = open_checkpoint(tmp_path)
+    cfg = read_config(ckpt)
+    shard, _ = load_shard(
+        ckpt, cfg, ShardSpec.whole(cfg), torch.float32, 64, torch.device("cpu"), quant=quant
+    )
+    layers = list(shard.stack.layers)
+    kernels = [layer.kernel for layer in layers]
+    assert all(k is not None for k in kernels)
+    prompts = [torch.tensor([3, 14, 15, 9, 2, 6]), torch.tensor([27, 18, 28])]
+    steps = [  # (slots, tokens): prompts, then a step of two sequences' verification rows
+        ([0], prompts[0]),
+        ([1], prompts[1]),
+        ([0, 1], torch.tensor([5, 35, 8, 11])),
+    ]
+
+    def run(fused: bool) -> list[torch.Tensor]:
+        for layer, kernel in zip(layers, kernels, strict=True):
+            layer.kernel = kernel if fused else None
+        cache = shard.new_cache(2, 64)
+        with torch.inference_mode():
+            return [
+                shard(ids, cache, slots, [3, 1] if len(slots) == 2 else [len(ids)])
+                for slots, ids in steps
+            ]
+
+    for fused, parts in zip(run(True), run(False), strict=True):
+        assert torch.equal(fused, parts)
+
+    # What would read or write beyond the cache or the rows is refused before C runs.
+    cache = shard.new_cache(2, 8)
+    cos, sin_signed = _rope(8, cfg.head_dim)
+    with pytest.raises(ValueError, match="does not fit a cache"):  # no slot 2
+        cpu_kernels.Step.of([2], [0], [1], cos[:1], sin_signed[:1], cache.k, cache.v)
+    with pytest.raises(ValueError, match="does not fit a cache"):  # positions 7 and 8 of 8
+        cpu_kernels.Step.of([0], [7], [2], cos[:2], sin_signed[:2], cache.k, cache.v)
+    step = cpu_kernels.Step.of([0], [0], [1], cos[:1], sin_signed[:1], cache.k, cache.v)
+    x = torch.zeros(1, cfg.hidden_size)
+    with pytest.raises(ValueError, match="do not fit"):
+        cpu_kernels.decoder_layer(kernels[0], step, len(layers), x)  # no such layer
+    with pytest.raises(ValueError, match="do not fit"):
+        cpu_kernels.decoder_layer(kernels[0], step, 0, torch.zeros(2, cfg.hidden_size))
+    assert cpu_kernels.decoder_layer(kernels[0], step, 0, x).shape == x.shape
