@@ -3,6 +3,7 @@ processes and its gRPC API, on a tiny random model with a chat template and an M
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 import grpc
+import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tiny_models import add_mtp_head, write_char_tokenizer, write_tiny_model
 
@@ -95,6 +97,20 @@ class LiveDaemon:
             if line.startswith(prefix):
                 return line[len(prefix) :]
         raise AssertionError(f"no line {prefix!r} in {self.log.read_text()}")
+
+    @contextlib.contextmanager
+    def workers_paused(self):
+        """Suspend the daemon's child processes (its workers) for the block: a request
+        then waits however fast the model decodes, so a test can give up on it."""
+        children = psutil.Process(self.process.pid).children(recursive=True)
+        assert children, "the daemon has no worker processes"
+        for child in children:
+            child.suspend()
+        try:
+            yield
+        finally:
+            for child in children:
+                child.resume()
 
     def stop(self) -> int:
         self.process.send_signal(signal.SIGTERM)

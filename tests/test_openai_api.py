@@ -208,7 +208,8 @@ def test_a_disconnect_while_waiting_for_a_whole_reply_frees_the_sequence(daemon,
         "max_tokens": CONTEXT - 10,
         "ignore_eos": True,
     }
-    with pytest.raises(TimeoutError):  # the client gives up and hangs up
+    # The client gives up and hangs up while the workers are held.
+    with daemon.workers_paused(), pytest.raises(TimeoutError):
         request(daemon, "POST", "/v1/completions", body, _auth(), timeout=0.5)
     wait_for(lambda: grpc_client.stats().finished.get("cancelled", 0) == before + 1)
     wait_for(lambda: _cached(grpc_client) == [0, 0])

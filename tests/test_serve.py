@@ -140,8 +140,8 @@ def test_cancelling_a_stream_frees_its_cache_on_every_worker(client):
     assert stats.running == 0
 
 
-def test_a_passed_deadline_ends_the_request_and_frees_its_cache(client):
-    with pytest.raises(Timeout):
+def test_a_passed_deadline_ends_the_request_and_frees_its_cache(daemon, client):
+    with daemon.workers_paused(), pytest.raises(Timeout):  # held past the deadline
         client.generate("Too slow", max_tokens=220, ignore_eos=True, timeout=0.5)
     wait_for(lambda: all(w.cached_sequences == 0 for w in client.stats().workers))
 
