@@ -439,15 +439,16 @@ class DecoderLayer(nn.Module):
         # After its parts (pack_for_inference): on the kernels as a whole when each part
         # is. A layer call then costs one Python call instead of some twenty.
         attn, mlp, norms = self.attn, self.mlp, (self.input_norm, self.post_attn_norm)
-        linears = (attn.qkv, attn.o, mlp.gate_up, mlp.down)
-        if (
+        if not (
             type(attn) is Attention  # not a subclass with its own forward
             and type(mlp) is MLP
             and attn.on_kernel
             and mlp.on_kernel
             and all(type(n) is RMSNorm and n.on_kernel and n.eps == norms[0].eps for n in norms)
-            and all(getattr(m, "matrix", None) is not None for m in linears)
         ):
+            return
+        linears = (attn.qkv, attn.o, mlp.gate_up, mlp.down)
+        if all(getattr(m, "matrix", None) is not None for m in linears):
             self.kernel = cpu_kernels.Layer.of(
                 (norms[0].weight, norms[1].weight),
                 norms[0].eps,
