@@ -107,11 +107,11 @@ static void linear_f32(const float* X, const float* W, const out_t* o, int64_t M
 // XS[m], XS the rounded groups' sums: every weight then multiplies the same rounded
 // input (summing the exact inputs instead would leave the rounding of the nibbles'
 // common offset uncancelled, several times the error). K is a multiple of 32.
-static inline __m256 q4_group(__m256i w, const int8_t* xq, float xd, __m256 scale) {
+static inline __m256 q4_group(__m256i w, const int8_t* xq, const float* xd, __m256 scale) {
     const __m256i x = _mm256_loadu_si256((const __m256i*)xq);
     const __m256i pairs = _mm256_maddubs_epi16(w, x);  // |15 * 127 * 2| fits int16
     const __m256 dots = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
-    return _mm256_mul_ps(_mm256_mul_ps(dots, _mm256_set1_ps(xd)), scale);
+    return _mm256_mul_ps(_mm256_mul_ps(dots, _mm256_loadu_ps(xd)), scale);
 }
 
 static inline __m256i q4_unpack(const uint8_t* q) {
@@ -120,6 +120,100 @@ static inline __m256i q4_unpack(const uint8_t* q) {
     return _mm256_inserti128_si256(lo, _mm_and_si128(_mm_srli_epi16(bytes, 4), low), 1);
 }
 
+// A row's result from its groups' products, summed in `products`, plus Z's share.
+static inline float q4_total(__m256 products, const float* z, const float* xs, int64_t groups) {
+    int64_t i = 0;
+    __m256 zero_part = _mm256_setzero_ps();
+    for (; i + 8 <= groups; i += 8)
+        zero_part = _mm256_fmadd_ps(_mm256_loadu_ps(z + i), _mm256_loadu_ps(xs + i), zero_part);
+    float total = hsum(_mm256_add_ps(products, zero_part));
+    for (; i < groups; i++) total += z[i] * xs[i];
+    return total;
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+// Where the CPU has AVX-512 with VNNI (cpu_kernels.py then builds for it), two groups b
+// and c = b + 1 at a time: their 64 byte pairs in one dpbusd. A pair's 32 bytes of
+// nibbles, loaded into both halves of a register, give [b's inputs 0-15, c's 0-15] as
+// low nibbles and [b's 16-31, c's 16-31] as high ones; q8_pair puts the rounded inputs
+// in that order, so the int32 lanes hold b, c, b, c four at a time, and the scales too.
+#define MTPD_Q4_PAIRS 1
+
+static inline __m512i q4_unpack_pair(const uint8_t* q) {
+    const __m512i bytes = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)q));
+    const __m512i high = _mm512_mask_srli_epi16(bytes, 0xFFFF0000, bytes, 4);
+    return _mm512_and_si512(high, _mm512_set1_epi8(0x0F));
+}
+
+// [v[0] x4, v[1] x4, v[0] x4, v[1] x4]: a pair's scales in its lanes' order.
+static inline __m512 q4_pair_of(const float* v) {
+    const __m512i index = _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
+    const __m128 two = _mm_castpd_ps(_mm_load_sd((const double*)v));
+    return _mm512_permutexvar_ps(index, _mm512_castps128_ps512(two));
+}
+
+// xd: the pair's input scales in its lanes' order (q8_pair).
+static inline __m512 q4_pair(__m512i w, const int8_t* xq, const float* xd, __m512 scales,
+                             __m512 acc) {
+    const __m512i dots = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(xq));
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots), _mm512_mul_ps(_mm512_loadu_ps(xd), scales), acc);
+}
+
+// Two rounded groups, each in input order with its scale 8 times, into the pair's order.
+static inline void q8_pair(int8_t* xq, float* xd) {
+    const __m512i q = _mm512_loadu_si512(xq);
+    _mm512_storeu_si512(xq, _mm512_shuffle_i64x2(q, q, _MM_SHUFFLE(3, 1, 2, 0)));
+    const __m512 d = _mm512_loadu_ps(xd);
+    _mm512_storeu_ps(xd, _mm512_shuffle_f32x4(d, d, _MM_SHUFFLE(3, 1, 2, 0)));
+}
+
+static inline __attribute__((always_inline)) void q4_tile(
+    const int G, const int8_t* XQ, const float* XD, const float* XS, const uint8_t* Q,
+    const float* S, const float* Z, const out_t* o, int64_t m0, int64_t n, int64_t K) {
+    const int64_t groups = K / 32;
+    const uint8_t* q = Q + n * (K / 2);
+    const float* s = S + n * groups;
+    __m512 even[3], odd[3];
+    __m256 last[3];
+    for (int g = 0; g < G; g++) {
+        even[g] = odd[g] = _mm512_setzero_ps();
+        last[g] = _mm256_setzero_ps();
+    }
+    int64_t b = 0;
+    for (; b + 4 <= groups; b += 4) {
+        const __m512i w0 = q4_unpack_pair(q + 16 * b), w1 = q4_unpack_pair(q + 16 * (b + 2));
+        const __m512 s0 = q4_pair_of(s + b), s1 = q4_pair_of(s + b + 2);
+        for (int g = 0; g < G; g++) {
+            const int64_t xg = (m0 + g) * groups + b;
+            even[g] = q4_pair(w0, XQ + 32 * xg, XD + 8 * xg, s0, even[g]);
+            odd[g] = q4_pair(w1, XQ + 32 * (xg + 2), XD + 8 * (xg + 2), s1, odd[g]);
+        }
+    }
+    if (b + 2 <= groups) {
+        const __m512i w0 = q4_unpack_pair(q + 16 * b);
+        const __m512 s0 = q4_pair_of(s + b);
+        for (int g = 0; g < G; g++) {
+            const int64_t xg = (m0 + g) * groups + b;
+            even[g] = q4_pair(w0, XQ + 32 * xg, XD + 8 * xg, s0, even[g]);
+        }
+        b += 2;
+    }
+    if (b < groups) {
+        const __m256i w0 = q4_unpack(q + 16 * b);
+        const __m256 s0 = _mm256_broadcast_ss(s + b);
+        for (int g = 0; g < G; g++) {
+            const int64_t xg = (m0 + g) * groups + b;
+            last[g] = q4_group(w0, XQ + 32 * xg, XD + 8 * xg, s0);
+        }
+    }
+    for (int g = 0; g < G; g++) {
+        const __m512 sum = _mm512_add_ps(even[g], odd[g]);
+        const __m256 high = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(sum), 1));
+        const __m256 products = _mm256_add_ps(_mm256_add_ps(_mm512_castps512_ps256(sum), high), last[g]);
+        store(o, m0 + g, n, q4_total(products, Z + n * groups, XS + (m0 + g) * groups, groups));
+    }
+}
+#else
 static inline __attribute__((always_inline)) void q4_tile(
     const int G, const int8_t* XQ, const float* XD, const float* XS, const uint8_t* Q,
     const float* S, const float* Z, const out_t* o, int64_t m0, int64_t n, int64_t K) {
@@ -134,8 +228,8 @@ static inline __attribute__((always_inline)) void q4_tile(
         const __m256 s0 = _mm256_broadcast_ss(s + b), s1 = _mm256_broadcast_ss(s + b + 1);
         for (int g = 0; g < G; g++) {
             const int64_t xg = (m0 + g) * groups + b;
-            even[g] = _mm256_add_ps(even[g], q4_group(w0, XQ + 32 * xg, XD[xg], s0));
-            odd[g] = _mm256_add_ps(odd[g], q4_group(w1, XQ + 32 * (xg + 1), XD[xg + 1], s1));
+            even[g] = _mm256_add_ps(even[g], q4_group(w0, XQ + 32 * xg, XD + 8 * xg, s0));
+            odd[g] = _mm256_add_ps(odd[g], q4_group(w1, XQ + 32 * (xg + 1), XD + 8 * (xg + 1), s1));
         }
     }
     if (b < groups) {
@@ -143,24 +237,18 @@ static inline __attribute__((always_inline)) void q4_tile(
         const __m256 s0 = _mm256_broadcast_ss(s + b);
         for (int g = 0; g < G; g++) {
             const int64_t xg = (m0 + g) * groups + b;
-            even[g] = _mm256_add_ps(even[g], q4_group(w0, XQ + 32 * xg, XD[xg], s0));
+            even[g] = _mm256_add_ps(even[g], q4_group(w0, XQ + 32 * xg, XD + 8 * xg, s0));
         }
     }
-    for (int g = 0; g < G; g++) {
-        const float* xs = XS + (m0 + g) * groups;
-        const float* z = Z + n * groups;
-        int64_t i = 0;
-        __m256 zero_part = _mm256_setzero_ps();
-        for (; i + 8 <= groups; i += 8)
-            zero_part = _mm256_fmadd_ps(_mm256_loadu_ps(z + i), _mm256_loadu_ps(xs + i), zero_part);
-        float total = hsum(_mm256_add_ps(_mm256_add_ps(even[g], odd[g]), zero_part));
-        for (; i < groups; i++) total += z[i] * xs[i];
-        store(o, m0 + g, n, total);
-    }
+    for (int g = 0; g < G; g++)
+        store(o, m0 + g, n,
+              q4_total(_mm256_add_ps(even[g], odd[g]), Z + n * groups, XS + (m0 + g) * groups, groups));
 }
+#endif
 
 // One group of 32 inputs: 8-bit values xq with scale xd (max |x| / 127, rounded to
-// nearest), and the sum of the rounded values (xq * xd) in xs. A group holding a NaN or
+// nearest; 8 copies, for the products' vector multiplies), and the sum of the rounded
+// values (xq * xd) in xs. A group holding a NaN or
 // an infinity gets a NaN scale, so the outputs it reaches are NaN, as a float product's
 // would be; a group too small for its scale to invert counts as zero.
 static void q8_group(const float* x, int8_t* xq, float* xd, float* xs) {
@@ -180,7 +268,8 @@ static void q8_group(const float* x, int8_t* xq, float* xd, float* xs) {
     if (!(inverse <= FLT_MAX)) d = inverse = 0.0f;
     if (!finite) {
         for (int j = 0; j < 32; j++) xq[j] = 0;
-        *xd = *xs = NAN;
+        _mm256_storeu_ps(xd, _mm256_set1_ps(NAN));
+        *xs = NAN;
         return;
     }
     const __m256 inv = _mm256_set1_ps(inverse);
@@ -193,23 +282,38 @@ static void q8_group(const float* x, int8_t* xq, float* xd, float* xs) {
     const __m256i w8 = _mm256_packs_epi16(w16a, w16b);
     _mm256_storeu_si256((__m256i*)xq,
                         _mm256_permutevar8x32_epi32(w8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
-    *xd = d;
+    _mm256_storeu_ps(xd, _mm256_set1_ps(d));
     const __m256i sums = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
     *xs = hsum(_mm256_cvtepi32_ps(sums)) * d;
 }
 
-// Rounded inputs for int4 products: 32 * count bytes and 2 * count floats, count the
-// number of input groups (M * K / 32) of the widest product.
+// Rounded inputs for int4 products: 32 bytes and 9 floats for each of the count input
+// groups (M * K / 32) of the widest product.
 typedef struct {
     int8_t* xq;
     float *xd, *xs;
 } q8_inputs;
 
+// X's rows [M, K] rounded into `in`, each row's groups two at a time (a pair's order
+// where the products take pairs, a last odd group in input order).
+static void q8_rows(const float* X, int64_t M, int64_t K, const q8_inputs* in) {
+    const int64_t groups = K / 32, units = (groups + 1) / 2;
+#pragma omp for schedule(static)
+    for (int64_t u = 0; u < M * units; u++) {
+        const int64_t m = u / units, b = m * groups + 2 * (u % units);
+        const int64_t end = b + 2 < (m + 1) * groups ? b + 2 : (m + 1) * groups;
+        for (int64_t i = b; i < end; i++)
+            q8_group(X + 32 * i, in->xq + 32 * i, in->xd + 8 * i, in->xs + i);
+#ifdef MTPD_Q4_PAIRS
+        if (end - b == 2) q8_pair(in->xq + 32 * b, in->xd + 8 * b);
+#endif
+    }
+}
+
 static void linear_q4(const float* X, const mtpd_matrix* w, const out_t* o, int64_t M,
                       const q8_inputs* in) {
-    const int64_t K = w->k, count = M * K / 32;
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < count; i++) q8_group(X + 32 * i, in->xq + 32 * i, in->xd + i, in->xs + i);
+    const int64_t K = w->k;
+    q8_rows(X, M, K, in);
 #pragma omp for schedule(static)
     for (int64_t n = 0; n < o->n; n++) {
         int64_t m = 0;
@@ -273,7 +377,7 @@ static void product(const mtpd_matrix* w, const float* X, float* Y, const float*
 
 static int alloc_q8_inputs(q8_inputs* in, int64_t count) {
     in->xq = malloc(32 * count + 1);
-    in->xd = malloc(sizeof(float) * count + 1);
+    in->xd = malloc(sizeof(float) * 8 * count + 1);
     in->xs = malloc(sizeof(float) * count + 1);
     return in->xq && in->xd && in->xs;
 }

@@ -40,6 +40,10 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+# Where the CPU has them, the int4 kernel takes two groups per instruction (VNNI's dpbusd
+# on 512-bit registers); the library is built on the machine it runs on.
+AVX512_VNNI = ("-mavx512f", "-mavx512bw", "-mavx512vnni")
+_AVX512_VNNI_CPU = {"avx512f", "avx512bw", "avx512_vnni"}  # as /proc/cpuinfo names them
 K_MULTIPLE = 8  # the kernels read 8 floats at a time
 MAX_HEAD_DIM = 256  # attention holds a query head in a fixed buffer
 
@@ -74,10 +78,23 @@ def _openmp_runtime() -> Path | None:
     return None
 
 
-def _build(compiler: str, runtime: Path | None, math: list[str]) -> Path:
+def _isa() -> tuple[str, ...]:
+    """The instruction sets beyond AVX2 to build for: AVX512_VNNI where this CPU has it."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.partition(":")[2].split())
+            return AVX512_VNNI if flags >= _AVX512_VNNI_CPU else ()
+    return ()
+
+
+def _build(compiler: str, runtime: Path | None, math: list[str], isa: tuple[str, ...]) -> Path:
     # Compiled with -fopenmp, linked with the runtime torch loaded (or the compiler's).
     link = [str(runtime)] if runtime else []
-    command = [compiler, *FLAGS, str(SOURCE), *link, *math]
+    command = [compiler, *FLAGS, *isa, str(SOURCE), *link, *math]
     digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(command).encode()).hexdigest()
     library = _cache_dir() / f"mtpd-cpu-kernels-{digest[:16]}.so"
     if not library.exists():
@@ -93,12 +110,23 @@ def _build(compiler: str, runtime: Path | None, math: list[str]) -> Path:
 
 
 def _build_any(compiler: str, runtime: Path | None) -> Path:
+    """For this CPU's instruction sets, or for AVX2 alone where the compiler lacks them."""
+    isa = _isa()
+    if isa:
+        try:
+            return _build_with_exp(compiler, runtime, isa)
+        except subprocess.CalledProcessError:
+            log.info("the compiler does not build for AVX-512 VNNI: the int4 kernel uses AVX2")
+    return _build_with_exp(compiler, runtime, ())
+
+
+def _build_with_exp(compiler: str, runtime: Path | None, isa: tuple[str, ...]) -> Path:
     """With glibc's vector exp (libmvec) where it links, else with the scalar one."""
     try:
-        return _build(compiler, runtime, ["-lmvec"])
+        return _build(compiler, runtime, ["-lmvec"], isa)
     except subprocess.CalledProcessError:
         log.info("libmvec does not link here: the kernels' exp runs lane by lane")
-        return _build(compiler, runtime, ["-DMTPD_SCALAR_EXP", "-lm"])
+        return _build(compiler, runtime, ["-DMTPD_SCALAR_EXP", "-lm"], isa)
 
 
 _POINTER, _INT, _FLOAT, _STATUS = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int

@@ -181,7 +181,9 @@ def test_the_kernels_build_with_scalar_exp_where_libmvec_does_not_link():
     # The fallback _build_any takes when `-lmvec` fails: same results, lane by lane.
     compiler = shutil.which(os.environ.get("CC", "cc"))
     library = cpu_kernels._load(
-        cpu_kernels._build(compiler, cpu_kernels._openmp_runtime(), ["-DMTPD_SCALAR_EXP", "-lm"])
+        cpu_kernels._build(
+            compiler, cpu_kernels._openmp_runtime(), ["-DMTPD_SCALAR_EXP", "-lm"], ()
+        )
     )
     gate_up = torch.randn(3, 2 * 21, generator=torch.Generator().manual_seed(5)) * 4
     out = torch.empty(3, 21)

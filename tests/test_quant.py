@@ -4,6 +4,10 @@ quantized single-process engine."""
 
 from __future__ import annotations
 
+import ctypes
+import os
+import shutil
+
 import pytest
 import torch
 from reference import solo_run
@@ -12,6 +16,7 @@ from tiny_models import write_char_tokenizer, write_tiny_model
 from mtpd.daemon.draft_policy import DraftPolicy
 from mtpd.daemon.pipeline import Pipeline, PipelineConfig
 from mtpd.daemon.scheduler import Scheduler
+from mtpd.model import cpu_kernels
 from mtpd.model.compare import compare_tokens
 from mtpd.model.default_model import default_model_path
 from mtpd.model.gguf_checkpoint import GGUFCheckpoint
@@ -194,3 +199,34 @@ def test_int4_rounding_is_to_nearest_even_and_non_finite_inputs_stay_non_finite(
     for bad in (float("nan"), float("inf")):
         x[0, 7] = bad
         assert not torch.isfinite(layer(x)[0, 0])
+
+
+def test_the_int4_kernel_is_right_for_avx2_alone_and_for_this_cpus_avx512_vnni():
+    # The library is built for the machine's CPU; AVX2's build is what runs elsewhere.
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    builds = {(), cpu_kernels._isa()}
+    g = torch.Generator().manual_seed(11)
+    # 1 group (the odd last one alone), 3 (a pair and one), 9, 18 and 48 (four at a time).
+    for width in (32, 96, 288, 576, 1536):
+        w, bias = torch.randn(48, width, generator=g), torch.randn(48, generator=g)
+        q4 = Int4Weight.from_float(w)
+        matrix = Int4Linear(q4, bias, torch.float32).matrix
+        x = torch.randn(7, width, generator=g)
+        expected = _rounded_to_8_bits_per_group(x) @ q4.dequantize().t() + bias
+        for isa in builds:
+            library = cpu_kernels._load(
+                cpu_kernels._build(compiler, cpu_kernels._openmp_runtime(), ["-lmvec"], isa)
+            )
+
+            def product(rows: torch.Tensor, library=library, matrix=matrix) -> torch.Tensor:
+                out = torch.empty(rows.shape[0], 48)
+                status = library.mtpd_linear(
+                    ctypes.byref(matrix), rows.data_ptr(), out.data_ptr(), rows.shape[0], 2
+                )
+                assert status == 0
+                return out
+
+            together = product(x)
+            torch.testing.assert_close(together, expected, atol=1e-4, rtol=1e-4)
+            for i in range(7):
+                assert torch.equal(product(x[i : i + 1].contiguous()), together[i : i + 1])
