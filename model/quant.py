@@ -15,8 +15,8 @@ GGUF Q4_0 / Q4_1 blocks are exactly such groups, so their weights are repacked, 
 dequantized and re-rounded (`GGUFCheckpoint.int4_blocks`); Q8_0's per-block scales do
 not fit int8's one scale per row, so those weights are requantized per channel (the
 error is what `requantization_error` reports). Activations, norms, attention and the
-embedding lookup stay in the model dtype; so does the MTP head (small, and its accuracy
-is its acceptance), but for its draft-vocabulary rows (`quantize_draft_rows`).
+embedding lookup stay in the model dtype. The MTP head's linear layers take int8 on
+float32 CPU whatever `--quant` says (`quantize_head`): a draft only proposes.
 """
 
 from __future__ import annotations
@@ -213,14 +213,12 @@ def quantize_linears(
                 setattr(parent, name, Int8Linear(w, bias))
 
 
-def quantize_draft_rows(mtp: nn.Module) -> None:
-    """Hold an MTP head's own draft-vocabulary LM-head rows at int8 where the int8 CPU
-    kernel runs them. A draft only proposes: verification scores the trunk's full head,
-    so output is unchanged, while the rows (a third of the head's bytes in float32)
-    take a quarter of the memory and of the draft pass's reading. Rows shared with
-    the trunk (no draft vocabulary) stay as they are."""
-    weight = mtp.draft_head.weight
-    if mtp.draft_ids is None or not weight.is_cpu or weight.dtype is not torch.float32:
-        return
-    if cpu_kernels.available():
-        mtp.draft_head = Int8Linear(weight.detach(), None)
+def quantize_head(mtp: nn.Module) -> None:
+    """Hold an MTP head's linear layers, its draft-vocabulary rows among them, at int8
+    where the int8 CPU kernel runs them. A draft only proposes: verification scores the
+    trunk, so output is unchanged, while a draft pass reads a quarter of the bytes. The
+    trunk's LM head, where the head drafts over the full vocabulary with it, is already
+    packed by then and stays as the trunk holds it."""
+    float_cpu = mtp.embedding.device.type == "cpu" and mtp.dtype == torch.float32
+    if float_cpu and cpu_kernels.available():
+        quantize_linears(mtp, "int8")

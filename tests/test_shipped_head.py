@@ -22,10 +22,12 @@ def test_shipped_head_binds_to_the_default_model_and_drafts():
     recorded = json.loads(meta["acceptance"])
     engine = Engine.load(None, max_seqs=4, max_context=512, mtp_head=path)  # fingerprint checked
     assert engine.mtp is not None and engine.mtp.draft_ids is not None
-    # Its draft-vocabulary rows are held at int8 (quantize_draft_rows), a quarter of float32.
+    # Its linear layers, draft-vocabulary rows included, are held at int8 (quantize_head).
     rows = engine.mtp.draft_head
     assert isinstance(rows, Int8Linear) and rows.on_kernel
     assert rows.weight.shape == (engine.mtp.draft_vocab_size, engine.cfg.hidden_size)
+    assert isinstance(engine.mtp.fc, Int8Linear)
+    assert all(layer.kernel is not None for layer in engine.mtp.stack.layers)
     report = evaluate_head(
         engine, engine.mtp, read_prompts(eval_prompts_path())[:4], k=3, max_new=48
     )

@@ -18,7 +18,7 @@ from mtpd.model.errors import InvalidParameter
 from mtpd.model.kv_cache import CacheFullError
 from mtpd.model.layers import pack_for_inference
 from mtpd.model.mtp import MTPHead, check_head_base, read_checkpoint_head, read_head_file
-from mtpd.model.quant import quantize_draft_rows, quantize_linears
+from mtpd.model.quant import quantize_head, quantize_linears
 from mtpd.model.sampling import SamplingParams, select_token
 from mtpd.model.tokenizer import Tokenizer
 
@@ -55,7 +55,7 @@ def load_shard(
         mtp.draft_head = shard.lm_head  # drafting over the full vocabulary: the trunk's head
     pack_for_inference(shard)
     if mtp is not None:
-        quantize_draft_rows(mtp)
+        quantize_head(mtp)
         pack_for_inference(mtp)
     return shard, mtp
 
