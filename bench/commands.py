@@ -112,6 +112,12 @@ def run_bench(args: argparse.Namespace, settings) -> int:
         drafts = args.draft_list if daemon.scheduler.policy.enabled else [0]
         pipeline = daemon.pipeline
         run_config(pipeline, prompts[:1], drafts[-1], 1, 8)  # warm-up: first-call costs
+        # Peers run in every round, between mtpd's configurations, so that their ratios
+        # to mtpd's hold on a machine whose speed drifts over a run.
+        peers = {
+            name: load_peer(name, daemon.model_path, settings.threads or 2) for name in args.peer
+        }
+        peer_rates: dict[str, list[float]] = {name: [] for name in peers}
         runs: dict[tuple[str, int], list] = {}
         forced = None
         if args.force_acceptance is not None:
@@ -134,6 +140,9 @@ def run_bench(args: argparse.Namespace, settings) -> int:
                         draft_source=forced,
                     )
                     runs.setdefault((str(d), n), []).append(run)
+            for name, peer in peers.items():
+                print(f"mtpd bench: peer {name}", file=sys.stderr, flush=True)
+                peer_rates[name] += [peer.decode_rate(p, args.max_tokens) for p in prompts]
         mem = memory(pipeline)
         workers = len(pipeline.stages)
         device = pipeline.stages[0].device
@@ -145,11 +154,10 @@ def run_bench(args: argparse.Namespace, settings) -> int:
         report_quality = quantization_quality(
             daemon.model_path, settings.quant, DTYPES[settings.dtype], prompts, args.max_tokens
         )
-    peers = {}
-    for name in args.peer:
-        peer = load_peer(name, daemon.model_path, settings.threads or 2)
-        rates = [peer.decode_rate(p, args.max_tokens) for p in prompts for _ in range(args.rounds)]
-        peers[name] = {"decode_tokens_per_s": round(statistics.median(rates), 3)}
+    peers = {
+        name: {"decode_tokens_per_s": round(statistics.median(rates), 3)}
+        for name, rates in peer_rates.items()
+    }
     configs = [
         config_report(runs[key], runs[("0", key[1])], DTYPES[settings.dtype])
         for key in sorted(runs, key=lambda k: (k[1], list(map(str, drafts)).index(k[0])))

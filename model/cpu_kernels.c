@@ -7,8 +7,9 @@
 //
 // Each operation is a body whose loops are orphaned `omp for`s: the threads of the
 // enclosing parallel region share them, and each ends on a barrier. So a whole decoder
-// layer is one call and one parallel region (mtpd_decoder_layer_f32, at the end), and
-// each other mtpd_* entry point is a region around one body.
+// layer is one call and one parallel region (mtpd_decoder_layer_f32, at the end). The
+// other mtpd_* entry points run one body: in a region of their own where a body has
+// work for several threads, on the calling thread alone for RMSNorm and SwiGLU.
 
 #include <float.h>
 #include <immintrin.h>
@@ -94,10 +95,6 @@ static void linear_f32(const float* X, const float* W, const out_t* o, int64_t M
     for (int64_t b = 0; b < blocks; b++) rows(4, X, W, o, 4 * b, M, K);
 }
 
-// Two accumulators per input row, taking alternate steps: one would chain every
-// step's FMA on the last one's result, and at one row that latency, not memory or
-// arithmetic, sets the speed. Summed in a fixed order, so results stay reproducible.
-
 // ---- int4 linear: W in groups of 32 inputs, W[n, 32 b + j] = q * S[n, b] + Z[n, b], q in
 // 0..15 (GGUF's Q4_1 form). Q[n] holds a group in 16 bytes, byte j carrying q of input j
 // in its low nibble and of input j + 16 in its high one, as GGUF stores them. As
@@ -107,6 +104,11 @@ static void linear_f32(const float* X, const float* W, const out_t* o, int64_t M
 // XS[m], XS the rounded groups' sums: every weight then multiplies the same rounded
 // input (summing the exact inputs instead would leave the rounding of the nibbles'
 // common offset uncancelled, several times the error). K is a multiple of 32.
+//
+// The int4 and int8 kernels keep two accumulators per input row, taking alternate
+// steps: one would chain every step's FMA on the last one's result, and at one row that
+// latency, not memory or arithmetic, sets the speed. Summed in a fixed order, so
+// results stay reproducible.
 static inline __m256 q4_group(__m256i w, const int8_t* xq, const float* xd, __m256 scale) {
     const __m256i x = _mm256_loadu_si256((const __m256i*)xq);
     const __m256i pairs = _mm256_maddubs_epi16(w, x);  // |15 * 127 * 2| fits int16
@@ -148,7 +150,7 @@ static inline __m512i q4_unpack_pair(const uint8_t* q) {
 // [v[0] x4, v[1] x4, v[0] x4, v[1] x4]: a pair's scales in its lanes' order.
 static inline __m512 q4_pair_of(const float* v) {
     const __m512i index = _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
-    const __m128 two = _mm_castpd_ps(_mm_load_sd((const double*)v));
+    const __m128 two = _mm_castsi128_ps(_mm_loadl_epi64((const __m128i*)v));
     return _mm512_permutexvar_ps(index, _mm512_castps128_ps512(two));
 }
 
@@ -565,18 +567,20 @@ int mtpd_decoder_layer_f32(const mtpd_layer* L, const mtpd_step* S, int64_t laye
     const int64_t slot_size = L->attention.kv_heads * S->max_context * d;
     float* const KC = S->k + layer * S->slots_per_layer * slot_size;
     float* const VC = S->v + layer * S->slots_per_layer * slot_size;
-    int64_t widest = L->qkv.k > L->o.k ? L->qkv.k : L->o.k;  // of the products' inputs
-    widest = widest > L->gate_up.k ? widest : L->gate_up.k;
-    widest = widest > L->down.k ? widest : L->down.k;
-    float* normed = malloc(sizeof(float) * M * H);
-    float* qkv = malloc(sizeof(float) * M * L->qkv.n);
-    float* attended = malloc(sizeof(float) * M * L->o.k);
-    float* gate_up = malloc(sizeof(float) * M * 2 * I);
-    float* act = malloc(sizeof(float) * M * I);
+    const mtpd_matrix* const products[4] = {&L->qkv, &L->o, &L->gate_up, &L->down};
+    int64_t widest = 0;  // of the int4 products' inputs, which are rounded to 8 bits
+    for (int i = 0; i < 4; i++)
+        if (products[i]->kind == MTPD_Q4 && products[i]->k > widest) widest = products[i]->k;
+    // Every intermediate row in one allocation (+ 1: a step may have no rows).
+    float* const buffer = malloc(sizeof(float) * (M * (H + L->qkv.n + L->o.k + 3 * I) + 1));
     q8_inputs in = {0};
-    int failed = !(normed && qkv && attended && gate_up && act) ||
-                 !alloc_q8_inputs(&in, M * widest / 32);
+    int failed = !buffer || (widest && !alloc_q8_inputs(&in, M * widest / 32));
     if (!failed) {
+        float* const normed = buffer;
+        float* const qkv = normed + M * H;
+        float* const attended = qkv + M * L->qkv.n;
+        float* const gate_up = attended + M * L->o.k;
+        float* const act = gate_up + M * 2 * I;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
         {
             rms_norm(X, L->input_norm, normed, M, H, L->eps);
@@ -596,11 +600,7 @@ int mtpd_decoder_layer_f32(const mtpd_layer* L, const mtpd_step* S, int64_t laye
             product(&L->down, act, Y, Y, M, &in);
         }
     }
-    free(normed);
-    free(qkv);
-    free(attended);
-    free(gate_up);
-    free(act);
+    free(buffer);
     free_q8_inputs(&in);
     return failed ? -1 : 0;
 }

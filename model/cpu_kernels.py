@@ -114,19 +114,19 @@ def _build_any(compiler: str, runtime: Path | None) -> Path:
     isa = _isa()
     if isa:
         try:
-            return _build_with_exp(compiler, runtime, isa)
-        except subprocess.CalledProcessError:
-            log.info("the compiler does not build for AVX-512 VNNI: the int4 kernel uses AVX2")
-    return _build_with_exp(compiler, runtime, ())
+            return _build(compiler, runtime, ["-lmvec"], isa)
+        except subprocess.SubprocessError:
+            log.info("no AVX-512 VNNI build here (compiler or libmvec): the kernels use AVX2")
+    return _build_avx2(compiler, runtime)
 
 
-def _build_with_exp(compiler: str, runtime: Path | None, isa: tuple[str, ...]) -> Path:
-    """With glibc's vector exp (libmvec) where it links, else with the scalar one."""
+def _build_avx2(compiler: str, runtime: Path | None) -> Path:
+    """For AVX2 alone, with glibc's vector exp (libmvec) where it links, else the scalar one."""
     try:
-        return _build(compiler, runtime, ["-lmvec"], isa)
+        return _build(compiler, runtime, ["-lmvec"], ())
     except subprocess.CalledProcessError:
         log.info("libmvec does not link here: the kernels' exp runs lane by lane")
-        return _build(compiler, runtime, ["-DMTPD_SCALAR_EXP", "-lm"], isa)
+        return _build(compiler, runtime, ["-DMTPD_SCALAR_EXP", "-lm"], ())
 
 
 _POINTER, _INT, _FLOAT, _STATUS = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
@@ -270,7 +270,7 @@ class Matrix(ctypes.Structure):
         nibbles [N, K / 2] uint8, a group's 16 bytes holding input j's q in the low
         nibble of byte j and input j + 16's in the high one (GGUF's Q4_1 order)."""
         _check("linear_q4", scales, mins)
-        if nibbles.dtype is not torch.uint8 or not nibbles.is_contiguous():
+        if nibbles.dtype is not torch.uint8 or not nibbles.is_contiguous() or not nibbles.is_cpu:
             raise TypeError("the int4 CPU kernel takes contiguous uint8 nibbles")
         n, k = nibbles.shape[0], nibbles.shape[1] * 2
         if k % 32 or scales.shape != (n, k // 32) or mins.shape != (n, k // 32):
@@ -281,7 +281,12 @@ class Matrix(ctypes.Structure):
     def q8(cls, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> Matrix:
         """W[n, k] = q[n, k] * scales[n]: q [N, K] int8, K a multiple of 8."""
         _check("linear_q8", scales)
-        if q.dtype is not torch.int8 or not q.is_contiguous() or q.shape[1] % K_MULTIPLE:
+        if (
+            q.dtype is not torch.int8
+            or not q.is_contiguous()
+            or not q.is_cpu
+            or q.shape[1] % K_MULTIPLE
+        ):
             raise TypeError("the int8 CPU kernel takes contiguous int8 weights, K a multiple of 8")
         if scales.shape != (q.shape[0],):
             raise ValueError(f"int8 scales {list(scales.shape)} for {q.shape[0]} outputs")
@@ -487,19 +492,20 @@ class Step(ctypes.Structure):
         v: torch.Tensor,
     ) -> Step:
         """k and v: the caches [layers, slots, kv_heads, max_context, d]."""
-        rows = sum(counts)
-        cos, sin_signed = cos.reshape(rows, -1).contiguous(), sin_signed.reshape(rows, -1)
+        rows, d = sum(counts), k.shape[-1]
+        cos, sin_signed = cos.reshape(rows, d).contiguous(), sin_signed.reshape(rows, d)
         sin_signed = sin_signed.contiguous()
         _check("decoder_layer", cos, sin_signed, k, v)
-        layers, slot_count, kv_heads, context, d = k.shape
+        layers, slot_count, kv_heads, context, _ = k.shape
         if (
             not k.is_contiguous()
             or not v.is_contiguous()
             or v.shape != k.shape
             or cos.shape != (rows, d)
             or sin_signed.shape != (rows, d)
+            or len(slots) != len(starts)
             or any(not 0 <= s < slot_count for s in slots)
-            or any(s < 0 or s + c > context for s, c in zip(starts, counts, strict=True))
+            or any(s < 0 or c < 0 or s + c > context for s, c in zip(starts, counts, strict=True))
         ):
             raise ValueError(
                 f"a step of {counts} rows at {starts} in slots {slots} does not fit a cache "
@@ -532,7 +538,6 @@ def decoder_layer(layer: Layer, step: Step, index: int, x: torch.Tensor) -> torc
         or layer.kv_heads != step.kv_heads
         or layer.head_dim != step.head_dim
         or x.shape != (step.rows, layer.hidden)
-        or not x.is_contiguous()
     ):
         raise ValueError(
             f"decoder_layer: rows {list(x.shape)} for layer {index} of {step.layers} do not "

@@ -109,15 +109,16 @@ class BatchLayout:
     counts: list[int]  # new tokens per sequence
     cos: torch.Tensor  # [N, 1, head_dim] rotary tables at the tokens' positions
     sin_signed: torch.Tensor  # sin with its first half negated (see _apply_rope)
-    _kernel_step: cpu_kernels.Step | None = field(default=None, repr=False)
+    _kernel_step: tuple[KVCache, cpu_kernels.Step] | None = field(default=None, repr=False)
 
     def kernel_step(self, cache: KVCache) -> cpu_kernels.Step:
-        """The layout as cpu_kernels' decoder layers take it, made on first use."""
-        if self._kernel_step is None:
-            self._kernel_step = cpu_kernels.Step.of(
+        """The layout in `cache` as cpu_kernels' decoder layers take it, made once."""
+        if self._kernel_step is None or self._kernel_step[0] is not cache:
+            step = cpu_kernels.Step.of(
                 self.slots, self.starts, self.counts, self.cos, self.sin_signed, cache.k, cache.v
             )
-        return self._kernel_step
+            self._kernel_step = (cache, step)
+        return self._kernel_step[1]
 
     @classmethod
     def build(

@@ -192,9 +192,12 @@ def test_the_kernels_build_with_scalar_exp_where_libmvec_does_not_link():
     torch.testing.assert_close(out, F.silu(gate) * up)
 
 
-@pytest.mark.parametrize("quant", ["none", "int4"])  # int4: int4 and int8 layers mixed
-def test_a_decoder_layer_in_one_kernel_call_gives_the_bits_its_parts_give(tmp_path, quant):
-    write_tiny_model(tmp_path, "llama")
+@pytest.mark.parametrize(
+    ("family", "quant"),
+    [("llama", "none"), ("llama", "int4"), ("qwen2", "none")],  # int4 mixes int4 and int8
+)  # qwen2: q, k and v biases
+def test_a_decoder_layer_in_one_kernel_call_gives_the_bits_its_parts_give(tmp_path, family, quant):
+    write_tiny_model(tmp_path, family)
     ckpt = open_checkpoint(tmp_path)
     cfg = read_config(ckpt)
     shard, _ = load_shard(

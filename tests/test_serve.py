@@ -141,8 +141,11 @@ def test_cancelling_a_stream_frees_its_cache_on_every_worker(client):
 
 
 def test_a_passed_deadline_ends_the_request_and_frees_its_cache(daemon, client):
+    before = client.stats().finished.get("cancelled", 0)
     with daemon.workers_paused(), pytest.raises(Timeout):  # held past the deadline
         client.generate("Too slow", max_tokens=220, ignore_eos=True, timeout=0.5)
+    # Ended as cancelled, not run to its length, and its cache freed on every worker.
+    wait_for(lambda: client.stats().finished.get("cancelled", 0) == before + 1)
     wait_for(lambda: all(w.cached_sequences == 0 for w in client.stats().workers))
 
 
