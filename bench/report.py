@@ -18,9 +18,12 @@ def _mean(values: Sequence[float]) -> float:
     return statistics.mean(values) if values else 0.0
 
 
-def config_report(runs: list[ConfigRun], baseline: list[ConfigRun], dtype: torch.dtype) -> dict:
-    """One configuration over its rounds, against MTP off at the same concurrency; the
-    model computed in `dtype` (which sets what counts as a near-tie)."""
+def config_report(
+    runs: list[ConfigRun], baseline: list[ConfigRun], reference: ConfigRun, dtype: torch.dtype
+) -> dict:
+    """One configuration over its rounds, against MTP off's timed runs at the same
+    concurrency, its outputs against `reference` (MTP off with logits there); the model
+    computed in `dtype` (which sets what counts as a near-tie)."""
     drafts = DraftStats()
     for run in runs:
         drafts.merge(run.drafts)
@@ -34,8 +37,8 @@ def config_report(runs: list[ConfigRun], baseline: list[ConfigRun], dtype: torch
     realized = rate / base_rate if base_rate else 0.0
     agreements = [
         compare_tokens(b.token_ids, b.logits, r.token_ids, dtype)
-        for run, base in zip(runs, baseline, strict=True)
-        for r, b in zip(run.results, base.results, strict=True)
+        for run in runs
+        for r, b in zip(run.results, reference.results, strict=True)
     ]
     base_verify = mean_verify_s(base_steps)
     return {

@@ -13,11 +13,14 @@ reordered copy.
 What lies between them: RMSNorm, SwiGLU, and attention with RoPE and the cache write.
 At a few rows each is a few microseconds of arithmetic behind ten or more PyTorch ops
 of several microseconds' dispatch each; on CPU they took a third of a step once the
-linear layers were fast. Here each is one call.
+linear layers were fast. Here each is one call, and a whole decoder layer is one call
+too (`Layer`, `decoder_layer`): the twenty-odd Python calls of a layer cost as much as
+its int4 arithmetic.
 
-The kernels are compiled on first use with the system C compiler (about a second),
-linked with the OpenMP runtime torch loaded and glibc's vector math library, cached
-under ~/.cache/mtpd (or $XDG_CACHE_HOME/mtpd), and loaded with ctypes. Without a
+The kernels are compiled on first use with the system C compiler (about a second) for
+the CPU they run on (AVX2, plus AVX-512 VNNI for the int4 kernel where the CPU has
+it), linked with the OpenMP runtime torch loaded and glibc's vector math library,
+cached under ~/.cache/mtpd (or $XDG_CACHE_HOME/mtpd), and loaded with ctypes. Without a
 compiler, on a CPU without AVX2, or with MTPD_CPU_KERNEL=0, layers keep PyTorch's ops
 (linear layers in oneDNN's layout).
 """

@@ -1,0 +1,82 @@
+"""A whole-model step in one process on each CPU path, side by side: every decoder layer
+as one kernel call (what runs) against the per-op calls it replaced (norms, projections,
+attention and SwiGLU each a call, the residual adds in PyTorch), and under int4, on a
+CPU with AVX-512 VNNI, the int4 kernel's AVX-512 build against its AVX2 one. Paths
+alternate step by step, so their ratios hold on a noisy machine. A step appends `rows`
+tokens to a `context`-token cache: 1 is a decode step, k + 1 a verification of k drafts.
+
+    python benchmarks/step_paths.py [--model M] [--quant none,int4] [--rows 1,2,3,5]
+                                    [--context 200] [--reps 40] [--threads 2] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import time
+
+import torch
+
+from mtpd.model import cpu_kernels
+from mtpd.worker.engine import Engine
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="default: the embedded SmolLM2")
+    ap.add_argument("--quant", default="none,int4")
+    ap.add_argument("--rows", default="1,2,3,5")
+    ap.add_argument("--context", type=int, default=200)
+    ap.add_argument("--reps", type=int, default=40)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    native = cpu_kernels._library()
+    if native is None:
+        raise SystemExit("the CPU kernels are unavailable here (see the log): nothing to compare")
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    avx2 = cpu_kernels._load(cpu_kernels._build_avx2(compiler, cpu_kernels._openmp_runtime()))
+    rows_list = [int(r) for r in args.rows.split(",")]
+    report: dict[str, dict] = {}
+    for quant in args.quant.split(","):
+        engine = Engine.load(args.model, max_context=args.context + max(rows_list), quant=quant)
+        layers = list(engine.shard.stack.layers)
+        kernels = [layer.kernel for layer in layers]
+        paths = {"whole layer": (True, native), "per op": (False, native)}
+        if quant == "int4" and cpu_kernels._isa():
+            paths["whole layer, int4 on AVX2"] = (True, avx2)
+
+        def use(fused: bool, library) -> None:
+            for layer, kernel in zip(layers, kernels, strict=True):
+                layer.kernel = kernel if fused else None
+            cpu_kernels._library = lambda: library
+
+        engine.forward("bench", 0, [7] * args.context)
+        for rows in rows_list:
+            times: dict[str, list[float]] = {name: [] for name in paths}
+            for _ in range(args.reps):
+                for name, (fused, library) in paths.items():
+                    use(fused, library)
+                    start = time.perf_counter()
+                    engine.forward("bench", args.context, [11] * rows, all_logits=True)
+                    times[name].append(time.perf_counter() - start)
+            ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+            report[f"{quant} x{rows}"] = {name: round(v, 3) for name, v in ms.items()}
+            base = ms["whole layer"]
+            print(
+                f"{quant:>5} rows {rows}: "
+                + "  ".join(f"{name} {v:6.2f} ms ({v / base:.2f}x)" for name, v in ms.items()),
+                flush=True,
+            )
+        use(True, native)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
