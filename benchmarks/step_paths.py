@@ -1,7 +1,7 @@
 """A whole-model step in one process on each CPU path, side by side: every decoder layer
 as one kernel call (what runs) against the per-op calls it replaced (norms, projections,
-attention and SwiGLU each a call, the residual adds in PyTorch), and under int4, on a
-CPU with AVX-512 VNNI, the int4 kernel's AVX-512 build against its AVX2 one. Paths
+attention and SwiGLU each a call, the residual adds in PyTorch), and, on a CPU with
+AVX-512 VNNI, the kernels' AVX-512 build against their AVX2 one. Paths
 alternate step by step, so their ratios hold on a noisy machine. A step appends `rows`
 tokens to a `context`-token cache: 1 is a decode step, k + 1 a verification of k drafts.
 
@@ -22,6 +22,13 @@ import torch
 
 from mtpd.model import cpu_kernels
 from mtpd.worker.engine import Engine
+
+
+def use(layers: list, kernels: list, fused: bool, library) -> None:
+    """Run `layers` as one kernel call each (`fused`) or op by op, on `library`."""
+    for layer, kernel in zip(layers, kernels, strict=True):
+        layer.kernel = kernel if fused else None
+    cpu_kernels._library = lambda: library
 
 
 def main() -> None:
@@ -47,20 +54,15 @@ def main() -> None:
         layers = list(engine.shard.stack.layers)
         kernels = [layer.kernel for layer in layers]
         paths = {"whole layer": (True, native), "per op": (False, native)}
-        if quant == "int4" and cpu_kernels._isa():
-            paths["whole layer, int4 on AVX2"] = (True, avx2)
-
-        def use(fused: bool, library) -> None:
-            for layer, kernel in zip(layers, kernels, strict=True):
-                layer.kernel = kernel if fused else None
-            cpu_kernels._library = lambda: library
+        if cpu_kernels._isa():
+            paths["whole layer, AVX2 only"] = (True, avx2)
 
         engine.forward("bench", 0, [7] * args.context)
         for rows in rows_list:
             times: dict[str, list[float]] = {name: [] for name in paths}
             for _ in range(args.reps):
                 for name, (fused, library) in paths.items():
-                    use(fused, library)
+                    use(layers, kernels, fused, library)
                     start = time.perf_counter()
                     engine.forward("bench", args.context, [11] * rows, all_logits=True)
                     times[name].append(time.perf_counter() - start)
@@ -72,7 +74,7 @@ def main() -> None:
                 + "  ".join(f"{name} {v:6.2f} ms ({v / base:.2f}x)" for name, v in ms.items()),
                 flush=True,
             )
-        use(True, native)
+        use(layers, kernels, True, native)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

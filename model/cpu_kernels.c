@@ -24,6 +24,14 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+#ifdef __AVX512F__
+// The two halves of v added: eight lanes.
+static inline __m256 fold512(__m512 v) {
+    const __m256 high = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+    return _mm256_add_ps(_mm512_castps512_ps256(v), high);
+}
+#endif
+
 // ---- A linear layer's weight, as the Python side describes it (cpu_kernels.Matrix).
 enum { MTPD_F32 = 0, MTPD_Q4 = 1, MTPD_Q8 = 2 };
 
@@ -57,7 +65,37 @@ static inline void store(const out_t* o, int64_t m, int64_t n, float v) {
 // and the thread count are.
 
 // R weight rows from n0 against G input rows from m0: R * G accumulators, R + G loads
-// per 8 columns. Called with constant R and G, so the loops unroll into registers.
+// per 8 columns (16 with AVX-512). Called with constant R and G, so the loops unroll
+// into registers.
+#ifdef __AVX512F__
+static inline __attribute__((always_inline)) void tile(
+    const int R, const int G, const float* X, const float* W, const out_t* o, int64_t m0,
+    int64_t n0, int64_t K) {
+    __m512 acc[3][4];
+    for (int g = 0; g < G; g++)
+        for (int r = 0; r < R; r++) acc[g][r] = _mm512_setzero_ps();
+    const float* w = W + n0 * K;
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+        __m512 xv[3];
+        for (int g = 0; g < G; g++) xv[g] = _mm512_loadu_ps(X + (m0 + g) * K + k);
+        for (int r = 0; r < R; r++) {
+            const __m512 wv = _mm512_loadu_ps(w + r * K + k);
+            for (int g = 0; g < G; g++) acc[g][r] = _mm512_fmadd_ps(wv, xv[g], acc[g][r]);
+        }
+    }
+    if (k < K) {  // the last 8 (K is a multiple of 8), the other lanes zero
+        __m512 xv[3];
+        for (int g = 0; g < G; g++) xv[g] = _mm512_maskz_loadu_ps(0x00FF, X + (m0 + g) * K + k);
+        for (int r = 0; r < R; r++) {
+            const __m512 wv = _mm512_maskz_loadu_ps(0x00FF, w + r * K + k);
+            for (int g = 0; g < G; g++) acc[g][r] = _mm512_fmadd_ps(wv, xv[g], acc[g][r]);
+        }
+    }
+    for (int g = 0; g < G; g++)
+        for (int r = 0; r < R; r++) store(o, m0 + g, n0 + r, hsum(fold512(acc[g][r])));
+}
+#else
 static inline __attribute__((always_inline)) void tile(
     const int R, const int G, const float* X, const float* W, const out_t* o, int64_t m0,
     int64_t n0, int64_t K) {
@@ -76,6 +114,8 @@ static inline __attribute__((always_inline)) void tile(
     for (int g = 0; g < G; g++)
         for (int r = 0; r < R; r++) store(o, m0 + g, n0 + r, hsum(acc[g][r]));
 }
+
+#endif
 
 // All input rows against R weight rows from n0, three input rows at a time.
 static inline __attribute__((always_inline)) void rows(
@@ -209,9 +249,7 @@ static inline __attribute__((always_inline)) void q4_tile(
         }
     }
     for (int g = 0; g < G; g++) {
-        const __m512 sum = _mm512_add_ps(even[g], odd[g]);
-        const __m256 high = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(sum), 1));
-        const __m256 products = _mm256_add_ps(_mm256_add_ps(_mm512_castps512_ps256(sum), high), last[g]);
+        const __m256 products = _mm256_add_ps(fold512(_mm512_add_ps(even[g], odd[g])), last[g]);
         store(o, m0 + g, n, q4_total(products, Z + n * groups, XS + (m0 + g) * groups, groups));
     }
 }
@@ -331,6 +369,44 @@ static inline __m256 q8_load(const int8_t* q) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)q)));
 }
 
+#ifdef __AVX512F__
+static inline __m512 q8_load16(const int8_t* q) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)q)));
+}
+
+static inline __attribute__((always_inline)) void q8_tile(
+    const int G, const float* X, const int8_t* Q, const float* S, const out_t* o, int64_t m0,
+    int64_t n, int64_t K) {
+    const int8_t* q = Q + n * K;
+    __m512 even[3], odd[3];
+    __m256 last[3];
+    for (int g = 0; g < G; g++) {
+        even[g] = odd[g] = _mm512_setzero_ps();
+        last[g] = _mm256_setzero_ps();
+    }
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+        const __m512 w0 = q8_load16(q + k), w1 = q8_load16(q + k + 16);
+        for (int g = 0; g < G; g++) {
+            const float* x = X + (m0 + g) * K + k;
+            even[g] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x), even[g]);
+            odd[g] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + 16), odd[g]);
+        }
+    }
+    if (k + 16 <= K) {
+        const __m512 w0 = q8_load16(q + k);
+        for (int g = 0; g < G; g++)
+            even[g] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(X + (m0 + g) * K + k), even[g]);
+        k += 16;
+    }
+    if (k < K) {
+        const __m256 w0 = q8_load(q + k);
+        for (int g = 0; g < G; g++) last[g] = _mm256_mul_ps(w0, _mm256_loadu_ps(X + (m0 + g) * K + k));
+    }
+    for (int g = 0; g < G; g++)
+        store(o, m0 + g, n, hsum(_mm256_add_ps(fold512(_mm512_add_ps(even[g], odd[g])), last[g])) * S[n]);
+}
+#else
 static inline __attribute__((always_inline)) void q8_tile(
     const int G, const float* X, const int8_t* Q, const float* S, const out_t* o, int64_t m0,
     int64_t n, int64_t K) {
@@ -353,6 +429,8 @@ static inline __attribute__((always_inline)) void q8_tile(
     }
     for (int g = 0; g < G; g++) store(o, m0 + g, n, hsum(_mm256_add_ps(even[g], odd[g])) * S[n]);
 }
+
+#endif
 
 static void linear_q8(const float* X, const mtpd_matrix* w, const out_t* o, int64_t M) {
     const int64_t K = w->k;

@@ -203,7 +203,7 @@ def test_int4_rounding_is_to_nearest_even_and_non_finite_inputs_stay_non_finite(
         assert not torch.isfinite(layer(x)[0, 0])
 
 
-def test_the_int4_kernel_is_right_for_avx2_alone_and_for_this_cpus_avx512_vnni():
+def test_the_linear_kernels_are_right_for_avx2_alone_and_for_this_cpus_avx512():
     # The library is built for the machine's CPU; AVX2's build is what runs elsewhere.
     compiler, runtime = shutil.which(os.environ.get("CC", "cc")), cpu_kernels._openmp_runtime()
     libraries = [cpu_kernels._build_avx2(compiler, runtime)]
@@ -211,25 +211,34 @@ def test_the_int4_kernel_is_right_for_avx2_alone_and_for_this_cpus_avx512_vnni()
         with contextlib.suppress(subprocess.SubprocessError):
             libraries.append(cpu_kernels._build(compiler, runtime, ["-lmvec"], cpu_kernels._isa()))
     g = torch.Generator().manual_seed(11)
-    # 1 group (the odd last one alone), 3 (a pair and one), 9, 18 and 48 (four at a time).
+    # int4: 1 group (the odd last one alone), 3 (a pair and one), 9, 18 and 48 (four at a
+    # time); float32 and int8 (+ 8): a last half step of 16 floats, and of 32 int8 weights.
     for width in (32, 96, 288, 576, 1536):
         w, bias = torch.randn(48, width, generator=g), torch.randn(48, generator=g)
         q4 = Int4Weight.from_float(w)
-        matrix = Int4Linear(q4, bias, torch.float32).matrix
-        x = torch.randn(7, width, generator=g)
-        expected = _rounded_to_8_bits_per_group(x) @ q4.dequantize().t() + bias
+        w8 = torch.randn(48, width + 8, generator=g)
+        int8 = Int8Linear(w8, bias)
+        x, x8 = torch.randn(7, width, generator=g), torch.randn(7, width + 8, generator=g)
+        cases = [  # (matrix, inputs, expected)
+            (Int4Linear(q4, bias, torch.float32).matrix, x,
+             _rounded_to_8_bits_per_group(x) @ q4.dequantize().t() + bias),
+            (cpu_kernels.Matrix.f32(w8, bias), x8, x8 @ w8.t() + bias),
+            (int8.matrix, x8, x8 @ (int8.weight.float() * int8.scales[:, None]).t() + bias),
+        ]  # fmt: skip
         for built in libraries:
             library = cpu_kernels._load(built)
+            for matrix, inputs, expected in cases:
 
-            def product(rows: torch.Tensor, library=library, matrix=matrix) -> torch.Tensor:
-                out = torch.empty(rows.shape[0], 48)
-                status = library.mtpd_linear(
-                    ctypes.byref(matrix), rows.data_ptr(), out.data_ptr(), rows.shape[0], 2
-                )
-                assert status == 0
-                return out
+                def product(rows: torch.Tensor, library=library, matrix=matrix) -> torch.Tensor:
+                    out = torch.empty(rows.shape[0], 48)
+                    status = library.mtpd_linear(
+                        ctypes.byref(matrix), rows.data_ptr(), out.data_ptr(), rows.shape[0], 2
+                    )
+                    assert status == 0
+                    return out
 
-            together = product(x)
-            torch.testing.assert_close(together, expected, atol=1e-4, rtol=1e-4)
-            for i in range(7):
-                assert torch.equal(product(x[i : i + 1].contiguous()), together[i : i + 1])
+                together = product(inputs)
+                torch.testing.assert_close(together, expected, atol=1e-4, rtol=1e-4)
+                for i in range(7):
+                    alone = product(inputs[i : i + 1].contiguous())
+                    assert torch.equal(alone, together[i : i + 1])
