@@ -3,9 +3,10 @@
 The output never depends on this choice (verification is exact), only the speed does.
 With acceptance c_j at draft position j (conditional on the earlier ones being
 accepted), a step drafting k tokens emits E(k) = 1 + sum_i prod_{j<=i} c_j tokens on
-average and costs T(k) = V(b(1 + k)) / b + D * max(k, 1): a sequence's share of a
-pipeline pass over the b sequences of its batch with 1 + k positions each, plus the
-head's passes (the first runs even for k = 0, to keep its cache current). V(n) is the
+average and costs T(k) = (V(b(1 + k)) + D * max(k, 1)) / b: a sequence's share of a
+pipeline pass over the b sequences of its batch with 1 + k positions each, and of the
+head's passes over the batch (the first runs even for k = 0, to keep its cache
+current). V(n) is the
 measured mean time of passes over n positions where such passes were seen, else the
 line alpha + beta * n fitted online to every pass, continued from the measured sizes
 below n. A line alone is not enough: on CPU oneDNN changes kernels with the row count,
@@ -191,8 +192,9 @@ class DraftPolicy:
         )
         best, best_rate = 0, 0.0
         for k in range(min(MAX_DRAFT, limit) + 1):
-            # The head's first pass runs even for k = 0: it keeps its cache current.
-            cost = self.pass_cost(batch * (1 + k)) / batch + draft * max(k, 1)
+            # The head's first pass runs even for k = 0: it keeps its cache current. Its
+            # passes, like the trunk's, serve the whole batch at once.
+            cost = (self.pass_cost(batch * (1 + k)) + draft * max(k, 1)) / batch
             rate = self.expected_tokens(rates, k) / cost
             if rate > best_rate:
                 best, best_rate = k, rate
