@@ -66,18 +66,43 @@ static inline void store(const out_t* o, int64_t m, int64_t n, float v) {
 
 // R weight rows from n0 against G input rows from m0: R * G accumulators, R + G loads
 // per 8 columns (16 with AVX-512). Called with constant R and G, so the loops unroll
-// into registers.
+// into registers: G is at most TILE_ROWS, as many input rows as the registers hold
+// beside 4 * TILE_ROWS accumulators (16 registers with AVX2, 32 with AVX-512).
+#ifdef __AVX512F__
+#define TILE_ROWS 6
+#define TAIL_TILES(TILE) \
+    case 5: TILE(5); break; \
+    case 4: TILE(4); break; \
+    case 3: TILE(3); break;
+#else
+#define TILE_ROWS 3
+#define TAIL_TILES(TILE)
+#endif
+
+// TILE(G) over all M input rows, TILE_ROWS at a time, the rows from m (a variable
+// TILE's expansion uses): a constant G in each call, so that every tile unrolls into
+// registers. Each kernel's loop over its weight rows runs this.
+#define FOR_ROW_TILES(M, TILE)                                        \
+    do {                                                              \
+        int64_t m = 0;                                                \
+        for (; m + TILE_ROWS <= (M); m += TILE_ROWS) TILE(TILE_ROWS); \
+        switch ((M) - m) {                                            \
+            TAIL_TILES(TILE)                                          \
+            case 2: TILE(2); break;                                   \
+            case 1: TILE(1); break;                                   \
+        }                                                             \
+    } while (0)
 #ifdef __AVX512F__
 static inline __attribute__((always_inline)) void tile(
     const int R, const int G, const float* X, const float* W, const out_t* o, int64_t m0,
     int64_t n0, int64_t K) {
-    __m512 acc[3][4];
+    __m512 acc[TILE_ROWS][4];
     for (int g = 0; g < G; g++)
         for (int r = 0; r < R; r++) acc[g][r] = _mm512_setzero_ps();
     const float* w = W + n0 * K;
     int64_t k = 0;
     for (; k + 16 <= K; k += 16) {
-        __m512 xv[3];
+        __m512 xv[TILE_ROWS];
         for (int g = 0; g < G; g++) xv[g] = _mm512_loadu_ps(X + (m0 + g) * K + k);
         for (int r = 0; r < R; r++) {
             const __m512 wv = _mm512_loadu_ps(w + r * K + k);
@@ -85,7 +110,7 @@ static inline __attribute__((always_inline)) void tile(
         }
     }
     if (k < K) {  // the last 8 (K is a multiple of 8), the other lanes zero
-        __m512 xv[3];
+        __m512 xv[TILE_ROWS];
         for (int g = 0; g < G; g++) xv[g] = _mm512_maskz_loadu_ps(0x00FF, X + (m0 + g) * K + k);
         for (int r = 0; r < R; r++) {
             const __m512 wv = _mm512_maskz_loadu_ps(0x00FF, w + r * K + k);
@@ -99,12 +124,12 @@ static inline __attribute__((always_inline)) void tile(
 static inline __attribute__((always_inline)) void tile(
     const int R, const int G, const float* X, const float* W, const out_t* o, int64_t m0,
     int64_t n0, int64_t K) {
-    __m256 acc[3][4];
+    __m256 acc[TILE_ROWS][4];
     for (int g = 0; g < G; g++)
         for (int r = 0; r < R; r++) acc[g][r] = _mm256_setzero_ps();
     const float* w = W + n0 * K;
     for (int64_t k = 0; k < K; k += 8) {
-        __m256 xv[3];
+        __m256 xv[TILE_ROWS];
         for (int g = 0; g < G; g++) xv[g] = _mm256_loadu_ps(X + (m0 + g) * K + k);
         for (int r = 0; r < R; r++) {
             __m256 wv = _mm256_loadu_ps(w + r * K + k);
@@ -117,14 +142,13 @@ static inline __attribute__((always_inline)) void tile(
 
 #endif
 
-// All input rows against R weight rows from n0, three input rows at a time.
+// All input rows against R weight rows from n0.
 static inline __attribute__((always_inline)) void rows(
     const int R, const float* X, const float* W, const out_t* o, int64_t n0, int64_t M,
     int64_t K) {
-    int64_t m = 0;
-    for (; m + 3 <= M; m += 3) tile(R, 3, X, W, o, m, n0, K);
-    if (M - m == 2) tile(R, 2, X, W, o, m, n0, K);
-    if (M - m == 1) tile(R, 1, X, W, o, m, n0, K);
+#define F32_TILE(G) tile(R, G, X, W, o, m, n0, K)
+    FOR_ROW_TILES(M, F32_TILE);
+#undef F32_TILE
 }
 
 static void linear_f32(const float* X, const float* W, const out_t* o, int64_t M, int64_t K) {
@@ -215,8 +239,8 @@ static inline __attribute__((always_inline)) void q4_tile(
     const int64_t groups = K / 32;
     const uint8_t* q = Q + n * (K / 2);
     const float* s = S + n * groups;
-    __m512 even[3], odd[3];
-    __m256 last[3];
+    __m512 even[TILE_ROWS], odd[TILE_ROWS];
+    __m256 last[TILE_ROWS];
     for (int g = 0; g < G; g++) {
         even[g] = odd[g] = _mm512_setzero_ps();
         last[g] = _mm256_setzero_ps();
@@ -260,7 +284,7 @@ static inline __attribute__((always_inline)) void q4_tile(
     const int64_t groups = K / 32;
     const uint8_t* q = Q + n * (K / 2);
     const float* s = S + n * groups;
-    __m256 even[3], odd[3];
+    __m256 even[TILE_ROWS], odd[TILE_ROWS];
     for (int g = 0; g < G; g++) even[g] = odd[g] = _mm256_setzero_ps();
     int64_t b = 0;
     for (; b + 2 <= groups; b += 2) {
@@ -356,10 +380,9 @@ static void linear_q4(const float* X, const mtpd_matrix* w, const out_t* o, int6
     q8_rows(X, M, K, in);
 #pragma omp for schedule(static)
     for (int64_t n = 0; n < o->n; n++) {
-        int64_t m = 0;
-        for (; m + 3 <= M; m += 3) q4_tile(3, in->xq, in->xd, in->xs, w->q, w->s, w->z, o, m, n, K);
-        if (M - m == 2) q4_tile(2, in->xq, in->xd, in->xs, w->q, w->s, w->z, o, m, n, K);
-        if (M - m == 1) q4_tile(1, in->xq, in->xd, in->xs, w->q, w->s, w->z, o, m, n, K);
+#define Q4_TILE(G) q4_tile(G, in->xq, in->xd, in->xs, w->q, w->s, w->z, o, m, n, K)
+        FOR_ROW_TILES(M, Q4_TILE);
+#undef Q4_TILE
     }
 }
 
@@ -378,8 +401,8 @@ static inline __attribute__((always_inline)) void q8_tile(
     const int G, const float* X, const int8_t* Q, const float* S, const out_t* o, int64_t m0,
     int64_t n, int64_t K) {
     const int8_t* q = Q + n * K;
-    __m512 even[3], odd[3];
-    __m256 last[3];
+    __m512 even[TILE_ROWS], odd[TILE_ROWS];
+    __m256 last[TILE_ROWS];
     for (int g = 0; g < G; g++) {
         even[g] = odd[g] = _mm512_setzero_ps();
         last[g] = _mm256_setzero_ps();
@@ -411,7 +434,7 @@ static inline __attribute__((always_inline)) void q8_tile(
     const int G, const float* X, const int8_t* Q, const float* S, const out_t* o, int64_t m0,
     int64_t n, int64_t K) {
     const int8_t* q = Q + n * K;
-    __m256 even[3], odd[3];
+    __m256 even[TILE_ROWS], odd[TILE_ROWS];
     for (int g = 0; g < G; g++) even[g] = odd[g] = _mm256_setzero_ps();
     int64_t k = 0;
     for (; k + 16 <= K; k += 16) {
@@ -436,10 +459,9 @@ static void linear_q8(const float* X, const mtpd_matrix* w, const out_t* o, int6
     const int64_t K = w->k;
 #pragma omp for schedule(static)
     for (int64_t n = 0; n < o->n; n++) {
-        int64_t m = 0;
-        for (; m + 3 <= M; m += 3) q8_tile(3, X, w->q, w->s, o, m, n, K);
-        if (M - m == 2) q8_tile(2, X, w->q, w->s, o, m, n, K);
-        if (M - m == 1) q8_tile(1, X, w->q, w->s, o, m, n, K);
+#define Q8_TILE(G) q8_tile(G, X, w->q, w->s, o, m, n, K)
+        FOR_ROW_TILES(M, Q8_TILE);
+#undef Q8_TILE
     }
 }
 
