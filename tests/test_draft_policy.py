@@ -33,6 +33,18 @@ def test_a_measured_jump_in_pass_cost_overrules_the_fitted_line():
     assert policy.pass_cost(5) >= 0.130
 
 
+def test_a_bigger_pass_never_looks_cheaper_than_a_smaller_one():
+    # Session 10's int4 bench: means measured at different minutes put a pass over 4
+    # positions below one over 3, and `auto` drafted three tokens where one paid best.
+    policy, seq = DraftPolicy(AUTO), steady_sequence(0.45)
+    observe(policy, 1, 0.0043)
+    observe(policy, 2, 0.0052)
+    observe(policy, 3, 0.0072)
+    observe(policy, 4, 0.0067)
+    assert policy.pass_cost(4) >= policy.pass_cost(3) >= 0.0072
+    assert policy.choose(seq, limit=6) == 1
+
+
 def test_batched_sequences_share_a_pass():
     policy, seq = DraftPolicy(AUTO), steady_sequence(0.45)
     # A lone sequence's second position costs 60%; in a batch of four, a second
