@@ -82,7 +82,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run_bench(args: argparse.Namespace, settings) -> int:
     from mtpd.bench.peers import load_peer
     from mtpd.bench.report import config_report, plot, print_report, summary
-    from mtpd.bench.runner import ForcedAcceptance, memory, run_config
+    from mtpd.bench.runner import ForcedAcceptance, memory, process_peak_bytes, run_config
     from mtpd.daemon.coordinator import Coordinator
     from mtpd.worker.transport import DTYPES
 
@@ -113,7 +113,9 @@ def run_bench(args: argparse.Namespace, settings) -> int:
         pipeline = daemon.pipeline
         run_config(pipeline, prompts[:1], drafts[-1], 1, 8)  # warm-up: first-call costs
         # Peers run in every round, between mtpd's configurations, so that their ratios
-        # to mtpd's hold on a machine whose speed drifts over a run.
+        # to mtpd's hold on a machine whose speed drifts over a run. They run in this
+        # process, so the coordinator's peak memory is taken before they load.
+        coordinator_peak = process_peak_bytes() if args.peer else None
         peers = {
             name: load_peer(name, daemon.model_path, settings.threads or 2) for name in args.peer
         }
@@ -149,7 +151,7 @@ def run_bench(args: argparse.Namespace, settings) -> int:
             for name, peer in peers.items():
                 print(f"mtpd bench: peer {name}", file=sys.stderr, flush=True)
                 peer_rates[name] += [peer.decode_rate(p, args.max_tokens) for p in prompts]
-        mem = memory(pipeline)
+        mem = memory(pipeline, coordinator_peak)
         workers = len(pipeline.stages)
         device = pipeline.stages[0].device
         cuda_graphs = all(stage.load.cuda_graphs for stage in pipeline.stages)

@@ -180,12 +180,18 @@ def mean_step_s(steps: list[StepRecord]) -> float:
     return statistics.mean(values) if values else 0.0
 
 
-def memory(pipeline: Pipeline) -> dict:
-    """Per worker: weights, what MTP adds, KV cache and peak; and this process's peak."""
+def process_peak_bytes() -> int:
+    """This process's peak resident set so far."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def memory(pipeline: Pipeline, coordinator_peak: int | None = None) -> dict:
+    """Per worker: weights, what MTP adds, KV cache and peak; and the coordinator's
+    peak (this process's, unless given: peers loaded into it would count)."""
     workers = pipeline.worker_stats()
     weights = sum(w.weight_bytes for w in workers)
     mtp = sum(w.mtp_bytes for w in workers)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {
         "workers": [
             {
@@ -199,7 +205,7 @@ def memory(pipeline: Pipeline) -> dict:
             }
             for rank, (stage, w) in enumerate(zip(pipeline.stages, workers, strict=True))
         ],
-        "coordinator_peak_bytes": peak if sys.platform == "darwin" else peak * 1024,
+        "coordinator_peak_bytes": coordinator_peak or process_peak_bytes(),
         "weight_bytes": weights,
         "mtp_bytes": mtp,
         "mtp_over_weights": round(mtp / weights, 4) if weights else 0.0,

@@ -6,11 +6,11 @@ accepted), a step drafting k tokens emits E(k) = 1 + sum_i prod_{j<=i} c_j token
 average and costs T(k) = (V(b(1 + k)) + D * max(k, 1)) / b: a sequence's share of a
 pipeline pass over the b sequences of its batch with 1 + k positions each, and of the
 head's passes over the batch (the first runs even for k = 0, to keep its cache
-current). V(n) is the
-measured mean time of passes over n positions where such passes were seen, else the
-line alpha + beta * n fitted online to every pass, continued from the measured sizes
-below n; never less than a smaller size's measured mean. A line alone is not enough: on CPU oneDNN changes kernels with the row count,
-and a pass's third row was measured to add twice what its second did, so a policy
+current). V(n) is the measured mean time of passes over n positions where such passes
+were seen, else the line alpha + beta * n fitted online to every pass, continued from
+the measured sizes below n; never less than a smaller size's measured mean. A line
+alone is not enough: a pass's cost need not grow evenly with its rows (oneDNN once
+changed kernels at the third row, which cost twice what the second did), so a policy
 trusting the line drafts two tokens where one pays better. The policy picks the k in
 0..6 with the largest E(k) / T(k), drafting one token every few steps even at k = 0 so
 acceptance keeps being measured; a sequence's acceptance starts from the server-wide

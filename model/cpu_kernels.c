@@ -1,4 +1,5 @@
-// float32 kernels for decoding and verification steps on x86 CPUs with AVX2 and FMA
+// float32 kernels for decoding and verification steps on x86 CPUs with AVX2 and FMA, and
+// AVX-512 where the library is built for it
 // (mtpd/model/cpu_kernels.py says why): the linear layers, and the small operations
 // between them, each of which costs more in PyTorch's dispatch than in arithmetic at a
 // few rows. Every result a row gets is computed in the same order whatever else the step
@@ -352,7 +353,7 @@ static void q8_group(const float* x, int8_t* xq, float* xd, float* xs) {
 }
 
 // Rounded inputs for int4 products: 32 bytes and 9 floats for each of the count input
-// groups (M * K / 32) of the widest product.
+// groups (M * K / 32) of the widest int4 product.
 typedef struct {
     int8_t* xq;
     float *xd, *xs;

@@ -18,8 +18,8 @@ too (`Layer`, `decoder_layer`): the twenty-odd Python calls of a layer cost as m
 its int4 arithmetic.
 
 The kernels are compiled on first use with the system C compiler (about a second) for
-the CPU they run on (AVX2, plus AVX-512 VNNI for the int4 kernel where the CPU has
-it), linked with the OpenMP runtime torch loaded and glibc's vector math library,
+the CPU they run on (AVX2, or AVX-512 where the CPU has it with VNNI, which the int4
+kernel uses), linked with the OpenMP runtime torch loaded and glibc's vector math library,
 cached under ~/.cache/mtpd (or $XDG_CACHE_HOME/mtpd), and loaded with ctypes. Without a
 compiler, on a CPU without AVX2, or with MTPD_CPU_KERNEL=0, layers keep PyTorch's ops
 (linear layers in oneDNN's layout).
@@ -118,8 +118,9 @@ def _build_any(compiler: str, runtime: Path | None) -> Path:
     if isa:
         try:
             return _build(compiler, runtime, ["-lmvec"], isa)
-        except subprocess.SubprocessError:
-            log.info("no AVX-512 VNNI build here (compiler or libmvec): the kernels use AVX2")
+        except subprocess.SubprocessError as e:
+            detail = (getattr(e, "stderr", b"") or b"").decode()
+            log.warning("no AVX-512 build here (%s %s): the kernels use AVX2", e, detail)
     return _build_avx2(compiler, runtime)
 
 
@@ -496,6 +497,8 @@ class Step(ctypes.Structure):
     ) -> Step:
         """k and v: the caches [layers, slots, kv_heads, max_context, d]."""
         rows, d = sum(counts), k.shape[-1]
+        if cos.numel() != rows * d or sin_signed.numel() != rows * d:
+            raise ValueError(f"rotary tables {list(cos.shape)} for {rows} rows of {d}")
         cos, sin_signed = cos.reshape(rows, d).contiguous(), sin_signed.reshape(rows, d)
         sin_signed = sin_signed.contiguous()
         _check("decoder_layer", cos, sin_signed, k, v)
@@ -504,8 +507,6 @@ class Step(ctypes.Structure):
             not k.is_contiguous()
             or not v.is_contiguous()
             or v.shape != k.shape
-            or cos.shape != (rows, d)
-            or sin_signed.shape != (rows, d)
             or len(slots) != len(starts)
             or any(not 0 <= s < slot_count for s in slots)
             or any(s < 0 or c < 0 or s + c > context for s, c in zip(starts, counts, strict=True))

@@ -37,11 +37,11 @@ def test_a_bigger_pass_never_looks_cheaper_than_a_smaller_one():
     # Session 10's int4 bench: means measured at different minutes put a pass over 4
     # positions below one over 3, and `auto` drafted three tokens where one paid best.
     policy, seq = DraftPolicy(AUTO), steady_sequence(0.45)
-    observe(policy, 1, 0.0043)
-    observe(policy, 2, 0.0052)
-    observe(policy, 3, 0.0072)
-    observe(policy, 4, 0.0067)
+    for positions, pass_s in ((1, 0.0043), (2, 0.0052), (3, 0.0072), (4, 0.0055)):
+        for _ in range(4):
+            policy.observe_step(positions, pass_s + 0.0003, 0.0003, passes=1)
     assert policy.pass_cost(4) >= policy.pass_cost(3) >= 0.0072
+    # Priced at 5.5 ms, three drafts would look best (1.74 tokens for 6.4 ms).
     assert policy.choose(seq, limit=6) == 1
 
 

@@ -4,11 +4,12 @@ quantized single-process engine."""
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import os
 import shutil
 import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -207,18 +208,18 @@ def test_the_linear_kernels_are_right_for_avx2_alone_and_for_this_cpus_avx512():
     # The library is built for the machine's CPU; AVX2's build is what runs elsewhere.
     compiler, runtime = shutil.which(os.environ.get("CC", "cc")), cpu_kernels._openmp_runtime()
     libraries = [cpu_kernels._build_avx2(compiler, runtime)]
-    if cpu_kernels._isa():  # what this machine's kernels are built for, where it builds
-        with contextlib.suppress(subprocess.SubprocessError):
-            libraries.append(cpu_kernels._build(compiler, runtime, ["-lmvec"], cpu_kernels._isa()))
+    isa = cpu_kernels._isa()  # what this machine's kernels are built for
+    if isa and _compiles(compiler, [*isa, "-lmvec"]):  # a kernel that fails to build fails
+        libraries.append(cpu_kernels._build(compiler, runtime, ["-lmvec"], isa))
     g = torch.Generator().manual_seed(11)
     # int4: 1 group (the odd last one alone), 3 (a pair and one), 9, 18 and 48 (four at a
-    # time); float32 and int8 (+ 8): a last half step of 16 floats, and of 32 int8 weights.
+    # time); float32 and int8 (+ 24): a last 8 after steps of 16, and of 32 then 16.
     for width in (32, 96, 288, 576, 1536):
         w, bias = torch.randn(48, width, generator=g), torch.randn(48, generator=g)
         q4 = Int4Weight.from_float(w)
-        w8 = torch.randn(48, width + 8, generator=g)
+        w8 = torch.randn(48, width + 24, generator=g)
         int8 = Int8Linear(w8, bias)
-        x, x8 = torch.randn(7, width, generator=g), torch.randn(7, width + 8, generator=g)
+        x, x8 = torch.randn(7, width, generator=g), torch.randn(7, width + 24, generator=g)
         cases = [  # (matrix, inputs, expected)
             (Int4Linear(q4, bias, torch.float32).matrix, x,
              _rounded_to_8_bits_per_group(x) @ q4.dequantize().t() + bias),
@@ -239,6 +240,19 @@ def test_the_linear_kernels_are_right_for_avx2_alone_and_for_this_cpus_avx512():
 
                 together = product(inputs)
                 torch.testing.assert_close(together, expected, atol=1e-4, rtol=1e-4)
-                for i in range(7):
+                for i in range(7):  # a row's bits alone, and in tiles of every size
                     alone = product(inputs[i : i + 1].contiguous())
                     assert torch.equal(alone, together[i : i + 1])
+                for rows in range(2, 7):
+                    assert torch.equal(product(inputs[:rows].contiguous()), together[:rows])
+
+
+def _compiles(compiler: str, flags: list[str]) -> bool:
+    """Whether the compiler and linker take these flags at all (an empty program)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / "empty.c"
+        source.write_text("int main(void) { return 0; }\n")
+        done = subprocess.run(
+            [compiler, *flags, str(source), "-o", str(Path(tmp) / "empty")], capture_output=True
+        )
+    return done.returncode == 0
