@@ -68,7 +68,10 @@ static inline void store(const out_t* o, int64_t m, int64_t n, float v) {
 // R weight rows from n0 against G input rows from m0: R * G accumulators, R + G loads
 // per 8 columns (16 with AVX-512). Called with constant R and G, so the loops unroll
 // into registers: G is at most TILE_ROWS, as many input rows as the registers hold
-// beside 4 * TILE_ROWS accumulators (16 registers with AVX2, 32 with AVX-512).
+// beside 4 * TILE_ROWS accumulators (16 registers with AVX2, 32 with AVX-512). From
+// three input rows on, a tile's arithmetic outlasts the hardware prefetcher's lead, so
+// it fetches the next R rows' weights itself: a 5-row pass over every float32 weight of
+// SmolLM2 went from 1.5-1.7x a 1-row pass to 1.3x (session 10).
 #ifdef __AVX512F__
 #define TILE_ROWS 6
 #define TAIL_TILES(TILE) \
@@ -106,6 +109,7 @@ static inline __attribute__((always_inline)) void tile(
         __m512 xv[TILE_ROWS];
         for (int g = 0; g < G; g++) xv[g] = _mm512_loadu_ps(X + (m0 + g) * K + k);
         for (int r = 0; r < R; r++) {
+            if (G >= 3) _mm_prefetch((const char*)(w + (R + r) * K + k), _MM_HINT_T0);
             const __m512 wv = _mm512_loadu_ps(w + r * K + k);
             for (int g = 0; g < G; g++) acc[g][r] = _mm512_fmadd_ps(wv, xv[g], acc[g][r]);
         }
@@ -133,6 +137,7 @@ static inline __attribute__((always_inline)) void tile(
         __m256 xv[TILE_ROWS];
         for (int g = 0; g < G; g++) xv[g] = _mm256_loadu_ps(X + (m0 + g) * K + k);
         for (int r = 0; r < R; r++) {
+            if (G >= 3) _mm_prefetch((const char*)(w + (R + r) * K + k), _MM_HINT_T0);
             __m256 wv = _mm256_loadu_ps(w + r * K + k);
             for (int g = 0; g < G; g++) acc[g][r] = _mm256_fmadd_ps(wv, xv[g], acc[g][r]);
         }
