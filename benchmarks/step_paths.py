@@ -58,15 +58,16 @@ def main() -> None:
             paths["whole layer, AVX2 only"] = (True, avx2)
 
         engine.forward("bench", 0, [7] * args.context)
-        for rows in rows_list:
-            times: dict[str, list[float]] = {name: [] for name in paths}
-            for _ in range(args.reps):
+        times = {(rows, name): [] for rows in rows_list for name in paths}
+        for _ in range(args.reps):  # every row count and path in each rep: drift is shared
+            for rows in rows_list:
                 for name, (fused, library) in paths.items():
                     use(layers, kernels, fused, library)
                     start = time.perf_counter()
                     engine.forward("bench", args.context, [11] * rows, all_logits=True)
-                    times[name].append(time.perf_counter() - start)
-            ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+                    times[rows, name].append(time.perf_counter() - start)
+        for rows in rows_list:
+            ms = {name: statistics.median(times[rows, name]) * 1e3 for name in paths}
             report[f"{quant} x{rows}"] = {name: round(v, 3) for name, v in ms.items()}
             base = ms["whole layer"]
             print(
