@@ -73,7 +73,11 @@ class LiveDaemon:
         """Health statuses observed from the first answer until SERVING."""
         seen: list[str] = []
         deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.address) as channel:
+        # Retry the connection every 50 ms: with gRPC's default backoff (1 s, growing)
+        # the first answer could come only after the model had loaded, and the
+        # NOT_SERVING the daemon gives while loading would go unseen.
+        options = [("grpc.initial_reconnect_backoff_ms", 50), ("grpc.max_reconnect_backoff_ms", 50)]
+        with grpc.insecure_channel(self.address, options=options) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 if self.process.poll() is not None:
