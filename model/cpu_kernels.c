@@ -30,6 +30,12 @@ static inline __m256 fold512(__m512 v) {
     const __m256 high = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
     return _mm256_add_ps(_mm512_castps512_ps256(v), high);
 }
+
+// An int4 or int8 tile's accumulators for one row in eight lanes: its two alternating
+// 16-lane sums, then its 8-lane last step.
+static inline __m256 row_sum(__m512 even, __m512 odd, __m256 last) {
+    return _mm256_add_ps(fold512(_mm512_add_ps(even, odd)), last);
+}
 #endif
 
 // ---- A linear layer's weight, as the Python side describes it (cpu_kernels.Matrix).
@@ -278,7 +284,7 @@ static inline __attribute__((always_inline)) void q4_tile(
         }
     }
     for (int g = 0; g < G; g++) {
-        const __m256 products = _mm256_add_ps(fold512(_mm512_add_ps(even[g], odd[g])), last[g]);
+        const __m256 products = row_sum(even[g], odd[g], last[g]);
         store(o, m0 + g, n, q4_total(products, Z + n * groups, XS + (m0 + g) * groups, groups));
     }
 }
@@ -432,7 +438,7 @@ static inline __attribute__((always_inline)) void q8_tile(
         for (int g = 0; g < G; g++) last[g] = _mm256_mul_ps(w0, _mm256_loadu_ps(X + (m0 + g) * K + k));
     }
     for (int g = 0; g < G; g++)
-        store(o, m0 + g, n, hsum(_mm256_add_ps(fold512(_mm512_add_ps(even[g], odd[g])), last[g])) * S[n]);
+        store(o, m0 + g, n, hsum(row_sum(even[g], odd[g], last[g])) * S[n]);
 }
 #else
 static inline __attribute__((always_inline)) void q8_tile(
