@@ -99,12 +99,16 @@ def test_hybrid_pipeline_matches_reference_and_mtp_changes_nothing(tiny):
         embedding = oracle.model.embed_tokens.weight.numel()
         assert loaded - embedding == sum(p.numel() for p in oracle.parameters())
         # Plain decoding: the reference's logits at every position (prefill and decode).
+        # Within 2e-4: on an Intel Xeon (AVX-512) the reference's own one-pass and
+        # token-by-token logits differ by up to 7.5e-5 at one position of the long
+        # prompt, and this pipeline's by 1.03e-4 from the one-pass ones (2.8e-5 from the
+        # token-by-token ones, the same computation as its decoding).
         results, _ = generate(pipeline, CASES, 0)
         for (prompt, _), result in zip(CASES, results, strict=True):
             with torch.no_grad():
                 want = oracle(torch.tensor([prompt + result.token_ids])).logits[0]
             got = torch.stack(result.logits)
-            assert (got - want[len(prompt) - 1 : -1]).abs().max() <= 1e-4
+            assert (got - want[len(prompt) - 1 : -1]).abs().max() <= 2e-4
 
         # MTP on, with the head's own drafts: exactly plain decoding.
         for setting in [1, 2, 3, 4, AUTO]:
