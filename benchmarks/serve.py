@@ -83,7 +83,7 @@ def main() -> None:
     def run_served() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             socket = Path(tmp) / "mtpd.sock"
-            cmd = [sys.executable, "-m", "mtpd", "serve", "--socket", str(socket)]
+            cmd = [sys.executable, "-P", "-m", "mtpd", "serve", "--socket", str(socket)]
             cmd += ["--workers", str(args.workers), "--device", "cpu", "--max-context", "512"]
             cmd += ["--model", args.model] if args.model else []
             process = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)

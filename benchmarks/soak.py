@@ -99,7 +99,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         socket = Path(tmp) / "mtpd.sock"
-        cmd = [sys.executable, "-m", "mtpd", "serve", "--socket", str(socket)]
+        cmd = [sys.executable, "-P", "-m", "mtpd", "serve", "--socket", str(socket)]
         cmd += ["--workers", str(args.workers), "--device", "cpu", "--max-context", "512"]
         cmd += ["--max-seqs", str(args.clients), "--max-restarts", "1000"]
         cmd += ["--model", args.model] if args.model else []

@@ -29,7 +29,10 @@ class LocalWorker:
         self.socket = runtime_dir / f"worker-{index}.sock"
         self.log_path = runtime_dir / f"worker-{index}.log"
         self.address = f"unix:{self.socket}"
-        cmd = [sys.executable, "-m", "mtpd", "worker", "--listen", self.address]
+        # -P: the caller's directory stays off sys.path, so nothing there named like a
+        # module of ours shadows the installed package. The working directory itself is
+        # kept: a relative --model path means the same to the worker as to the daemon.
+        cmd = [sys.executable, "-P", "-m", "mtpd", "worker", "--listen", self.address]
         cmd += ["--device", device, "--threads", str(threads), "--parent-pid", str(os.getpid())]
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(

@@ -40,7 +40,7 @@ def default_head_path(model: str | None) -> Path | None:
     """The shipped MTP head for `model`, if this project ships one."""
     if model is not None and model != DEFAULT_MODEL:
         return None
-    path = Path(str(resources.files("mtpd") / _DEFAULT_HEAD))
+    path = Path(str(resources.files("mtpd.model") / _DEFAULT_HEAD))
     return path if path.exists() else None
 
 

@@ -1,6 +1,7 @@
 """Generate the Python gRPC stubs from protos/: `python protos/generate.py`.
 
-The stubs land in the `mtpd` package (`mtpd/v1/*_pb2*.py`), so they import as
+The stubs land beside their .proto files (`protos/mtpd/v1/*_pb2*.py`), the folder that
+pyproject.toml installs as the package `mtpd.v1`, so they import as
 `mtpd.v1.worker_pb2`. tests/test_protos.py regenerates into a temporary directory and
 fails when the committed stubs differ.
 """
@@ -13,7 +14,6 @@ from pathlib import Path
 from grpc_tools import protoc
 
 PROTOS = Path(__file__).resolve().parent
-REPO = PROTOS.parent
 
 
 def proto_files() -> list[Path]:
@@ -31,6 +31,6 @@ def generate(out_dir: Path) -> list[Path]:
 
 
 if __name__ == "__main__":
-    for path in generate(REPO):
-        print(path.relative_to(REPO))
+    for path in generate(PROTOS):
+        print(path.relative_to(PROTOS.parent))
     sys.exit(0)
