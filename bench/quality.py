@@ -13,7 +13,7 @@ import torch
 
 from mtpd.model.checkpoint import open_checkpoint
 from mtpd.model.quant import requantization_error
-from mtpd.model.sampling import SamplingParams
+from mtpd.model.sampling_params import SamplingParams
 from mtpd.worker.engine import Engine
 
 

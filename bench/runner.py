@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from mtpd.daemon.draft_policy import DraftPolicy, DraftStats
 from mtpd.daemon.pipeline import Pipeline
 from mtpd.daemon.scheduler import Result, Scheduler, StepRecord
-from mtpd.model.sampling import SamplingParams
+from mtpd.model.sampling_params import SamplingParams
 
 # A step where every sequence sent at most this many tokens verified drafts (or decoded
 # plainly); larger ones carry a prompt chunk.

@@ -16,7 +16,7 @@ import torch
 
 from mtpd.bench.peers import TransformersPeer
 from mtpd.model.default_model import resolve_model
-from mtpd.model.sampling import SamplingParams
+from mtpd.model.sampling_params import SamplingParams
 from mtpd.worker.engine import Engine
 
 PROMPTS = [

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -49,8 +48,7 @@ def _add_generation_flags(p: argparse.ArgumentParser, prompt: bool = True) -> No
         p.add_argument(
             "--raw", action="store_true", help="send the prompt as is, without the chat template"
         )
-    # The class's field defaults: an instance would import torch to validate itself.
-    d = argparse.Namespace(**{f.name: f.default for f in dataclasses.fields(GenerationOptions)})
+    d = GenerationOptions()  # the defaults
     p.add_argument(
         "--max-tokens",
         type=int,

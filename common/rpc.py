@@ -7,7 +7,7 @@ import dataclasses
 import hmac
 from collections.abc import Iterable
 
-from mtpd.model.sampling import SamplingParams
+from mtpd.model.sampling_params import SamplingParams
 from mtpd.v1 import worker_pb2 as pb
 
 # Activations of a large prefill chunk exceed gRPC's 4 MB default.

@@ -8,11 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mtpd.daemon.draft_policy import AUTO, DraftPolicy
-from mtpd.daemon.pipeline import Pipeline, PipelineConfig
+from mtpd.daemon.pipeline import LocalWorkers, Pipeline, PipelineConfig
 from mtpd.daemon.scheduler import Scheduler
-from mtpd.model.checkpoint import open_checkpoint, read_config
 from mtpd.model.config import ModelConfig
-from mtpd.model.decoder import model_identity
 from mtpd.model.default_model import resolve_model
 from mtpd.model.tokenizer import Tokenizer
 
@@ -62,6 +60,35 @@ class Coordinator:
     def start(
         cls, settings: Settings, on_status: Callable[[str], None] | None = None
     ) -> Coordinator:
+        # Local workers start first: each takes about a second to import torch, and this
+        # process spends that second reading the model's config and tokenizer (and
+        # importing the checkpoint readers, which import torch: hence here, not above).
+        local = None
+        if settings.join_listen is None:
+            local = LocalWorkers.start(
+                settings.device,
+                settings.workers,
+                settings.transport,
+                settings.threads,
+                settings.runtime_dir,
+            )
+        try:
+            return cls._start(settings, on_status, local)
+        except BaseException:
+            if local is not None:
+                local.stop()
+            raise
+
+    @classmethod
+    def _start(
+        cls,
+        settings: Settings,
+        on_status: Callable[[str], None] | None,
+        local: LocalWorkers | None,
+    ) -> Coordinator:
+        from mtpd.model.checkpoint import open_checkpoint, read_config
+        from mtpd.model.decoder import model_identity
+
         path = resolve_model(settings.model)
         ckpt = open_checkpoint(path)
         cfg = read_config(ckpt)
@@ -93,6 +120,7 @@ class Coordinator:
                 rejoin_timeout_s=settings.rejoin_timeout_s,
             ),
             on_status,
+            local,
         )
         notes = []
         if cfg.vision_tower_skipped:

@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from mtpd.model.errors import InvalidParameter
+from mtpd.model.sampling_params import SamplingParams
 from mtpd.v1 import inference_pb2 as api
-
-if TYPE_CHECKING:
-    from mtpd.model.sampling import SamplingParams
 
 DEFAULT_MAX_TOKENS = 128
 MAX_STOP_SEQUENCES = 16
@@ -60,8 +57,6 @@ class GenerationOptions:
         self.sampling()
 
     def sampling(self) -> SamplingParams:
-        from mtpd.model.sampling import SamplingParams
-
         return SamplingParams(
             temperature=self.temperature,
             top_k=self.top_k,

@@ -10,6 +10,7 @@ stage has answered, and the tail's answer carries the sampled tokens.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import itertools
 import logging
 import os
@@ -105,13 +106,24 @@ class _Pending:
     replies: list[pb.StepReply | None] = field(default_factory=list)
 
 
-def _resolve_devices(device: str | None, workers: int | None, transport: str) -> list[str]:
+# Device nodes that CUDA (and ROCm, behind torch.cuda) needs: on a machine with none of
+# them torch would count 0 GPUs, so the daemon need not import torch to learn that.
+_GPU_DEVICE_NODES = ("/dev/nvidia*", "/dev/nvhost*", "/dev/dxg", "/dev/kfd")
+
+
+def _gpu_count() -> int:
+    if not any(glob.glob(pattern) for pattern in _GPU_DEVICE_NODES):
+        return 0
     import torch  # the daemon only asks how many GPUs there are
 
-    gpus = torch.cuda.device_count()
+    return torch.cuda.device_count()
+
+
+def _resolve_devices(device: str | None, workers: int | None, transport: str) -> list[str]:
+    if device not in (None, "cpu", "cuda"):
+        raise InputError(f"--device {device!r}: use cpu or cuda")
+    gpus = 0 if device == "cpu" else _gpu_count()
     kind = device or ("cuda" if gpus else "cpu")
-    if kind not in ("cpu", "cuda"):
-        raise InputError(f"--device {kind!r}: use cpu or cuda")
     if kind == "cpu":
         return ["cpu"] * (workers if workers is not None else 1)
     if gpus == 0:
@@ -129,23 +141,70 @@ def _resolve_devices(device: str | None, workers: int | None, transport: str) ->
     return [f"cuda:{i}" for i in range(n)]
 
 
+@dataclass
+class LocalWorkers:
+    """Worker processes on this host, in a private runtime directory (their sockets,
+    logs and rendezvous file). They can be started before the model is read: a worker
+    takes about a second to import torch, which the daemon spends reading the model."""
+
+    devices: list[str]
+    threads: int  # per worker
+    runtime_dir: Path
+    owns_runtime_dir: bool
+    processes: list[LocalWorker]
+
+    @classmethod
+    def start(
+        cls,
+        device: str | None,
+        workers: int | None,
+        transport: str,
+        threads: int | None = None,
+        runtime_dir: Path | None = None,
+    ) -> LocalWorkers:
+        _check_transport(transport)
+        if threads is not None and threads < 1:
+            raise InputError(f"--threads must be >= 1, got {threads}")
+        devices = _resolve_devices(device, workers, transport)
+        threads = threads or max(1, (os.cpu_count() or 1) // len(devices))
+        owns = runtime_dir is None
+        runtime_dir = Path(tempfile.mkdtemp(prefix="mtpd-")) if owns else runtime_dir
+        runtime_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        local = cls(devices, threads, runtime_dir, owns, [])
+        try:
+            for i, dev in enumerate(devices):
+                local.processes.append(LocalWorker(i, runtime_dir, dev, threads))
+        except BaseException:
+            local.stop()
+            raise
+        return local
+
+    def stop(self) -> None:
+        for p in self.processes:
+            p.stop()
+        if self.owns_runtime_dir:
+            shutil.rmtree(self.runtime_dir, ignore_errors=True)
+
+
+def _check_transport(transport: str) -> None:
+    if transport not in ("dist", "grpc"):
+        raise InputError(f"--transport {transport!r}: use dist or grpc")
+
+
 class Pipeline:
     def __init__(
         self,
         cfg: PipelineConfig,
         links: list[WorkerLink],
         stages: list[StageInfo],
-        processes: list[LocalWorker],
-        runtime_dir: Path,
-        owns_runtime_dir: bool,
-        remote_side: _RemoteSide | None = None,
-        load_requests: list[pb.LoadRequest] | None = None,
-        threads: int = 1,
+        local: LocalWorkers | None,
+        remote_side: _RemoteSide | None,
+        load_requests: list[pb.LoadRequest],
     ) -> None:
-        self.cfg, self.links, self.stages, self.processes = cfg, links, stages, processes
-        self._load_requests, self._threads = load_requests or [], threads
-        self._remote_side = remote_side
-        self.runtime_dir, self._owns_runtime_dir = runtime_dir, owns_runtime_dir
+        self.cfg, self.links, self.stages = cfg, links, stages
+        self._local, self._remote_side = local, remote_side
+        self.processes = local.processes if local is not None else []
+        self._load_requests = load_requests
         self.max_seqs = min(s.load.max_seqs for s in stages)
         self.max_context = min(s.load.max_context for s in stages)
         self.mtp_head = stages[-1].load.mtp_head  # "" when the tail has none
@@ -182,65 +241,61 @@ class Pipeline:
     # -- starting -----------------------------------------------------------------
 
     @classmethod
-    def start(cls, cfg: PipelineConfig, on_status: Callable[[str], None] | None = None) -> Pipeline:
-        """Start (or await) the workers and load every shard; `on_status` hears what is
+    def start(
+        cls,
+        cfg: PipelineConfig,
+        on_status: Callable[[str], None] | None = None,
+        local: LocalWorkers | None = None,
+    ) -> Pipeline:
+        """Start (or await) the workers and load every shard; `local` are workers already
+        started for `cfg` (which this pipeline then owns), `on_status` hears what is
         happening, for systemd's STATUS line."""
         say = on_status or (lambda _: None)
-        if cfg.transport not in ("dist", "grpc"):
-            raise InputError(f"--transport {cfg.transport!r}: use dist or grpc")
-        if cfg.threads is not None and cfg.threads < 1:
-            raise InputError(f"--threads must be >= 1, got {cfg.threads}")
-        remote = cfg.join_listen is not None
-        if remote:
-            if not cfg.token:
-                raise InputError("remote workers (--join-listen) need a --token-file")
-            if not cfg.model_identity:
-                raise ValueError("PipelineConfig.model_identity is needed for remote workers")
-            n = cfg.workers if cfg.workers is not None else 1
-        else:
-            devices = _resolve_devices(cfg.device, cfg.workers, cfg.transport)
-            n = len(devices)
-            if cfg.cuda_graphs and devices[0] == "cpu":
-                raise InputError("--cuda-graphs needs --device cuda")
-        split = None if cfg.split in (None, "auto") else parse_split(cfg.split)
-        if cfg.split != "auto":  # refuse a bad layout before any worker starts
-            layer_ranges(cfg.num_layers, n, split)
-
-        owns_dir = cfg.runtime_dir is None
-        runtime_dir = Path(tempfile.mkdtemp(prefix="mtpd-")) if owns_dir else cfg.runtime_dir
-        runtime_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        processes: list[LocalWorker] = []
         links: list[WorkerLink] = []
         remote_side: _RemoteSide | None = None
         try:
-            if remote:
+            if cfg.join_listen is not None:
+                _check_transport(cfg.transport)
+                if not cfg.token:
+                    raise InputError("remote workers (--join-listen) need a --token-file")
+                if not cfg.model_identity:
+                    raise ValueError("PipelineConfig.model_identity is needed for remote workers")
+                n = cfg.workers if cfg.workers is not None else 1
+            else:
+                if local is None:
+                    local = LocalWorkers.start(
+                        cfg.device, cfg.workers, cfg.transport, cfg.threads, cfg.runtime_dir
+                    )
+                n = len(local.processes)
+                if cfg.cuda_graphs and local.devices[0] == "cpu":
+                    raise InputError("--cuda-graphs needs --device cuda")
+            split = None if cfg.split in (None, "auto") else parse_split(cfg.split)
+            if cfg.split != "auto":  # refuse a bad layout before any remote worker joins
+                layer_ranges(cfg.num_layers, n, split)
+            if local is None:
                 say(f"waiting for {n} remote worker(s) to join at {cfg.join_listen}")
                 remote_side = _RemoteSide.open(cfg, n)
                 links = [WorkerLink(a, cfg.token) for a in remote_side.addresses]
                 rendezvous = remote_side.rendezvous
             else:
-                threads = cfg.threads or max(1, (os.cpu_count() or 1) // n)
-                processes = [
-                    LocalWorker(i, runtime_dir, dev, threads) for i, dev in enumerate(devices)
-                ]
-                links = [WorkerLink(p.address) for p in processes]
+                say(f"starting {n} worker(s) on {', '.join(local.devices)}")
+                links = [WorkerLink(p.address) for p in local.processes]
                 # Local workers meet through a file only this user can read: no port.
-                path = runtime_dir / "rendezvous"
+                path = local.runtime_dir / "rendezvous"
                 path.unlink(missing_ok=True)
                 rendezvous = str(path)
-            if processes:
-                say(f"starting {n} worker(s) on {', '.join(devices)}")
+            processes = local.processes if local is not None else []
             infos = _await_workers(links, processes)
             free = [i.free_memory_bytes for i in infos] if cfg.split == "auto" else None
             ranges = layer_ranges(cfg.num_layers, n, split, free)
             cache_memory = cfg.cache_memory
-            if not cache_memory and not remote and devices[0] == "cpu":
+            if not cache_memory and local is not None and local.devices[0] == "cpu":
                 # Local CPU workers share one memory: each takes its share of the half
                 # a lone worker would take.
                 cache_memory = min(i.free_memory_bytes for i in infos) // (2 * n)
             requests = [
                 pb.LoadRequest(
-                    model="" if remote else cfg.model,
+                    model="" if local is None else cfg.model,
                     first_layer=first,
                     end_layer=end,
                     dtype=cfg.dtype,
@@ -268,26 +323,14 @@ class Pipeline:
                 StageInfo(rank, first, end, infos[rank].device, infos[rank].pid, loads[rank])
                 for rank, (first, end) in enumerate(ranges)
             ]
-            return cls(
-                cfg,
-                links,
-                stages,
-                processes,
-                runtime_dir,
-                owns_dir,
-                remote_side,
-                requests,
-                threads if processes else 1,
-            )
+            return cls(cfg, links, stages, local, remote_side, requests)
         except BaseException:
             for link in links:
                 link.close()
-            for p in processes:
-                p.stop()
+            if local is not None:
+                local.stop()
             if remote_side is not None:
                 remote_side.close()
-            if owns_dir:
-                shutil.rmtree(runtime_dir, ignore_errors=True)
             raise
 
     # -- stepping -----------------------------------------------------------------
@@ -441,11 +484,12 @@ class Pipeline:
             link.close_steps()
         self.links[rank].close()
         if remote is None:
+            local = self._local
             device = self.stages[rank].device
-            self.processes[rank] = LocalWorker(rank, self.runtime_dir, device, self._threads)
+            self.processes[rank] = LocalWorker(rank, local.runtime_dir, device, local.threads)
             self.links[rank] = WorkerLink(self.processes[rank].address)
             (info,) = _await_workers([self.links[rank]], [self.processes[rank]])
-            rendezvous = str(self.runtime_dir / f"rendezvous-{rank}-{self.restarts[rank]}")
+            rendezvous = str(local.runtime_dir / f"rendezvous-{rank}-{self.restarts[rank]}")
         else:  # its host restarts it (systemd), and it joins again
             log.warning(
                 "waiting up to %.0f s for worker %d to rejoin", self.cfg.rejoin_timeout_s, rank
@@ -501,12 +545,10 @@ class Pipeline:
             self.failure = self.failure or "pipeline closed"
         for link in self.links:
             link.close()
-        for p in self.processes:
-            p.stop()
+        if self._local is not None:
+            self._local.stop()
         if self._remote_side is not None:
             self._remote_side.close()
-        if self._owns_runtime_dir:
-            shutil.rmtree(self.runtime_dir, ignore_errors=True)
 
     def __enter__(self) -> Pipeline:
         return self

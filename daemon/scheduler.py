@@ -22,16 +22,17 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Protocol
-
-import torch
+from typing import TYPE_CHECKING, Protocol
 
 from mtpd.daemon.draft_policy import DraftPolicy, DraftStats
 from mtpd.daemon.pipeline import Pipeline, PipelineRestarting, StepOutcome
 from mtpd.model.errors import InputError, InvalidParameter
-from mtpd.model.sampling import SamplingParams
+from mtpd.model.sampling_params import SamplingParams
 from mtpd.rpc import sampling_to_wire
 from mtpd.v1 import worker_pb2 as pb
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("mtpd.daemon")
 
@@ -469,6 +470,10 @@ class Scheduler:
             return
         seq.history.extend(tokens)
         if seq.return_logits:
+            # Imported here: logits are for tests and benchmarks, and the daemon's modules
+            # stay torch-free at import (`mtpd run` starts its workers before torch loads).
+            import torch
+
             rows = torch.frombuffer(bytearray(result.logits), dtype=torch.float32)
             seq.request.logits.extend(rows.view(len(result.token_ids), -1)[: len(tokens)])
         seq.request._emit(Accepted(tokens, min(result.accepted, len(tokens))))

@@ -16,6 +16,16 @@ from mtpd.rpc import CHANNEL_OPTIONS, bearer_metadata
 from mtpd.v1 import worker_pb2 as pb
 from mtpd.v1 import worker_pb2_grpc as pb_grpc
 
+# A local worker's socket appears only once it has imported torch (about a second), and
+# gRPC's reconnect backoff (1 s, growing) would leave a ready worker unasked up to that
+# much longer: a local unix socket is cheap to try every 50 ms.
+_LOCAL_LINK_OPTIONS = [
+    *CHANNEL_OPTIONS,
+    ("grpc.initial_reconnect_backoff_ms", 50),
+    ("grpc.min_reconnect_backoff_ms", 50),
+    ("grpc.max_reconnect_backoff_ms", 50),
+]
+
 
 class WorkerError(RuntimeError):
     """A worker failed to start, load, or step."""
@@ -79,7 +89,8 @@ class WorkerLink:
 
     def __init__(self, address: str, token: str | None = None) -> None:
         self.address = address
-        self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        options = _LOCAL_LINK_OPTIONS if address.startswith("unix:") else CHANNEL_OPTIONS
+        self.channel = grpc.insecure_channel(address, options=options)
         self.stub = pb_grpc.WorkerStub(self.channel)
         self.metadata = bearer_metadata(token)
         self._outbox: queue.SimpleQueue[pb.StepRequest | None] = queue.SimpleQueue()

@@ -39,6 +39,8 @@ from pathlib import Path
 
 import torch
 
+from mtpd.model.user_cache import private_cache_dir
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
@@ -52,17 +54,7 @@ MAX_HEAD_DIM = 256  # attention holds a query head in a fixed buffer
 
 
 def _cache_dir() -> Path:
-    """Where the library is kept: a directory only this user can write to, since what
-    lies there is loaded as code."""
-    try:
-        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mtpd"
-        base.mkdir(parents=True, exist_ok=True, mode=0o700)
-        st = base.stat()
-        if st.st_uid == os.getuid() and not st.st_mode & 0o022 and os.access(base, os.W_OK):
-            return base
-    except (OSError, RuntimeError):  # RuntimeError: no home directory
-        pass
-    return Path(tempfile.mkdtemp(prefix="mtpd-kernel-"))  # private, built afresh
+    return private_cache_dir() or Path(tempfile.mkdtemp(prefix="mtpd-kernel-"))  # built afresh
 
 
 def _openmp_runtime() -> Path | None:

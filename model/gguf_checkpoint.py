@@ -14,12 +14,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, TokenType
+from gguf import GGMLQuantizationType, TokenType
 from gguf.quants import dequantize
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors
 from tokenizers.models import BPE
 
 from mtpd.model.errors import ModelLoadError
+from mtpd.model.gguf_index import GGUFIndex, TensorInfo
 from mtpd.model.quant import Int4Weight
 
 _GLOBAL_TENSORS = {
@@ -61,22 +62,51 @@ _Q4 = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1)
 _PERMUTED_HEADS = {"q_proj": "num_attention_heads", "k_proj": "num_key_value_heads"}
 
 
-def _q4_groups(data: np.ndarray, kind: GGMLQuantizationType) -> Int4Weight:
-    """Q4_0 / Q4_1 blocks as int4 groups. A block is its scale d (float16), for Q4_1 its
-    minimum m (float16), then 16 bytes of nibbles: element j in byte j's low half, element
-    j + 16 in its high half. Q4_0 means (q - 8) * d; Q4_1 means q * d + m, which is
-    (q - 8) * d + (m + 8d)."""
+def _q4_blocks(
+    data: np.ndarray, kind: GGMLQuantizationType
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Q4_0 / Q4_1 blocks taken apart: the 4-bit values q [rows, columns], and per block
+    of 32 its scale d and, for Q4_1, its minimum m (float32). A block is d (float16), for
+    Q4_1 m (float16), then 16 bytes of nibbles: element j in byte j's low half, element
+    j + 16 in its high half."""
     rows = data.shape[0]
     header = 2 if kind == GGMLQuantizationType.Q4_0 else 4
-    blocks = data.reshape(rows, -1, header + 16)
-    d = torch.from_numpy(blocks[..., 0:2].copy().view(np.float16)[..., 0]).float()
-    nibbles = torch.from_numpy(blocks[..., header:].copy())
+    blocks = torch.from_numpy(data).view(rows, -1, header + 16)
+    d = _float16_field(blocks, 0)
+    nibbles = blocks[..., header:]
     q = torch.cat([nibbles & 0xF, nibbles >> 4], dim=-1).reshape(rows, -1)
-    if kind == GGMLQuantizationType.Q4_0:
-        zero = torch.zeros_like(d)
-    else:
-        zero = torch.from_numpy(blocks[..., 2:4].copy().view(np.float16)[..., 0]).float() + 8 * d
-    return Int4Weight(q, d, zero)
+    return q, d, None if kind == GGMLQuantizationType.Q4_0 else _float16_field(blocks, 2)
+
+
+def _float16_field(blocks: torch.Tensor, at: int) -> torch.Tensor:
+    """The float16 at byte `at` of every block, as float32 [rows, blocks]."""
+    return blocks[..., at : at + 2].contiguous().view(torch.float16)[..., 0].float()
+
+
+def _q4_groups(data: np.ndarray, kind: GGMLQuantizationType) -> Int4Weight:
+    """Q4_0 means (q - 8) * d; Q4_1 means q * d + m, which is (q - 8) * d + (m + 8d)."""
+    q, d, m = _q4_blocks(data, kind)
+    return Int4Weight(q, d, torch.zeros_like(d) if m is None else m + 8 * d)
+
+
+def _q4_dequantized(data: np.ndarray, kind: GGMLQuantizationType) -> torch.Tensor:
+    """gguf's dequantization with its very float32 operations (d * (q - 8) for Q4_0,
+    d * q + m for Q4_1, each rounded on its own), but in torch: several times faster than
+    gguf's numpy, which took half of a worker's load."""
+    q, d, m = _q4_blocks(data, kind)
+    rows = q.shape[0]
+    values = q.reshape(rows, d.shape[1], -1).float()  # in place from here: fewer page faults
+    if m is None:
+        return values.sub_(8).mul_(d[..., None]).reshape(rows, -1)
+    return values.mul_(d[..., None]).add_(m[..., None]).reshape(rows, -1)
+
+
+def _q8_dequantized(data: np.ndarray) -> torch.Tensor:
+    """Q8_0: blocks of a float16 scale d and 32 int8 values x, meaning d * x (as gguf)."""
+    rows = data.shape[0]
+    blocks = torch.from_numpy(data).view(rows, -1, 34)
+    x = blocks[..., 2:].contiguous().view(torch.int8).float()
+    return x.mul_(_float16_field(blocks, 0)[..., None]).reshape(rows, -1)
 
 
 class GGUFCheckpoint:
@@ -87,7 +117,7 @@ class GGUFCheckpoint:
         if not self.path.is_file():
             raise ModelLoadError(f"{self.path}: no such GGUF file")
         try:
-            self._reader = GGUFReader(self.path)
+            self._index = GGUFIndex.open(self.path)
         except Exception as e:  # the reader fails with whatever numpy hits in a malformed file
             raise ModelLoadError(
                 f"{self.path}: not a readable GGUF file (truncated or corrupt?): {e}"
@@ -98,7 +128,7 @@ class GGUFCheckpoint:
             raise ModelLoadError(
                 f"{self.path}: GGUF architecture {arch!r} is not supported (only 'llama')"
             )
-        self._tensors = {self._hf_name(t.name): t for t in self._reader.tensors}
+        self._tensors = {self._hf_name(t.name): t for t in self._index.tensors}
 
         heads = self._need("llama.attention.head_count")
         hidden = self._need("llama.embedding_length")
@@ -137,21 +167,17 @@ class GGUFCheckpoint:
             if tensor is None:
                 raise ModelLoadError(f"{self.path}: no tensor {name!r} in this checkpoint")
             try:
-                array = dequantize(tensor.data, tensor.tensor_type)
+                weight = self._dequantized(tensor)
             except (ValueError, NotImplementedError) as e:
                 raise ModelLoadError(
-                    f"{self.path}: tensor {tensor.name!r} ({tensor.tensor_type.name}) "
+                    f"{self.path}: tensor {tensor.name!r} ({tensor.kind.name}) "
                     f"cannot be dequantized: {e}"
                 ) from e
             # numpy's check, as torch's isfinite is an order of magnitude slower on CPU.
-            if not np.isfinite(array).all():
+            if not np.isfinite(weight.numpy()).all():
                 raise ModelLoadError(
                     f"{self.path}: tensor {tensor.name!r} holds NaN or infinite values (corrupt file?)"
                 )
-            # F32 data comes back as a view of the read-only memory map; torch wants its own copy.
-            if not array.flags.writeable:
-                array = array.copy()
-            weight = torch.from_numpy(array).float()
             if name.endswith("q_proj.weight"):
                 weight = self._unpermute(weight, self.hf_config["num_attention_heads"], tensor.name)
             elif name.endswith("k_proj.weight"):
@@ -159,16 +185,25 @@ class GGUFCheckpoint:
             out[name] = weight.contiguous()
         return out
 
+    def _dequantized(self, tensor: TensorInfo) -> torch.Tensor:
+        data = self._index.data(tensor)
+        if tensor.kind in _Q4:
+            return _q4_dequantized(data, tensor.kind)
+        if tensor.kind == GGMLQuantizationType.Q8_0:
+            return _q8_dequantized(data)
+        # F32 data comes back as a view of the file's private mapping: no copy.
+        return torch.from_numpy(dequantize(data, tensor.kind)).float()
+
     def int4_blocks(self, names: tuple[str, ...]) -> Int4Weight | None:
         """The exact int4 groups of these tensors, fused in order, when every one is stored
         as Q4_0 or Q4_1 (blocks of 32 with a scale, and for Q4_1 a minimum): repacked, not
         dequantized."""
         tensors = [self._tensors.get(n) for n in names]
-        if not names or any(t is None or t.tensor_type not in _Q4 for t in tensors):
+        if not names or any(t is None or t.kind not in _Q4 for t in tensors):
             return None
         parts = []
         for name, tensor in zip(names, tensors, strict=True):
-            part = _q4_groups(tensor.data, tensor.tensor_type)
+            part = _q4_groups(self._index.data(tensor), tensor.kind)
             heads = _PERMUTED_HEADS.get(name.rsplit(".", 2)[-2])
             if heads is not None:  # rows regrouped for llama.cpp's RoPE, as in read()
                 n = self.hf_config[heads]
@@ -180,7 +215,7 @@ class GGUFCheckpoint:
 
     def stored_at_8_bits(self, names: tuple[str, ...]) -> bool:
         return any(
-            (t := self._tensors.get(n)) is not None and t.tensor_type == GGMLQuantizationType.Q8_0
+            (t := self._tensors.get(n)) is not None and t.kind == GGMLQuantizationType.Q8_0
             for n in names
         )
 
@@ -303,17 +338,9 @@ class GGUFCheckpoint:
         return rope
 
     def _need(self, key: str) -> Any:
-        if key not in self._reader.fields:
+        if key not in self._index.metadata:
             raise ModelLoadError(f"{self.path}: missing GGUF metadata key {key!r}")
         return self._meta(key)
 
     def _meta(self, key: str, default: Any = None) -> Any:
-        # Decoded by hand: ReaderField.contents() only exists from gguf 0.11 on.
-        field = self._reader.fields.get(key)
-        if field is None:
-            return default
-        if field.types[-1] == GGUFValueType.STRING:
-            values = [field.parts[i].tobytes().decode("utf-8") for i in field.data]
-        else:
-            values = [field.parts[i].item() for i in field.data]
-        return values if field.types[0] == GGUFValueType.ARRAY else values[0]
+        return self._index.metadata.get(key, default)

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tokenizers
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from mtpd.model.checkpoint import Checkpoint
 from mtpd.model.config import ModelConfig
 from mtpd.model.errors import InputError
+
+if TYPE_CHECKING:  # checkpoint imports torch; the daemon imports this module before it
+    from mtpd.model.checkpoint import Checkpoint
 
 ROLES = ("system", "user", "assistant", "tool")
 

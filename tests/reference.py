@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from mtpd.model.sampling import SamplingParams, select_token
+from mtpd.model.sampling import select_token
+from mtpd.model.sampling_params import SamplingParams
 from mtpd.worker.engine import Engine
 
 GREEDY = SamplingParams()

@@ -18,7 +18,8 @@ from mtpd.daemon.pipeline import Pipeline, PipelineConfig
 from mtpd.daemon.scheduler import Scheduler
 from mtpd.model.compare import compare_tokens
 from mtpd.model.quant import Int4Linear, Int4Weight, Int8Linear
-from mtpd.model.sampling import SamplingParams, select_tokens
+from mtpd.model.sampling import select_tokens
+from mtpd.model.sampling_params import SamplingParams
 from mtpd.worker.cuda_graphs import StepGraphs
 from mtpd.worker.engine import Engine
 

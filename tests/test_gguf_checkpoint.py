@@ -160,8 +160,9 @@ def test_smollm_isolates_digits_before_splitting_like_llama_cpp(tokenizer, text,
 # --- bad files ---------------------------------------------------------------------------------
 
 
-def write_gguf(path: Path, arch: str = "llama", tensors=None, **metadata) -> Path:
-    """A tiny GGUF file: the given architecture, minimal llama metadata, float32 tensors."""
+def write_gguf(path: Path, arch: str = "llama", tensors=None, kinds=None, **metadata) -> Path:
+    """A tiny GGUF file: the given architecture, minimal llama metadata, float32 tensors
+    (or stored as `kinds` names them, quantized by gguf)."""
     writer = gguf.GGUFWriter(str(path), arch)
     if arch == "llama":
         writer.add_vocab_size(4)
@@ -175,7 +176,12 @@ def write_gguf(path: Path, arch: str = "llama", tensors=None, **metadata) -> Pat
     for key, value in metadata.items():
         getattr(writer, f"add_{key}")(value)
     for name, array in (tensors or {"token_embd.weight": np.ones((4, 8), np.float32)}).items():
-        writer.add_tensor(name, array)
+        kind = (kinds or {}).get(name)
+        if kind is None:
+            writer.add_tensor(name, array)
+        else:
+            stored = gguf.quants.quantize(array, kind)
+            writer.add_tensor(name, stored, raw_shape=stored.shape, raw_dtype=kind)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -230,6 +236,22 @@ def test_corrupt_tensor_data_names_tensor_and_file(tmp_path):
     with pytest.raises(ModelLoadError) as caught:
         GGUFCheckpoint(path).read(["model.embed_tokens.weight"])
     assert str(path) in str(caught.value) and "token_embd.weight" in str(caught.value)
+
+
+def test_quantized_tensors_are_dequantized_as_gguf_does_bit_for_bit(tmp_path):
+    """The real file has Q4_1 and Q8_0 only; mtpd dequantizes in torch, gguf in numpy."""
+    Q = gguf.GGMLQuantizationType
+    stored = {"ffn_down": Q.Q4_0, "ffn_up": Q.Q4_1, "ffn_gate": Q.Q8_0}
+    rng = np.random.default_rng(1)
+    tensors = {f"blk.0.{n}.weight": rng.standard_normal((6, 96), np.float32) * 3 for n in stored}
+    kinds = {f"blk.0.{n}.weight": kind for n, kind in stored.items()}
+    ckpt = GGUFCheckpoint(write_gguf(tmp_path / "q.gguf", tensors=tensors, kinds=kinds))
+    ours = ckpt.read([f"model.layers.0.mlp.{p}_proj.weight" for p in ("down", "up", "gate")])
+    for part, kind in stored.items():
+        name = f"blk.0.{part}.weight"
+        want = gguf.quants.dequantize(gguf.quants.quantize(tensors[name], kind), kind)
+        got = ours[f"model.layers.0.mlp.{part.removeprefix('ffn_')}_proj.weight"].numpy()
+        assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), kind.name
 
 
 # --- metadata the real file lacks ----------------------------------------------------------------

@@ -77,3 +77,28 @@ def test_workers_start_whatever_the_callers_directory_holds(tiny, tmp_path):
     assert 2 not in ids[len(prompt) :], "the reference stops early: choose another prompt"
     agreement = compare_tokens(ids[len(prompt) :], logits_seen, result["token_ids"])
     assert agreement.ok, agreement
+
+
+def test_workers_start_before_the_daemon_imports_torch(tiny):
+    """A worker spends about a second importing torch; `mtpd run` starts it before its
+    own process imports torch, so the two imports overlap (benchmarks/cold_start.py)."""
+    path, _ = tiny
+    probe = f"""
+import sys
+from mtpd.daemon import workers
+
+torch_already = []
+spawn = workers.LocalWorker.__init__
+def recording_spawn(self, *args, **kwargs):
+    torch_already.append("torch" in sys.modules)
+    spawn(self, *args, **kwargs)
+workers.LocalWorker.__init__ = recording_spawn
+
+from mtpd.cli import main
+flags = ["--max-tokens", "2", "--device", "cpu", "--workers", "2", "--json"]
+assert main(["run", "hi", "--raw", "--model", {str(path)!r}, *flags]) == 0
+print("torch imported before each worker started:", torch_already)
+"""
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith("started: [False, False]"), out.stdout

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from reference import GREEDY, solo_run
 
 from mtpd.client import Client
-from mtpd.model.sampling import SamplingParams
+from mtpd.model.sampling_params import SamplingParams
 from mtpd.worker.engine import Engine
 
 TOKEN = "http-test-token"

@@ -31,7 +31,7 @@ from mtpd.model.quant import (
     quantize_linears,
     requantization_error,
 )
-from mtpd.model.sampling import SamplingParams
+from mtpd.model.sampling_params import SamplingParams
 from mtpd.worker.engine import Engine
 
 

@@ -15,7 +15,7 @@ from mtpd.daemon.draft_policy import AUTO, DraftPolicy
 from mtpd.daemon.pipeline import Pipeline, PipelineConfig
 from mtpd.daemon.scheduler import Scheduler
 from mtpd.model.compare import compare_tokens
-from mtpd.model.sampling import SamplingParams
+from mtpd.model.sampling_params import SamplingParams
 from mtpd.worker.engine import Engine
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -36,7 +36,7 @@ from mtpd.client import (
     Unauthenticated,
     Unavailable,
 )
-from mtpd.model.sampling import SamplingParams
+from mtpd.model.sampling_params import SamplingParams
 from mtpd.v1 import inference_pb2 as api
 from mtpd.v1 import inference_pb2_grpc as api_grpc
 from mtpd.worker.engine import Engine

@@ -19,7 +19,7 @@ from mtpd.model.checkpoint import open_checkpoint, read_config
 from mtpd.model.compare import compare_tokens
 from mtpd.model.decoder import DecoderShard, ShardSpec
 from mtpd.model.mtp import MTPHead
-from mtpd.model.sampling import SamplingParams
+from mtpd.model.sampling_params import SamplingParams
 from mtpd.v1 import worker_pb2 as pb
 from mtpd.worker.engine import Engine
 from mtpd.worker.stage import Stage

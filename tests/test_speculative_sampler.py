@@ -8,7 +8,8 @@ from tiny_models import write_tiny_model
 
 from mtpd.model.checkpoint import open_checkpoint, read_config
 from mtpd.model.decoder import DecoderShard, ShardSpec
-from mtpd.model.sampling import SamplingParams, select_token, target_probs
+from mtpd.model.sampling import select_token, target_probs
+from mtpd.model.sampling_params import SamplingParams
 from mtpd.worker.verify import verify
 
 VOCAB, SEEDS, DRAFTS = 8, 20_000, 2

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from mtpd.model.sampling import SamplingParams, select_tokens
+from mtpd.model.sampling import select_tokens
+from mtpd.model.sampling_params import SamplingParams
 from mtpd.worker.engine import Engine
 
 SHARD_GLOB = "shard-*.safetensors"

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from mtpd.model.mtp import MTPHead
-from mtpd.model.sampling import SamplingParams
+from mtpd.model.sampling_params import SamplingParams
 from mtpd.train.collect import Record, continue_prompts
 from mtpd.worker.engine import Engine
 

@@ -11,7 +11,7 @@ from collections.abc import Callable, Collection
 from pathlib import Path
 
 from mtpd.model.errors import ModelLoadError
-from mtpd.model.sampling import SamplingParams
+from mtpd.model.sampling_params import SamplingParams
 from mtpd.model.tokenizer import Tokenizer
 from mtpd.train.collect import continue_prompts
 from mtpd.worker.engine import Engine

@@ -19,7 +19,8 @@ from mtpd.model.kv_cache import CacheFullError
 from mtpd.model.layers import pack_for_inference
 from mtpd.model.mtp import MTPHead, check_head_base, read_checkpoint_head, read_head_file
 from mtpd.model.quant import quantize_head, quantize_linears
-from mtpd.model.sampling import SamplingParams, select_token
+from mtpd.model.sampling import select_token
+from mtpd.model.sampling_params import SamplingParams
 from mtpd.model.tokenizer import Tokenizer
 
 

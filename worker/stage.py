@@ -19,7 +19,7 @@ from mtpd.model.decoder import DecoderShard
 from mtpd.model.errors import InputError
 from mtpd.model.kv_cache import KVCache
 from mtpd.model.mtp import MTPHead
-from mtpd.model.sampling import SamplingParams
+from mtpd.model.sampling_params import SamplingParams
 from mtpd.rpc import sampling_from_wire
 from mtpd.v1 import worker_pb2 as pb
 from mtpd.worker.cuda_graphs import StepGraphs
