@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from mtpd import __version__
 from mtpd.credentials import TokenFileError, read_token_file
@@ -381,14 +382,14 @@ def _client_command(name: str):
     return run
 
 
-def _cmd_worker(args: argparse.Namespace) -> int:
+def _cmd_worker(args: argparse.Namespace) -> NoReturn:
     import logging
 
     from mtpd.worker.server import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     token = read_token_file(args.token_file) if args.token_file else None
-    return serve(
+    serve(
         args.listen,
         args.device,
         args.threads,

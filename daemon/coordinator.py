@@ -61,8 +61,7 @@ class Coordinator:
         cls, settings: Settings, on_status: Callable[[str], None] | None = None
     ) -> Coordinator:
         # Local workers start first: each takes about a second to import torch, and this
-        # process spends that second reading the model's config and tokenizer (and
-        # importing the checkpoint readers, which import torch: hence here, not above).
+        # process spends that second reading the model's config and tokenizer.
         local = None
         if settings.join_listen is None:
             local = LocalWorkers.start(
@@ -73,28 +72,13 @@ class Coordinator:
                 settings.runtime_dir,
             )
         try:
-            return cls._start(settings, on_status, local)
+            path, cfg, tokenizer, identity = _read_model(settings)
         except BaseException:
             if local is not None:
                 local.stop()
             raise
-
-    @classmethod
-    def _start(
-        cls,
-        settings: Settings,
-        on_status: Callable[[str], None] | None,
-        local: LocalWorkers | None,
-    ) -> Coordinator:
-        from mtpd.model.checkpoint import open_checkpoint, read_config
-        from mtpd.model.decoder import model_identity
-
-        path = resolve_model(settings.model)
-        ckpt = open_checkpoint(path)
-        cfg = read_config(ckpt)
-        tokenizer = Tokenizer.from_checkpoint(ckpt, cfg)
         policy = DraftPolicy(settings.draft_tokens, settings.draft_p_min)
-        pipeline = Pipeline.start(
+        pipeline = Pipeline.start(  # which owns `local` from here, and stops it on failure
             PipelineConfig(
                 model=str(path),
                 num_layers=cfg.num_layers,
@@ -112,7 +96,7 @@ class Coordinator:
                 runtime_dir=settings.runtime_dir,
                 join_listen=settings.join_listen,
                 token=settings.token,
-                model_identity=model_identity(ckpt, cfg) if settings.join_listen else "",
+                model_identity=identity,
                 load_mtp=policy.enabled,
                 mtp_head=str(settings.mtp_head) if settings.mtp_head else None,
                 step_timeout_s=settings.step_timeout_s,
@@ -122,13 +106,13 @@ class Coordinator:
             on_status,
             local,
         )
-        notes = []
-        if cfg.vision_tower_skipped:
-            notes.append(f"{path}: the vision tower is skipped: mtpd serves the text decoder")
-        if policy.enabled and not pipeline.mtp_head:
-            notes.append(f"{path} has no MTP head: decoding without drafts (k = 0)")
-            policy = DraftPolicy(0)
         try:
+            notes = []
+            if cfg.vision_tower_skipped:
+                notes.append(f"{path}: the vision tower is skipped: mtpd serves the text decoder")
+            if policy.enabled and not pipeline.mtp_head:
+                notes.append(f"{path} has no MTP head: decoding without drafts (k = 0)")
+                policy = DraftPolicy(0)
             scheduler = Scheduler(
                 pipeline,
                 tokenizer.eos_ids,
@@ -152,3 +136,17 @@ class Coordinator:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _read_model(settings: Settings) -> tuple[Path, ModelConfig, Tokenizer, str]:
+    """The model's path, config and tokenizer, and for remote workers its identity.
+    The checkpoint readers import torch: imported here, once the local workers have
+    started, so that the two imports overlap."""
+    from mtpd.model.checkpoint import open_checkpoint, read_config
+    from mtpd.model.decoder import model_identity
+
+    path = resolve_model(settings.model)
+    ckpt = open_checkpoint(path)
+    cfg = read_config(ckpt)
+    identity = model_identity(ckpt, cfg) if settings.join_listen else ""
+    return path, cfg, Tokenizer.from_checkpoint(ckpt, cfg), identity

@@ -111,8 +111,9 @@ class _Pending:
 _GPU_DEVICE_NODES = ("/dev/nvidia*", "/dev/nvhost*", "/dev/dxg", "/dev/kfd")
 
 
-def _gpu_count() -> int:
-    if not any(glob.glob(pattern) for pattern in _GPU_DEVICE_NODES):
+def _gpu_count(asked_for_cuda: bool) -> int:
+    """Asked for CUDA, torch is asked whatever the device nodes look like."""
+    if not asked_for_cuda and not any(glob.glob(pattern) for pattern in _GPU_DEVICE_NODES):
         return 0
     import torch  # the daemon only asks how many GPUs there are
 
@@ -122,7 +123,9 @@ def _gpu_count() -> int:
 def _resolve_devices(device: str | None, workers: int | None, transport: str) -> list[str]:
     if device not in (None, "cpu", "cuda"):
         raise InputError(f"--device {device!r}: use cpu or cuda")
-    gpus = 0 if device == "cpu" else _gpu_count()
+    if workers is not None and workers < 1:
+        raise InputError(f"--workers must be >= 1, got {workers}")
+    gpus = 0 if device == "cpu" else _gpu_count(device == "cuda")
     kind = device or ("cuda" if gpus else "cpu")
     if kind == "cpu":
         return ["cpu"] * (workers if workers is not None else 1)
@@ -255,6 +258,8 @@ class Pipeline:
         remote_side: _RemoteSide | None = None
         try:
             if cfg.join_listen is not None:
+                if local is not None:
+                    raise ValueError("local workers were started for a pipeline of remote ones")
                 _check_transport(cfg.transport)
                 if not cfg.token:
                     raise InputError("remote workers (--join-listen) need a --token-file")

@@ -1,4 +1,6 @@
 """The decoder: layers, KV cache, checkpoint loading, tokenizer, sampling.
 
-Imported by the worker side (and the MTP head trainer) only; the daemon stays light.
+The worker side (and the MTP head trainer) runs it. The daemon holds no tensors; it reads
+the model's config and tokenizer through the checkpoint readers, and the torch-free
+modules (config, errors, sampling parameters, tokenizer) at import.
 """

@@ -1,5 +1,5 @@
 // float32 kernels for decoding and verification steps on x86 CPUs with AVX2 and FMA (and
-// AVX-512 where the library is built for it; mtpd/model/cpu_kernels.py says why): the
+// AVX-512 where the library is built for it; model/cpu_kernels.py says why): the
 // linear layers, float32, int4 and int8, and the small operations between them, each of
 // which costs more in PyTorch's dispatch than in arithmetic at a few rows. Every result a row gets is computed in the same order whatever else the step
 // holds and however many threads run, so a row gets bit-identical results alone or in a

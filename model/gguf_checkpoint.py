@@ -8,6 +8,7 @@ that, so nothing downstream needs to know the weights came from llama.cpp.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -69,13 +70,22 @@ def _q4_blocks(
     of 32 its scale d and, for Q4_1, its minimum m (float32). A block is d (float16), for
     Q4_1 m (float16), then 16 bytes of nibbles: element j in byte j's low half, element
     j + 16 in its high half."""
-    rows = data.shape[0]
     header = 2 if kind == GGMLQuantizationType.Q4_0 else 4
-    blocks = torch.from_numpy(data).view(rows, -1, header + 16)
+    blocks = _blocks(data, header + 16)
+    rows = blocks.shape[0]
     d = _float16_field(blocks, 0)
     nibbles = blocks[..., header:]
     q = torch.cat([nibbles & 0xF, nibbles >> 4], dim=-1).reshape(rows, -1)
     return q, d, None if kind == GGMLQuantizationType.Q4_0 else _float16_field(blocks, 2)
+
+
+def _blocks(data: np.ndarray, size: int) -> torch.Tensor:
+    """A quantized tensor's bytes [rows, bytes] as [rows, blocks, size]. They are the
+    file's read-only mapping, which torch cannot mark so (it warns): only read here, and
+    every result made from them is a new tensor."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        return torch.from_numpy(data).view(data.shape[0], -1, size)
 
 
 def _float16_field(blocks: torch.Tensor, at: int) -> torch.Tensor:
@@ -103,10 +113,9 @@ def _q4_dequantized(data: np.ndarray, kind: GGMLQuantizationType) -> torch.Tenso
 
 def _q8_dequantized(data: np.ndarray) -> torch.Tensor:
     """Q8_0: blocks of a float16 scale d and 32 int8 values x, meaning d * x (as gguf)."""
-    rows = data.shape[0]
-    blocks = torch.from_numpy(data).view(rows, -1, 34)
+    blocks = _blocks(data, 34)
     x = blocks[..., 2:].contiguous().view(torch.int8).float()
-    return x.mul_(_float16_field(blocks, 0)[..., None]).reshape(rows, -1)
+    return x.mul_(_float16_field(blocks, 0)[..., None]).reshape(blocks.shape[0], -1)
 
 
 class GGUFCheckpoint:
@@ -168,7 +177,7 @@ class GGUFCheckpoint:
                 raise ModelLoadError(f"{self.path}: no tensor {name!r} in this checkpoint")
             try:
                 weight = self._dequantized(tensor)
-            except (ValueError, NotImplementedError) as e:
+            except (ValueError, NotImplementedError, RuntimeError) as e:
                 raise ModelLoadError(
                     f"{self.path}: tensor {tensor.name!r} ({tensor.kind.name}) "
                     f"cannot be dequantized: {e}"
@@ -187,12 +196,13 @@ class GGUFCheckpoint:
 
     def _dequantized(self, tensor: TensorInfo) -> torch.Tensor:
         data = self._index.data(tensor)
-        if tensor.kind in _Q4:
+        if data.ndim == 2 and tensor.kind in _Q4:
             return _q4_dequantized(data, tensor.kind)
-        if tensor.kind == GGMLQuantizationType.Q8_0:
+        if data.ndim == 2 and tensor.kind == GGMLQuantizationType.Q8_0:
             return _q8_dequantized(data)
-        # F32 data comes back as a view of the file's private mapping: no copy.
-        return torch.from_numpy(dequantize(data, tensor.kind)).float()
+        array = dequantize(data, tensor.kind)
+        # F32 data comes back as a view of the read-only mapping; torch wants its own copy.
+        return torch.from_numpy(array if array.flags.writeable else array.copy()).float()
 
     def int4_blocks(self, names: tuple[str, ...]) -> Int4Weight | None:
         """The exact int4 groups of these tensors, fused in order, when every one is stored

@@ -68,7 +68,10 @@ def test_a_rewritten_file_is_read_again(tmp_path):
     assert GGUFIndex.open(path).metadata["llama.rope.freq_base"] == 2e4
 
 
-@pytest.mark.parametrize("damage", ["not json", "wrong shape", "offset past the end"])
+@pytest.mark.parametrize(
+    "damage",
+    ["not json", "too few fields", "offset past the end", "bogus dtype", "negative shape"],
+)
 def test_a_damaged_entry_is_not_trusted(tmp_path, cache_home, damage):
     path = tiny_file(tmp_path / "tiny.gguf")
     GGUFIndex.open(path)
@@ -77,10 +80,15 @@ def test_a_damaged_entry_is_not_trusted(tmp_path, cache_home, damage):
         entry.write_text("{ this is not")
     else:
         saved = json.loads(entry.read_text())
-        if damage == "wrong shape":
-            saved["tensors"] = [["token_embd.weight", 0]]
+        tensor = saved["tensors"][0]
+        if damage == "too few fields":
+            saved["tensors"] = [tensor[:2]]
+        elif damage == "offset past the end":
+            tensor[2] = path.stat().st_size
+        elif damage == "bogus dtype":
+            tensor[3] = "bogus"
         else:
-            saved["tensors"][0][2] = path.stat().st_size
+            tensor[4] = [-1, 8]
         entry.write_text(json.dumps(saved))
     assert_same_as_gguf_reads(GGUFIndex.open(path), path)
     json.loads(entry.read_text())  # written again, whole

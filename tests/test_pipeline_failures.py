@@ -39,6 +39,7 @@ def run_fails(tiny, *flags: str) -> str:
     ("flags", "message"),
     [
         (["--device", "cpu", "--workers", "4"], "4 workers for a model of 3 layers"),
+        (["--device", "cpu", "--workers", "0"], "--workers must be >= 1"),
         (["--device", "cpu", "--workers", "2", "--split", "1,1"], "sums to 2, but the model has 3"),
         (["--device", "cpu", "--workers", "2", "--split", "1,1,1"], "names 3 stages"),
         (["--device", "cuda"], "this machine has 0 GPU(s)"),
@@ -48,6 +49,29 @@ def run_fails(tiny, *flags: str) -> str:
 )
 def test_bad_configuration_is_refused_by_name(tiny, flags, message):
     assert message in run_fails(tiny, *flags)
+
+
+@pytest.mark.parametrize(
+    ("device", "nodes", "expected"),
+    [
+        (None, False, ["cpu"]),  # no GPU device nodes: no GPU, without asking torch
+        (None, True, ["cuda:0", "cuda:1"]),
+        ("cuda", False, ["cuda:0", "cuda:1"]),  # asked for, torch is asked anyway
+        ("cpu", True, ["cpu"]),
+    ],
+)
+def test_gpus_are_counted_where_device_nodes_say_there_may_be_some(
+    monkeypatch, tmp_path, device, nodes, expected
+):
+    import torch
+
+    from mtpd.daemon import pipeline
+
+    (tmp_path / "nvidia0").touch()
+    pattern = str(tmp_path / ("nvidia*" if nodes else "absent*"))
+    monkeypatch.setattr(pipeline, "_GPU_DEVICE_NODES", (pattern,))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert pipeline._resolve_devices(device, None, "dist") == expected
 
 
 def test_worker_on_a_missing_device_refuses_to_start():

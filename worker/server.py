@@ -15,6 +15,7 @@ import time
 from concurrent import futures
 from datetime import timedelta
 from pathlib import Path
+from typing import NoReturn
 
 import grpc
 import psutil
@@ -296,7 +297,7 @@ def serve(
     token: str | None = None,
     model: str | None = None,
     advertise: str | None = None,
-) -> int:
+) -> NoReturn:
     """Serve one stage until SIGTERM. Local workers are started by the daemon; a remote
     one (`join`) needs the shared `token` and its own copy of the `model`."""
     dev = parse_device(device)

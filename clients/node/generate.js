@@ -44,7 +44,7 @@ function parseArgs(argv) {
   return args;
 }
 
-// The same convention as the Python SDK (mtpd/address.py): $MTPD_ADDRESS, else the
+// The same convention as the Python SDK (common/address.py, mtpd.address): $MTPD_ADDRESS, else the
 // user's socket if it exists, else the system service's; a path means a unix socket.
 function target(address) {
   if (!address) {
