@@ -1,5 +1,5 @@
 """Turning benchmark runs into the report `mtpd bench` prints, writes as JSON and plots.
-The JSON's fields are documented in the README ("`mtpd bench`")."""
+The JSON's fields are documented in docs/bench.md."""
 
 from __future__ import annotations
 

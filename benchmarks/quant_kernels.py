@@ -2,7 +2,7 @@
 mtpd's kernel (its CPU default) and oneDNN-packed, bfloat16, and int8 / int4 on mtpd's
 kernels (what `--quant` runs on CPU) and on PyTorch's packed operators (gpt-fast's).
 Interleaved in one run, so the ratios hold on a noisy machine. This is the profile
-behind the README's quantization numbers.
+behind docs/quantization.md's numbers.
 
     python benchmarks/quant_kernels.py [--threads 2] [--reps 200]
 """

@@ -32,7 +32,7 @@ def default_model_path() -> Path:
     return path
 
 
-# The MTP head this project trained for the default model (see README: MTP head).
+# The MTP head this project trained for the default model (docs/mtp-heads.md).
 _DEFAULT_HEAD = "heads/smollm2-135m-instruct.mtp.safetensors"
 
 

@@ -577,7 +577,7 @@ class LayerStack(nn.Module):
         # On a GPU the per-sequence path launches an attention call per sequence per
         # layer, which bounds a step of many sequences (train-mtp continues 256 at once);
         # the padded step makes it one per layer. The CPU keeps the per-sequence path,
-        # which is as fast there (README, "On a GPU").
+        # which is as fast there (docs/gpu.md).
         if h.device.type == "cuda" and len(slots) > 1:
             padded = self.forward_as_padded(h, cache, slots, counts)
             if padded is not None:
