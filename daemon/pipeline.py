@@ -27,7 +27,7 @@ import grpc
 
 from mtpd import __version__
 from mtpd.daemon.registry import WorkerRegistry
-from mtpd.daemon.split import layer_ranges, parse_split
+from mtpd.daemon.split import check_worker_count, layer_ranges, parse_split
 from mtpd.daemon.workers import LocalWorker, WorkerError, WorkerLink
 from mtpd.model.errors import InputError
 from mtpd.v1 import worker_pb2 as pb
@@ -123,8 +123,8 @@ def _gpu_count(asked_for_cuda: bool) -> int:
 def _resolve_devices(device: str | None, workers: int | None, transport: str) -> list[str]:
     if device not in (None, "cpu", "cuda"):
         raise InputError(f"--device {device!r}: use cpu or cuda")
-    if workers is not None and workers < 1:
-        raise InputError(f"--workers must be >= 1, got {workers}")
+    if workers is not None:
+        check_worker_count(workers)
     gpus = 0 if device == "cpu" else _gpu_count(device == "cuda")
     kind = device or ("cuda" if gpus else "cpu")
     if kind == "cpu":

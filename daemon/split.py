@@ -14,6 +14,11 @@ def parse_split(text: str) -> list[int]:
     return counts
 
 
+def check_worker_count(num_workers: int) -> None:
+    if num_workers < 1:
+        raise InputError(f"--workers must be >= 1, got {num_workers}")
+
+
 def layer_ranges(
     num_layers: int,
     num_workers: int,
@@ -23,8 +28,7 @@ def layer_ranges(
     """Contiguous [first, end) ranges covering every layer, one per worker: the explicit
     `split` counts, else proportional to `free_memory`, else even (earlier workers take
     the remainder: the tail also holds the LM head)."""
-    if num_workers < 1:
-        raise InputError(f"--workers must be >= 1, got {num_workers}")
+    check_worker_count(num_workers)
     if num_workers > num_layers:
         raise InputError(
             f"{num_workers} workers for a model of {num_layers} layers: every worker needs "

@@ -64,9 +64,10 @@ class GGUFIndex:
         entry = _cache_entry(path)
         cached = _load(entry, mapping) if entry is not None else None
         if cached is None:
-            cached = _parse(path, mapping)
+            metadata, tensors, header_sha256 = _parse(path, mapping)
             if entry is not None:
-                _store(entry, *cached, _header_digest(mapping, cached[1]))
+                _store(entry, metadata, tensors, header_sha256)
+            cached = metadata, tensors
         elif entry is not None:
             with contextlib.suppress(OSError):
                 os.utime(entry)  # recently used
@@ -79,7 +80,8 @@ class GGUFIndex:
         return flat.reshape(tensor.shape)
 
 
-def _parse(path: Path, mapping: mmap.mmap) -> tuple[dict[str, Any], list[TensorInfo]]:
+def _parse(path: Path, mapping: mmap.mmap) -> tuple[dict[str, Any], list[TensorInfo], str]:
+    """The metadata, the tensors, and the header's digest."""
     reader = GGUFReader(path)
     metadata = {name: field.contents() for name, field in reader.fields.items()}
     tensors = [
@@ -87,9 +89,10 @@ def _parse(path: Path, mapping: mmap.mmap) -> tuple[dict[str, Any], list[TensorI
         for t in reader.tensors
     ]
     # The reader opened the path again: it must have read the bytes this index maps.
-    if _header_digest(reader.data, tensors) != _header_digest(mapping, tensors):
+    header_sha256 = _header_digest(mapping, tensors)
+    if _header_digest(reader.data, tensors) != header_sha256:
         raise ValueError("the file changed while it was read")
-    return metadata, tensors
+    return metadata, tensors, header_sha256
 
 
 def _header_digest(data: mmap.mmap | np.ndarray, tensors: list[TensorInfo]) -> str:
