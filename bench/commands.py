@@ -104,7 +104,7 @@ def run_bench(args: argparse.Namespace, settings) -> int:
             print(f"mtpd: note: {note}", file=sys.stderr)
         tok = daemon.tokenizer
         prompts = [
-            tok.encode(tok.render_chat([{"role": "user", "content": t}]))
+            tok.encode_chat([{"role": "user", "content": t}])[1]
             if tok.has_chat_template
             else tok.encode(t)
             for t in texts

@@ -39,7 +39,8 @@ class Cancelled(MtpdError):
 
 
 class ServerError(MtpdError):
-    """Anything else: a bug in the daemon."""
+    """Anything else: a bug in the daemon. INTERNAL is also the answer to a request that
+    made a worker fail twice: it is not run again, and retrying it is pointless."""
 
 
 _BY_CODE: dict[grpc.StatusCode, type[MtpdError]] = {

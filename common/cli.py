@@ -197,8 +197,16 @@ def _add_pipeline_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-restarts",
         type=int,
-        default=3,
-        help="restarts (local) or rejoins (remote) of each worker before requests fail (default 3)",
+        default=5,
+        help="restarts (local) or rejoins (remote) of each worker within --restart-window; "
+        "past them requests fail until the window allows another (default 5)",
+    )
+    p.add_argument(
+        "--restart-window",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="the sliding window --max-restarts counts in (default 600)",
     )
     p.add_argument(
         "--rejoin-timeout",
@@ -425,6 +433,7 @@ def _settings(args: argparse.Namespace, max_seqs: int):
         mtp_head=Path(args.mtp_head) if args.mtp_head else None,
         step_timeout_s=args.step_timeout,
         max_restarts=args.max_restarts,
+        restart_window_s=args.restart_window,
         rejoin_timeout_s=args.rejoin_timeout,
     )
 
@@ -479,7 +488,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if args.raw or not tok.has_chat_template:
             prompt_ids = tok.encode(args.prompt)
         else:
-            prompt_ids = tok.encode(tok.render_chat(user_messages(args, args.prompt)))
+            prompt_ids = tok.encode_chat(user_messages(args, args.prompt))[1]
         result = asyncio.run(_generate_here(daemon, prompt_ids, options, echo=not args.json))
         info = model_info(daemon, Limits())
     report(result, info, args.json)

@@ -37,7 +37,8 @@ class Settings:
     draft_tokens: int | str = AUTO  # 0 turns MTP off
     draft_p_min: float = 0.0
     step_timeout_s: float = 120.0  # a worker this late with a step is restarted
-    max_restarts: int = 3  # per worker, then requests fail
+    max_restarts: int = 5  # per worker in restart_window_s; past them requests fail
+    restart_window_s: float = 600.0
     rejoin_timeout_s: float = 300.0  # how long a failed remote worker has to rejoin
     mtp_head: Path | None = None  # default: the shipped head, else the checkpoint's own
     # (resolved by the tail worker, which may be on another host)
@@ -101,6 +102,7 @@ class Coordinator:
                 mtp_head=str(settings.mtp_head) if settings.mtp_head else None,
                 step_timeout_s=settings.step_timeout_s,
                 max_restarts=settings.max_restarts,
+                restart_window_s=settings.restart_window_s,
                 rejoin_timeout_s=settings.rejoin_timeout_s,
             ),
             on_status,

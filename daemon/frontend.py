@@ -96,6 +96,14 @@ class Frontend:
             raise RequestFailed(f"the pipeline failed: {daemon.pipeline.failure}")
         return daemon
 
+    def status(self) -> str:
+        """ok, loading, unavailable (a worker waits for its restart budget) or draining."""
+        if self.daemon is None:
+            return "loading"
+        if self.daemon.pipeline.failure is not None:
+            return "unavailable"
+        return "draining" if self.draining else "ok"
+
     def check_size(self, size: int) -> None:
         if size > self.limits.max_request_bytes:
             raise RequestTooLarge(
@@ -106,8 +114,10 @@ class Frontend:
     def request_id(self, given: str = "") -> str:
         if len(given) > MAX_REQUEST_ID:
             raise InvalidParameter(
-                f"request_id: at most {MAX_REQUEST_ID} characters, got {len(given)}"
+                f"request_id: at most {MAX_REQUEST_ID} characters, got {len(given)}", "request_id"
             )
+        if not given.isprintable():  # it goes into the log, one line per event
+            raise InvalidParameter("request_id: printable characters only", "request_id")
         return given or f"req-{next(self._ids)}"
 
     async def generate(
@@ -117,6 +127,7 @@ class Frontend:
         request_id: str,
         arrived: float,
         on_admitted: Callable[[Request], None] | None = None,
+        prompt_field: str = "prompt_token_ids",
     ) -> AsyncIterator[api.GenerateChunk]:
         """The request path of every API: refuses while loading, failed or draining;
         tokenizes off the event loop (`prompt_ids` may raise InputError); streams the
@@ -139,7 +150,7 @@ class Frontend:
                 raise RequestFailed("mtpd is shutting down: no new requests")
             ids = await asyncio.to_thread(prompt_ids, daemon)
             log.info("%s: %d prompt tokens", request_id, len(ids))
-            generation = generate(daemon, ids, options, request_id, arrived, admit)
+            generation = generate(daemon, ids, options, request_id, arrived, admit, prompt_field)
             async with contextlib.aclosing(generation) as chunks:
                 async for chunk in chunks:
                     if chunk.finish_reason:
@@ -148,7 +159,8 @@ class Frontend:
                         self.completion_tokens += chunk.usage.completion_tokens
                     yield chunk
         except (asyncio.CancelledError, GeneratorExit):
-            reason = "cancelled"  # the caller went away, or its deadline passed
+            if reason == "error":  # not after the last chunk, which a caller may not await
+                reason = "cancelled"  # the caller went away, or its deadline passed
             raise
         finally:
             if admitted:
@@ -165,6 +177,8 @@ class Frontend:
             workers = await asyncio.to_thread(daemon.pipeline.worker_stats)
         except grpc.RpcError as e:
             raise RequestFailed(f"a worker did not answer for its stats: {e.details()}") from e
+        except ValueError as e:  # its channel closed: the worker is being replaced
+            raise RequestFailed("a worker is being restarted; ask again") from e
         running, queued = daemon.scheduler.load()
         return api.Stats(
             uptime_s=time.monotonic() - self.started_at,

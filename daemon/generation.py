@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 
 from mtpd.daemon.coordinator import Coordinator
 from mtpd.daemon.draft_policy import DraftStats
-from mtpd.daemon.options import GenerationOptions
+from mtpd.daemon.options import GenerationOptions, check_prompt_ids
 from mtpd.daemon.scheduler import Accepted, Request, RequestFailed
 from mtpd.model.errors import InvalidParameter
 from mtpd.model.tokenizer import IncrementalDecoder, Tokenizer
@@ -162,17 +162,14 @@ async def generate(
     request_id: str,
     arrived_at: float | None = None,
     on_admitted: Callable[[Request], None] | None = None,
+    prompt_field: str = "prompt_token_ids",
 ) -> AsyncIterator[api.GenerateChunk]:
     """Submit a request and stream its chunks, the last one with the finish reason.
     Closing the stream early (the caller went away, a deadline) cancels the request,
     which frees its cache on every worker; so does a stop sequence, at once.
-    `on_admitted` sees the request as soon as the scheduler has taken it."""
-    vocab = daemon.cfg.vocab_size
-    bad = next((i for i, t in enumerate(prompt_ids) if t >= vocab), None)
-    if bad is not None:
-        raise InvalidParameter(
-            f"prompt_token_ids[{bad}]: {prompt_ids[bad]} is not below the vocabulary size {vocab}"
-        )
+    `on_admitted` sees the request as soon as the scheduler has taken it; `prompt_field`
+    is what the caller's API calls the prompt, for errors about its token ids."""
+    check_prompt_ids(prompt_ids, daemon.cfg.vocab_size, prompt_field)
     request = daemon.scheduler.submit(
         prompt_ids,
         options.sampling(),
@@ -205,8 +202,11 @@ async def generate(
             request.cancel()
 
 
-def render_messages(tokenizer: Tokenizer, messages: Sequence[api.ChatMessage]) -> str:
-    """The chat template applied to API messages, with the generation prompt."""
+def encode_messages(
+    tokenizer: Tokenizer, messages: Sequence[api.ChatMessage]
+) -> tuple[str, list[int]]:
+    """The chat template applied to API messages, with the generation prompt: the text
+    and its token ids, in which no message's content can spell a control token."""
     if not messages:
-        raise InvalidParameter("messages: at least one message is needed")
-    return tokenizer.render_chat([{"role": m.role, "content": m.content} for m in messages])
+        raise InvalidParameter("messages: at least one message is needed", "messages")
+    return tokenizer.encode_chat([{"role": m.role, "content": m.content} for m in messages])

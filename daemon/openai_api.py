@@ -33,11 +33,11 @@ from starlette.types import Receive, Scope, Send
 from mtpd import __version__
 from mtpd.daemon.coordinator import Coordinator
 from mtpd.daemon.frontend import Frontend, RequestTooLarge
-from mtpd.daemon.generation import FINISH_NAMES, render_messages
+from mtpd.daemon.generation import FINISH_NAMES, encode_messages
 from mtpd.daemon.metrics import metrics_registry
 from mtpd.daemon.options import GenerationOptions
-from mtpd.daemon.scheduler import QueueFullError, RequestFailed
-from mtpd.model.errors import InputError, InvalidParameter
+from mtpd.daemon.scheduler import QueueFullError, RequestFailed, RequestQuarantined
+from mtpd.model.errors import InputError, InvalidParameter, check_unicode
 from mtpd.rpc import bearer_token_matches
 from mtpd.v1 import inference_pb2 as api
 
@@ -201,8 +201,7 @@ class Unsupported(InvalidParameter):
     """A parameter asks for what mtpd does not do, or names what it does not know."""
 
     def __init__(self, param: str, message: str) -> None:
-        super().__init__(message)
-        self.param = param
+        super().__init__(message, param)
 
 
 class _ApiError(Exception):
@@ -239,14 +238,16 @@ def _api_error(e: Exception) -> _ApiError:
         return _ApiError(413, str(e), code="request_too_large")
     if isinstance(e, Unsupported):
         return _ApiError(400, str(e), param=e.param, code="unsupported_parameter")
-    if isinstance(e, InputError):
-        return _ApiError(400, str(e))
     if isinstance(e, QueueFullError):
         return _ApiError(429, str(e), kind="rate_limit_error", code="queue_full")
+    if isinstance(e, InputError):
+        return _ApiError(400, str(e), param=getattr(e, "param", None))
+    if isinstance(e, RequestQuarantined):  # not 503: retrying it would fail again
+        return _ApiError(500, str(e), kind="server_error", code="request_quarantined")
     if isinstance(e, RequestFailed):
         return _ApiError(503, str(e), kind="server_error", code="unavailable")
-    log.exception("unexpected error", exc_info=e)
-    return _ApiError(500, f"internal error: {e}", kind="server_error")
+    log.exception("unexpected error", exc_info=e)  # the details are for the log alone
+    return _ApiError(500, "internal error", kind="server_error")
 
 
 def _validation_error(e: ValidationError) -> _ApiError:
@@ -257,6 +258,22 @@ def _validation_error(e: ValidationError) -> _ApiError:
     param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts).lstrip(".")
     got = f" (got {json.dumps(worst['input'])[:80]})" if worst["type"] != "missing" else ""
     return _ApiError(400, f"{param or 'body'}: {worst['msg']}{got}", param=param or None)
+
+
+def _check_strings(data: Any) -> None:
+    """Every string in the body valid Unicode: JSON may spell a lone surrogate
+    ("\\ud800"), which no tokenizer or encoder accepts."""
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            check_unicode(value, path or "body")
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                check_unicode(key, f"{path or 'body'} (a key)")
+                stack.append((f"{path}.{key}".lstrip("."), item))
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{i}]", item) for i, item in enumerate(value))
 
 
 def _is_type_tag(part: str) -> bool:
@@ -390,7 +407,7 @@ class OpenAIApp:
     async def _body(self, request: Request) -> Any:
         """The JSON body, read no further than the size limit."""
         declared = request.headers.get("content-length", "")
-        if declared.isdigit():
+        if declared.isascii() and declared.isdigit():
             self.front.check_size(int(declared))
         body = bytearray()
         try:
@@ -400,9 +417,14 @@ class OpenAIApp:
         except ClientDisconnect:
             raise _ApiError(400, "the client went away while sending the body") from None
         try:
-            return json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            data = json.loads(body)
+        except RecursionError:
+            raise _ApiError(400, "the body is not valid JSON: nested too deeply") from None
+        # ValueError: JSON's own errors, and integers over Python's 4300 digits.
+        except (UnicodeDecodeError, ValueError) as e:
             raise _ApiError(400, f"the body is not valid JSON: {e}") from None
+        _check_strings(data)
+        return data
 
     async def _parse(self, request: Request, schema: type[_Sampling]) -> _Sampling:
         self._check_token(request)
@@ -438,7 +460,9 @@ class OpenAIApp:
             else:
                 max_tokens = body.max_tokens or COMPLETION_MAX_TOKENS
             request_id = front.request_id()
-            chunks = front.generate(lambda _: ids, body.options(max_tokens), request_id, arrived)
+            chunks = front.generate(
+                lambda _: ids, body.options(max_tokens), request_id, arrived, prompt_field="prompt"
+            )
             # The first chunk before the response starts: a refusal (a full queue, a prompt
             # too long) is then a status, not an error inside a 200 stream.
             first = await _unless_disconnected(request, anext(chunks))
@@ -461,7 +485,7 @@ class OpenAIApp:
     def _prompt_ids(daemon: Coordinator, body: _Sampling) -> list[int]:
         tok = daemon.tokenizer
         if isinstance(body, ChatCompletionRequest):
-            return tok.encode(render_messages(tok, body.rendered_messages()))
+            return encode_messages(tok, body.rendered_messages())[1]
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], list):
             prompt = prompt[0]
@@ -521,14 +545,11 @@ class OpenAIApp:
         return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     async def health(self, request: Request) -> Response:
-        """200 once the model is loaded and the pipeline can generate; open to probes."""
-        try:
-            self.front.ready()
-        except RequestFailed as e:
-            return JSONResponse({"status": "unavailable", "reason": str(e)}, status_code=503)
-        if self.front.draining:
-            return JSONResponse({"status": "draining"}, status_code=503)
-        return JSONResponse({"status": "ok"})
+        """200 once the model is loaded and the pipeline can generate. Open to probes, so
+        it says the state and no more: why a pipeline failed is for the log and for
+        callers with the token."""
+        status = self.front.status()
+        return JSONResponse({"status": status}, status_code=200 if status == "ok" else 503)
 
 
 class _Reply:

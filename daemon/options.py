@@ -9,8 +9,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from mtpd.model.errors import InvalidParameter
-from mtpd.model.sampling_params import SamplingParams
+from mtpd.model.errors import InvalidParameter, check_unicode
+from mtpd.model.sampling_params import MAX_INT32, SamplingParams
 from mtpd.v1 import inference_pb2 as api
 
 DEFAULT_MAX_TOKENS = 128
@@ -35,25 +35,28 @@ class GenerationOptions:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise InvalidParameter(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.max_tokens is not None and not 1 <= self.max_tokens <= MAX_INT32:
+            raise InvalidParameter(
+                f"max_tokens must be in 1..{MAX_INT32}, got {self.max_tokens}", "max_tokens"
+            )
         if len(self.stop) > MAX_STOP_SEQUENCES:
             raise InvalidParameter(
-                f"stop: at most {MAX_STOP_SEQUENCES} stop sequences, got {len(self.stop)}"
+                f"stop: at most {MAX_STOP_SEQUENCES} stop sequences, got {len(self.stop)}", "stop"
             )
         for i, s in enumerate(self.stop):
-            if not 1 <= len(s.encode()) <= MAX_STOP_BYTES:
+            check_unicode(s, f"stop[{i}]")
+            size = len(s.encode())
+            if not 1 <= size <= MAX_STOP_BYTES:
                 raise InvalidParameter(
-                    f"stop[{i}]: a stop sequence must be 1 to {MAX_STOP_BYTES} bytes, "
-                    f"got {len(s.encode())}"
+                    f"stop[{i}]: a stop sequence must be 1 to {MAX_STOP_BYTES} bytes, got {size}",
+                    f"stop[{i}]",
                 )
-        if self.seed < 0:
-            raise InvalidParameter(f"seed must be >= 0, got {self.seed}")
         if self.draft_tokens is not None and not 0 <= self.draft_tokens <= MAX_DRAFT_TOKENS:
             raise InvalidParameter(
-                f"draft_tokens must be in 0..{MAX_DRAFT_TOKENS}, got {self.draft_tokens}"
+                f"draft_tokens must be in 0..{MAX_DRAFT_TOKENS}, got {self.draft_tokens}",
+                "draft_tokens",
             )
-        # Sampling fields are checked where they are defined (naming the field).
+        # Sampling fields (and the seed) are checked where they are defined.
         self.sampling()
 
     def sampling(self) -> SamplingParams:
@@ -94,3 +97,13 @@ class GenerationOptions:
 def defaults_proto() -> api.GenerationOptions:
     """Every option with its default set (draft_tokens stays absent: the policy's)."""
     return dataclasses.replace(GenerationOptions(), max_tokens=DEFAULT_MAX_TOKENS).to_proto()
+
+
+def check_prompt_ids(ids: list[int], vocab_size: int, field: str) -> None:
+    """Every id a token of the vocabulary (an API's `field`: prompt_token_ids, prompt)."""
+    bad = next((i for i, t in enumerate(ids) if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise InvalidParameter(
+            f"{field}[{bad}]: {ids[bad]} is not a token id (the vocabulary is 0..{vocab_size - 1})",
+            field,
+        )

@@ -13,11 +13,13 @@ import dataclasses
 import glob
 import itertools
 import logging
+import math
 import os
 import shutil
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -66,9 +68,11 @@ class PipelineConfig:
     join_timeout_s: float = 300.0
     load_mtp: bool = False  # the tail loads an MTP head (mtp_head, or the checkpoint's own)
     # Supervision: a local worker that dies, or leaves a step unanswered this long, is
-    # restarted (at most max_restarts times each) and every sequence replayed.
+    # restarted and every sequence replayed; at most max_restarts times per worker in
+    # any restart_window_s, after which requests fail until the window lets it restart.
     step_timeout_s: float = 120.0
-    max_restarts: int = 3
+    max_restarts: int = 5
+    restart_window_s: float = 600.0
     rejoin_timeout_s: float = 300.0  # a remote worker's replacement must join within it
 
 
@@ -91,7 +95,13 @@ class StepOutcome:
 
 
 class PipelineRestarting(WorkerError):
-    """A worker failed and is being restarted: the step's sequences will be replayed."""
+    """A worker failed and is being restarted: the step's sequences will be replayed.
+    `ran` says whether the step was in the pipeline when the worker failed (it may have
+    caused the failure) or was refused because a restart was under way."""
+
+    def __init__(self, reason: str, ran: bool) -> None:
+        super().__init__(reason)
+        self.ran = ran
 
 
 class StepRefusedError(InputError):
@@ -217,10 +227,15 @@ class Pipeline:
         self.failure: str | None = None
         # Recovery: while `recovering`, steps are refused with PipelineRestarting; each
         # completed recovery adds one to `epoch` (before `recovering` clears), telling the
-        # scheduler that every cache is empty and its sequences must be replayed.
+        # scheduler that every cache is empty and its sequences must be replayed. While a
+        # worker waits for its restart budget, `failure` says so and steps fail.
         self.recovering = False
         self.epoch = 0
-        self.restarts = [0] * len(links)
+        self.restarts = [0] * len(links)  # since the start, for stats
+        self._restarted_at: list[deque[float]] = [deque() for _ in links]  # in the window
+        # Workers that failed themselves since the last pick of one to restart, in order.
+        self._blamed: list[int] = []
+        self.failed_for_good = False  # --max-restarts 0, and a worker failed
         self._listeners: list[Callable[[], None]] = []
         self._closed = threading.Event()
         self._open_steps()
@@ -230,7 +245,9 @@ class Pipeline:
         for rank, link in enumerate(self.links):
             link.open_steps(
                 lambda reply, rank=rank: self._on_reply(rank, reply),
-                lambda message, rank=rank: self._on_stream_error(rank, message),
+                lambda message, bystander, rank=rank: self._on_stream_error(
+                    rank, message, bystander
+                ),
             )
 
     def add_listener(self, listener: Callable[[], None]) -> None:
@@ -257,6 +274,8 @@ class Pipeline:
         links: list[WorkerLink] = []
         remote_side: _RemoteSide | None = None
         try:
+            if cfg.max_restarts < 0 or not 0 < cfg.restart_window_s < math.inf:
+                raise InputError("--max-restarts must be >= 0 and --restart-window a finite s > 0")
             if cfg.join_listen is not None:
                 if local is not None:
                     raise ValueError("local workers were started for a pipeline of remote ones")
@@ -349,7 +368,7 @@ class Pipeline:
                 future.set_exception(WorkerError(self.failure))
                 return future
             if self.recovering:
-                future.set_exception(PipelineRestarting("a worker is being restarted"))
+                future.set_exception(PipelineRestarting("a worker is being restarted", ran=False))
                 return future
             request = pb.StepRequest(
                 step_id=next(self._ids), sequences=sequences, release=release or []
@@ -403,80 +422,105 @@ class Pipeline:
 
     # -- recovering ---------------------------------------------------------------
 
-    def _on_stream_error(self, reporter: int, message: str) -> None:
+    def _on_stream_error(self, reporter: int, message: str, bystander: bool = False) -> None:
+        """A worker's step stream ended. A `bystander` only lost a neighbour on the data
+        plane; the others failed themselves (an exception, a death, a wedge)."""
         with self._lock:
-            if self.failure is not None or self.recovering or self._closed.is_set():
-                return  # the first failure is being handled, or we are closing
-            rank = self._exited_worker(reporter)
-            process = self.processes[rank] if rank < len(self.processes) else None
-            exit_note = process.describe_exit() if process is not None else None
-            reason = f"worker {reporter}: {message}" + (f" ({exit_note})" if exit_note else "")
+            if self._closed.is_set():
+                return
+            if self.failure is not None or self.recovering:
+                if not bystander and reporter not in self._blamed:  # who caused it
+                    self._blamed.append(reporter)
+                return
+            self._blamed = [] if bystander else [reporter]
             pending, self._pending = list(self._pending.values()), {}
-            if self.restarts[rank] >= self.cfg.max_restarts:
-                self.failure = (
-                    reason + f" (worker {rank} given up after {self.restarts[rank]} restarts)"
-                )
-            else:
-                self.recovering = True
-        if self.failure is not None:
-            for p in pending:
-                p.future.set_exception(WorkerError(self.failure))
-            self._tell_listeners()
-            return
+            self.recovering = True
+        reason = f"worker {reporter}: {message}"
         for p in pending:
-            p.future.set_exception(PipelineRestarting(reason))
+            p.future.set_exception(PipelineRestarting(reason, ran=True))
         threading.Thread(
-            target=self._recover, args=(rank, reason), daemon=True, name="recovery"
+            target=self._recover, args=(reporter, reason), daemon=True, name="recovery"
         ).start()
 
     def _recover(self, rank: int, reason: str) -> None:
-        """Replace worker `rank`, trying up to max_restarts times in all: a new process
-        loads its shard while every other worker drops its caches, and all of them form
-        a fresh data-plane group (the survivors keep their weights: no reload)."""
-        error = None
+        """Replace worker `rank`: a new process loads its shard while every other worker
+        drops its caches, and all of them form a fresh data-plane group (the survivors
+        keep their weights: no reload). A worker out of restart budget waits until its
+        oldest restart leaves the window; meanwhile `failure` says why steps fail."""
         wait_s = EXIT_NOTICE_S
         while not self._closed.is_set():
-            rank = self._exited_worker(rank, wait_s)
+            # Picked again on every try: another worker may have died meanwhile.
+            rank = self._failed_worker(rank, wait_s)
             wait_s = 0.0
-            if self.restarts[rank] >= self.cfg.max_restarts:
-                break
+            process = self.processes[rank] if rank < len(self.processes) else None
+            why = reason
+            if process is not None:
+                if exit_note := process.describe_exit():
+                    why += f" ({exit_note})"
+                if tail := process.log_tail():  # for the operator: never in an API's answer
+                    log.warning("worker %d failed; the end of its log:\n%s", rank, tail)
+            if (wait := self._budget_wait(rank)) > 0:
+                with self._lock:
+                    self.failed_for_good = wait == math.inf
+                    self.failure = (
+                        f"worker {rank} failed, and --max-restarts 0 means it is not restarted"
+                        if self.failed_for_good
+                        else f"worker {rank} failed again after {self.cfg.max_restarts} "
+                        f"restarts in {self.cfg.restart_window_s:g} s (--max-restarts per "
+                        f"--restart-window); it is restarted in {wait:.0f} s"
+                    )
+                log.error("%s; the last failure: %s", self.failure, why)
+                self._tell_listeners()
+                if self._closed.wait(None if self.failed_for_good else wait):
+                    return
             self.restarts[rank] += 1
-            log.warning("%s; restarting worker %d (restart %d)", reason, rank, self.restarts[rank])
+            self._restarted_at[rank].append(time.monotonic())
+            log.warning("%s; restarting worker %d (restart %d)", why, rank, self.restarts[rank])
             try:
                 self._restart(rank)
             except Exception as e:
-                error = e
+                reason = f"restarting worker {rank} failed: {e}"
                 log.exception("restarting worker %d failed", rank)
                 continue
             log.warning("worker %d restarted; replaying its sequences", rank)
             with self._lock:
+                if self._closed.is_set():
+                    return
                 self.epoch += 1
+                self.failure = None
                 self.recovering = False
             self._tell_listeners()
             return
-        with self._lock:
-            self.failure = (
-                f"{reason}; worker {rank} given up after {self.restarts[rank]} restarts"
-                + (f", the last failing with: {error}" if error else "")
-            )
-            self.recovering = False
-        self._tell_listeners()
 
-    def _exited_worker(self, rank: int, wait_s: float = 0.0) -> int:
-        """The worker to replace. The first to report a failure may be a survivor that
-        lost its data-plane peer (a killed stage 0 shows first as stage 1's failed
-        receive): a local worker whose process has exited goes first, since no group can
-        form while it is gone. `wait_s` gives a dying process time to be reaped: its
-        sockets close before its exit shows."""
-        if self._remote_side is not None:
-            return rank
+    def _budget_wait(self, rank: int) -> float:
+        """Seconds until worker `rank` may be restarted again (0: now)."""
+        if self.cfg.max_restarts <= 0:
+            return math.inf
+        times, now = self._restarted_at[rank], time.monotonic()
+        while times and now - times[0] >= self.cfg.restart_window_s:
+            times.popleft()
+        if len(times) < self.cfg.max_restarts:
+            return 0.0
+        return times[0] + self.cfg.restart_window_s - now
+
+    def _failed_worker(self, reporter: int, wait_s: float = 0.0) -> int:
+        """The worker to replace. The first to report may be a bystander (a killed stage
+        0 shows first as stage 1's failed receive): a local worker whose process has
+        exited goes first, since no group can form while it is gone, then one that failed
+        itself, then the reporter. `wait_s` gives a dying process time to be reaped (its
+        sockets close before its exit shows) and the others time to report."""
         deadline = time.monotonic() + wait_s
         while True:
             for r, process in enumerate(self.processes):
                 if process.describe_exit() is not None:
                     return r
+            with self._lock:
+                blamed = self._blamed[0] if self._blamed else None
+                self._blamed = []  # reports after this pick are about what happens next
+            if blamed is not None:
+                return blamed
             if time.monotonic() >= deadline:
-                return rank
+                return reporter
             time.sleep(0.01)
 
     def _restart(self, rank: int) -> None:
@@ -614,7 +658,7 @@ def _await_workers(links: list[WorkerLink], processes: list[LocalWorker]) -> lis
     for i, link in enumerate(links):
         proc = processes[i] if processes else None
         while True:
-            if proc is not None and (why := proc.describe_exit()) is not None:
+            if proc is not None and (why := proc.describe_exit(with_log=True)) is not None:
                 raise WorkerError(why)
             try:
                 info = link.info(timeout=1.0)
@@ -639,7 +683,7 @@ def _load_all(
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 raise InputError(f"worker {i}: {e.details()}") from None
-            why = processes[i].describe_exit() if i < len(processes) else None
+            why = processes[i].describe_exit(with_log=True) if i < len(processes) else None
             raise WorkerError(f"worker {i} failed to load: {why or e.details()}") from None
 
     pool = ThreadPoolExecutor(len(links))

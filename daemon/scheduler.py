@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import hashlib
 import itertools
 import logging
 import math
 import queue
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -45,10 +46,21 @@ class RequestFailed(RuntimeError):
     """The pipeline failed while the request ran."""
 
 
+class RequestQuarantined(RequestFailed):
+    """The request made a worker fail twice, the second time alone: it is not run again."""
+
+
+QUARANTINED = (
+    "this request made a worker fail twice, the second time alone in its step, so it is "
+    "not run again; the other requests go on"
+)
+MAX_QUARANTINED = 1024  # fingerprints of quarantined requests remembered
+
+
 @dataclass
 class Result:
     token_ids: list[int]
-    finish_reason: str  # "stop" | "length" | "cancelled" | "error"
+    finish_reason: str  # "stop" | "length" | "cancelled" | "error" | "quarantined"
     logits: list[torch.Tensor]  # per generated token, when asked for
     error: str | None = None
     drafts: DraftStats = field(default_factory=DraftStats)
@@ -97,8 +109,7 @@ class Request:
     def __iter__(self) -> Iterator[Accepted]:
         while (step := self._events.get()) is not None:
             yield step
-        if self.error is not None:
-            raise RequestFailed(self.error)
+        self._raise_error()
 
     async def __aiter__(self) -> AsyncIterator[Accepted]:
         loop = asyncio.get_running_loop()
@@ -114,8 +125,12 @@ class Request:
             if step is None:
                 break
             yield step
+        self._raise_error()
+
+    def _raise_error(self) -> None:
         if self.error is not None:
-            raise RequestFailed(self.error)
+            kind = RequestQuarantined if self.finish_reason == "quarantined" else RequestFailed
+            raise kind(self.error)
 
     @property
     def done(self) -> bool:
@@ -173,6 +188,11 @@ class _Sequence:
     in_flight: bool = False
     proposed: list[int] = field(default_factory=list)  # the head's drafts for the next step
     verifying: int = 0  # drafts in the step in flight
+    # A suspect: its step was in the pipeline when a worker failed. It runs alone until
+    # its history is this long (its replay, then a step with drafts past the one that
+    # failed); failing again alone, it is why.
+    suspect_until: int | None = None
+    fingerprint: bytes = b""  # of its prompt and sampling: a quarantined one is refused
 
     @property
     def generated(self) -> int:
@@ -206,6 +226,7 @@ class Scheduler:
         self._in_flight = 0
         self._stopped = False
         self._epoch = pipeline.epoch  # the pipeline's recoveries seen (each one: replay)
+        self._quarantined: OrderedDict[bytes, None] = OrderedDict()
         pipeline.add_listener(self._wake)
         # The latest steps, for benchmarks and stats.
         self.recent_steps: deque[StepRecord] = deque(maxlen=4096)
@@ -225,20 +246,26 @@ class Scheduler:
         draft_tokens: int | None = None,
     ) -> Request:
         if not prompt_ids:
-            raise InvalidParameter("prompt is empty")
+            raise InvalidParameter("prompt is empty", "prompt")
         if max_tokens < 1:
-            raise InvalidParameter(f"max_tokens must be >= 1, got {max_tokens}")
+            raise InvalidParameter(f"max_tokens must be >= 1, got {max_tokens}", "max_tokens")
         context = self.pipeline.max_context
         if len(prompt_ids) + max_tokens > context:
             raise InvalidParameter(
                 f"prompt of {len(prompt_ids)} tokens plus max_tokens {max_tokens} exceeds "
-                f"the context of {context} tokens"
+                f"the context of {context} tokens",
+                "max_tokens",
             )
+        wire = sampling_to_wire(params)
+        fingerprint = hashlib.sha256(
+            str(list(prompt_ids)).encode() + wire.SerializeToString(deterministic=True)
+        ).digest()
         request = Request(f"seq-{next(self._ids)}", max_tokens)
         request._wake_scheduler = self._wake
         seq = _Sequence(
             request=request,
-            params=sampling_to_wire(params),
+            params=wire,
+            fingerprint=fingerprint,
             history=list(prompt_ids),
             prompt_len=len(prompt_ids),
             max_tokens=max_tokens,
@@ -249,6 +276,10 @@ class Scheduler:
         with self._cond:
             if self._stopped:
                 raise RequestFailed("the scheduler is stopped")
+            if fingerprint in self._quarantined:  # the same again: no second outage
+                raise RequestQuarantined(
+                    "the same prompt and sampling made a worker fail twice before: not run again"
+                )
             # The queue holds what cannot start now: free sequence slots are not queue.
             free = max(0, self.pipeline.max_seqs - len(self._active))
             if len(self._waiting) >= self.max_queue + free:
@@ -353,6 +384,9 @@ class Scheduler:
     def _next_batch(self) -> list[tuple[_Sequence, int]] | None:
         """Sequences and token counts for the next micro-batch (called under the lock)."""
         self._drop_cancelled()
+        if self.pipeline.failure is not None:
+            self._fail_everything(self.pipeline.failure)
+            return None
         if self.pipeline.recovering:
             return None  # steps would be refused; the pipeline wakes us when it is back
         if self.pipeline.epoch != self._epoch:
@@ -366,6 +400,13 @@ class Scheduler:
         ready = [s for s in self._active if not s.in_flight]
         if not ready:
             return None
+        suspect = next((s for s in self._active if s.suspect_until is not None), None)
+        if suspect is not None:  # alone, with nothing else in flight: see _suspect
+            return (
+                None
+                if self._in_flight
+                else [(suspect, min(suspect.pending, self.max_batch_tokens))]
+            )
         # Spread the active sequences over as many micro-batches as there are stages.
         per_batch = math.ceil(len(self._active) / self.pipeline.num_stages)
         decoding = [s for s in ready if s.pending == 1]
@@ -389,6 +430,31 @@ class Scheduler:
             seq.cached, seq.proposed, seq.verifying = 0, [], 0
         if replayed:
             log.warning("replaying %d sequence(s) after a worker restart", len(replayed))
+
+    def _fail_everything(self, error: str) -> None:
+        """The pipeline cannot run steps for now: no request waits for it."""
+        waiting, self._waiting = list(self._waiting), deque()
+        for seq in waiting:
+            seq.request._finish("error", error)
+        if self._active:
+            self._retire(list(self._active), "error", error)
+
+    def _suspect(self, batch: list[tuple[_Sequence, int]]) -> None:
+        """A worker failed while this batch was in the pipeline. Each of its sequences
+        becomes a suspect, replayed alone; a suspect that was alone already is the cause,
+        and is failed instead of replayed, so one request cannot crash workers forever."""
+        alone = len(batch) == 1 and batch[0][0].suspect_until is not None
+        for seq, _ in batch:
+            if seq not in self._active:
+                continue
+            if alone:
+                log.error("%s: quarantined: it made a worker fail twice", seq.request.seq_id)
+                self._quarantined[seq.fingerprint] = None
+                if len(self._quarantined) > MAX_QUARANTINED:
+                    self._quarantined.popitem(last=False)
+                self._retire([seq], "quarantined", QUARANTINED)
+            else:
+                seq.suspect_until = len(seq.history) + 2
 
     def _drop_cancelled(self) -> None:
         for seq in [s for s in self._waiting if s.request.cancelled]:
@@ -427,6 +493,8 @@ class Scheduler:
     ) -> None:
         error = future.exception()
         if isinstance(error, PipelineRestarting):
+            if error.ran:
+                self._suspect(batch)
             return  # nothing was applied: the sequences wait for the replay
         if error is not None:
             self._retire([seq for seq, _ in batch if seq in self._active], "error", str(error))
@@ -441,12 +509,19 @@ class Scheduler:
             if result is None:
                 seq.cached += n  # a prefill chunk that does not end the prompt
                 continue
+            if result.error:  # what the checks at the front should have refused
+                log.warning("%s: the workers refused it: %s", seq.request.seq_id, result.error)
+                self._retire([seq], "error", f"the workers refused this request: {result.error}")
+                continue
             reason = self._accept(seq, n, result)
             if reason is not None:
                 finished[reason].append(seq)
         for reason, seqs in finished.items():
             if seqs:
                 self._retire(seqs, reason)
+        for seq, _ in batch:
+            if seq.suspect_until is not None and len(seq.history) >= seq.suspect_until:
+                seq.suspect_until = None  # past the step it was suspected for
 
     def _accept(self, seq: _Sequence, n: int, result: pb.SequenceResult) -> str | None:
         """Take a step's verified tokens; returns why the sequence ends, if it does."""

@@ -29,6 +29,7 @@ from mtpd.daemon.coordinator import Coordinator, Settings
 from mtpd.daemon.frontend import Frontend, Limits
 from mtpd.daemon.metrics import serve_metrics
 from mtpd.daemon.openai_api import OpenAIApp
+from mtpd.daemon.request_parsing import ParseRequests
 from mtpd.daemon.service import InferenceService
 from mtpd.daemon.systemd import Notifier
 from mtpd.model.errors import InputError
@@ -138,18 +139,31 @@ async def _set_health(health: health_aio.HealthServicer, status: int) -> None:
 
 
 async def _monitor(front: Frontend, health: health_aio.HealthServicer, notifier: Notifier) -> None:
-    """While the pipeline is healthy (or still loading): WATCHDOG=1 under a systemd
-    watchdog, so a wedged daemon stops pinging. Once the pipeline fails: no more pings
-    (systemd restarts the daemon) and health NOT_SERVING, so any supervisor notices."""
+    """WATCHDOG=1 under a systemd watchdog while the event loop runs, so a wedged daemon
+    stops pinging; so does one whose pipeline failed for good (--max-restarts 0), for
+    systemd to restart it. A pipeline waiting for a worker's restart budget heals by
+    itself, which a daemon restart would only delay. Health follows the pipeline:
+    NOT_SERVING while it cannot generate, SERVING again once it can."""
     every = Notifier.watchdog_interval()
-    while front.daemon is None or front.daemon.pipeline.failure is None:
-        if every is not None:
+    failure: str | None = None
+    while True:
+        pipeline = None if front.daemon is None else front.daemon.pipeline
+        if every is not None and not (pipeline is not None and pipeline.failed_for_good):
             notifier.watchdog()
+        now = None if pipeline is None else pipeline.failure
+        if now != failure and pipeline is not None and not front.draining:
+            if now is not None:
+                log.error("the pipeline cannot generate: %s", now)
+                notifier.status(f"unavailable: {now}")
+            else:
+                log.warning("the pipeline is back")
+                notifier.status("serving")
+            serving = health_pb2.HealthCheckResponse.SERVING
+            await _set_health(
+                health, health_pb2.HealthCheckResponse.NOT_SERVING if now else serving
+            )
+            failure = now
         await asyncio.sleep(min(every or 0.5, 0.5))
-    failure = front.daemon.pipeline.failure
-    log.error("the pipeline failed: %s", failure)
-    notifier.status(f"the pipeline failed: {failure}")
-    await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
 
 
 async def _drain(front: Frontend, notifier: Notifier, seconds: float) -> None:
@@ -251,7 +265,8 @@ async def serve_async(settings: Settings, config: ServeConfig) -> int:
     health = health_aio.HealthServicer()
     receive_limit = max(RECEIVE_LIMIT_FLOOR, 2 * config.limits.max_request_bytes)
     server = grpc.aio.server(
-        interceptors=[BearerAuth(config.api_token)] if config.api_token else [],
+        # The token is checked before a request is even parsed.
+        interceptors=[BearerAuth(config.api_token)] * bool(config.api_token) + [ParseRequests()],
         options=[("grpc.max_receive_message_length", receive_limit)],
         # Every stream holds a slot: running and queued requests, plus room for probes.
         maximum_concurrent_rpcs=settings.max_seqs + settings.max_queue + 32,

@@ -14,9 +14,9 @@ import grpc
 
 from mtpd.daemon.coordinator import Coordinator
 from mtpd.daemon.frontend import Frontend
-from mtpd.daemon.generation import render_messages
+from mtpd.daemon.generation import encode_messages
 from mtpd.daemon.options import GenerationOptions
-from mtpd.daemon.scheduler import QueueFullError, Request, RequestFailed
+from mtpd.daemon.scheduler import QueueFullError, Request, RequestFailed, RequestQuarantined
 from mtpd.model.errors import InputError, InvalidParameter
 from mtpd.v1 import inference_pb2 as api
 from mtpd.v1 import inference_pb2_grpc as api_grpc
@@ -39,6 +39,8 @@ def _statuses() -> Iterator[None]:
         raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from e
     except InputError as e:
         raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
+    except RequestQuarantined as e:  # not UNAVAILABLE: retrying it would fail again
+        raise _Refused(grpc.StatusCode.INTERNAL, str(e)) from e
     except RequestFailed as e:
         raise _Refused(grpc.StatusCode.UNAVAILABLE, str(e)) from e
 
@@ -85,7 +87,7 @@ class InferenceService(api_grpc.InferenceServicer):
                     async for chunk in chunks:
                         yield chunk
         except _Refused as e:
-            if e.code != grpc.StatusCode.UNAVAILABLE:
+            if e.code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED):
                 front.rejected += 1
             await context.abort(e.code, str(e))
 
@@ -95,9 +97,9 @@ class InferenceService(api_grpc.InferenceServicer):
     ) -> list[int]:
         tok = daemon.tokenizer
         if isinstance(request, api.ChatRequest):
-            return tok.encode(render_messages(tok, request.messages))
+            return encode_messages(tok, request.messages)[1]
         if request.prompt and request.prompt_token_ids:
-            raise InvalidParameter("set one of prompt and prompt_token_ids, not both")
+            raise InvalidParameter("set one of prompt and prompt_token_ids, not both", "prompt")
         return list(request.prompt_token_ids) or tok.encode(request.prompt)
 
     # -- the rest -----------------------------------------------------------------------
@@ -129,12 +131,13 @@ class InferenceService(api_grpc.InferenceServicer):
         daemon = self.front.loaded()
         self.front.check_size(request.ByteSize())
         if request.text and request.messages:
-            raise InvalidParameter("set one of text and messages, not both")
+            raise InvalidParameter("set one of text and messages, not both", "text")
         tok = daemon.tokenizer
 
         def tokenize() -> tuple[str, list[int]]:
-            text = render_messages(tok, request.messages) if request.messages else request.text
-            return text, tok.encode(text)
+            if request.messages:
+                return encode_messages(tok, request.messages)
+            return request.text, tok.encode(request.text)
 
         text, ids = await asyncio.to_thread(tokenize)
         return api.TokenizeReply(token_ids=ids, tokens=[tok.token(i) or "" for i in ids], text=text)

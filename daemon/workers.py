@@ -56,12 +56,13 @@ class LocalWorker:
             return ""
         return "\n".join(text[-lines:])
 
-    def describe_exit(self) -> str | None:
-        """Why the process is gone, or None while it runs."""
+    def describe_exit(self, with_log: bool = False) -> str | None:
+        """Why the process is gone, or None while it runs. The end of its log is for the
+        operator (a failed start, the daemon's log), never for callers of the API."""
         code = self.process.poll()
         if code is None:
             return None
-        tail = self.log_tail()
+        tail = self.log_tail() if with_log else ""
         return f"worker {self.index} exited with code {code}" + (f":\n{tail}" if tail else "")
 
     def kill(self) -> None:
@@ -95,6 +96,7 @@ class WorkerLink:
         self.metadata = bearer_metadata(token)
         self._outbox: queue.SimpleQueue[pb.StepRequest | None] = queue.SimpleQueue()
         self._reader: threading.Thread | None = None
+        self._ended_here = threading.Event()
 
     def info(self, timeout: float) -> pb.WorkerInfo:
         return self.stub.GetInfo(
@@ -113,18 +115,23 @@ class WorkerLink:
     def open_steps(
         self,
         on_reply: Callable[[pb.StepReply], None],
-        on_error: Callable[[str], None],
+        on_error: Callable[[str, bool], None],
     ) -> None:
+        """`on_error(message, bystander)`: a bystander's step failed only because a
+        neighbour on the data plane went away (the worker says so with ABORTED)."""
         self._outbox = queue.SimpleQueue()
+        self._ended_here = ended_here = threading.Event()
         replies = self.stub.Step(self._requests(self._outbox), metadata=self.metadata)
 
         def read() -> None:
             try:
                 for reply in replies:
                     on_reply(reply)
-                on_error("step stream closed")
+                error = ("step stream closed", False)
             except grpc.RpcError as e:
-                on_error(e.details() or str(e.code()))
+                error = (e.details() or str(e.code()), e.code() == grpc.StatusCode.ABORTED)
+            if not ended_here.is_set():  # a stream we end is no failure of the worker's
+                on_error(*error)
 
         self._reader = threading.Thread(target=read, daemon=True, name=f"steps-{self.address}")
         self._reader.start()
@@ -136,6 +143,7 @@ class WorkerLink:
 
     def close_steps(self, timeout: float = 30.0) -> None:
         """End the step stream and wait for its reader (its errors are expected now)."""
+        self._ended_here.set()
         self._outbox.put(None)
         if self._reader is not None:
             self._reader.join(timeout)
@@ -144,5 +152,6 @@ class WorkerLink:
         self._outbox.put(request)
 
     def close(self) -> None:
+        self._ended_here.set()
         self._outbox.put(None)
         self.channel.close()

@@ -98,13 +98,16 @@ class ModelConfig:
         """Validate and translate a config.json dictionary; errors name `source` and the key."""
         arch = cfg.get("model_type")
         vision_tower = False
-        if arch in _QWEN3_5_MODEL_TYPES:
+        if arch in _QWEN3_5_MODEL_TYPES:  # the wrapper's keys count too (quantization_config)
+            _refuse_unimplemented(cfg, source)
             arch, cfg, vision_tower = _qwen3_5_text_config(arch, cfg, source)
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ModelLoadError(
                 f"{source}: unsupported architecture model_type={arch!r} "
                 f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
             )
+
+        _refuse_unimplemented(cfg, source)
 
         def need(key: str) -> int:
             return _positive_int(cfg, key, source)
@@ -156,12 +159,52 @@ class ModelConfig:
             rope_scaling=rope,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
-            mtp_num_layers=int(
-                cfg.get("mtp_num_hidden_layers", cfg.get("num_nextn_predict_layers", 0)) or 0
-            ),
+            mtp_num_layers=cfg.get("mtp_num_hidden_layers", cfg.get("num_nextn_predict_layers"))
+            or 0,
             vision_tower_skipped=vision_tower,
             **hybrid,
         )
+
+
+# Keys that change the model's arithmetic in ways mtpd does not implement, with the
+# values that leave it unchanged. Running such a checkpoint with the key ignored would
+# answer, wrongly; it is refused instead, naming the key.
+_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "quantization_config": (None,),  # FP8, AWQ, GPTQ, bitsandbytes...: scales to apply
+    "compression_config": (None,),  # compressed-tensors' older name for it
+    "layer_scale": (None, False, 1, 1.0),
+    "layer_scales": (None, False),
+    "residual_multiplier": (None, 1, 1.0),
+    "embedding_multiplier": (None, 1, 1.0),
+    "attention_multiplier": (None,),
+    "logits_scaling": (None, 1, 1.0),
+    "attn_logit_softcapping": (None,),
+    "final_logit_softcapping": (None,),
+    "use_sliding_window": (None, False),
+    "hidden_act": (None, "silu"),
+}
+
+
+def _refuse_unimplemented(cfg: dict[str, Any], source: str) -> None:
+    for key, neutral in _NEUTRAL.items():
+        value = cfg.get(key)
+        if not any(value is n or (type(value) is type(n) and value == n) for n in neutral):
+            what = value.get("quant_method", "?") if isinstance(value, dict) else value
+            raise ModelLoadError(
+                f"{source}: {key}={what!r} is not implemented by mtpd; refusing to run the "
+                f"model without it"
+                + (
+                    " (serve the unquantized checkpoint; mtpd quantizes it with --quant)"
+                    if key in ("quantization_config", "compression_config")
+                    else ""
+                )
+            )
+    for key in ("mtp_num_hidden_layers", "num_nextn_predict_layers"):
+        if cfg.get(key) not in (None, 0, 1):
+            raise ModelLoadError(
+                f"{source}: {key}={cfg[key]!r} is not implemented by mtpd: it runs at most "
+                "one MTP layer"
+            )
 
 
 def _positive_int(cfg: dict[str, Any], key: str, source: str) -> int:
@@ -214,10 +257,6 @@ def _hybrid_fields(
     def need(key: str) -> int:
         return _positive_int(cfg, key, source)
 
-    if cfg.get("hidden_act", "silu") != "silu":
-        raise ModelLoadError(
-            f"{source}: unsupported hidden_act {cfg['hidden_act']!r} (supported: 'silu')"
-        )
     layers = need("num_hidden_layers")
     types = cfg.get("layer_types")
     if types is None:

@@ -3,7 +3,9 @@ sandbox, as the template is data from a model file), and UTF-8-safe streaming.""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+import secrets
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -12,7 +14,7 @@ from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from mtpd.model.config import ModelConfig
-from mtpd.model.errors import InputError
+from mtpd.model.errors import InputError, check_unicode
 
 if TYPE_CHECKING:  # checkpoint imports torch; the daemon imports this module before it
     from mtpd.model.checkpoint import Checkpoint
@@ -40,6 +42,22 @@ class Tokenizer:
         self.bos_id = bos_id
         self.eos_ids = frozenset(eos_ids)
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        # Special tokens spelled out in a message's content are text, not control: a user
+        # must not open a system turn by typing its markup. Longest first, so a token
+        # that begins another is not matched inside it.
+        specials = sorted(
+            (t.content for t in tok.get_added_tokens_decoder().values() if t.special),
+            key=len,
+            reverse=True,
+        )
+        self._special_markup = re.compile("|".join(map(re.escape, specials))) if specials else None
+        # A special token could also form across a content's edge: from a fragment of it
+        # typed at the end of one message and the text after it (another message's, or
+        # the template's), or at the start of one. Such edge fragments are hidden too.
+        self._heads = {s[:k] for s in specials for k in range(1, len(s))}
+        self._tails = {s[k:] for s in specials for k in range(1, len(s))}
+        self._fragment_len = max(map(len, specials), default=1) - 1
+        self._as_text: tokenizers.Tokenizer | None = None  # made on first need
         self._template = None
         if chat_template:
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
@@ -60,7 +78,76 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         # Special-token markup in the text (from a rendered template) is honoured.
+        check_unicode(text, "text")
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def _encode_as_text(self, text: str) -> list[int]:
+        """Special-token markup spelled out as the text it is."""
+        if self._as_text is None:  # a copy: the setting is the tokenizer's, shared by threads
+            as_text = tokenizers.Tokenizer.from_str(self._tok.to_str())
+            as_text.encode_special_tokens = True
+            self._as_text = as_text  # only once set: another thread may use it at once
+        return self._as_text.encode(text, add_special_tokens=False).ids
+
+    def _hidden(self, content: str, hide: Callable[[str], str]) -> str:
+        """`content` with each special token it spells, and each fragment of one at its
+        edges, replaced by `hide(text)`."""
+        assert self._special_markup is not None
+        content = self._special_markup.sub(lambda m: hide(m.group()), content)
+        longest = min(len(content), self._fragment_len)
+        head = next((k for k in range(longest, 0, -1) if content[:k] in self._tails), 0)
+        longest = min(len(content) - head, self._fragment_len)
+        tail = next((k for k in range(longest, 0, -1) if content[-k:] in self._heads), 0)
+        middle = content[head : len(content) - tail]
+        return (
+            (hide(content[:head]) if head else "")
+            + middle
+            + (hide(content[-tail:]) if tail else "")
+        )
+
+    def encode_chat(
+        self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True
+    ) -> tuple[str, list[int]]:
+        """The rendered chat and its token ids, where only the template's own markup is
+        control tokens. Each special token a message's content spells is swapped for a
+        placeholder no caller can guess before rendering, and encoded as text after:
+        content without such markup renders and encodes exactly as `encode(render_chat())`."""
+        markup, found = self._special_markup, {}
+        if markup is not None:
+            nonce = secrets.token_hex(16)
+
+            def hide(text: str) -> str:
+                key = f"\x00{nonce}:{len(found)}\x00"
+                found[key] = text
+                return key
+
+            messages = [
+                {**m, "content": self._hidden(m["content"], hide)}
+                if isinstance(m.get("content"), str)
+                else m
+                for m in messages
+            ]
+        rendered = self.render_chat(messages, add_generation_prompt)
+        if not found:
+            return rendered, self.encode(rendered)
+        # Control tokens are the template's markup; every run of text between two of them
+        # (the hidden markup restored) is encoded whole, as text, as encode() would
+        # encode a run without markup.
+        pieces = re.split(f"(\x00{nonce}:\\d+\x00)", rendered)
+        ids: list[int] = []
+        run = ""
+        for i, piece in enumerate(pieces):
+            if i % 2:  # a placeholder (the split's capture group)
+                run += found[piece]
+                continue
+            at = 0
+            for control in markup.finditer(piece):
+                run += piece[at : control.start()]
+                ids += [*self._encode_as_text(run), self._tok.token_to_id(control.group())]
+                run, at = "", control.end()
+            run += piece[at:]
+        ids += self._encode_as_text(run)
+        return "".join(found.get(piece, piece) for piece in pieces), ids
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=True)

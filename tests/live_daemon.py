@@ -4,12 +4,15 @@ processes and its gRPC API, on a tiny random model with a chat template and an M
 from __future__ import annotations
 
 import contextlib
+import http.client
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import grpc
 import psutil
@@ -29,6 +32,26 @@ def write_served_model(path: Path) -> Path:
     write_char_tokenizer(path, CHAT_TEMPLATE)
     add_mtp_head(path)
     return path
+
+
+def http_request(
+    base_url: str,
+    method: str,
+    path: str,
+    body: bytes | dict | list | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 30,
+) -> tuple[int, bytes]:
+    """One raw HTTP exchange (what no SDK sends); `path` is under the server's root."""
+    url = urlsplit(base_url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=timeout)
+    try:
+        content = body if isinstance(body, bytes | None) else json.dumps(body).encode()
+        conn.request(method, path, body=content, headers=headers or {})
+        reply = conn.getresponse()
+        return reply.status, reply.read()
+    finally:
+        conn.close()
 
 
 def wait_for(predicate, timeout: float = 30.0):
@@ -94,6 +117,16 @@ class LiveDaemon:
                     return seen
                 time.sleep(0.05)
         raise TimeoutError(f"mtpd serve not SERVING after {timeout} s: {self.log.read_text()}")
+
+    @classmethod
+    def with_http(
+        cls, model: Path, workdir: Path, name: str, token: str, *flags: str, **kw
+    ) -> LiveDaemon:
+        """With the OpenAI HTTP API too, serving the model as `name`; its base is `url`."""
+        flags = ("--http", "127.0.0.1:0", "--served-model-name", name, *flags)
+        live = cls(model, workdir, *flags, token=token, **kw)
+        live.url = live.announced("mtpd: OpenAI-compatible HTTP API on ")
+        return live
 
     def announced(self, prefix: str) -> str:
         """The rest of the daemon's first stderr line that starts with `prefix`."""

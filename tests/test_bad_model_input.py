@@ -103,3 +103,31 @@ def test_not_a_model_file(capsys, tmp_path):
 def test_bad_generation_flags(capsys, model_dir, flag, value, named):
     code, err = run_cli(capsys, "--model", str(model_dir), flag, value)
     assert code == 2 and named in err
+
+
+UNIMPLEMENTED = [
+    ({"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}}, "'fp8'"),
+    ({"quantization_config": {"quant_method": "awq", "bits": 4}}, "'awq'"),
+    ({"quantization_config": {"quant_method": "gptq", "bits": 4}}, "'gptq'"),
+    ({"layer_scale": 0.5}, "layer_scale=0.5"),
+    ({"num_nextn_predict_layers": 3}, "num_nextn_predict_layers=3"),
+    ({"use_sliding_window": True, "sliding_window": 64}, "use_sliding_window=True"),
+    ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+]
+
+
+@pytest.mark.parametrize(("keys", "named"), UNIMPLEMENTED, ids=[str(k) for k, _ in UNIMPLEMENTED])
+def test_a_config_mtpd_does_not_implement_is_refused_naming_the_key(capsys, model_dir, keys, named):
+    """Never run with pre-quantized scales or an unknown change to the arithmetic ignored."""
+    cfg = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**cfg, **keys}))
+    code, err = run_cli(capsys, "--model", str(model_dir))
+    assert code == 2 and "config.json" in err and named in err and "not implemented" in err
+
+
+def test_neutral_values_of_those_keys_still_load(capsys, model_dir):
+    cfg = json.loads((model_dir / "config.json").read_text())
+    neutral = {"quantization_config": None, "layer_scale": 1.0, "use_sliding_window": False}
+    (model_dir / "config.json").write_text(json.dumps({**cfg, **neutral, "hidden_act": "silu"}))
+    code, _ = run_cli(capsys, "--model", str(model_dir))
+    assert code == 0

@@ -4,14 +4,12 @@ no SDK sends (malformed JSON, wrong types, a 10 MB body)."""
 
 from __future__ import annotations
 
-import http.client
 import json
 import threading
-from urllib.parse import urlsplit
 
 import openai
 import pytest
-from live_daemon import CONTEXT, LiveDaemon, wait_for, write_served_model
+from live_daemon import CONTEXT, LiveDaemon, http_request, wait_for, write_served_model
 from prometheus_client.parser import text_string_to_metric_families
 from reference import GREEDY, solo_run
 
@@ -31,16 +29,7 @@ def engine(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def daemon(engine, tmp_path_factory):
-    live = LiveDaemon(
-        engine.model_path,
-        tmp_path_factory.mktemp("daemon"),
-        "--http",
-        "127.0.0.1:0",
-        "--served-model-name",
-        MODEL,
-        token=TOKEN,
-    )
-    live.url = live.announced("mtpd: OpenAI-compatible HTTP API on ")
+    live = LiveDaemon.with_http(engine.model_path, tmp_path_factory.mktemp("daemon"), MODEL, TOKEN)
     yield live
     assert live.stop() == 0, live.log.read_text()
 
@@ -219,24 +208,8 @@ def _auth(token: str = TOKEN) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-def request(
-    daemon,
-    method: str,
-    path: str,
-    body: bytes | dict | list | None = None,
-    headers: dict[str, str] | None = None,
-    timeout: float = 30,
-) -> tuple[int, bytes]:
-    """One raw HTTP exchange (what no SDK sends); `path` is under the server's root."""
-    url = urlsplit(daemon.url)
-    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=timeout)
-    try:
-        content = body if isinstance(body, bytes | None) else json.dumps(body).encode()
-        conn.request(method, path, body=content, headers=headers or {})
-        reply = conn.getresponse()
-        return reply.status, reply.read()
-    finally:
-        conn.close()
+def request(daemon, method: str, path: str, body=None, headers=None, timeout: float = 30):
+    return http_request(daemon.url, method, path, body, headers, timeout)
 
 
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
@@ -349,7 +322,7 @@ BAD_REQUESTS = [
         "response_format",
         "text",
     ),
-    ("too many stops", "chat/completions", {**CHAT, "stop": ["a"] * 40}, 400, None, "stop"),
+    ("too many stops", "chat/completions", {**CHAT, "stop": ["a"] * 40}, 400, "stop", "stop"),
     ("negative seed", "chat/completions", {**CHAT, "seed": -1}, 400, "seed", "greater than"),
     (
         "unknown model",
@@ -364,7 +337,7 @@ BAD_REQUESTS = [
         "chat/completions",
         {**CHAT, "max_tokens": 10 * CONTEXT},
         400,
-        None,
+        "max_tokens",
         "context",
     ),
     (
@@ -421,15 +394,23 @@ def test_health_is_open_and_metrics_share_the_port(daemon, oai):
     assert status == 200 and json.loads(health) == {"status": "ok"}
     assert request(daemon, "GET", "/metrics")[0] == 401
 
-    def counter(name: str) -> float:
+    def counter(name: str, reason: str | None = None) -> float:
         text = request(daemon, "GET", "/metrics", headers=_auth())[1].decode()
-        return {f.name: f for f in text_string_to_metric_families(text)}[name].samples[0].value
+        samples = {f.name: f for f in text_string_to_metric_families(text)}[name].samples
+        return sum(s.value for s in samples if reason in (None, s.labels.get("reason")))
 
-    requests, rejected = counter("mtpd_requests"), counter("mtpd_requests_rejected")
+    before = [
+        counter("mtpd_requests"),
+        counter("mtpd_requests_rejected"),
+        counter("mtpd_requests_finished", "length"),
+    ]
     oai.completions.create(model=MODEL, prompt="counted", max_tokens=1)
     with pytest.raises(openai.BadRequestError):
         oai.completions.create(model=MODEL, prompt="refused", max_tokens=1, n=3)
-    assert (counter("mtpd_requests"), counter("mtpd_requests_rejected")) == (
-        requests + 1,
-        rejected + 1,
-    )
+    # A whole reply's request finished by its length, not cancelled by its last chunk.
+    after = [
+        counter("mtpd_requests"),
+        counter("mtpd_requests_rejected"),
+        counter("mtpd_requests_finished", "length"),
+    ]
+    assert after == [b + 1 for b in before]

@@ -145,3 +145,43 @@ def wait_until(condition, timeout: float = 10.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not reached in time"
         time.sleep(0.05)
+
+
+@pytest.mark.parametrize(("workers", "transport"), [(2, "dist"), (2, "grpc")])
+def test_a_bad_sequence_is_refused_alone_and_the_stages_stay_in_lockstep(tiny, workers, transport):
+    """Sequences the daemon should never send (an id outside the vocabulary, a keep
+    beyond the cache, a top_p of 0) are refused one by one, before any compute, on every
+    stage alike: the step's good sequence runs, and the steps after it too."""
+    from mtpd.rpc import sampling_to_wire
+    from mtpd.v1 import worker_pb2 as pb
+
+    path, _, engine = tiny
+    prompt = PROMPTS[0]
+    want = solo_run(engine, prompt, 2)[0]
+    greedy = sampling_to_wire(GREEDY)
+    bad_sampling = pb.SamplingParams(top_p=0.0, repetition_penalty=1.0)
+
+    def step(seq_id, keep, ids, sampling=greedy) -> pb.SequenceStep:
+        return pb.SequenceStep(
+            seq_id=seq_id, keep=keep, token_ids=ids, sample=True, sampling=sampling
+        )
+
+    with start(path, workers, transport) as pipeline:
+        first = pipeline.submit(
+            [
+                step("bad-id", 0, [5, 98]),
+                step("good", 0, prompt),
+                step("bad-keep", 3, [5]),
+                step("bad-sampling", 0, [5], bad_sampling),
+            ]
+        ).result(timeout=60)
+        errors = {seq: r.error for seq, r in first.results.items() if r.error}
+        assert set(errors) == {"bad-id", "bad-keep", "bad-sampling"}
+        assert "token id 98 is outside the vocabulary" in errors["bad-id"]
+        assert "keep 3 beyond its 0 cached positions" in errors["bad-keep"]
+        assert "top_p" in errors["bad-sampling"]
+        assert list(first.results["good"].token_ids) == want[:1]
+        assert [w.active_sequences for w in pipeline.worker_stats()] == [1] * workers
+        second = pipeline.submit([step("good", len(prompt), want[:1]), step("bad-id", 0, [5])])
+        results = second.result(timeout=60).results
+        assert list(results["good"].token_ids) == want[1:2] and not results["bad-id"].error

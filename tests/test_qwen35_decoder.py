@@ -242,6 +242,20 @@ def test_multimodal_checkpoint_serves_its_text_decoder(tmp_path):
     assert (got - want).abs().max() <= TOL
 
 
+TEXT_CONFIG = {  # the smallest valid Qwen3.5 text config
+    "vocab_size": 96,
+    "hidden_size": 64,
+    "intermediate_size": 112,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4,
+    "linear_key_head_dim": 16,
+    "linear_value_head_dim": 16,
+    "linear_conv_kernel_dim": 4,
+}
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
@@ -250,24 +264,21 @@ def test_multimodal_checkpoint_serves_its_text_decoder(tmp_path):
             "'sliding_attention' in layer_types",
         ),
         ({"layer_types": ["full_attention"]}, "one type for each of the 2 layers"),
-        ({"hidden_act": "gelu"}, "unsupported hidden_act 'gelu'"),
+        ({"hidden_act": "gelu"}, "hidden_act='gelu' is not implemented"),
         ({"linear_num_value_heads": 3}, "linear_num_value_heads=3 is not a multiple"),
         ({"linear_conv_kernel_dim": 0}, "linear_conv_kernel_dim must be a positive integer"),
     ],
 )
 def test_bad_hybrid_config_names_the_key(change, message):
-    cfg = {
-        "model_type": "qwen3_5_text",
-        "vocab_size": 96,
-        "hidden_size": 64,
-        "intermediate_size": 112,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "linear_num_key_heads": 2,
-        "linear_num_value_heads": 4,
-        "linear_key_head_dim": 16,
-        "linear_value_head_dim": 16,
-        "linear_conv_kernel_dim": 4,
-    }
+    cfg = {"model_type": "qwen3_5_text", **TEXT_CONFIG}
     with pytest.raises(ModelLoadError, match="config.json: .*" + re.escape(message)):
         ModelConfig.from_hf({**cfg, **change}, source="config.json")
+
+
+def test_a_quantized_multimodal_wrapper_is_refused_by_its_own_key():
+    """Qwen3.5 FP8 checkpoints carry quantization_config beside text_config, not in it."""
+    wrapper = {"model_type": "qwen3_5", "text_config": TEXT_CONFIG}
+    assert ModelConfig.from_hf(wrapper).architecture == "qwen3_5"
+    fp8 = {**wrapper, "quantization_config": {"quant_method": "fp8"}}
+    with pytest.raises(ModelLoadError, match="quantization_config='fp8' is not implemented"):
+        ModelConfig.from_hf(fp8)

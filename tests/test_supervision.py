@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import threading
 import time
 from types import SimpleNamespace
 
@@ -153,16 +154,17 @@ def test_through_the_daemon_a_restart_costs_latency_and_a_crash_loop_fails_clean
             "import sys\nif 'worker' in sys.argv:\n    raise SystemExit('cannot start')\n"
         )
         os.kill(client.info().workers[1].pid, signal.SIGKILL)
-        with pytest.raises(Unavailable, match=r"(?s)worker 1.*given up after 2 restarts"):
+        with pytest.raises(Unavailable, match=r"worker 1 failed again after 2 restarts"):
             client.generate("lost", max_tokens=3, ignore_eos=True)
         assert daemon.process.poll() is None  # the daemon itself stays up
         assert client.info().num_layers == 4
     assert daemon.stop() == 0
 
 
-def test_the_worker_replaced_is_the_one_that_exited_not_the_one_that_reported():
+def test_the_worker_replaced_is_the_one_that_failed_not_a_bystander_that_reported():
     # A killed stage 0 often shows first as stage 1's failed receive; restarting stage 1
-    # could never succeed while stage 0 is gone.
+    # could never succeed while stage 0 is gone. A stage that raised is blamed over one
+    # that only lost its neighbour.
     class Process:
         def __init__(self, exited: bool) -> None:
             self.exited = exited
@@ -170,7 +172,13 @@ def test_the_worker_replaced_is_the_one_that_exited_not_the_one_that_reported():
         def describe_exit(self) -> str | None:
             return "exited with code -9" if self.exited else None
 
-    pipeline = SimpleNamespace(_remote_side=None, processes=[Process(True), Process(False)])
-    assert Pipeline._exited_worker(pipeline, 1) == 0
+    pipeline = SimpleNamespace(
+        processes=[Process(True), Process(False), Process(False)],
+        _lock=threading.Lock(),
+        _blamed=[2],
+    )
+    assert Pipeline._failed_worker(pipeline, 1) == 0  # exited
     pipeline.processes[0].exited = False
-    assert Pipeline._exited_worker(pipeline, 1, wait_s=0.05) == 1  # none exited: the reporter
+    assert Pipeline._failed_worker(pipeline, 1) == 2  # failed itself
+    assert pipeline._blamed == []  # taken: later reports are about the next failure
+    assert Pipeline._failed_worker(pipeline, 1, wait_s=0.05) == 1  # the reporter

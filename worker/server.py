@@ -206,7 +206,13 @@ class WorkerService(pb_grpc.WorkerServicer):
                     if self.stage.link is not None:
                         self.stage.link.close()
                         self.stage.link = None
-                    context.abort(grpc.StatusCode.INTERNAL, f"step {request.step_id}: {e}")
+                    # ABORTED: only a neighbour failed (the daemon replaces that one).
+                    code = (
+                        grpc.StatusCode.ABORTED
+                        if isinstance(e, TransportError)
+                        else grpc.StatusCode.INTERNAL
+                    )
+                    context.abort(code, f"step {request.step_id}: {e}")
         finally:
             self._step_lock.release()
 

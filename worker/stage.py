@@ -2,13 +2,15 @@
 
 Every worker receives every step's control message (sequence ids, cache lengths,
 token ids) from the daemon; only activations move worker to worker. The checks that
-can refuse a step depend only on state every worker shares (cache lengths and the
-step itself), so all stages refuse the same steps and the data plane stays in
-lockstep: a refused step touches neither the cache nor the transport.
+refuse a sequence depend only on state every worker shares (cache lengths and the step
+itself), so all stages refuse the same sequences before any compute and the data plane
+stays in lockstep: a refused sequence touches neither its cache nor the transport, and
+the step's other sequences run. No request's content can make a worker fail.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -24,9 +26,12 @@ from mtpd.rpc import sampling_from_wire
 from mtpd.v1 import worker_pb2 as pb
 from mtpd.worker.cuda_graphs import StepGraphs
 from mtpd.worker.drafter import Advance, Drafter
+from mtpd.worker.faults import fault_from_env
 from mtpd.worker.host_copy import PinnedStaging
 from mtpd.worker.transport import DistLink, decode, encode
 from mtpd.worker.verify import verify
+
+log = logging.getLogger("mtpd.worker")
 
 MAX_DRAFT_TOKENS = 16
 # Host staging for the tail's logits and relayed activations: 64 MiB of float32 holds
@@ -78,67 +83,93 @@ class Stage:
         # and the history (repetition penalty).
         self.tokens: dict[str, list[int]] = {}
         self.stats = StageStats()
+        self.fault = fault_from_env()
 
     @property
     def active_sequences(self) -> int:
         return self.cache.max_seqs - self.cache.free_slots
 
-    def _check(self, req: pb.StepRequest) -> list[SamplingParams]:
-        """Refuse a step that cannot run; returns each sequence's sampling parameters."""
-        seen: set[str] = set()
-        params = []
+    def _check(
+        self, req: pb.StepRequest
+    ) -> tuple[list[pb.SequenceStep], list[SamplingParams], dict[str, str]]:
+        """The sequences that run, their sampling parameters, and why each other one is
+        refused. Only a malformed step (a sequence twice) is refused whole."""
+        ids = [s.seq_id for s in req.sequences]
+        if len(set(ids)) < len(ids):
+            twice = next(i for i in ids if ids.count(i) > 1)
+            raise StepRefused(f"sequence {twice!r} appears twice in step {req.step_id}")
+        # Slots are taken in step order; the released ones are free first. Stages may hold
+        # more slots than others (they are sized by each one's memory), so the daemon
+        # never sends more sequences than the smallest holds: then no stage refuses one
+        # for want of a slot, and none differs from another.
+        released = set(req.release)
+        free = self.cache.free_slots + sum(1 for i in released if self.cache.slot_of(i) is not None)
+        runs, params, refused = [], [], {}
         for s in req.sequences:
-            if s.seq_id in seen:
-                raise StepRefused(f"sequence {s.seq_id!r} appears twice in step {req.step_id}")
-            seen.add(s.seq_id)
-            if not s.token_ids:
-                raise StepRefused(f"sequence {s.seq_id!r}: no token ids to append")
-            slot = self.cache.slot_of(s.seq_id)
-            if slot is None and s.keep:
-                raise StepRefused(
-                    f"sequence {s.seq_id!r}: keep {s.keep} beyond its 0 cached positions"
-                )
-            problem = None if slot is None else self.cache.keep_error(slot, s.keep)
-            if problem:
-                raise StepRefused(f"sequence {s.seq_id!r}: {problem}")
-            if s.keep + len(s.token_ids) > self.cache.max_context:
-                raise StepRefused(
-                    f"sequence {s.seq_id!r} would reach {s.keep + len(s.token_ids)} positions, "
-                    f"beyond the cache's max context of {self.cache.max_context}"
-                )
+            slot = None if s.seq_id in released else self.cache.slot_of(s.seq_id)
             try:
-                params.append(sampling_from_wire(s.sampling))
-            except InputError as e:
-                raise StepRefused(f"sequence {s.seq_id!r}: {e}") from e
-            if s.verify >= len(s.token_ids) or (s.verify and not s.sample):
-                raise StepRefused(
-                    f"sequence {s.seq_id!r}: {s.verify} drafts to verify need a token before "
-                    f"them and sample set"
-                )
-            if s.draft_tokens > MAX_DRAFT_TOKENS:
-                raise StepRefused(
-                    f"sequence {s.seq_id!r}: draft_tokens {s.draft_tokens} above the maximum "
-                    f"of {MAX_DRAFT_TOKENS}"
-                )
-        new = sum(1 for sid in seen if self.cache.slot_of(sid) is None)
-        released = sum(1 for sid in req.release if self.cache.slot_of(sid) is not None)
-        if new > self.cache.free_slots + released:
-            raise StepRefused(f"KV cache full: all {self.cache.max_seqs} sequence slots in use")
-        return params
+                sampling = self._check_sequence(s, slot)
+                if slot is None:
+                    if not free:
+                        raise StepRefused(
+                            f"KV cache full: all {self.cache.max_seqs} sequence slots in use"
+                        )
+                    free -= 1
+            except StepRefused as e:
+                refused[s.seq_id] = f"sequence {s.seq_id!r}: {e}"
+                continue
+            runs.append(s)
+            params.append(sampling)
+        return runs, params, refused
+
+    def _check_sequence(self, s: pb.SequenceStep, slot: int | None) -> SamplingParams:
+        if not s.token_ids:
+            raise StepRefused("no token ids to append")
+        vocab = self.shard.cfg.vocab_size
+        if min(s.token_ids) < 0 or max(s.token_ids) >= vocab:
+            bad = next(t for t in s.token_ids if not 0 <= t < vocab)
+            raise StepRefused(f"token id {bad} is outside the vocabulary (0..{vocab - 1})")
+        if slot is None and s.keep:
+            raise StepRefused(f"keep {s.keep} beyond its 0 cached positions")
+        problem = None if slot is None else self.cache.keep_error(slot, s.keep)
+        if problem:
+            raise StepRefused(problem)
+        if s.keep + len(s.token_ids) > self.cache.max_context:
+            raise StepRefused(
+                f"would reach {s.keep + len(s.token_ids)} positions, beyond the cache's max "
+                f"context of {self.cache.max_context}"
+            )
+        if s.verify >= len(s.token_ids) or (s.verify and not s.sample):
+            raise StepRefused(
+                f"{s.verify} drafts to verify need a token before them and sample set"
+            )
+        if s.draft_tokens > MAX_DRAFT_TOKENS:
+            raise StepRefused(
+                f"draft_tokens {s.draft_tokens} above the maximum of {MAX_DRAFT_TOKENS}"
+            )
+        try:
+            return sampling_from_wire(s.sampling)
+        except InputError as e:
+            raise StepRefused(str(e)) from e
 
     def run(self, req: pb.StepRequest) -> pb.StepReply:
         arrived = time.monotonic()
         reply = pb.StepReply(step_id=req.step_id)
         try:
-            params = self._check(req)
+            runs, params, refused = self._check(req)
         except StepRefused as e:
             reply.error = str(e)
             return reply
+        for seq_id, why in refused.items():
+            log.warning("step %d: refused %s", req.step_id, why)
+            reply.results.add(seq_id=seq_id, error=why)
         self._release(req.release)
-        if not req.sequences:
+        if not runs:
             return reply
+        if self.fault is not None and self.is_first:
+            self.fault(runs)
         with torch.inference_mode():
-            self._compute(req, params, reply, arrived)
+            self._compute(runs, req.activations, params, reply, arrived)
         return reply
 
     def _release(self, seq_ids: Iterable[str]) -> None:
@@ -154,9 +185,13 @@ class Stage:
         self.link = link
 
     def _compute(
-        self, req: pb.StepRequest, params: list[SamplingParams], reply: pb.StepReply, arrived: float
+        self,
+        seqs: list[pb.SequenceStep],
+        activations: pb.Activations,
+        params: list[SamplingParams],
+        reply: pb.StepReply,
+        arrived: float,
     ) -> None:
-        seqs = req.sequences
         slots = [self.cache.slot(s.seq_id) for s in seqs]
         counts = [len(s.token_ids) for s in seqs]
         for slot, s in zip(slots, seqs, strict=True):
@@ -169,7 +204,7 @@ class Stage:
         elif self.link is not None:
             x = self.link.recv(rows, self.hidden_size, self.shard.dtype)
         else:
-            x = decode(req.activations, rows, self.hidden_size).to(device)
+            x = decode(activations, rows, self.hidden_size).to(device)
         input_ready = time.monotonic()
 
         hidden = None if self.graphs is None else self.graphs.run(x, slots, counts)
