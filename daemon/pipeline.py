@@ -38,6 +38,9 @@ log = logging.getLogger("mtpd.daemon")
 
 START_TIMEOUT_S = 120.0
 EXIT_NOTICE_S = 0.3  # how long a failure report waits for a dying worker to be reaped
+# How long a bystander's report (it lost a neighbour) waits for the failed worker's own:
+# a worker that raised closes its data-plane link before its step stream ends.
+BYSTANDER_NOTICE_S = 5.0
 
 
 @dataclass
@@ -438,16 +441,16 @@ class Pipeline:
         reason = f"worker {reporter}: {message}"
         for p in pending:
             p.future.set_exception(PipelineRestarting(reason, ran=True))
+        wait_s = BYSTANDER_NOTICE_S if bystander else EXIT_NOTICE_S
         threading.Thread(
-            target=self._recover, args=(reporter, reason), daemon=True, name="recovery"
+            target=self._recover, args=(reporter, reason, wait_s), daemon=True, name="recovery"
         ).start()
 
-    def _recover(self, rank: int, reason: str) -> None:
+    def _recover(self, rank: int, reason: str, wait_s: float) -> None:
         """Replace worker `rank`: a new process loads its shard while every other worker
         drops its caches, and all of them form a fresh data-plane group (the survivors
         keep their weights: no reload). A worker out of restart budget waits until its
         oldest restart leaves the window; meanwhile `failure` says why steps fail."""
-        wait_s = EXIT_NOTICE_S
         while not self._closed.is_set():
             # Picked again on every try: another worker may have died meanwhile.
             rank = self._failed_worker(rank, wait_s)
@@ -473,6 +476,7 @@ class Pipeline:
                 self._tell_listeners()
                 if self._closed.wait(None if self.failed_for_good else wait):
                     return
+                continue  # picked again, and the budget asked again
             self.restarts[rank] += 1
             self._restarted_at[rank].append(time.monotonic())
             log.warning("%s; restarting worker %d (restart %d)", why, rank, self.restarts[rank])
@@ -508,7 +512,7 @@ class Pipeline:
         0 shows first as stage 1's failed receive): a local worker whose process has
         exited goes first, since no group can form while it is gone, then one that failed
         itself, then the reporter. `wait_s` gives a dying process time to be reaped (its
-        sockets close before its exit shows) and the others time to report."""
+        sockets close before its exit shows) and the one that failed time to report."""
         deadline = time.monotonic() + wait_s
         while True:
             for r, process in enumerate(self.processes):

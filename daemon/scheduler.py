@@ -226,7 +226,7 @@ class Scheduler:
         self._in_flight = 0
         self._stopped = False
         self._epoch = pipeline.epoch  # the pipeline's recoveries seen (each one: replay)
-        self._quarantined: OrderedDict[bytes, None] = OrderedDict()
+        self._quarantined: OrderedDict[bytes, float] = OrderedDict()  # fingerprint: when
         pipeline.add_listener(self._wake)
         # The latest steps, for benchmarks and stats.
         self.recent_steps: deque[StepRecord] = deque(maxlen=4096)
@@ -276,7 +276,10 @@ class Scheduler:
         with self._cond:
             if self._stopped:
                 raise RequestFailed("the scheduler is stopped")
-            if fingerprint in self._quarantined:  # the same again: no second outage
+            # The same request again, within the restart window: no second outage. (Later
+            # it runs again: a worker killed from outside can quarantine an innocent one.)
+            when = self._quarantined.get(fingerprint)
+            if when is not None and time.monotonic() - when < self.pipeline.cfg.restart_window_s:
                 raise RequestQuarantined(
                     "the same prompt and sampling made a worker fail twice before: not run again"
                 )
@@ -449,7 +452,8 @@ class Scheduler:
                 continue
             if alone:
                 log.error("%s: quarantined: it made a worker fail twice", seq.request.seq_id)
-                self._quarantined[seq.fingerprint] = None
+                self._quarantined[seq.fingerprint] = time.monotonic()
+                self._quarantined.move_to_end(seq.fingerprint)
                 if len(self._quarantined) > MAX_QUARANTINED:
                     self._quarantined.popitem(last=False)
                 self._retire([seq], "quarantined", QUARANTINED)

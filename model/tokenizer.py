@@ -3,9 +3,11 @@ sandbox, as the template is data from a model file), and UTF-8-safe streaming.""
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +32,13 @@ def _raise(message: str) -> None:
     raise ChatTemplateError(message)
 
 
+@dataclass(frozen=True)
+class _Respelled:
+    tokenizer: tokenizers.Tokenizer
+    spelling: dict[str, str]  # an added token's content -> its spelling in `tokenizer`
+    ids: dict[int, int]  # its id there -> its id in the model's tokenizer
+
+
 class Tokenizer:
     def __init__(
         self,
@@ -42,22 +51,18 @@ class Tokenizer:
         self.bos_id = bos_id
         self.eos_ids = frozenset(eos_ids)
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
-        # Special tokens spelled out in a message's content are text, not control: a user
-        # must not open a system turn by typing its markup. Longest first, so a token
-        # that begins another is not matched inside it.
-        specials = sorted(
-            (t.content for t in tok.get_added_tokens_decoder().values() if t.special),
-            key=len,
-            reverse=True,
-        )
-        self._special_markup = re.compile("|".join(map(re.escape, specials))) if specials else None
-        # A special token could also form across a content's edge: from a fragment of it
-        # typed at the end of one message and the text after it (another message's, or
-        # the template's), or at the start of one. Such edge fragments are hidden too.
-        self._heads = {s[:k] for s in specials for k in range(1, len(s))}
-        self._tails = {s[k:] for s in specials for k in range(1, len(s))}
-        self._fragment_len = max(map(len, specials), default=1) - 1
-        self._as_text: tokenizers.Tokenizer | None = None  # made on first need
+        # Added tokens spelled out in a message's content are text, not control: a user
+        # must not open a system turn (or a tool's answer) by typing its markup. Longest
+        # first, so a token that begins another is not matched inside it.
+        added = sorted({t.content for t in tok.get_added_tokens_decoder().values()}, key=len)[::-1]
+        self._markup = re.compile("|".join(map(re.escape, added))) if added else None
+        # One could also form across a content's edge, from a fragment of it typed at the
+        # end of one message and the text after it (another message's, or the
+        # template's), or at the start of one. Such edge fragments are hidden too.
+        self._heads = {s[:k] for s in added for k in range(1, len(s))}
+        self._tails = {s[k:] for s in added for k in range(1, len(s))}
+        self._fragment_len = max(map(len, added), default=1) - 1
+        self._respelled: _Respelled | None = None  # made on first need
         self._template = None
         if chat_template:
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
@@ -81,19 +86,11 @@ class Tokenizer:
         check_unicode(text, "text")
         return self._tok.encode(text, add_special_tokens=False).ids
 
-    def _encode_as_text(self, text: str) -> list[int]:
-        """Special-token markup spelled out as the text it is."""
-        if self._as_text is None:  # a copy: the setting is the tokenizer's, shared by threads
-            as_text = tokenizers.Tokenizer.from_str(self._tok.to_str())
-            as_text.encode_special_tokens = True
-            self._as_text = as_text  # only once set: another thread may use it at once
-        return self._as_text.encode(text, add_special_tokens=False).ids
-
     def _hidden(self, content: str, hide: Callable[[str], str]) -> str:
-        """`content` with each special token it spells, and each fragment of one at its
+        """`content` with each added token it spells, and each fragment of one at its
         edges, replaced by `hide(text)`."""
-        assert self._special_markup is not None
-        content = self._special_markup.sub(lambda m: hide(m.group()), content)
+        assert self._markup is not None
+        content = self._markup.sub(lambda m: hide(m.group()), content)
         longest = min(len(content), self._fragment_len)
         head = next((k for k in range(longest, 0, -1) if content[:k] in self._tails), 0)
         longest = min(len(content) - head, self._fragment_len)
@@ -109,10 +106,12 @@ class Tokenizer:
         self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True
     ) -> tuple[str, list[int]]:
         """The rendered chat and its token ids, where only the template's own markup is
-        control tokens. Each special token a message's content spells is swapped for a
-        placeholder no caller can guess before rendering, and encoded as text after:
-        content without such markup renders and encodes exactly as `encode(render_chat())`."""
-        markup, found = self._special_markup, {}
+        control tokens. Markup a message's content spells is swapped for a placeholder
+        no caller can guess before rendering, and restored after as text: the template's
+        markup is respelled for a tokenizer that knows only the respelled forms, so one
+        encode splits the text exactly where `encode` would. Content without markup
+        encodes exactly as `encode(render_chat())`."""
+        markup, found = self._markup, {}
         if markup is not None:
             nonce = secrets.token_hex(16)
 
@@ -130,24 +129,35 @@ class Tokenizer:
         rendered = self.render_chat(messages, add_generation_prompt)
         if not found:
             return rendered, self.encode(rendered)
-        # Control tokens are the template's markup; every run of text between two of them
-        # (the hidden markup restored) is encoded whole, as text, as encode() would
-        # encode a run without markup.
-        pieces = re.split(f"(\x00{nonce}:\\d+\x00)", rendered)
-        ids: list[int] = []
-        run = ""
-        for i, piece in enumerate(pieces):
-            if i % 2:  # a placeholder (the split's capture group)
-                run += found[piece]
-                continue
-            at = 0
-            for control in markup.finditer(piece):
-                run += piece[at : control.start()]
-                ids += [*self._encode_as_text(run), self._tok.token_to_id(control.group())]
-                run, at = "", control.end()
-            run += piece[at:]
-        ids += self._encode_as_text(run)
-        return "".join(found.get(piece, piece) for piece in pieces), ids
+        pieces = re.split(f"(\x00{nonce}:\\d+\x00)", rendered)  # odd ones: placeholders
+        if any(nonce in piece.lower() for piece in pieces[::2]):
+            raise ChatTemplateError(
+                "this chat template rewrites message content (tojson, upper...), so the "
+                "token markup in it cannot be kept as text: remove it from the messages"
+            )
+        respelled = self._respelled or self._respell()
+        spelled = "".join(
+            found[piece] if i % 2 else markup.sub(lambda m: respelled.spelling[m.group()], piece)
+            for i, piece in enumerate(pieces)
+        )
+        ids = respelled.tokenizer.encode(spelled, add_special_tokens=False).ids
+        text = "".join(found.get(piece, piece) for piece in pieces)
+        return text, [respelled.ids.get(i, i) for i in ids]
+
+    def _respell(self) -> _Respelled:
+        """A copy of the tokenizer whose added tokens are spelled as strings no caller
+        can guess (their options kept), with the ids they get there mapped back."""
+        config = json.loads(self._tok.to_str())
+        nonce = secrets.token_hex(16)
+        spelling = {}
+        for token in config["added_tokens"]:
+            spelling[token["content"]] = token["content"] = f"\x00{nonce}:{token['id']}\x00"
+        copy = tokenizers.Tokenizer.from_str(json.dumps(config))
+        originals = {spelled: original for original, spelled in spelling.items()}
+        ids = {copy.token_to_id(s): self._tok.token_to_id(o) for s, o in originals.items()}
+        # Assigned whole and once made: another thread may use it at once.
+        self._respelled = _Respelled(copy, spelling, ids)
+        return self._respelled
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=True)

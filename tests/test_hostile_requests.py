@@ -267,7 +267,9 @@ def _random_http_bodies(daemon, headers: dict[str, str]) -> None:
         max_size=3,
     )
 
-    @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=200, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck)
+    )
     @given(
         chat=st.booleans(),
         body=st.fixed_dictionaries({}, optional=near) | st.fixed_dictionaries({}, optional=fields),
@@ -298,7 +300,9 @@ def _random_grpc_bytes(daemon) -> None:
 
     channel = grpc.insecure_channel(daemon.address)
 
-    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=150, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck)
+    )
     @given(
         which=st.integers(0, len(requests) - 1),
         changes=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=4),
@@ -328,7 +332,7 @@ def _random_grpc_bytes(daemon) -> None:
 # -- a request that crashes its worker -------------------------------------------------
 
 STREAMS = [("The first stream", GREEDY), ("Another one", GREEDY), ("A third prompt", None)]
-TOKENS = 40
+TOKENS = 160  # long enough to be running still when the poisoned request comes
 WINDOW_S = 30
 BACK = "Back again"
 
@@ -408,8 +412,8 @@ def test_a_request_that_crashes_its_worker_is_quarantined_and_the_budget_heals(
             wait_for(lambda: _health(daemon.address) == health.SERVING, timeout=WINDOW_S + 60)
             assert time.monotonic() - began < WINDOW_S + 60
             _check_serving(client, engine)
-        log = daemon.log.read_text()
-        assert "quarantined" in log and "Traceback" not in log
+        log = daemon.log.read_text()  # the streams were replayed beside the suspect
+        assert "replaying 3 sequence(s)" in log and "quarantined" in log
     finally:
         assert daemon.stop() == 0, daemon.log.read_text()
 
