@@ -3,18 +3,20 @@
 The output never depends on this choice (verification is exact), only the speed does.
 With acceptance c_j at draft position j (conditional on the earlier ones being
 accepted), a step drafting k tokens emits E(k) = 1 + sum_i prod_{j<=i} c_j tokens on
-average and costs T(k) = (V(b(1 + k)) + D * max(k, 1)) / b: a sequence's share of a
+average and costs T(k) = (V(b(1 + k)) + D * k) / b: a sequence's share of a
 pipeline pass over the b sequences of its batch with 1 + k positions each, and of the
-head's passes over the batch (the first runs even for k = 0, to keep its cache
-current). V(n) is the measured mean time of passes over n positions where such passes
+head's passes over the batch (none for k = 0: the head catches its cache up in the
+next step that drafts, `mtpd.worker.drafter`). V(n) is the measured mean time of passes over n positions where such passes
 were seen, else the line alpha + beta * n fitted online to every pass, continued from
 the measured sizes below n; never less than a smaller size's measured mean. A line
 alone is not enough: a pass's cost need not grow evenly with its rows (oneDNN once
 changed kernels at the third row, which cost twice what the second did), so a policy
 trusting the line drafts two tokens where one pays better. The policy picks the k in
 0..6 with the largest E(k) / T(k), drafting one token every few steps even at k = 0 so
-acceptance keeps being measured; a sequence's acceptance starts from the server-wide
-rates and moves to its own.
+acceptance keeps being measured (every 8 steps, backing off to every 64 as first drafts
+keep being rejected, and that times the batch: a batch explores as often as one
+sequence); a sequence's acceptance starts from the server-wide rates and moves to its
+own.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ AUTO = "auto"
 MAX_DRAFT = 6  # the longest draft `auto` considers
 _PRIOR_WEIGHT = 8.0  # how many observations the server-wide rate is worth per sequence
 _FORGET = 0.98  # per step, for the cost fit
-_EXPLORE_EVERY = 8  # with k = 0 chosen, draft one token every this many steps anyway
+_EXPLORE_EVERY = 8  # with k = 0 chosen, draft one token every this many steps anyway,
+_EXPLORE_BACKOFF = 3  # doubled for each first draft rejected, up to this many times
 _MEASURED = 3.0  # weight of observations before a pass size's mean replaces the line
 _SIZES = 512  # pass sizes (positions) whose mean time is kept
 
@@ -140,8 +143,13 @@ class DraftPolicy:
             return 1.0, 0.05
         mean_x, mean_y = self._sx / self._sw, self._sy / self._sw
         var = self._sxx / self._sw - mean_x * mean_x
-        beta = (self._sxy / self._sw - mean_x * mean_y) / var if var > 1e-9 else 0.0
-        beta = max(beta, 0.0)
+        if var <= 1e-9:
+            # One pass size seen: no slope to fit. Assume the worst, a cost in proportion
+            # to positions, until another size is measured. A flat line had made every
+            # draft look free to a batch whose sequences all chose the same k, and kept
+            # it there (8 int4 streams at 0.93x MTP off, session 12).
+            return 1e-6, mean_y / max(mean_x, 1.0)
+        beta = max((self._sxy / self._sw - mean_x * mean_y) / var, 0.0)
         return max(mean_y - beta * mean_x, 1e-6), beta
 
     def pass_cost(self, positions: int) -> float:
@@ -195,13 +203,16 @@ class DraftPolicy:
         )
         best, best_rate = 0, 0.0
         for k in range(min(MAX_DRAFT, limit) + 1):
-            # The head's first pass runs even for k = 0: it keeps its cache current. Its
-            # passes, like the trunk's, serve the whole batch at once.
-            cost = (self.pass_cost(batch * (1 + k)) + draft * max(k, 1)) / batch
+            # The head's passes, like the trunk's, serve the whole batch at once.
+            cost = (self.pass_cost(batch * (1 + k)) + draft * k) / batch
             rate = self.expected_tokens(rates, k) / cost
             if rate > best_rate:
                 best, best_rate = k, rate
-        if best == 0 and own.steps % _EXPLORE_EVERY == _EXPLORE_EVERY - 1:
+        # A batch explores as often as one sequence would: each exploring row is paid
+        # for by the whole step (an extra position and a head pass it did not need).
+        rejected = _at(own.drafted, 0) - _at(own.accepted, 0)
+        every = (_EXPLORE_EVERY << min(rejected, _EXPLORE_BACKOFF)) * batch
+        if best == 0 and own.steps % every == every - 1:
             best = 1  # keep measuring, so a sequence that turns predictable is noticed
         return best
 

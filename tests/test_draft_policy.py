@@ -61,12 +61,15 @@ def test_the_heads_pass_is_shared_by_the_batch_too():
     # Measured at 8 streams of int4 (session 10): a pass over 8 positions 10.8 ms, over
     # 16 19.4 ms, a head pass over the batch 1.3 ms. At acceptance 0.45 one draft each
     # costs more than it gives; billing each sequence a whole head pass had hidden that.
+    # A step that drafts nothing costs no head pass at all (the head catches up later).
     policy, seq = DraftPolicy(AUTO), steady_sequence(0.45)
     for positions, pass_s in ((8, 0.0108), (16, 0.0194)):
         for _ in range(4):
             policy.observe_step(positions, pass_s + 0.0013, 0.0013, passes=1)
     assert policy.choose(seq, limit=6, batch=8) == 0
-    assert policy.choose(steady_sequence(0.9), limit=6, batch=8) == 1
+    # 1.95 tokens for (19.4 + 1.3) / 8 ms beats 1 for 10.8 / 8; 1.9 would not.
+    assert policy.choose(steady_sequence(0.95), limit=6, batch=8) == 1
+    assert policy.choose(steady_sequence(0.9), limit=6, batch=8) == 0
 
 
 def test_fixed_settings_and_limits_are_kept():
@@ -74,3 +77,26 @@ def test_fixed_settings_and_limits_are_kept():
     assert DraftPolicy(3).choose(seq, limit=6) == 3
     assert DraftPolicy(3).choose(seq, limit=2) == 2
     assert DraftPolicy(AUTO).choose(seq, limit=0) == 0
+
+
+def test_exploring_backs_off_while_first_drafts_are_rejected():
+    """With k = 0 chosen, one draft every 8 steps keeps acceptance measured; each first
+    draft rejected doubles the interval, to every 64 steps; in a batch of b, b times as
+    long."""
+    policy = DraftPolicy(AUTO)
+    observe(policy, 1, 0.100)
+    observe(policy, 2, 0.190)  # a second position costs 90%: k = 0 at any acceptance here
+
+    def explored(rejected: int, batch: int = 1) -> list[int]:
+        seq = DraftStats(steps=0, drafted=[rejected], reached=[rejected], accepted=[0])
+        steps = []
+        for step in range(128):
+            seq.steps = step
+            if policy.choose(seq, limit=6, batch=batch):
+                steps.append(step)
+        return steps
+
+    assert explored(0) == list(range(7, 128, 8))
+    assert explored(1) == list(range(15, 128, 16))
+    assert explored(3) == explored(10) == [63, 127]
+    assert explored(0, batch=4) == [31, 63, 95, 127]  # the batch, as one sequence

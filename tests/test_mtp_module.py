@@ -137,3 +137,57 @@ def test_head_inside_the_checkpoint_is_found(tmp_path):
     found = read_checkpoint_head(open_checkpoint(tmp_path), cfg)
     assert found is not None and set(found) == set(head)
     assert all(torch.equal(found[k], head[k]) for k in head)
+
+
+def test_the_heads_cache_caught_up_lazily_drafts_as_if_kept_current(tmp_path, monkeypatch):
+    """Steps that draft nothing leave the head idle (their entries are kept back); the
+    next step that drafts runs it over them all at once. Its drafts and its cache then
+    equal those of a head that ran at every step, through a replay from position 0 and
+    past MAX_DEFERRED held entries."""
+    from mtpd.worker import drafter as drafter_module
+    from mtpd.worker.drafter import Advance, Drafter
+
+    monkeypatch.setattr(drafter_module, "MAX_DEFERRED", 16)  # reached within the test
+    _, _, cfg, trunk = build(tmp_path)
+    mtp = MTPHead(cfg, random_head(cfg, seed=7), trunk.embedding, trunk.lm_head, 128, torch.float32)
+    g = torch.Generator().manual_seed(11)
+    hidden = torch.randn(128, cfg.hidden_size, generator=g)
+    tokens = torch.randint(0, VOCAB, (129,), generator=g).tolist()
+    # (keep, positions) per step: a prompt, decode and verification steps, positions sent
+    # again, a replay from 0, and a stretch longer than MAX_DEFERRED.
+    steps, p = [(0, 6)], 6
+    for i in range(20):
+        steps.append((p, 1 + i % 3))
+        p += 1 + i % 3
+        if i == 12:  # positions sent again (the trunk's rollback): cut back, then re-added
+            steps.append((p - 2, 3))
+            p += 1
+    steps.append((0, p))  # a replay of the whole history
+    for _ in range(16 + 5):
+        steps.append((p, 1))
+        p += 1
+    drafting = {5, 18, 22, len(steps) - 1}  # the steps where the lazy head drafts
+
+    eager, lazy = Drafter(mtp, 1, 128), Drafter(mtp, 1, 128)
+    for n, (keep, m) in enumerate(steps):
+        items = []
+        for drafter, want in ((eager, 2), (lazy, 2 if n in drafting else 0)):
+            item = Advance(
+                "s",
+                keep,
+                tokens[keep],
+                hidden[keep : keep + m],
+                tokens[keep + 1 : keep + m + 1],
+                want,
+            )
+            drafter.advance([item])
+            items.append(item)
+        held = sum(len(t) for _, t in lazy._deferred.get("s", []))  # memory stays bounded
+        assert held < 16
+        if n in drafting:
+            assert items[1].drafts == items[0].drafts and items[0].drafts, n
+            slot = eager.cache.slot("s")
+            assert lazy.cache.lengths[slot] == eager.cache.lengths[slot] == keep + m
+            for mine, theirs in ((lazy.cache.k, eager.cache.k), (lazy.cache.v, eager.cache.v)):
+                length = keep + m
+                torch.testing.assert_close(mine[:, slot, :, :length], theirs[:, slot, :, :length])

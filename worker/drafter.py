@@ -8,6 +8,12 @@ its state at the last one predicts the first draft; further drafts run the head
 recursively on its own output, and those entries are discarded again after drafting.
 A prefill chunk's last position waits (its hidden state kept) until the next chunk
 brings the token after it.
+
+The head's cache is caught up lazily: while a sequence drafts nothing, its new entries
+are only kept (their hidden rows and next tokens), and the head runs over all of them
+in the pass of the next step that drafts, or once MAX_DEFERRED have gathered. A step
+that does not draft then costs the trunk alone, which is what lets `auto` turn drafting
+off without paying for the head; the entries, and so the drafts, are the same.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from dataclasses import dataclass, field
 import torch
 
 from mtpd.model.mtp import MTPHead
+
+MAX_DEFERRED = 256  # entries (hidden rows) a sequence may hold back from the head
 
 
 @dataclass
@@ -37,8 +45,12 @@ class Drafter:
     def __init__(self, head: MTPHead, max_seqs: int, max_context: int) -> None:
         self.head = head
         self.cache = head.new_cache(max_seqs, max_context)
-        # The hidden state at position cache length, whose next token is not known yet.
+        # The hidden state at the position after the (deferred) entries, whose next token
+        # is not known yet.
         self._waiting: dict[str, torch.Tensor] = {}
+        # Entries not yet run through the head, in position order after the cache's:
+        # (hidden rows [m, H], their next tokens).
+        self._deferred: dict[str, list[tuple[torch.Tensor, list[int]]]] = {}
         # Sequences whose head cache fell out of step with the trunk's (only after a
         # rollback the protocol never makes): no drafts until they restart at 0.
         self._lost: set[str] = set()
@@ -47,6 +59,7 @@ class Drafter:
     def release(self, seq_id: str) -> None:
         self.cache.release(seq_id)
         self._waiting.pop(seq_id, None)
+        self._deferred.pop(seq_id, None)
         self._lost.discard(seq_id)
 
     def advance(self, items: list[Advance]) -> None:
@@ -56,8 +69,15 @@ class Drafter:
         hidden, tokens, slots, counts, live = [], [], [], [], []
         for item in items:
             rows, row_tokens = self._new_entries(item)
-            if not row_tokens:
-                continue
+            deferred = self._deferred.setdefault(item.seq_id, [])
+            if row_tokens:
+                deferred.append((torch.cat(rows), row_tokens))
+            held = sum(len(t) for _, t in deferred)
+            if not held or (not item.want and held < MAX_DEFERRED):
+                continue  # kept until a step drafts: the head need not run for it now
+            del self._deferred[item.seq_id]
+            rows = [r for r, _ in deferred]
+            row_tokens = [t for _, tokens in deferred for t in tokens]
             hidden.extend(rows)
             tokens.extend(row_tokens)
             slots.append(self.cache.slot(item.seq_id))
@@ -80,24 +100,26 @@ class Drafter:
             self._draft(live, states[ends[[i for _, i in live]].to(states.device)], slots)
 
     def _new_entries(self, item: Advance) -> tuple[list[torch.Tensor], list[int]]:
-        """The hidden rows and next tokens of the entries `item` adds to the cache."""
+        """The hidden rows and next tokens of the entries `item` adds after the cache's
+        and the deferred ones (which it first cuts back to the step's `keep`)."""
         slot = self.cache.slot(item.seq_id)
         waiting = self._waiting.pop(item.seq_id, None)
-        length = self.cache.lengths[slot]
+        length = self._cut(item.seq_id, slot, item.keep)
         rows: list[torch.Tensor] = []
         tokens: list[int] = []
         if item.keep == 0:
-            self.cache.truncate(slot, 0)
             self._lost.discard(item.seq_id)
         elif item.seq_id in self._lost:
+            self._deferred.pop(item.seq_id, None)
             return [], []
-        elif length >= item.keep:
-            self.cache.truncate(slot, item.keep)
+        elif length == item.keep:
+            pass
         elif length == item.keep - 1 and waiting is not None:
             rows.append(waiting[None])
             tokens.append(item.first_token)
         else:
             self._lost.add(item.seq_id)
+            self._deferred.pop(item.seq_id, None)
             return [], []
         known = len(item.next_tokens)
         if known < item.hidden.shape[0]:
@@ -105,6 +127,24 @@ class Drafter:
         rows.append(item.hidden[:known])
         tokens.extend(item.next_tokens)
         return rows, tokens
+
+    def _cut(self, seq_id: str, slot: int, keep: int) -> int:
+        """Entries beyond position `keep` dropped, from the cache and the deferred ones;
+        returns how many remain (cached and deferred)."""
+        cached = self.cache.lengths[slot]
+        deferred = self._deferred.get(seq_id, [])
+        if keep <= cached:
+            self.cache.truncate(slot, keep)
+            deferred.clear()
+            return keep
+        room, kept = keep - cached, []
+        for rows, tokens in deferred:
+            if room <= 0:
+                break
+            kept.append((rows[:room], tokens[:room]))
+            room -= len(tokens)
+        deferred[:] = kept
+        return keep - max(room, 0)
 
     def _draft(
         self, live: list[tuple[Advance, int]], states: torch.Tensor, slots: list[int]
