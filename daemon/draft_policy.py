@@ -22,6 +22,7 @@ own.
 from __future__ import annotations
 
 import itertools
+import random
 from dataclasses import dataclass, field
 
 from mtpd.model.errors import InvalidParameter
@@ -50,6 +51,7 @@ class DraftStats:
     reached: list[int] = field(default_factory=list)  # drafted, every earlier one accepted
     accepted: list[int] = field(default_factory=list)
     verify_s: float = 0.0  # the trunk on every stage (verification included)
+    phase: int = field(default_factory=lambda: random.randrange(1 << 20))  # of exploring
     draft_s: float = 0.0  # the MTP head on the tail
     transport_s: float = 0.0  # activations between stages
 
@@ -209,10 +211,11 @@ class DraftPolicy:
             if rate > best_rate:
                 best, best_rate = k, rate
         # A batch explores as often as one sequence would: each exploring row is paid
-        # for by the whole step (an extra position and a head pass it did not need).
+        # for by the whole step (an extra position and a head pass it did not need). The
+        # phase spreads the sequences' explorations over steps.
         rejected = _at(own.drafted, 0) - _at(own.accepted, 0)
         every = (_EXPLORE_EVERY << min(rejected, _EXPLORE_BACKOFF)) * batch
-        if best == 0 and own.steps % every == every - 1:
+        if best == 0 and (own.steps + own.phase) % every == every - 1:
             best = 1  # keep measuring, so a sequence that turns predictable is noticed
         return best
 

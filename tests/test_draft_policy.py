@@ -11,7 +11,8 @@ def steady_sequence(rate: float) -> DraftStats:
     """A sequence with a long record of drafts accepted at `rate` at each position."""
     reached = [1000, int(1000 * rate), int(1000 * rate * rate)]
     accepted = [int(n * rate) for n in reached]
-    return DraftStats(steps=1000, drafted=[1000] * 3, reached=reached, accepted=accepted)
+    # Phase 0: step 1000 is not one where a sequence explores (that is chosen apart).
+    return DraftStats(steps=1000, drafted=[1000] * 3, reached=reached, accepted=accepted, phase=0)
 
 
 def observe(policy: DraftPolicy, positions: int, pass_s: float, times: int = 4) -> None:
@@ -88,7 +89,7 @@ def test_exploring_backs_off_while_first_drafts_are_rejected():
     observe(policy, 2, 0.190)  # a second position costs 90%: k = 0 at any acceptance here
 
     def explored(rejected: int, batch: int = 1) -> list[int]:
-        seq = DraftStats(steps=0, drafted=[rejected], reached=[rejected], accepted=[0])
+        seq = DraftStats(steps=0, drafted=[rejected], reached=[rejected], accepted=[0], phase=0)
         steps = []
         for step in range(128):
             seq.steps = step

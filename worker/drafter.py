@@ -67,21 +67,29 @@ class Drafter:
         (filling `item.drafts`)."""
         self.passes = 0
         hidden, tokens, slots, counts, live = [], [], [], [], []
+        fresh = []  # (item, new rows, their next tokens, whether the head runs over them)
         for item in items:
             rows, row_tokens = self._new_entries(item)
-            deferred = self._deferred.setdefault(item.seq_id, [])
-            if row_tokens:
-                deferred.append((torch.cat(rows), row_tokens))
-            held = sum(len(t) for _, t in deferred)
-            if not held or (not item.want and held < MAX_DEFERRED):
+            held = len(row_tokens) + sum(len(t) for _, t in self._deferred.get(item.seq_id, []))
+            fresh.append((item, rows, row_tokens, held and (item.want or held >= MAX_DEFERRED)))
+        # Entries kept back are copied, all in one go: the step's hidden states may sit in
+        # a buffer the next step overwrites (a CUDA graph's output).
+        kept = [(item, rows, toks) for item, rows, toks, runs in fresh if toks and not runs]
+        if kept:
+            block, at = torch.cat([r for _, rows, _ in kept for r in rows]), 0
+            for item, _, toks in kept:
+                self._deferred.setdefault(item.seq_id, []).append(
+                    (block[at : at + len(toks)], toks)
+                )
+                at += len(toks)
+        for item, rows, row_tokens, runs in fresh:
+            if not runs:
                 continue  # kept until a step drafts: the head need not run for it now
-            del self._deferred[item.seq_id]
-            rows = [r for r, _ in deferred]
-            row_tokens = [t for _, tokens in deferred for t in tokens]
-            hidden.extend(rows)
-            tokens.extend(row_tokens)
+            deferred = self._deferred.pop(item.seq_id, [])
+            hidden.extend([r for r, _ in deferred] + rows)
+            tokens.extend([t for _, toks in deferred for t in toks] + row_tokens)
             slots.append(self.cache.slot(item.seq_id))
-            counts.append(len(row_tokens))
+            counts.append(len(row_tokens) + sum(len(toks) for _, toks in deferred))
             # The last verified state predicts the first draft once its next token is known.
             if item.want and len(item.next_tokens) == item.hidden.shape[0]:
                 live.append((item, len(counts) - 1))
