@@ -150,6 +150,15 @@ class LiveDaemon:
                 with contextlib.suppress(psutil.NoSuchProcess):  # let the test say why
                     child.resume()
 
+    def __enter__(self) -> LiveDaemon:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Stopped however the block ends: a failed test must not leave a daemon (and
+        its workers, restarted within its budget) running."""
+        if self.process.poll() is None:
+            self.stop()
+
     def stop(self) -> int:
         self.process.send_signal(signal.SIGTERM)
         try:

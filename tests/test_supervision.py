@@ -1,8 +1,8 @@
 """Supervision: a worker killed (SIGKILL) or wedged (SIGSTOP) mid-generation is
 replaced, the pipeline re-forms without reloading the survivors, and every running
 stream is replayed from its token history: each completes with exactly the output of
-a fault-free run. A worker that crashes on every start is given up on: requests fail
-with UNAVAILABLE naming it, and the daemon stays up."""
+a fault-free run. A worker that crashes on every start spends its restart budget:
+requests fail with UNAVAILABLE naming it, and the daemon stays up."""
 
 from __future__ import annotations
 
@@ -120,22 +120,19 @@ def test_a_wedged_worker_is_found_by_the_step_timeout_and_replaced(model, refere
 
 def test_through_the_daemon_a_restart_costs_latency_and_a_crash_loop_fails_cleanly(model, tmp_path):
     """SDK streams running while a worker is killed complete unchanged; later, a
-    worker that crashes on every start is given up on: UNAVAILABLE naming it, and the
-    daemon stays up."""
+    worker that crashes on every start spends its restart budget: UNAVAILABLE naming
+    it, and the daemon stays up."""
     # Every Python process started from now on reads this directory's sitecustomize:
     # restarted workers run it, the ones already running never will.
     site = tmp_path / "site"
     site.mkdir()
-    daemon = LiveDaemon(
-        model,
-        tmp_path / "daemon",
-        "--max-restarts",
-        "2",
-        env={"PYTHONPATH": f"{site}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"},
-    )
     from mtpd.client import Client, Unavailable
 
-    with Client(daemon.address, timeout=120) as client:
+    env = {"PYTHONPATH": f"{site}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    with (
+        LiveDaemon(model, tmp_path / "daemon", "--max-restarts", "2", env=env) as daemon,
+        Client(daemon.address, timeout=120) as client,
+    ):
         want = [client.generate(p, max_tokens=TOKENS, ignore_eos=True) for p in PROMPTS]
         streams = [client.stream(p, max_tokens=TOKENS, ignore_eos=True) for p in PROMPTS]
         iters = [iter(s) for s in streams]
@@ -158,7 +155,7 @@ def test_through_the_daemon_a_restart_costs_latency_and_a_crash_loop_fails_clean
             client.generate("lost", max_tokens=3, ignore_eos=True)
         assert daemon.process.poll() is None  # the daemon itself stays up
         assert client.info().num_layers == 4
-    assert daemon.stop() == 0
+        assert daemon.stop() == 0
 
 
 def test_the_worker_replaced_is_the_one_that_failed_not_a_bystander_that_reported():
