@@ -51,9 +51,10 @@ class DraftStats:
     reached: list[int] = field(default_factory=list)  # drafted, every earlier one accepted
     accepted: list[int] = field(default_factory=list)
     verify_s: float = 0.0  # the trunk on every stage (verification included)
-    phase: int = field(default_factory=lambda: random.randrange(1 << 20))  # of exploring
     draft_s: float = 0.0  # the MTP head on the tail
     transport_s: float = 0.0  # activations between stages
+    # Where in the exploring interval this sequence's steps fall (DraftPolicy.choose).
+    phase: int = field(default_factory=lambda: random.randrange(1 << 20))
 
     def add_times(self, timings: list[pb.StepTimings]) -> None:
         draft = timings[-1].draft_s

@@ -238,7 +238,6 @@ class Pipeline:
         self._restarted_at: list[deque[float]] = [deque() for _ in links]  # in the window
         # Workers that failed themselves since the last pick of one to restart, in order.
         self._blamed: list[int] = []
-        self.failed_for_good = False  # --max-restarts 0, and a worker failed
         self._listeners: list[Callable[[], None]] = []
         self._closed = threading.Event()
         self._open_steps()
@@ -252,6 +251,11 @@ class Pipeline:
                     rank, message, bystander
                 ),
             )
+
+    @property
+    def failed_for_good(self) -> bool:
+        """A worker failed and --max-restarts 0 says it is never restarted."""
+        return self.failure is not None and self.cfg.max_restarts == 0
 
     def add_listener(self, listener: Callable[[], None]) -> None:
         """`listener` is called when a recovery ends (or fails)."""
@@ -464,17 +468,16 @@ class Pipeline:
                     log.warning("worker %d failed; the end of its log:\n%s", rank, tail)
             if (wait := self._budget_wait(rank)) > 0:
                 with self._lock:
-                    self.failed_for_good = wait == math.inf
                     self.failure = (
                         f"worker {rank} failed, and --max-restarts 0 means it is not restarted"
-                        if self.failed_for_good
+                        if wait == math.inf
                         else f"worker {rank} failed again after {self.cfg.max_restarts} "
                         f"restarts in {self.cfg.restart_window_s:g} s (--max-restarts per "
                         f"--restart-window); it is restarted in {wait:.0f} s"
                     )
                 log.error("%s; the last failure: %s", self.failure, why)
                 self._tell_listeners()
-                if self._closed.wait(None if self.failed_for_good else wait):
+                if self._closed.wait(None if wait == math.inf else wait):
                     return
                 continue  # picked again, and the budget asked again
             self.restarts[rank] += 1

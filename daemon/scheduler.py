@@ -192,7 +192,11 @@ class _Sequence:
     # its history is this long (its replay, then a step with drafts past the one that
     # failed); failing again alone, it is why.
     suspect_until: int | None = None
-    fingerprint: bytes = b""  # of its prompt and sampling: a quarantined one is refused
+
+    @property
+    def fingerprint(self) -> bytes:
+        """Of its prompt and sampling: a quarantined one is refused when sent again."""
+        return _fingerprint(self.history[: self.prompt_len], self.params)
 
     @property
     def generated(self) -> int:
@@ -256,16 +260,11 @@ class Scheduler:
                 f"the context of {context} tokens",
                 "max_tokens",
             )
-        wire = sampling_to_wire(params)
-        fingerprint = hashlib.sha256(
-            str(list(prompt_ids)).encode() + wire.SerializeToString(deterministic=True)
-        ).digest()
         request = Request(f"seq-{next(self._ids)}", max_tokens)
         request._wake_scheduler = self._wake
         seq = _Sequence(
             request=request,
-            params=wire,
-            fingerprint=fingerprint,
+            params=sampling_to_wire(params),
             history=list(prompt_ids),
             prompt_len=len(prompt_ids),
             max_tokens=max_tokens,
@@ -276,9 +275,10 @@ class Scheduler:
         with self._cond:
             if self._stopped:
                 raise RequestFailed("the scheduler is stopped")
-            # The same request again, within the restart window: no second outage. (Later
-            # it runs again: a worker killed from outside can quarantine an innocent one.)
-            when = self._quarantined.get(fingerprint)
+            # The same request again, within the restart window: no second outage (later it
+            # runs: a worker killed from outside can quarantine an innocent one). Hashed
+            # only while some request is quarantined, so submits stay as cheap.
+            when = self._quarantined.get(seq.fingerprint) if self._quarantined else None
             if when is not None and time.monotonic() - when < self.pipeline.cfg.restart_window_s:
                 raise RequestQuarantined(
                     "the same prompt and sampling made a worker fail twice before: not run again"
@@ -452,8 +452,9 @@ class Scheduler:
                 continue
             if alone:
                 log.error("%s: quarantined: it made a worker fail twice", seq.request.seq_id)
-                self._quarantined[seq.fingerprint] = time.monotonic()
-                self._quarantined.move_to_end(seq.fingerprint)
+                fingerprint = seq.fingerprint
+                self._quarantined[fingerprint] = time.monotonic()
+                self._quarantined.move_to_end(fingerprint)
                 if len(self._quarantined) > MAX_QUARANTINED:
                     self._quarantined.popitem(last=False)
                 self._retire([seq], "quarantined", QUARANTINED)
@@ -573,3 +574,9 @@ class Scheduler:
                 tail.draft_s,
                 tail.draft_passes,
             )
+
+
+def _fingerprint(prompt_ids: list[int], params: pb.SamplingParams) -> bytes:
+    return hashlib.sha256(
+        str(prompt_ids).encode() + params.SerializeToString(deterministic=True)
+    ).digest()

@@ -153,8 +153,7 @@ class Tokenizer:
         for token in config["added_tokens"]:
             spelling[token["content"]] = token["content"] = f"\x00{nonce}:{token['id']}\x00"
         copy = tokenizers.Tokenizer.from_str(json.dumps(config))
-        originals = {spelled: original for original, spelled in spelling.items()}
-        ids = {copy.token_to_id(s): self._tok.token_to_id(o) for s, o in originals.items()}
+        ids = {copy.token_to_id(s): self._tok.token_to_id(o) for o, s in spelling.items()}
         # Assigned whole and once made: another thread may use it at once.
         self._respelled = _Respelled(copy, spelling, ids)
         return self._respelled

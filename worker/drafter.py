@@ -28,6 +28,26 @@ MAX_DEFERRED = 256  # entries (hidden rows) a sequence may hold back from the he
 
 
 @dataclass
+class _Held:
+    """A sequence's entries kept back from the head: hidden rows ([m, H] tensors, in
+    position order) and each row's next token."""
+
+    rows: list[torch.Tensor] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+
+    def keep(self, n: int) -> None:
+        """Only the first `n` entries."""
+        del self.tokens[n:]
+        rows, room = [], n
+        for r in self.rows:
+            if room <= 0:
+                break
+            rows.append(r[:room])
+            room -= r.shape[0]
+        self.rows = rows
+
+
+@dataclass
 class Advance:
     """One sequence's verified positions in this step."""
 
@@ -48,9 +68,8 @@ class Drafter:
         # The hidden state at the position after the (deferred) entries, whose next token
         # is not known yet.
         self._waiting: dict[str, torch.Tensor] = {}
-        # Entries not yet run through the head, in position order after the cache's:
-        # (hidden rows [m, H], their next tokens).
-        self._deferred: dict[str, list[tuple[torch.Tensor, list[int]]]] = {}
+        # Entries not yet run through the head, in position order after the cache's.
+        self._deferred: dict[str, _Held] = {}
         # Sequences whose head cache fell out of step with the trunk's (only after a
         # rollback the protocol never makes): no drafts until they restart at 0.
         self._lost: set[str] = set()
@@ -70,7 +89,7 @@ class Drafter:
         fresh = []  # (item, new rows, their next tokens, whether the head runs over them)
         for item in items:
             rows, row_tokens = self._new_entries(item)
-            held = len(row_tokens) + sum(len(t) for _, t in self._deferred.get(item.seq_id, []))
+            held = len(row_tokens) + len(self._deferred.get(item.seq_id, _Held()).tokens)
             fresh.append((item, rows, row_tokens, held and (item.want or held >= MAX_DEFERRED)))
         # Entries kept back are copied, all in one go: the step's hidden states may sit in
         # a buffer the next step overwrites (a CUDA graph's output).
@@ -78,18 +97,18 @@ class Drafter:
         if kept:
             block, at = torch.cat([r for _, rows, _ in kept for r in rows]), 0
             for item, _, toks in kept:
-                self._deferred.setdefault(item.seq_id, []).append(
-                    (block[at : at + len(toks)], toks)
-                )
+                held = self._deferred.setdefault(item.seq_id, _Held())
+                held.rows.append(block[at : at + len(toks)])
+                held.tokens += toks
                 at += len(toks)
         for item, rows, row_tokens, runs in fresh:
             if not runs:
                 continue  # kept until a step drafts: the head need not run for it now
-            deferred = self._deferred.pop(item.seq_id, [])
-            hidden.extend([r for r, _ in deferred] + rows)
-            tokens.extend([t for _, toks in deferred for t in toks] + row_tokens)
+            held = self._deferred.pop(item.seq_id, _Held())
+            hidden.extend(held.rows + rows)
+            tokens.extend(held.tokens + row_tokens)
             slots.append(self.cache.slot(item.seq_id))
-            counts.append(len(row_tokens) + sum(len(toks) for _, toks in deferred))
+            counts.append(len(held.tokens) + len(row_tokens))
             # The last verified state predicts the first draft once its next token is known.
             if item.want and len(item.next_tokens) == item.hidden.shape[0]:
                 live.append((item, len(counts) - 1))
@@ -140,19 +159,15 @@ class Drafter:
         """Entries beyond position `keep` dropped, from the cache and the deferred ones;
         returns how many remain (cached and deferred)."""
         cached = self.cache.lengths[slot]
-        deferred = self._deferred.get(seq_id, [])
         if keep <= cached:
             self.cache.truncate(slot, keep)
-            deferred.clear()
+            self._deferred.pop(seq_id, None)
             return keep
-        room, kept = keep - cached, []
-        for rows, tokens in deferred:
-            if room <= 0:
-                break
-            kept.append((rows[:room], tokens[:room]))
-            room -= len(tokens)
-        deferred[:] = kept
-        return keep - max(room, 0)
+        held = self._deferred.get(seq_id)
+        if held is None:
+            return cached
+        held.keep(keep - cached)
+        return cached + len(held.tokens)
 
     def _draft(
         self, live: list[tuple[Advance, int]], states: torch.Tensor, slots: list[int]
