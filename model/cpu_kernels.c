@@ -16,6 +16,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -43,9 +44,8 @@ enum { MTPD_F32 = 0, MTPD_Q4 = 1, MTPD_Q8 = 2 };
 
 typedef struct {
     int64_t kind, n, k;  // Y[M, n] = X[M, k] @ W^T
-    const void* q;       // F32: W [n, k]; Q4: nibbles [n, k / 2]; Q8: int8 [n, k]
-    const float* s;      // Q4: scale per group of 32 [n, k / 32]; Q8: per output [n]
-    const float* z;      // Q4: minimum per group [n, k / 32]
+    const void* q;       // F32: W [n, k]; Q4: panels (linear_q4); Q8: int8 [n, k]
+    const float* s;      // Q8: scale per output [n]
     const float* bias;   // [n] or NULL
 } mtpd_matrix;
 
@@ -170,160 +170,145 @@ static void linear_f32(const float* X, const float* W, const out_t* o, int64_t M
     for (int64_t b = 0; b < blocks; b++) rows(4, X, W, o, 4 * b, M, K);
 }
 
+// Rounded inputs for int4 products: 32 bytes and 2 floats for each of the count input
+// groups (M * K / 32) of the widest int4 product.
+typedef struct {
+    int8_t* xq;
+    float *xd, *xs;
+} q8_inputs;
+
 // ---- int4 linear: W in groups of 32 inputs, W[n, 32 b + j] = q * S[n, b] + Z[n, b], q in
-// 0..15 (GGUF's Q4_1 form). Q[n] holds a group in 16 bytes, byte j carrying q of input j
-// in its low nibble and of input j + 16 in its high one, as GGUF stores them. As
-// llama.cpp does, each group of X's inputs is rounded to 8 bits with its own scale (XQ,
-// XD) once per product, so a group's product is one integer multiply-add of 32 byte
-// pairs (maddubs) instead of converting every weight to a float. Z's share is Z[n] .
-// XS[m], XS the rounded groups' sums: every weight then multiplies the same rounded
+// 0..15 (GGUF's Q4_1 form). As llama.cpp does, each group of X's inputs is rounded to 8
+// bits with its own scale (XQ, XD) once per product, so a group's product is integer
+// multiply-adds of byte pairs instead of a float conversion of every weight. Z's share is
+// Z[n] . XS[m], XS the rounded groups' sums: every weight then multiplies the same rounded
 // input (summing the exact inputs instead would leave the rounding of the nibbles'
 // common offset uncancelled, several times the error). K is a multiple of 32.
 //
-// The int4 and int8 kernels keep two accumulators per input row, taking alternate
-// steps: one would chain every step's FMA on the last one's result, and at one row that
-// latency, not memory or arithmetic, sets the speed. Summed in a fixed order, so
-// results stay reproducible.
-static inline __m256 q4_group(__m256i w, const int8_t* xq, const float* xd, __m256 scale) {
-    const __m256i x = _mm256_loadu_si256((const __m256i*)xq);
-    const __m256i pairs = _mm256_maddubs_epi16(w, x);  // |15 * 127 * 2| fits int16
-    const __m256 dots = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
-    return _mm256_mul_ps(_mm256_mul_ps(dots, _mm256_loadu_ps(xd)), scale);
-}
+// The weight comes in panels of 16 outputs (cpu_kernels.Matrix.q4 packs them), one
+// stream of Q4_GROUP_BYTES per group: 4 chunks of 64 bytes of nibbles, then the group's
+// S and Z for the panel's 16 outputs. Byte 4 i + t of chunk c holds, for the panel's
+// output i, q of input 4 c + t in its low nibble and of input 16 + 4 c + t in its high
+// one. A chunk's low (or high) nibbles are thus 16 outputs x 4 consecutive inputs, and
+// one dpbusd (maddubs on AVX2) against those 4 inputs, broadcast, adds each output's
+// share in its own lane: an input row costs 8 integer multiply-adds and 4 float
+// operations per group of 16 outputs, and no horizontal sums, so a verification step's
+// extra rows ride on the weight stream nearly free. An output's sum runs group by group
+// in the same order in every build, alone or beside other rows.
+#define Q4_PANEL 16
+#define Q4_GROUP_BYTES 384
 
-static inline __m256i q4_unpack(const uint8_t* q) {
-    const __m128i bytes = _mm_loadu_si128((const __m128i*)q), low = _mm_set1_epi8(0x0F);
-    const __m256i lo = _mm256_castsi128_si256(_mm_and_si128(bytes, low));
-    return _mm256_inserti128_si256(lo, _mm_and_si128(_mm_srli_epi16(bytes, 4), low), 1);
-}
-
-// A row's result from its groups' products, summed in `products`, plus Z's share.
-static inline float q4_total(__m256 products, const float* z, const float* xs, int64_t groups) {
-    int64_t i = 0;
-    __m256 zero_part = _mm256_setzero_ps();
-    for (; i + 8 <= groups; i += 8)
-        zero_part = _mm256_fmadd_ps(_mm256_loadu_ps(z + i), _mm256_loadu_ps(xs + i), zero_part);
-    float total = hsum(_mm256_add_ps(products, zero_part));
-    for (; i < groups; i++) total += z[i] * xs[i];
-    return total;
+static inline __m256i quad8(const int8_t* x) {
+    int32_t v;
+    memcpy(&v, x, 4);
+    return _mm256_set1_epi32(v);
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-// Where the CPU has AVX-512 with VNNI (cpu_kernels.py then builds for it), two groups b
-// and c = b + 1 at a time: their 64 byte pairs in one dpbusd. A pair's 32 bytes of
-// nibbles, loaded into both halves of a register, give [b's inputs 0-15, c's 0-15] as
-// low nibbles and [b's 16-31, c's 16-31] as high ones; q8_pair puts the rounded inputs
-// in that order, so the int32 lanes hold b, c, b, c four at a time, and the scales too.
-#define MTPD_Q4_PAIRS 1
-
-static inline __m512i q4_unpack_pair(const uint8_t* q) {
-    const __m512i bytes = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)q));
-    const __m512i high = _mm512_mask_srli_epi16(bytes, 0xFFFF0000, bytes, 4);
-    return _mm512_and_si512(high, _mm512_set1_epi8(0x0F));
+static inline __m512i quad16(const int8_t* x) {
+    int32_t v;
+    memcpy(&v, x, 4);
+    return _mm512_set1_epi32(v);
 }
 
-// [v[0] x4, v[1] x4, v[0] x4, v[1] x4]: a pair's scales in its lanes' order.
-static inline __m512 q4_pair_of(const float* v) {
-    const __m512i index = _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
-    const __m128 two = _mm_castsi128_ps(_mm_loadl_epi64((const __m128i*)v));
-    return _mm512_permutexvar_ps(index, _mm512_castps128_ps512(two));
-}
-
-// xd: the pair's input scales in its lanes' order (q8_pair).
-static inline __m512 q4_pair(__m512i w, const int8_t* xq, const float* xd, __m512 scales,
-                             __m512 acc) {
-    const __m512i dots = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(xq));
-    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots), _mm512_mul_ps(_mm512_loadu_ps(xd), scales), acc);
-}
-
-// Two rounded groups, each in input order with its scale 8 times, into the pair's order.
-static inline void q8_pair(int8_t* xq, float* xd) {
-    const __m512i q = _mm512_loadu_si512(xq);
-    _mm512_storeu_si512(xq, _mm512_shuffle_i64x2(q, q, _MM_SHUFFLE(3, 1, 2, 0)));
-    const __m512 d = _mm512_loadu_ps(xd);
-    _mm512_storeu_ps(xd, _mm512_shuffle_f32x4(d, d, _MM_SHUFFLE(3, 1, 2, 0)));
-}
-
+// Rows m0..m0+G-1 against panel p.
 static inline __attribute__((always_inline)) void q4_tile(
-    const int G, const int8_t* XQ, const float* XD, const float* XS, const uint8_t* Q,
-    const float* S, const float* Z, const out_t* o, int64_t m0, int64_t n, int64_t K) {
-    const int64_t groups = K / 32;
-    const uint8_t* q = Q + n * (K / 2);
-    const float* s = S + n * groups;
-    __m512 even[TILE_ROWS], odd[TILE_ROWS];
-    __m256 last[TILE_ROWS];
-    for (int g = 0; g < G; g++) {
-        even[g] = odd[g] = _mm512_setzero_ps();
-        last[g] = _mm256_setzero_ps();
-    }
-    int64_t b = 0;
-    for (; b + 4 <= groups; b += 4) {
-        const __m512i w0 = q4_unpack_pair(q + 16 * b), w1 = q4_unpack_pair(q + 16 * (b + 2));
-        const __m512 s0 = q4_pair_of(s + b), s1 = q4_pair_of(s + b + 2);
-        for (int g = 0; g < G; g++) {
-            const int64_t xg = (m0 + g) * groups + b;
-            even[g] = q4_pair(w0, XQ + 32 * xg, XD + 8 * xg, s0, even[g]);
-            odd[g] = q4_pair(w1, XQ + 32 * (xg + 2), XD + 8 * (xg + 2), s1, odd[g]);
+    const int G, const int8_t* XQ, const float* XD, const float* XS, const uint8_t* P,
+    const out_t* o, int64_t m0, int64_t p, int64_t groups) {
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    __m512 acc[TILE_ROWS];
+    for (int g = 0; g < G; g++) acc[g] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < groups; b++) {
+        const uint8_t* w = P + (p * groups + b) * Q4_GROUP_BYTES;
+        __m512i dot[TILE_ROWS];
+        for (int g = 0; g < G; g++) dot[g] = _mm512_setzero_si512();
+        for (int c = 0; c < 4; c++) {
+            const __m512i bytes = _mm512_loadu_si512(w + 64 * c);
+            const __m512i lo = _mm512_and_si512(bytes, low);
+            const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low);
+            for (int g = 0; g < G; g++) {
+                const int8_t* x = XQ + 32 * ((m0 + g) * groups + b);
+                dot[g] = _mm512_dpbusd_epi32(dot[g], lo, quad16(x + 4 * c));
+                dot[g] = _mm512_dpbusd_epi32(dot[g], hi, quad16(x + 16 + 4 * c));
+            }
         }
-    }
-    if (b + 2 <= groups) {
-        const __m512i w0 = q4_unpack_pair(q + 16 * b);
-        const __m512 s0 = q4_pair_of(s + b);
+        const __m512 s = _mm512_loadu_ps((const float*)(w + 256));
+        const __m512 z = _mm512_loadu_ps((const float*)(w + 320));
         for (int g = 0; g < G; g++) {
-            const int64_t xg = (m0 + g) * groups + b;
-            even[g] = q4_pair(w0, XQ + 32 * xg, XD + 8 * xg, s0, even[g]);
-        }
-        b += 2;
-    }
-    if (b < groups) {
-        const __m256i w0 = q4_unpack(q + 16 * b);
-        const __m256 s0 = _mm256_broadcast_ss(s + b);
-        for (int g = 0; g < G; g++) {
-            const int64_t xg = (m0 + g) * groups + b;
-            last[g] = q4_group(w0, XQ + 32 * xg, XD + 8 * xg, s0);
+            const int64_t i = (m0 + g) * groups + b;
+            const __m512 scale = _mm512_mul_ps(s, _mm512_set1_ps(XD[i]));
+            acc[g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[g]), scale, acc[g]);
+            acc[g] = _mm512_fmadd_ps(z, _mm512_set1_ps(XS[i]), acc[g]);
         }
     }
     for (int g = 0; g < G; g++) {
-        const __m256 products = row_sum(even[g], odd[g], last[g]);
-        store(o, m0 + g, n, q4_total(products, Z + n * groups, XS + (m0 + g) * groups, groups));
+        const int64_t at = (m0 + g) * o->n + Q4_PANEL * p;
+        __m512 v = acc[g];
+        if (o->bias) v = _mm512_add_ps(v, _mm512_loadu_ps(o->bias + Q4_PANEL * p));
+        if (o->residual) v = _mm512_add_ps(_mm512_loadu_ps(o->residual + at), v);
+        _mm512_storeu_ps(o->y + at, v);
     }
+}
+
+static inline __attribute__((always_inline)) void q4_panel(
+    const q8_inputs* in, const uint8_t* P, const out_t* o, int64_t p, int64_t M, int64_t groups) {
+#define Q4_TILE(G) q4_tile(G, in->xq, in->xd, in->xs, P, o, m, p, groups)
+    FOR_ROW_TILES(M, Q4_TILE);
+#undef Q4_TILE
 }
 #else
+// Half h of panel p (its outputs 8 h..8 h+7), rows m0..m0+G-1. A group's 8 maddubs
+// results per lane stay within int16 (8 x 2 x 15 x 127 < 32768), so they add as int16.
 static inline __attribute__((always_inline)) void q4_tile(
-    const int G, const int8_t* XQ, const float* XD, const float* XS, const uint8_t* Q,
-    const float* S, const float* Z, const out_t* o, int64_t m0, int64_t n, int64_t K) {
-    const int64_t groups = K / 32;
-    const uint8_t* q = Q + n * (K / 2);
-    const float* s = S + n * groups;
-    __m256 even[TILE_ROWS], odd[TILE_ROWS];
-    for (int g = 0; g < G; g++) even[g] = odd[g] = _mm256_setzero_ps();
-    int64_t b = 0;
-    for (; b + 2 <= groups; b += 2) {
-        const __m256i w0 = q4_unpack(q + 16 * b), w1 = q4_unpack(q + 16 * (b + 1));
-        const __m256 s0 = _mm256_broadcast_ss(s + b), s1 = _mm256_broadcast_ss(s + b + 1);
+    const int G, const int8_t* XQ, const float* XD, const float* XS, const uint8_t* P,
+    const out_t* o, int64_t m0, int64_t p, int h, int64_t groups) {
+    const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    __m256 acc[TILE_ROWS];
+    for (int g = 0; g < G; g++) acc[g] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < groups; b++) {
+        const uint8_t* w = P + (p * groups + b) * Q4_GROUP_BYTES;
+        __m256i dot[TILE_ROWS];
+        for (int g = 0; g < G; g++) dot[g] = _mm256_setzero_si256();
+        for (int c = 0; c < 4; c++) {
+            const __m256i bytes = _mm256_loadu_si256((const __m256i*)(w + 64 * c + 32 * h));
+            const __m256i lo = _mm256_and_si256(bytes, low);
+            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low);
+            for (int g = 0; g < G; g++) {
+                const int8_t* x = XQ + 32 * ((m0 + g) * groups + b);
+                dot[g] = _mm256_add_epi16(dot[g], _mm256_maddubs_epi16(lo, quad8(x + 4 * c)));
+                dot[g] = _mm256_add_epi16(dot[g], _mm256_maddubs_epi16(hi, quad8(x + 16 + 4 * c)));
+            }
+        }
+        const __m256 s = _mm256_loadu_ps((const float*)(w + 256) + 8 * h);
+        const __m256 z = _mm256_loadu_ps((const float*)(w + 320) + 8 * h);
         for (int g = 0; g < G; g++) {
-            const int64_t xg = (m0 + g) * groups + b;
-            even[g] = _mm256_add_ps(even[g], q4_group(w0, XQ + 32 * xg, XD + 8 * xg, s0));
-            odd[g] = _mm256_add_ps(odd[g], q4_group(w1, XQ + 32 * (xg + 1), XD + 8 * (xg + 1), s1));
+            const int64_t i = (m0 + g) * groups + b;
+            const __m256 dots = _mm256_cvtepi32_ps(_mm256_madd_epi16(dot[g], ones));
+            acc[g] = _mm256_fmadd_ps(dots, _mm256_mul_ps(s, _mm256_set1_ps(XD[i])), acc[g]);
+            acc[g] = _mm256_fmadd_ps(z, _mm256_set1_ps(XS[i]), acc[g]);
         }
     }
-    if (b < groups) {
-        const __m256i w0 = q4_unpack(q + 16 * b);
-        const __m256 s0 = _mm256_broadcast_ss(s + b);
-        for (int g = 0; g < G; g++) {
-            const int64_t xg = (m0 + g) * groups + b;
-            even[g] = _mm256_add_ps(even[g], q4_group(w0, XQ + 32 * xg, XD + 8 * xg, s0));
-        }
+    for (int g = 0; g < G; g++) {
+        const int64_t n0 = Q4_PANEL * p + 8 * h, at = (m0 + g) * o->n + n0;
+        __m256 v = acc[g];
+        if (o->bias) v = _mm256_add_ps(v, _mm256_loadu_ps(o->bias + n0));
+        if (o->residual) v = _mm256_add_ps(_mm256_loadu_ps(o->residual + at), v);
+        _mm256_storeu_ps(o->y + at, v);
     }
-    for (int g = 0; g < G; g++)
-        store(o, m0 + g, n,
-              q4_total(_mm256_add_ps(even[g], odd[g]), Z + n * groups, XS + (m0 + g) * groups, groups));
+}
+
+static inline __attribute__((always_inline)) void q4_panel(
+    const q8_inputs* in, const uint8_t* P, const out_t* o, int64_t p, int64_t M, int64_t groups) {
+    for (int h = 0; h < 2; h++) {
+#define Q4_TILE(G) q4_tile(G, in->xq, in->xd, in->xs, P, o, m, p, h, groups)
+        FOR_ROW_TILES(M, Q4_TILE);
+#undef Q4_TILE
+    }
 }
 #endif
 
 // One group of 32 inputs: 8-bit values xq with scale xd (max |x| / 127, rounded to
-// nearest; 8 copies, for the products' vector multiplies), and the sum of the rounded
-// values (xq * xd) in xs. A group holding a NaN or
+// nearest), and the sum of the rounded values (xq * xd) in xs. A group holding a NaN or
 // an infinity gets a NaN scale, so the outputs it reaches are NaN, as a float product's
 // would be; a group too small for its scale to invert counts as zero.
 static void q8_group(const float* x, int8_t* xq, float* xd, float* xs) {
@@ -343,8 +328,7 @@ static void q8_group(const float* x, int8_t* xq, float* xd, float* xs) {
     if (!(inverse <= FLT_MAX)) d = inverse = 0.0f;
     if (!finite) {
         for (int j = 0; j < 32; j++) xq[j] = 0;
-        _mm256_storeu_ps(xd, _mm256_set1_ps(NAN));
-        *xs = NAN;
+        *xd = *xs = NAN;
         return;
     }
     const __m256 inv = _mm256_set1_ps(inverse);
@@ -357,44 +341,24 @@ static void q8_group(const float* x, int8_t* xq, float* xd, float* xs) {
     const __m256i w8 = _mm256_packs_epi16(w16a, w16b);
     _mm256_storeu_si256((__m256i*)xq,
                         _mm256_permutevar8x32_epi32(w8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
-    _mm256_storeu_ps(xd, _mm256_set1_ps(d));
+    *xd = d;
     const __m256i sums = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
     *xs = hsum(_mm256_cvtepi32_ps(sums)) * d;
 }
 
-// Rounded inputs for int4 products: 32 bytes and 9 floats for each of the count input
-// groups (M * K / 32) of the widest int4 product.
-typedef struct {
-    int8_t* xq;
-    float *xd, *xs;
-} q8_inputs;
-
-// X's rows [M, K] rounded into `in`, each row's groups two at a time (a pair's order
-// where the products take pairs, a last odd group in input order).
+// X's rows [M, K] rounded into `in`, group by group.
 static void q8_rows(const float* X, int64_t M, int64_t K, const q8_inputs* in) {
-    const int64_t groups = K / 32, units = (groups + 1) / 2;
 #pragma omp for schedule(static)
-    for (int64_t u = 0; u < M * units; u++) {
-        const int64_t m = u / units, b = m * groups + 2 * (u % units);
-        const int64_t end = b + 2 < (m + 1) * groups ? b + 2 : (m + 1) * groups;
-        for (int64_t i = b; i < end; i++)
-            q8_group(X + 32 * i, in->xq + 32 * i, in->xd + 8 * i, in->xs + i);
-#ifdef MTPD_Q4_PAIRS
-        if (end - b == 2) q8_pair(in->xq + 32 * b, in->xd + 8 * b);
-#endif
-    }
+    for (int64_t i = 0; i < M * (K / 32); i++)
+        q8_group(X + 32 * i, in->xq + 32 * i, in->xd + i, in->xs + i);
 }
 
 static void linear_q4(const float* X, const mtpd_matrix* w, const out_t* o, int64_t M,
                       const q8_inputs* in) {
-    const int64_t K = w->k;
-    q8_rows(X, M, K, in);
+    const int64_t groups = w->k / 32;
+    q8_rows(X, M, w->k, in);
 #pragma omp for schedule(static)
-    for (int64_t n = 0; n < o->n; n++) {
-#define Q4_TILE(G) q4_tile(G, in->xq, in->xd, in->xs, w->q, w->s, w->z, o, m, n, K)
-        FOR_ROW_TILES(M, Q4_TILE);
-#undef Q4_TILE
-    }
+    for (int64_t p = 0; p < o->n / Q4_PANEL; p++) q4_panel(in, w->q, o, p, M, groups);
 }
 
 // ---- int8 linear: W[n, k] = Q[n, k] * S[n] (one scale per output, as PyTorch's int8
@@ -490,7 +454,7 @@ static void product(const mtpd_matrix* w, const float* X, float* Y, const float*
 
 static int alloc_q8_inputs(q8_inputs* in, int64_t count) {
     in->xq = malloc(32 * count + 1);
-    in->xd = malloc(sizeof(float) * 8 * count + 1);
+    in->xd = malloc(sizeof(float) * count + 1);
     in->xs = malloc(sizeof(float) * count + 1);
     return in->xq && in->xd && in->xs;
 }
@@ -590,6 +554,60 @@ static void rope(const float* x, const float* c, const float* s, float* y, int64
     for (int64_t i = 0; i < d; i++) y[i] = x[i] * c[i] + x[(i + half) % d] * s[i];
 }
 
+// Four dot products' sums, [a, b, c, d].
+static inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
+    const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+    return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+}
+
+// p[j] = q . K[j] * scale for each key; returns the largest. Four keys at a time, each
+// its own accumulator, so the products overlap instead of waiting on one sum.
+static float scores(const float* q, const float* K, float* p, int64_t keys, int64_t d,
+                    float scale) {
+    float top = -INFINITY;
+    int64_t j = 0;
+    for (; j + 4 <= keys; j += 4) {
+        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                         _mm256_setzero_ps()};
+        for (int64_t i = 0; i < d; i += 8) {
+            const __m256 qv = _mm256_loadu_ps(q + i);
+            for (int r = 0; r < 4; r++)
+                acc[r] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(K + (j + r) * d + i), acc[r]);
+        }
+        _mm_storeu_ps(p + j, _mm_mul_ps(hsum4(acc[0], acc[1], acc[2], acc[3]), _mm_set1_ps(scale)));
+        for (int r = 0; r < 4; r++) top = p[j + r] > top ? p[j + r] : top;
+    }
+    for (; j < keys; j++) {
+        p[j] = dot(q, K + j * d, d) * scale;
+        top = p[j] > top ? p[j] : top;
+    }
+    return top;
+}
+
+// o = (sum over keys of p[j] V[j]) * inverse_total, 64 dimensions at a time held in
+// registers across the keys (8 at a time where d is not a multiple of 64).
+static void weigh_values(const float* p, const float* V, float* o, int64_t keys, int64_t d,
+                         float inverse_total) {
+    const __m256 norm = _mm256_set1_ps(inverse_total);
+    int64_t i0 = 0;
+    for (; i0 + 64 <= d; i0 += 64) {
+        __m256 acc[8];
+        for (int r = 0; r < 8; r++) acc[r] = _mm256_setzero_ps();
+        for (int64_t j = 0; j < keys; j++) {
+            const __m256 w = _mm256_set1_ps(p[j]);
+            for (int r = 0; r < 8; r++)
+                acc[r] = _mm256_fmadd_ps(w, _mm256_loadu_ps(V + j * d + i0 + 8 * r), acc[r]);
+        }
+        for (int r = 0; r < 8; r++) _mm256_storeu_ps(o + i0 + 8 * r, _mm256_mul_ps(acc[r], norm));
+    }
+    for (; i0 < d; i0 += 8) {
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t j = 0; j < keys; j++)
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), _mm256_loadu_ps(V + j * d + i0), acc);
+        _mm256_storeu_ps(o + i0, _mm256_mul_ps(acc, norm));
+    }
+}
+
 typedef struct {
     int64_t heads, kv_heads, d;
     float scale;
@@ -615,26 +633,20 @@ static int attend(const heads_t* a, const float* QKV, const float* COS, const fl
         const float* k = KC + h / group * context * d;
         const float* v = VC + h / group * context * d;
         float* o = OUT + t * heads * d + h * d;
-        for (int64_t i = 0; i < d; i++) o[i] = 0.0f;
         float q[256];
         rope(QKV + t * width + h * d, COS + t * d, SIN_SIGNED + t * d, q, d);
         float* p = malloc(sizeof(float) * keys);
         if (!p) {
+            for (int64_t i = 0; i < d; i++) o[i] = 0.0f;
             failed = 1;
             continue;
         }
-        float top = -INFINITY, total = 0.0f;
-        for (int64_t j = 0; j < keys; j++) {
-            p[j] = dot(q, k + j * d, d) * a->scale;
-            top = p[j] > top ? p[j] : top;
-        }
+        const float top = scores(q, k, p, keys, d, a->scale);
         for (int64_t j = 0; j < keys; j++) p[j] -= top;
         exp_all(p, keys);
+        float total = 0.0f;
         for (int64_t j = 0; j < keys; j++) total += p[j];
-        for (int64_t j = 0; j < keys; j++) {
-            const float w = p[j] / total;
-            for (int64_t i = 0; i < d; i++) o[i] += w * v[j * d + i];
-        }
+        weigh_values(p, v, o, keys, d, 1.0f / total);
         free(p);
     }
     return failed ? -1 : 0;

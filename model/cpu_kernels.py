@@ -50,6 +50,7 @@ FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 AVX512_VNNI = ("-mavx512f", "-mavx512bw", "-mavx512vnni")
 _AVX512_VNNI_CPU = {"avx512f", "avx512bw", "avx512_vnni"}  # as /proc/cpuinfo names them
 K_MULTIPLE = 8  # the kernels read 8 floats at a time
+Q4_PANEL = 16  # outputs in an int4 panel (linear_q4)
 MAX_HEAD_DIM = 256  # attention holds a query head in a fixed buffer
 
 
@@ -219,7 +220,6 @@ class Matrix(ctypes.Structure):
         ("k", _INT),
         ("q", _POINTER),
         ("s", _POINTER),
-        ("z", _POINTER),
         ("bias", _POINTER),
     ]
 
@@ -232,17 +232,14 @@ class Matrix(ctypes.Structure):
         k: int,
         bias: torch.Tensor | None,
         scales: torch.Tensor | None = None,
-        mins: torch.Tensor | None = None,
     ) -> Matrix:
         if bias is not None:
             _check("linear", bias)
             bias = bias.detach().contiguous()
             if bias.shape != (n,):
                 raise ValueError(f"a bias of shape {list(bias.shape)} for {n} outputs")
-        matrix = cls(
-            kind, n, k, weight.data_ptr(), _pointer(scales), _pointer(mins), _pointer(bias)
-        )
-        matrix.tensors = (weight, scales, mins, bias)
+        matrix = cls(kind, n, k, weight.data_ptr(), _pointer(scales), _pointer(bias))
+        matrix.tensors = (weight, scales, bias)
         return matrix
 
     @classmethod
@@ -257,21 +254,35 @@ class Matrix(ctypes.Structure):
     @classmethod
     def q4(
         cls,
-        nibbles: torch.Tensor,
+        q: torch.Tensor,
         scales: torch.Tensor,
         mins: torch.Tensor,
         bias: torch.Tensor | None = None,
     ) -> Matrix:
-        """W in groups of 32 inputs, W[n, 32 b + j] = q * scales[n, b] + mins[n, b]:
-        nibbles [N, K / 2] uint8, a group's 16 bytes holding input j's q in the low
-        nibble of byte j and input j + 16's in the high one (GGUF's Q4_1 order)."""
+        """W in groups of 32 inputs, W[n, 32 b + j] = q[n, 32 b + j] * scales[n, b] +
+        mins[n, b], q [N, K] uint8 in 0..15, N a multiple of 16: packed into the
+        kernel's panels of 16 outputs (linear_q4 in cpu_kernels.c), which the matrix
+        holds instead of q."""
         _check("linear_q4", scales, mins)
-        if nibbles.dtype is not torch.uint8 or not nibbles.is_contiguous() or not nibbles.is_cpu:
-            raise TypeError("the int4 CPU kernel takes contiguous uint8 nibbles")
-        n, k = nibbles.shape[0], nibbles.shape[1] * 2
-        if k % 32 or scales.shape != (n, k // 32) or mins.shape != (n, k // 32):
-            raise ValueError(f"int4 groups of 32 do not fit a [{n}, {k}] weight")
-        return cls._of(cls.Q4, nibbles, n, k, bias, scales.contiguous(), mins.contiguous())
+        if q.dtype is not torch.uint8 or q.dim() != 2 or not q.is_cpu:
+            raise TypeError("the int4 CPU kernel takes uint8 [N, K] values in 0..15")
+        n, k = q.shape
+        groups = k // 32
+        if n % Q4_PANEL or k % 32 or scales.shape != (n, groups) or mins.shape != (n, groups):
+            raise ValueError(f"int4 panels of 16 x 32 do not fit a [{n}, {k}] weight")
+        # [panel, output i, group, half h, chunk c, byte t]: input 16 h + 4 c + t.
+        split = q.reshape(n // Q4_PANEL, Q4_PANEL, groups, 2, 4, 4)
+        nibbles = (split[:, :, :, 0] | split[:, :, :, 1] << 4).permute(0, 2, 3, 1, 4)
+        per_group = [
+            nibbles.reshape(n // Q4_PANEL, groups, -1),
+            *(
+                t.float().reshape(n // Q4_PANEL, Q4_PANEL, groups).transpose(1, 2).contiguous()
+                .view(torch.uint8)
+                for t in (scales, mins)
+            ),
+        ]
+        panels = torch.cat(per_group, dim=-1).contiguous()
+        return cls._of(cls.Q4, panels, n, k, bias)
 
     @classmethod
     def q8(cls, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> Matrix:

@@ -100,13 +100,9 @@ class Int4Linear(nn.Module):
             and weight.group == 32
             and cpu_kernels.available()
         ):
-            n, k = weight.q.shape
-            halves = weight.q.reshape(n, k // 32, 2, 16)
-            nibbles = (halves[:, :, 0] | halves[:, :, 1] << 4).reshape(n, k // 2)
-            self.register_buffer("weight", nibbles.contiguous(), persistent=False)
-            self.register_buffer("scales", weight.scale.float().contiguous())
-            self.register_buffer("mins", (weight.zero - 8 * weight.scale).float().contiguous())
-            self.matrix = cpu_kernels.Matrix.q4(self.weight, self.scales, self.mins, self.bias)
+            scales, mins = weight.scale.float(), (weight.zero - 8 * weight.scale).float()
+            self.matrix = cpu_kernels.Matrix.q4(weight.q, scales, mins, self.bias)
+            self.register_buffer("weight", self.matrix.tensors[0], persistent=False)
             return
         q = weight.q.to(torch.int32)
         if device.type == "cuda":

@@ -76,7 +76,7 @@ def _rounded_to_8_bits_per_group(x: torch.Tensor) -> torch.Tensor:
 
 def test_quantized_kernels_give_a_row_the_same_bits_alone_or_among_others():
     g = torch.Generator().manual_seed(3)
-    w, x = torch.randn(100, 576, generator=g), torch.randn(7, 576, generator=g)
+    w, x = torch.randn(112, 576, generator=g), torch.randn(7, 576, generator=g)
     for layer in (Int4Linear(Int4Weight.from_float(w), None, torch.float32), Int8Linear(w, None)):
         together = layer(x)
         for i in range(7):
@@ -176,10 +176,10 @@ def test_a_quantized_pipeline_equals_the_quantized_engine(tiny):
 
 @pytest.mark.parametrize("width", [32, 96, 288, 576])
 def test_the_kernels_cover_odd_group_counts_and_tails(width):
-    # 96 and 288 end on a single group after the pairs, 288 and 576 take the minimums 8
-    # groups at a time with a tail; int8 at width + 8 ends on half a step of 16.
+    # int4 at 1, 3, 9 and 18 groups, in panels of 16 outputs; int8 at width + 8 ends on
+    # half a step of 16.
     g = torch.Generator().manual_seed(width)
-    w, x = torch.randn(40, width, generator=g), torch.randn(3, width, generator=g)
+    w, x = torch.randn(48, width, generator=g), torch.randn(3, width, generator=g)
     q4 = Int4Weight.from_float(w)
     expected4 = _rounded_to_8_bits_per_group(x) @ q4.dequantize().t()
     torch.testing.assert_close(
@@ -212,8 +212,9 @@ def test_the_linear_kernels_are_right_for_avx2_alone_and_for_this_cpus_avx512():
     if isa and _compiles(compiler, [*isa, "-lmvec"]):  # a kernel that fails to build fails
         libraries.append(cpu_kernels._build(compiler, runtime, ["-lmvec"], isa))
     g = torch.Generator().manual_seed(11)
-    # int4: 1 group (the odd last one alone), 3 (a pair and one), 9, 18 and 48 (four at a
-    # time); float32 and int8 (+ 24): a last 8 after steps of 16, and of 32 then 16.
+    # int4: 1, 3, 9, 18 and 48 groups, three panels, in both builds the same bits (an
+    # output's sum runs in the same order); float32 and int8 (+ 24): a last 8 after steps
+    # of 16, and of 32 then 16.
     for width in (32, 96, 288, 576, 1536):
         w, bias = torch.randn(48, width, generator=g), torch.randn(48, generator=g)
         q4 = Int4Weight.from_float(w)
@@ -226,6 +227,7 @@ def test_the_linear_kernels_are_right_for_avx2_alone_and_for_this_cpus_avx512():
             (cpu_kernels.Matrix.f32(w8, bias), x8, x8 @ w8.t() + bias),
             (int8.matrix, x8, x8 @ (int8.weight.float() * int8.scales[:, None]).t() + bias),
         ]  # fmt: skip
+        int4_results = []
         for built in libraries:
             library = cpu_kernels._load(built)
             for matrix, inputs, expected in cases:
@@ -245,6 +247,9 @@ def test_the_linear_kernels_are_right_for_avx2_alone_and_for_this_cpus_avx512():
                     assert torch.equal(alone, together[i : i + 1])
                 for rows in range(2, 7):
                     assert torch.equal(product(inputs[:rows].contiguous()), together[:rows])
+                if matrix.kind == cpu_kernels.Matrix.Q4:
+                    int4_results.append(together)
+        assert all(torch.equal(r, int4_results[0]) for r in int4_results)
 
 
 def _compiles(compiler: str, flags: list[str]) -> bool:
