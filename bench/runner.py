@@ -8,12 +8,13 @@ import random
 import resource
 import statistics
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
 from mtpd.daemon.draft_policy import DraftPolicy, DraftStats
 from mtpd.daemon.pipeline import Pipeline
-from mtpd.daemon.scheduler import Result, Scheduler, StepRecord
+from mtpd.daemon.scheduler import Request, Result, Scheduler, StepRecord
 from mtpd.model.sampling_params import SamplingParams
 
 # A step where every sequence sent at most this many tokens verified drafts (or decoded
@@ -87,24 +88,37 @@ def run_config(
         policy=DraftPolicy(draft, p_min),
         draft_source=draft_source,
     )
+    pending = iter(enumerate(prompts))
+    take = threading.Lock()
+    done: list[Request | None] = [None] * len(prompts)
+    errors: list[Exception] = []
+
+    def client() -> None:
+        # One caller of `concurrency`: its next request as soon as its last one ends.
+        while not errors:
+            with take:
+                i, prompt = next(pending, (None, None))
+            if prompt is None:
+                return
+            try:
+                request = scheduler.submit(
+                    prompt, SamplingParams(), max_tokens, ignore_eos=True, return_logits=want_logits
+                )
+            except Exception as e:  # raised in the caller, after the others stop
+                errors.append(e)
+                return
+            request.result()
+            done[i] = request
+
     try:
         start = time.monotonic()
-        pending = list(prompts)
-        running, done = [], []
-        while pending or running:
-            while pending and len(running) < concurrency:
-                running.append(
-                    scheduler.submit(
-                        pending.pop(0),
-                        SamplingParams(),
-                        max_tokens,
-                        ignore_eos=True,
-                        return_logits=want_logits,
-                    )
-                )
-            request = running.pop(0)
-            request.result()
-            done.append(request)
+        clients = [threading.Thread(target=client) for _ in range(concurrency)]
+        for c in clients:
+            c.start()
+        for c in clients:
+            c.join()
+        if errors:
+            raise errors[0]
         wall = time.monotonic() - start
         steps = list(scheduler.recent_steps)
     finally:

@@ -31,12 +31,6 @@ static inline __m256 fold512(__m512 v) {
     const __m256 high = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
     return _mm256_add_ps(_mm512_castps512_ps256(v), high);
 }
-
-// An int4 or int8 tile's accumulators for one row in eight lanes: its two alternating
-// 16-lane sums, then its 8-lane last step.
-static inline __m256 row_sum(__m512 even, __m512 odd, __m256 last) {
-    return _mm256_add_ps(fold512(_mm512_add_ps(even, odd)), last);
-}
 #endif
 
 // ---- A linear layer's weight, as the Python side describes it (cpu_kernels.Matrix).
@@ -170,11 +164,13 @@ static void linear_f32(const float* X, const float* W, const out_t* o, int64_t M
     for (int64_t b = 0; b < blocks; b++) rows(4, X, W, o, 4 * b, M, K);
 }
 
-// Rounded inputs for int4 products: 32 bytes and 2 floats for each of the count input
-// groups (M * K / 32) of the widest int4 product.
+// Rounded inputs for int4 and int8 products: for each of the count input groups (M * K /
+// 32) of the widest such product, 32 bytes, their scale, the rounded values' sum (int4's
+// minimums multiply it) and the bytes' integer sum (int8's unsigned weights need it).
 typedef struct {
     int8_t* xq;
     float *xd, *xs;
+    int32_t* xn;
 } q8_inputs;
 
 // ---- int4 linear: W in groups of 32 inputs, W[n, 32 b + j] = q * S[n, b] + Z[n, b], q in
@@ -195,8 +191,25 @@ typedef struct {
 // operations per group of 16 outputs, and no horizontal sums, so a verification step's
 // extra rows ride on the weight stream nearly free. An output's sum runs group by group
 // in the same order in every build, alone or beside other rows.
-#define Q4_PANEL 16
+#define PANEL 16
 #define Q4_GROUP_BYTES 384
+
+// A panel's outputs for row m from n0, 16 (or 8) of them: as `store` does each.
+#ifdef __AVX512F__
+static inline void store16(const out_t* o, int64_t m, int64_t n0, __m512 v) {
+    const int64_t at = m * o->n + n0;
+    if (o->bias) v = _mm512_add_ps(v, _mm512_loadu_ps(o->bias + n0));
+    if (o->residual) v = _mm512_add_ps(_mm512_loadu_ps(o->residual + at), v);
+    _mm512_storeu_ps(o->y + at, v);
+}
+#endif
+
+static inline void store8(const out_t* o, int64_t m, int64_t n0, __m256 v) {
+    const int64_t at = m * o->n + n0;
+    if (o->bias) v = _mm256_add_ps(v, _mm256_loadu_ps(o->bias + n0));
+    if (o->residual) v = _mm256_add_ps(_mm256_loadu_ps(o->residual + at), v);
+    _mm256_storeu_ps(o->y + at, v);
+}
 
 static inline __m256i quad8(const int8_t* x) {
     int32_t v;
@@ -241,13 +254,7 @@ static inline __attribute__((always_inline)) void q4_tile(
             acc[g] = _mm512_fmadd_ps(z, _mm512_set1_ps(XS[i]), acc[g]);
         }
     }
-    for (int g = 0; g < G; g++) {
-        const int64_t at = (m0 + g) * o->n + Q4_PANEL * p;
-        __m512 v = acc[g];
-        if (o->bias) v = _mm512_add_ps(v, _mm512_loadu_ps(o->bias + Q4_PANEL * p));
-        if (o->residual) v = _mm512_add_ps(_mm512_loadu_ps(o->residual + at), v);
-        _mm512_storeu_ps(o->y + at, v);
-    }
+    for (int g = 0; g < G; g++) store16(o, m0 + g, PANEL * p, acc[g]);
 }
 
 static inline __attribute__((always_inline)) void q4_panel(
@@ -288,13 +295,7 @@ static inline __attribute__((always_inline)) void q4_tile(
             acc[g] = _mm256_fmadd_ps(z, _mm256_set1_ps(XS[i]), acc[g]);
         }
     }
-    for (int g = 0; g < G; g++) {
-        const int64_t n0 = Q4_PANEL * p + 8 * h, at = (m0 + g) * o->n + n0;
-        __m256 v = acc[g];
-        if (o->bias) v = _mm256_add_ps(v, _mm256_loadu_ps(o->bias + n0));
-        if (o->residual) v = _mm256_add_ps(_mm256_loadu_ps(o->residual + at), v);
-        _mm256_storeu_ps(o->y + at, v);
-    }
+    for (int g = 0; g < G; g++) store8(o, m0 + g, PANEL * p + 8 * h, acc[g]);
 }
 
 static inline __attribute__((always_inline)) void q4_panel(
@@ -311,7 +312,7 @@ static inline __attribute__((always_inline)) void q4_panel(
 // nearest), and the sum of the rounded values (xq * xd) in xs. A group holding a NaN or
 // an infinity gets a NaN scale, so the outputs it reaches are NaN, as a float product's
 // would be; a group too small for its scale to invert counts as zero.
-static void q8_group(const float* x, int8_t* xq, float* xd, float* xs) {
+static void q8_group(const float* x, int8_t* xq, float* xd, float* xs, int32_t* xn) {
     const __m256 sign = _mm256_set1_ps(-0.0f), huge = _mm256_set1_ps(FLT_MAX);
     __m256 v[4], top = _mm256_setzero_ps();
     int finite = 1;
@@ -329,6 +330,7 @@ static void q8_group(const float* x, int8_t* xq, float* xd, float* xs) {
     if (!finite) {
         for (int j = 0; j < 32; j++) xq[j] = 0;
         *xd = *xs = NAN;
+        *xn = 0;
         return;
     }
     const __m256 inv = _mm256_set1_ps(inverse);
@@ -343,14 +345,17 @@ static void q8_group(const float* x, int8_t* xq, float* xd, float* xs) {
                         _mm256_permutevar8x32_epi32(w8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
     *xd = d;
     const __m256i sums = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
-    *xs = hsum(_mm256_cvtepi32_ps(sums)) * d;
+    const __m128i half = _mm_add_epi32(_mm256_castsi256_si128(sums), _mm256_extracti128_si256(sums, 1));
+    const __m128i quarter = _mm_add_epi32(half, _mm_unpackhi_epi64(half, half));
+    *xn = _mm_cvtsi128_si32(quarter) + _mm_extract_epi32(quarter, 1);
+    *xs = (float)*xn * d;
 }
 
 // X's rows [M, K] rounded into `in`, group by group.
 static void q8_rows(const float* X, int64_t M, int64_t K, const q8_inputs* in) {
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < M * (K / 32); i++)
-        q8_group(X + 32 * i, in->xq + 32 * i, in->xd + i, in->xs + i);
+        q8_group(X + 32 * i, in->xq + 32 * i, in->xd + i, in->xs + i, in->xn + i);
 }
 
 static void linear_q4(const float* X, const mtpd_matrix* w, const out_t* o, int64_t M,
@@ -358,86 +363,101 @@ static void linear_q4(const float* X, const mtpd_matrix* w, const out_t* o, int6
     const int64_t groups = w->k / 32;
     q8_rows(X, M, w->k, in);
 #pragma omp for schedule(static)
-    for (int64_t p = 0; p < o->n / Q4_PANEL; p++) q4_panel(in, w->q, o, p, M, groups);
+    for (int64_t p = 0; p < o->n / PANEL; p++) q4_panel(in, w->q, o, p, M, groups);
 }
 
-// ---- int8 linear: W[n, k] = Q[n, k] * S[n] (one scale per output, as PyTorch's int8
-// operator takes); K a multiple of 8.
-static inline __m256 q8_load(const int8_t* q) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)q)));
-}
+// ---- int8 linear: W[n, k] = Q[n, k] * S[n], one scale per output (as PyTorch's int8
+// operator takes), in panels of 16 outputs like int4's (cpu_kernels.Matrix.q8 packs
+// them): panel p, group b is 8 chunks of 64 bytes, byte 4 i + t of chunk c holding
+// Q[16 p + i, 32 b + 4 c + t] + 128, unsigned as dpbusd takes it. The inputs are rounded
+// to 8 bits per group as for int4, so a row costs 8 dpbusd and 3 other operations per
+// group of 16 outputs instead of a float FMA for every 16 weights. The + 128 adds 128
+// times the group's input sum, taken back in integers before the group's scale. K is a
+// multiple of 32.
+#define Q8_GROUP_BYTES 512
 
-#ifdef __AVX512F__
-static inline __m512 q8_load16(const int8_t* q) {
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)q)));
-}
-
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 static inline __attribute__((always_inline)) void q8_tile(
-    const int G, const float* X, const int8_t* Q, const float* S, const out_t* o, int64_t m0,
-    int64_t n, int64_t K) {
-    const int8_t* q = Q + n * K;
-    __m512 even[TILE_ROWS], odd[TILE_ROWS];
-    __m256 last[TILE_ROWS];
-    for (int g = 0; g < G; g++) {
-        even[g] = odd[g] = _mm512_setzero_ps();
-        last[g] = _mm256_setzero_ps();
-    }
-    int64_t k = 0;
-    for (; k + 32 <= K; k += 32) {
-        const __m512 w0 = q8_load16(q + k), w1 = q8_load16(q + k + 16);
+    const int G, const q8_inputs* in, const uint8_t* P, const float* S, const out_t* o,
+    int64_t m0, int64_t p, int64_t groups) {
+    __m512 acc[TILE_ROWS];
+    for (int g = 0; g < G; g++) acc[g] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < groups; b++) {
+        const uint8_t* w = P + (p * groups + b) * Q8_GROUP_BYTES;
+        __m512i dot[TILE_ROWS];
+        for (int g = 0; g < G; g++) dot[g] = _mm512_setzero_si512();
+        for (int c = 0; c < 8; c++) {
+            const __m512i bytes = _mm512_loadu_si512(w + 64 * c);
+            for (int g = 0; g < G; g++)
+                dot[g] = _mm512_dpbusd_epi32(
+                    dot[g], bytes, quad16(in->xq + 32 * ((m0 + g) * groups + b) + 4 * c));
+        }
         for (int g = 0; g < G; g++) {
-            const float* x = X + (m0 + g) * K + k;
-            even[g] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x), even[g]);
-            odd[g] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + 16), odd[g]);
+            const int64_t i = (m0 + g) * groups + b;
+            const __m512i exact = _mm512_sub_epi32(dot[g], _mm512_set1_epi32(128 * in->xn[i]));
+            acc[g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact), _mm512_set1_ps(in->xd[i]), acc[g]);
         }
     }
-    if (k + 16 <= K) {
-        const __m512 w0 = q8_load16(q + k);
-        for (int g = 0; g < G; g++)
-            even[g] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(X + (m0 + g) * K + k), even[g]);
-        k += 16;
-    }
-    if (k < K) {
-        const __m256 w0 = q8_load(q + k);
-        for (int g = 0; g < G; g++) last[g] = _mm256_mul_ps(w0, _mm256_loadu_ps(X + (m0 + g) * K + k));
-    }
-    for (int g = 0; g < G; g++)
-        store(o, m0 + g, n, hsum(row_sum(even[g], odd[g], last[g])) * S[n]);
+    const __m512 scale = _mm512_loadu_ps(S + PANEL * p);
+    for (int g = 0; g < G; g++) store16(o, m0 + g, PANEL * p, _mm512_mul_ps(acc[g], scale));
+}
+
+static inline __attribute__((always_inline)) void q8_panel(
+    const q8_inputs* in, const uint8_t* P, const float* S, const out_t* o, int64_t p, int64_t M,
+    int64_t groups) {
+#define Q8_TILE(G) q8_tile(G, in, P, S, o, m, p, groups)
+    FOR_ROW_TILES(M, Q8_TILE);
+#undef Q8_TILE
 }
 #else
+// Half h of panel p. maddubs takes |Q| (unsigned, at most 127) against the inputs with
+// Q's signs, so a pair's sum fits int16 (2 x 127 x 127); the same integer dot as above.
 static inline __attribute__((always_inline)) void q8_tile(
-    const int G, const float* X, const int8_t* Q, const float* S, const out_t* o, int64_t m0,
-    int64_t n, int64_t K) {
-    const int8_t* q = Q + n * K;
-    __m256 even[TILE_ROWS], odd[TILE_ROWS];
-    for (int g = 0; g < G; g++) even[g] = odd[g] = _mm256_setzero_ps();
-    int64_t k = 0;
-    for (; k + 16 <= K; k += 16) {
-        const __m256 w0 = q8_load(q + k), w1 = q8_load(q + k + 8);
+    const int G, const q8_inputs* in, const uint8_t* P, const float* S, const out_t* o,
+    int64_t m0, int64_t p, int h, int64_t groups) {
+    const __m256i flip = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);
+    __m256 acc[TILE_ROWS];
+    for (int g = 0; g < G; g++) acc[g] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < groups; b++) {
+        const uint8_t* w = P + (p * groups + b) * Q8_GROUP_BYTES;
+        __m256i dot[TILE_ROWS];
+        for (int g = 0; g < G; g++) dot[g] = _mm256_setzero_si256();
+        for (int c = 0; c < 8; c++) {
+            const __m256i q = _mm256_xor_si256(
+                _mm256_loadu_si256((const __m256i*)(w + 64 * c + 32 * h)), flip);
+            const __m256i size = _mm256_abs_epi8(q);
+            for (int g = 0; g < G; g++) {
+                const __m256i x = quad8(in->xq + 32 * ((m0 + g) * groups + b) + 4 * c);
+                const __m256i pairs = _mm256_maddubs_epi16(size, _mm256_sign_epi8(x, q));
+                dot[g] = _mm256_add_epi32(dot[g], _mm256_madd_epi16(pairs, ones));
+            }
+        }
         for (int g = 0; g < G; g++) {
-            const float* x = X + (m0 + g) * K + k;
-            even[g] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x), even[g]);
-            odd[g] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + 8), odd[g]);
+            const int64_t i = (m0 + g) * groups + b;
+            acc[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[g]), _mm256_set1_ps(in->xd[i]), acc[g]);
         }
     }
-    if (k < K) {
-        const __m256 w0 = q8_load(q + k);
-        for (int g = 0; g < G; g++)
-            even[g] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(X + (m0 + g) * K + k), even[g]);
-    }
-    for (int g = 0; g < G; g++) store(o, m0 + g, n, hsum(_mm256_add_ps(even[g], odd[g])) * S[n]);
+    const __m256 scale = _mm256_loadu_ps(S + PANEL * p + 8 * h);
+    for (int g = 0; g < G; g++) store8(o, m0 + g, PANEL * p + 8 * h, _mm256_mul_ps(acc[g], scale));
 }
 
-#endif
-
-static void linear_q8(const float* X, const mtpd_matrix* w, const out_t* o, int64_t M) {
-    const int64_t K = w->k;
-#pragma omp for schedule(static)
-    for (int64_t n = 0; n < o->n; n++) {
-#define Q8_TILE(G) q8_tile(G, X, w->q, w->s, o, m, n, K)
+static inline __attribute__((always_inline)) void q8_panel(
+    const q8_inputs* in, const uint8_t* P, const float* S, const out_t* o, int64_t p, int64_t M,
+    int64_t groups) {
+    for (int h = 0; h < 2; h++) {
+#define Q8_TILE(G) q8_tile(G, in, P, S, o, m, p, h, groups)
         FOR_ROW_TILES(M, Q8_TILE);
 #undef Q8_TILE
     }
+}
+#endif
+
+static void linear_q8(const float* X, const mtpd_matrix* w, const out_t* o, int64_t M,
+                      const q8_inputs* in) {
+    const int64_t groups = w->k / 32;
+    q8_rows(X, M, w->k, in);
+#pragma omp for schedule(static)
+    for (int64_t p = 0; p < o->n / PANEL; p++) q8_panel(in, w->q, w->s, o, p, M, groups);
 }
 
 // Y[M, w.n] = R + (X @ W^T + bias), R optional.
@@ -447,7 +467,7 @@ static void product(const mtpd_matrix* w, const float* X, float* Y, const float*
     if (w->kind == MTPD_Q4)
         linear_q4(X, w, &o, M, in);
     else if (w->kind == MTPD_Q8)
-        linear_q8(X, w, &o, M);
+        linear_q8(X, w, &o, M, in);
     else
         linear_f32(X, w->q, &o, M, w->k);
 }
@@ -456,19 +476,21 @@ static int alloc_q8_inputs(q8_inputs* in, int64_t count) {
     in->xq = malloc(32 * count + 1);
     in->xd = malloc(sizeof(float) * count + 1);
     in->xs = malloc(sizeof(float) * count + 1);
-    return in->xq && in->xd && in->xs;
+    in->xn = malloc(sizeof(int32_t) * count + 1);
+    return in->xq && in->xd && in->xs && in->xn;
 }
 
 static void free_q8_inputs(q8_inputs* in) {
     free(in->xq);
     free(in->xd);
     free(in->xs);
+    free(in->xn);
 }
 
 // Returns 0, or -1 where memory for the rounded inputs could not be had.
 int mtpd_linear(const mtpd_matrix* w, const float* X, float* Y, int64_t M, int threads) {
     q8_inputs in = {0};
-    const int ok = w->kind != MTPD_Q4 || alloc_q8_inputs(&in, M * w->k / 32);
+    const int ok = w->kind == MTPD_F32 || alloc_q8_inputs(&in, M * w->k / 32);
     if (ok) {
 #pragma omp parallel num_threads(threads)
         product(w, X, Y, NULL, M, &in);
@@ -691,9 +713,9 @@ int mtpd_decoder_layer_f32(const mtpd_layer* L, const mtpd_step* S, int64_t laye
     float* const KC = S->k + layer * S->slots_per_layer * slot_size;
     float* const VC = S->v + layer * S->slots_per_layer * slot_size;
     const mtpd_matrix* const products[4] = {&L->qkv, &L->o, &L->gate_up, &L->down};
-    int64_t widest = 0;  // of the int4 products' inputs, which are rounded to 8 bits
+    int64_t widest = 0;  // of the int4 and int8 products' inputs, which are rounded to 8 bits
     for (int i = 0; i < 4; i++)
-        if (products[i]->kind == MTPD_Q4 && products[i]->k > widest) widest = products[i]->k;
+        if (products[i]->kind != MTPD_F32 && products[i]->k > widest) widest = products[i]->k;
     // Every intermediate row in one allocation (+ 1: a step may have no rows).
     float* const buffer = malloc(sizeof(float) * (M * (H + L->qkv.n + L->o.k + 3 * I) + 1));
     q8_inputs in = {0};

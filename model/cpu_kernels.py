@@ -50,7 +50,7 @@ FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 AVX512_VNNI = ("-mavx512f", "-mavx512bw", "-mavx512vnni")
 _AVX512_VNNI_CPU = {"avx512f", "avx512bw", "avx512_vnni"}  # as /proc/cpuinfo names them
 K_MULTIPLE = 8  # the kernels read 8 floats at a time
-Q4_PANEL = 16  # outputs in an int4 panel (linear_q4)
+PANEL = 16  # outputs in an int4 or int8 panel (linear_q4, linear_q8)
 MAX_HEAD_DIM = 256  # attention holds a query head in a fixed buffer
 
 
@@ -260,44 +260,35 @@ class Matrix(ctypes.Structure):
         bias: torch.Tensor | None = None,
     ) -> Matrix:
         """W in groups of 32 inputs, W[n, 32 b + j] = q[n, 32 b + j] * scales[n, b] +
-        mins[n, b], q [N, K] uint8 in 0..15, N a multiple of 16: packed into the
-        kernel's panels of 16 outputs (linear_q4 in cpu_kernels.c), which the matrix
-        holds instead of q."""
+        mins[n, b], q [N, K] uint8 in 0..15: packed into the kernel's panels (linear_q4
+        in cpu_kernels.c), which the matrix holds instead of q."""
         _check("linear_q4", scales, mins)
         if q.dtype is not torch.uint8 or q.dim() != 2 or not q.is_cpu:
             raise TypeError("the int4 CPU kernel takes uint8 [N, K] values in 0..15")
-        n, k = q.shape
-        groups = k // 32
-        if n % Q4_PANEL or k % 32 or scales.shape != (n, groups) or mins.shape != (n, groups):
-            raise ValueError(f"int4 panels of 16 x 32 do not fit a [{n}, {k}] weight")
-        # [panel, output i, group, half h, chunk c, byte t]: input 16 h + 4 c + t.
-        split = q.reshape(n // Q4_PANEL, Q4_PANEL, groups, 2, 4, 4)
-        nibbles = (split[:, :, :, 0] | split[:, :, :, 1] << 4).permute(0, 2, 3, 1, 4)
-        per_group = [
-            nibbles.reshape(n // Q4_PANEL, groups, -1),
-            *(
-                t.float().reshape(n // Q4_PANEL, Q4_PANEL, groups).transpose(1, 2).contiguous()
-                .view(torch.uint8)
-                for t in (scales, mins)
-            ),
+        n, k = _panel_shape(q)
+        if scales.shape != (n, k // 32) or mins.shape != (n, k // 32):
+            raise ValueError(f"int4 scales {list(scales.shape)} for a [{n}, {k}] weight")
+        halves = q.reshape(n, k // 32, 2, 16)
+        nibbles = _by_quads(halves[:, :, 0], 16) | _by_quads(halves[:, :, 1], 16) << 4
+        per_panel = [
+            t.float().reshape(n // PANEL, PANEL, -1).transpose(1, 2).contiguous()
+            for t in (scales, mins)
         ]
-        panels = torch.cat(per_group, dim=-1).contiguous()
-        return cls._of(cls.Q4, panels, n, k, bias)
+        panels = torch.cat([nibbles, *(t.view(torch.uint8) for t in per_panel)], dim=-1)
+        return cls._of(cls.Q4, panels.contiguous(), n, k, bias)
 
     @classmethod
     def q8(cls, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> Matrix:
-        """W[n, k] = q[n, k] * scales[n]: q [N, K] int8, K a multiple of 8."""
+        """W[n, k] = q[n, k] * scales[n]: q [N, K] int8 in -127..127, packed into the
+        kernel's panels (linear_q8 in cpu_kernels.c), which the matrix holds instead."""
         _check("linear_q8", scales)
-        if (
-            q.dtype is not torch.int8
-            or not q.is_contiguous()
-            or not q.is_cpu
-            or q.shape[1] % K_MULTIPLE
-        ):
-            raise TypeError("the int8 CPU kernel takes contiguous int8 weights, K a multiple of 8")
-        if scales.shape != (q.shape[0],):
-            raise ValueError(f"int8 scales {list(scales.shape)} for {q.shape[0]} outputs")
-        return cls._of(cls.Q8, q, *q.shape, bias, scales.contiguous())
+        if q.dtype is not torch.int8 or q.dim() != 2 or not q.is_cpu:
+            raise TypeError("the int8 CPU kernel takes int8 [N, K] weights")
+        n, k = _panel_shape(q)
+        if scales.shape != (n,):
+            raise ValueError(f"int8 scales {list(scales.shape)} for {n} outputs")
+        panels = _by_quads((q.view(torch.uint8) ^ 0x80).reshape(n, k // 32, 32), 32)
+        return cls._of(cls.Q8, panels.contiguous(), n, k, bias, scales.contiguous())
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         _check("linear", x)
@@ -315,6 +306,26 @@ class Matrix(ctypes.Structure):
             )
             _out_of_memory(status, "linear")
         return out if x.dim() == 2 else out.view(*x.shape[:-1], self.n)
+
+
+def panels_fit(n: int, k: int) -> bool:
+    """Whether an [n, k] int4 or int8 weight packs into the kernels' panels."""
+    return n % PANEL == 0 and k % 32 == 0
+
+
+def _panel_shape(q: torch.Tensor) -> tuple[int, int]:
+    n, k = q.shape
+    if not panels_fit(n, k):
+        raise ValueError(f"panels of {PANEL} outputs x 32 inputs do not fit a [{n}, {k}] weight")
+    return n, k
+
+
+def _by_quads(q: torch.Tensor, width: int) -> torch.Tensor:
+    """q [N, groups, width] bytes as the panels hold them: [N / 16, groups, width * 16],
+    a group's inputs 4 at a time, each 4 as 16 outputs x 4 bytes (one dpbusd operand)."""
+    n, groups = q.shape[:2]
+    quads = q.reshape(n // PANEL, PANEL, groups, width // 4, 4).permute(0, 2, 3, 1, 4)
+    return quads.reshape(n // PANEL, groups, width * PANEL)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -138,26 +138,37 @@ class Int4Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] as int8 q [N, K] in -127..127 and one scale per output: w ~ q * scale."""
+    w = w.float()
+    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+    return (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8), scale
+
+
 class Int8Linear(nn.Module):
+    """On the CPU kernel (float32 weights, shapes that fit its panels) the inputs are
+    rounded to 8 bits per group of 32, as for int4; on PyTorch's operator they stay
+    float."""
+
     def __init__(
         self, weight: torch.Tensor, bias: torch.Tensor | None, use_kernel: bool = True
     ) -> None:
         super().__init__()
-        w = weight.float()
-        scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
-        q = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
-        self.register_buffer("weight", q)
+        q, scale = int8_rows(weight)
         self.register_buffer("scales", scale.to(weight.dtype))
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.out_features = q.shape[0]
         self.matrix: cpu_kernels.Matrix | None = None
         if (
             use_kernel
             and q.device.type == "cpu"
             and weight.dtype == torch.float32
-            and q.shape[1] % cpu_kernels.K_MULTIPLE == 0
+            and cpu_kernels.panels_fit(*q.shape)
             and cpu_kernels.available()
         ):
-            self.matrix = cpu_kernels.Matrix.q8(self.weight, self.scales, self.bias)
+            self.matrix = cpu_kernels.Matrix.q8(q, self.scales, self.bias)
+            q = self.matrix.tensors[0]  # the panels: the plain rows are not kept
+        self.register_buffer("weight", q)
 
     @property
     def on_kernel(self) -> bool:
@@ -168,7 +179,7 @@ class Int8Linear(nn.Module):
             return self.matrix(x)
         rows = x.reshape(-1, x.shape[-1])
         y = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.scales.to(rows.dtype))
-        y = y.view(*x.shape[:-1], self.weight.shape[0])
+        y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
 

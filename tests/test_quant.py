@@ -28,6 +28,7 @@ from mtpd.model.quant import (
     Int4Linear,
     Int4Weight,
     Int8Linear,
+    int8_rows,
     quantize_linears,
     requantization_error,
 )
@@ -58,11 +59,16 @@ def test_packed_layers_compute_their_dequantized_weights(rows, use_kernel):
     assert (int4(x) - exact).norm() < 0.01 * exact.norm()
     int8 = Int8Linear(w, bias, use_kernel=use_kernel)
     assert int8.on_kernel == use_kernel
-    expected8 = x @ (int8.weight.float() * int8.scales[:, None]).t() + bias
-    torch.testing.assert_close(int8(x), expected8, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(int8(x), inputs @ _int8_dense(w).t() + bias, atol=1e-4, rtol=1e-4)
+    assert (int8(x) - x @ w.t() - bias).norm() < 0.01 * exact.norm()
     # Leading dimensions are kept, as nn.Linear keeps them.
     assert int4(x[None]).shape == (1, rows, 64)
     assert int8(x[None]).shape == (1, rows, 64)
+
+
+def _int8_dense(w: torch.Tensor) -> torch.Tensor:
+    q, scale = int8_rows(w)
+    return q.float() * scale[:, None]
 
 
 def _rounded_to_8_bits_per_group(x: torch.Tensor) -> torch.Tensor:
@@ -176,19 +182,22 @@ def test_a_quantized_pipeline_equals_the_quantized_engine(tiny):
 
 @pytest.mark.parametrize("width", [32, 96, 288, 576])
 def test_the_kernels_cover_odd_group_counts_and_tails(width):
-    # int4 at 1, 3, 9 and 18 groups, in panels of 16 outputs; int8 at width + 8 ends on
-    # half a step of 16.
+    # int4 and int8 at 1, 3, 9 and 18 groups, in panels of 16 outputs; a shape the
+    # panels do not fit takes PyTorch's int8 operator, its inputs unrounded.
     g = torch.Generator().manual_seed(width)
     w, x = torch.randn(48, width, generator=g), torch.randn(3, width, generator=g)
+    rounded = _rounded_to_8_bits_per_group(x)
     q4 = Int4Weight.from_float(w)
-    expected4 = _rounded_to_8_bits_per_group(x) @ q4.dequantize().t()
     torch.testing.assert_close(
-        Int4Linear(q4, None, torch.float32)(x), expected4, atol=1e-4, rtol=1e-4
+        Int4Linear(q4, None, torch.float32)(x), rounded @ q4.dequantize().t(), atol=1e-4, rtol=1e-4
+    )
+    torch.testing.assert_close(
+        Int8Linear(w, None)(x), rounded @ _int8_dense(w).t(), atol=1e-4, rtol=1e-4
     )
     w8, x8 = torch.randn(40, width + 8, generator=g), torch.randn(3, width + 8, generator=g)
     int8 = Int8Linear(w8, None)
-    expected8 = x8 @ (int8.weight.float() * int8.scales[:, None]).t()
-    torch.testing.assert_close(int8(x8), expected8, atol=1e-4, rtol=1e-4)
+    assert not int8.on_kernel
+    torch.testing.assert_close(int8(x8), x8 @ _int8_dense(w8).t(), atol=1e-4, rtol=1e-4)
 
 
 def test_int4_rounding_is_to_nearest_even_and_non_finite_inputs_stay_non_finite():
@@ -212,22 +221,21 @@ def test_the_linear_kernels_are_right_for_avx2_alone_and_for_this_cpus_avx512():
     if isa and _compiles(compiler, [*isa, "-lmvec"]):  # a kernel that fails to build fails
         libraries.append(cpu_kernels._build(compiler, runtime, ["-lmvec"], isa))
     g = torch.Generator().manual_seed(11)
-    # int4: 1, 3, 9, 18 and 48 groups, three panels, in both builds the same bits (an
-    # output's sum runs in the same order); float32 and int8 (+ 24): a last 8 after steps
-    # of 16, and of 32 then 16.
+    # int4 and int8: 1, 3, 9, 18 and 48 groups, three panels, in both builds the same bits
+    # (an output's sum runs in the same order); float32 (+ 24): a last 8 after steps of
+    # 16, and of 32 then 16.
     for width in (32, 96, 288, 576, 1536):
         w, bias = torch.randn(48, width, generator=g), torch.randn(48, generator=g)
         q4 = Int4Weight.from_float(w)
         w8 = torch.randn(48, width + 24, generator=g)
-        int8 = Int8Linear(w8, bias)
         x, x8 = torch.randn(7, width, generator=g), torch.randn(7, width + 24, generator=g)
+        rounded = _rounded_to_8_bits_per_group(x)
         cases = [  # (matrix, inputs, expected)
-            (Int4Linear(q4, bias, torch.float32).matrix, x,
-             _rounded_to_8_bits_per_group(x) @ q4.dequantize().t() + bias),
+            (Int4Linear(q4, bias, torch.float32).matrix, x, rounded @ q4.dequantize().t() + bias),
             (cpu_kernels.Matrix.f32(w8, bias), x8, x8 @ w8.t() + bias),
-            (int8.matrix, x8, x8 @ (int8.weight.float() * int8.scales[:, None]).t() + bias),
-        ]  # fmt: skip
-        int4_results = []
+            (Int8Linear(w, bias).matrix, x, rounded @ _int8_dense(w).t() + bias),
+        ]
+        quantized = {cpu_kernels.Matrix.Q4: [], cpu_kernels.Matrix.Q8: []}
         for built in libraries:
             library = cpu_kernels._load(built)
             for matrix, inputs, expected in cases:
@@ -247,9 +255,9 @@ def test_the_linear_kernels_are_right_for_avx2_alone_and_for_this_cpus_avx512():
                     assert torch.equal(alone, together[i : i + 1])
                 for rows in range(2, 7):
                     assert torch.equal(product(inputs[:rows].contiguous()), together[:rows])
-                if matrix.kind == cpu_kernels.Matrix.Q4:
-                    int4_results.append(together)
-        assert all(torch.equal(r, int4_results[0]) for r in int4_results)
+                quantized.get(matrix.kind, []).append(together)
+        for results in quantized.values():
+            assert all(torch.equal(r, results[0]) for r in results)
 
 
 def _compiles(compiler: str, flags: list[str]) -> bool:

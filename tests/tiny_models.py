@@ -60,7 +60,7 @@ def write_tiny_model(
     config = config_cls(
         vocab_size=vocab,
         hidden_size=64,
-        **FAMILY_CONFIG.get(family, {"intermediate_size": 112}),
+        **{**FAMILY_CONFIG.get(family, {"intermediate_size": 112}), **overrides},
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=heads // gqa,
@@ -70,7 +70,6 @@ def write_tiny_model(
         rms_norm_eps=1e-6,
         bos_token_id=1,
         eos_token_id=2,
-        **overrides,
     )
     torch.manual_seed(seed)
     model = model_cls(config).float().eval()
