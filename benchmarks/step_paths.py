@@ -1,12 +1,16 @@
-"""A whole-model step in one process on each CPU path, side by side: every decoder layer
-as one kernel call (what runs) against the per-op calls it replaced (norms, projections,
-attention and SwiGLU each a call, the residual adds in PyTorch), and, on a CPU with
-AVX-512 VNNI, the kernels' AVX-512 build against their AVX2 one. Paths
-alternate step by step, so their ratios hold on a noisy machine. A step appends `rows`
-tokens to a `context`-token cache: 1 is a decode step, k + 1 a verification of k drafts.
+"""A whole-model step in one process, as a verification step's cost grows with its rows:
+one sequence x N rows (a verification of N - 1 drafts) and N sequences x 1 row (N
+streams decoding), against a roofline (the step's bytes at the measured bandwidth, its
+multiply-adds at the cores' vector peak). For one sequence x N rows it also runs every
+decoder layer as one kernel call (what runs) against the per-op calls it replaced, and,
+on a CPU with AVX-512 VNNI, the kernels' AVX-512 build against their AVX2 one. Paths
+alternate step by step, so their ratios hold on a noisy machine.
 
-    python benchmarks/step_paths.py [--model M] [--quant none,int4] [--rows 1,2,3,5]
+    python benchmarks/step_paths.py [--model M] [--quant none,int4] [--rows 1,2,3,5,8]
                                     [--context 200] [--reps 40] [--threads 2] [--json OUT]
+
+The peak assumes one 512-bit dpbusd (int4, int8: 64 multiply-adds) or FMA (float32: 16)
+per core per cycle, at the clock /proc/cpuinfo reports: what this machine's Xeon issues.
 """
 
 from __future__ import annotations
@@ -17,11 +21,14 @@ import os
 import shutil
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
 from mtpd.model import cpu_kernels
 from mtpd.worker.engine import Engine
+
+MACS_PER_CYCLE = {"none": 16, "int8": 64, "int4": 64}
 
 
 def use(layers: list, kernels: list, fused: bool, library) -> None:
@@ -31,51 +38,126 @@ def use(layers: list, kernels: list, fused: bool, library) -> None:
     cpu_kernels._library = lambda: library
 
 
+def bandwidth_gbs(threads: int) -> float:
+    """Read bandwidth over 1 GiB (beyond any cache), best of three."""
+    torch.set_num_threads(threads)
+    x = torch.ones(2**28)
+    best = 0.0
+    for _ in range(3):
+        start = time.perf_counter()
+        x.sum()
+        best = max(best, x.numel() * 4 / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def clock_ghz() -> float:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("cpu MHz"):
+            return float(line.split(":")[1]) / 1e3
+    return 0.0
+
+
+def matrices(engine: Engine) -> list:
+    return [m.matrix for m in engine.shard.modules() if getattr(m, "matrix", None) is not None]
+
+
+def step(engine: Engine, seqs: list[str], context: int, rows: int) -> None:
+    """Every sequence back to `context` cached positions, then `rows` more in one step."""
+    slots = [engine.cache.slot(s) for s in seqs]
+    for slot in slots:
+        engine.cache.truncate(slot, context)
+    ids = torch.full((len(seqs) * rows,), 11, dtype=torch.long)
+    hidden = engine.shard(ids, engine.cache, slots, [rows] * len(seqs))
+    engine.shard.logits(hidden)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="default: the embedded SmolLM2")
     ap.add_argument("--quant", default="none,int4")
-    ap.add_argument("--rows", default="1,2,3,5")
+    ap.add_argument("--rows", default="1,2,3,5,8")
     ap.add_argument("--context", type=int, default=200)
     ap.add_argument("--reps", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
     native = cpu_kernels._library()
     if native is None:
         raise SystemExit("the CPU kernels are unavailable here (see the log): nothing to compare")
     compiler = shutil.which(os.environ.get("CC", "cc"))
     avx2 = cpu_kernels._load(cpu_kernels._build_avx2(compiler, cpu_kernels._openmp_runtime()))
     rows_list = [int(r) for r in args.rows.split(",")]
-    report: dict[str, dict] = {}
+    gbs, ghz = bandwidth_gbs(args.threads), clock_ghz()
+    print(f"bandwidth {gbs:.1f} GB/s (1 GiB sum, {args.threads} threads), clock {ghz:.2f} GHz")
+    torch.set_num_threads(args.threads)
+    report: dict[str, dict] = {"bandwidth_gbs": gbs, "clock_ghz": ghz}
     for quant in args.quant.split(","):
-        engine = Engine.load(args.model, max_context=args.context + max(rows_list), quant=quant)
+        engine = Engine.load(
+            args.model,
+            max_context=args.context + max(rows_list),
+            quant=quant,
+            max_seqs=max(rows_list),
+        )
+        cfg = engine.cfg
+        weights = sum(
+            t.numel() * t.element_size()
+            for m in matrices(engine)
+            for t in m.tensors
+            if t is not None
+        )
+        macs_per_row = sum(m.n * m.k for m in matrices(engine))
+        kv_per_seq = (
+            2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4 * args.context
+        )
+        peak = args.threads * MACS_PER_CYCLE[quant] * ghz * 1e9
         layers = list(engine.shard.stack.layers)
         kernels = [layer.kernel for layer in layers]
         paths = {"whole layer": (True, native), "per op": (False, native)}
         if cpu_kernels._isa():
             paths["whole layer, AVX2 only"] = (True, avx2)
-
-        engine.forward("bench", 0, [7] * args.context)
-        times = {(rows, name): [] for rows in rows_list for name in paths}
-        for _ in range(args.reps):  # every row count and path in each rep: drift is shared
-            for rows in rows_list:
-                for name, (fused, library) in paths.items():
-                    use(layers, kernels, fused, library)
-                    start = time.perf_counter()
-                    engine.forward("bench", args.context, [11] * rows, all_logits=True)
-                    times[rows, name].append(time.perf_counter() - start)
-        for rows in rows_list:
-            ms = {name: statistics.median(times[rows, name]) * 1e3 for name in paths}
-            report[f"{quant} x{rows}"] = {name: round(v, 3) for name, v in ms.items()}
-            base = ms["whole layer"]
-            print(
-                f"{quant:>5} rows {rows}: "
-                + "  ".join(f"{name} {v:6.2f} ms ({v / base:.2f}x)" for name, v in ms.items()),
-                flush=True,
-            )
+        seqs = [f"s{i}" for i in range(max(rows_list))]
+        for s in seqs:
+            engine.forward(s, 0, [7] * args.context)
+        shapes = [("1 seq", rows, path) for rows in rows_list for path in paths]
+        shapes += [("seqs", rows, "whole layer") for rows in rows_list if rows > 1]
+        times: dict[tuple, list[float]] = {shape: [] for shape in shapes}
+        for _ in range(args.reps):  # every shape and path in each rep: drift is shared
+            for shape in shapes:
+                kind, rows, path = shape
+                use(layers, kernels, *paths[path])
+                start = time.perf_counter()
+                if kind == "1 seq":
+                    step(engine, seqs[:1], args.context, rows)
+                else:
+                    step(engine, seqs[:rows], args.context, 1)
+                times[shape].append(time.perf_counter() - start)
         use(layers, kernels, True, native)
+        ms = {shape: statistics.median(t) * 1e3 for shape, t in times.items()}
+        base = ms["1 seq", 1, "whole layer"]
+        print(
+            f"{quant}: weights {weights / 1e6:.1f} MB, {macs_per_row / 1e6:.1f} M multiply-adds "
+            f"a row, cache {kv_per_seq / 1e6:.1f} MB a sequence at {args.context} positions"
+        )
+        for rows in rows_list:
+            arithmetic = macs_per_row * rows / peak * 1e3
+            one = {path: ms["1 seq", rows, path] for path in paths}
+            streams = ms.get(("seqs", rows, "whole layer"), base)
+            memory = {n: (weights + n * kv_per_seq) / gbs / 1e6 for n in (1, rows)}
+            print(
+                f"{quant:>5} 1 seq x {rows} rows: "
+                + "  ".join(f"{p} {v:6.2f} ms ({v / base:.2f}x)" for p, v in one.items())
+                + f"  floor: memory {memory[1]:.2f} ms, arithmetic {arithmetic:.2f} ms"
+            )
+            print(
+                f"{quant:>5} {rows} seqs x 1 row: whole layer {streams:6.2f} ms "
+                f"({streams / base:.2f}x)  floor: memory {memory[rows]:.2f} ms"
+            )
+            report[f"{quant} x{rows}"] = {
+                **{path: round(v, 3) for path, v in one.items()},
+                "sequences x 1 row": round(streams, 3),
+                "memory floor ms": round(memory[1], 3),
+                "arithmetic floor ms": round(arithmetic, 3),
+            }
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

@@ -367,8 +367,12 @@ class Pipeline:
     # -- stepping -----------------------------------------------------------------
 
     def submit(
-        self, sequences: list[pb.SequenceStep], release: list[str] | None = None
+        self,
+        sequences: list[pb.SequenceStep],
+        release: list[str] | None = None,
+        opened: list[pb.SequenceOpen] | None = None,
     ) -> Future[StepOutcome]:
+        """Run a step: `opened` carries the settings of the sequences it starts."""
         future: Future[StepOutcome] = Future()
         with self._lock:
             if self.failure is not None:
@@ -378,7 +382,10 @@ class Pipeline:
                 future.set_exception(PipelineRestarting("a worker is being restarted", ran=False))
                 return future
             request = pb.StepRequest(
-                step_id=next(self._ids), sequences=sequences, release=release or []
+                step_id=next(self._ids),
+                sequences=sequences,
+                release=release or [],
+                open=opened or [],
             )
             pending = _Pending(request, future, time.monotonic(), [None] * self.num_stages)
             self._pending[request.step_id] = pending

@@ -337,6 +337,7 @@ class Scheduler:
                     return
                 try:
                     steps = [self._step_of(seq, n, len(batch)) for seq, n in batch]
+                    opened = [self._open_of(seq) for seq, _ in batch if seq.cached == 0]
                 except Exception as e:  # a bug must fail requests, not stop the loop
                     log.exception("building a step failed")
                     self._retire([seq for seq, _ in batch], "error", f"internal error: {e}")
@@ -344,7 +345,7 @@ class Scheduler:
                 self._in_flight += 1
                 for seq, _ in batch:
                     seq.in_flight = True
-            future = self.pipeline.submit(steps)
+            future = self.pipeline.submit(steps, opened=opened)
             future.add_done_callback(lambda f, batch=batch: self._complete(batch, f))
 
     def _step_of(self, seq: _Sequence, n: int, batch: int) -> pb.SequenceStep:
@@ -357,10 +358,6 @@ class Scheduler:
             keep=seq.cached,
             token_ids=seq.history[seq.cached : seq.cached + n],
             sample=sample,
-            sampling=seq.params,
-            return_logits=seq.return_logits,
-            draft_p_min=self.policy.p_min,
-            no_mtp=seq.draft_tokens == 0 or (seq.draft_tokens is None and not self.policy.enabled),
         )
         if not sample:
             return step
@@ -378,6 +375,16 @@ class Scheduler:
         if self.policy.enabled:
             step.draft_tokens = self._drafts_for(seq, min(remaining - 2, room), batch)
         return step
+
+    def _open_of(self, seq: _Sequence) -> pb.SequenceOpen:
+        """The settings a sequence's first step (keep 0) carries to every worker."""
+        return pb.SequenceOpen(
+            seq_id=seq.request.seq_id,
+            sampling=seq.params,
+            return_logits=seq.return_logits,
+            draft_p_min=self.policy.p_min,
+            no_mtp=seq.draft_tokens == 0 or (seq.draft_tokens is None and not self.policy.enabled),
+        )
 
     def _drafts_for(self, seq: _Sequence, limit: int, batch: int) -> int:
         if seq.draft_tokens is not None:

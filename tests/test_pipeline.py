@@ -161,10 +161,11 @@ def test_a_bad_sequence_is_refused_alone_and_the_stages_stay_in_lockstep(tiny, w
     greedy = sampling_to_wire(GREEDY)
     bad_sampling = pb.SamplingParams(top_p=0.0, repetition_penalty=1.0)
 
-    def step(seq_id, keep, ids, sampling=greedy) -> pb.SequenceStep:
-        return pb.SequenceStep(
-            seq_id=seq_id, keep=keep, token_ids=ids, sample=True, sampling=sampling
-        )
+    def step(seq_id, keep, ids) -> pb.SequenceStep:
+        return pb.SequenceStep(seq_id=seq_id, keep=keep, token_ids=ids, sample=True)
+
+    def opened(seq_id, sampling=greedy) -> pb.SequenceOpen:
+        return pb.SequenceOpen(seq_id=seq_id, sampling=sampling)
 
     with start(path, workers, transport) as pipeline:
         first = pipeline.submit(
@@ -172,16 +173,60 @@ def test_a_bad_sequence_is_refused_alone_and_the_stages_stay_in_lockstep(tiny, w
                 step("bad-id", 0, [5, 98]),
                 step("good", 0, prompt),
                 step("bad-keep", 3, [5]),
-                step("bad-sampling", 0, [5], bad_sampling),
-            ]
+                step("bad-sampling", 0, [5]),
+                step("unopened", 0, [5]),
+            ],
+            opened=[
+                opened("bad-id"),
+                opened("good"),
+                opened("bad-keep"),
+                opened("bad-sampling", bad_sampling),
+            ],
         ).result(timeout=60)
         errors = {seq: r.error for seq, r in first.results.items() if r.error}
-        assert set(errors) == {"bad-id", "bad-keep", "bad-sampling"}
+        assert set(errors) == {"bad-id", "bad-keep", "bad-sampling", "unopened"}
         assert "token id 98 is outside the vocabulary" in errors["bad-id"]
         assert "keep 3 beyond its 0 cached positions" in errors["bad-keep"]
         assert "top_p" in errors["bad-sampling"]
+        assert "not opened" in errors["unopened"]
         assert list(first.results["good"].token_ids) == want[:1]
         assert [w.active_sequences for w in pipeline.worker_stats()] == [1] * workers
-        second = pipeline.submit([step("good", len(prompt), want[:1]), step("bad-id", 0, [5])])
+        # The good sequence's settings are held: its next step carries none.
+        second = pipeline.submit(
+            [step("good", len(prompt), want[:1]), step("bad-id", 0, [5])],
+            opened=[opened("bad-id")],
+        )
         results = second.result(timeout=60).results
         assert list(results["good"].token_ids) == want[1:2] and not results["bad-id"].error
+
+
+def test_a_sequence_sends_its_settings_once_and_a_decode_step_only_what_changes(tiny):
+    """Sampling parameters, return_logits, draft_p_min and the MTP switch travel in the
+    sequence's first step (StepRequest.open) and are held by the workers; each decode
+    step after it carries only ids, keep, tokens and counts."""
+    from mtpd.daemon.draft_policy import DraftPolicy
+    from mtpd.model.sampling_params import SamplingParams
+
+    path, _, _ = tiny
+    sent = []
+    with start(path, 2) as pipeline:
+        for link in pipeline.links:
+            send = link.send
+            link.send = lambda req, send=send: (sent.append(req), send(req))[1]
+        scheduler = Scheduler(pipeline, eos_ids=set(), policy=DraftPolicy(0))
+        params = SamplingParams(temperature=0.7, top_p=0.9, seed=3)
+        request = scheduler.submit(PROMPTS[0], params, 6, ignore_eos=True, return_logits=True)
+        result = request.result(timeout=60)
+        scheduler.close()
+    assert len(result.token_ids) == 6 and len(result.logits) == 6  # the held settings apply
+    steps = [r for r in sent if r.sequences][::2]  # each step went to both workers
+    first, decode = steps[0], steps[1:]
+    (opened,) = first.open
+    assert opened.seq_id == request.seq_id and opened.return_logits and opened.no_mtp
+    assert opened.sampling.top_p == pytest.approx(0.9) and opened.sampling.seed == 3
+    assert len(decode) == 5
+    for step in decode:
+        assert not step.open
+        (seq,) = step.sequences
+        assert {f.name for f, _ in seq.ListFields()} <= {"seq_id", "keep", "token_ids", "sample"}
+        assert step.ByteSize() < 32  # step id, sequence id, keep, one token, sample

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import torch
 from safetensors import safe_open
 
 from mtpd.model.default_model import default_head_path
@@ -25,7 +26,9 @@ def test_shipped_head_binds_to_the_default_model_and_drafts():
     # Its linear layers, draft-vocabulary rows included, are held at int8 (quantize_head).
     rows = engine.mtp.draft_head
     assert isinstance(rows, Int8Linear) and rows.on_kernel
-    assert rows.weight.shape == (engine.mtp.draft_vocab_size, engine.cfg.hidden_size)
+    assert rows.out_features == engine.mtp.draft_vocab_size
+    assert rows.weight.dtype == torch.uint8  # one byte a weight, in the kernel's panels
+    assert rows.weight.numel() == engine.mtp.draft_vocab_size * engine.cfg.hidden_size
     assert isinstance(engine.mtp.fc, Int8Linear)
     assert all(layer.kernel is not None for layer in engine.mtp.stack.layers)
     report = evaluate_head(

@@ -117,15 +117,10 @@ def test_mtp_cache_is_rebuilt_from_verified_states(tiny):
     def step(stage, keep, tokens, verify=0):
         sampling = pb.SamplingParams(temperature=0, top_p=1, repetition_penalty=1)
         seq = pb.SequenceStep(
-            seq_id="s",
-            keep=keep,
-            token_ids=tokens,
-            sample=True,
-            sampling=sampling,
-            draft_tokens=3,
-            verify=verify,
+            seq_id="s", keep=keep, token_ids=tokens, sample=True, draft_tokens=3, verify=verify
         )
-        (result,) = stage.run(pb.StepRequest(step_id=1, sequences=[seq])).results
+        opened = [pb.SequenceOpen(seq_id="s", sampling=sampling)] if keep == 0 else []
+        (result,) = stage.run(pb.StepRequest(step_id=1, sequences=[seq], open=opened)).results
         return result
 
     prompt = PROMPTS[2]

@@ -11,6 +11,7 @@ the step's other sequences run. No request's content can make a worker fail.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -41,6 +42,16 @@ PINNED_ELEMENTS = 16 * 2**20
 
 class StepRefused(InputError):
     """A step that cannot run as sent (unknown cache length, over the context)."""
+
+
+@dataclass(frozen=True)
+class SequenceSettings:
+    """What a sequence's SequenceOpen set, validated."""
+
+    sampling: SamplingParams
+    return_logits: bool
+    draft_p_min: float
+    no_mtp: bool
 
 
 @dataclass
@@ -82,6 +93,9 @@ class Stage:
         # The tail keeps each sequence's cached token ids: sampling needs the position
         # and the history (repetition penalty).
         self.tokens: dict[str, list[int]] = {}
+        # Every stage holds each running sequence's settings (one entry per cache slot
+        # at most), so that every stage refuses the same sequences.
+        self.settings: dict[str, SequenceSettings] = {}
         self.stats = StageStats()
         self.fault = fault_from_env()
 
@@ -91,24 +105,27 @@ class Stage:
 
     def _check(
         self, req: pb.StepRequest
-    ) -> tuple[list[pb.SequenceStep], list[SamplingParams], dict[str, str]]:
-        """The sequences that run, their sampling parameters, and why each other one is
-        refused. Only a malformed step (a sequence twice) is refused whole."""
-        ids = [s.seq_id for s in req.sequences]
-        if len(set(ids)) < len(ids):
-            twice = next(i for i in ids if ids.count(i) > 1)
-            raise StepRefused(f"sequence {twice!r} appears twice in step {req.step_id}")
+    ) -> tuple[list[pb.SequenceStep], list[SequenceSettings], dict[str, str]]:
+        """The sequences that run, their settings, and why each other one is refused.
+        Only a malformed step (a sequence twice) is refused whole."""
+        for kind, ids in (("sequence", [s.seq_id for s in req.sequences]),
+                          ("opened sequence", [o.seq_id for o in req.open])):  # fmt: skip
+            if len(set(ids)) < len(ids):
+                twice = next(i for i in ids if ids.count(i) > 1)
+                raise StepRefused(f"{kind} {twice!r} appears twice in step {req.step_id}")
+        opened = {o.seq_id: o for o in req.open}
         # Slots are taken in step order; the released ones are free first. Stages may hold
         # more slots than others (they are sized by each one's memory), so the daemon
         # never sends more sequences than the smallest holds: then no stage refuses one
         # for want of a slot, and none differs from another.
         released = set(req.release)
         free = self.cache.free_slots + sum(1 for i in released if self.cache.slot_of(i) is not None)
-        runs, params, refused = [], [], {}
+        runs, settings, refused = [], [], {}
         for s in req.sequences:
             slot = None if s.seq_id in released else self.cache.slot_of(s.seq_id)
             try:
-                sampling = self._check_sequence(s, slot)
+                self._check_sequence(s, slot)
+                held = self._settings_of(s.seq_id, opened.get(s.seq_id), slot)
                 if slot is None:
                     if not free:
                         raise StepRefused(
@@ -119,10 +136,10 @@ class Stage:
                 refused[s.seq_id] = f"sequence {s.seq_id!r}: {e}"
                 continue
             runs.append(s)
-            params.append(sampling)
-        return runs, params, refused
+            settings.append(held)
+        return runs, settings, refused
 
-    def _check_sequence(self, s: pb.SequenceStep, slot: int | None) -> SamplingParams:
+    def _check_sequence(self, s: pb.SequenceStep, slot: int | None) -> None:
         if not s.token_ids:
             raise StepRefused("no token ids to append")
         vocab = self.shard.cfg.vocab_size
@@ -147,16 +164,29 @@ class Stage:
             raise StepRefused(
                 f"draft_tokens {s.draft_tokens} above the maximum of {MAX_DRAFT_TOKENS}"
             )
+
+    def _settings_of(
+        self, seq_id: str, opened: pb.SequenceOpen | None, slot: int | None
+    ) -> SequenceSettings:
+        """The settings this step opens the sequence with, else those it holds."""
+        if opened is None:
+            held = None if slot is None else self.settings.get(seq_id)
+            if held is None:
+                raise StepRefused("not opened: its first step carries its settings")
+            return held
         try:
-            return sampling_from_wire(s.sampling)
+            sampling = sampling_from_wire(opened.sampling)
         except InputError as e:
             raise StepRefused(str(e)) from e
+        if not math.isfinite(opened.draft_p_min):
+            raise StepRefused(f"draft_p_min {opened.draft_p_min} is not a number")
+        return SequenceSettings(sampling, opened.return_logits, opened.draft_p_min, opened.no_mtp)
 
     def run(self, req: pb.StepRequest) -> pb.StepReply:
         arrived = time.monotonic()
         reply = pb.StepReply(step_id=req.step_id)
         try:
-            runs, params, refused = self._check(req)
+            runs, settings, refused = self._check(req)
         except StepRefused as e:
             reply.error = str(e)
             return reply
@@ -166,29 +196,32 @@ class Stage:
         self._release(req.release)
         if not runs:
             return reply
+        for s, held in zip(runs, settings, strict=True):
+            self.settings[s.seq_id] = held
         if self.fault is not None and self.is_first:
             self.fault(runs)
         with torch.inference_mode():
-            self._compute(runs, req.activations, params, reply, arrived)
+            self._compute(runs, req.activations, settings, reply, arrived)
         return reply
 
     def _release(self, seq_ids: Iterable[str]) -> None:
         for seq_id in seq_ids:
             self.cache.release(seq_id)
             self.tokens.pop(seq_id, None)
+            self.settings.pop(seq_id, None)
             if self.drafter is not None:
                 self.drafter.release(seq_id)
 
     def reset(self, link: DistLink | None) -> None:
         """Forget every sequence and use a new data-plane link (the weights stay)."""
-        self._release(self.cache.sequences() + list(self.tokens))
+        self._release(self.cache.sequences() + list(self.tokens) + list(self.settings))
         self.link = link
 
     def _compute(
         self,
         seqs: list[pb.SequenceStep],
         activations: pb.Activations,
-        params: list[SamplingParams],
+        settings: list[SequenceSettings],
         reply: pb.StepReply,
         arrived: float,
     ) -> None:
@@ -211,7 +244,7 @@ class Stage:
         if hidden is None:
             hidden = self.shard(x, self.cache, slots, counts)
         if self.is_tail:
-            self._verify_and_draft(seqs, params, counts, hidden, reply)
+            self._verify_and_draft(seqs, settings, counts, hidden, reply)
         elif device.type == "cuda":
             torch.cuda.synchronize(device)  # so compute time is not billed to the send
         computed = time.monotonic()
@@ -245,7 +278,7 @@ class Stage:
     def _verify_and_draft(
         self,
         seqs: list[pb.SequenceStep],
-        params: list[SamplingParams],
+        settings: list[SequenceSettings],
         counts: list[int],
         hidden: torch.Tensor,
         reply: pb.StepReply,
@@ -275,15 +308,17 @@ class Stage:
             if s.sample:
                 base = s.keep + counts[i] - 1 - s.verify
                 n = s.verify + 1
-                emitted = verify(logits[row : row + n], params[i], history, base, s.verify)
+                emitted = verify(
+                    logits[row : row + n], settings[i].sampling, history, base, s.verify
+                )
                 accepted = len(emitted) - 1
                 del history[base + accepted + 1 :]  # the rejected drafts
                 verified = counts[i] - s.verify + accepted
                 result = reply.results.add(seq_id=s.seq_id, token_ids=emitted, accepted=accepted)
-                if s.return_logits:
+                if settings[i].return_logits:
                     result.logits = logits[row : row + len(emitted)].numpy().tobytes()
                 row += n
-            if self.drafter is not None and not s.no_mtp:
+            if self.drafter is not None and not settings[i].no_mtp:
                 known = history[s.keep + 1 :] + ([result.token_ids[-1]] if result else [])
                 advances.append(
                     Advance(
@@ -293,7 +328,7 @@ class Stage:
                         hidden=hidden[starts[i] : starts[i] + verified],
                         next_tokens=known[:verified],
                         want=s.draft_tokens if result else 0,
-                        p_min=s.draft_p_min,
+                        p_min=settings[i].draft_p_min,
                     )
                 )
         if self.drafter is None or not advances:

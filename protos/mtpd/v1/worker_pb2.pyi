@@ -145,29 +145,35 @@ class SamplingParams(_message.Message):
     seed: int
     def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., min_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
+class SequenceOpen(_message.Message):
+    __slots__ = ("seq_id", "sampling", "return_logits", "draft_p_min", "no_mtp")
+    SEQ_ID_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    RETURN_LOGITS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_P_MIN_FIELD_NUMBER: _ClassVar[int]
+    NO_MTP_FIELD_NUMBER: _ClassVar[int]
+    seq_id: str
+    sampling: SamplingParams
+    return_logits: bool
+    draft_p_min: float
+    no_mtp: bool
+    def __init__(self, seq_id: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., return_logits: _Optional[bool] = ..., draft_p_min: _Optional[float] = ..., no_mtp: _Optional[bool] = ...) -> None: ...
+
 class SequenceStep(_message.Message):
-    __slots__ = ("seq_id", "keep", "token_ids", "sample", "sampling", "draft_tokens", "return_logits", "verify", "draft_p_min", "no_mtp")
+    __slots__ = ("seq_id", "keep", "token_ids", "sample", "draft_tokens", "verify")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     KEEP_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_FIELD_NUMBER: _ClassVar[int]
-    SAMPLING_FIELD_NUMBER: _ClassVar[int]
     DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
-    RETURN_LOGITS_FIELD_NUMBER: _ClassVar[int]
     VERIFY_FIELD_NUMBER: _ClassVar[int]
-    DRAFT_P_MIN_FIELD_NUMBER: _ClassVar[int]
-    NO_MTP_FIELD_NUMBER: _ClassVar[int]
     seq_id: str
     keep: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     sample: bool
-    sampling: SamplingParams
     draft_tokens: int
-    return_logits: bool
     verify: int
-    draft_p_min: float
-    no_mtp: bool
-    def __init__(self, seq_id: _Optional[str] = ..., keep: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., sample: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., draft_tokens: _Optional[int] = ..., return_logits: _Optional[bool] = ..., verify: _Optional[int] = ..., draft_p_min: _Optional[float] = ..., no_mtp: _Optional[bool] = ...) -> None: ...
+    def __init__(self, seq_id: _Optional[str] = ..., keep: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., sample: _Optional[bool] = ..., draft_tokens: _Optional[int] = ..., verify: _Optional[int] = ...) -> None: ...
 
 class Activations(_message.Message):
     __slots__ = ("header", "data")
@@ -178,16 +184,18 @@ class Activations(_message.Message):
     def __init__(self, header: _Optional[bytes] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("step_id", "sequences", "release", "activations")
+    __slots__ = ("step_id", "sequences", "release", "activations", "open")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     RELEASE_FIELD_NUMBER: _ClassVar[int]
     ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
+    OPEN_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     sequences: _containers.RepeatedCompositeFieldContainer[SequenceStep]
     release: _containers.RepeatedScalarFieldContainer[str]
     activations: Activations
-    def __init__(self, step_id: _Optional[int] = ..., sequences: _Optional[_Iterable[_Union[SequenceStep, _Mapping]]] = ..., release: _Optional[_Iterable[str]] = ..., activations: _Optional[_Union[Activations, _Mapping]] = ...) -> None: ...
+    open: _containers.RepeatedCompositeFieldContainer[SequenceOpen]
+    def __init__(self, step_id: _Optional[int] = ..., sequences: _Optional[_Iterable[_Union[SequenceStep, _Mapping]]] = ..., release: _Optional[_Iterable[str]] = ..., activations: _Optional[_Union[Activations, _Mapping]] = ..., open: _Optional[_Iterable[_Union[SequenceOpen, _Mapping]]] = ...) -> None: ...
 
 class SequenceResult(_message.Message):
     __slots__ = ("seq_id", "token_ids", "logits", "accepted", "draft_token_ids", "error")
