@@ -183,7 +183,8 @@ typedef struct {
 //
 // The weight comes in panels of 16 outputs (cpu_kernels.Matrix.q4 packs them), one
 // stream of Q4_GROUP_BYTES per group: 4 chunks of 64 bytes of nibbles, then the group's
-// S and Z for the panel's 16 outputs. Byte 4 i + t of chunk c holds, for the panel's
+// S and Z for the panel's 16 outputs as float16 (GGUF's Q4_1 precision: 20 bytes per 32
+// weights, where float32 took 24, and decoding reads every byte). Byte 4 i + t of chunk c holds, for the panel's
 // output i, q of input 4 c + t in its low nibble and of input 16 + 4 c + t in its high
 // one. A chunk's low (or high) nibbles are thus 16 outputs x 4 consecutive inputs, and
 // one dpbusd (maddubs on AVX2) against those 4 inputs, broadcast, adds each output's
@@ -192,7 +193,7 @@ typedef struct {
 // extra rows ride on the weight stream nearly free. An output's sum runs group by group
 // in the same order in every build, alone or beside other rows.
 #define PANEL 16
-#define Q4_GROUP_BYTES 384
+#define Q4_GROUP_BYTES 320
 
 // A panel's outputs for row m from n0, 16 (or 8) of them: as `store` does each.
 #ifdef __AVX512F__
@@ -245,8 +246,8 @@ static inline __attribute__((always_inline)) void q4_tile(
                 dot[g] = _mm512_dpbusd_epi32(dot[g], hi, quad16(x + 16 + 4 * c));
             }
         }
-        const __m512 s = _mm512_loadu_ps((const float*)(w + 256));
-        const __m512 z = _mm512_loadu_ps((const float*)(w + 320));
+        const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(w + 256)));
+        const __m512 z = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(w + 288)));
         for (int g = 0; g < G; g++) {
             const int64_t i = (m0 + g) * groups + b;
             const __m512 scale = _mm512_mul_ps(s, _mm512_set1_ps(XD[i]));
@@ -286,8 +287,8 @@ static inline __attribute__((always_inline)) void q4_tile(
                 dot[g] = _mm256_add_epi16(dot[g], _mm256_maddubs_epi16(hi, quad8(x + 16 + 4 * c)));
             }
         }
-        const __m256 s = _mm256_loadu_ps((const float*)(w + 256) + 8 * h);
-        const __m256 z = _mm256_loadu_ps((const float*)(w + 320) + 8 * h);
+        const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(w + 256 + 16 * h)));
+        const __m256 z = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(w + 288 + 16 * h)));
         for (int g = 0; g < G; g++) {
             const int64_t i = (m0 + g) * groups + b;
             const __m256 dots = _mm256_cvtepi32_ps(_mm256_madd_epi16(dot[g], ones));

@@ -44,7 +44,7 @@ from mtpd.model.user_cache import private_cache_dir
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
-FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
 # Where the CPU has them, the int4 kernel takes two groups per instruction (VNNI's dpbusd
 # on 512-bit registers); the library is built on the machine it runs on.
 AVX512_VNNI = ("-mavx512f", "-mavx512bw", "-mavx512vnni")
@@ -261,7 +261,8 @@ class Matrix(ctypes.Structure):
     ) -> Matrix:
         """W in groups of 32 inputs, W[n, 32 b + j] = q[n, 32 b + j] * scales[n, b] +
         mins[n, b], q [N, K] uint8 in 0..15: packed into the kernel's panels (linear_q4
-        in cpu_kernels.c), which the matrix holds instead of q."""
+        in cpu_kernels.c), which the matrix holds instead of q. The panels hold scales
+        and mins as float16, as GGUF's Q4_1 does (Int4Weight's are float16 values)."""
         _check("linear_q4", scales, mins)
         if q.dtype is not torch.uint8 or q.dim() != 2 or not q.is_cpu:
             raise TypeError("the int4 CPU kernel takes uint8 [N, K] values in 0..15")
@@ -271,7 +272,7 @@ class Matrix(ctypes.Structure):
         halves = q.reshape(n, k // 32, 2, 16)
         nibbles = _by_quads(halves[:, :, 0], 16) | _by_quads(halves[:, :, 1], 16) << 4
         per_panel = [
-            t.float().reshape(n // PANEL, PANEL, -1).transpose(1, 2).contiguous()
+            t.half().reshape(n // PANEL, PANEL, -1).transpose(1, 2).contiguous()
             for t in (scales, mins)
         ]
         panels = torch.cat([nibbles, *(t.view(torch.uint8) for t in per_panel)], dim=-1)

@@ -41,6 +41,17 @@ def _inner_k_tiles(k: int) -> int:
     return next(t for t in (8, 4, 2) if k % (16 * t) == 0)
 
 
+F16_MAX = 65504.0
+
+
+def _float16(x: torch.Tensor, direction: int) -> torch.Tensor:
+    """x rounded to a float16 value, down (direction -1) or up (1)."""
+    near = x.half()
+    beyond = near.float() < x if direction > 0 else near.float() > x
+    step = torch.nextafter(near, torch.full_like(near, direction * float("inf")))
+    return torch.where(beyond, step, near).float()
+
+
 @dataclass
 class Int4Weight:
     """w[n, k] = (q[n, k] - 8) * scale[n, k // group] + zero[n, k // group]."""
@@ -52,11 +63,17 @@ class Int4Weight:
 
     @classmethod
     def from_float(cls, w: torch.Tensor, group: int = INT4_GROUP) -> Int4Weight:
-        """Round to nearest with each group's minimum and maximum as the ends."""
+        """Round to nearest with each group's minimum and maximum as the ends. The
+        minimum and the scale are float16 values, as GGUF's Q4_1 stores them (and the
+        CPU kernel reads them)."""
         n, k = w.shape
         g = w.float().reshape(n, k // group, group)
-        low, high = g.amin(-1), g.amax(-1)
-        scale = ((high - low) / 15).clamp(min=1e-12)
+        if not bool(g.abs().amax() <= F16_MAX / 2):
+            raise ModelLoadError("int4 takes weights within float16's range")
+        # float16 ends that still hold the group: the minimum rounded down, the scale
+        # (at least float16's smallest normal step) up.
+        low = _float16(g.amin(-1), -1)
+        scale = _float16(((g.amax(-1) - low) / 15).clamp(min=2**-14), 1)
         q = ((g - low[..., None]) / scale[..., None]).round().clamp(0, 15)
         return cls(q.to(torch.uint8).reshape(n, k), scale, low + 8 * scale, group)
 

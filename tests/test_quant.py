@@ -22,6 +22,7 @@ from mtpd.daemon.scheduler import Scheduler
 from mtpd.model import cpu_kernels
 from mtpd.model.compare import compare_tokens
 from mtpd.model.default_model import default_model_path
+from mtpd.model.errors import ModelLoadError
 from mtpd.model.gguf_checkpoint import GGUFCheckpoint
 from mtpd.model.layers import Linear
 from mtpd.model.quant import (
@@ -42,6 +43,11 @@ def test_int4_groups_round_to_nearest_within_half_a_step():
     step = q.scale.repeat_interleave(32, dim=1)
     assert ((q.dequantize() - w).abs() <= step / 2 + 1e-6).all()
     assert q.q.max() == 15 and q.q.min() == 0
+    # Scales and minimums are float16 values, as GGUF's Q4_1 holds them.
+    for v in (q.scale, q.zero - 8 * q.scale):
+        assert torch.equal(v, v.half().float())
+    with pytest.raises(ModelLoadError, match="float16's range"):
+        Int4Weight.from_float(torch.full((16, 32), 1e5))
 
 
 @pytest.mark.parametrize("use_kernel", [True, False], ids=["mtpd-kernel", "pytorch-op"])
@@ -202,12 +208,12 @@ def test_the_kernels_cover_odd_group_counts_and_tails(width):
 
 def test_int4_rounding_is_to_nearest_even_and_non_finite_inputs_stay_non_finite():
     w = torch.zeros(16, 32)
-    w[0, :4] = 1.0
+    w[0, :4] = 1.875  # 15 steps of 0.125: exact in int4 with a float16 scale
     layer = Int4Linear(Int4Weight.from_float(w), None, torch.float32)
     x = torch.zeros(1, 32)
     x[0, :5] = torch.tensor([0.5, 1.5, 2.5, -0.5, 127.0])  # max 127: scale exactly 1
-    # Rounded to 0, 2, 2, -0 (ties to even): weights 1 on the first four give 4.
-    torch.testing.assert_close(layer(x)[0, 0], torch.tensor(4.0), atol=1e-5, rtol=0)
+    # Rounded to 0, 2, 2, -0 (ties to even), times 1.875.
+    torch.testing.assert_close(layer(x)[0, 0], torch.tensor(7.5), atol=1e-5, rtol=0)
     for bad in (float("nan"), float("inf")):
         x[0, 7] = bad
         assert not torch.isfinite(layer(x)[0, 0])
