@@ -82,8 +82,8 @@ def test_fixed_settings_and_limits_are_kept():
 
 def test_exploring_backs_off_while_first_drafts_are_rejected():
     """With k = 0 chosen, one draft every 8 steps keeps acceptance measured; each first
-    draft rejected doubles the interval, to every 64 steps; in a batch of b, b times as
-    long."""
+    draft rejected doubles the interval, to every 64 steps (from the start once the
+    server has measured its rates); in a batch of b, b times as long."""
     policy = DraftPolicy(AUTO)
     observe(policy, 1, 0.100)
     observe(policy, 2, 0.190)  # a second position costs 90%: k = 0 at any acceptance here
@@ -101,3 +101,6 @@ def test_exploring_backs_off_while_first_drafts_are_rejected():
     assert explored(1) == list(range(15, 128, 16))
     assert explored(3) == explored(10) == [63, 127]
     assert explored(0, batch=4) == [31, 63, 95, 127]  # the batch, as one sequence
+    # Once the server has measured first drafts, a new sequence starts backed off.
+    policy.server.drafted, policy.server.reached, policy.server.accepted = [16], [16], [2]
+    assert explored(0) == [63, 127]
