@@ -191,3 +191,16 @@ def test_the_heads_cache_caught_up_lazily_drafts_as_if_kept_current(tmp_path, mo
             for mine, theirs in ((lazy.cache.k, eager.cache.k), (lazy.cache.v, eager.cache.v)):
                 length = keep + m
                 torch.testing.assert_close(mine[:, slot, :, :length], theirs[:, slot, :, :length])
+
+
+def test_held_entries_are_cut_across_and_within_their_row_blocks():
+    from mtpd.worker.drafter import _Held
+
+    blocks = [torch.arange(3.0)[:, None], torch.arange(3.0, 5.0)[:, None], torch.tensor([[5.0]])]
+    for n in (6, 7, 5, 4, 3, 2, 0):
+        held = _Held([b.clone() for b in blocks], list(range(6)))
+        held.keep(n)
+        kept = min(n, 6)
+        assert held.tokens == list(range(kept))
+        rows = torch.cat(held.rows) if held.rows else torch.empty(0, 1)
+        assert torch.equal(rows, torch.arange(float(kept))[:, None]), n
