@@ -146,10 +146,11 @@ def main() -> None:
                 + "  ".join(f"{p} {v:6.2f} ms ({v / base:.2f}x)" for p, v in one.items())
                 + f"  floor: memory {memory[1]:.2f} ms, arithmetic {arithmetic:.2f} ms"
             )
-            print(
-                f"{quant:>5} {rows} seqs x 1 row: whole layer {streams:6.2f} ms "
-                f"({streams / base:.2f}x)  floor: memory {memory[rows]:.2f} ms"
-            )
+            if rows > 1:
+                print(
+                    f"{quant:>5} {rows} seqs x 1 row: whole layer {streams:6.2f} ms "
+                    f"({streams / base:.2f}x)  floor: memory {memory[rows]:.2f} ms"
+                )
             report[f"{quant} x{rows}"] = {
                 **{path: round(v, 3) for path, v in one.items()},
                 "sequences x 1 row": round(streams, 3),
