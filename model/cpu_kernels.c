@@ -636,28 +636,42 @@ typedef struct {
     float scale;
 } heads_t;
 
-// Returns 0, or -1 where a row's scores could not be allocated (its output is then 0).
+// A sequence's part of a step for attention: its slot's caches [kv_heads, context, d],
+// the cache position of its first row, and that row's index in the step.
+typedef struct {
+    float *k, *v;
+    int64_t start, first_row;
+} att_seq;
+
+// Every sequence's rows in one pair of loops (one barrier each, whatever the batch
+// holds: a pair per sequence had cost 8 streams about a millisecond a step); row r
+// belongs to seqs[seq_of_row[r]]. Returns 0, or -1 where a row's scores could not be
+// allocated (its output is then 0).
 static int attend(const heads_t* a, const float* QKV, const float* COS, const float* SIN_SIGNED,
-                  float* KC, float* VC, float* OUT, int64_t T, int64_t start, int64_t context) {
+                  const att_seq* seqs, const int64_t* seq_of_row, int64_t M, float* OUT,
+                  int64_t context) {
     const int64_t heads = a->heads, kv_heads = a->kv_heads, d = a->d;
     const int64_t width = (heads + 2 * kv_heads) * d, group = heads / kv_heads;
     int failed = 0;  // this thread's: the caller's region combines them
 #pragma omp for schedule(static)
-    for (int64_t task = 0; task < T * kv_heads; task++) {
-        const int64_t t = task / kv_heads, g = task % kv_heads;
-        const float* row = QKV + t * width;
-        const int64_t at = (g * context + start + t) * d;
-        rope(row + (heads + g) * d, COS + t * d, SIN_SIGNED + t * d, KC + at, d);
-        for (int64_t i = 0; i < d; i++) VC[at + i] = row[(heads + kv_heads + g) * d + i];
+    for (int64_t task = 0; task < M * kv_heads; task++) {
+        const int64_t r = task / kv_heads, g = task % kv_heads;
+        const att_seq* q = &seqs[seq_of_row[r]];
+        const float* row = QKV + r * width;
+        const int64_t at = (g * context + q->start + r - q->first_row) * d;
+        rope(row + (heads + g) * d, COS + r * d, SIN_SIGNED + r * d, q->k + at, d);
+        for (int64_t i = 0; i < d; i++) q->v[at + i] = row[(heads + kv_heads + g) * d + i];
     }
 #pragma omp for schedule(static)
-    for (int64_t task = 0; task < T * heads; task++) {
-        const int64_t t = task / heads, h = task % heads, keys = start + t + 1;
-        const float* k = KC + h / group * context * d;
-        const float* v = VC + h / group * context * d;
-        float* o = OUT + t * heads * d + h * d;
+    for (int64_t task = 0; task < M * heads; task++) {
+        const int64_t r = task / heads, h = task % heads;
+        const att_seq* sq = &seqs[seq_of_row[r]];
+        const int64_t keys = sq->start + r - sq->first_row + 1;
+        const float* k = sq->k + h / group * context * d;
+        const float* v = sq->v + h / group * context * d;
+        float* o = OUT + r * heads * d + h * d;
         float q[256];
-        rope(QKV + t * width + h * d, COS + t * d, SIN_SIGNED + t * d, q, d);
+        rope(QKV + r * width + h * d, COS + r * d, SIN_SIGNED + r * d, q, d);
         float* p = malloc(sizeof(float) * keys);
         if (!p) {
             for (int64_t i = 0; i < d; i++) o[i] = 0.0f;
@@ -679,9 +693,14 @@ int mtpd_attend_f32(const float* QKV, const float* COS, const float* SIN_SIGNED,
                     float* VC, float* OUT, int64_t T, int64_t start, int64_t heads,
                     int64_t kv_heads, int64_t d, int64_t max_context, float scale, int threads) {
     const heads_t a = {heads, kv_heads, d, scale};
-    int failed = 0;
+    const att_seq one = {KC, VC, start, 0};
+    int64_t* const seq_of_row = calloc(T + 1, sizeof(int64_t));  // all rows: sequence 0
+    int failed = !seq_of_row;
+    if (!failed) {
 #pragma omp parallel num_threads(threads) reduction(| : failed)
-    failed |= attend(&a, QKV, COS, SIN_SIGNED, KC, VC, OUT, T, start, max_context) != 0;
+        failed |= attend(&a, QKV, COS, SIN_SIGNED, &one, seq_of_row, T, OUT, max_context) != 0;
+    }
+    free(seq_of_row);
     return failed ? -1 : 0;
 }
 
@@ -720,7 +739,15 @@ int mtpd_decoder_layer_f32(const mtpd_layer* L, const mtpd_step* S, int64_t laye
     // Every intermediate row in one allocation (+ 1: a step may have no rows).
     float* const buffer = malloc(sizeof(float) * (M * (H + L->qkv.n + L->o.k + 3 * I) + 1));
     q8_inputs in = {0};
-    int failed = !buffer || (widest && !alloc_q8_inputs(&in, M * widest / 32));
+    att_seq* const seqs = malloc(sizeof(att_seq) * (S->sequences + 1));
+    int64_t* const seq_of_row = malloc(sizeof(int64_t) * (M + 1));
+    int failed = !buffer || !seqs || !seq_of_row ||
+                 (widest && !alloc_q8_inputs(&in, M * widest / 32));
+    for (int64_t i = 0, row = 0; !failed && i < S->sequences; row += S->counts[i++]) {
+        const int64_t at = S->slots[i] * slot_size;
+        seqs[i] = (att_seq){KC + at, VC + at, S->starts[i], row};
+        for (int64_t r = row; r < row + S->counts[i]; r++) seq_of_row[r] = i;
+    }
     if (!failed) {
         float* const normed = buffer;
         float* const qkv = normed + M * H;
@@ -731,14 +758,8 @@ int mtpd_decoder_layer_f32(const mtpd_layer* L, const mtpd_step* S, int64_t laye
         {
             rms_norm(X, L->input_norm, normed, M, H, L->eps);
             product(&L->qkv, normed, qkv, NULL, M, &in);
-            int64_t row = 0;
-            for (int64_t i = 0; i < S->sequences; i++) {
-                const int64_t at = S->slots[i] * slot_size, c = row * d;
-                failed |= attend(&L->attention, qkv + row * L->qkv.n, S->cos + c,
-                                 S->sin_signed + c, KC + at, VC + at, attended + row * L->o.k,
-                                 S->counts[i], S->starts[i], S->max_context) != 0;
-                row += S->counts[i];
-            }
+            failed |= attend(&L->attention, qkv, S->cos, S->sin_signed, seqs, seq_of_row, M,
+                             attended, S->max_context) != 0;
             product(&L->o, attended, Y, X, M, &in);
             rms_norm(Y, L->post_norm, normed, M, H, L->eps);
             product(&L->gate_up, normed, gate_up, NULL, M, &in);
@@ -747,6 +768,8 @@ int mtpd_decoder_layer_f32(const mtpd_layer* L, const mtpd_step* S, int64_t laye
         }
     }
     free(buffer);
+    free(seqs);
+    free(seq_of_row);
     free_q8_inputs(&in);
     return failed ? -1 : 0;
 }
