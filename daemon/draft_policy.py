@@ -215,11 +215,12 @@ class DraftPolicy:
         # A batch explores as often as one sequence would: each exploring row is paid
         # for by the whole step (an extra position and a head pass it did not need). The
         # phase spreads the sequences' explorations over steps.
-        # Once the server's rates are measured, a new sequence's k = 0 is the server's
-        # verdict, not a guess: it starts backed off (at acceptance 0.1, exploring
-        # every 8 steps of every new request cost `auto` 3-6% against MTP off).
+        # Once the server's rates are measured, k = 0 for a sequence none of whose
+        # drafts was accepted is the server's verdict, not a guess: it explores backed
+        # off (at acceptance 0.1, exploring every 8 steps of every new request cost
+        # `auto` 3-6% against MTP off). One accepted draft puts it on its own record.
         rejected = _at(own.drafted, 0) - _at(own.accepted, 0)
-        if _at(self.server.drafted, 0) >= _SERVER_EVIDENCE:
+        if _at(self.server.drafted, 0) >= _SERVER_EVIDENCE and not _at(own.accepted, 0):
             rejected += _EXPLORE_BACKOFF
         every = (_EXPLORE_EVERY << min(rejected, _EXPLORE_BACKOFF)) * batch
         if best == 0 and (own.steps + own.phase) % every == every - 1:

@@ -185,6 +185,9 @@ class _Sequence:
     return_logits: bool
     draft_tokens: int | None  # the request's own drafts per step; None: the policy's
     cached: int = 0  # positions every worker holds in its KV cache
+    # Its settings went to the workers (a step at keep 0 was sent), so they may hold a
+    # slot for it even with nothing cached: a step that failed whole still took one.
+    opened: bool = False
     in_flight: bool = False
     proposed: list[int] = field(default_factory=list)  # the head's drafts for the next step
     verifying: int = 0  # drafts in the step in flight
@@ -317,7 +320,7 @@ class Scheduler:
             self._active = []
             self._cond.notify()
         # A sequence whose first chunk is in flight holds slots too.
-        cached = [s.request.seq_id for s in stranded if s.cached or s.in_flight]
+        cached = [s.request.seq_id for s in stranded if s.cached or s.opened]
         if cached:  # the pipeline may outlive this scheduler
             self.pipeline.release(cached)
         for seq in stranded:
@@ -338,6 +341,8 @@ class Scheduler:
                 try:
                     steps = [self._step_of(seq, n, len(batch)) for seq, n in batch]
                     opened = [self._open_of(seq) for seq, _ in batch if seq.cached == 0]
+                    for seq, _ in batch:
+                        seq.opened = True
                 except Exception as e:  # a bug must fail requests, not stop the loop
                     log.exception("building a step failed")
                     self._retire([seq for seq, _ in batch], "error", f"internal error: {e}")
@@ -478,7 +483,7 @@ class Scheduler:
 
     def _retire(self, seqs: list[_Sequence], reason: str, error: str | None = None) -> None:
         """Finish sequences and free their caches (called under the lock)."""
-        cached = [s.request.seq_id for s in seqs if s.cached]
+        cached = [s.request.seq_id for s in seqs if s.cached or s.opened]
         if cached:
             self.pipeline.release(cached)
         for seq in seqs:

@@ -38,7 +38,7 @@ enum { MTPD_F32 = 0, MTPD_Q4 = 1, MTPD_Q8 = 2 };
 
 typedef struct {
     int64_t kind, n, k;  // Y[M, n] = X[M, k] @ W^T
-    const void* q;       // F32: W [n, k]; Q4: panels (linear_q4); Q8: int8 [n, k]
+    const void* q;       // F32: W [n, k]; Q4, Q8: panels (linear_q4, linear_q8)
     const float* s;      // Q8: scale per output [n]
     const float* bias;   // [n] or NULL
 } mtpd_matrix;

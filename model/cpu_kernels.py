@@ -45,8 +45,8 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
-# Where the CPU has them, the int4 kernel takes two groups per instruction (VNNI's dpbusd
-# on 512-bit registers); the library is built on the machine it runs on.
+# Where the CPU has them, the int4 and int8 kernels take 64 byte pairs per instruction
+# (VNNI's dpbusd on 512-bit registers); the library is built on the machine it runs on.
 AVX512_VNNI = ("-mavx512f", "-mavx512bw", "-mavx512vnni")
 _AVX512_VNNI_CPU = {"avx512f", "avx512bw", "avx512_vnni"}  # as /proc/cpuinfo names them
 K_MULTIPLE = 8  # the kernels read 8 floats at a time

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mtpd.model import cpu_kernels
@@ -71,9 +72,9 @@ class Int4Weight:
         if not bool(g.abs().amax() <= F16_MAX / 2):
             raise ModelLoadError("int4 takes weights within float16's range")
         # float16 ends that still hold the group: the minimum rounded down, the scale
-        # (at least float16's smallest normal step) up.
+        # (at least float16's smallest step) up.
         low = _float16(g.amin(-1), -1)
-        scale = _float16(((g.amax(-1) - low) / 15).clamp(min=2**-14), 1)
+        scale = _float16(((g.amax(-1) - low) / 15).clamp(min=2**-24), 1)
         q = ((g - low[..., None]) / scale[..., None]).round().clamp(0, 15)
         return cls(q.to(torch.uint8).reshape(n, k), scale, low + 8 * scale, group)
 
@@ -115,6 +116,7 @@ class Int4Linear(nn.Module):
             and device.type == "cpu"
             and dtype == torch.float32
             and weight.group == 32
+            and cpu_kernels.panels_fit(*weight.q.shape)
             and cpu_kernels.available()
         ):
             scales, mins = weight.scale.float(), (weight.zero - 8 * weight.scale).float()
@@ -176,14 +178,21 @@ class Int8Linear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.out_features = q.shape[0]
         self.matrix: cpu_kernels.Matrix | None = None
+        n, k = q.shape
         if (
             use_kernel
             and q.device.type == "cpu"
             and weight.dtype == torch.float32
-            and cpu_kernels.panels_fit(*q.shape)
+            and cpu_kernels.panels_fit(cpu_kernels.PANEL, k)
             and cpu_kernels.available()
         ):
-            self.matrix = cpu_kernels.Matrix.q8(q, self.scales, self.bias)
+            # Outputs padded to whole panels with zero rows (a head's draft vocabulary
+            # may have any size); forward drops them.
+            pad = -n % cpu_kernels.PANEL
+            bias = None if bias is None else F.pad(bias.detach().float(), (0, pad))
+            self.matrix = cpu_kernels.Matrix.q8(
+                F.pad(q, (0, 0, 0, pad)), F.pad(scale.float(), (0, pad), value=1.0), bias
+            )
             q = self.matrix.tensors[0]  # the panels: the plain rows are not kept
         self.register_buffer("weight", q)
 
@@ -193,7 +202,8 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.matrix is not None:
-            return self.matrix(x)
+            y = self.matrix(x)
+            return y if self.matrix.n == self.out_features else y[..., : self.out_features]
         rows = x.reshape(-1, x.shape[-1])
         y = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.scales.to(rows.dtype))
         y = y.view(*x.shape[:-1], self.out_features)

@@ -104,3 +104,8 @@ def test_exploring_backs_off_while_first_drafts_are_rejected():
     # Once the server has measured first drafts, a new sequence starts backed off.
     policy.server.drafted, policy.server.reached, policy.server.accepted = [16], [16], [2]
     assert explored(0) == [63, 127]
+    # One accepted draft of its own puts a sequence back on its own record.
+    seq = DraftStats(steps=0, drafted=[1], reached=[1], accepted=[1], phase=0)
+    assert [
+        s for s in range(32) if policy.choose(DraftStats(**{**seq.__dict__, "steps": s}), 6)
+    ] == [7, 15, 23, 31]

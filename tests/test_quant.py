@@ -188,8 +188,8 @@ def test_a_quantized_pipeline_equals_the_quantized_engine(tiny):
 
 @pytest.mark.parametrize("width", [32, 96, 288, 576])
 def test_the_kernels_cover_odd_group_counts_and_tails(width):
-    # int4 and int8 at 1, 3, 9 and 18 groups, in panels of 16 outputs; a shape the
-    # panels do not fit takes PyTorch's int8 operator, its inputs unrounded.
+    # int4 and int8 at 1, 3, 9 and 18 groups, in panels of 16 outputs; inputs not whole
+    # groups take PyTorch's int8 operator, unrounded.
     g = torch.Generator().manual_seed(width)
     w, x = torch.randn(48, width, generator=g), torch.randn(3, width, generator=g)
     rounded = _rounded_to_8_bits_per_group(x)
@@ -200,6 +200,12 @@ def test_the_kernels_cover_odd_group_counts_and_tails(width):
     torch.testing.assert_close(
         Int8Linear(w, None)(x), rounded @ _int8_dense(w).t(), atol=1e-4, rtol=1e-4
     )
+    # 40 outputs: int8 pads them to whole panels and drops the padding (int4 takes only
+    # whole panels: quantize_linears keeps such layers at int8).
+    w40, bias = torch.randn(40, width, generator=g), torch.randn(40, generator=g)
+    int8 = Int8Linear(w40, bias)
+    assert int8.on_kernel and int8(x).shape == (3, 40)
+    torch.testing.assert_close(int8(x), rounded @ _int8_dense(w40).t() + bias, atol=1e-4, rtol=1e-4)
     w8, x8 = torch.randn(40, width + 8, generator=g), torch.randn(3, width + 8, generator=g)
     int8 = Int8Linear(w8, None)
     assert not int8.on_kernel
