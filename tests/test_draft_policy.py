@@ -88,8 +88,9 @@ def test_exploring_backs_off_while_first_drafts_are_rejected():
     observe(policy, 1, 0.100)
     observe(policy, 2, 0.190)  # a second position costs 90%: k = 0 at any acceptance here
 
-    def explored(rejected: int, batch: int = 1) -> list[int]:
-        seq = DraftStats(steps=0, drafted=[rejected], reached=[rejected], accepted=[0], phase=0)
+    def explored(rejected: int, batch: int = 1, accepted: int = 0) -> list[int]:
+        tried = [rejected + accepted]
+        seq = DraftStats(steps=0, drafted=tried, reached=tried, accepted=[accepted], phase=0)
         steps = []
         for step in range(128):
             seq.steps = step
@@ -105,7 +106,4 @@ def test_exploring_backs_off_while_first_drafts_are_rejected():
     policy.server.drafted, policy.server.reached, policy.server.accepted = [16], [16], [2]
     assert explored(0) == [63, 127]
     # One accepted draft of its own puts a sequence back on its own record.
-    seq = DraftStats(steps=0, drafted=[1], reached=[1], accepted=[1], phase=0)
-    assert [
-        s for s in range(32) if policy.choose(DraftStats(**{**seq.__dict__, "steps": s}), 6)
-    ] == [7, 15, 23, 31]
+    assert explored(0, accepted=1) == list(range(7, 128, 8))
