@@ -1,0 +1,75 @@
+"""Two versions of the CPU kernels' source, side by side in one process: each is built as
+its own library and the whole-model steps alternate between them, so their ratio holds
+on a noisy machine (the weights, packed once, are the same for both: the versions must
+share the weights' layout).
+
+    git show HEAD~1:model/cpu_kernels.c > /tmp/old.c
+    python benchmarks/kernel_ab.py /tmp/old.c model/cpu_kernels.c [--quant int4] [--reps 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from mtpd.model import cpu_kernels
+from mtpd.worker.engine import Engine
+
+SHAPES = [(1, 1), (1, 2), (1, 8), (8, 1)]  # (sequences, rows each)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("sources", nargs="+", type=Path)
+    ap.add_argument("--model", default=None, help="default: the embedded SmolLM2")
+    ap.add_argument("--quant", default="int4")
+    ap.add_argument("--context", type=int, default=200)
+    ap.add_argument("--reps", type=int, default=40)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    runtime, isa = cpu_kernels._openmp_runtime(), cpu_kernels._isa()
+    libraries = {}
+    for source in args.sources:
+        cpu_kernels.SOURCE = source
+        libraries[str(source)] = cpu_kernels._load(
+            cpu_kernels._build(compiler, runtime, ["-lmvec"], isa)
+        )
+    most = max(n for n, _ in SHAPES)
+    engine = Engine.load(args.model, max_context=args.context + 8, quant=args.quant, max_seqs=most)
+    seqs = [f"s{i}" for i in range(most)]
+    for s in seqs:
+        engine.forward(s, 0, [7] * args.context)
+    times = {(name, shape): [] for name in libraries for shape in SHAPES}
+    for _ in range(args.reps):
+        for shape in SHAPES:
+            for name, library in libraries.items():
+                cpu_kernels._library = lambda library=library: library
+                n, rows = shape
+                slots = [engine.cache.slot(s) for s in seqs[:n]]
+                for slot in slots:
+                    engine.cache.truncate(slot, args.context)
+                start = time.perf_counter()
+                ids = torch.full((n * rows,), 11, dtype=torch.long)
+                engine.shard.logits(engine.shard(ids, engine.cache, slots, [rows] * n))
+                times[name, shape].append(time.perf_counter() - start)
+    first = str(args.sources[0])
+    for n, rows in SHAPES:
+        base = statistics.median(times[first, (n, rows)])
+        cells = "  ".join(
+            f"{name} {statistics.median(times[name, (n, rows)]) * 1e3:6.2f} ms "
+            f"({statistics.median(times[name, (n, rows)]) / base:.2f}x)"
+            for name in libraries
+        )
+        print(f"{n} sequence(s) x {rows} row(s): {cells}")
+
+
+if __name__ == "__main__":
+    main()
