@@ -724,47 +724,61 @@ typedef struct {
     int64_t slots_per_layer, max_context;
 } mtpd_step;
 
-// Layer `layer` of the step's caches on rows X, into Y (not X). Returns 0, or -1 where
-// memory for the layer's intermediate rows could not be had.
-int mtpd_decoder_layer_f32(const mtpd_layer* L, const mtpd_step* S, int64_t layer,
-                           const float* X, float* Y, int threads) {
-    const int64_t M = S->rows, H = L->o.n, d = L->attention.d, I = L->gate_up.n / 2;
-    const int64_t slot_size = L->attention.kv_heads * S->max_context * d;
-    float* const KC = S->k + layer * S->slots_per_layer * slot_size;
-    float* const VC = S->v + layer * S->slots_per_layer * slot_size;
-    const mtpd_matrix* const products[4] = {&L->qkv, &L->o, &L->gate_up, &L->down};
-    int64_t widest = 0;  // of the int4 and int8 products' inputs, which are rounded to 8 bits
-    for (int i = 0; i < 4; i++)
-        if (products[i]->kind != MTPD_F32 && products[i]->k > widest) widest = products[i]->k;
-    // Every intermediate row in one allocation (+ 1: a step may have no rows).
-    float* const buffer = malloc(sizeof(float) * (M * (H + L->qkv.n + L->o.k + 3 * I) + 1));
+// Layers first .. first + n - 1 of the step's caches (L[0] .. L[n - 1]) on rows X, the
+// last one's output into Y (not X), in one parallel region: a Python call and an OpenMP
+// region per layer had cost a 1-row int4 step about 0.3 ms of its 6. Returns 0, or -1
+// where memory for the intermediate rows could not be had.
+int mtpd_decoder_layers_f32(const mtpd_layer* L, int64_t n, const mtpd_step* S, int64_t first,
+                            const float* X, float* Y, int threads) {
+    const int64_t M = S->rows, H = L[0].o.n;
+    int64_t widest = 0, width = 0;  // of the 8-bit-rounded inputs; of a layer's rows
+    for (int64_t l = 0; l < n; l++) {
+        const mtpd_matrix* const products[4] = {&L[l].qkv, &L[l].o, &L[l].gate_up, &L[l].down};
+        for (int i = 0; i < 4; i++)
+            if (products[i]->kind != MTPD_F32 && products[i]->k > widest) widest = products[i]->k;
+        const int64_t w = H + L[l].qkv.n + L[l].o.k + 3 * (L[l].gate_up.n / 2);
+        width = w > width ? w : width;
+    }
+    const int64_t slot_size = L[0].attention.kv_heads * S->max_context * L[0].attention.d;
+    // Every intermediate row in one allocation, and the rows between two layers (+ 1: a
+    // step may have no rows).
+    float* const buffer = malloc(sizeof(float) * (M * (width + H) + 1));
     q8_inputs in = {0};
     att_seq* const seqs = malloc(sizeof(att_seq) * (S->sequences + 1));
     int64_t* const seq_of_row = malloc(sizeof(int64_t) * (M + 1));
     int failed = !buffer || !seqs || !seq_of_row ||
                  (widest && !alloc_q8_inputs(&in, M * widest / 32));
     for (int64_t i = 0, row = 0; !failed && i < S->sequences; row += S->counts[i++]) {
-        const int64_t at = S->slots[i] * slot_size;
-        seqs[i] = (att_seq){KC + at, VC + at, S->starts[i], row};
         for (int64_t r = row; r < row + S->counts[i]; r++) seq_of_row[r] = i;
     }
     if (!failed) {
-        float* const normed = buffer;
-        float* const qkv = normed + M * H;
-        float* const attended = qkv + M * L->qkv.n;
-        float* const gate_up = attended + M * L->o.k;
-        float* const act = gate_up + M * 2 * I;
+        float* const between = buffer + M * width;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
-        {
-            rms_norm(X, L->input_norm, normed, M, H, L->eps);
-            product(&L->qkv, normed, qkv, NULL, M, &in);
-            failed |= attend(&L->attention, qkv, S->cos, S->sin_signed, seqs, seq_of_row, M,
+        for (int64_t l = 0; l < n; l++) {
+            const mtpd_layer* const A = &L[l];
+            const int64_t layer = first + l, I = A->gate_up.n / 2;
+            // The last layer writes Y; the others alternate so that none reads what it writes.
+            const float* const x = l == 0 ? X : ((n - l) % 2 ? between : Y);
+            float* const y = (n - 1 - l) % 2 ? between : Y;
+            float* const normed = buffer;
+            float* const qkv = normed + M * H;
+            float* const attended = qkv + M * A->qkv.n;
+            float* const gate_up = attended + M * A->o.k;
+            float* const act = gate_up + M * 2 * I;
+#pragma omp single
+            for (int64_t i = 0, row = 0; i < S->sequences; row += S->counts[i++]) {
+                const int64_t at = (layer * S->slots_per_layer + S->slots[i]) * slot_size;
+                seqs[i] = (att_seq){S->k + at, S->v + at, S->starts[i], row};
+            }
+            rms_norm(x, A->input_norm, normed, M, H, A->eps);
+            product(&A->qkv, normed, qkv, NULL, M, &in);
+            failed |= attend(&A->attention, qkv, S->cos, S->sin_signed, seqs, seq_of_row, M,
                              attended, S->max_context) != 0;
-            product(&L->o, attended, Y, X, M, &in);
-            rms_norm(Y, L->post_norm, normed, M, H, L->eps);
-            product(&L->gate_up, normed, gate_up, NULL, M, &in);
+            product(&A->o, attended, y, x, M, &in);
+            rms_norm(y, A->post_norm, normed, M, H, A->eps);
+            product(&A->gate_up, normed, gate_up, NULL, M, &in);
             silu_mul(gate_up, act, M, I);
-            product(&L->down, act, Y, Y, M, &in);
+            product(&A->down, act, y, y, M, &in);
         }
     }
     free(buffer);

@@ -14,7 +14,7 @@ What lies between them: RMSNorm, SwiGLU, and attention with RoPE and the cache w
 At a few rows each is a few microseconds of arithmetic behind ten or more PyTorch ops
 of several microseconds' dispatch each; on CPU they took a third of a step once the
 linear layers were fast. Here each is one call, and a whole decoder layer is one call
-too (`Layer`, `decoder_layer`): the twenty-odd Python calls of a layer cost as much as
+too (`Layer`, `decoder_layers`, all of a shard's layers in one call): the twenty-odd Python calls of a layer cost as much as
 its int4 arithmetic.
 
 The kernels are compiled on first use with the system C compiler (about a second) for
@@ -35,6 +35,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -132,7 +133,10 @@ _SIGNATURES = {  # name: (argument types, result type)
     "mtpd_rms_norm_f32": ([_POINTER] * 3 + [_INT] * 2 + [_FLOAT], None),
     "mtpd_silu_mul_f32": ([_POINTER] * 2 + [_INT] * 2, None),
     "mtpd_attend_f32": ([_POINTER] * 6 + [_INT] * 6 + [_FLOAT, ctypes.c_int], _STATUS),
-    "mtpd_decoder_layer_f32": ([_POINTER] * 2 + [_INT] + [_POINTER] * 2 + [ctypes.c_int], _STATUS),
+    "mtpd_decoder_layers_f32": (
+        [_POINTER, _INT, _POINTER, _INT, _POINTER, _POINTER, ctypes.c_int],
+        _STATUS,
+    ),
 }
 
 
@@ -547,30 +551,40 @@ class Step(ctypes.Structure):
         return step
 
 
-def decoder_layer(layer: Layer, step: Step, index: int, x: torch.Tensor) -> torch.Tensor:
-    """Layer `layer` (number `index` of the step's caches) on the step's rows x
-    [rows, hidden]: the new rows, its k and v written into the caches."""
-    _check("decoder_layer", x)
+def decoder_layers(
+    layers: Sequence[Layer], step: Step, first: int, x: torch.Tensor
+) -> torch.Tensor:
+    """Layers `layers` (numbers first.. of the step's caches), one after the other, on the
+    step's rows x [rows, hidden] in one kernel call: the new rows, each layer's k and v
+    written into the caches."""
+    _check("decoder_layers", x)
     x = x.contiguous()
-    if (
-        not 0 <= index < step.layers
-        or layer.kv_heads != step.kv_heads
-        or layer.head_dim != step.head_dim
-        or x.shape != (step.rows, layer.hidden)
-    ):
+    if not layers or not 0 <= first <= first + len(layers) <= step.layers:
         raise ValueError(
-            f"decoder_layer: rows {list(x.shape)} for layer {index} of {step.layers} do not "
-            f"fit a step of {step.rows} rows, {layer.hidden} wide, with {step.kv_heads} kv "
-            f"heads of {step.head_dim} in its cache"
+            f"decoder_layers: layers {first}..{first + len(layers) - 1} do not fit a step "
+            f"of {step.layers} layers"
         )
+    for layer in layers:
+        if (
+            layer.kv_heads != step.kv_heads
+            or layer.head_dim != step.head_dim
+            or x.shape != (step.rows, layer.hidden)
+        ):
+            raise ValueError(
+                f"decoder_layers: rows {list(x.shape)} do not fit a step of {step.rows} "
+                f"rows, {layer.hidden} wide, with {step.kv_heads} kv heads of "
+                f"{step.head_dim} in its cache"
+            )
+    array = (Layer * len(layers))(*layers)  # copies of the structs: the layers keep the tensors
     out = torch.empty_like(x)
-    status = _library().mtpd_decoder_layer_f32(
-        ctypes.byref(layer),
+    status = _library().mtpd_decoder_layers_f32(
+        array,
+        len(layers),
         ctypes.byref(step),
-        index,
+        first,
         x.data_ptr(),
         out.data_ptr(),
         torch.get_num_threads(),
     )
-    _out_of_memory(status, "decoder_layer")
+    _out_of_memory(status, "decoder_layers")
     return out

@@ -467,7 +467,7 @@ class DecoderLayer(nn.Module):
             and isinstance(layout, BatchLayout)
             and x.dtype == cache.k.dtype == torch.float32
         ):
-            return cpu_kernels.decoder_layer(self.kernel, layout.kernel_step(cache), layer, x)
+            return cpu_kernels.decoder_layers([self.kernel], layout.kernel_step(cache), layer, x)
         x = x + self.attn(self.input_norm(x), layout, cache, layer)
         return x + self.mlp(self.post_attn_norm(x))
 
@@ -617,6 +617,13 @@ class LayerStack(nn.Module):
     def run_layers(
         self, h: torch.Tensor, layout: BatchLayout | PaddedLayout, cache: KVCache
     ) -> torch.Tensor:
+        kernels = [getattr(layer, "kernel", None) for layer in self.layers]
+        if (
+            all(k is not None for k in kernels)
+            and isinstance(layout, BatchLayout)
+            and h.dtype == cache.k.dtype == torch.float32
+        ):  # every layer in one kernel call
+            return cpu_kernels.decoder_layers(kernels, layout.kernel_step(cache), 0, h)
         for i, layer in enumerate(self.layers):
             h = layer(h, layout, cache, i)
         return h

@@ -214,9 +214,11 @@ def test_a_decoder_layer_in_one_kernel_call_gives_the_bits_its_parts_give(tmp_pa
         ([0, 1], torch.tensor([5, 35, 8, 11])),
     ]
 
-    def run(fused: bool) -> list[torch.Tensor]:
-        for layer, kernel in zip(layers, kernels, strict=True):
-            layer.kernel = kernel if fused else None
+    def run(fused: bool | str) -> list[torch.Tensor]:
+        # True: every layer in one call; "mixed": the first op by op, the others a call
+        # each; False: op by op.
+        for i, (layer, kernel) in enumerate(zip(layers, kernels, strict=True)):
+            layer.kernel = kernel if fused is True or (fused == "mixed" and i) else None
         cache = shard.new_cache(2, 64)
         with torch.inference_mode():
             return [
@@ -224,8 +226,8 @@ def test_a_decoder_layer_in_one_kernel_call_gives_the_bits_its_parts_give(tmp_pa
                 for slots, ids in steps
             ]
 
-    for fused, parts in zip(run(True), run(False), strict=True):
-        assert torch.equal(fused, parts)
+    for fused, mixed, parts in zip(run(True), run("mixed"), run(False), strict=True):
+        assert torch.equal(fused, parts) and torch.equal(mixed, parts)
 
     # What would read or write beyond the cache or the rows is refused before C runs.
     cache = shard.new_cache(2, 8)
@@ -237,7 +239,7 @@ def test_a_decoder_layer_in_one_kernel_call_gives_the_bits_its_parts_give(tmp_pa
     step = cpu_kernels.Step.of([0], [0], [1], cos[:1], sin_signed[:1], cache.k, cache.v)
     x = torch.zeros(1, cfg.hidden_size)
     with pytest.raises(ValueError, match="do not fit"):
-        cpu_kernels.decoder_layer(kernels[0], step, len(layers), x)  # no such layer
+        cpu_kernels.decoder_layers(kernels[:1], step, len(layers), x)  # no such layer
     with pytest.raises(ValueError, match="do not fit"):
-        cpu_kernels.decoder_layer(kernels[0], step, 0, torch.zeros(2, cfg.hidden_size))
-    assert cpu_kernels.decoder_layer(kernels[0], step, 0, x).shape == x.shape
+        cpu_kernels.decoder_layers(kernels[:1], step, 0, torch.zeros(2, cfg.hidden_size))
+    assert cpu_kernels.decoder_layers(kernels[:1], step, 0, x).shape == x.shape
