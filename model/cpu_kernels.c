@@ -175,11 +175,11 @@ typedef struct {
 
 // ---- int4 linear: W in groups of 32 inputs, W[n, 32 b + j] = q * S[n, b] + Z[n, b], q in
 // 0..15 (GGUF's Q4_1 form). As llama.cpp does, each group of X's inputs is rounded to 8
-// bits with its own scale (XQ, XD) once per product, so a group's product is integer
-// multiply-adds of byte pairs instead of a float conversion of every weight. Z's share is
-// Z[n] . XS[m], XS the rounded groups' sums: every weight then multiplies the same rounded
-// input (summing the exact inputs instead would leave the rounding of the nibbles'
-// common offset uncancelled, several times the error). K is a multiple of 32.
+// bits with its own scale (q8_inputs' xq, xd) once per product, so a group's product is
+// integer multiply-adds of byte pairs instead of a float conversion of every weight. Z's
+// share is Z[n] . xs[m], xs the rounded groups' sums: every weight then multiplies the same
+// rounded input (summing the exact inputs instead would leave the rounding of the
+// nibbles' common offset uncancelled, several times the error). K is a multiple of 32.
 //
 // The weight comes in panels of 16 outputs (cpu_kernels.Matrix.q4 packs them), one
 // stream of Q4_GROUP_BYTES per group: 4 chunks of 64 bytes of nibbles, then the group's
@@ -227,8 +227,8 @@ static inline __m512i quad16(const int8_t* x) {
 
 // Rows m0..m0+G-1 against panel p.
 static inline __attribute__((always_inline)) void q4_tile(
-    const int G, const int8_t* XQ, const float* XD, const float* XS, const uint8_t* P,
-    const out_t* o, int64_t m0, int64_t p, int64_t groups) {
+    const int G, const q8_inputs* in, const uint8_t* P, const out_t* o, int64_t m0, int64_t p,
+    int64_t groups) {
     const __m512i low = _mm512_set1_epi8(0x0F);
     __m512 acc[TILE_ROWS];
     for (int g = 0; g < G; g++) acc[g] = _mm512_setzero_ps();
@@ -241,7 +241,7 @@ static inline __attribute__((always_inline)) void q4_tile(
             const __m512i lo = _mm512_and_si512(bytes, low);
             const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low);
             for (int g = 0; g < G; g++) {
-                const int8_t* x = XQ + 32 * ((m0 + g) * groups + b);
+                const int8_t* x = in->xq + 32 * ((m0 + g) * groups + b);
                 dot[g] = _mm512_dpbusd_epi32(dot[g], lo, quad16(x + 4 * c));
                 dot[g] = _mm512_dpbusd_epi32(dot[g], hi, quad16(x + 16 + 4 * c));
             }
@@ -250,9 +250,9 @@ static inline __attribute__((always_inline)) void q4_tile(
         const __m512 z = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(w + 288)));
         for (int g = 0; g < G; g++) {
             const int64_t i = (m0 + g) * groups + b;
-            const __m512 scale = _mm512_mul_ps(s, _mm512_set1_ps(XD[i]));
+            const __m512 scale = _mm512_mul_ps(s, _mm512_set1_ps(in->xd[i]));
             acc[g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[g]), scale, acc[g]);
-            acc[g] = _mm512_fmadd_ps(z, _mm512_set1_ps(XS[i]), acc[g]);
+            acc[g] = _mm512_fmadd_ps(z, _mm512_set1_ps(in->xs[i]), acc[g]);
         }
     }
     for (int g = 0; g < G; g++) store16(o, m0 + g, PANEL * p, acc[g]);
@@ -260,7 +260,7 @@ static inline __attribute__((always_inline)) void q4_tile(
 
 static inline __attribute__((always_inline)) void q4_panel(
     const q8_inputs* in, const uint8_t* P, const out_t* o, int64_t p, int64_t M, int64_t groups) {
-#define Q4_TILE(G) q4_tile(G, in->xq, in->xd, in->xs, P, o, m, p, groups)
+#define Q4_TILE(G) q4_tile(G, in, P, o, m, p, groups)
     FOR_ROW_TILES(M, Q4_TILE);
 #undef Q4_TILE
 }
@@ -268,8 +268,8 @@ static inline __attribute__((always_inline)) void q4_panel(
 // Half h of panel p (its outputs 8 h..8 h+7), rows m0..m0+G-1. A group's 8 maddubs
 // results per lane stay within int16 (8 x 2 x 15 x 127 < 32768), so they add as int16.
 static inline __attribute__((always_inline)) void q4_tile(
-    const int G, const int8_t* XQ, const float* XD, const float* XS, const uint8_t* P,
-    const out_t* o, int64_t m0, int64_t p, int h, int64_t groups) {
+    const int G, const q8_inputs* in, const uint8_t* P, const out_t* o, int64_t m0, int64_t p,
+    int h, int64_t groups) {
     const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
     __m256 acc[TILE_ROWS];
     for (int g = 0; g < G; g++) acc[g] = _mm256_setzero_ps();
@@ -282,7 +282,7 @@ static inline __attribute__((always_inline)) void q4_tile(
             const __m256i lo = _mm256_and_si256(bytes, low);
             const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low);
             for (int g = 0; g < G; g++) {
-                const int8_t* x = XQ + 32 * ((m0 + g) * groups + b);
+                const int8_t* x = in->xq + 32 * ((m0 + g) * groups + b);
                 dot[g] = _mm256_add_epi16(dot[g], _mm256_maddubs_epi16(lo, quad8(x + 4 * c)));
                 dot[g] = _mm256_add_epi16(dot[g], _mm256_maddubs_epi16(hi, quad8(x + 16 + 4 * c)));
             }
@@ -292,8 +292,8 @@ static inline __attribute__((always_inline)) void q4_tile(
         for (int g = 0; g < G; g++) {
             const int64_t i = (m0 + g) * groups + b;
             const __m256 dots = _mm256_cvtepi32_ps(_mm256_madd_epi16(dot[g], ones));
-            acc[g] = _mm256_fmadd_ps(dots, _mm256_mul_ps(s, _mm256_set1_ps(XD[i])), acc[g]);
-            acc[g] = _mm256_fmadd_ps(z, _mm256_set1_ps(XS[i]), acc[g]);
+            acc[g] = _mm256_fmadd_ps(dots, _mm256_mul_ps(s, _mm256_set1_ps(in->xd[i])), acc[g]);
+            acc[g] = _mm256_fmadd_ps(z, _mm256_set1_ps(in->xs[i]), acc[g]);
         }
     }
     for (int g = 0; g < G; g++) store8(o, m0 + g, PANEL * p + 8 * h, acc[g]);
@@ -302,7 +302,7 @@ static inline __attribute__((always_inline)) void q4_tile(
 static inline __attribute__((always_inline)) void q4_panel(
     const q8_inputs* in, const uint8_t* P, const out_t* o, int64_t p, int64_t M, int64_t groups) {
     for (int h = 0; h < 2; h++) {
-#define Q4_TILE(G) q4_tile(G, in->xq, in->xd, in->xs, P, o, m, p, h, groups)
+#define Q4_TILE(G) q4_tile(G, in, P, o, m, p, h, groups)
         FOR_ROW_TILES(M, Q4_TILE);
 #undef Q4_TILE
     }
