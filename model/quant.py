@@ -69,7 +69,7 @@ class Int4Weight:
         CPU kernel reads them)."""
         n, k = w.shape
         g = w.float().reshape(n, k // group, group)
-        if not bool(g.abs().amax() <= F16_MAX / 2):
+        if not bool(g.abs().amax() <= F16_MAX / 2):  # so a group's span fits float16 too
             raise ModelLoadError("int4 takes weights within float16's range")
         # float16 ends that still hold the group: the minimum rounded down, the scale
         # (at least float16's smallest step) up.
