@@ -130,3 +130,15 @@ def test_a_batch_of_rows_draws_what_each_row_draws_alone():
         ]
         assert select_tokens(logits, params, positions, histories) == alone
         assert select_tokens(logits[3:], params[3:], positions[3:], histories[3:]) == alone[3:]
+
+
+def test_greedy_rows_take_the_first_largest_entry_as_torch_does():
+    from mtpd.model.sampling import argmax_rows
+
+    g = torch.Generator().manual_seed(5)
+    rows = torch.randn(6, 49152, generator=g)
+    rows[1, [7, 9000]] = 50.0  # a tie: the first
+    rows[2, [3, 40000]] = float("nan")  # NaN counts as the largest
+    rows[3] = -1.0  # all equal
+    for view in (rows, rows[:, 100:], rows[::2]):
+        assert argmax_rows(view) == view.argmax(-1).tolist()
