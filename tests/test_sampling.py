@@ -140,5 +140,5 @@ def test_greedy_rows_take_the_first_largest_entry_as_torch_does():
     rows[1, [7, 9000]] = 50.0  # a tie: the first
     rows[2, [3, 40000]] = float("nan")  # NaN counts as the largest
     rows[3] = -1.0  # all equal
-    for view in (rows, rows[:, 100:], rows[::2]):
+    for view in (rows, rows[:, 100:], rows[::2], rows.bfloat16()):
         assert argmax_rows(view) == view.argmax(-1).tolist()
