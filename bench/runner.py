@@ -8,8 +8,8 @@ import random
 import resource
 import statistics
 import sys
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from mtpd.daemon.draft_policy import DraftPolicy, DraftStats
@@ -88,40 +88,24 @@ def run_config(
         policy=DraftPolicy(draft, p_min),
         draft_source=draft_source,
     )
-    pending = iter(enumerate(prompts))
-    take = threading.Lock()
-    done: list[Request | None] = [None] * len(prompts)
-    errors: list[Exception] = []
 
-    def client() -> None:
-        # One caller of `concurrency`: its next request as soon as its last one ends.
-        while not errors:
-            with take:
-                i, prompt = next(pending, (None, None))
-            if prompt is None:
-                return
-            try:
-                request = scheduler.submit(
-                    prompt, SamplingParams(), max_tokens, ignore_eos=True, return_logits=want_logits
-                )
-            except Exception as e:  # raised in the caller, after the others stop
-                errors.append(e)
-                return
-            request.result()
-            done[i] = request
+    def run_one(prompt: list[int]) -> Request:
+        request = scheduler.submit(
+            prompt, SamplingParams(), max_tokens, ignore_eos=True, return_logits=want_logits
+        )
+        request.result()
+        return request
 
+    # `concurrency` callers: a pool thread takes the next prompt as its request ends.
+    pool = ThreadPoolExecutor(max_workers=concurrency)
     try:
         start = time.monotonic()
-        clients = [threading.Thread(target=client) for _ in range(concurrency)]
-        for c in clients:
-            c.start()
-        for c in clients:
-            c.join()
-        if errors:
-            raise errors[0]
+        futures = [pool.submit(run_one, prompt) for prompt in prompts]
+        done = [f.result() for f in futures]
         wall = time.monotonic() - start
         steps = list(scheduler.recent_steps)
     finally:
+        pool.shutdown(cancel_futures=True)  # after a failure, the prompts not yet taken
         scheduler.close()
     results = [r.result() for r in done]
     for r in results:

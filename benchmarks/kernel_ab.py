@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+from step_paths import step  # this folder's: a script's own folder is on sys.path
 
 from mtpd.model import cpu_kernels
 from mtpd.worker.engine import Engine
@@ -53,12 +54,8 @@ def main() -> None:
             for name, library in libraries.items():
                 cpu_kernels._library = lambda library=library: library
                 n, rows = shape
-                slots = [engine.cache.slot(s) for s in seqs[:n]]
-                for slot in slots:
-                    engine.cache.truncate(slot, args.context)
                 start = time.perf_counter()
-                ids = torch.full((n * rows,), 11, dtype=torch.long)
-                engine.shard.logits(engine.shard(ids, engine.cache, slots, [rows] * n))
+                step(engine, seqs[:n], args.context, rows)
                 times[name, shape].append(time.perf_counter() - start)
     first = str(args.sources[0])
     for n, rows in SHAPES:

@@ -185,8 +185,8 @@ class _Sequence:
     return_logits: bool
     draft_tokens: int | None  # the request's own drafts per step; None: the policy's
     cached: int = 0  # positions every worker holds in its KV cache
-    # Its settings went to the workers (a step at keep 0 was sent), so they may hold a
-    # slot for it even with nothing cached: a step that failed whole still took one.
+    # A step of it was sent (the first, at keep 0, with its settings): the workers may
+    # hold a slot for it, even with nothing cached (a step that failed whole took one).
     opened: bool = False
     in_flight: bool = False
     proposed: list[int] = field(default_factory=list)  # the head's drafts for the next step
@@ -320,9 +320,9 @@ class Scheduler:
             self._active = []
             self._cond.notify()
         # A sequence whose first chunk is in flight holds slots too.
-        cached = [s.request.seq_id for s in stranded if s.cached or s.opened]
-        if cached:  # the pipeline may outlive this scheduler
-            self.pipeline.release(cached)
+        held = [s.request.seq_id for s in stranded if s.opened]
+        if held:  # the pipeline may outlive this scheduler
+            self.pipeline.release(held)
         for seq in stranded:
             seq.request._finish("error", "the scheduler stopped")
         self._thread.join(timeout=5)
@@ -483,9 +483,9 @@ class Scheduler:
 
     def _retire(self, seqs: list[_Sequence], reason: str, error: str | None = None) -> None:
         """Finish sequences and free their caches (called under the lock)."""
-        cached = [s.request.seq_id for s in seqs if s.cached or s.opened]
-        if cached:
-            self.pipeline.release(cached)
+        held = [s.request.seq_id for s in seqs if s.opened]
+        if held:
+            self.pipeline.release(held)
         for seq in seqs:
             if seq in self._active:
                 self._active.remove(seq)

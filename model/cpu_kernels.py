@@ -14,8 +14,8 @@ What lies between them: RMSNorm, SwiGLU, and attention with RoPE and the cache w
 At a few rows each is a few microseconds of arithmetic behind ten or more PyTorch ops
 of several microseconds' dispatch each; on CPU they took a third of a step once the
 linear layers were fast. Here each is one call, and a whole decoder layer is one call
-too (`Layer`, `decoder_layers`, all of a shard's layers in one call): the twenty-odd Python calls of a layer cost as much as
-its int4 arithmetic.
+too (`Layer`; `decoder_layers` takes all of a shard's layers in one call): the twenty-odd
+Python calls of a layer cost as much as its int4 arithmetic.
 
 The kernels are compiled on first use with the system C compiler (about a second) for
 the CPU they run on (AVX2, or AVX-512 where the CPU has it with VNNI, which the int4
