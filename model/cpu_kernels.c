@@ -95,6 +95,17 @@ static inline void store(const out_t* o, int64_t m, int64_t n, float v) {
             case 1: TILE(1); break;                                   \
         }                                                             \
     } while (0)
+// The bytes PREFETCH_AHEAD on from `at`, into L2, for a kernel that streams one
+// contiguous run (a thread's weight panels, a head's keys or values): the hardware's
+// prefetcher alone kept a 1-row int4 step at 16-18 GB/s of the ~24 this machine's memory
+// gives (whole model, in one process: 6.1 -> 4.8 ms; 2 KB ahead, or into L1, gained
+// half of that).
+#define PREFETCH_AHEAD 8192
+static inline __attribute__((always_inline)) void prefetch_ahead(const void* at, int64_t bytes) {
+    for (int64_t l = 0; l < bytes; l += 64)
+        _mm_prefetch((const char*)at + PREFETCH_AHEAD + l, _MM_HINT_T1);
+}
+
 #ifdef __AVX512F__
 static inline __attribute__((always_inline)) void tile(
     const int R, const int G, const float* X, const float* W, const out_t* o, int64_t m0,
@@ -234,6 +245,7 @@ static inline __attribute__((always_inline)) void q4_tile(
     for (int g = 0; g < G; g++) acc[g] = _mm512_setzero_ps();
     for (int64_t b = 0; b < groups; b++) {
         const uint8_t* w = P + (p * groups + b) * Q4_GROUP_BYTES;
+        prefetch_ahead(w, Q4_GROUP_BYTES);
         __m512i dot[TILE_ROWS];
         for (int g = 0; g < G; g++) dot[g] = _mm512_setzero_si512();
         for (int c = 0; c < 4; c++) {
@@ -275,6 +287,7 @@ static inline __attribute__((always_inline)) void q4_tile(
     for (int g = 0; g < G; g++) acc[g] = _mm256_setzero_ps();
     for (int64_t b = 0; b < groups; b++) {
         const uint8_t* w = P + (p * groups + b) * Q4_GROUP_BYTES;
+        prefetch_ahead(w, Q4_GROUP_BYTES);
         __m256i dot[TILE_ROWS];
         for (int g = 0; g < G; g++) dot[g] = _mm256_setzero_si256();
         for (int c = 0; c < 4; c++) {
@@ -385,6 +398,7 @@ static inline __attribute__((always_inline)) void q8_tile(
     for (int g = 0; g < G; g++) acc[g] = _mm512_setzero_ps();
     for (int64_t b = 0; b < groups; b++) {
         const uint8_t* w = P + (p * groups + b) * Q8_GROUP_BYTES;
+        prefetch_ahead(w, Q8_GROUP_BYTES);
         __m512i dot[TILE_ROWS];
         for (int g = 0; g < G; g++) dot[g] = _mm512_setzero_si512();
         for (int c = 0; c < 8; c++) {
@@ -421,6 +435,7 @@ static inline __attribute__((always_inline)) void q8_tile(
     for (int g = 0; g < G; g++) acc[g] = _mm256_setzero_ps();
     for (int64_t b = 0; b < groups; b++) {
         const uint8_t* w = P + (p * groups + b) * Q8_GROUP_BYTES;
+        prefetch_ahead(w, Q8_GROUP_BYTES);
         __m256i dot[TILE_ROWS];
         for (int g = 0; g < G; g++) dot[g] = _mm256_setzero_si256();
         for (int c = 0; c < 8; c++) {
@@ -592,6 +607,7 @@ static float scores(const float* q, const float* K, float* p, int64_t keys, int6
     for (; j + 4 <= keys; j += 4) {
         __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
                          _mm256_setzero_ps()};
+        prefetch_ahead(K + j * d, 4 * d * sizeof(float));
         for (int64_t i = 0; i < d; i += 8) {
             const __m256 qv = _mm256_loadu_ps(q + i);
             for (int r = 0; r < 4; r++)
@@ -617,6 +633,7 @@ static void weigh_values(const float* p, const float* V, float* o, int64_t keys,
         __m256 acc[8];
         for (int r = 0; r < 8; r++) acc[r] = _mm256_setzero_ps();
         for (int64_t j = 0; j < keys; j++) {
+            prefetch_ahead(V + j * d + i0, 64 * sizeof(float));
             const __m256 w = _mm256_set1_ps(p[j]);
             for (int r = 0; r < 8; r++)
                 acc[r] = _mm256_fmadd_ps(w, _mm256_loadu_ps(V + j * d + i0 + 8 * r), acc[r]);
@@ -637,71 +654,221 @@ typedef struct {
 } heads_t;
 
 // A sequence's part of a step for attention: its slot's caches [kv_heads, context, d],
-// the cache position of its first row, and that row's index in the step.
+// the cache position of its first row, that row's index in the step and its row count.
 typedef struct {
     float *k, *v;
-    int64_t start, first_row;
+    int64_t start, first_row, rows;
 } att_seq;
 
-// Every sequence's rows in one pair of loops (one barrier each, whatever the batch
-// holds: a pair per sequence had cost 8 streams about a millisecond a step); row r
-// belongs to seqs[seq_of_row[r]]. Returns 0, or -1 where a row's scores could not be
-// allocated (its output is then 0).
-static int attend(const heads_t* a, const float* QKV, const float* COS, const float* SIN_SIGNED,
-                  const att_seq* seqs, const int64_t* seq_of_row, int64_t M, float* OUT,
-                  int64_t context) {
+// Keys are taken ATT_CHUNK at a time, each chunk's softmax partial (its largest score,
+// the sum of its weights relative to that, their weighted values) folded into the row's
+// in key order. A chunk's keys and values stay in L1 while every query that reads them
+// does, and a short context still splits into enough tasks for both threads: one task
+// per head had read each kv head's cache once per query head and per row, and gave a
+// thread 5 of 9 heads. A row's result depends only on its own keys, never on what else
+// the step holds or how the chunks were shared out (both ways below fold the same
+// partials in the same order).
+#define ATT_CHUNK 64
+
+static inline int64_t chunks_of(int64_t keys) { return (keys + ATT_CHUNK - 1) / ATT_CHUNK; }
+
+// Query q over n (at most ATT_CHUNK) keys K and values V: the chunk's partial.
+static void chunk_partial(const float* q, const float* K, const float* V, int64_t n, int64_t d,
+                          float scale, float* o, float* m, float* l) {
+    float p[ATT_CHUNK];
+    const float top = scores(q, K, p, n, d, scale);
+    for (int64_t j = 0; j < n; j++) p[j] -= top;
+    exp_all(p, n);
+    float total = 0.0f;
+    for (int64_t j = 0; j < n; j++) total += p[j];
+    weigh_values(p, V, o, n, d, 1.0f);
+    *m = top;
+    *l = total;
+}
+
+// The running partial (m, l, o) with a chunk's (mc, lc, oc) folded in; m starts at
+// -infinity, l and o at 0. Written out operation by operation so that both ways of
+// sharing the chunks out compile to the same arithmetic.
+static void fold(float* m, float* l, float* o, float mc, float lc, const float* oc, int64_t d) {
+    const float top = mc > *m ? mc : *m;
+    const float a = expf(*m - top), b = expf(mc - top);
+    *l = fmaf(*l, a, lc * b);
+    const __m256 va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b);
+    for (int64_t i = 0; i < d; i += 8)
+        _mm256_storeu_ps(o + i, _mm256_fmadd_ps(_mm256_loadu_ps(o + i), va,
+                                                _mm256_mul_ps(_mm256_loadu_ps(oc + i), vb)));
+    *m = top;
+}
+
+static void scale_row(float* o, int64_t d, float l) {
+    const __m256 norm = _mm256_set1_ps(1.0f / l);
+    for (int64_t i = 0; i < d; i += 8)
+        _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_loadu_ps(o + i), norm));
+}
+
+// One task of the split way: kv head g's chunk c of sequence s, for every row and query
+// head that reads it.
+typedef struct {
+    int64_t seq, g, c;
+} att_task;
+
+// What a step's attention works in, laid out once per step (the same for every layer).
+// Partials (d + 2 floats: o, m, l) for row r, head h, chunk c at part_of_row[r] +
+// h chunks_of(keys of r) + c. With no partials (a sequence of many rows, a prompt:
+// they would take memory quadratic in its length), each task takes one row and kv head
+// through all its chunks instead.
+typedef struct {
+    float* q;  // [M, heads, d]: the rows' queries, turned
+    float* partials;
+    int64_t* part_of_row;
+    att_task* tasks;
+    int64_t n_tasks;
+} att_work;
+
+#define ATT_SPLIT_ROWS 16             // the most rows a sequence may have for the split way
+#define ATT_SPLIT_BYTES (64l << 20)  // and the most memory its partials may take
+
+static inline int64_t keys_of(const att_seq* s, int64_t r) {
+    return s->start + r - s->first_row + 1;
+}
+
+// Lays out `w` for the step's sequences (their k, v unused here); returns 0 where
+// memory for the queries could not be had.
+static int att_plan(att_work* w, const heads_t* a, const att_seq* seqs, int64_t n_seqs,
+                    int64_t M) {
+    *w = (att_work){0};
+    int64_t n_tasks = 0, n_parts = 0, split = 1;
+    for (int64_t s = 0; s < n_seqs; s++) {
+        split &= seqs[s].rows <= ATT_SPLIT_ROWS;
+        n_tasks += a->kv_heads * chunks_of(seqs[s].start + seqs[s].rows);
+        for (int64_t r = seqs[s].first_row; r < seqs[s].first_row + seqs[s].rows; r++)
+            n_parts += a->heads * chunks_of(keys_of(&seqs[s], r));
+    }
+    split &= n_parts * (a->d + 2) * (int64_t)sizeof(float) <= ATT_SPLIT_BYTES;
+    w->q = malloc(sizeof(float) * (M * a->heads * a->d + 1));
+    if (!w->q) return 0;
+    if (split) {
+        w->partials = malloc(sizeof(float) * (n_parts * (a->d + 2) + 1));
+        w->part_of_row = malloc(sizeof(int64_t) * (M + 1));
+        w->tasks = malloc(sizeof(att_task) * (n_tasks + 1));
+    }
+    if (!w->partials || !w->part_of_row || !w->tasks) {  // the other way needs none of them
+        free(w->partials), free(w->part_of_row), free(w->tasks);
+        w->partials = NULL, w->part_of_row = NULL, w->tasks = NULL;
+        return 1;
+    }
+    for (int64_t s = 0, part = 0; s < n_seqs; s++) {
+        for (int64_t g = 0; g < a->kv_heads; g++)
+            for (int64_t c = 0; c < chunks_of(seqs[s].start + seqs[s].rows); c++)
+                w->tasks[w->n_tasks++] = (att_task){s, g, c};
+        for (int64_t r = seqs[s].first_row; r < seqs[s].first_row + seqs[s].rows; r++) {
+            w->part_of_row[r] = part;
+            part += a->heads * chunks_of(keys_of(&seqs[s], r));
+        }
+    }
+    return 1;
+}
+
+static void att_free(att_work* w) {
+    free(w->q), free(w->partials), free(w->part_of_row), free(w->tasks);
+}
+
+// Every sequence's rows; row r belongs to seqs[seq_of_row[r]]. Two barriers the online
+// way, three the split way, whatever the batch holds (a pair per sequence had cost 8
+// streams about a millisecond a step).
+static void attend(const heads_t* a, const float* QKV, const float* COS, const float* SIN_SIGNED,
+                   const att_seq* seqs, const int64_t* seq_of_row, int64_t M, float* OUT,
+                   int64_t context, const att_work* w) {
     const int64_t heads = a->heads, kv_heads = a->kv_heads, d = a->d;
     const int64_t width = (heads + 2 * kv_heads) * d, group = heads / kv_heads;
-    int failed = 0;  // this thread's: the caller's region combines them
 #pragma omp for schedule(static)
     for (int64_t task = 0; task < M * kv_heads; task++) {
         const int64_t r = task / kv_heads, g = task % kv_heads;
         const att_seq* q = &seqs[seq_of_row[r]];
         const float* row = QKV + r * width;
-        const int64_t at = (g * context + q->start + r - q->first_row) * d;
+        const int64_t at = (g * context + keys_of(q, r) - 1) * d;
         rope(row + (heads + g) * d, COS + r * d, SIN_SIGNED + r * d, q->k + at, d);
         for (int64_t i = 0; i < d; i++) q->v[at + i] = row[(heads + kv_heads + g) * d + i];
+        for (int64_t h = g * group; h < (g + 1) * group; h++)
+            rope(row + h * d, COS + r * d, SIN_SIGNED + r * d, w->q + (r * heads + h) * d, d);
     }
+    if (w->partials) {
 #pragma omp for schedule(static)
-    for (int64_t task = 0; task < M * heads; task++) {
-        const int64_t r = task / heads, h = task % heads;
-        const att_seq* sq = &seqs[seq_of_row[r]];
-        const int64_t keys = sq->start + r - sq->first_row + 1;
-        const float* k = sq->k + h / group * context * d;
-        const float* v = sq->v + h / group * context * d;
-        float* o = OUT + r * heads * d + h * d;
-        float q[256];
-        rope(QKV + r * width + h * d, COS + r * d, SIN_SIGNED + r * d, q, d);
-        float* p = malloc(sizeof(float) * keys);
-        if (!p) {
-            for (int64_t i = 0; i < d; i++) o[i] = 0.0f;
-            failed = 1;
-            continue;
+        for (int64_t t = 0; t < w->n_tasks; t++) {
+            const att_task task = w->tasks[t];
+            const att_seq* s = &seqs[task.seq];
+            const int64_t c0 = task.c * ATT_CHUNK;
+            const float* k = s->k + (task.g * context + c0) * d;
+            const float* v = s->v + (task.g * context + c0) * d;
+            for (int64_t r = s->first_row; r < s->first_row + s->rows; r++) {
+                const int64_t keys = keys_of(s, r);
+                const int64_t n = keys - c0 < ATT_CHUNK ? keys - c0 : ATT_CHUNK;
+                if (n <= 0) continue;
+                for (int64_t h = task.g * group; h < (task.g + 1) * group; h++) {
+                    float* part = w->partials +
+                                  (w->part_of_row[r] + h * chunks_of(keys) + task.c) * (d + 2);
+                    chunk_partial(w->q + (r * heads + h) * d, k, v, n, d, a->scale, part,
+                                  part + d, part + d + 1);
+                }
+            }
         }
-        const float top = scores(q, k, p, keys, d, a->scale);
-        for (int64_t j = 0; j < keys; j++) p[j] -= top;
-        exp_all(p, keys);
-        float total = 0.0f;
-        for (int64_t j = 0; j < keys; j++) total += p[j];
-        weigh_values(p, v, o, keys, d, 1.0f / total);
-        free(p);
+#pragma omp for schedule(static)
+        for (int64_t task = 0; task < M * heads; task++) {
+            const int64_t r = task / heads, h = task % heads;
+            const int64_t chunks = chunks_of(keys_of(&seqs[seq_of_row[r]], r));
+            float* o = OUT + (r * heads + h) * d;
+            float m = -INFINITY, l = 0.0f;
+            for (int64_t i = 0; i < d; i++) o[i] = 0.0f;
+            for (int64_t c = 0; c < chunks; c++) {
+                const float* part = w->partials + (w->part_of_row[r] + h * chunks + c) * (d + 2);
+                fold(&m, &l, o, part[d], part[d + 1], part, d);
+            }
+            scale_row(o, d, l);
+        }
+    } else {
+#pragma omp for schedule(static)
+        for (int64_t task = 0; task < M * kv_heads; task++) {
+            const int64_t r = task / kv_heads, g = task % kv_heads;
+            const att_seq* s = &seqs[seq_of_row[r]];
+            const int64_t keys = keys_of(s, r);
+            float m[group], l[group], oc[256];
+            for (int64_t h = 0; h < group; h++) {
+                m[h] = -INFINITY, l[h] = 0.0f;
+                for (int64_t i = 0; i < d; i++) OUT[(r * heads + g * group + h) * d + i] = 0.0f;
+            }
+            for (int64_t c0 = 0; c0 < keys; c0 += ATT_CHUNK) {
+                const int64_t n = keys - c0 < ATT_CHUNK ? keys - c0 : ATT_CHUNK;
+                const float* k = s->k + (g * context + c0) * d;
+                const float* v = s->v + (g * context + c0) * d;
+                for (int64_t h = 0; h < group; h++) {
+                    const int64_t head = g * group + h;
+                    float mc, lc;
+                    chunk_partial(w->q + (r * heads + head) * d, k, v, n, d, a->scale, oc, &mc,
+                                  &lc);
+                    fold(&m[h], &l[h], OUT + (r * heads + head) * d, mc, lc, oc, d);
+                }
+            }
+            for (int64_t h = 0; h < group; h++)
+                scale_row(OUT + (r * heads + g * group + h) * d, d, l[h]);
+        }
     }
-    return failed ? -1 : 0;
 }
 
 int mtpd_attend_f32(const float* QKV, const float* COS, const float* SIN_SIGNED, float* KC,
                     float* VC, float* OUT, int64_t T, int64_t start, int64_t heads,
                     int64_t kv_heads, int64_t d, int64_t max_context, float scale, int threads) {
     const heads_t a = {heads, kv_heads, d, scale};
-    const att_seq one = {KC, VC, start, 0};
+    const att_seq one = {KC, VC, start, 0, T};
     int64_t* const seq_of_row = calloc(T + 1, sizeof(int64_t));  // all rows: sequence 0
-    int failed = !seq_of_row;
-    if (!failed) {
-#pragma omp parallel num_threads(threads) reduction(| : failed)
-        failed |= attend(&a, QKV, COS, SIN_SIGNED, &one, seq_of_row, T, OUT, max_context) != 0;
+    att_work w;
+    const int ok = seq_of_row && att_plan(&w, &a, &one, 1, T);
+    if (ok) {
+#pragma omp parallel num_threads(threads)
+        attend(&a, QKV, COS, SIN_SIGNED, &one, seq_of_row, T, OUT, max_context, &w);
+        att_free(&w);
     }
     free(seq_of_row);
-    return failed ? -1 : 0;
+    return ok ? 0 : -1;
 }
 
 // ---- A whole pre-norm decoder layer (layers.DecoderLayer with Attention and MLP):
@@ -746,14 +913,17 @@ int mtpd_decoder_layers_f32(const mtpd_layer* L, int64_t n, const mtpd_step* S, 
     q8_inputs in = {0};
     att_seq* const seqs = malloc(sizeof(att_seq) * (S->sequences + 1));
     int64_t* const seq_of_row = malloc(sizeof(int64_t) * (M + 1));
+    att_work work = {0};
     int failed = !buffer || !seqs || !seq_of_row ||
                  (widest && !alloc_q8_inputs(&in, M * widest / 32));
     for (int64_t i = 0, row = 0; !failed && i < S->sequences; row += S->counts[i++]) {
+        seqs[i] = (att_seq){NULL, NULL, S->starts[i], row, S->counts[i]};  // k, v: per layer
         for (int64_t r = row; r < row + S->counts[i]; r++) seq_of_row[r] = i;
     }
+    failed = failed || !att_plan(&work, &L[0].attention, seqs, S->sequences, M);
     if (!failed) {
         float* const between = buffer + M * width;
-#pragma omp parallel num_threads(threads) reduction(| : failed)
+#pragma omp parallel num_threads(threads)
         for (int64_t l = 0; l < n; l++) {
             const mtpd_layer* const A = &L[l];
             const int64_t layer = first + l, I = A->gate_up.n / 2;
@@ -766,14 +936,14 @@ int mtpd_decoder_layers_f32(const mtpd_layer* L, int64_t n, const mtpd_step* S, 
             float* const gate_up = attended + M * A->o.k;
             float* const act = gate_up + M * 2 * I;
 #pragma omp single
-            for (int64_t i = 0, row = 0; i < S->sequences; row += S->counts[i++]) {
+            for (int64_t i = 0; i < S->sequences; i++) {
                 const int64_t at = (layer * S->slots_per_layer + S->slots[i]) * slot_size;
-                seqs[i] = (att_seq){S->k + at, S->v + at, S->starts[i], row};
+                seqs[i].k = S->k + at, seqs[i].v = S->v + at;
             }
             rms_norm(x, A->input_norm, normed, M, H, A->eps);
             product(&A->qkv, normed, qkv, NULL, M, &in);
-            failed |= attend(&A->attention, qkv, S->cos, S->sin_signed, seqs, seq_of_row, M,
-                             attended, S->max_context) != 0;
+            attend(&A->attention, qkv, S->cos, S->sin_signed, seqs, seq_of_row, M, attended,
+                   S->max_context, &work);
             product(&A->o, attended, y, x, M, &in);
             rms_norm(y, A->post_norm, normed, M, H, A->eps);
             product(&A->gate_up, normed, gate_up, NULL, M, &in);
@@ -785,5 +955,6 @@ int mtpd_decoder_layers_f32(const mtpd_layer* L, int64_t n, const mtpd_step* S, 
     free(seqs);
     free(seq_of_row);
     free_q8_inputs(&in);
+    att_free(&work);
     return failed ? -1 : 0;
 }

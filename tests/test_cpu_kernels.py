@@ -100,10 +100,12 @@ def test_rms_norm_and_swiglu_compute_what_pytorch_does():
 
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "start", "rows"),
-    [(9, 3, 0, 1), (9, 3, 37, 4), (4, 4, 5, 1), (8, 2, 0, 13)],
+    # Keys 64 at a time: one chunk, several (the last one partial), and more than 16 rows
+    # of a sequence, which take their chunks one task per row.
+    [(9, 3, 0, 1), (9, 3, 37, 4), (4, 4, 5, 1), (8, 2, 0, 13), (9, 3, 150, 3), (4, 2, 90, 40)],
 )
 def test_attention_computes_what_rope_and_sdpa_do(heads, kv_heads, start, rows):
-    d, context = 64, 64
+    d, context = 64, max(64, start + rows + 5)
     g = torch.Generator().manual_seed(start + rows)
     qkv = torch.randn(rows, (heads + 2 * kv_heads) * d, generator=g)
     cos_table, sin_table = _rope(context, d)
@@ -133,6 +135,25 @@ def test_attention_computes_what_rope_and_sdpa_do(heads, kv_heads, start, rows):
         enable_gqa=True,
     )[0].transpose(0, 1)
     torch.testing.assert_close(out, expected.reshape(rows, heads * d))
+
+
+def test_a_row_gets_the_same_attention_bits_in_a_prompt_as_in_a_decoding_step():
+    """A prompt's rows (many: a task per row) and a decoding step's (a task per chunk of
+    keys) fold the same partials in the same order."""
+    heads, kv_heads, d, rows = 6, 2, 64, 150
+    g = torch.Generator().manual_seed(5)
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * d, generator=g)
+    cos, sin_signed = _rope(rows, d)
+    slot_k, slot_v = torch.zeros(kv_heads, rows, d), torch.zeros(kv_heads, rows, d)
+    prompt = torch.empty(rows, heads * d)
+    cpu_kernels.attend(qkv, cos, sin_signed, slot_k, slot_v, prompt, 0, heads, kv_heads, 0.125)
+    for last in (rows - 2, rows - 1):  # 3 chunks; the last one holds 22 keys, then 23
+        alone = torch.empty(1, heads * d)
+        rope = cos[last : last + 1], sin_signed[last : last + 1]
+        cpu_kernels.attend(
+            qkv[last : last + 1], *rope, slot_k, slot_v, alone, last, heads, kv_heads, 0.125
+        )
+        assert torch.equal(alone, prompt[last : last + 1])
 
 
 def test_attention_refuses_what_would_read_or_write_beyond_a_tensor():
