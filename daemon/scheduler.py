@@ -584,6 +584,7 @@ class Scheduler:
                 sum(n + seq.verifying for seq, n in batch),
                 outcome.completed_at - outcome.submitted_at,
                 tail.draft_s,
+                tail.draft_catch_up_s,
                 tail.draft_passes,
             )
 

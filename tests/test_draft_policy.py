@@ -17,7 +17,7 @@ def steady_sequence(rate: float) -> DraftStats:
 
 def observe(policy: DraftPolicy, positions: int, pass_s: float, times: int = 4) -> None:
     for _ in range(times):
-        policy.observe_step(positions, pass_s + DRAFT_PASS_S, DRAFT_PASS_S, passes=1)
+        policy.observe_step(positions, pass_s + DRAFT_PASS_S, DRAFT_PASS_S, 0.0, passes=1)
 
 
 def test_a_measured_jump_in_pass_cost_overrules_the_fitted_line():
@@ -40,7 +40,7 @@ def test_a_bigger_pass_never_looks_cheaper_than_a_smaller_one():
     policy, seq = DraftPolicy(AUTO), steady_sequence(0.45)
     for positions, pass_s in ((1, 0.0043), (2, 0.0052), (3, 0.0072), (4, 0.0055)):
         for _ in range(4):
-            policy.observe_step(positions, pass_s + 0.0003, 0.0003, passes=1)
+            policy.observe_step(positions, pass_s + 0.0003, 0.0003, 0.0, passes=1)
     assert policy.pass_cost(4) >= policy.pass_cost(3) >= 0.0072
     # Priced at 5.5 ms, three drafts would look best (1.74 tokens for 6.4 ms).
     assert policy.choose(seq, limit=6) == 1
@@ -66,11 +66,28 @@ def test_the_heads_pass_is_shared_by_the_batch_too():
     policy, seq = DraftPolicy(AUTO), steady_sequence(0.45)
     for positions, pass_s in ((8, 0.0108), (16, 0.0194)):
         for _ in range(4):
-            policy.observe_step(positions, pass_s + 0.0013, 0.0013, passes=1)
+            policy.observe_step(positions, pass_s + 0.0013, 0.0013, 0.0, passes=1)
     assert policy.choose(seq, limit=6, batch=8) == 0
     # 1.95 tokens for (19.4 + 1.3) / 8 ms beats 1 for 10.8 / 8; 1.9 would not.
     assert policy.choose(steady_sequence(0.95), limit=6, batch=8) == 1
     assert policy.choose(steady_sequence(0.9), limit=6, batch=8) == 0
+
+
+def test_a_catch_up_after_a_pause_is_not_billed_to_drafting():
+    # A pass that also catches the head up on 40 entries held back while the sequence
+    # drafted nothing takes 3.2 ms, of which 2.4 ms is the catch-up; a draft's own pass
+    # costs 0.8. Billed whole, the pause's cost made drafting look 4x dearer (the
+    # sequence then paused more, and its next catch-up grew).
+    policy, seq = DraftPolicy(AUTO), steady_sequence(0.5)
+    for positions, pass_s in ((1, 0.0040), (2, 0.0044)):
+        for _ in range(4):
+            policy.observe_step(positions, pass_s + 0.0032, 0.0032, 0.0024, passes=1)
+    assert abs(policy.draft_pass_s - 0.0008) < 1e-9
+    assert policy.choose(seq, limit=6) == 1
+    for positions, pass_s in ((1, 0.0040), (2, 0.0044)):
+        for _ in range(40):
+            policy.observe_step(positions, pass_s + 0.0032, 0.0032, 0.0, passes=1)
+    assert policy.choose(seq, limit=6) == 0  # 1.5 tokens for 7.6 ms lose to 1 for 4.0
 
 
 def test_fixed_settings_and_limits_are_kept():

@@ -171,6 +171,7 @@ def test_the_heads_cache_caught_up_lazily_drafts_as_if_kept_current(tmp_path, mo
     eager, lazy = Drafter(mtp, 1, 128), Drafter(mtp, 1, 128)
     for n, (keep, m) in enumerate(steps):
         items = []
+        held_before = len(lazy._deferred["s"].tokens) if "s" in lazy._deferred else 0
         for drafter, want in ((eager, 2), (lazy, 2 if n in drafting else 0)):
             item = Advance(
                 "s",
@@ -182,6 +183,11 @@ def test_the_heads_cache_caught_up_lazily_drafts_as_if_kept_current(tmp_path, mo
             )
             drafter.advance([item])
             items.append(item)
+        # The eager head never holds entries back, so it never catches up; the lazy one
+        # does only over entries it held (time the cost model keeps off a draft's bill).
+        assert eager.catch_up_s == 0.0
+        assert lazy.catch_up_s == 0.0 or held_before > 0, n
+        assert lazy.catch_up_s > 0 or n != 5  # its first draft, after 5 steps held back
         held = len(lazy._deferred["s"].tokens) if "s" in lazy._deferred else 0  # bounded
         assert held < 16
         if n in drafting:

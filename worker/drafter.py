@@ -18,6 +18,7 @@ off without paying for the head; the entries, and so the drafts, are the same.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -75,7 +76,8 @@ class Drafter:
         # Sequences whose head cache fell out of step with the trunk's (only after a
         # rollback the protocol never makes): no drafts until they restart at 0.
         self._lost: set[str] = set()
-        self.passes = 0
+        self.passes = 0  # the last advance's: passes run, and the catch-up's seconds in them
+        self.catch_up_s = 0.0
 
     def release(self, seq_id: str) -> None:
         self.cache.release(seq_id)
@@ -86,7 +88,7 @@ class Drafter:
     def advance(self, items: list[Advance]) -> None:
         """Add the verified entries of every item, then draft for those that want it
         (filling `item.drafts`)."""
-        self.passes = 0
+        self.passes, self.catch_up_s, held_rows = 0, 0.0, 0
         hidden, tokens, slots, counts, live = [], [], [], [], []
         fresh = []  # (item, new rows, their next tokens, whether the head runs over them)
         for item in items:
@@ -107,6 +109,7 @@ class Drafter:
             if not runs:
                 continue  # kept until a step drafts: the head need not run for it now
             held = self._deferred.pop(item.seq_id, _Held())
+            held_rows += len(held.tokens)
             hidden.extend(held.rows + rows)
             tokens.extend(held.tokens + row_tokens)
             slots.append(self.cache.slot(item.seq_id))
@@ -116,6 +119,7 @@ class Drafter:
                 live.append((item, len(counts) - 1))
         if not counts:
             return
+        began = time.monotonic()
         states = self.head(
             torch.cat(hidden),
             torch.tensor(tokens, dtype=torch.long, device=self.head.embedding.device),
@@ -124,6 +128,9 @@ class Drafter:
             counts,
         )
         self.passes = 1
+        # The held rows' share of the pass, as if its time grew with its rows (it grows
+        # more slowly): what drafting again costs for having paused, not what a draft does.
+        self.catch_up_s = (time.monotonic() - began) * held_rows / len(tokens)
         if live:
             ends = torch.tensor(counts).cumsum(0) - 1
             self._draft(live, states[ends[[i for _, i in live]].to(states.device)], slots)

@@ -337,6 +337,7 @@ class Stage:
         self.drafter.advance(advances)
         reply.timings.draft_s = time.monotonic() - began
         reply.timings.draft_passes = self.drafter.passes
+        reply.timings.draft_catch_up_s = self.drafter.catch_up_s
         by_id = {r.seq_id: r for r in reply.results}
         for a in advances:
             if a.drafts:
