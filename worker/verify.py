@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from mtpd.model.sampling import select_token
+from mtpd.model.sampling import argmax_rows, select_token
 from mtpd.model.sampling_params import SamplingParams
 
 
@@ -23,12 +23,19 @@ def verify(
     history: the sequence's tokens through the drafts (positions 0 .. base + drafts).
     Returns the accepted drafts followed by the drawn token after them.
     """
+    if params.greedy and params.repetition_penalty == 1.0:
+        # Each row's token depends on its logits alone: one argmax over every row (a
+        # row at a time had cost a 2-row verification about 0.15 ms of Python).
+        drawn = argmax_rows(logits[: drafts + 1])
+    else:
+        ids = torch.tensor(history)  # once: row j sees the prefix before its position
+        drawn = (
+            select_token(logits[j], params, base + j + 1, ids[: base + j + 1])
+            for j in range(drafts + 1)
+        )
     emitted = []
-    ids = torch.tensor(history)  # once: row j sees the prefix before its position
-    for j in range(drafts + 1):
-        position = base + j + 1
-        token = select_token(logits[j], params, position, ids[:position])
+    for j, token in enumerate(drawn):
         emitted.append(token)
-        if j == drafts or token != history[position]:
+        if j == drafts or token != history[base + j + 1]:
             break
     return emitted
