@@ -776,9 +776,11 @@ static void att_free(att_work* w) {
 // Every sequence's rows; row r belongs to seqs[seq_of_row[r]]. Two barriers the online
 // way, three the split way, whatever the batch holds (a pair per sequence had cost 8
 // streams about a millisecond a step).
+// COS and SIN_SIGNED hold the rotary rows of positions cos_from.. (the whole tables, from
+// 0, in a decoder step: no per-step gathering of rows).
 static void attend(const heads_t* a, const float* QKV, const float* COS, const float* SIN_SIGNED,
-                   const att_seq* seqs, const int64_t* seq_of_row, int64_t M, float* OUT,
-                   int64_t context, const att_work* w) {
+                   int64_t cos_from, const att_seq* seqs, const int64_t* seq_of_row, int64_t M,
+                   float* OUT, int64_t context, const att_work* w) {
     const int64_t heads = a->heads, kv_heads = a->kv_heads, d = a->d;
     const int64_t width = (heads + 2 * kv_heads) * d, group = heads / kv_heads;
 #pragma omp for schedule(static)
@@ -786,11 +788,13 @@ static void attend(const heads_t* a, const float* QKV, const float* COS, const f
         const int64_t r = task / kv_heads, g = task % kv_heads;
         const att_seq* q = &seqs[seq_of_row[r]];
         const float* row = QKV + r * width;
-        const int64_t at = (g * context + keys_of(q, r) - 1) * d;
-        rope(row + (heads + g) * d, COS + r * d, SIN_SIGNED + r * d, q->k + at, d);
+        const int64_t position = keys_of(q, r) - 1, at = (g * context + position) * d;
+        const float* c = COS + (position - cos_from) * d;
+        const float* s = SIN_SIGNED + (position - cos_from) * d;
+        rope(row + (heads + g) * d, c, s, q->k + at, d);
         for (int64_t i = 0; i < d; i++) q->v[at + i] = row[(heads + kv_heads + g) * d + i];
         for (int64_t h = g * group; h < (g + 1) * group; h++)
-            rope(row + h * d, COS + r * d, SIN_SIGNED + r * d, w->q + (r * heads + h) * d, d);
+            rope(row + h * d, c, s, w->q + (r * heads + h) * d, d);
     }
     if (w->partials) {
 #pragma omp for schedule(static)
@@ -864,7 +868,7 @@ int mtpd_attend_f32(const float* QKV, const float* COS, const float* SIN_SIGNED,
     const int ok = seq_of_row && att_plan(&w, &a, &one, 1, T);
     if (ok) {
 #pragma omp parallel num_threads(threads)
-        attend(&a, QKV, COS, SIN_SIGNED, &one, seq_of_row, T, OUT, max_context, &w);
+        attend(&a, QKV, COS, SIN_SIGNED, start, &one, seq_of_row, T, OUT, max_context, &w);
         att_free(&w);
     }
     free(seq_of_row);
@@ -882,7 +886,8 @@ typedef struct {
 
 // A step's rows: sequence i has counts[i] rows from row offset sum(counts[:i]), at cache
 // positions starts[i].., in slot slots[i] of the caches K and V [layers, slots_per_layer,
-// kv_heads, max_context, d]; COS and SIN_SIGNED [rows, d] at those positions.
+// kv_heads, max_context, d]; cos and sin_signed the rotary tables [positions, d] from
+// position 0 (the layers take each row's own).
 typedef struct {
     int64_t rows, sequences;
     const int64_t *slots, *starts, *counts;
@@ -942,7 +947,7 @@ int mtpd_decoder_layers_f32(const mtpd_layer* L, int64_t n, const mtpd_step* S, 
             }
             rms_norm(x, A->input_norm, normed, M, H, A->eps);
             product(&A->qkv, normed, qkv, NULL, M, &in);
-            attend(&A->attention, qkv, S->cos, S->sin_signed, seqs, seq_of_row, M, attended,
+            attend(&A->attention, qkv, S->cos, S->sin_signed, 0, seqs, seq_of_row, M, attended,
                    S->max_context, &work);
             product(&A->o, attended, y, x, M, &in);
             rms_norm(y, A->post_norm, normed, M, H, A->eps);

@@ -486,8 +486,9 @@ class Layer(ctypes.Structure):
 
 class Step(ctypes.Structure):
     """Where a step's rows go (mtpd_step in cpu_kernels.c): sequence i's counts[i] rows,
-    in order, at positions starts[i].. of cache slot slots[i], with the rotary tables
-    cos and sin_signed [rows, d] at those positions; made once per step."""
+    in order, at positions starts[i].. of cache slot slots[i], with the whole rotary
+    tables cos and sin_signed [positions, d] (each row reads its position's: gathering
+    the rows took PyTorch ops that cost a step about 0.1 ms); made once per step."""
 
     _fields_ = [
         ("rows", _INT),
@@ -514,21 +515,26 @@ class Step(ctypes.Structure):
         k: torch.Tensor,
         v: torch.Tensor,
     ) -> Step:
-        """k and v: the caches [layers, slots, kv_heads, max_context, d]."""
+        """k and v: the caches [layers, slots, kv_heads, max_context, d]; cos and
+        sin_signed: the rotary tables [positions, d] from position 0."""
         rows, d = sum(counts), k.shape[-1]
-        if cos.numel() != rows * d or sin_signed.numel() != rows * d:
-            raise ValueError(f"rotary tables {list(cos.shape)} for {rows} rows of {d}")
-        cos, sin_signed = cos.reshape(rows, d).contiguous(), sin_signed.reshape(rows, d)
-        sin_signed = sin_signed.contiguous()
         _check("decoder_layer", cos, sin_signed, k, v)
         layers, slot_count, kv_heads, context, _ = k.shape
         if (
             not k.is_contiguous()
             or not v.is_contiguous()
             or v.shape != k.shape
+            or not cos.is_contiguous()
+            or not sin_signed.is_contiguous()
+            or cos.shape != sin_signed.shape
+            or cos.dim() != 2
+            or cos.shape[1] != d
             or len(slots) != len(starts)
             or any(not 0 <= s < slot_count for s in slots)
-            or any(s < 0 or c < 0 or s + c > context for s, c in zip(starts, counts, strict=True))
+            or any(
+                s < 0 or c < 0 or s + c > min(context, cos.shape[0])
+                for s, c in zip(starts, counts, strict=True)
+            )
         ):
             raise ValueError(
                 f"a step of {counts} rows at {starts} in slots {slots} does not fit a cache "
@@ -538,7 +544,7 @@ class Step(ctypes.Structure):
         step = cls(
             rows,
             len(slots),
-            *(index[i].data_ptr() for i in range(3)),
+            *(index.data_ptr() + 8 * len(slots) * i for i in range(3)),  # its rows
             cos.data_ptr(),
             sin_signed.data_ptr(),
             k.data_ptr(),

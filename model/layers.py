@@ -7,6 +7,7 @@ each weight is read once per step whatever the batch holds.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -107,18 +108,41 @@ class BatchLayout:
     slots: list[int]
     starts: list[int]  # cache position of each sequence's first new token
     counts: list[int]  # new tokens per sequence
-    cos: torch.Tensor  # [N, 1, head_dim] rotary tables at the tokens' positions
-    sin_signed: torch.Tensor  # sin with its first half negated (see _apply_rope)
+    cos_table: torch.Tensor  # [positions, head_dim] rotary tables from position 0
+    sin_signed_table: torch.Tensor  # sin with its first half negated (see _apply_rope)
+    dtype: torch.dtype
     _kernel_step: tuple[KVCache, cpu_kernels.Step] | None = field(default=None, repr=False)
 
     def kernel_step(self, cache: KVCache) -> cpu_kernels.Step:
         """The layout in `cache` as cpu_kernels' decoder layers take it, made once."""
         if self._kernel_step is None or self._kernel_step[0] is not cache:
             step = cpu_kernels.Step.of(
-                self.slots, self.starts, self.counts, self.cos, self.sin_signed, cache.k, cache.v
+                self.slots,
+                self.starts,
+                self.counts,
+                self.cos_table,
+                self.sin_signed_table,
+                cache.k,
+                cache.v,
             )
             self._kernel_step = (cache, step)
         return self._kernel_step[1]
+
+    @functools.cached_property
+    def cos(self) -> torch.Tensor:
+        """[N, 1, head_dim]: the rotary table at the tokens' positions (the kernels' step
+        reads the tables whole, and never gathers these)."""
+        return self._at_positions(self.cos_table)
+
+    @functools.cached_property
+    def sin_signed(self) -> torch.Tensor:
+        return self._at_positions(self.sin_signed_table)
+
+    def _at_positions(self, table: torch.Tensor) -> torch.Tensor:
+        positions = torch.cat(
+            [torch.arange(s, s + c) for s, c in zip(self.starts, self.counts, strict=True)]
+        ).to(table.device)
+        return table[positions][:, None].to(self.dtype)
 
     @classmethod
     def build(
@@ -131,11 +155,7 @@ class BatchLayout:
         dtype: torch.dtype,
     ) -> BatchLayout:
         starts = [cache.reserve(s, c) for s, c in zip(slots, counts, strict=True)]
-        positions = torch.cat(
-            [torch.arange(s, s + c) for s, c in zip(starts, counts, strict=True)]
-        ).to(cos_table.device)
-        cos, sin = cos_table[positions][:, None], sin_signed_table[positions][:, None]
-        return cls(slots, starts, counts, cos.to(dtype), sin.to(dtype))
+        return cls(slots, starts, counts, cos_table, sin_signed_table, dtype)
 
 
 @dataclass

@@ -256,7 +256,9 @@ def test_a_decoder_layer_in_one_kernel_call_gives_the_bits_its_parts_give(tmp_pa
     with pytest.raises(ValueError, match="does not fit a cache"):  # no slot 2
         cpu_kernels.Step.of([2], [0], [1], cos[:1], sin_signed[:1], cache.k, cache.v)
     with pytest.raises(ValueError, match="does not fit a cache"):  # positions 7 and 8 of 8
-        cpu_kernels.Step.of([0], [7], [2], cos[:2], sin_signed[:2], cache.k, cache.v)
+        cpu_kernels.Step.of([0], [7], [2], cos, sin_signed, cache.k, cache.v)
+    with pytest.raises(ValueError, match="rotary tables"):  # position 3 beyond the tables
+        cpu_kernels.Step.of([0], [3], [1], cos[:3], sin_signed[:3], cache.k, cache.v)
     step = cpu_kernels.Step.of([0], [0], [1], cos[:1], sin_signed[:1], cache.k, cache.v)
     x = torch.zeros(1, cfg.hidden_size)
     with pytest.raises(ValueError, match="do not fit"):
