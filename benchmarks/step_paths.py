@@ -106,7 +106,8 @@ def main() -> None:
             if t is not None
         )
         macs_per_row = sum(m.n * m.k for m in matrices(engine))
-        kv_per_seq = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4 * args.context
+        kv_bytes = engine.cache.k.element_size()  # float16 beside quantized weights
+        kv_per_seq = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * kv_bytes * args.context
         peak = args.threads * MACS_PER_CYCLE[quant] * ghz * 1e9
         layers = list(engine.shard.stack.layers)
         kernels = [layer.kernel for layer in layers]

@@ -598,26 +598,53 @@ static inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
     return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
 }
 
+// The KV caches hold float32, or float16 (`half`: half the bytes for attention to read,
+// as llama.cpp's default cache). Element i of a cache, and 8 of them from i as float32.
+static inline __attribute__((always_inline)) void* kv_at(void* cache, int64_t i, int half) {
+    return (char*)cache + i * (half ? 2 : 4);
+}
+
+static inline __attribute__((always_inline)) __m256 kv8(const void* cache, int64_t i, int half) {
+    return half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)cache + i)))
+                : _mm256_loadu_ps((const float*)cache + i);
+}
+
+// x [d] into the cache from element i, rounded to nearest where it holds float16.
+static void kv_store(void* cache, int64_t i, const float* x, int64_t d, int half) {
+    for (int64_t j = 0; j < d; j += 8) {
+        const __m256 v = _mm256_loadu_ps(x + j);
+        if (half)
+            _mm_storeu_si128((__m128i*)((uint16_t*)cache + i + j),
+                             _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        else
+            _mm256_storeu_ps((float*)cache + i + j, v);
+    }
+}
+
 // p[j] = q . K[j] * scale for each key; returns the largest. Four keys at a time, each
 // its own accumulator, so the products overlap instead of waiting on one sum.
-static float scores(const float* q, const float* K, float* p, int64_t keys, int64_t d,
-                    float scale) {
+static inline __attribute__((always_inline)) float scores(const int half, const float* q,
+                                                          const void* K, float* p, int64_t keys,
+                                                          int64_t d, float scale) {
     float top = -INFINITY;
     int64_t j = 0;
     for (; j + 4 <= keys; j += 4) {
         __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
                          _mm256_setzero_ps()};
-        prefetch_ahead(K + j * d, 4 * d * sizeof(float));
+        prefetch_ahead(kv_at((void*)K, j * d, half), 4 * d * (half ? 2 : 4));
         for (int64_t i = 0; i < d; i += 8) {
             const __m256 qv = _mm256_loadu_ps(q + i);
             for (int r = 0; r < 4; r++)
-                acc[r] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(K + (j + r) * d + i), acc[r]);
+                acc[r] = _mm256_fmadd_ps(qv, kv8(K, (j + r) * d + i, half), acc[r]);
         }
         _mm_storeu_ps(p + j, _mm_mul_ps(hsum4(acc[0], acc[1], acc[2], acc[3]), _mm_set1_ps(scale)));
         for (int r = 0; r < 4; r++) top = p[j + r] > top ? p[j + r] : top;
     }
     for (; j < keys; j++) {
-        p[j] = dot(q, K + j * d, d) * scale;
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t i = 0; i < d; i += 8)
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), kv8(K, j * d + i, half), acc);
+        p[j] = hsum(acc) * scale;
         top = p[j] > top ? p[j] : top;
     }
     return top;
@@ -625,25 +652,27 @@ static float scores(const float* q, const float* K, float* p, int64_t keys, int6
 
 // o = (sum over keys of p[j] V[j]) * inverse_total, 64 dimensions at a time held in
 // registers across the keys (8 at a time where d is not a multiple of 64).
-static void weigh_values(const float* p, const float* V, float* o, int64_t keys, int64_t d,
-                         float inverse_total) {
+static inline __attribute__((always_inline)) void weigh_values(const int half, const float* p,
+                                                               const void* V, float* o,
+                                                               int64_t keys, int64_t d,
+                                                               float inverse_total) {
     const __m256 norm = _mm256_set1_ps(inverse_total);
     int64_t i0 = 0;
     for (; i0 + 64 <= d; i0 += 64) {
         __m256 acc[8];
         for (int r = 0; r < 8; r++) acc[r] = _mm256_setzero_ps();
         for (int64_t j = 0; j < keys; j++) {
-            prefetch_ahead(V + j * d + i0, 64 * sizeof(float));
+            prefetch_ahead(kv_at((void*)V, j * d + i0, half), 64 * (half ? 2 : 4));
             const __m256 w = _mm256_set1_ps(p[j]);
             for (int r = 0; r < 8; r++)
-                acc[r] = _mm256_fmadd_ps(w, _mm256_loadu_ps(V + j * d + i0 + 8 * r), acc[r]);
+                acc[r] = _mm256_fmadd_ps(w, kv8(V, j * d + i0 + 8 * r, half), acc[r]);
         }
         for (int r = 0; r < 8; r++) _mm256_storeu_ps(o + i0 + 8 * r, _mm256_mul_ps(acc[r], norm));
     }
     for (; i0 < d; i0 += 8) {
         __m256 acc = _mm256_setzero_ps();
         for (int64_t j = 0; j < keys; j++)
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), _mm256_loadu_ps(V + j * d + i0), acc);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), kv8(V, j * d + i0, half), acc);
         _mm256_storeu_ps(o + i0, _mm256_mul_ps(acc, norm));
     }
 }
@@ -656,7 +685,7 @@ typedef struct {
 // A sequence's part of a step for attention: its slot's caches [kv_heads, context, d],
 // the cache position of its first row, that row's index in the step and its row count.
 typedef struct {
-    float *k, *v;
+    void *k, *v;
     int64_t start, first_row, rows;
 } att_seq;
 
@@ -673,17 +702,26 @@ typedef struct {
 static inline int64_t chunks_of(int64_t keys) { return (keys + ATT_CHUNK - 1) / ATT_CHUNK; }
 
 // Query q over n (at most ATT_CHUNK) keys K and values V: the chunk's partial.
-static void chunk_partial(const float* q, const float* K, const float* V, int64_t n, int64_t d,
-                          float scale, float* o, float* m, float* l) {
+static inline __attribute__((always_inline)) void chunk_partial_of(
+    const int half, const float* q, const void* K, const void* V, int64_t n, int64_t d,
+    float scale, float* o, float* m, float* l) {
     float p[ATT_CHUNK];
-    const float top = scores(q, K, p, n, d, scale);
+    const float top = scores(half, q, K, p, n, d, scale);
     for (int64_t j = 0; j < n; j++) p[j] -= top;
     exp_all(p, n);
     float total = 0.0f;
     for (int64_t j = 0; j < n; j++) total += p[j];
-    weigh_values(p, V, o, n, d, 1.0f);
+    weigh_values(half, p, V, o, n, d, 1.0f);
     *m = top;
     *l = total;
+}
+
+static void chunk_partial(int half, const float* q, const void* K, const void* V, int64_t n,
+                          int64_t d, float scale, float* o, float* m, float* l) {
+    if (half)  // each way compiled with its own loads
+        chunk_partial_of(1, q, K, V, n, d, scale, o, m, l);
+    else
+        chunk_partial_of(0, q, K, V, n, d, scale, o, m, l);
 }
 
 // The running partial (m, l, o) with a chunk's (mc, lc, oc) folded in; m starts at
@@ -723,6 +761,7 @@ typedef struct {
     int64_t* part_of_row;
     att_task* tasks;
     int64_t n_tasks;
+    int half;  // the caches hold float16
 } att_work;
 
 #define ATT_SPLIT_ROWS 16             // the most rows a sequence may have for the split way
@@ -735,8 +774,9 @@ static inline int64_t keys_of(const att_seq* s, int64_t r) {
 // Lays out `w` for the step's sequences (their k, v unused here); returns 0 where
 // memory for the queries could not be had.
 static int att_plan(att_work* w, const heads_t* a, const att_seq* seqs, int64_t n_seqs,
-                    int64_t M) {
+                    int64_t M, int half) {
     *w = (att_work){0};
+    w->half = half;
     int64_t n_tasks = 0, n_parts = 0, split = 1;
     for (int64_t s = 0; s < n_seqs; s++) {
         split &= seqs[s].rows <= ATT_SPLIT_ROWS;
@@ -791,8 +831,10 @@ static void attend(const heads_t* a, const float* QKV, const float* COS, const f
         const int64_t position = keys_of(q, r) - 1, at = (g * context + position) * d;
         const float* c = COS + (position - cos_from) * d;
         const float* s = SIN_SIGNED + (position - cos_from) * d;
-        rope(row + (heads + g) * d, c, s, q->k + at, d);
-        for (int64_t i = 0; i < d; i++) q->v[at + i] = row[(heads + kv_heads + g) * d + i];
+        float turned[256];
+        rope(row + (heads + g) * d, c, s, turned, d);
+        kv_store(q->k, at, turned, d, w->half);
+        kv_store(q->v, at, row + (heads + kv_heads + g) * d, d, w->half);
         for (int64_t h = g * group; h < (g + 1) * group; h++)
             rope(row + h * d, c, s, w->q + (r * heads + h) * d, d);
     }
@@ -802,8 +844,8 @@ static void attend(const heads_t* a, const float* QKV, const float* COS, const f
             const att_task task = w->tasks[t];
             const att_seq* s = &seqs[task.seq];
             const int64_t c0 = task.c * ATT_CHUNK;
-            const float* k = s->k + (task.g * context + c0) * d;
-            const float* v = s->v + (task.g * context + c0) * d;
+            const void* k = kv_at(s->k, (task.g * context + c0) * d, w->half);
+            const void* v = kv_at(s->v, (task.g * context + c0) * d, w->half);
             for (int64_t r = s->first_row; r < s->first_row + s->rows; r++) {
                 const int64_t keys = keys_of(s, r);
                 const int64_t n = keys - c0 < ATT_CHUNK ? keys - c0 : ATT_CHUNK;
@@ -811,8 +853,8 @@ static void attend(const heads_t* a, const float* QKV, const float* COS, const f
                 for (int64_t h = task.g * group; h < (task.g + 1) * group; h++) {
                     float* part = w->partials +
                                   (w->part_of_row[r] + h * chunks_of(keys) + task.c) * (d + 2);
-                    chunk_partial(w->q + (r * heads + h) * d, k, v, n, d, a->scale, part,
-                                  part + d, part + d + 1);
+                    chunk_partial(w->half, w->q + (r * heads + h) * d, k, v, n, d, a->scale,
+                                  part, part + d, part + d + 1);
                 }
             }
         }
@@ -842,13 +884,13 @@ static void attend(const heads_t* a, const float* QKV, const float* COS, const f
             }
             for (int64_t c0 = 0; c0 < keys; c0 += ATT_CHUNK) {
                 const int64_t n = keys - c0 < ATT_CHUNK ? keys - c0 : ATT_CHUNK;
-                const float* k = s->k + (g * context + c0) * d;
-                const float* v = s->v + (g * context + c0) * d;
+                const void* k = kv_at(s->k, (g * context + c0) * d, w->half);
+                const void* v = kv_at(s->v, (g * context + c0) * d, w->half);
                 for (int64_t h = 0; h < group; h++) {
                     const int64_t head = g * group + h;
                     float mc, lc;
-                    chunk_partial(w->q + (r * heads + head) * d, k, v, n, d, a->scale, oc, &mc,
-                                  &lc);
+                    chunk_partial(w->half, w->q + (r * heads + head) * d, k, v, n, d, a->scale,
+                                  oc, &mc, &lc);
                     fold(&m[h], &l[h], OUT + (r * heads + head) * d, mc, lc, oc, d);
                 }
             }
@@ -865,7 +907,7 @@ int mtpd_attend_f32(const float* QKV, const float* COS, const float* SIN_SIGNED,
     const att_seq one = {KC, VC, start, 0, T};
     int64_t* const seq_of_row = calloc(T + 1, sizeof(int64_t));  // all rows: sequence 0
     att_work w;
-    const int ok = seq_of_row && att_plan(&w, &a, &one, 1, T);
+    const int ok = seq_of_row && att_plan(&w, &a, &one, 1, T, 0);
     if (ok) {
 #pragma omp parallel num_threads(threads)
         attend(&a, QKV, COS, SIN_SIGNED, start, &one, seq_of_row, T, OUT, max_context, &w);
@@ -892,8 +934,9 @@ typedef struct {
     int64_t rows, sequences;
     const int64_t *slots, *starts, *counts;
     const float *cos, *sin_signed;
-    float *k, *v;
+    void *k, *v;
     int64_t slots_per_layer, max_context;
+    int64_t kv_half;  // the caches hold float16 (else float32)
 } mtpd_step;
 
 // Layers first .. first + n - 1 of the step's caches (L[0] .. L[n - 1]) on rows X, the
@@ -925,7 +968,7 @@ int mtpd_decoder_layers_f32(const mtpd_layer* L, int64_t n, const mtpd_step* S, 
         seqs[i] = (att_seq){NULL, NULL, S->starts[i], row, S->counts[i]};  // k, v: per layer
         for (int64_t r = row; r < row + S->counts[i]; r++) seq_of_row[r] = i;
     }
-    failed = failed || !att_plan(&work, &L[0].attention, seqs, S->sequences, M);
+    failed = failed || !att_plan(&work, &L[0].attention, seqs, S->sequences, M, S->kv_half != 0);
     if (!failed) {
         float* const between = buffer + M * width;
 #pragma omp parallel num_threads(threads)
@@ -943,7 +986,7 @@ int mtpd_decoder_layers_f32(const mtpd_layer* L, int64_t n, const mtpd_step* S, 
 #pragma omp single
             for (int64_t i = 0; i < S->sequences; i++) {
                 const int64_t at = (layer * S->slots_per_layer + S->slots[i]) * slot_size;
-                seqs[i].k = S->k + at, seqs[i].v = S->v + at;
+                seqs[i].k = kv_at(S->k, at, S->kv_half), seqs[i].v = kv_at(S->v, at, S->kv_half);
             }
             rms_norm(x, A->input_norm, normed, M, H, A->eps);
             product(&A->qkv, normed, qkv, NULL, M, &in);

@@ -502,6 +502,7 @@ class Step(ctypes.Structure):
         ("v", _POINTER),
         ("slots_per_layer", _INT),
         ("max_context", _INT),
+        ("kv_half", _INT),
     ]
 
     @classmethod
@@ -515,10 +516,12 @@ class Step(ctypes.Structure):
         k: torch.Tensor,
         v: torch.Tensor,
     ) -> Step:
-        """k and v: the caches [layers, slots, kv_heads, max_context, d]; cos and
-        sin_signed: the rotary tables [positions, d] from position 0."""
+        """k and v: the caches [layers, slots, kv_heads, max_context, d], float32 or
+        float16; cos and sin_signed: the rotary tables [positions, d] from position 0."""
         rows, d = sum(counts), k.shape[-1]
-        _check("decoder_layer", cos, sin_signed, k, v)
+        _check("decoder_layer", cos, sin_signed)
+        if k.dtype not in (torch.float32, torch.float16) or v.dtype != k.dtype or not k.is_cpu:
+            raise TypeError(f"the CPU kernels take float32 or float16 caches, not {k.dtype}")
         layers, slot_count, kv_heads, context, _ = k.shape
         if (
             not k.is_contiguous()
@@ -551,6 +554,7 @@ class Step(ctypes.Structure):
             v.data_ptr(),
             slot_count,
             context,
+            k.dtype == torch.float16,
         )
         step.tensors = (index, cos, sin_signed, k, v)
         step.layers, step.kv_heads, step.head_dim = layers, kv_heads, d

@@ -198,6 +198,36 @@ def test_a_shard_runs_on_the_kernels_and_a_row_gets_the_same_bits_in_a_verificat
     assert torch.equal(together, alone)
 
 
+@pytest.mark.parametrize("quant", ["int4", "int8"])
+def test_a_float16_cache_holds_the_float32_values_rounded_and_attends_over_them(tmp_path, quant):
+    """With the weights quantized the kernels keep the KV cache in float16: it holds the
+    float32 cache's values rounded to nearest, and the step's outputs stay close to the
+    float32 cache's (70 positions: two chunks of keys). Close, not within float16's
+    rounding: the quantized kernels round their inputs to 8 bits, and a nudged input can
+    land on the next step."""
+    write_tiny_model(tmp_path, "llama", intermediate_size=128, layers=1)
+    ckpt = open_checkpoint(tmp_path)
+    cfg = read_config(ckpt)
+    shard, _ = load_shard(
+        ckpt, cfg, ShardSpec.whole(cfg), torch.float32, 128, torch.device("cpu"), quant=quant
+    )
+    assert shard.stack.half_cache
+    half = shard.new_cache(1, 128)
+    shard.stack.half_cache = False
+    full = shard.new_cache(1, 128)
+    assert (half.k.dtype, full.k.dtype) == (torch.float16, torch.float32)
+    prompt = torch.randint(0, 96, (70,), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        out = [shard(prompt, cache, [0], [70]) for cache in (half, full)]
+        # The only layer's keys and values come from the same rows either way.
+        assert torch.equal(half.k[:, 0, :, :70], full.k[:, 0, :, :70].half())
+        assert torch.equal(half.v[:, 0, :, :70], full.v[:, 0, :, :70].half())
+        assert (out[0] - out[1]).norm() <= 3e-3 * out[1].norm()
+        out = [shard(torch.tensor([5, 7]), cache, [0], [2]) for cache in (half, full)]
+        assert (out[0] - out[1]).norm() <= 3e-3 * out[1].norm()
+    assert not torch.equal(out[0], out[1])  # the float16 cache was read
+
+
 def test_the_kernels_build_with_scalar_exp_where_libmvec_does_not_link():
     # The fallback _build_any takes when `-lmvec` fails: same results, lane by lane.
     compiler = shutil.which(os.environ.get("CC", "cc"))
@@ -225,6 +255,7 @@ def test_a_decoder_layer_in_one_kernel_call_gives_the_bits_its_parts_give(tmp_pa
     shard, _ = load_shard(
         ckpt, cfg, ShardSpec.whole(cfg), torch.float32, 64, torch.device("cpu"), quant=quant
     )
+    shard.stack.half_cache = False  # the ops taken one by one read a float32 cache only
     layers = list(shard.stack.layers)
     kernels = [layer.kernel for layer in layers]
     assert all(k is not None for k in kernels)

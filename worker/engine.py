@@ -55,6 +55,8 @@ def load_shard(
     if mtp is not None and mtp.draft_head is dense_head:
         mtp.draft_head = shard.lm_head  # drafting over the full vocabulary: the trunk's head
     pack_for_inference(shard)
+    if quant != "none":  # the weights already trade exactness: the cache follows llama.cpp's
+        shard.stack.use_half_cache()
     if mtp is not None:
         quantize_head(mtp)
         pack_for_inference(mtp)
