@@ -3,16 +3,17 @@
 The output never depends on this choice (verification is exact), only the speed does.
 With acceptance c_j at draft position j (conditional on the earlier ones being
 accepted), a step drafting k tokens emits E(k) = 1 + sum_i prod_{j<=i} c_j tokens on
-average and costs T(k) = (V(b(1 + k)) + D * k) / b: a sequence's share of a
-pipeline pass over the b sequences of its batch with 1 + k positions each, and of the
-head's passes over the batch (none for k = 0: the head catches its cache up in the
-next step that drafts, `mtpd.worker.drafter`). V(n) is the measured mean time of passes over n positions where such passes
-were seen, else the line alpha + beta * n fitted online to every pass, continued from
-the measured sizes below n; never less than a smaller size's measured mean. A line
-alone is not enough: a pass's cost need not grow evenly with its rows (oneDNN once
-changed kernels at the third row, which cost twice what the second did), so a policy
-trusting the line drafts two tokens where one pays better. The policy picks the k in
-0..6 with the largest E(k) / T(k), drafting one token every few steps even at k = 0 so
+average. In a batch of b sequences the step then emits b - 1 + E(k) tokens (the others
+one each) and costs T(k) = V(b + k) + D * k: a pipeline pass over b + k positions and
+k passes of the head (none for k = 0: the head catches its cache up in the next step
+that drafts, `mtpd.worker.drafter`). V(n) is the measured mean time of passes over n
+positions where such passes were seen, else the line alpha + beta * n fitted online to
+every pass, continued from the measured sizes below n; never less than a smaller size's
+measured mean. A line alone is not enough: a pass's cost need not grow evenly with its
+rows (oneDNN once changed kernels at the third row, which cost twice what the second
+did), so a policy trusting the line drafts two tokens where one pays better. The policy
+picks the k in 0..6 with the largest (b - 1 + E(k)) / T(k), drafting one token every
+few steps even at k = 0 so
 acceptance keeps being measured (every 8 steps, backing off to every 64 as first drafts
 keep being rejected, or from the start once the server has measured its rates, and that
 times the batch: a batch explores as often as one sequence); a sequence's acceptance
@@ -213,9 +214,13 @@ class DraftPolicy:
         )
         best, best_rate = 0, 0.0
         for k in range(min(MAX_DRAFT, limit) + 1):
-            # The head's passes, like the trunk's, serve the whole batch at once.
-            cost = (self.pass_cost(batch * (1 + k)) + draft * k) / batch
-            rate = self.expected_tokens(rates, k) / cost
+            # The batch's tokens per second with this sequence drafting k and the others
+            # one token each: its drafts lengthen everyone's step. Priced as if every
+            # sequence drafted k (their pass and the head's shared), a sequence whose own
+            # record beat the server's drafted where the step then grew for all, and 8
+            # int4 streams ran at 0.89x MTP off.
+            cost = self.pass_cost(batch + k) + draft * k
+            rate = (batch - 1 + self.expected_tokens(rates, k)) / cost
             if rate > best_rate:
                 best, best_rate = k, rate
         # A batch explores as often as one sequence would: each exploring row is paid
