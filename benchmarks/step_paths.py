@@ -1,10 +1,11 @@
 """A whole-model step in one process, as a verification step's cost grows with its rows:
 one sequence x N rows (a verification of N - 1 drafts) and N sequences x 1 row (N
 streams decoding), against a roofline (the step's bytes at the measured bandwidth, its
-multiply-adds at the cores' vector peak). For one sequence x N rows it also runs every
-decoder layer as one kernel call (what runs) against the per-op calls it replaced, and,
-on a CPU with AVX-512 VNNI, the kernels' AVX-512 build against their AVX2 one. Paths
-alternate step by step, so their ratios hold on a noisy machine.
+multiply-adds at the cores' vector peak). For one sequence x N rows it also runs, on a
+CPU with AVX-512 VNNI, the kernels' AVX-512 build against their AVX2 one (the per-op
+path that whole-layer calls replaced in session 10 is gone from here: with a quantized
+model it cannot read the float16 cache). Paths alternate step by step, so their ratios
+hold on a noisy machine.
 
     python benchmarks/step_paths.py [--model M] [--quant none,int4] [--rows 1,2,3,5,8]
                                     [--context 200] [--reps 40] [--threads 2] [--json OUT]
@@ -31,10 +32,8 @@ from mtpd.worker.engine import Engine
 MACS_PER_CYCLE = {"none": 16, "int8": 64, "int4": 64}
 
 
-def use(layers: list, kernels: list, fused: bool, library) -> None:
-    """Run `layers` as one kernel call each (`fused`) or op by op, on `library`."""
-    for layer, kernel in zip(layers, kernels, strict=True):
-        layer.kernel = kernel if fused else None
+def use(library) -> None:
+    """Run the kernels of `library`."""
     cpu_kernels._library = lambda: library
 
 
@@ -109,11 +108,9 @@ def main() -> None:
         kv_bytes = engine.cache.k.element_size()  # float16 beside quantized weights
         kv_per_seq = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * kv_bytes * args.context
         peak = args.threads * MACS_PER_CYCLE[quant] * ghz * 1e9
-        layers = list(engine.shard.stack.layers)
-        kernels = [layer.kernel for layer in layers]
-        paths = {"whole layer": (True, native), "per op": (False, native)}
+        paths = {"whole layer": native}
         if cpu_kernels._isa():
-            paths["whole layer, AVX2 only"] = (True, avx2)
+            paths["whole layer, AVX2 only"] = avx2
         seqs = [f"s{i}" for i in range(max(rows_list))]
         for s in seqs:
             engine.forward(s, 0, [7] * args.context)
@@ -123,14 +120,14 @@ def main() -> None:
         for _ in range(args.reps):  # every shape and path in each rep: drift is shared
             for shape in shapes:
                 kind, rows, path = shape
-                use(layers, kernels, *paths[path])
+                use(paths[path])
                 start = time.perf_counter()
                 if kind == "1 seq":
                     step(engine, seqs[:1], args.context, rows)
                 else:
                     step(engine, seqs[:rows], args.context, 1)
                 times[shape].append(time.perf_counter() - start)
-        use(layers, kernels, True, native)
+        use(native)
         ms = {shape: statistics.median(t) * 1e3 for shape, t in times.items()}
         base = ms["1 seq", 1, "whole layer"]
         print(
