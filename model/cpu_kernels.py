@@ -480,7 +480,12 @@ class Layer(ctypes.Structure):
             eps,
         )
         layer.tensors = (norms, linears)  # what its pointers point into
-        layer.hidden, layer.kv_heads, layer.head_dim = hidden, kv_heads, head_dim
+        layer.hidden, layer.heads, layer.kv_heads, layer.head_dim = (
+            hidden,
+            heads,
+            kv_heads,
+            head_dim,
+        )
         return layer
 
 
@@ -520,8 +525,10 @@ class Step(ctypes.Structure):
         float16; cos and sin_signed: the rotary tables [positions, d] from position 0."""
         rows, d = sum(counts), k.shape[-1]
         _check("decoder_layer", cos, sin_signed)
-        if k.dtype not in (torch.float32, torch.float16) or v.dtype != k.dtype or not k.is_cpu:
+        if k.dtype not in (torch.float32, torch.float16) or v.dtype != k.dtype:
             raise TypeError(f"the CPU kernels take float32 or float16 caches, not {k.dtype}")
+        if not k.is_cpu or not v.is_cpu:
+            raise TypeError(f"the CPU kernels take caches in CPU memory, not on {k.device}")
         layers, slot_count, kv_heads, context, _ = k.shape
         if (
             not k.is_contiguous()
@@ -576,7 +583,8 @@ def decoder_layers(
         )
     for layer in layers:
         if (
-            layer.kv_heads != step.kv_heads
+            layer.heads != layers[0].heads  # the C sizes its attention buffers by the first
+            or layer.kv_heads != step.kv_heads
             or layer.head_dim != step.head_dim
             or x.shape != (step.rows, layer.hidden)
         ):
