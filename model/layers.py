@@ -566,12 +566,11 @@ class LayerStack(nn.Module):
             return torch.float16
         return torch.float32 if self.cos.device.type == "cpu" else self.dtype
 
-    def use_half_cache(self) -> bool:
+    def use_half_cache(self) -> None:
         """Hold the KV cache in float16 if the CPU kernels run every layer (only they read
-        it); returns whether it does. At 8 streams of 200 positions a float32 cache is
-        74 MB for SmolLM2, against its 95 MB of int4 weights: attention was half a step."""
+        it). At 8 streams of 200 positions a float32 cache is 74 MB for SmolLM2, against
+        its 95 MB of int4 weights: attention was half a step."""
         self.half_cache = all(getattr(layer, "kernel", None) is not None for layer in self.layers)
-        return self.half_cache
 
     def cache_bytes_per_slot(self, max_context: int) -> int:
         """What one sequence's slot of `new_cache` holds."""
