@@ -650,13 +650,12 @@ static inline __attribute__((always_inline)) float scores(const int half, const 
     return top;
 }
 
-// o = (sum over keys of p[j] V[j]) * inverse_total, 64 dimensions at a time held in
-// registers across the keys (8 at a time where d is not a multiple of 64).
+// o = sum over keys of p[j] V[j] (unnormalised: fold and scale_row normalise), 64
+// dimensions at a time held in registers across the keys (8 at a time where d is not a
+// multiple of 64).
 static inline __attribute__((always_inline)) void weigh_values(const int half, const float* p,
                                                                const void* V, float* o,
-                                                               int64_t keys, int64_t d,
-                                                               float inverse_total) {
-    const __m256 norm = _mm256_set1_ps(inverse_total);
+                                                               int64_t keys, int64_t d) {
     int64_t i0 = 0;
     for (; i0 + 64 <= d; i0 += 64) {
         __m256 acc[8];
@@ -667,13 +666,13 @@ static inline __attribute__((always_inline)) void weigh_values(const int half, c
             for (int r = 0; r < 8; r++)
                 acc[r] = _mm256_fmadd_ps(w, kv8(V, j * d + i0 + 8 * r, half), acc[r]);
         }
-        for (int r = 0; r < 8; r++) _mm256_storeu_ps(o + i0 + 8 * r, _mm256_mul_ps(acc[r], norm));
+        for (int r = 0; r < 8; r++) _mm256_storeu_ps(o + i0 + 8 * r, acc[r]);
     }
     for (; i0 < d; i0 += 8) {
         __m256 acc = _mm256_setzero_ps();
         for (int64_t j = 0; j < keys; j++)
             acc = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), kv8(V, j * d + i0, half), acc);
-        _mm256_storeu_ps(o + i0, _mm256_mul_ps(acc, norm));
+        _mm256_storeu_ps(o + i0, acc);
     }
 }
 
@@ -711,7 +710,7 @@ static inline __attribute__((always_inline)) void chunk_partial_of(
     exp_all(p, n);
     float total = 0.0f;
     for (int64_t j = 0; j < n; j++) total += p[j];
-    weigh_values(half, p, V, o, n, d, 1.0f);
+    weigh_values(half, p, V, o, n, d);
     *m = top;
     *l = total;
 }
