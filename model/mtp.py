@@ -222,10 +222,18 @@ class MTPHead(nn.Module):
         """The greedy draft for each state, as token ids of the full vocabulary."""
         return self.draft(states)[0]
 
-    def draft(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The greedy draft for each state (full-vocabulary ids) and the head's
-        probability for it (over the draft vocabulary)."""
+    def draft(
+        self, states: torch.Tensor, probabilities: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The greedy draft for each state (full-vocabulary ids) and, if asked, the head's
+        probability for it (over the draft vocabulary): softmax at the largest logit,
+        1 / sum(exp(logits - largest))."""
         logits = self.draft_logits(states)
-        best = logits.argmax(-1)
-        prob = torch.softmax(logits, -1).gather(-1, best[:, None])[:, 0]
+        # On the CPU through numpy: PyTorch's argmax over the 8k draft vocabulary took
+        # 40 us of a 0.8 ms draft pass, numpy's a few (both take the first of equal maxima).
+        best = torch.from_numpy(logits.numpy().argmax(-1)) if logits.is_cpu else logits.argmax(-1)
+        prob = None
+        if probabilities:
+            largest = logits.gather(-1, best[:, None])
+            prob = (logits - largest).exp().sum(-1).reciprocal()
         return (best if self.draft_ids is None else self.draft_ids[best]), prob

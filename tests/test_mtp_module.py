@@ -89,6 +89,14 @@ def test_mtp_head_matches_hand_computation(tmp_path):
     assert (run_head(mtp, hidden, next_tokens, [9]) - want).abs().max() <= 1e-4
     # Incremental use through the head's own cache gives the same rows.
     assert (run_head(mtp, hidden, next_tokens, [4, 1, 3, 1]) - want).abs().max() <= 1e-4
+    # A draft is the first largest logit, its probability the softmax there.
+    cache = mtp.new_cache(1, 128)
+    states = mtp(hidden, next_tokens, cache, [cache.slot("s")], [9])
+    logits = mtp.draft_logits(states)
+    ids, probs = mtp.draft(states, probabilities=True)
+    assert ids.tolist() == logits.argmax(-1).tolist()
+    assert torch.allclose(probs, torch.softmax(logits, -1).amax(-1), rtol=1e-5)
+    assert mtp.draft(states)[1] is None  # not asked for: not computed
 
 
 def test_deepseek_layout_and_head_file_load_the_same_module(tmp_path):

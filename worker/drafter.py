@@ -18,6 +18,7 @@ off without paying for the head; the entries, and so the drafts, are the same.
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 
@@ -133,8 +134,8 @@ class Drafter:
         # (On CUDA the pass is only queued by now: its share reads as nearly 0.)
         self.catch_up_s = (time.monotonic() - began) * held_rows / len(tokens)
         if live:
-            ends = torch.tensor(counts).cumsum(0) - 1
-            self._draft(live, states[ends[[i for _, i in live]].to(states.device)], slots)
+            ends = list(itertools.accumulate(counts))
+            self._draft(live, states[[ends[i] - 1 for _, i in live]], slots)
 
     def _new_entries(self, item: Advance) -> tuple[list[torch.Tensor], list[int]]:
         """The hidden rows and next tokens of the entries `item` adds after the cache's
@@ -189,12 +190,13 @@ class Drafter:
         items = [item for item, _ in live]
         item_slots = [slots[i] for _, i in live]
         while True:
-            drafts, probs = self.head.draft(states)
+            drafts, probs = self.head.draft(states, any(item.p_min > 0 for item in items))
+            ids = drafts.tolist()
             keep = []
             for row, item in enumerate(items):
-                if float(probs[row]) < item.p_min:
+                if probs is not None and float(probs[row]) < item.p_min:
                     continue
-                item.drafts.append(int(drafts[row]))
+                item.drafts.append(ids[row])
                 if len(item.drafts) < item.want:
                     keep.append(row)
             if not keep:

@@ -10,6 +10,7 @@ the step's other sequences run. No request's content can make a worker fail.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -283,7 +284,7 @@ class Stage:
         hidden: torch.Tensor,
         reply: pb.StepReply,
     ) -> None:
-        starts = [0, *torch.tensor(counts).cumsum(0).tolist()]
+        starts = [0, *itertools.accumulate(counts)]
         for s in seqs:
             history = self.tokens.setdefault(s.seq_id, [])
             del history[s.keep :]
