@@ -21,13 +21,21 @@ from mtpd.client.errors import (
     Unauthenticated,
     Unavailable,
 )
-from mtpd.client.messages import Delta, GenerationResult, Message, Options
+from mtpd.client.messages import (
+    ChatOptions,
+    Delta,
+    GenerationResult,
+    Message,
+    Options,
+    ToolCall,
+)
 from mtpd.client.sync_client import Client, Stream
 
 __all__ = [
     "AsyncClient",
     "AsyncStream",
     "Cancelled",
+    "ChatOptions",
     "Client",
     "Delta",
     "GenerationResult",
@@ -39,6 +47,7 @@ __all__ = [
     "ServerError",
     "Stream",
     "Timeout",
+    "ToolCall",
     "Unauthenticated",
     "Unavailable",
 ]

@@ -13,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from mtpd.client.errors import Cancelled, MtpdError, Unavailable, from_rpc_error
 from mtpd.client.messages import (
     CallSettings,
+    ChatCallOptions,
     Delta,
     GenerationResult,
     Message,
@@ -20,6 +21,7 @@ from mtpd.client.messages import (
     chat_messages,
     chat_request,
     generate_request,
+    split_chat_options,
 )
 from mtpd.v1 import inference_pb2 as api
 from mtpd.v1 import inference_pb2_grpc as api_grpc
@@ -103,7 +105,7 @@ class AsyncClient(CallSettings):
         *,
         request_id: str | None = None,
         timeout: float | None = None,
-        **options: Unpack[Options],
+        **options: Unpack[ChatCallOptions],
     ) -> GenerationResult:
         return await _drain(
             self.chat_stream(messages, request_id=request_id, timeout=timeout, **options)
@@ -115,9 +117,10 @@ class AsyncClient(CallSettings):
         *,
         request_id: str | None = None,
         timeout: float | None = None,
-        **options: Unpack[Options],
+        **options: Unpack[ChatCallOptions],
     ) -> AsyncStream:
-        request = chat_request(messages, request_id, options)
+        options, chat = split_chat_options(dict(options))
+        request = chat_request(messages, request_id, options, chat)
         return AsyncStream(self._stub.Chat(request, **self._call(timeout)))
 
     async def tokenize(

@@ -6,12 +6,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from mtpd.client.messages import GenerationResult, Options
+from mtpd.client.messages import ChatOptions, GenerationResult, Options
 from mtpd.client.sync_client import Client
 from mtpd.credentials import read_token_file
 from mtpd.v1 import inference_pb2 as api
@@ -55,6 +56,10 @@ def result_json(result: GenerationResult, info: api.ModelInfo) -> dict[str, Any]
         "n_tokens": result.completion_tokens,
         "finish_reason": result.finish_reason,
         "stop_sequence": result.stop_sequence,
+        "reasoning": result.reasoning,
+        "tool_calls": [
+            {"id": c.id, "name": c.name, "arguments": c.arguments} for c in result.tool_calls
+        ],
         "elapsed_s": round(timing.elapsed_s, 4),
         "time_to_first_token_s": round(timing.time_to_first_token_s, 4),
         "tokens_per_s": round(timing.tokens_per_s, 2),
@@ -93,12 +98,33 @@ def _client(args: argparse.Namespace) -> Client:
 
 
 def _print_stream(stream, echo: bool) -> GenerationResult:
+    """The reply's text on stdout as it comes; reasoning on stderr; each tool call on a
+    line of its own."""
     with stream:
         for delta in stream:
             if echo:
+                sys.stderr.write(delta.reasoning)
+                sys.stderr.flush()
                 sys.stdout.write(delta.text)
+                for call in delta.tool_calls:
+                    sys.stdout.write(f"\n[tool call {call.id}] {call.name} {call.arguments}")
                 sys.stdout.flush()
     return stream.result
+
+
+def chat_options(args: argparse.Namespace) -> ChatOptions:
+    """`mtpd chat`'s tools, tool choice and template keywords."""
+    options = ChatOptions()
+    if args.tools:
+        tools = json.loads(Path(args.tools).read_text())
+        if not isinstance(tools, list):
+            raise SystemExit(f"mtpd chat: {args.tools}: a JSON list of tools is expected")
+        options["tools"] = tools
+    if args.tool_choice:
+        options["tool_choice"] = args.tool_choice
+    if args.chat_template_kwargs:
+        options["chat_template_kwargs"] = json.loads(args.chat_template_kwargs)
+    return options
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -113,28 +139,47 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_line(prompt: str, interactive: bool) -> str | None:
+    if interactive:
+        print(prompt, end="", flush=True)
+    line = sys.stdin.readline()
+    return None if not line or line.strip() in ("/exit", "/quit") else line.rstrip("\n")
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
-    """A conversation on stdin: each line is a user message; the reply streams back."""
+    """A conversation on stdin: each line is a user message; the reply streams back.
+    When the reply calls tools, the next lines are their results, one per call."""
     interactive = sys.stdin.isatty()
     with _client(args) as client:
-        options = request_options(args)
+        options = {**request_options(args), **chat_options(args)}
         info = client.info()
-        messages = [{"role": "system", "content": args.system}] if args.system else []
+        messages: list[dict[str, Any]] = (
+            [{"role": "system", "content": args.system}] if args.system else []
+        )
+        answered = True  # the last reply needs no tool results
         while True:
-            if interactive:
-                print("> ", end="", flush=True)
-            line = sys.stdin.readline()
-            if not line or line.strip() in ("/exit", "/quit"):
-                return 0
-            if not line.strip():
-                continue
-            messages.append({"role": "user", "content": line.rstrip("\n")})
+            if answered:
+                line = _read_line("> ", interactive)
+                if line is None:
+                    return 0
+                if not line.strip():
+                    continue
+                messages.append({"role": "user", "content": line})
             result = _print_stream(client.chat_stream(messages, **options), echo=not args.json)
-            messages.append({"role": "assistant", "content": result.text})
+            # The reasoning stays out of the history, as chat clients keep it.
+            messages.append(
+                {"role": "assistant", "content": result.text, "tool_calls": result.tool_calls}
+            )
             if args.json:
                 print(json.dumps(result_json(result, info)), flush=True)
             else:
                 print(flush=True)
+            for call in result.tool_calls:
+                line = _read_line(f"{call.name} ({call.id}) returned> ", interactive)
+                if line is None:
+                    return 0
+                messages.append({"role": "tool", "tool_call_id": call.id, "content": line})
+            answered = not result.tool_calls
 
 
 def message_dict(message: Message) -> dict[str, Any]:

@@ -3,21 +3,52 @@ assembling the streamed chunks into deltas and a result."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypedDict
+from typing import Any, TypedDict
 
 import grpc
 
 from mtpd.address import client_address
 from mtpd.v1 import inference_pb2 as api
 
-# A chat message: {"role": ..., "content": ...} or (role, content).
-Message = Mapping[str, str] | tuple[str, str]
+# A chat message: {"role": ..., "content": ...} or (role, content). As in OpenAI's API,
+# an assistant message may carry "tool_calls" (each {"id", "function": {"name",
+# "arguments"}}, or a ToolCall) and "reasoning_content"; a tool message "tool_call_id".
+Message = Mapping[str, Any] | tuple[str, str]
 
-_FINISH = {api.FINISH_REASON_STOP: "stop", api.FINISH_REASON_LENGTH: "length"}
+_FINISH = {
+    api.FINISH_REASON_STOP: "stop",
+    api.FINISH_REASON_LENGTH: "length",
+    api.FINISH_REASON_TOOL_CALLS: "tool_calls",
+}
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A call the model made: `arguments` is a JSON object's text, valid for the tool's
+    parameters schema."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+class ChatOptions(TypedDict, total=False):
+    """What a chat may add to the generation options (see ChatRequest in
+    protos/mtpd/v1/inference.proto)."""
+
+    # OpenAI function tools ({"type": "function", "function": {"name", "description",
+    # "parameters"}}) or their "function" part alone.
+    tools: Sequence[Mapping[str, Any]]
+    # "auto", "none", "required", a tool's name, or {"type": "function", "function":
+    # {"name": ...}}
+    tool_choice: str | Mapping[str, Any]
+    parallel_tool_calls: bool
+    chat_template_kwargs: Mapping[str, Any]  # e.g. {"enable_thinking": False}
 
 
 class Options(TypedDict, total=False):
@@ -60,38 +91,108 @@ def generate_request(
     return request
 
 
+class ChatCallOptions(Options, ChatOptions, total=False):
+    """A chat call's keyword arguments."""
+
+
+def _json(value: str | Mapping[str, Any]) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def _tool_call(call: ToolCall | Mapping[str, Any]) -> api.ToolCall:
+    if isinstance(call, ToolCall):
+        return api.ToolCall(id=call.id, name=call.name, arguments=call.arguments)
+    function = call.get("function", call)
+    return api.ToolCall(
+        id=call.get("id", ""),
+        name=function.get("name", ""),
+        arguments=_json(function.get("arguments", "{}")),
+    )
+
+
 def chat_messages(messages: Sequence[Message]) -> list[api.ChatMessage]:
     out = []
     for m in messages:
-        role, content = (m["role"], m["content"]) if isinstance(m, Mapping) else m
-        out.append(api.ChatMessage(role=role, content=content))
+        if not isinstance(m, Mapping):
+            role, content = m
+            out.append(api.ChatMessage(role=role, content=content))
+            continue
+        out.append(
+            api.ChatMessage(
+                role=m["role"],
+                content=m.get("content") or "",
+                tool_calls=[_tool_call(c) for c in m.get("tool_calls") or []],
+                tool_call_id=m.get("tool_call_id") or "",
+                name=m.get("name") or "",
+                reasoning_content=m.get("reasoning_content") or "",
+            )
+        )
     return out
 
 
+def _tool(tool: Mapping[str, Any]) -> api.Tool:
+    function = tool.get("function", tool)
+    parameters = function.get("parameters")
+    return api.Tool(
+        name=function.get("name", ""),
+        description=function.get("description") or "",
+        parameters="" if parameters is None else _json(parameters),
+    )
+
+
 def chat_request(
-    messages: Sequence[Message], request_id: str | None, options: Options
+    messages: Sequence[Message],
+    request_id: str | None,
+    options: Options,
+    chat: ChatOptions | None = None,
 ) -> api.ChatRequest:
-    return api.ChatRequest(
+    chat = chat or {}
+    request = api.ChatRequest(
         messages=chat_messages(messages),
         options=generation_options(options),
         request_id=request_id or "",
+        tools=[_tool(t) for t in chat.get("tools") or []],
     )
+    choice = chat.get("tool_choice")
+    if isinstance(choice, Mapping):
+        request.tool_choice.function = choice.get("function", {}).get("name", "")
+    elif choice in ("auto", "none", "required"):
+        request.tool_choice.mode = choice
+    elif choice is not None:
+        request.tool_choice.function = choice
+    if chat.get("parallel_tool_calls") is not None:
+        request.parallel_tool_calls = chat["parallel_tool_calls"]
+    if chat.get("chat_template_kwargs"):
+        request.chat_template_kwargs = json.dumps(chat["chat_template_kwargs"])
+    return request
+
+
+def split_chat_options(options: dict[str, Any]) -> tuple[Options, ChatOptions]:
+    """A chat call's keyword arguments: the generation options and the chat's own."""
+    chat = {k: options.pop(k) for k in list(options) if k in ChatOptions.__optional_keys__}
+    return options, chat  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
 class Delta:
-    """New text from one step, with the tokens the step accepted."""
+    """New text from one step, with the tokens the step accepted; in a chat also the
+    reasoning's new text and the tool calls completed."""
 
     text: str
     token_ids: list[int]
     accepted_drafts: int  # of token_ids, MTP drafts that verification accepted
+    reasoning: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
 
 
 @dataclass
 class GenerationResult:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
-    finish_reason: str = ""  # "stop" (end of sequence or a stop sequence) or "length"
+    # "stop" (end of sequence or a stop sequence), "length" or "tool_calls"
+    finish_reason: str = ""
+    reasoning: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
     stop_sequence: str | None = None
     request_id: str = ""
     prompt_tokens: int = 0
@@ -103,6 +204,9 @@ class GenerationResult:
     def add(self, chunk: api.GenerateChunk) -> Delta | None:
         """Take one streamed chunk; returns the delta it carries, if any."""
         self.text += chunk.text
+        self.reasoning += chunk.reasoning_text
+        calls = [ToolCall(c.id, c.name, c.arguments) for c in chunk.tool_calls]
+        self.tool_calls += calls
         self.token_ids.extend(chunk.token_ids)
         self.accepted_drafts += chunk.accepted_drafts
         self.request_id = chunk.request_id
@@ -112,8 +216,14 @@ class GenerationResult:
             self.prompt_tokens = chunk.usage.prompt_tokens
             self.completion_tokens = chunk.usage.completion_tokens
             self.timing, self.drafts = chunk.timing, chunk.drafts
-        if chunk.text or chunk.token_ids:
-            return Delta(chunk.text, list(chunk.token_ids), chunk.accepted_drafts)
+        if chunk.text or chunk.token_ids or chunk.reasoning_text or calls:
+            return Delta(
+                chunk.text,
+                list(chunk.token_ids),
+                chunk.accepted_drafts,
+                chunk.reasoning_text,
+                calls,
+            )
         return None
 
     @property

@@ -12,6 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from mtpd.client.errors import MtpdError, Unavailable, from_rpc_error
 from mtpd.client.messages import (
     CallSettings,
+    ChatCallOptions,
     Delta,
     GenerationResult,
     Message,
@@ -19,6 +20,7 @@ from mtpd.client.messages import (
     chat_messages,
     chat_request,
     generate_request,
+    split_chat_options,
 )
 from mtpd.v1 import inference_pb2 as api
 from mtpd.v1 import inference_pb2_grpc as api_grpc
@@ -105,7 +107,7 @@ class Client(CallSettings):
         *,
         request_id: str | None = None,
         timeout: float | None = None,
-        **options: Unpack[Options],
+        **options: Unpack[ChatCallOptions],
     ) -> GenerationResult:
         """Reply to the messages; the daemon applies the model's chat template."""
         return _drain(self.chat_stream(messages, request_id=request_id, timeout=timeout, **options))
@@ -116,9 +118,10 @@ class Client(CallSettings):
         *,
         request_id: str | None = None,
         timeout: float | None = None,
-        **options: Unpack[Options],
+        **options: Unpack[ChatCallOptions],
     ) -> Stream:
-        request = chat_request(messages, request_id, options)
+        options, chat = split_chat_options(dict(options))
+        request = chat_request(messages, request_id, options, chat)
         return Stream(self._stub.Chat(request, **self._call(timeout)))
 
     def tokenize(

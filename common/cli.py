@@ -268,6 +268,21 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
         "with --http and without this, at /metrics on the HTTP port)",
     )
     p.add_argument(
+        "--tool-call-parser",
+        choices=["auto", "hermes", "xml", "none"],
+        default="auto",
+        help="how chat replies' tool calls are read: <tool_call>{json}</tool_call> (hermes: "
+        "Hermes, Qwen2.5, Qwen3), <function=...><parameter=...> (xml: Qwen3-Coder, Qwen3.5), "
+        "or as the chat template teaches (auto, default)",
+    )
+    p.add_argument(
+        "--reasoning-parser",
+        choices=["auto", "none"],
+        default="auto",
+        help="auto: <think>...</think> comes back as reasoning, apart from the content, "
+        "where the chat template knows it; none: as content",
+    )
+    p.add_argument(
         "--drain-timeout",
         type=float,
         default=30.0,
@@ -328,6 +343,22 @@ def _build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
 
     chat = sub.add_parser("chat", help="chat with a running daemon (one message per line)")
     _add_generation_flags(chat, prompt=False)
+    chat.add_argument(
+        "--tools",
+        default=None,
+        metavar="FILE",
+        help="a JSON list of OpenAI function tools the model may call; each call is "
+        "printed, and the next lines are the calls' results",
+    )
+    chat.add_argument(
+        "--tool-choice", default=None, help="auto (default), none, required, or a tool's name"
+    )
+    chat.add_argument(
+        "--chat-template-kwargs",
+        default=None,
+        metavar="JSON",
+        help="extra chat template variables, e.g. '{\"enable_thinking\": false}'",
+    )
     _add_client_flags(chat)
     chat.set_defaults(func=_client_command("cmd_chat"))
 
@@ -435,6 +466,9 @@ def _settings(args: argparse.Namespace, max_seqs: int):
         max_restarts=args.max_restarts,
         restart_window_s=args.restart_window,
         rejoin_timeout_s=args.rejoin_timeout,
+        # serve's alone: bench and run read no chat replies
+        tool_call_parser=getattr(args, "tool_call_parser", "auto"),
+        reasoning_parser=getattr(args, "reasoning_parser", "auto"),
     )
 
 

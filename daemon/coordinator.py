@@ -42,6 +42,8 @@ class Settings:
     rejoin_timeout_s: float = 300.0  # how long a failed remote worker has to rejoin
     mtp_head: Path | None = None  # default: the shipped head, else the checkpoint's own
     # (resolved by the tail worker, which may be on another host)
+    tool_call_parser: str = "auto"  # daemon/chat.py: the format the chat template teaches
+    reasoning_parser: str = "auto"  # <think> split off where the template knows it
 
 
 class Coordinator:
@@ -56,6 +58,7 @@ class Coordinator:
         self.model_path, self.cfg, self.tokenizer = model_path, cfg, tokenizer
         self.pipeline, self.scheduler = pipeline, scheduler
         self.notes: list[str] = []  # what the user should hear once about this start
+        self.tool_call_parser = self.reasoning_parser = "auto"  # Settings'
 
     @classmethod
     def start(
@@ -127,6 +130,8 @@ class Coordinator:
             raise
         coordinator = cls(path, cfg, tokenizer, pipeline, scheduler)
         coordinator.notes = notes
+        coordinator.tool_call_parser = settings.tool_call_parser
+        coordinator.reasoning_parser = settings.reasoning_parser
         return coordinator
 
     def close(self) -> None:

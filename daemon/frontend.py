@@ -18,7 +18,13 @@ import grpc
 
 from mtpd import __version__
 from mtpd.daemon.coordinator import Coordinator
-from mtpd.daemon.generation import FINISH_NAMES, draft_policy_name, draft_summary, generate
+from mtpd.daemon.generation import (
+    FINISH_NAMES,
+    Prompt,
+    draft_policy_name,
+    draft_summary,
+    generate,
+)
 from mtpd.daemon.options import (
     DEFAULT_MAX_REQUEST_BYTES,
     MAX_REQUEST_ID,
@@ -122,7 +128,7 @@ class Frontend:
 
     async def generate(
         self,
-        prompt_ids: Callable[[Coordinator], list[int]],
+        prompt: Callable[[Coordinator], Prompt],
         options: GenerationOptions,
         request_id: str,
         arrived: float,
@@ -130,7 +136,7 @@ class Frontend:
         prompt_field: str = "prompt_token_ids",
     ) -> AsyncIterator[api.GenerateChunk]:
         """The request path of every API: refuses while loading, failed or draining;
-        tokenizes off the event loop (`prompt_ids` may raise InputError); streams the
+        tokenizes off the event loop (`prompt` may raise InputError); streams the
         chunks; counts what happened. Closing the stream early cancels the request.
         InputError and QueueFullError come only before admission: the API counts them
         in `rejected` as it refuses."""
@@ -148,9 +154,11 @@ class Frontend:
             daemon = self.ready()
             if self.draining:
                 raise RequestFailed("mtpd is shutting down: no new requests")
-            ids = await asyncio.to_thread(prompt_ids, daemon)
-            log.info("%s: %d prompt tokens", request_id, len(ids))
-            generation = generate(daemon, ids, options, request_id, arrived, admit, prompt_field)
+            made = await asyncio.to_thread(prompt, daemon)
+            log.info("%s: %d prompt tokens", request_id, len(made.ids))
+            generation = generate(
+                daemon, made.ids, options, request_id, arrived, admit, prompt_field, made.reply
+            )
             async with contextlib.aclosing(generation) as chunks:
                 async for chunk in chunks:
                     if chunk.finish_reason:

@@ -6,17 +6,32 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
+from mtpd.daemon.assistant_output import AssistantOutput, partial_end
 from mtpd.daemon.coordinator import Coordinator
 from mtpd.daemon.draft_policy import DraftStats
 from mtpd.daemon.options import GenerationOptions, check_prompt_ids
 from mtpd.daemon.scheduler import Accepted, Request, RequestFailed
-from mtpd.model.errors import InvalidParameter
 from mtpd.model.tokenizer import IncrementalDecoder, Tokenizer
 from mtpd.v1 import inference_pb2 as api
 
-_FINISH = {"stop": api.FINISH_REASON_STOP, "length": api.FINISH_REASON_LENGTH}
+_FINISH = {
+    "stop": api.FINISH_REASON_STOP,
+    "length": api.FINISH_REASON_LENGTH,
+    "tool_calls": api.FINISH_REASON_TOOL_CALLS,
+}
 FINISH_NAMES = {code: name for name, code in _FINISH.items()}
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """What a request generates from: its token ids, and for a chat the reader that
+    splits its reply into content, reasoning and tool calls."""
+
+    ids: list[int]
+    reply: AssistantOutput | None = None
 
 
 class StopMatcher:
@@ -37,21 +52,13 @@ class StopMatcher:
             i, stop = min(hits)
             self._held = ""
             return text[:i], stop
-        hold = max((self._partial(stop, text) for stop in self._stops), default=0)
+        hold = max((partial_end(stop, text) for stop in self._stops), default=0)
         self._held = text[len(text) - hold :]
         return text[: len(text) - hold], None
 
     def flush(self) -> str:
         text, self._held = self._held, ""
         return text
-
-    @staticmethod
-    def _partial(stop: str, text: str) -> int:
-        """The length of the longest end of `text` that begins `stop`."""
-        return next(
-            (n for n in range(min(len(stop) - 1, len(text)), 0, -1) if text.endswith(stop[:n])),
-            0,
-        )
 
 
 class Generation:
@@ -66,8 +73,10 @@ class Generation:
         request_id: str,
         draft_policy: str,
         arrived_at: float,
+        reply: AssistantOutput | None = None,
     ) -> None:
         self.request, self.request_id = request, request_id
+        self._reply = reply
         self._decoder = IncrementalDecoder(tokenizer)
         self._stops = StopMatcher(options.stop)
         self._prompt_tokens, self._draft_policy = prompt_tokens, draft_policy
@@ -93,7 +102,7 @@ class Generation:
         self.completion_tokens += len(kept)
         self._first_token_at = self._first_token_at or time.monotonic()
         return api.GenerateChunk(
-            text="".join(texts),
+            **self._split("".join(texts)),
             token_ids=kept,
             accepted_drafts=min(step.drafts, len(kept)),
             request_id=self.request_id,
@@ -108,8 +117,11 @@ class Generation:
         reason = "stop" if self.stopped else self.request.finish_reason
         if reason not in _FINISH:
             raise RequestFailed(f"request {self.request_id} ended: {reason}")
+        split = self._split(text, last=True)
+        if reason == "stop" and self._reply is not None and self._reply.tool_calls:
+            reason = "tool_calls"
         return api.GenerateChunk(
-            text=text,
+            **split,
             request_id=self.request_id,
             finish_reason=_FINISH[reason],
             stop_sequence=self.stop_sequence or "",
@@ -119,6 +131,22 @@ class Generation:
             timing=self._timing(),
             drafts=draft_summary(self.request.drafts, self._draft_policy),
         )
+
+    def _split(self, text: str, last: bool = False) -> dict[str, Any]:
+        """A chunk's text fields: all of it as `text`, or for a chat the reply's content,
+        reasoning and completed tool calls."""
+        if self._reply is None:
+            return {"text": text}
+        delta = self._reply.feed(text)
+        if last:
+            delta += self._reply.finish()
+        return {
+            "text": delta.content,
+            "reasoning_text": delta.reasoning,
+            "tool_calls": [
+                api.ToolCall(id=c.id, name=c.name, arguments=c.arguments) for c in delta.tool_calls
+            ],
+        }
 
     def _timing(self) -> api.Timing:
         now, request = time.monotonic(), self.request
@@ -163,6 +191,7 @@ async def generate(
     arrived_at: float | None = None,
     on_admitted: Callable[[Request], None] | None = None,
     prompt_field: str = "prompt_token_ids",
+    reply: AssistantOutput | None = None,
 ) -> AsyncIterator[api.GenerateChunk]:
     """Submit a request and stream its chunks, the last one with the finish reason.
     Closing the stream early (the caller went away, a deadline) cancels the request,
@@ -187,6 +216,7 @@ async def generate(
         request_id,
         draft_policy_name(daemon, options.draft_tokens),
         arrived_at if arrived_at is not None else request.submitted_at,
+        reply,
     )
     try:
         async for step in request:
@@ -200,13 +230,3 @@ async def generate(
     finally:
         if not request.done:
             request.cancel()
-
-
-def encode_messages(
-    tokenizer: Tokenizer, messages: Sequence[api.ChatMessage]
-) -> tuple[str, list[int]]:
-    """The chat template applied to API messages, with the generation prompt: the text
-    and its token ids, in which no message's content can spell a control token."""
-    if not messages:
-        raise InvalidParameter("messages: at least one message is needed", "messages")
-    return tokenizer.encode_chat([{"role": m.role, "content": m.content} for m in messages])

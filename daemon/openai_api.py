@@ -5,9 +5,10 @@ app served by uvicorn inside the daemon process. Every generation goes through t
 
 Where OpenAI and mtpd differ, OpenAI's behaviour wins: temperature defaults to 1, a
 missing seed samples afresh each time, a missing max_tokens means "until the context is
-full" for chat (16 tokens for completions, OpenAI's default there). Parameters for behaviour mtpd lacks (n > 1, tools, logprobs, penalties) are
-refused by name rather than ignored; unknown parameters are ignored, as OpenAI's newer
-parameters arrive before any server knows them."""
+full" for chat (16 tokens for completions, OpenAI's default there). Parameters for
+behaviour mtpd lacks (n > 1, logprobs, penalties) are refused by name rather than
+ignored; unknown parameters are ignored, as OpenAI's newer parameters arrive before any
+server knows them. Tools, tool calls and reasoning follow daemon/chat.py."""
 
 from __future__ import annotations
 
@@ -31,9 +32,10 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from mtpd import __version__
+from mtpd.daemon.chat import chat_prompt
 from mtpd.daemon.coordinator import Coordinator
 from mtpd.daemon.frontend import Frontend, RequestTooLarge
-from mtpd.daemon.generation import FINISH_NAMES, encode_messages
+from mtpd.daemon.generation import FINISH_NAMES, Prompt
 from mtpd.daemon.metrics import metrics_registry
 from mtpd.daemon.options import GenerationOptions
 from mtpd.daemon.scheduler import QueueFullError, RequestFailed, RequestQuarantined
@@ -44,7 +46,7 @@ from mtpd.v1 import inference_pb2 as api
 log = logging.getLogger("mtpd.http")
 
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-CHAT_ROLES = ("system", "developer", "user", "assistant")
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 T = TypeVar("T")
 
@@ -120,15 +122,70 @@ class TextPart(_Body):
     text: str
 
 
+class CalledFunction(_Body):
+    name: str
+    arguments: str | dict[str, Any]  # OpenAI sends JSON text; some clients an object
+
+
+class MessageToolCall(_Body):
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(_Body):
     role: str
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None
+    tool_call_id: str | None = None
+    reasoning_content: str | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(p.text for p in self.content)
         return self.content or ""
+
+    def to_proto(self) -> api.ChatMessage:
+        # "developer" is OpenAI's newer name for the system role.
+        return api.ChatMessage(
+            role="system" if self.role == "developer" else self.role,
+            content=self.text(),
+            name=self.name or "",
+            tool_call_id=self.tool_call_id or "",
+            reasoning_content=self.reasoning_content or "",
+            tool_calls=[
+                api.ToolCall(
+                    id=c.id,
+                    name=c.function.name,
+                    arguments=c.function.arguments
+                    if isinstance(c.function.arguments, str)
+                    else json.dumps(c.function.arguments, ensure_ascii=False),
+                )
+                for c in self.tool_calls or []
+            ],
+        )
+
+
+class FunctionSpec(_Body):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None  # honoured once constrained decoding lands
+
+
+class ToolSpec(_Body):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedFunction(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(_Sampling):
@@ -136,27 +193,22 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    tools: list[ToolSpec] | None = None
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
     functions: list[Any] | None = None
     response_format: dict[str, Any] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # via extra_body, as vLLM takes it
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
         if self.logprobs or self.top_logprobs is not None:
             raise Unsupported("logprobs", "logprobs: mtpd does not return log probabilities")
-        if self.tools or self.functions or self.tool_choice not in (None, "none"):
-            name = "tools" if self.tools or self.tool_choice else "functions"
-            raise Unsupported(name, f"{name}: mtpd does not support tool calling")
+        if self.functions:
+            raise Unsupported("functions", "functions: deprecated by OpenAI; send tools")
         if self.response_format and self.response_format.get("type") != "text":
             raise Unsupported("response_format", "response_format: only {'type': 'text'}")
         for i, m in enumerate(self.messages):
-            if m.role in ("tool", "function"):
-                raise Unsupported(
-                    f"messages[{i}].role",
-                    f"messages[{i}].role: {m.role!r} messages need tool calling, "
-                    "which mtpd does not support",
-                )
             if m.role not in CHAT_ROLES:
                 raise Unsupported(
                     f"messages[{i}].role",
@@ -164,12 +216,30 @@ class ChatCompletionRequest(_Sampling):
                     f"(expected one of {', '.join(CHAT_ROLES)})",
                 )
 
-    def rendered_messages(self) -> list[api.ChatMessage]:
-        # "developer" is OpenAI's newer name for the system role.
-        return [
-            api.ChatMessage(role="system" if m.role == "developer" else m.role, content=m.text())
-            for m in self.messages
-        ]
+    def to_proto(self) -> api.ChatRequest:
+        choice = api.ToolChoice()
+        if isinstance(self.tool_choice, NamedToolChoice):
+            choice.function = self.tool_choice.function.name
+        elif self.tool_choice is not None:
+            choice.mode = self.tool_choice
+        return api.ChatRequest(
+            messages=[m.to_proto() for m in self.messages],
+            tools=[
+                api.Tool(
+                    name=t.function.name,
+                    description=t.function.description or "",
+                    parameters=""
+                    if t.function.parameters is None
+                    else json.dumps(t.function.parameters, ensure_ascii=False),
+                )
+                for t in self.tools or []
+            ],
+            tool_choice=choice,
+            parallel_tool_calls=self.parallel_tool_calls,
+            chat_template_kwargs=json.dumps(self.chat_template_kwargs)
+            if self.chat_template_kwargs
+            else "",
+        )
 
 
 class CompletionRequest(_Sampling):
@@ -453,15 +523,19 @@ class OpenAIApp:
         try:
             body = await self._parse(request, schema)
             daemon = front.ready()
-            ids = await asyncio.to_thread(self._prompt_ids, daemon, body)
+            prompt = await asyncio.to_thread(self._prompt, daemon, body)
             if isinstance(body, ChatCompletionRequest):
-                room = max(1, daemon.pipeline.max_context - len(ids))
+                room = max(1, daemon.pipeline.max_context - len(prompt.ids))
                 max_tokens = body.max_completion_tokens or body.max_tokens or room
             else:
                 max_tokens = body.max_tokens or COMPLETION_MAX_TOKENS
             request_id = front.request_id()
             chunks = front.generate(
-                lambda _: ids, body.options(max_tokens), request_id, arrived, prompt_field="prompt"
+                lambda _: prompt,
+                body.options(max_tokens),
+                request_id,
+                arrived,
+                prompt_field="prompt",
             )
             # The first chunk before the response starts: a refusal (a full queue, a prompt
             # too long) is then a status, not an error inside a 200 stream.
@@ -482,16 +556,15 @@ class OpenAIApp:
             return error.response()
 
     @staticmethod
-    def _prompt_ids(daemon: Coordinator, body: _Sampling) -> list[int]:
-        tok = daemon.tokenizer
+    def _prompt(daemon: Coordinator, body: _Sampling) -> Prompt:
         if isinstance(body, ChatCompletionRequest):
-            return encode_messages(tok, body.rendered_messages())[1]
+            return chat_prompt(daemon, body.to_proto())
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], list):
             prompt = prompt[0]
         if isinstance(prompt, list) and (not prompt or isinstance(prompt[0], int)):
-            return list(prompt)
-        return tok.encode(prompt[0] if isinstance(prompt, list) else prompt)
+            return Prompt(list(prompt))
+        return Prompt(daemon.tokenizer.encode(prompt[0] if isinstance(prompt, list) else prompt))
 
     # -- routes ---------------------------------------------------------------------------
 
@@ -584,16 +657,38 @@ class _Reply:
         choice["finish_reason"] = finish
         return choice
 
+    @staticmethod
+    def _calls(calls: list[api.ToolCall], first_index: int = 0, streaming: bool = False) -> list:
+        """Calls as OpenAI sends them: a streamed call whole in one delta, at its index."""
+        return [
+            {
+                **({"index": first_index + i} if streaming else {}),
+                "id": c.id,
+                "type": "function",
+                "function": {"name": c.name, "arguments": c.arguments},
+            }
+            for i, c in enumerate(calls)
+        ]
+
     async def collect(
         self, first: api.GenerateChunk, rest: AsyncIterator[api.GenerateChunk]
     ) -> dict:
-        texts, last = [first.text], first
+        chunks = [first]
         async with contextlib.aclosing(rest):
-            while not last.finish_reason:
-                last = await anext(rest)
-                texts.append(last.text)
-        finish = FINISH_NAMES[last.finish_reason]
-        out = self._envelope([self._choice("".join(texts), finish, streaming=False)], False)
+            while not chunks[-1].finish_reason:
+                chunks.append(await anext(rest))
+        last = chunks[-1]
+        text = "".join(c.text for c in chunks)
+        calls = [call for c in chunks for call in c.tool_calls]
+        reasoning = "".join(c.reasoning_text for c in chunks)
+        choice = self._choice(
+            text or None if calls else text, FINISH_NAMES[last.finish_reason], False
+        )
+        if self.chat and reasoning:
+            choice["message"]["reasoning_content"] = reasoning
+        if self.chat and calls:
+            choice["message"]["tool_calls"] = self._calls(calls)
+        out = self._envelope([choice], False)
         out["usage"] = _usage(last)
         return out
 
@@ -610,12 +705,24 @@ class _Reply:
             opening = self._choice("", None, streaming=True)
             opening["delta"]["role"] = "assistant"
             yield event(opening)
+        calls = 0
         try:
             async with contextlib.aclosing(rest):
                 chunk = first
                 while True:
+                    if chunk.reasoning_text:
+                        reasoning = self._choice(None, None, streaming=True)
+                        reasoning["delta"]["reasoning_content"] = chunk.reasoning_text
+                        yield event(reasoning)
                     if chunk.text:
                         yield event(self._choice(chunk.text, None, streaming=True))
+                    if chunk.tool_calls:
+                        called = self._choice(None, None, streaming=True)
+                        called["delta"]["tool_calls"] = self._calls(
+                            list(chunk.tool_calls), calls, streaming=True
+                        )
+                        calls += len(chunk.tool_calls)
+                        yield event(called)
                     if chunk.finish_reason:
                         break
                     chunk = await anext(rest)

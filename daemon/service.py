@@ -12,9 +12,10 @@ from typing import TypeVar
 
 import grpc
 
+from mtpd.daemon.chat import Chat, chat_prompt
 from mtpd.daemon.coordinator import Coordinator
 from mtpd.daemon.frontend import Frontend
-from mtpd.daemon.generation import encode_messages
+from mtpd.daemon.generation import Prompt
 from mtpd.daemon.options import GenerationOptions
 from mtpd.daemon.scheduler import QueueFullError, Request, RequestFailed, RequestQuarantined
 from mtpd.model.errors import InputError, InvalidParameter
@@ -58,7 +59,7 @@ class InferenceService(api_grpc.InferenceServicer):
             async for chunk in chunks:
                 yield chunk
 
-    Chat = Generate  # one path: _prompt_ids tells a ChatRequest from a GenerateRequest
+    Chat = Generate  # one path: _prompt tells a ChatRequest from a GenerateRequest
 
     async def _stream(
         self, request: api.GenerateRequest | api.ChatRequest, context: grpc.aio.ServicerContext
@@ -77,7 +78,7 @@ class InferenceService(api_grpc.InferenceServicer):
                 request_id = front.request_id(request.request_id)
                 options = GenerationOptions.from_proto(request.options)
                 generation = front.generate(
-                    lambda daemon: self._prompt_ids(daemon, request),
+                    lambda daemon: self._prompt(daemon, request),
                     options,
                     request_id,
                     arrived,
@@ -92,15 +93,12 @@ class InferenceService(api_grpc.InferenceServicer):
             await context.abort(e.code, str(e))
 
     @staticmethod
-    def _prompt_ids(
-        daemon: Coordinator, request: api.GenerateRequest | api.ChatRequest
-    ) -> list[int]:
-        tok = daemon.tokenizer
+    def _prompt(daemon: Coordinator, request: api.GenerateRequest | api.ChatRequest) -> Prompt:
         if isinstance(request, api.ChatRequest):
-            return encode_messages(tok, request.messages)[1]
+            return chat_prompt(daemon, request)
         if request.prompt and request.prompt_token_ids:
             raise InvalidParameter("set one of prompt and prompt_token_ids, not both", "prompt")
-        return list(request.prompt_token_ids) or tok.encode(request.prompt)
+        return Prompt(list(request.prompt_token_ids) or daemon.tokenizer.encode(request.prompt))
 
     # -- the rest -----------------------------------------------------------------------
 
@@ -136,7 +134,7 @@ class InferenceService(api_grpc.InferenceServicer):
 
         def tokenize() -> tuple[str, list[int]]:
             if request.messages:
-                return encode_messages(tok, request.messages)
+                return Chat.from_proto(api.ChatRequest(messages=request.messages)).encode(tok)
             return request.text, tok.encode(request.text)
 
         text, ids = await asyncio.to_thread(tokenize)

@@ -32,7 +32,7 @@ WRAPPED_DECODER, VISION_TOWER = "model.language_model.", "model.visual."
 class Checkpoint(Protocol):
     path: Path
     hf_config: dict[str, Any]
-    chat_template: str | None
+    chat_template: str | dict[str, str] | None  # one template, or named ones (tool_use...)
 
     def tensor_names(self) -> set[str]: ...
 
@@ -104,16 +104,34 @@ class HFCheckpoint:
         except Exception as e:
             raise ModelLoadError(f"{file}: not a valid tokenizer: {e}") from e
 
-    def _find_chat_template(self) -> str | None:
+    def _find_chat_template(self) -> str | dict[str, str] | None:
+        """Where transformers keeps them: chat_template.jinja and
+        additional_chat_templates/NAME.jinja, else tokenizer_config.json's chat_template
+        (a string, or a list of {"name", "template"})."""
+        named = {}
         jinja = self.path / "chat_template.jinja"
         if jinja.exists():
-            return jinja.read_text()
+            named["default"] = jinja.read_text()
+        named |= {
+            f.stem: f.read_text()
+            for f in sorted((self.path / "additional_chat_templates").glob("*.jinja"))
+        }
         tok_cfg = self.path / "tokenizer_config.json"
-        if tok_cfg.exists():
+        if not named and tok_cfg.exists():
             template = _read_json(tok_cfg).get("chat_template")
             if isinstance(template, str):
                 return template
-        return None
+            if isinstance(template, list):
+                named = {
+                    t["name"]: t["template"]
+                    for t in template
+                    if isinstance(t, dict)
+                    and isinstance(t.get("name"), str)
+                    and isinstance(t.get("template"), str)
+                }
+        if list(named) == ["default"]:
+            return named["default"]
+        return named or None
 
 
 def _text_decoder_names(

@@ -143,7 +143,7 @@ class GGUFCheckpoint:
         hidden = self._need("llama.embedding_length")
         self.bos_token_id: int | None = self._meta("tokenizer.ggml.bos_token_id")
         self.eos_token_id: int | None = self._meta("tokenizer.ggml.eos_token_id")
-        self.chat_template: str | None = self._meta("tokenizer.chat_template")
+        self.chat_template = self._chat_templates()
         self.hf_config: dict[str, Any] = {
             "model_type": "llama",
             "vocab_size": self._meta("llama.vocab_size")
@@ -351,6 +351,21 @@ class GGUFCheckpoint:
         if key not in self._index.metadata:
             raise ModelLoadError(f"{self.path}: missing GGUF metadata key {key!r}")
         return self._meta(key)
+
+    def _chat_templates(self) -> str | dict[str, str] | None:
+        """tokenizer.chat_template, and the named ones llama.cpp's converter writes
+        (tokenizer.chat_templates lists the names of tokenizer.chat_template.NAME)."""
+        default = self._meta("tokenizer.chat_template")
+        names = self._meta("tokenizer.chat_templates") or []
+        named = {
+            name: template
+            for name in names
+            if isinstance(name, str)
+            and isinstance(template := self._meta(f"tokenizer.chat_template.{name}"), str)
+        }
+        if not named:
+            return default if isinstance(default, str) else None
+        return {**({"default": default} if isinstance(default, str) else {}), **named}
 
     def _meta(self, key: str, default: Any = None) -> Any:
         return self._index.metadata.get(key, default)

@@ -6,30 +6,20 @@ from __future__ import annotations
 import json
 import re
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import tokenizers
-from jinja2 import TemplateError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from mtpd.model.chat_template import ChatTemplateError, ChatTemplates
 from mtpd.model.config import ModelConfig
-from mtpd.model.errors import InputError, check_unicode
+from mtpd.model.errors import check_unicode
 
 if TYPE_CHECKING:  # checkpoint imports torch; the daemon imports this module before it
     from mtpd.model.checkpoint import Checkpoint
 
 ROLES = ("system", "user", "assistant", "tool")
-
-
-class ChatTemplateError(InputError, ValueError):
-    """The chat template could not render these messages; the message says why."""
-
-
-def _raise(message: str) -> None:
-    raise ChatTemplateError(message)
 
 
 @dataclass(frozen=True)
@@ -43,7 +33,7 @@ class Tokenizer:
     def __init__(
         self,
         tok: tokenizers.Tokenizer,
-        chat_template: str | None,
+        chat_template: str | Mapping[str, str] | None,
         bos_id: int | None,
         eos_ids: Sequence[int],
     ) -> None:
@@ -63,12 +53,7 @@ class Tokenizer:
         self._tails = {s[k:] for s in added for k in range(1, len(s))}
         self._fragment_len = max(map(len, added), default=1) - 1
         self._respelled: _Respelled | None = None  # made on first need
-        self._template = None
-        if chat_template:
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-            env.globals["raise_exception"] = _raise
-            env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-            self._template = env.from_string(chat_template)
+        self.templates = ChatTemplates(chat_template) if chat_template else None
 
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, cfg: ModelConfig) -> Tokenizer:
@@ -76,7 +61,7 @@ class Tokenizer:
 
     @property
     def has_chat_template(self) -> bool:
-        return self._template is not None
+        return self.templates is not None
 
     def token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)
@@ -85,6 +70,11 @@ class Tokenizer:
         # Special-token markup in the text (from a rendered template) is honoured.
         check_unicode(text, "text")
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def markup_in(self, text: str) -> str | None:
+        """The first added token (control markup) `text` spells, or None."""
+        found = self._markup.search(text) if self._markup is not None else None
+        return found.group() if found else None
 
     def _hidden(self, content: str, hide: Callable[[str], str]) -> str:
         """`content` with each added token it spells, and each fragment of one at its
@@ -103,7 +93,11 @@ class Tokenizer:
         )
 
     def encode_chat(
-        self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: Sequence[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        template_kwargs: Mapping[str, Any] | None = None,
     ) -> tuple[str, list[int]]:
         """The rendered chat and its token ids, where only the template's own markup is
         control tokens. Markup a message's content spells is swapped for a placeholder
@@ -126,7 +120,7 @@ class Tokenizer:
                 else m
                 for m in messages
             ]
-        rendered = self.render_chat(messages, add_generation_prompt)
+        rendered = self.render_chat(messages, add_generation_prompt, tools, template_kwargs)
         if not found:
             return rendered, self.encode(rendered)
         pieces = re.split(f"(\x00{nonce}:\\d+\x00)", rendered)  # odd ones: placeholders
@@ -162,9 +156,15 @@ class Tokenizer:
         return self._tok.decode(list(ids), skip_special_tokens=True)
 
     def render_chat(
-        self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: Sequence[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        template_kwargs: Mapping[str, Any] | None = None,
     ) -> str:
-        if self._template is None:
+        """The chat as transformers' apply_chat_template renders it (model/chat_template.py),
+        with `tools` (OpenAI's function tools) and the caller's template keywords."""
+        if self.templates is None:
             raise ChatTemplateError("this model has no chat template; send a raw prompt instead")
         for i, m in enumerate(messages):
             if m.get("role") not in ROLES:
@@ -177,12 +177,13 @@ class Tokenizer:
             ("eos_token", min(self.eos_ids, default=None)),
         ):
             special[name] = (self.token(tid) or "") if tid is not None else ""
-        try:
-            return self._template.render(
-                messages=list(messages), add_generation_prompt=add_generation_prompt, **special
-            )
-        except TemplateError as e:
-            raise ChatTemplateError(f"chat template failed: {e}") from e
+        return self.templates.render(
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            tools=tools,
+            documents=None,
+            variables={**special, **(template_kwargs or {})},
+        )
 
 
 _MAX_WINDOW = 32  # tokens a text-less run may add to the window before it moves on

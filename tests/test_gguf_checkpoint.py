@@ -304,3 +304,12 @@ def test_sentencepiece_vocabulary_is_refused(tmp_path):
     path = write_gguf(tmp_path / "spm.gguf", tokenizer_model="llama", token_list=["<unk>", "▁a"])
     with pytest.raises(ModelLoadError, match="'llama'"):
         GGUFCheckpoint(path).tokenizer()
+
+
+def test_named_chat_templates_as_llama_cpp_writes_them(tmp_path):
+    named = [
+        {"name": "default", "template": "{{ messages[0].content }}"},
+        {"name": "tool_use", "template": "tools: {{ tools | length }}"},
+    ]
+    path = write_gguf(tmp_path / "named.gguf", chat_template=named)
+    assert GGUFCheckpoint(path).chat_template == {t["name"]: t["template"] for t in named}

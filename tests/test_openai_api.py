@@ -212,6 +212,7 @@ def request(daemon, method: str, path: str, body=None, headers=None, timeout: fl
     return http_request(daemon.url, method, path, body, headers, timeout)
 
 
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 BAD_REQUESTS = [
     # (what, path, body or raw bytes, status, param, words in the message)
@@ -283,20 +284,77 @@ BAD_REQUESTS = [
     ),
     ("n of 2", "chat/completions", {**CHAT, "n": 2}, 400, "n", "n:"),
     (
-        "tools",
+        "tool_choice naming no tool",
         "chat/completions",
-        {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]},
+        {
+            **CHAT,
+            "tools": [TOOL],
+            "tool_choice": {"type": "function", "function": {"name": "launch"}},
+        },
         400,
-        "tools",
-        "tool calling",
+        "tool_choice",
+        "'launch' names no tool",
     ),
     (
-        "a tool message",
+        "tools for a template that shows none",
         "chat/completions",
-        {**CHAT, "messages": [{"role": "tool", "content": "x"}]},
+        {**CHAT, "tools": [TOOL]},
         400,
-        "messages[0].role",
-        "tool calling",
+        "tools",
+        "does not show tools",
+    ),
+    (
+        "a tool without a name",
+        "chat/completions",
+        {**CHAT, "tools": [{"type": "function", "function": {"description": "x"}}]},
+        400,
+        "tools[0].function.name",
+        "required",
+    ),
+    (
+        "a tool's malformed schema",
+        "chat/completions",
+        {
+            **CHAT,
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": 5}}}],
+        },
+        400,
+        "tools[0].function.parameters",
+        "not a valid JSON schema",
+    ),
+    (
+        "a tool message answering no call",
+        "chat/completions",
+        {
+            **CHAT,
+            "messages": [*CHAT["messages"], {"role": "tool", "content": "x", "tool_call_id": "c1"}],
+        },
+        400,
+        "messages[1].tool_call_id",
+        "answers no call",
+    ),
+    (
+        "call arguments that are not JSON",
+        "chat/completions",
+        {
+            **CHAT,
+            "messages": [
+                *CHAT["messages"],
+                {
+                    "role": "assistant",
+                    "tool_calls": [
+                        {
+                            "id": "c1",
+                            "type": "function",
+                            "function": {"name": "f", "arguments": "{x"},
+                        }
+                    ],
+                },
+            ],
+        },
+        400,
+        "messages[1].tool_calls[0].function.arguments",
+        "not valid JSON",
     ),
     (
         "logprobs",
