@@ -14,6 +14,8 @@ from mtpd.daemon.options import (
     DEFAULT_MAX_REQUEST_BYTES,
     DEFAULT_MAX_TOKENS,
     MAX_DRAFT_TOKENS,
+    REASONING_PARSERS,
+    TOOL_CALL_PARSERS,
     GenerationOptions,
 )
 
@@ -269,7 +271,7 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--tool-call-parser",
-        choices=["auto", "hermes", "xml", "none"],
+        choices=TOOL_CALL_PARSERS,
         default="auto",
         help="how chat replies' tool calls are read: <tool_call>{json}</tool_call> (hermes: "
         "Hermes, Qwen2.5, Qwen3), <function=...><parameter=...> (xml: Qwen3-Coder, Qwen3.5), "
@@ -277,7 +279,7 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--reasoning-parser",
-        choices=["auto", "none"],
+        choices=REASONING_PARSERS,
         default="auto",
         help="auto: <think>...</think> comes back as reasoning, apart from the content, "
         "where the chat template knows it; none: as content",

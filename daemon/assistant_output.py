@@ -18,14 +18,15 @@ import json
 import re
 import secrets
 import string
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from jsonschema.protocols import Validator
-from jsonschema.validators import validator_for
+from mtpd.daemon.options import TOOL_FORMATS
+from mtpd.daemon.tool_schemas import ToolSchema, loads_json
 
-TOOL_FORMATS = ("hermes", "xml")
+MAX_CALL = 1 << 18  # characters a <tool_call> block may hold before it is taken for text
+MAX_OPENING = 1 << 12  # characters of whitespace awaited before a <think>
 
 _THINK, _END_THINK = "<think>", "</think>"
 _CALL, _END_CALL = "<tool_call>", "</tool_call>"
@@ -86,19 +87,6 @@ def partial_end(tag: str, text: str) -> int:
     )
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _loads(text: str) -> Any:
-    """json.loads without NaN and Infinity, which the arguments' JSON text could not carry;
-    JSON nested too deeply to read is no JSON either (the model wrote it, not the caller)."""
-    try:
-        return json.loads(text, parse_constant=_reject_constant)
-    except RecursionError as e:
-        raise ValueError("JSON nested too deeply") from e
-
-
 def _is_type(value: Any, name: str) -> bool:
     """Whether `value` is of the JSON schema type `name` (as jsonschema counts 1.0 an integer)."""
     integer = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
@@ -121,34 +109,28 @@ def _typed(value: str, schema: Any) -> Any:
     known = [t for t in listed if t in _JSON_TYPES]
     if not known or "string" in known:
         try:
-            parsed = _loads(value)
+            parsed = loads_json(value)
         except ValueError:
             return value
         if not known:
             return parsed
         return parsed if any(_is_type(parsed, t) for t in known if t != "string") else value
-    return _loads(value)
-
-
-@dataclass(frozen=True)
-class _Tool:
-    parameters: Mapping[str, Any]
-    validator: Validator | None  # None: the tool takes any object
+    return loads_json(value)
 
 
 class AssistantOutput:
     """One reply's text, fed as it is generated, split into reasoning, content and calls.
 
-    tools: OpenAI function tools as sent (already validated), {"type": "function",
-    "function": {"name", "description"?, "parameters"?}}. With no tools or no
-    tool_format, calls are not looked for and their text stays content. reasoning: the
+    tools: the request's tools by name, with their checked schemas (tool_schemas.py).
+    With no tools or no tool_format, calls are not looked for and their text stays
+    content. reasoning: the
     model may think in <think>...</think>; in_reasoning: the prompt already opened it.
     parallel_tool_calls=False: only the first valid call is a call.
     """
 
     def __init__(
         self,
-        tools: Sequence[Mapping[str, Any]] | None,
+        tools: Mapping[str, ToolSchema] | None,
         tool_format: str | None,
         reasoning: bool,
         in_reasoning: bool = False,
@@ -156,18 +138,14 @@ class AssistantOutput:
     ) -> None:
         if tool_format is not None and tool_format not in TOOL_FORMATS:
             raise ValueError(f"tool_format {tool_format!r} is not one of {TOOL_FORMATS}")
-        self._tools: dict[str, _Tool] = {}
-        for tool in (tools or ()) if tool_format is not None else ():
-            function = tool["function"]
-            schema = function.get("parameters")
-            validator = validator_for(schema)(schema) if schema is not None else None
-            self._tools[function["name"]] = _Tool(schema or {}, validator)
+        self._tools = dict(tools or {}) if tool_format is not None else {}
         self._format = tool_format
         self._parallel = parallel_tool_calls
         # "start": whether the reply opens <think> is not known yet; then "reasoning",
         # "content", or "call" (inside a <tool_call> block, held until it closes).
         self._state = "content" if not reasoning else "reasoning" if in_reasoning else "start"
         self._held = ""
+        self._searched = 0  # of a held call: how far </tool_call> was looked for
         self._strip = False  # after </think> or a call, leading whitespace is no content
         self._calls: list[ToolCall] = []
 
@@ -207,7 +185,9 @@ class AssistantOutput:
             if rest.startswith(_THINK):
                 self._held, self._state = rest[len(_THINK) :], "reasoning"
                 return True
-            if _THINK.startswith(rest):  # only whitespace, or part of the tag so far
+            # Only whitespace, or part of the tag so far (a bounded wait: stripping a
+            # growing run of whitespace at every feed would cost quadratic time).
+            if _THINK.startswith(rest) and len(held) < MAX_OPENING:
                 return False
             self._state = "content"
             return True
@@ -239,9 +219,14 @@ class AssistantOutput:
             self._content(delta, held[:keep])
             self._held = held[keep:]
             return False
-        end = held.find(_END_CALL, len(_CALL))
+        end = held.find(_END_CALL, max(len(_CALL), self._searched - len(_END_CALL)))
         if end < 0:
+            self._searched = len(held)
+            if len(held) > MAX_CALL:  # no call is this long: the model is writing text
+                self._content(delta, held)
+                self._held, self._state = "", "content"
             return False
+        self._searched = 0
         end += len(_END_CALL)
         self._held, self._state = held[end:], "content"
         call = self._call(held[len(_CALL) : end - len(_END_CALL)])
@@ -266,9 +251,7 @@ class AssistantOutput:
         except ValueError:
             return None
         tool = self._tools.get(name)
-        if tool is None or not isinstance(arguments, dict):
-            return None
-        if tool.validator is not None and not tool.validator.is_valid(arguments):
+        if tool is None or not isinstance(arguments, dict) or not tool.accepts(arguments):
             return None
         call_id = "call_" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(24))
         return ToolCall(call_id, name, json.dumps(arguments, ensure_ascii=False))
@@ -278,11 +261,11 @@ class AssistantOutput:
         """{"name": ..., "arguments": {...}}; "parameters" is read as "arguments" (as vLLM's
         hermes parser does), arguments may be JSON text of an object, and a call with
         neither takes no arguments."""
-        call = _loads(body)
+        call = loads_json(body)
         if not isinstance(call, dict) or not isinstance(call.get("name"), str):
             raise ValueError("not a Hermes call")
         arguments = call.get("arguments", call.get("parameters", {}))
-        return call["name"], _loads(arguments) if isinstance(arguments, str) else arguments
+        return call["name"], loads_json(arguments) if isinstance(arguments, str) else arguments
 
     def _xml(self, body: str) -> tuple[str, dict[str, Any]]:
         """<function=NAME> <parameter=KEY>VALUE</parameter>... </function>, the values typed
@@ -306,10 +289,3 @@ class AssistantOutput:
         if inner[position:].strip():
             raise ValueError("text between an XML call's parameters")
         return name, arguments
-
-
-def parse_reply(text: str, *args: Any, **kwargs: Any) -> Delta:
-    """A whole reply (AssistantOutput's arguments after it), split as its streamed
-    pieces would have been."""
-    output = AssistantOutput(*args, **kwargs)
-    return output.feed(text) + output.finish()

@@ -13,17 +13,12 @@ function shows it that tool alone; the reply's format is read off the template
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from jsonschema import SchemaError
-from jsonschema.validators import validator_for
-
 from mtpd.daemon.assistant_output import (
-    TOOL_FORMATS,
     AssistantOutput,
     opens_reasoning,
     thinks,
@@ -31,18 +26,31 @@ from mtpd.daemon.assistant_output import (
 )
 from mtpd.daemon.coordinator import Coordinator
 from mtpd.daemon.generation import Prompt
+from mtpd.daemon.tool_schemas import ToolSchema, loads_json, tool_schema
 from mtpd.model.errors import InvalidParameter
 from mtpd.model.tokenizer import ROLES, Tokenizer
 from mtpd.v1 import inference_pb2 as api
 
 MAX_TOOLS = 128
 TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
-TOOL_CALL_PARSERS = ("auto", *TOOL_FORMATS, "none")  # mtpd serve --tool-call-parser
-REASONING_PARSERS = ("auto", "none")  # mtpd serve --reasoning-parser
 TOOL_CHOICES = ("auto", "none", "required")
-# What the template is given by mtpd itself: a caller's keywords may not replace them.
+# What mtpd gives the template itself, and the globals of its environment: a caller's
+# keywords may not replace them. Llama 3.1's `custom_tools` would show tools past their
+# checks (and its calls are in no format mtpd reads).
 RESERVED_VARIABLES = frozenset(
-    {"messages", "tools", "documents", "add_generation_prompt", "bos_token", "eos_token"}
+    {
+        "messages",
+        "tools",
+        "documents",
+        "add_generation_prompt",
+        "bos_token",
+        "eos_token",
+        "custom_tools",
+        "self",
+        "raise_exception",
+        "strftime_now",
+        "namespace",
+    }
 )
 
 
@@ -51,8 +59,8 @@ class Chat:
     """A checked chat request, as the template and the reply's reader take it."""
 
     messages: list[dict[str, Any]]
-    tools: list[dict[str, Any]]  # OpenAI function tools, as the template sees them
-    shown: list[dict[str, Any]]  # those the template shows (tool_choice picks them)
+    shown: list[dict[str, Any]]  # the OpenAI tools the template shows (tool_choice picks)
+    schemas: dict[str, ToolSchema]  # by name, of the tools shown
     parallel_tool_calls: bool
     template_kwargs: dict[str, Any]
 
@@ -60,11 +68,10 @@ class Chat:
     def from_proto(cls, request: api.ChatRequest) -> Chat:
         if not request.messages:
             raise InvalidParameter("messages: at least one message is needed", "messages")
-        tools = _tools(request.tools)
-        names = {t["function"]["name"] for t in tools}
+        tools, schemas = _tools(request.tools)
         choice = request.tool_choice
         if choice.WhichOneof("choice") == "function":
-            if choice.function not in names:
+            if choice.function not in schemas:
                 raise InvalidParameter(
                     f"tool_choice: {choice.function!r} names no tool of this request",
                     "tool_choice",
@@ -81,24 +88,17 @@ class Chat:
                 raise InvalidParameter("tool_choice: 'required' needs tools", "tool_choice")
             shown = [] if mode == "none" else tools
         parallel = request.parallel_tool_calls if request.HasField("parallel_tool_calls") else True
+        names = {t["function"]["name"] for t in shown}
         return cls(
             _messages(request.messages),
-            tools,
             shown,
+            {name: schema for name, schema in schemas.items() if name in names},
             parallel,
             _template_kwargs(request.chat_template_kwargs),
         )
 
     def encode(self, tokenizer: Tokenizer) -> tuple[str, list[int]]:
         """The rendered prompt with the generation prompt added, and its token ids."""
-        if self.shown and tokenizer.templates is not None:
-            _, source = tokenizer.templates.source(True)
-            if "tools" not in source:  # the model would never see them
-                raise InvalidParameter(
-                    "tools: this model's chat template does not show tools to the model",
-                    "tools",
-                )
-        _refuse_markup(tokenizer, self.shown, self.messages)
         return tokenizer.encode_chat(
             self.messages, tools=self.shown or None, template_kwargs=self.template_kwargs
         )
@@ -107,14 +107,27 @@ class Chat:
         self, tokenizer: Tokenizer, prompt: str, tool_call_parser: str, reasoning_parser: str
     ) -> AssistantOutput:
         """What splits the reply: the format the template teaches (or the one asked for),
-        and reasoning where the template knows `<think>`."""
+        and reasoning where the template knows `<think>`. Tools the model would not see,
+        or whose calls no parser could read, are refused: their calls would come back as
+        text, silently."""
         assert tokenizer.templates is not None  # encode() rendered with it
         _, source = tokenizer.templates.source(bool(self.shown))  # as encode() renders
         tool_format = tool_format_of(source) if tool_call_parser == "auto" else tool_call_parser
+        tool_format = None if tool_format == "none" else tool_format
+        if self.shown and "tools" not in source:
+            raise InvalidParameter(
+                "tools: this model's chat template does not show tools to the model", "tools"
+            )
+        if self.shown and tool_format is None:
+            raise InvalidParameter(
+                "tools: mtpd reads no tool calls of this model's (its chat template teaches "
+                "neither the hermes nor the xml format; mtpd serve --tool-call-parser)",
+                "tools",
+            )
         reasoning = reasoning_parser == "auto" and thinks(source)
         return AssistantOutput(
-            self.shown,
-            None if tool_format == "none" else tool_format,
+            self.schemas,
+            tool_format,
             reasoning,
             in_reasoning=reasoning and opens_reasoning(prompt),
             parallel_tool_calls=self.parallel_tool_calls,
@@ -123,18 +136,19 @@ class Chat:
 
 def _json_object(text: str, param: str) -> dict[str, Any]:
     try:
-        value = json.loads(text)
-    except (ValueError, RecursionError) as e:
+        value = loads_json(text)
+    except ValueError as e:
         raise InvalidParameter(f"{param}: not valid JSON ({e})", param) from None
     if not isinstance(value, dict):
         raise InvalidParameter(f"{param}: must be a JSON object", param)
     return value
 
 
-def _tools(tools: Sequence[api.Tool]) -> list[dict[str, Any]]:
+def _tools(tools: Sequence[api.Tool]) -> tuple[list[dict[str, Any]], dict[str, ToolSchema]]:
+    """The tools as the template sees them (OpenAI's shape), and their schemas by name."""
     if len(tools) > MAX_TOOLS:
         raise InvalidParameter(f"tools: at most {MAX_TOOLS}, got {len(tools)}", "tools")
-    out, seen = [], set()
+    out, schemas = [], {}
     for i, tool in enumerate(tools):
         param = f"tools[{i}].function"
         if not TOOL_NAME.fullmatch(tool.name):
@@ -142,24 +156,19 @@ def _tools(tools: Sequence[api.Tool]) -> list[dict[str, Any]]:
                 f"{param}.name: 1 to 64 letters, digits, '_' or '-', got {tool.name!r}",
                 f"{param}.name",
             )
-        if tool.name in seen:
+        if tool.name in schemas:
             raise InvalidParameter(f"{param}.name: {tool.name!r} twice", f"{param}.name")
-        seen.add(tool.name)
         function: dict[str, Any] = {"name": tool.name}
         if tool.description:
             function["description"] = tool.description
+        parameters = None
         if tool.parameters:
-            schema = _json_object(tool.parameters, f"{param}.parameters")
-            try:
-                validator_for(schema).check_schema(schema)
-            except SchemaError as e:
-                raise InvalidParameter(
-                    f"{param}.parameters: not a valid JSON schema: {e.message}",
-                    f"{param}.parameters",
-                ) from None
-            function["parameters"] = schema
+            parameters = function["parameters"] = _json_object(
+                tool.parameters, f"{param}.parameters"
+            )
+        schemas[tool.name] = tool_schema(parameters, f"{param}.parameters")
         out.append({"type": "function", "function": function})
-    return out
+    return out, schemas
 
 
 def _messages(messages: Sequence[api.ChatMessage]) -> list[dict[str, Any]]:
@@ -227,24 +236,6 @@ def _template_kwargs(text: str) -> dict[str, Any]:
             "chat_template_kwargs",
         )
     return kwargs
-
-
-def _refuse_markup(
-    tokenizer: Tokenizer, tools: list[dict[str, Any]], messages: list[dict[str, Any]]
-) -> None:
-    """Tools and calls are rendered as JSON, where the tokenizer's guard against markup in
-    a message's content cannot reach: a control token spelled there is refused instead."""
-    fields = [(f"tools[{i}]", json.dumps(t, ensure_ascii=False)) for i, t in enumerate(tools)]
-    fields += [
-        (f"messages[{i}].{key}", json.dumps(m[key], ensure_ascii=False))
-        for i, m in enumerate(messages)
-        for key in ("tool_calls", "name", "tool_call_id")
-        if key in m
-    ]
-    for param, text in fields:
-        markup = tokenizer.markup_in(text)
-        if markup is not None:
-            raise InvalidParameter(f"{param}: contains the model's control token {markup!r}", param)
 
 
 def chat_prompt(daemon: Coordinator, request: api.ChatRequest) -> Prompt:

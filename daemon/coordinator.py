@@ -58,7 +58,8 @@ class Coordinator:
         self.model_path, self.cfg, self.tokenizer = model_path, cfg, tokenizer
         self.pipeline, self.scheduler = pipeline, scheduler
         self.notes: list[str] = []  # what the user should hear once about this start
-        self.tool_call_parser = self.reasoning_parser = "auto"  # Settings'
+        self.tool_call_parser = Settings.tool_call_parser  # set by start()
+        self.reasoning_parser = Settings.reasoning_parser
 
     @classmethod
     def start(

@@ -46,7 +46,6 @@ from mtpd.v1 import inference_pb2 as api
 log = logging.getLogger("mtpd.http")
 
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 T = TypeVar("T")
 
@@ -208,13 +207,6 @@ class ChatCompletionRequest(_Sampling):
             raise Unsupported("functions", "functions: deprecated by OpenAI; send tools")
         if self.response_format and self.response_format.get("type") != "text":
             raise Unsupported("response_format", "response_format: only {'type': 'text'}")
-        for i, m in enumerate(self.messages):
-            if m.role not in CHAT_ROLES:
-                raise Unsupported(
-                    f"messages[{i}].role",
-                    f"messages[{i}].role: unknown role {m.role!r} "
-                    f"(expected one of {', '.join(CHAT_ROLES)})",
-                )
 
     def to_proto(self) -> api.ChatRequest:
         choice = api.ToolChoice()

@@ -19,6 +19,9 @@ MAX_STOP_BYTES = 256
 MAX_DRAFT_TOKENS = 16  # the workers' bound (mtpd.worker.stage.MAX_DRAFT_TOKENS)
 MAX_REQUEST_ID = 128
 DEFAULT_MAX_REQUEST_BYTES = 1 << 20  # mtpd serve --max-request-bytes
+TOOL_FORMATS = ("hermes", "xml")  # the tool-call formats daemon/assistant_output.py reads
+TOOL_CALL_PARSERS = ("auto", *TOOL_FORMATS, "none")  # mtpd serve --tool-call-parser
+REASONING_PARSERS = ("auto", "none")  # mtpd serve --reasoning-parser
 
 
 @dataclass(frozen=True)

@@ -98,7 +98,6 @@ def compile_template(source: str) -> jinja2.Template:
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    env.globals["dict"] = dict
     env.globals["namespace"] = _Namespace
     try:
         return env.from_string(source)
@@ -126,10 +125,6 @@ class ChatTemplates:
             raise ChatTemplateError("the model's chat template list is empty")
         self._sources = named
         self._compiled: dict[str, jinja2.Template] = {}
-
-    @property
-    def names(self) -> list[str]:
-        return list(self._sources)
 
     def source(self, tools: bool) -> tuple[str, str]:
         """The (name, source) a request takes, as transformers chooses: `tools` is whether

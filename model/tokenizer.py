@@ -14,12 +14,14 @@ import tokenizers
 
 from mtpd.model.chat_template import ChatTemplateError, ChatTemplates
 from mtpd.model.config import ModelConfig
-from mtpd.model.errors import check_unicode
+from mtpd.model.errors import InputError, check_unicode
 
 if TYPE_CHECKING:  # checkpoint imports torch; the daemon imports this module before it
     from mtpd.model.checkpoint import Checkpoint
 
 ROLES = ("system", "user", "assistant", "tool")
+# A placeholder's ends: private-use characters, which JSON (and so `tojson`) keeps as they are.
+_OPEN, _CLOSE = "\ue000", "\ue001"
 
 
 @dataclass(frozen=True)
@@ -100,33 +102,44 @@ class Tokenizer:
         template_kwargs: Mapping[str, Any] | None = None,
     ) -> tuple[str, list[int]]:
         """The rendered chat and its token ids, where only the template's own markup is
-        control tokens. Markup a message's content spells is swapped for a placeholder
-        no caller can guess before rendering, and restored after as text: the template's
-        markup is respelled for a tokenizer that knows only the respelled forms, so one
-        encode splits the text exactly where `encode` would. Content without markup
-        encodes exactly as `encode(render_chat())`."""
+        control tokens. Markup that any caller's string spells (a message's content or
+        reasoning, a call's arguments, a tool's schema, a template keyword) is swapped
+        for a placeholder no caller can guess before rendering, and restored after as
+        text: the template's markup is respelled for a tokenizer that knows only the
+        respelled forms, so one encode splits the text exactly where `encode` would.
+        The placeholders are JSON-safe (private-use delimiters), so they survive a
+        template's `tojson`. A chat without markup encodes exactly as
+        `encode(render_chat())`."""
         markup, found = self._markup, {}
         if markup is not None:
             nonce = secrets.token_hex(16)
 
             def hide(text: str) -> str:
-                key = f"\x00{nonce}:{len(found)}\x00"
+                key = f"{_OPEN}{nonce}{len(found)}{_CLOSE}"
                 found[key] = text
                 return key
 
-            messages = [
-                {**m, "content": self._hidden(m["content"], hide)}
-                if isinstance(m.get("content"), str)
-                else m
-                for m in messages
-            ]
+            def hidden(value: Any) -> Any:
+                if isinstance(value, str):
+                    return self._hidden(value, hide)
+                if isinstance(value, Mapping):
+                    for key in value:
+                        if isinstance(key, str) and (token := self.markup_in(key)):
+                            raise InputError(f"a key {key!r} spells the control token {token!r}")
+                    return {k: v if k == "role" else hidden(v) for k, v in value.items()}
+                if isinstance(value, list | tuple):
+                    return [hidden(v) for v in value]
+                return value
+
+            messages = [hidden(m) for m in messages]
+            tools, template_kwargs = hidden(tools), hidden(template_kwargs)
         rendered = self.render_chat(messages, add_generation_prompt, tools, template_kwargs)
         if not found:
             return rendered, self.encode(rendered)
-        pieces = re.split(f"(\x00{nonce}:\\d+\x00)", rendered)  # odd ones: placeholders
+        pieces = re.split(f"({_OPEN}{nonce}\\d+{_CLOSE})", rendered)  # odd ones: placeholders
         if any(nonce in piece.lower() for piece in pieces[::2]):
             raise ChatTemplateError(
-                "this chat template rewrites message content (tojson, upper...), so the "
+                "this chat template rewrites message content (upper, escaping...), so the "
                 "token markup in it cannot be kept as text: remove it from the messages"
             )
         respelled = self._respelled or self._respell()

@@ -5,6 +5,7 @@ is cut into pieces never changes the result."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -14,10 +15,10 @@ from mtpd.daemon.assistant_output import (
     AssistantOutput,
     Delta,
     opens_reasoning,
-    parse_reply,
     thinks,
     tool_format_of,
 )
+from mtpd.daemon.tool_schemas import tool_schema
 
 WEATHER = {
     "type": "function",
@@ -38,7 +39,23 @@ WEATHER = {
     },
 }
 NOW = {"type": "function", "function": {"name": "now"}}  # no parameters: any object
-TOOLS = [WEATHER, NOW]
+
+
+def by_name(*tools: dict) -> dict:
+    """Tools as a chat request hands them to the reader: checked schemas by name."""
+    return {
+        t["function"]["name"]: tool_schema(t["function"].get("parameters"), "parameters")
+        for t in tools
+    }
+
+
+TOOLS = by_name(WEATHER, NOW)
+
+
+def parse_reply(text: str, *args, **kwargs) -> Delta:
+    """A whole reply, split as its streamed pieces would have been."""
+    output = AssistantOutput(*args, **kwargs)
+    return output.feed(text) + output.finish()
 
 
 def hermes(name: str, arguments: object, key: str = "arguments") -> str:
@@ -313,3 +330,18 @@ def test_what_the_samples_give():
     assert reasoning == "thinking <think> more"
     assert made == [("get_weather", '{"city": "12", "days": 2}')] * 2
     assert content == "x " + XML_CALL.replace("days>\n2", "days>\ntwo")
+
+
+def test_a_long_unclosed_call_costs_linear_time_and_turns_to_text():
+    from mtpd.daemon.assistant_output import MAX_CALL
+
+    output = AssistantOutput(TOOLS, "hermes", False)
+    began = time.monotonic()
+    text = "<tool_call>" + "x" * 4
+    got = output.feed(text)
+    for _ in range(MAX_CALL // 4 + 1):
+        got += output.feed("x" * 4)
+    assert time.monotonic() - began < 5  # rescanning from the start: minutes
+    got += output.finish()
+    assert got.tool_calls == [] and got.content.startswith("<tool_call>xxxx")
+    assert len(got.content) == len(text) + 4 * (MAX_CALL // 4 + 1)

@@ -11,6 +11,7 @@ import pytest
 import tokenizers
 
 from mtpd.daemon.chat import Chat
+from mtpd.model.errors import InvalidParameter
 from mtpd.model.tokenizer import Tokenizer
 from mtpd.v1 import inference_pb2 as api
 
@@ -57,9 +58,25 @@ def test_reply_reader_takes_the_templates_format(template, reply, opened):
     assert [(c.name, json.loads(c.arguments)) for c in out.tool_calls] == [
         ("get_weather", {"city": "Paris"})
     ]
-    # Asked for neither, the reply is all content.
-    plain = chat.reply_reader(tok, prompt, "none", "none")
-    assert (plain.feed(reply) + plain.finish()).content == reply
+    # Reasoning not asked for, it stays in the content; tools whose calls would not be
+    # read are refused rather than their calls returned as text.
+    plain = chat.reply_reader(tok, prompt, "auto", "none")
+    kept = plain.feed(reply) + plain.finish()
+    assert kept.reasoning == "" and ("</think>" in kept.content) == ("think>" in reply)
+    assert len(kept.tool_calls) == 1
+    with pytest.raises(InvalidParameter, match="reads no tool calls"):
+        chat.reply_reader(tok, prompt, "none", "auto")
+
+
+def test_tools_a_template_cannot_show_or_teach_are_refused():
+    request = api.ChatRequest(messages=[api.ChatMessage(role="user", content="Hi")], tools=[TOOL])
+    chat = Chat.from_proto(request)
+    silent = Tokenizer(tokenizer("Qwen3.5-4B.jinja")._tok, "{{ messages[0].content }}", None, [])
+    with pytest.raises(InvalidParameter, match="does not show tools"):
+        chat.reply_reader(silent, chat.encode(silent)[0], "auto", "auto")
+    llama = tokenizer("meta-llama-Llama-3.1-8B-Instruct.jinja")  # JSON calls, no <tool_call>
+    with pytest.raises(InvalidParameter, match="reads no tool calls"):
+        chat.reply_reader(llama, chat.encode(llama)[0], "auto", "auto")
 
 
 def test_enable_thinking_false_reaches_the_template():
