@@ -27,6 +27,9 @@ OPTION_FLAGS = (
     "seed",
     "stop",
     "draft_tokens",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
 )
 
 

@@ -65,6 +65,9 @@ class Options(TypedDict, total=False):
     stop: str | Sequence[str]
     draft_tokens: int
     ignore_eos: bool
+    presence_penalty: float
+    frequency_penalty: float
+    logit_bias: Mapping[int, float]  # token id: bias
 
 
 def generation_options(options: Options) -> api.GenerationOptions:

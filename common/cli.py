@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,6 +44,16 @@ def _draft_tokens(text: str) -> int | None:
     return k
 
 
+def _logit_bias(text: str) -> dict[int, float]:
+    try:
+        bias = json.loads(text)
+        return {int(k): float(v) for k, v in bias.items()}
+    except (ValueError, AttributeError, TypeError):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a JSON object of token ids and biases"
+        ) from None
+
+
 def _add_generation_flags(p: argparse.ArgumentParser, prompt: bool = True) -> None:
     """The flags of one generation: the same for `run`, `generate` and `chat`, with the
     defaults every interface shares (mtpd.daemon.options)."""
@@ -63,6 +74,17 @@ def _add_generation_flags(p: argparse.ArgumentParser, prompt: bool = True) -> No
     p.add_argument("--min-p", type=float, help=f"(default {d.min_p}: off)")
     p.add_argument("--repetition-penalty", type=float, help=f"(default {d.repetition_penalty})")
     p.add_argument("--seed", type=int, help=f"seed of the sampler (default {d.seed})")
+    p.add_argument(
+        "--presence-penalty", type=float, help=f"[-2, 2] (default {d.presence_penalty}: off)"
+    )
+    p.add_argument(
+        "--frequency-penalty", type=float, help=f"[-2, 2] (default {d.frequency_penalty}: off)"
+    )
+    p.add_argument(
+        "--logit-bias",
+        type=_logit_bias,
+        help="token ids' biases as JSON, e.g. '{\"13\": -100}' (bans token 13)",
+    )
     p.add_argument(
         "--stop",
         action="append",

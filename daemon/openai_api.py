@@ -84,15 +84,8 @@ class _Sampling(_Body):
     ignore_eos: bool = False
 
     def refuse_unsupported(self) -> None:
-        neutral = {
-            "n": self.n == 1,
-            "presence_penalty": self.presence_penalty == 0,
-            "frequency_penalty": self.frequency_penalty == 0,
-            "logit_bias": not self.logit_bias,
-        }
-        for name, ok in neutral.items():
-            if not ok:
-                raise Unsupported(name, f"{name}: mtpd supports only the neutral value")
+        if self.n != 1:
+            raise Unsupported("n", "n: mtpd supports only the neutral value")
         if self.stream_options is not None and not self.stream:
             raise Unsupported("stream_options", "stream_options: only allowed with stream")
 
@@ -112,8 +105,21 @@ class _Sampling(_Body):
             seed=seed,
             stop=tuple(stop),
             ignore_eos=self.ignore_eos,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            logit_bias=_token_ids(self.logit_bias or {}),
             **extras,
         )
+
+
+def _token_ids(bias: dict[str, float]) -> dict[int, float]:
+    """OpenAI's logit_bias keys are token ids as JSON strings."""
+    out = {}
+    for key, value in bias.items():
+        if not (key.isascii() and key.isdigit() and len(key) <= 10):
+            raise InvalidParameter(f"logit_bias: key {key!r} is not a token id", "logit_bias")
+        out[int(key)] = value
+    return out
 
 
 class TextPart(_Body):

@@ -36,6 +36,9 @@ class GenerationOptions:
     stop: tuple[str, ...] = ()
     draft_tokens: int | None = None  # None: the server's draft policy
     ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.max_tokens is not None and not 1 <= self.max_tokens <= MAX_INT32:
@@ -70,6 +73,9 @@ class GenerationOptions:
             min_p=self.min_p,
             repetition_penalty=self.repetition_penalty,
             seed=self.seed,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            logit_bias=self.logit_bias,
         )
 
     def max_tokens_for(self, prompt_tokens: int, context: int) -> int:
@@ -84,17 +90,28 @@ class GenerationOptions:
         fields = {
             f.name: getattr(msg, f.name)
             for f in dataclasses.fields(cls)
-            if f.name not in ("stop", "ignore_eos") and msg.HasField(f.name)
+            if f.name not in _REPEATED and msg.HasField(f.name)
         }
-        return cls(**fields, stop=tuple(msg.stop), ignore_eos=msg.ignore_eos)
+        return cls(
+            **fields,
+            stop=tuple(msg.stop),
+            ignore_eos=msg.ignore_eos,
+            logit_bias=dict(msg.logit_bias),
+        )
 
     def to_proto(self) -> api.GenerationOptions:
-        msg = api.GenerationOptions(stop=list(self.stop), ignore_eos=self.ignore_eos)
+        msg = api.GenerationOptions(
+            stop=list(self.stop), ignore_eos=self.ignore_eos, logit_bias=self.logit_bias
+        )
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name not in ("stop", "ignore_eos") and value is not None:
+            if f.name not in _REPEATED and value is not None:
                 setattr(msg, f.name, value)
         return msg
+
+
+# The fields without presence on the wire (proto3 repeated, map and plain bool).
+_REPEATED = ("stop", "ignore_eos", "logit_bias")
 
 
 def defaults_proto() -> api.GenerationOptions:

@@ -389,6 +389,7 @@ class Scheduler:
             return_logits=seq.return_logits,
             draft_p_min=self.policy.p_min,
             no_mtp=seq.draft_tokens == 0 or (seq.draft_tokens is None and not self.policy.enabled),
+            prompt_tokens=seq.prompt_len,
         )
 
     def _drafts_for(self, seq: _Sequence, limit: int, batch: int) -> int:

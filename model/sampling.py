@@ -1,5 +1,5 @@
-"""Token selection: greedy, or sampling with temperature, top-k, top-p, min-p and a
-repetition penalty.
+"""Token selection: greedy, or sampling with temperature, top-k, top-p, min-p; after a
+logit bias, a repetition penalty and presence and frequency penalties.
 
 Seeded sampling is reproducible in a strong sense: the draw at a position uses a
 uniform that depends only on (seed, position), and inverts the CDF in token-id order.
@@ -43,22 +43,25 @@ def apply_repetition_penalty(
 
 
 def target_probs(
-    logits: torch.Tensor, params: SamplingParams, history: torch.Tensor
+    logits: torch.Tensor, params: SamplingParams, history: torch.Tensor, prompt_len: int = 0
 ) -> torch.Tensor:
     """The distribution a token is drawn from at temperature > 0, as float64 [V]."""
-    return target_probs_rows(logits[None], [params], [history])[0]
+    return target_probs_rows(logits[None], [params], [history], [prompt_len])[0]
 
 
 def target_probs_rows(
-    logits: torch.Tensor, params: Sequence[SamplingParams], histories: Sequence[torch.Tensor]
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    histories: Sequence[torch.Tensor],
+    prompt_lens: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """target_probs for many rows at once, each with its own parameters: [B, V] float64.
 
-    Filters run in the reference's order: penalty, temperature, top-k, top-p, min-p.
-    Batched because a CPU loop over rows, one sort of the vocabulary each, is what
-    bounds sampling many sequences together on a GPU.
+    Filters run in the reference's order: bias and penalties, temperature, top-k,
+    top-p, min-p. Batched because a CPU loop over rows, one sort of the vocabulary
+    each, is what bounds sampling many sequences together on a GPU.
     """
-    logits = _penalised(logits.float(), params, histories).double()
+    logits = processed_logits(logits.float(), params, histories, prompt_lens).double()
     column = functools.partial(torch.tensor, dtype=torch.float64, device=logits.device)
     logits = logits / column([[p.temperature] for p in params])
     vocab = logits.shape[-1]
@@ -83,17 +86,32 @@ def target_probs_rows(
     return probs / probs.sum(-1, keepdim=True)
 
 
-def _penalised(
-    logits: torch.Tensor, params: Sequence[SamplingParams], histories: Sequence[torch.Tensor]
+def processed_logits(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    histories: Sequence[torch.Tensor],
+    prompt_lens: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0 and histories[i].numel()]
+    """Each row's logits after its bias and penalties, in vLLM's order: the bias, the
+    repetition penalty (over the whole sequence, as the reference's), then presence and
+    frequency (over the tokens generated: those of `histories[i]` after the prompt's
+    `prompt_lens[i]`)."""
+    rows = [i for i, p in enumerate(params) if p.processed]
     if not rows:
         return logits
     logits = logits.clone()
     for i in rows:
-        logits[i] = apply_repetition_penalty(
-            logits[i], histories[i].to(logits.device), params[i].repetition_penalty
-        )
+        p, history = params[i], histories[i].to(logits.device)
+        if p.logit_bias:
+            ids = torch.tensor(list(p.logit_bias), device=logits.device)
+            bias = torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype)
+            logits[i, ids] += bias.to(logits.device)
+        if p.repetition_penalty != 1.0 and history.numel():
+            logits[i] = apply_repetition_penalty(logits[i], history, p.repetition_penalty)
+        generated = history[prompt_lens[i] if prompt_lens else 0 :]
+        if (p.presence_penalty or p.frequency_penalty) and generated.numel():
+            counts = torch.bincount(generated, minlength=logits.shape[-1]).to(logits.dtype)
+            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
     return logits
 
 
@@ -107,10 +125,15 @@ def argmax_rows(rows: torch.Tensor) -> list[int]:
 
 
 def select_token(
-    logits: torch.Tensor, params: SamplingParams, position: int, history: torch.Tensor
+    logits: torch.Tensor,
+    params: SamplingParams,
+    position: int,
+    history: torch.Tensor,
+    prompt_len: int = 0,
 ) -> int:
-    """The token at `position` given its logits [V] and the ids already in the sequence."""
-    return select_tokens(logits[None], [params], [position], [history])[0]
+    """The token at `position` given its logits [V] and the ids already in the sequence
+    (of which the first `prompt_len` are the prompt's)."""
+    return select_tokens(logits[None], [params], [position], [history], [prompt_len])[0]
 
 
 def select_tokens(
@@ -118,20 +141,28 @@ def select_tokens(
     params: Sequence[SamplingParams],
     positions: Sequence[int],
     histories: Sequence[torch.Tensor],
+    prompt_lens: Sequence[int] | None = None,
 ) -> list[int]:
     """select_token for rows of logits [B, V] at once (on their device)."""
     tokens = [0] * len(params)
+
+    def some(rows: list[int]) -> tuple:
+        return (
+            [params[i] for i in rows],
+            [histories[i] for i in rows],
+            None if prompt_lens is None else [prompt_lens[i] for i in rows],
+        )
+
     greedy = [i for i, p in enumerate(params) if p.greedy]
     if greedy:
         rows = logits[greedy] if len(greedy) < len(params) else logits
-        rows = _penalised(rows, [params[i] for i in greedy], [histories[i] for i in greedy])
-        for i, token in zip(greedy, argmax_rows(rows), strict=True):
+        for i, token in zip(
+            greedy, argmax_rows(processed_logits(rows, *some(greedy))), strict=True
+        ):
             tokens[i] = token
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     if sampled:
-        probs = target_probs_rows(
-            logits[sampled], [params[i] for i in sampled], [histories[i] for i in sampled]
-        )
+        probs = target_probs_rows(logits[sampled], *some(sampled))
         cdf = torch.cumsum(probs, -1)
         u = torch.tensor(
             [[uniform(params[i].seed, positions[i])] for i in sampled],

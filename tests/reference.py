@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from mtpd.model.sampling import select_token
@@ -21,7 +22,7 @@ def solo_run(
         logits = engine.forward("reference", 0, history)
         for _ in range(n):
             logits_seen.append(logits)
-            token = select_token(logits, params, len(history), torch.tensor(history))
+            token = select_token(logits, params, len(history), torch.tensor(history), len(prompt))
             tokens.append(token)
             history.append(token)
             logits = engine.forward("reference", len(history) - 1, [token])
@@ -72,3 +73,38 @@ def smollm2_references(
     tok = engine.tokenizer
     prompts = [tok.encode(tok.render_chat([{"role": "user", "content": q}])) for q in questions]
     return engine.cfg.num_layers, [(p, *solo_run(engine, p, tokens)) for p in prompts]
+
+
+def openai_processed(
+    logits: torch.Tensor, bias: dict[int, float], presence: float, frequency: float, generated
+) -> np.ndarray:
+    """OpenAI's logit bias and penalties, written out from their definitions: the bias
+    first, then per token t, minus frequency * n_t + presence * (n_t > 0), n_t counting
+    the generated tokens only."""
+    out = logits.double().numpy().copy()
+    for token, b in bias.items():
+        out[token] += b
+    counts = np.bincount(np.array(generated, dtype=np.int64), minlength=out.shape[-1])
+    return out - frequency * counts - presence * (counts > 0)
+
+
+def penalised_run(
+    engine: Engine,
+    prompt: list[int],
+    n: int,
+    bias: dict[int, float],
+    presence: float,
+    frequency: float,
+) -> list[int]:
+    """`n` greedy tokens under openai_processed (no end-of-sequence stop)."""
+    history, tokens = list(prompt), []
+    try:
+        logits = engine.forward("penalised", 0, history)
+        for _ in range(n):
+            token = int(openai_processed(logits, bias, presence, frequency, tokens).argmax())
+            tokens.append(token)
+            history.append(token)
+            logits = engine.forward("penalised", len(history) - 1, [token])
+    finally:
+        engine.release("penalised")
+    return tokens

@@ -11,7 +11,7 @@ import openai
 import pytest
 from live_daemon import CONTEXT, LiveDaemon, http_request, wait_for, write_served_model
 from prometheus_client.parser import text_string_to_metric_families
-from reference import GREEDY, solo_run
+from reference import GREEDY, penalised_run, solo_run
 
 from mtpd.client import Client
 from mtpd.model.sampling_params import SamplingParams
@@ -365,12 +365,36 @@ BAD_REQUESTS = [
         "log probabilities",
     ),
     (
-        "a penalty",
+        "a penalty out of range",
         "chat/completions",
-        {**CHAT, "presence_penalty": 0.5},
+        {**CHAT, "presence_penalty": 2.5},
         400,
         "presence_penalty",
-        "neutral",
+        "must be in [-2.0, 2.0]",
+    ),
+    (
+        "a biased token outside the vocabulary",
+        "chat/completions",
+        {**CHAT, "logit_bias": {"98": 5}},
+        400,
+        "logit_bias",
+        "outside the vocabulary",
+    ),
+    (
+        "a logit_bias key that is no token id",
+        "chat/completions",
+        {**CHAT, "logit_bias": {"the": 5}},
+        400,
+        "logit_bias",
+        "is not a token id",
+    ),
+    (
+        "a bias out of range",
+        "chat/completions",
+        {**CHAT, "logit_bias": {"5": 101}},
+        400,
+        "logit_bias[5]",
+        "must be in [-100.0, 100.0]",
     ),
     (
         "json mode",
@@ -472,3 +496,30 @@ def test_health_is_open_and_metrics_share_the_port(daemon, oai):
         counter("mtpd_requests_finished", "length"),
     ]
     assert after == [b + 1 for b in before]
+
+
+@pytest.mark.parametrize("draft_tokens", [0, 3], ids=["mtp-off", "mtp-on"])
+def test_penalties_and_logit_bias_follow_their_formulas(oai, grpc_client, engine, draft_tokens):
+    """Greedy under OpenAI's formulas (tests/reference.py, on the engine's logits): the
+    same tokens through gRPC and the same text through the HTTP API, drafting or not."""
+    prompt = chat_ids(engine, MESSAGES)
+    plain = solo_run(engine, prompt, 24)[0]
+    bias = {plain[0]: -100.0, plain[3]: -100.0, 40: 3.5}  # ban two of plain's tokens
+    want = penalised_run(engine, prompt, 24, bias, 0.8, 0.6)
+    assert want != plain and plain[0] not in want
+    sampling = {"presence_penalty": 0.8, "frequency_penalty": 0.6, "logit_bias": bias}
+    got = grpc_client.chat(
+        MESSAGES, max_tokens=24, ignore_eos=True, draft_tokens=draft_tokens, **sampling
+    )
+    assert got.token_ids == want
+    reply = oai.chat.completions.create(
+        model=MODEL,
+        messages=MESSAGES,
+        max_tokens=24,
+        temperature=0,
+        presence_penalty=0.8,
+        frequency_penalty=0.6,
+        logit_bias={str(t): b for t, b in bias.items()},
+        extra_body={"ignore_eos": True, "draft_tokens": draft_tokens},
+    )
+    assert reply.choices[0].message.content == engine.tokenizer.decode(want)

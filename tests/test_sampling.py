@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
+from reference import openai_processed
 from transformers.generation.logits_process import (
     MinPLogitsWarper,
     RepetitionPenaltyLogitsProcessor,
@@ -142,3 +144,27 @@ def test_greedy_rows_take_the_first_largest_entry_as_torch_does():
     rows[3] = -1.0  # all equal
     for view in (rows, rows[:, 100:], rows[::2], rows.bfloat16()):
         assert argmax_rows(view) == view.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_bias_and_penalties_follow_openais_formulas(seed):
+    from mtpd.model.sampling import processed_logits
+
+    g = torch.Generator().manual_seed(seed)
+    vocab, prompt_len = 50, 7
+    logits = torch.randn(vocab, generator=g) * 3
+    history = torch.randint(0, vocab, (prompt_len + 20,), generator=g)
+    bias = {
+        int(t): float(b)
+        for t, b in zip(
+            torch.randint(0, vocab, (6,), generator=g),
+            torch.rand(6, generator=g) * 200 - 100,
+            strict=True,
+        )
+    }
+    params = SamplingParams(presence_penalty=0.7, frequency_penalty=-0.4, logit_bias=bias)
+    got = processed_logits(logits[None], [params], [history], [prompt_len])[0]
+    want = openai_processed(logits, bias, 0.7, -0.4, history[prompt_len:].tolist())
+    np.testing.assert_allclose(got.double().numpy(), want, rtol=1e-6, atol=1e-4)
+    # Greedy picks the processed argmax; the prompt's tokens are not counted.
+    assert select_token(logits, params, len(history), history, prompt_len) == int(want.argmax())

@@ -61,7 +61,8 @@ def test_drafted_sampling_is_exact_and_distributed_as_the_model(tmp_path):
                 drafts.append(int(logits(tuple(out + drafts)).argmax()))
             rows = torch.stack([logits(tuple(out + drafts[:j])) for j in range(DRAFTS + 1)])
             history = prompt + out + drafts
-            emitted = verify(rows, params(seed), history, len(prompt) + len(out) - 1, DRAFTS)
+            base = len(prompt) + len(out) - 1
+            emitted = verify(rows, params(seed), history, base, DRAFTS, len(prompt))
             accepted += len(emitted) - 1
             out.extend(emitted)
         return out[:3], accepted

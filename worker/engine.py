@@ -144,7 +144,9 @@ class Engine:
         try:
             logits = self.forward(seq_id, 0, history)
             for _ in range(max_tokens):
-                token = select_token(logits, params, len(history), torch.tensor(history))
+                token = select_token(
+                    logits, params, len(history), torch.tensor(history), len(prompt_ids)
+                )
                 if token in self.tokenizer.eos_ids and not ignore_eos:
                     return
                 yield token

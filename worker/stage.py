@@ -53,6 +53,7 @@ class SequenceSettings:
     return_logits: bool
     draft_p_min: float
     no_mtp: bool
+    prompt_tokens: int
 
 
 @dataclass
@@ -177,11 +178,18 @@ class Stage:
             return held
         try:
             sampling = sampling_from_wire(opened.sampling)
+            sampling.check_vocab(self.shard.cfg.vocab_size)
         except InputError as e:
             raise StepRefused(str(e)) from e
         if not math.isfinite(opened.draft_p_min):
             raise StepRefused(f"draft_p_min {opened.draft_p_min} is not a number")
-        return SequenceSettings(sampling, opened.return_logits, opened.draft_p_min, opened.no_mtp)
+        return SequenceSettings(
+            sampling,
+            opened.return_logits,
+            opened.draft_p_min,
+            opened.no_mtp,
+            opened.prompt_tokens,
+        )
 
     def run(self, req: pb.StepRequest) -> pb.StepReply:
         arrived = time.monotonic()
@@ -310,7 +318,12 @@ class Stage:
                 base = s.keep + counts[i] - 1 - s.verify
                 n = s.verify + 1
                 emitted = verify(
-                    logits[row : row + n], settings[i].sampling, history, base, s.verify
+                    logits[row : row + n],
+                    settings[i].sampling,
+                    history,
+                    base,
+                    s.verify,
+                    settings[i].prompt_tokens,
                 )
                 accepted = len(emitted) - 1
                 del history[base + accepted + 1 :]  # the rejected drafts

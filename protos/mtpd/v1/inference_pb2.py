@@ -24,57 +24,61 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17mtpd/v1/inference.proto\x12\x07mtpd.v1\"\xe1\x02\n\x11GenerationOptions\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x06\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x19\n\x0c\x64raft_tokens\x18\t \x01(\x05H\x07\x88\x01\x01\x12\x12\n\nignore_eos\x18\n \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x0f\n\r_draft_tokens\"|\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12+\n\x07options\x18\x03 \x01(\x0b\x32\x1a.mtpd.v1.GenerationOptions\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\x92\x01\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12%\n\ntool_calls\x18\x03 \x03(\x0b\x32\x11.mtpd.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\x12\x19\n\x11reasoning_content\x18\x06 \x01(\t\"=\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\t\":\n\nToolChoice\x12\x0e\n\x04mode\x18\x01 \x01(\tH\x00\x12\x12\n\x08\x66unction\x18\x02 \x01(\tH\x00\x42\x08\n\x06\x63hoice\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"\x96\x02\n\x0b\x43hatRequest\x12&\n\x08messages\x18\x01 \x03(\x0b\x32\x14.mtpd.v1.ChatMessage\x12+\n\x07options\x18\x02 \x01(\x0b\x32\x1a.mtpd.v1.GenerationOptions\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x1c\n\x05tools\x18\x04 \x03(\x0b\x32\r.mtpd.v1.Tool\x12(\n\x0btool_choice\x18\x05 \x01(\x0b\x32\x13.mtpd.v1.ToolChoice\x12 \n\x13parallel_tool_calls\x18\x06 \x01(\x08H\x00\x88\x01\x01\x12\x1c\n\x14\x63hat_template_kwargs\x18\x07 \x01(\tB\x16\n\x14_parallel_tool_calls\"\xc8\x02\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_drafts\x18\x03 \x01(\r\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12,\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x15.mtpd.v1.FinishReason\x12\x15\n\rstop_sequence\x18\x06 \x01(\t\x12\x1d\n\x05usage\x18\x07 \x01(\x0b\x32\x0e.mtpd.v1.Usage\x12\x1f\n\x06timing\x18\x08 \x01(\x0b\x32\x0f.mtpd.v1.Timing\x12%\n\x06\x64rafts\x18\t \x01(\x0b\x32\x15.mtpd.v1.DraftSummary\x12\x16\n\x0ereasoning_text\x18\n \x01(\t\x12%\n\ntool_calls\x18\x0b \x03(\x0b\x32\x11.mtpd.v1.ToolCall\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xb7\x01\n\x06Timing\x12\x10\n\x08queued_s\x18\x01 \x01(\x01\x12\x1d\n\x15time_to_first_token_s\x18\x02 \x01(\x01\x12\x11\n\telapsed_s\x18\x03 \x01(\x01\x12\x14\n\x0ctokens_per_s\x18\x04 \x01(\x01\x12\x1b\n\x13\x64\x65\x63ode_tokens_per_s\x18\x05 \x01(\x01\x12\x10\n\x08verify_s\x18\x06 \x01(\x01\x12\x0f\n\x07\x64raft_s\x18\x07 \x01(\x01\x12\x13\n\x0btransport_s\x18\x08 \x01(\x01\"\x8f\x01\n\x0c\x44raftSummary\x12\x14\n\x0c\x64raft_policy\x18\x01 \x01(\t\x12\r\n\x05steps\x18\x02 \x01(\x04\x12\x0f\n\x07\x64rafted\x18\x03 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x04 \x01(\x04\x12\x1e\n\x16\x61\x63\x63\x65ptance_by_position\x18\x05 \x03(\x01\x12\x17\n\x0ftokens_per_step\x18\x06 \x01(\x01\"G\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12&\n\x08messages\x18\x02 \x03(\x0b\x32\x14.mtpd.v1.ChatMessage\"@\n\rTokenizeReply\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\"\x15\n\x13GetModelInfoRequest\"\xea\x02\n\tModelInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x12\n\nnum_layers\x18\x06 \x01(\r\x12%\n\x07workers\x18\x07 \x03(\x0b\x32\x14.mtpd.v1.WorkerShard\x12\x10\n\x08mtp_head\x18\x08 \x01(\t\x12\x14\n\x0c\x64raft_policy\x18\t \x01(\t\x12\x13\n\x0b\x64raft_p_min\x18\n \x01(\x01\x12\x15\n\rchat_template\x18\x0b \x01(\x08\x12\x10\n\x08max_seqs\x18\x0c \x01(\r\x12\x11\n\tmax_queue\x18\r \x01(\r\x12\x19\n\x11max_request_bytes\x18\x0e \x01(\x04\x12,\n\x08\x64\x65\x66\x61ults\x18\x0f \x01(\x0b\x32\x1a.mtpd.v1.GenerationOptions\"`\n\x0bWorkerShard\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x13\n\x0b\x66irst_layer\x18\x03 \x01(\r\x12\x11\n\tend_layer\x18\x04 \x01(\r\x12\x0b\n\x03pid\x18\x05 \x01(\r\"\x11\n\x0fGetStatsRequest\"\xbe\x02\n\x05Stats\x12\x10\n\x08uptime_s\x18\x01 \x01(\x01\x12\x10\n\x08requests\x18\x02 \x01(\x04\x12\x0f\n\x07running\x18\x03 \x01(\r\x12\x0e\n\x06queued\x18\x04 \x01(\r\x12\x10\n\x08rejected\x18\x05 \x01(\x04\x12.\n\x08\x66inished\x18\x06 \x03(\x0b\x32\x1c.mtpd.v1.Stats.FinishedEntry\x12\x15\n\rprompt_tokens\x18\x07 \x01(\x04\x12\x19\n\x11\x63ompletion_tokens\x18\x08 \x01(\x04\x12%\n\x06\x64rafts\x18\t \x01(\x0b\x32\x15.mtpd.v1.DraftSummary\x12$\n\x07workers\x18\n \x03(\x0b\x32\x13.mtpd.v1.WorkerLoad\x1a/\n\rFinishedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\xb2\x01\n\nWorkerLoad\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x18\n\x10\x63\x61\x63hed_sequences\x18\x02 \x01(\r\x12\x10\n\x08max_seqs\x18\x03 \x01(\r\x12\r\n\x05steps\x18\x04 \x01(\x04\x12\x11\n\tpositions\x18\x05 \x01(\x04\x12\x11\n\tcompute_s\x18\x06 \x01(\x01\x12\x13\n\x0brecv_wait_s\x18\x07 \x01(\x01\x12\x0e\n\x06send_s\x18\x08 \x01(\x01\x12\x10\n\x08restarts\x18\t \x01(\r*}\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x03\x32\xb9\x02\n\tInference\x12>\n\x08Generate\x12\x18.mtpd.v1.GenerateRequest\x1a\x16.mtpd.v1.GenerateChunk0\x01\x12\x36\n\x04\x43hat\x12\x14.mtpd.v1.ChatRequest\x1a\x16.mtpd.v1.GenerateChunk0\x01\x12<\n\x08Tokenize\x12\x18.mtpd.v1.TokenizeRequest\x1a\x16.mtpd.v1.TokenizeReply\x12@\n\x0cGetModelInfo\x12\x1c.mtpd.v1.GetModelInfoRequest\x1a\x12.mtpd.v1.ModelInfo\x12\x34\n\x08GetStats\x12\x18.mtpd.v1.GetStatsRequest\x1a\x0e.mtpd.v1.Statsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17mtpd/v1/inference.proto\x12\x07mtpd.v1\"\xbc\x04\n\x11GenerationOptions\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x06\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x19\n\x0c\x64raft_tokens\x18\t \x01(\x05H\x07\x88\x01\x01\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\x1d\n\x10presence_penalty\x18\x0b \x01(\x01H\x08\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0c \x01(\x01H\t\x88\x01\x01\x12=\n\nlogit_bias\x18\r \x03(\x0b\x32).mtpd.v1.GenerationOptions.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x0f\n\r_draft_tokensB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penalty\"|\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12+\n\x07options\x18\x03 \x01(\x0b\x32\x1a.mtpd.v1.GenerationOptions\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\x92\x01\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12%\n\ntool_calls\x18\x03 \x03(\x0b\x32\x11.mtpd.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\x12\x19\n\x11reasoning_content\x18\x06 \x01(\t\"=\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\t\":\n\nToolChoice\x12\x0e\n\x04mode\x18\x01 \x01(\tH\x00\x12\x12\n\x08\x66unction\x18\x02 \x01(\tH\x00\x42\x08\n\x06\x63hoice\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"\x96\x02\n\x0b\x43hatRequest\x12&\n\x08messages\x18\x01 \x03(\x0b\x32\x14.mtpd.v1.ChatMessage\x12+\n\x07options\x18\x02 \x01(\x0b\x32\x1a.mtpd.v1.GenerationOptions\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x1c\n\x05tools\x18\x04 \x03(\x0b\x32\r.mtpd.v1.Tool\x12(\n\x0btool_choice\x18\x05 \x01(\x0b\x32\x13.mtpd.v1.ToolChoice\x12 \n\x13parallel_tool_calls\x18\x06 \x01(\x08H\x00\x88\x01\x01\x12\x1c\n\x14\x63hat_template_kwargs\x18\x07 \x01(\tB\x16\n\x14_parallel_tool_calls\"\xc8\x02\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_drafts\x18\x03 \x01(\r\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12,\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x15.mtpd.v1.FinishReason\x12\x15\n\rstop_sequence\x18\x06 \x01(\t\x12\x1d\n\x05usage\x18\x07 \x01(\x0b\x32\x0e.mtpd.v1.Usage\x12\x1f\n\x06timing\x18\x08 \x01(\x0b\x32\x0f.mtpd.v1.Timing\x12%\n\x06\x64rafts\x18\t \x01(\x0b\x32\x15.mtpd.v1.DraftSummary\x12\x16\n\x0ereasoning_text\x18\n \x01(\t\x12%\n\ntool_calls\x18\x0b \x03(\x0b\x32\x11.mtpd.v1.ToolCall\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xb7\x01\n\x06Timing\x12\x10\n\x08queued_s\x18\x01 \x01(\x01\x12\x1d\n\x15time_to_first_token_s\x18\x02 \x01(\x01\x12\x11\n\telapsed_s\x18\x03 \x01(\x01\x12\x14\n\x0ctokens_per_s\x18\x04 \x01(\x01\x12\x1b\n\x13\x64\x65\x63ode_tokens_per_s\x18\x05 \x01(\x01\x12\x10\n\x08verify_s\x18\x06 \x01(\x01\x12\x0f\n\x07\x64raft_s\x18\x07 \x01(\x01\x12\x13\n\x0btransport_s\x18\x08 \x01(\x01\"\x8f\x01\n\x0c\x44raftSummary\x12\x14\n\x0c\x64raft_policy\x18\x01 \x01(\t\x12\r\n\x05steps\x18\x02 \x01(\x04\x12\x0f\n\x07\x64rafted\x18\x03 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x04 \x01(\x04\x12\x1e\n\x16\x61\x63\x63\x65ptance_by_position\x18\x05 \x03(\x01\x12\x17\n\x0ftokens_per_step\x18\x06 \x01(\x01\"G\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12&\n\x08messages\x18\x02 \x03(\x0b\x32\x14.mtpd.v1.ChatMessage\"@\n\rTokenizeReply\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\"\x15\n\x13GetModelInfoRequest\"\xea\x02\n\tModelInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x12\n\nnum_layers\x18\x06 \x01(\r\x12%\n\x07workers\x18\x07 \x03(\x0b\x32\x14.mtpd.v1.WorkerShard\x12\x10\n\x08mtp_head\x18\x08 \x01(\t\x12\x14\n\x0c\x64raft_policy\x18\t \x01(\t\x12\x13\n\x0b\x64raft_p_min\x18\n \x01(\x01\x12\x15\n\rchat_template\x18\x0b \x01(\x08\x12\x10\n\x08max_seqs\x18\x0c \x01(\r\x12\x11\n\tmax_queue\x18\r \x01(\r\x12\x19\n\x11max_request_bytes\x18\x0e \x01(\x04\x12,\n\x08\x64\x65\x66\x61ults\x18\x0f \x01(\x0b\x32\x1a.mtpd.v1.GenerationOptions\"`\n\x0bWorkerShard\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x13\n\x0b\x66irst_layer\x18\x03 \x01(\r\x12\x11\n\tend_layer\x18\x04 \x01(\r\x12\x0b\n\x03pid\x18\x05 \x01(\r\"\x11\n\x0fGetStatsRequest\"\xbe\x02\n\x05Stats\x12\x10\n\x08uptime_s\x18\x01 \x01(\x01\x12\x10\n\x08requests\x18\x02 \x01(\x04\x12\x0f\n\x07running\x18\x03 \x01(\r\x12\x0e\n\x06queued\x18\x04 \x01(\r\x12\x10\n\x08rejected\x18\x05 \x01(\x04\x12.\n\x08\x66inished\x18\x06 \x03(\x0b\x32\x1c.mtpd.v1.Stats.FinishedEntry\x12\x15\n\rprompt_tokens\x18\x07 \x01(\x04\x12\x19\n\x11\x63ompletion_tokens\x18\x08 \x01(\x04\x12%\n\x06\x64rafts\x18\t \x01(\x0b\x32\x15.mtpd.v1.DraftSummary\x12$\n\x07workers\x18\n \x03(\x0b\x32\x13.mtpd.v1.WorkerLoad\x1a/\n\rFinishedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\xb2\x01\n\nWorkerLoad\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x18\n\x10\x63\x61\x63hed_sequences\x18\x02 \x01(\r\x12\x10\n\x08max_seqs\x18\x03 \x01(\r\x12\r\n\x05steps\x18\x04 \x01(\x04\x12\x11\n\tpositions\x18\x05 \x01(\x04\x12\x11\n\tcompute_s\x18\x06 \x01(\x01\x12\x13\n\x0brecv_wait_s\x18\x07 \x01(\x01\x12\x0e\n\x06send_s\x18\x08 \x01(\x01\x12\x10\n\x08restarts\x18\t \x01(\r*}\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x03\x32\xb9\x02\n\tInference\x12>\n\x08Generate\x12\x18.mtpd.v1.GenerateRequest\x1a\x16.mtpd.v1.GenerateChunk0\x01\x12\x36\n\x04\x43hat\x12\x14.mtpd.v1.ChatRequest\x1a\x16.mtpd.v1.GenerateChunk0\x01\x12<\n\x08Tokenize\x12\x18.mtpd.v1.TokenizeRequest\x1a\x16.mtpd.v1.TokenizeReply\x12@\n\x0cGetModelInfo\x12\x1c.mtpd.v1.GetModelInfoRequest\x1a\x12.mtpd.v1.ModelInfo\x12\x34\n\x08GetStats\x12\x18.mtpd.v1.GetStatsRequest\x1a\x0e.mtpd.v1.Statsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mtpd.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_GENERATIONOPTIONS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_GENERATIONOPTIONS_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_STATS_FINISHEDENTRY']._loaded_options = None
   _globals['_STATS_FINISHEDENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=2996
-  _globals['_FINISHREASON']._serialized_end=3121
+  _globals['_FINISHREASON']._serialized_start=3215
+  _globals['_FINISHREASON']._serialized_end=3340
   _globals['_GENERATIONOPTIONS']._serialized_start=37
-  _globals['_GENERATIONOPTIONS']._serialized_end=390
-  _globals['_GENERATEREQUEST']._serialized_start=392
-  _globals['_GENERATEREQUEST']._serialized_end=516
-  _globals['_CHATMESSAGE']._serialized_start=519
-  _globals['_CHATMESSAGE']._serialized_end=665
-  _globals['_TOOL']._serialized_start=667
-  _globals['_TOOL']._serialized_end=728
-  _globals['_TOOLCHOICE']._serialized_start=730
-  _globals['_TOOLCHOICE']._serialized_end=788
-  _globals['_TOOLCALL']._serialized_start=790
-  _globals['_TOOLCALL']._serialized_end=845
-  _globals['_CHATREQUEST']._serialized_start=848
-  _globals['_CHATREQUEST']._serialized_end=1126
-  _globals['_GENERATECHUNK']._serialized_start=1129
-  _globals['_GENERATECHUNK']._serialized_end=1457
-  _globals['_USAGE']._serialized_start=1459
-  _globals['_USAGE']._serialized_end=1516
-  _globals['_TIMING']._serialized_start=1519
-  _globals['_TIMING']._serialized_end=1702
-  _globals['_DRAFTSUMMARY']._serialized_start=1705
-  _globals['_DRAFTSUMMARY']._serialized_end=1848
-  _globals['_TOKENIZEREQUEST']._serialized_start=1850
-  _globals['_TOKENIZEREQUEST']._serialized_end=1921
-  _globals['_TOKENIZEREPLY']._serialized_start=1923
-  _globals['_TOKENIZEREPLY']._serialized_end=1987
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1989
-  _globals['_GETMODELINFOREQUEST']._serialized_end=2010
-  _globals['_MODELINFO']._serialized_start=2013
-  _globals['_MODELINFO']._serialized_end=2375
-  _globals['_WORKERSHARD']._serialized_start=2377
-  _globals['_WORKERSHARD']._serialized_end=2473
-  _globals['_GETSTATSREQUEST']._serialized_start=2475
-  _globals['_GETSTATSREQUEST']._serialized_end=2492
-  _globals['_STATS']._serialized_start=2495
-  _globals['_STATS']._serialized_end=2813
-  _globals['_STATS_FINISHEDENTRY']._serialized_start=2766
-  _globals['_STATS_FINISHEDENTRY']._serialized_end=2813
-  _globals['_WORKERLOAD']._serialized_start=2816
-  _globals['_WORKERLOAD']._serialized_end=2994
-  _globals['_INFERENCE']._serialized_start=3124
-  _globals['_INFERENCE']._serialized_end=3437
+  _globals['_GENERATIONOPTIONS']._serialized_end=609
+  _globals['_GENERATIONOPTIONS_LOGITBIASENTRY']._serialized_start=408
+  _globals['_GENERATIONOPTIONS_LOGITBIASENTRY']._serialized_end=456
+  _globals['_GENERATEREQUEST']._serialized_start=611
+  _globals['_GENERATEREQUEST']._serialized_end=735
+  _globals['_CHATMESSAGE']._serialized_start=738
+  _globals['_CHATMESSAGE']._serialized_end=884
+  _globals['_TOOL']._serialized_start=886
+  _globals['_TOOL']._serialized_end=947
+  _globals['_TOOLCHOICE']._serialized_start=949
+  _globals['_TOOLCHOICE']._serialized_end=1007
+  _globals['_TOOLCALL']._serialized_start=1009
+  _globals['_TOOLCALL']._serialized_end=1064
+  _globals['_CHATREQUEST']._serialized_start=1067
+  _globals['_CHATREQUEST']._serialized_end=1345
+  _globals['_GENERATECHUNK']._serialized_start=1348
+  _globals['_GENERATECHUNK']._serialized_end=1676
+  _globals['_USAGE']._serialized_start=1678
+  _globals['_USAGE']._serialized_end=1735
+  _globals['_TIMING']._serialized_start=1738
+  _globals['_TIMING']._serialized_end=1921
+  _globals['_DRAFTSUMMARY']._serialized_start=1924
+  _globals['_DRAFTSUMMARY']._serialized_end=2067
+  _globals['_TOKENIZEREQUEST']._serialized_start=2069
+  _globals['_TOKENIZEREQUEST']._serialized_end=2140
+  _globals['_TOKENIZEREPLY']._serialized_start=2142
+  _globals['_TOKENIZEREPLY']._serialized_end=2206
+  _globals['_GETMODELINFOREQUEST']._serialized_start=2208
+  _globals['_GETMODELINFOREQUEST']._serialized_end=2229
+  _globals['_MODELINFO']._serialized_start=2232
+  _globals['_MODELINFO']._serialized_end=2594
+  _globals['_WORKERSHARD']._serialized_start=2596
+  _globals['_WORKERSHARD']._serialized_end=2692
+  _globals['_GETSTATSREQUEST']._serialized_start=2694
+  _globals['_GETSTATSREQUEST']._serialized_end=2711
+  _globals['_STATS']._serialized_start=2714
+  _globals['_STATS']._serialized_end=3032
+  _globals['_STATS_FINISHEDENTRY']._serialized_start=2985
+  _globals['_STATS_FINISHEDENTRY']._serialized_end=3032
+  _globals['_WORKERLOAD']._serialized_start=3035
+  _globals['_WORKERLOAD']._serialized_end=3213
+  _globals['_INFERENCE']._serialized_start=3343
+  _globals['_INFERENCE']._serialized_end=3656
 # @@protoc_insertion_point(module_scope)
