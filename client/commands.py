@@ -30,6 +30,8 @@ OPTION_FLAGS = (
     "presence_penalty",
     "frequency_penalty",
     "logit_bias",
+    "logprobs",
+    "top_logprobs",
 )
 
 
@@ -62,6 +64,14 @@ def result_json(result: GenerationResult, info: api.ModelInfo) -> dict[str, Any]
         "reasoning": result.reasoning,
         "tool_calls": [
             {"id": c.id, "name": c.name, "arguments": c.arguments} for c in result.tool_calls
+        ],
+        "logprobs": [
+            {
+                "token_id": e.token_id,
+                "logprob": e.logprob,
+                "top": dict(zip(e.top_token_ids, e.top_logprobs, strict=True)),
+            }
+            for e in result.logprobs
         ],
         "elapsed_s": round(timing.elapsed_s, 4),
         "time_to_first_token_s": round(timing.time_to_first_token_s, 4),

@@ -68,6 +68,8 @@ class Options(TypedDict, total=False):
     presence_penalty: float
     frequency_penalty: float
     logit_bias: Mapping[int, float]  # token id: bias
+    logprobs: bool  # each token's log-probability (GenerationResult.logprobs)
+    top_logprobs: int  # and the top this many tokens' at its position (0..20)
 
 
 def generation_options(options: Options) -> api.GenerationOptions:
@@ -178,14 +180,16 @@ def split_chat_options(options: dict[str, Any]) -> tuple[Options, ChatOptions]:
 
 @dataclass(frozen=True)
 class Delta:
-    """New text from one step, with the tokens the step accepted; in a chat also the
-    reasoning's new text and the tool calls completed."""
+    """New text from one step, with the tokens the step accepted (and, when asked, their
+    log-probabilities); in a chat also the reasoning's new text and the tool calls
+    completed."""
 
     text: str
     token_ids: list[int]
     accepted_drafts: int  # of token_ids, MTP drafts that verification accepted
     reasoning: str = ""
     tool_calls: list[ToolCall] = field(default_factory=list)
+    logprobs: list[api.TokenLogprob] = field(default_factory=list)  # one per token_ids
 
 
 @dataclass
@@ -196,6 +200,7 @@ class GenerationResult:
     finish_reason: str = ""
     reasoning: str = ""
     tool_calls: list[ToolCall] = field(default_factory=list)
+    logprobs: list[api.TokenLogprob] = field(default_factory=list)  # with Options.logprobs
     stop_sequence: str | None = None
     request_id: str = ""
     prompt_tokens: int = 0
@@ -211,6 +216,7 @@ class GenerationResult:
         calls = [ToolCall(c.id, c.name, c.arguments) for c in chunk.tool_calls]
         self.tool_calls += calls
         self.token_ids.extend(chunk.token_ids)
+        self.logprobs.extend(chunk.logprobs)
         self.accepted_drafts += chunk.accepted_drafts
         self.request_id = chunk.request_id
         if chunk.finish_reason:
@@ -226,6 +232,7 @@ class GenerationResult:
                 chunk.accepted_drafts,
                 chunk.reasoning_text,
                 calls,
+                list(chunk.logprobs),
             )
         return None
 

@@ -81,6 +81,13 @@ def _add_generation_flags(p: argparse.ArgumentParser, prompt: bool = True) -> No
         "--frequency-penalty", type=float, help=f"[-2, 2] (default {d.frequency_penalty}: off)"
     )
     p.add_argument(
+        "--logprobs",
+        action="store_true",
+        default=None,
+        help="return each token's log-probability (in --json)",
+    )
+    p.add_argument("--top-logprobs", type=int, help="and the top N tokens' at its position (0..20)")
+    p.add_argument(
         "--logit-bias",
         type=_logit_bias,
         help="token ids' biases as JSON, e.g. '{\"13\": -100}' (bans token 13)",

@@ -104,6 +104,15 @@ class Generation:
         return api.GenerateChunk(
             **self._split("".join(texts)),
             token_ids=kept,
+            logprobs=[
+                api.TokenLogprob(
+                    token_id=token,
+                    logprob=entry.logprob,
+                    top_token_ids=entry.top_ids,
+                    top_logprobs=entry.top_logprobs,
+                )
+                for token, entry in zip(kept, step.logprobs, strict=False)
+            ],
             accepted_drafts=min(step.drafts, len(kept)),
             request_id=self.request_id,
         )
@@ -206,6 +215,7 @@ async def generate(
         options.max_tokens_for(len(prompt_ids), daemon.pipeline.max_context),
         ignore_eos=options.ignore_eos,
         draft_tokens=options.draft_tokens,
+        top_logprobs=options.top_logprobs if options.logprobs else None,
     )
     if on_admitted is not None:
         on_admitted(request)

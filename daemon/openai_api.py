@@ -6,7 +6,7 @@ app served by uvicorn inside the daemon process. Every generation goes through t
 Where OpenAI and mtpd differ, OpenAI's behaviour wins: temperature defaults to 1, a
 missing seed samples afresh each time, a missing max_tokens means "until the context is
 full" for chat (16 tokens for completions, OpenAI's default there). Parameters for
-behaviour mtpd lacks (n > 1, logprobs, penalties) are refused by name rather than
+behaviour mtpd lacks (n > 1, JSON mode) is refused by name rather than
 ignored; unknown parameters are ignored, as OpenAI's newer parameters arrive before any
 server knows them. Tools, tool calls and reasoning follow daemon/chat.py."""
 
@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Literal, TypeVar
 
 import anyio
@@ -40,6 +41,7 @@ from mtpd.daemon.metrics import metrics_registry
 from mtpd.daemon.options import GenerationOptions
 from mtpd.daemon.scheduler import QueueFullError, RequestFailed, RequestQuarantined
 from mtpd.model.errors import InputError, InvalidParameter, check_unicode
+from mtpd.model.tokenizer import Tokenizer
 from mtpd.rpc import bearer_token_matches
 from mtpd.v1 import inference_pb2 as api
 
@@ -108,8 +110,12 @@ class _Sampling(_Body):
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
             logit_bias=_token_ids(self.logit_bias or {}),
+            **self.logprob_options(),
             **extras,
         )
+
+    def logprob_options(self) -> dict[str, Any]:
+        return {}
 
 
 def _token_ids(bias: dict[str, float]) -> dict[int, float]:
@@ -207,12 +213,13 @@ class ChatCompletionRequest(_Sampling):
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
-        if self.logprobs or self.top_logprobs is not None:
-            raise Unsupported("logprobs", "logprobs: mtpd does not return log probabilities")
         if self.functions:
             raise Unsupported("functions", "functions: deprecated by OpenAI; send tools")
         if self.response_format and self.response_format.get("type") != "text":
             raise Unsupported("response_format", "response_format: only {'type': 'text'}")
+
+    def logprob_options(self) -> dict[str, Any]:
+        return {"logprobs": self.logprobs, "top_logprobs": self.top_logprobs or 0}
 
     def to_proto(self) -> api.ChatRequest:
         choice = api.ToolChoice()
@@ -245,7 +252,12 @@ class CompletionRequest(_Sampling):
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
-    logprobs: int | None = None
+    logprobs: int | None = None  # the legacy API's: this many top tokens' too
+
+    def logprob_options(self) -> dict[str, Any]:
+        if self.logprobs is None:
+            return {}
+        return {"logprobs": True, "top_logprobs": self.logprobs}
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
@@ -255,8 +267,6 @@ class CompletionRequest(_Sampling):
             raise Unsupported("suffix", "suffix: mtpd does not insert text")
         if self.best_of not in (None, 1):
             raise Unsupported("best_of", "best_of: mtpd generates one completion")
-        if self.logprobs is not None:
-            raise Unsupported("logprobs", "logprobs: mtpd does not return log probabilities")
         several = isinstance(self.prompt, list) and len(self.prompt) > 1
         if several and not isinstance(self.prompt[0], int):
             raise Unsupported("prompt", "prompt: one prompt per request")
@@ -540,7 +550,7 @@ class OpenAIApp:
             first = await _unless_disconnected(request, anext(chunks))
             if first is None:
                 return Response(status_code=499)  # the client went away while queued
-            reply = _Reply(request_id, self.model_name, body)
+            reply = _Reply(request_id, self.model_name, body, daemon.tokenizer)
             if body.stream:
                 return EventStream(reply.events(first, chunks))
             result = await _unless_disconnected(request, reply.collect(first, chunks))
@@ -626,7 +636,9 @@ class OpenAIApp:
 class _Reply:
     """One generation's chunks as an OpenAI response: a whole object or its events."""
 
-    def __init__(self, request_id: str, model: str, body: _Sampling) -> None:
+    def __init__(self, request_id: str, model: str, body: _Sampling, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self._offset = 0  # the completions API's text_offset of the next token
         self.chat = isinstance(body, ChatCompletionRequest)
         self.id = f"{'chatcmpl' if self.chat else 'cmpl'}-{request_id}"
         self.model, self.created = model, int(time.time())
@@ -654,6 +666,46 @@ class _Reply:
         choice["logprobs"] = None
         choice["finish_reason"] = finish
         return choice
+
+    def _logprobs(self, logprobs: Sequence[api.TokenLogprob]) -> dict | None:
+        """Chat's `{"content": [...]}` or the completions API's parallel lists. A token's
+        text is its own decoding (a piece of a character decodes to U+FFFD; its bytes
+        then are those of that text)."""
+        if not logprobs:
+            return None
+        text = self._token_text
+        if self.chat:
+            return {
+                "content": [
+                    {
+                        **self._token_entry(e.token_id, e.logprob),
+                        "top_logprobs": [
+                            self._token_entry(t, lp)
+                            for t, lp in zip(e.top_token_ids, e.top_logprobs, strict=True)
+                        ],
+                    }
+                    for e in logprobs
+                ]
+            }
+        tokens = [text(e.token_id) for e in logprobs]
+        offsets = list(itertools.accumulate((len(t) for t in tokens[:-1]), initial=self._offset))
+        self._offset += sum(len(t) for t in tokens)
+        return {
+            "tokens": tokens,
+            "token_logprobs": [e.logprob for e in logprobs],
+            "top_logprobs": [
+                {text(t): lp for t, lp in zip(e.top_token_ids, e.top_logprobs, strict=True)}
+                for e in logprobs
+            ],
+            "text_offset": offsets,
+        }
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def _token_entry(self, token_id: int, logprob: float) -> dict:
+        text = self._token_text(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
     @staticmethod
     def _calls(calls: list[api.ToolCall], first_index: int = 0, streaming: bool = False) -> list:
@@ -686,6 +738,7 @@ class _Reply:
             choice["message"]["reasoning_content"] = reasoning
         if self.chat and calls:
             choice["message"]["tool_calls"] = self._calls(calls)
+        choice["logprobs"] = self._logprobs([e for c in chunks for e in c.logprobs])
         out = self._envelope([choice], False)
         out["usage"] = _usage(last)
         return out
@@ -712,8 +765,10 @@ class _Reply:
                         reasoning = self._choice(None, None, streaming=True)
                         reasoning["delta"]["reasoning_content"] = chunk.reasoning_text
                         yield event(reasoning)
-                    if chunk.text:
-                        yield event(self._choice(chunk.text, None, streaming=True))
+                    if chunk.text or chunk.logprobs:
+                        content = self._choice(chunk.text, None, streaming=True)
+                        content["logprobs"] = self._logprobs(chunk.logprobs)
+                        yield event(content)
                     if chunk.tool_calls:
                         called = self._choice(None, None, streaming=True)
                         called["delta"]["tool_calls"] = self._calls(

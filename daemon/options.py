@@ -18,6 +18,7 @@ MAX_STOP_SEQUENCES = 16
 MAX_STOP_BYTES = 256
 MAX_DRAFT_TOKENS = 16  # the workers' bound (mtpd.worker.stage.MAX_DRAFT_TOKENS)
 MAX_REQUEST_ID = 128
+MAX_TOP_LOGPROBS = 20  # the workers' bound (mtpd.worker.stage.MAX_TOP_LOGPROBS), OpenAI's
 DEFAULT_MAX_REQUEST_BYTES = 1 << 20  # mtpd serve --max-request-bytes
 TOOL_FORMATS = ("hermes", "xml")  # the tool-call formats daemon/assistant_output.py reads
 TOOL_CALL_PARSERS = ("auto", *TOOL_FORMATS, "none")  # mtpd serve --tool-call-parser
@@ -39,6 +40,8 @@ class GenerationOptions:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] = dataclasses.field(default_factory=dict)
+    logprobs: bool = False
+    top_logprobs: int = 0
 
     def __post_init__(self) -> None:
         if self.max_tokens is not None and not 1 <= self.max_tokens <= MAX_INT32:
@@ -62,6 +65,13 @@ class GenerationOptions:
                 f"draft_tokens must be in 0..{MAX_DRAFT_TOKENS}, got {self.draft_tokens}",
                 "draft_tokens",
             )
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidParameter(
+                f"top_logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {self.top_logprobs}",
+                "top_logprobs",
+            )
+        if self.top_logprobs and not self.logprobs:
+            raise InvalidParameter("top_logprobs: set logprobs too", "top_logprobs")
         # Sampling fields (and the seed) are checked where they are defined.
         self.sampling()
 
@@ -97,11 +107,15 @@ class GenerationOptions:
             stop=tuple(msg.stop),
             ignore_eos=msg.ignore_eos,
             logit_bias=dict(msg.logit_bias),
+            logprobs=msg.logprobs,
         )
 
     def to_proto(self) -> api.GenerationOptions:
         msg = api.GenerationOptions(
-            stop=list(self.stop), ignore_eos=self.ignore_eos, logit_bias=self.logit_bias
+            stop=list(self.stop),
+            ignore_eos=self.ignore_eos,
+            logit_bias=self.logit_bias,
+            logprobs=self.logprobs,
         )
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -111,7 +125,7 @@ class GenerationOptions:
 
 
 # The fields without presence on the wire (proto3 repeated, map and plain bool).
-_REPEATED = ("stop", "ignore_eos", "logit_bias")
+_REPEATED = ("stop", "ignore_eos", "logit_bias", "logprobs")
 
 
 def defaults_proto() -> api.GenerationOptions:

@@ -81,6 +81,7 @@ class Accepted:
 
     token_ids: list[int]
     drafts: int  # how many of them were MTP drafts the verification accepted
+    logprobs: list[pb.EmittedLogprobs] = field(default_factory=list)  # when asked, one each
 
 
 class Request:
@@ -184,6 +185,7 @@ class _Sequence:
     ignore_eos: bool
     return_logits: bool
     draft_tokens: int | None  # the request's own drafts per step; None: the policy's
+    top_logprobs: int | None  # None: no log-probabilities
     cached: int = 0  # positions every worker holds in its KV cache
     # A step of it was sent (the first, at keep 0, with its settings): the workers may
     # hold a slot for it, even with nothing cached (a step that failed whole took one).
@@ -251,7 +253,10 @@ class Scheduler:
         ignore_eos: bool = False,
         return_logits: bool = False,
         draft_tokens: int | None = None,
+        top_logprobs: int | None = None,
     ) -> Request:
+        """top_logprobs: None for no log-probabilities, else each token's and the top
+        that many tokens' at its position."""
         if not prompt_ids:
             raise InvalidParameter("prompt is empty", "prompt")
         if max_tokens < 1:
@@ -274,6 +279,7 @@ class Scheduler:
             ignore_eos=ignore_eos,
             return_logits=return_logits,
             draft_tokens=draft_tokens,
+            top_logprobs=top_logprobs,
         )
         with self._cond:
             if self._stopped:
@@ -390,6 +396,8 @@ class Scheduler:
             draft_p_min=self.policy.p_min,
             no_mtp=seq.draft_tokens == 0 or (seq.draft_tokens is None and not self.policy.enabled),
             prompt_tokens=seq.prompt_len,
+            logprobs=seq.top_logprobs is not None,
+            top_logprobs=seq.top_logprobs or 0,
         )
 
     def _drafts_for(self, seq: _Sequence, limit: int, batch: int) -> int:
@@ -569,7 +577,11 @@ class Scheduler:
 
             rows = torch.frombuffer(bytearray(result.logits), dtype=torch.float32)
             seq.request.logits.extend(rows.view(len(result.token_ids), -1)[: len(tokens)])
-        seq.request._emit(Accepted(tokens, min(result.accepted, len(tokens))))
+        seq.request._emit(
+            Accepted(
+                tokens, min(result.accepted, len(tokens)), list(result.logprobs[: len(tokens)])
+            )
+        )
 
     def _observe(self, batch: list[tuple[_Sequence, int]], outcome: StepOutcome) -> None:
         self.recent_steps.append(

@@ -9,6 +9,7 @@ import threading
 
 import openai
 import pytest
+import torch
 from live_daemon import CONTEXT, LiveDaemon, http_request, wait_for, write_served_model
 from prometheus_client.parser import text_string_to_metric_families
 from reference import GREEDY, penalised_run, solo_run
@@ -357,12 +358,20 @@ BAD_REQUESTS = [
         "not valid JSON",
     ),
     (
-        "logprobs",
+        "top_logprobs over 20",
         "chat/completions",
-        {**CHAT, "logprobs": True},
+        {**CHAT, "logprobs": True, "top_logprobs": 21},
         400,
-        "logprobs",
-        "log probabilities",
+        "top_logprobs",
+        "must be in 0..20",
+    ),
+    (
+        "top_logprobs without logprobs",
+        "chat/completions",
+        {**CHAT, "top_logprobs": 2},
+        400,
+        "top_logprobs",
+        "set logprobs too",
     ),
     (
         "a penalty out of range",
@@ -523,3 +532,68 @@ def test_penalties_and_logit_bias_follow_their_formulas(oai, grpc_client, engine
         extra_body={"ignore_eos": True, "draft_tokens": draft_tokens},
     )
     assert reply.choices[0].message.content == engine.tokenizer.decode(want)
+
+
+def test_logprobs_are_the_engines_log_softmax(oai, grpc_client, engine):
+    """Each token's log-probability and its position's top 3, against the engine's
+    logits, through the chat (whole and streamed) and completions APIs and gRPC, with
+    MTP drafting (the rows verification reads)."""
+    prompt = chat_ids(engine, MESSAGES)
+    tokens, logits = solo_run(engine, prompt, 8)
+    want = [torch.log_softmax(row.float(), -1) for row in logits]
+    text = engine.tokenizer.decode
+
+    def check(entries, top_key):
+        assert len(entries) == len(tokens)
+        for (token_id, logprob, top), token, row in zip(entries, tokens, want, strict=True):
+            assert token_id == token and abs(logprob - float(row[token])) < 1e-4
+            best = row.topk(3)
+            assert [t for t, _ in top] == [top_key(i) for i in best.indices.tolist()]
+            assert all(
+                abs(lp - float(v)) < 1e-4 for (_, lp), v in zip(top, best.values, strict=True)
+            )
+
+    def chat_entries(content):
+        ids = {text([t]): t for t in range(engine.cfg.vocab_size)}  # the char model: 1:1
+        return [
+            (ids[e.token], e.logprob, [(t.token, t.logprob) for t in e.top_logprobs])
+            for e in content
+        ]
+
+    options = {"model": MODEL, "max_tokens": 8, "temperature": 0, "logprobs": True}
+    extra = {"extra_body": {"ignore_eos": True, "draft_tokens": 3}}
+    reply = oai.chat.completions.create(messages=MESSAGES, top_logprobs=3, **options, **extra)
+    check(chat_entries(reply.choices[0].logprobs.content), lambda i: text([i]))
+    streamed = [
+        e
+        for chunk in oai.chat.completions.create(
+            messages=MESSAGES, top_logprobs=3, stream=True, **options, **extra
+        )
+        if chunk.choices and chunk.choices[0].logprobs
+        for e in chunk.choices[0].logprobs.content
+    ]
+    check(chat_entries(streamed), lambda i: text([i]))
+
+    options["logprobs"] = 3  # the completions API's: the top count
+    completion = oai.completions.create(prompt=prompt, **options, **extra).choices[0].logprobs
+    assert completion.tokens == [text([t]) for t in tokens]
+    check(
+        [
+            (t, lp, list(top.items()))
+            for t, lp, top in zip(
+                tokens, completion.token_logprobs, completion.top_logprobs, strict=True
+            )
+        ],
+        lambda i: text([i]),
+    )
+
+    got = grpc_client.chat(
+        MESSAGES, max_tokens=8, ignore_eos=True, draft_tokens=3, logprobs=True, top_logprobs=3
+    )
+    check(
+        [
+            (e.token_id, e.logprob, list(zip(e.top_token_ids, e.top_logprobs, strict=True)))
+            for e in got.logprobs
+        ],
+        lambda i: i,
+    )

@@ -41,6 +41,24 @@ MAX_DRAFT_TOKENS = 16
 PINNED_ELEMENTS = 16 * 2**20
 
 
+MAX_TOP_LOGPROBS = 20  # as OpenAI bounds top_logprobs
+
+
+def add_logprobs(
+    result: pb.SequenceResult, rows: torch.Tensor, emitted: list[int], top: int
+) -> None:
+    """Each emitted token's log-probability from its row of logits (before any sampling
+    parameter), and the `top` most likely tokens' there."""
+    logprobs = torch.log_softmax(rows.float(), -1)
+    best = logprobs.topk(top, -1) if top else None
+    chosen = logprobs.gather(-1, torch.tensor(emitted)[:, None])[:, 0].tolist()
+    for j, logprob in enumerate(chosen):
+        entry = result.logprobs.add(logprob=logprob)
+        if best is not None:
+            entry.top_ids.extend(best.indices[j].tolist())
+            entry.top_logprobs.extend(best.values[j].tolist())
+
+
 class StepRefused(InputError):
     """A step that cannot run as sent (unknown cache length, over the context)."""
 
@@ -54,6 +72,7 @@ class SequenceSettings:
     draft_p_min: float
     no_mtp: bool
     prompt_tokens: int
+    top_logprobs: int | None  # None: no log-probabilities; else how many top tokens
 
 
 @dataclass
@@ -183,12 +202,15 @@ class Stage:
             raise StepRefused(str(e)) from e
         if not math.isfinite(opened.draft_p_min):
             raise StepRefused(f"draft_p_min {opened.draft_p_min} is not a number")
+        if opened.top_logprobs > MAX_TOP_LOGPROBS:
+            raise StepRefused(f"top_logprobs {opened.top_logprobs} above {MAX_TOP_LOGPROBS}")
         return SequenceSettings(
             sampling,
             opened.return_logits,
             opened.draft_p_min,
             opened.no_mtp,
             opened.prompt_tokens,
+            opened.top_logprobs if opened.logprobs else None,
         )
 
     def run(self, req: pb.StepRequest) -> pb.StepReply:
@@ -331,6 +353,10 @@ class Stage:
                 result = reply.results.add(seq_id=s.seq_id, token_ids=emitted, accepted=accepted)
                 if settings[i].return_logits:
                     result.logits = logits[row : row + len(emitted)].numpy().tobytes()
+                if settings[i].top_logprobs is not None:
+                    add_logprobs(
+                        result, logits[row : row + len(emitted)], emitted, settings[i].top_logprobs
+                    )
                 row += n
             if self.drafter is not None and not settings[i].no_mtp:
                 known = history[s.keep + 1 :] + ([result.token_ids[-1]] if result else [])

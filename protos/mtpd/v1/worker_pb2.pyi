@@ -159,20 +159,34 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., min_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., logit_bias: _Optional[_Mapping[int, float]] = ...) -> None: ...
 
 class SequenceOpen(_message.Message):
-    __slots__ = ("seq_id", "sampling", "return_logits", "draft_p_min", "no_mtp", "prompt_tokens")
+    __slots__ = ("seq_id", "sampling", "return_logits", "draft_p_min", "no_mtp", "prompt_tokens", "logprobs", "top_logprobs")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     RETURN_LOGITS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_P_MIN_FIELD_NUMBER: _ClassVar[int]
     NO_MTP_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     seq_id: str
     sampling: SamplingParams
     return_logits: bool
     draft_p_min: float
     no_mtp: bool
     prompt_tokens: int
-    def __init__(self, seq_id: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., return_logits: _Optional[bool] = ..., draft_p_min: _Optional[float] = ..., no_mtp: _Optional[bool] = ..., prompt_tokens: _Optional[int] = ...) -> None: ...
+    logprobs: bool
+    top_logprobs: int
+    def __init__(self, seq_id: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., return_logits: _Optional[bool] = ..., draft_p_min: _Optional[float] = ..., no_mtp: _Optional[bool] = ..., prompt_tokens: _Optional[int] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ...) -> None: ...
+
+class EmittedLogprobs(_message.Message):
+    __slots__ = ("logprob", "top_ids", "top_logprobs")
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    TOP_IDS_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    logprob: float
+    top_ids: _containers.RepeatedScalarFieldContainer[int]
+    top_logprobs: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, logprob: _Optional[float] = ..., top_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class SequenceStep(_message.Message):
     __slots__ = ("seq_id", "keep", "token_ids", "sample", "draft_tokens", "verify")
@@ -213,20 +227,22 @@ class StepRequest(_message.Message):
     def __init__(self, step_id: _Optional[int] = ..., sequences: _Optional[_Iterable[_Union[SequenceStep, _Mapping]]] = ..., release: _Optional[_Iterable[str]] = ..., activations: _Optional[_Union[Activations, _Mapping]] = ..., open: _Optional[_Iterable[_Union[SequenceOpen, _Mapping]]] = ...) -> None: ...
 
 class SequenceResult(_message.Message):
-    __slots__ = ("seq_id", "token_ids", "logits", "accepted", "draft_token_ids", "error")
+    __slots__ = ("seq_id", "token_ids", "logits", "accepted", "draft_token_ids", "error", "logprobs")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     LOGITS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     DRAFT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     seq_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     logits: bytes
     accepted: int
     draft_token_ids: _containers.RepeatedScalarFieldContainer[int]
     error: str
-    def __init__(self, seq_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., logits: _Optional[bytes] = ..., accepted: _Optional[int] = ..., draft_token_ids: _Optional[_Iterable[int]] = ..., error: _Optional[str] = ...) -> None: ...
+    logprobs: _containers.RepeatedCompositeFieldContainer[EmittedLogprobs]
+    def __init__(self, seq_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., logits: _Optional[bytes] = ..., accepted: _Optional[int] = ..., draft_token_ids: _Optional[_Iterable[int]] = ..., error: _Optional[str] = ..., logprobs: _Optional[_Iterable[_Union[EmittedLogprobs, _Mapping]]] = ...) -> None: ...
 
 class StepTimings(_message.Message):
     __slots__ = ("compute_s", "recv_wait_s", "send_s", "arrived_at", "input_ready_at", "computed_at", "sent_at", "draft_s", "draft_passes", "draft_catch_up_s")
