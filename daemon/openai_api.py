@@ -5,15 +5,17 @@ app served by uvicorn inside the daemon process. Every generation goes through t
 
 Where OpenAI and mtpd differ, OpenAI's behaviour wins: temperature defaults to 1, a
 missing seed samples afresh each time, a missing max_tokens means "until the context is
-full" for chat (16 tokens for completions, OpenAI's default there). Parameters for
-behaviour mtpd lacks (n > 1, JSON mode) is refused by name rather than
-ignored; unknown parameters are ignored, as OpenAI's newer parameters arrive before any
-server knows them. Tools, tool calls and reasoning follow daemon/chat.py."""
+full" for chat (16 tokens for completions, OpenAI's default there). A parameter asking
+for what mtpd lacks (JSON mode) is refused by name rather than ignored; unknown
+parameters are ignored, as OpenAI's newer parameters arrive before any server knows
+them. Tools, tool calls and reasoning follow daemon/chat.py; `n` choices are n requests
+in one batch, choice i with seed + i."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import json
 import logging
@@ -41,6 +43,7 @@ from mtpd.daemon.metrics import metrics_registry
 from mtpd.daemon.options import GenerationOptions
 from mtpd.daemon.scheduler import QueueFullError, RequestFailed, RequestQuarantined
 from mtpd.model.errors import InputError, InvalidParameter, check_unicode
+from mtpd.model.sampling_params import MAX_SEED
 from mtpd.model.tokenizer import Tokenizer
 from mtpd.rpc import bearer_token_matches
 from mtpd.v1 import inference_pb2 as api
@@ -71,7 +74,7 @@ class _Sampling(_Body):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0)
-    n: int = 1
+    n: int = Field(1, ge=1)  # choice i draws with seed + i
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float = 0.0
@@ -86,8 +89,6 @@ class _Sampling(_Body):
     ignore_eos: bool = False
 
     def refuse_unsupported(self) -> None:
-        if self.n != 1:
-            raise Unsupported("n", "n: mtpd supports only the neutral value")
         if self.stream_options is not None and not self.stream:
             raise Unsupported("stream_options", "stream_options: only allowed with stream")
 
@@ -414,12 +415,15 @@ def _event(payload: dict | str) -> bytes:
 # -- the app --------------------------------------------------------------------------------
 
 
-def _usage(last: api.GenerateChunk) -> dict:
-    u, d, t = last.usage, last.drafts, last.timing
+def _usage(lasts: list[api.GenerateChunk]) -> dict:
+    """The choices' last chunks' usage: the prompt once, the completions summed, and
+    mtpd's draft statistics of the first choice."""
+    u, d, t = lasts[0].usage, lasts[0].drafts, lasts[0].timing
+    completion = sum(last.usage.completion_tokens for last in lasts)
     return {
         "prompt_tokens": u.prompt_tokens,
-        "completion_tokens": u.completion_tokens,
-        "total_tokens": u.prompt_tokens + u.completion_tokens,
+        "completion_tokens": completion,
+        "total_tokens": u.prompt_tokens + completion,
         # mtpd's extension: how speculative decoding went for this request.
         "mtpd": {
             "draft_policy": d.draft_policy,
@@ -527,37 +531,61 @@ class OpenAIApp:
     async def _generation(self, request: Request, schema: type[_Sampling]) -> Response:
         arrived = time.monotonic()
         front = self.front
-        chunks = None
+        streams: list[AsyncIterator[api.GenerateChunk]] = []
         try:
             body = await self._parse(request, schema)
             daemon = front.ready()
-            prompt = await asyncio.to_thread(self._prompt, daemon, body)
+            if body.n > daemon.pipeline.max_seqs:
+                raise Unsupported(
+                    "n",
+                    f"n: at most {daemon.pipeline.max_seqs}, the sequences decoded together "
+                    "(mtpd serve --max-seqs)",
+                )
+            # One reader per choice: a chat's reply reader keeps its reply's state.
+            prompts = [await asyncio.to_thread(self._prompt, daemon, body) for _ in range(body.n)]
             if isinstance(body, ChatCompletionRequest):
-                room = max(1, daemon.pipeline.max_context - len(prompt.ids))
+                room = max(1, daemon.pipeline.max_context - len(prompts[0].ids))
                 max_tokens = body.max_completion_tokens or body.max_tokens or room
             else:
                 max_tokens = body.max_tokens or COMPLETION_MAX_TOKENS
             request_id = front.request_id()
-            chunks = front.generate(
-                lambda _: prompt,
-                body.options(max_tokens),
-                request_id,
-                arrived,
-                prompt_field="prompt",
+            options = body.options(max_tokens)
+            for i, prompt in enumerate(prompts):  # choice i draws with seed + i
+                choice = dataclasses.replace(options, seed=(options.seed + i) % (MAX_SEED + 1))
+                streams.append(
+                    front.generate(
+                        lambda _, p=prompt: p,
+                        choice,
+                        request_id if body.n == 1 else f"{request_id}.{i}",
+                        arrived,
+                        prompt_field="prompt",
+                    )
+                )
+            # The first chunks before the response starts: a refusal (a full queue, a
+            # prompt too long) is then a status, not an error inside a 200 stream.
+            firsts = await _unless_disconnected(
+                request, asyncio.gather(*(anext(s) for s in streams))
             )
-            # The first chunk before the response starts: a refusal (a full queue, a prompt
-            # too long) is then a status, not an error inside a 200 stream.
-            first = await _unless_disconnected(request, anext(chunks))
-            if first is None:
+            if firsts is None:
                 return Response(status_code=499)  # the client went away while queued
-            reply = _Reply(request_id, self.model_name, body, daemon.tokenizer)
+            replies = [
+                _Reply(request_id, self.model_name, body, daemon.tokenizer, i)
+                for i in range(body.n)
+            ]
             if body.stream:
-                return EventStream(reply.events(first, chunks))
-            result = await _unless_disconnected(request, reply.collect(first, chunks))
-            return Response(status_code=499) if result is None else JSONResponse(result)
+                return EventStream(_events(replies, firsts, streams))
+            collected = asyncio.gather(
+                *(r.collect(f, s) for r, f, s in zip(replies, firsts, streams, strict=True))
+            )
+            result = await _unless_disconnected(request, collected)
+            if result is None:
+                return Response(status_code=499)
+            out = replies[0]._envelope([choice for choice, _ in result], False)
+            out["usage"] = _usage([last for _, last in result])
+            return JSONResponse(out)
         except Exception as e:
-            if chunks is not None:
-                await chunks.aclose()
+            for stream in streams:
+                await stream.aclose()
             error = _api_error(e)
             if error.status in (400, 404, 413, 429):
                 front.rejected += 1
@@ -636,8 +664,10 @@ class OpenAIApp:
 class _Reply:
     """One generation's chunks as an OpenAI response: a whole object or its events."""
 
-    def __init__(self, request_id: str, model: str, body: _Sampling, tokenizer: Tokenizer) -> None:
-        self.tokenizer = tokenizer
+    def __init__(
+        self, request_id: str, model: str, body: _Sampling, tokenizer: Tokenizer, index: int
+    ) -> None:
+        self.tokenizer, self.index = tokenizer, index
         self._offset = 0  # the completions API's text_offset of the next token
         self.chat = isinstance(body, ChatCompletionRequest)
         self.id = f"{'chatcmpl' if self.chat else 'cmpl'}-{request_id}"
@@ -656,7 +686,7 @@ class _Reply:
         }
 
     def _choice(self, text: str | None, finish: str | None, streaming: bool) -> dict:
-        choice: dict[str, Any] = {"index": 0}
+        choice: dict[str, Any] = {"index": self.index}
         if self.chat and streaming:
             choice["delta"] = {} if text is None else {"content": text}
         elif self.chat:
@@ -722,7 +752,8 @@ class _Reply:
 
     async def collect(
         self, first: api.GenerateChunk, rest: AsyncIterator[api.GenerateChunk]
-    ) -> dict:
+    ) -> tuple[dict, api.GenerateChunk]:
+        """This choice, whole, and its last chunk (for the usage)."""
         chunks = [first]
         async with contextlib.aclosing(rest):
             while not chunks[-1].finish_reason:
@@ -739,13 +770,13 @@ class _Reply:
         if self.chat and calls:
             choice["message"]["tool_calls"] = self._calls(calls)
         choice["logprobs"] = self._logprobs([e for c in chunks for e in c.logprobs])
-        out = self._envelope([choice], False)
-        out["usage"] = _usage(last)
-        return out
+        return choice, last
 
-    async def events(
+    async def choice_events(
         self, first: api.GenerateChunk, rest: AsyncIterator[api.GenerateChunk]
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncIterator[bytes | api.GenerateChunk]:
+        """This choice's events, then its last chunk (for the usage)."""
+
         def event(choice: dict) -> bytes:
             out = self._envelope([choice], True)
             if self.include_usage:
@@ -757,35 +788,90 @@ class _Reply:
             opening["delta"]["role"] = "assistant"
             yield event(opening)
         calls = 0
-        try:
-            async with contextlib.aclosing(rest):
-                chunk = first
-                while True:
-                    if chunk.reasoning_text:
-                        reasoning = self._choice(None, None, streaming=True)
-                        reasoning["delta"]["reasoning_content"] = chunk.reasoning_text
-                        yield event(reasoning)
-                    if chunk.text or chunk.logprobs:
-                        content = self._choice(chunk.text, None, streaming=True)
-                        content["logprobs"] = self._logprobs(chunk.logprobs)
-                        yield event(content)
-                    if chunk.tool_calls:
-                        called = self._choice(None, None, streaming=True)
-                        called["delta"]["tool_calls"] = self._calls(
-                            list(chunk.tool_calls), calls, streaming=True
-                        )
-                        calls += len(chunk.tool_calls)
-                        yield event(called)
-                    if chunk.finish_reason:
-                        break
-                    chunk = await anext(rest)
-        except Exception as e:  # the pipeline failed mid-generation: say so, then end
-            yield _event(_api_error(e).body())
-            yield _event("[DONE]")
-            return
+        async with contextlib.aclosing(rest):
+            chunk = first
+            while True:
+                if chunk.reasoning_text:
+                    reasoning = self._choice(None, None, streaming=True)
+                    reasoning["delta"]["reasoning_content"] = chunk.reasoning_text
+                    yield event(reasoning)
+                if chunk.text or chunk.logprobs:
+                    content = self._choice(chunk.text, None, streaming=True)
+                    content["logprobs"] = self._logprobs(chunk.logprobs)
+                    yield event(content)
+                if chunk.tool_calls:
+                    called = self._choice(None, None, streaming=True)
+                    called["delta"]["tool_calls"] = self._calls(
+                        list(chunk.tool_calls), calls, streaming=True
+                    )
+                    calls += len(chunk.tool_calls)
+                    yield event(called)
+                if chunk.finish_reason:
+                    break
+                chunk = await anext(rest)
         yield event(self._choice(None, FINISH_NAMES[chunk.finish_reason], streaming=True))
-        if self.include_usage:
-            final = self._envelope([], True)
-            final["usage"] = _usage(chunk)
-            yield _event(final)
+        yield chunk
+
+
+async def _events(
+    replies: list[_Reply],
+    firsts: list[api.GenerateChunk],
+    rests: list[AsyncIterator[api.GenerateChunk]],
+) -> AsyncIterator[bytes]:
+    """The choices' events as they come (interleaved, each at its index), then the usage
+    and [DONE]. An error mid-generation is said, then the stream ends."""
+    lasts: list[api.GenerateChunk] = []
+    merged = _merged(
+        [r.choice_events(f, rest) for r, f, rest in zip(replies, firsts, rests, strict=True)]
+    )
+    try:
+        async with contextlib.aclosing(merged):
+            async for item in merged:
+                if isinstance(item, bytes):
+                    yield item
+                else:
+                    lasts.append(item)
+    except Exception as e:  # the pipeline failed mid-generation: say so, then end
+        yield _event(_api_error(e).body())
         yield _event("[DONE]")
+        return
+    if replies[0].include_usage:
+        final = replies[0]._envelope([], True)
+        final["usage"] = _usage(lasts)
+        yield _event(final)
+    yield _event("[DONE]")
+
+
+async def _merged(streams: list[AsyncIterator[T]]) -> AsyncIterator[T]:
+    """Items of every stream as they come; one stream's error ends them all."""
+    if len(streams) == 1:
+        async with contextlib.aclosing(streams[0]) as only:
+            async for item in only:
+                yield item
+        return
+    queue: asyncio.Queue = asyncio.Queue(maxsize=len(streams))
+    done = object()
+
+    async def pump(stream: AsyncIterator[T]) -> None:
+        try:
+            async with contextlib.aclosing(stream):
+                async for item in stream:
+                    await queue.put(item)
+            await queue.put(done)
+        except Exception as e:
+            await queue.put(e)
+
+    tasks = [asyncio.ensure_future(pump(s)) for s in streams]
+    try:
+        running = len(streams)
+        while running:
+            item = await queue.get()
+            if item is done:
+                running -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()

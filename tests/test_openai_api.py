@@ -283,7 +283,8 @@ BAD_REQUESTS = [
         "messages[0].content[0].type",
         "'text'",
     ),
-    ("n of 2", "chat/completions", {**CHAT, "n": 2}, 400, "n", "n:"),
+    ("n beyond the slots", "chat/completions", {**CHAT, "n": 17}, 400, "n", "at most 16"),
+    ("n of 0", "chat/completions", {**CHAT, "n": 0}, 400, "n", "greater than"),
     (
         "tool_choice naming no tool",
         "chat/completions",
@@ -497,7 +498,7 @@ def test_health_is_open_and_metrics_share_the_port(daemon, oai):
     ]
     oai.completions.create(model=MODEL, prompt="counted", max_tokens=1)
     with pytest.raises(openai.BadRequestError):
-        oai.completions.create(model=MODEL, prompt="refused", max_tokens=1, n=3)
+        oai.completions.create(model=MODEL, prompt="refused", max_tokens=1, n=99)
     # A whole reply's request finished by its length, not cancelled by its last chunk.
     after = [
         counter("mtpd_requests"),
@@ -597,3 +598,27 @@ def test_logprobs_are_the_engines_log_softmax(oai, grpc_client, engine):
         ],
         lambda i: i,
     )
+
+
+def test_n_choices_draw_with_seed_plus_their_index(oai):
+    """Choice i of n is the request alone with seed + i, whole and streamed, in one
+    batch; usage counts the prompt once and every choice's tokens."""
+    ask = {"model": MODEL, "messages": MESSAGES, "max_tokens": 10, "temperature": 1.0}
+    ask["extra_body"] = {"ignore_eos": True}
+    reply = oai.chat.completions.create(n=3, seed=7, **ask)
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    alone = [oai.chat.completions.create(seed=7 + i, **ask) for i in range(3)]
+    texts = [c.message.content for c in reply.choices]
+    assert texts == [a.choices[0].message.content for a in alone]
+    assert len(set(texts)) > 1  # the seeds differ, so (almost surely) do the texts
+    assert reply.usage.prompt_tokens == alone[0].usage.prompt_tokens
+    assert reply.usage.completion_tokens == 30
+
+    streamed = ["", "", ""]
+    finished = set()
+    for chunk in oai.chat.completions.create(n=3, seed=7, stream=True, **ask):
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.delta.content or ""
+            if choice.finish_reason:
+                finished.add(choice.index)
+    assert streamed == texts and finished == {0, 1, 2}
