@@ -16,12 +16,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import itertools
 import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any, Literal, TypeVar
 
 import anyio
@@ -40,7 +39,7 @@ from mtpd.daemon.coordinator import Coordinator
 from mtpd.daemon.frontend import Frontend, RequestTooLarge
 from mtpd.daemon.generation import FINISH_NAMES, Prompt
 from mtpd.daemon.metrics import metrics_registry
-from mtpd.daemon.options import GenerationOptions
+from mtpd.daemon.options import MAX_TOP_LOGPROBS, GenerationOptions
 from mtpd.daemon.scheduler import QueueFullError, RequestFailed, RequestQuarantined
 from mtpd.model.errors import InputError, InvalidParameter, check_unicode
 from mtpd.model.sampling_params import MAX_SEED
@@ -258,6 +257,10 @@ class CompletionRequest(_Sampling):
     def logprob_options(self) -> dict[str, Any]:
         if self.logprobs is None:
             return {}
+        if not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidParameter(
+                f"logprobs: must be in 0..{MAX_TOP_LOGPROBS}, got {self.logprobs}", "logprobs"
+            )
         return {"logprobs": True, "top_logprobs": self.logprobs}
 
     def refuse_unsupported(self) -> None:
@@ -563,9 +566,7 @@ class OpenAIApp:
                 )
             # The first chunks before the response starts: a refusal (a full queue, a
             # prompt too long) is then a status, not an error inside a 200 stream.
-            firsts = await _unless_disconnected(
-                request, asyncio.gather(*(anext(s) for s in streams))
-            )
+            firsts = await _unless_disconnected(request, _all_or_none(anext(s) for s in streams))
             if firsts is None:
                 return Response(status_code=499)  # the client went away while queued
             replies = [
@@ -574,8 +575,8 @@ class OpenAIApp:
             ]
             if body.stream:
                 return EventStream(_events(replies, firsts, streams))
-            collected = asyncio.gather(
-                *(r.collect(f, s) for r, f, s in zip(replies, firsts, streams, strict=True))
+            collected = _all_or_none(
+                r.collect(f, s) for r, f, s in zip(replies, firsts, streams, strict=True)
             )
             result = await _unless_disconnected(request, collected)
             if result is None:
@@ -668,7 +669,7 @@ class _Reply:
         self, request_id: str, model: str, body: _Sampling, tokenizer: Tokenizer, index: int
     ) -> None:
         self.tokenizer, self.index = tokenizer, index
-        self._offset = 0  # the completions API's text_offset of the next token
+        self._generated = b""  # the completions API's text so far, for text_offset
         self.chat = isinstance(body, ChatCompletionRequest)
         self.id = f"{'chatcmpl' if self.chat else 'cmpl'}-{request_id}"
         self.model, self.created = model, int(time.time())
@@ -718,8 +719,10 @@ class _Reply:
                 ]
             }
         tokens = [text(e.token_id) for e in logprobs]
-        offsets = list(itertools.accumulate((len(t) for t in tokens[:-1]), initial=self._offset))
-        self._offset += sum(len(t) for t in tokens)
+        offsets = []
+        for e in logprobs:  # where each token's text begins: whole characters before it
+            offsets.append(len(self._generated.decode(errors="ignore")))
+            self._generated += self.tokenizer.token_bytes(e.token_id)
         return {
             "tokens": tokens,
             "token_logprobs": [e.logprob for e in logprobs],
@@ -731,11 +734,11 @@ class _Reply:
         }
 
     def _token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
+        return self.tokenizer.token_bytes(token_id).decode(errors="replace")
 
     def _token_entry(self, token_id: int, logprob: float) -> dict:
-        text = self._token_text(token_id)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+        raw = self.tokenizer.token_bytes(token_id)
+        return {"token": raw.decode(errors="replace"), "logprob": logprob, "bytes": list(raw)}
 
     @staticmethod
     def _calls(calls: list[api.ToolCall], first_index: int = 0, streaming: bool = False) -> list:
@@ -842,6 +845,23 @@ async def _events(
     yield _event("[DONE]")
 
 
+async def _all_or_none(awaitables: Iterable[Awaitable[T]]) -> list[T]:
+    """Every result, or the first error with the others cancelled and awaited: a choice
+    refused (a full queue) or failed must not leave the others running, and the streams
+    they read can only be closed once nothing awaits them."""
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        for task in tasks:
+            task.cancel()
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome
+    return outcomes
+
+
 async def _merged(streams: list[AsyncIterator[T]]) -> AsyncIterator[T]:
     """Items of every stream as they come; one stream's error ends them all."""
     if len(streams) == 1:
@@ -853,13 +873,15 @@ async def _merged(streams: list[AsyncIterator[T]]) -> AsyncIterator[T]:
     done = object()
 
     async def pump(stream: AsyncIterator[T]) -> None:
+        # Cancelled only by the reader's leaving (below): then no one waits for an end.
         try:
             async with contextlib.aclosing(stream):
                 async for item in stream:
                     await queue.put(item)
-            await queue.put(done)
         except Exception as e:
             await queue.put(e)
+        else:
+            await queue.put(done)
 
     tasks = [asyncio.ensure_future(pump(s)) for s in streams]
     try:

@@ -110,8 +110,11 @@ def processed_logits(
             logits[i] = apply_repetition_penalty(logits[i], history, p.repetition_penalty)
         generated = history[prompt_lens[i] if prompt_lens else 0 :]
         if (p.presence_penalty or p.frequency_penalty) and generated.numel():
-            counts = torch.bincount(generated, minlength=logits.shape[-1]).to(logits.dtype)
-            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+            # The distinct tokens only: a count over the whole vocabulary per row took
+            # 0.7-1.4 ms at 152k tokens, on the tail's serial path.
+            seen, counts = torch.unique(generated, return_counts=True)
+            counts = counts.to(logits.dtype)
+            logits[i, seen] -= p.frequency_penalty * counts + p.presence_penalty
     return logits
 
 

@@ -20,6 +20,17 @@ if TYPE_CHECKING:  # checkpoint imports torch; the daemon imports this module be
     from mtpd.model.checkpoint import Checkpoint
 
 ROLES = ("system", "user", "assistant", "tool")
+# GPT-2's byte-level alphabet (tokenizers' ByteLevel), read back: a printable character
+# for each byte, the printable bytes as themselves.
+_PRINTABLE = [*range(33, 127), *range(161, 173), *range(174, 256)]
+_BYTE_OF = {
+    chr(c): b
+    for b, c in zip(
+        _PRINTABLE + [b for b in range(256) if b not in _PRINTABLE],
+        _PRINTABLE + [256 + i for i in range(256 - len(_PRINTABLE))],
+        strict=True,
+    )
+}
 # A placeholder's ends: private-use characters, which JSON (and so `tojson`) keeps as they are.
 _OPEN, _CLOSE = "\ue000", "\ue001"
 
@@ -55,6 +66,9 @@ class Tokenizer:
         self._tails = {s[k:] for s in added for k in range(1, len(s))}
         self._fragment_len = max(map(len, added), default=1) - 1
         self._respelled: _Respelled | None = None  # made on first need
+        self._added = {t.content for t in tok.get_added_tokens_decoder().values()}
+        self._byte_level = '"ByteLevel"' in json.dumps(json.loads(tok.to_str()).get("decoder"))
+        self._bytes: dict[int, bytes] = {}  # token_bytes, as asked for
         self.templates = ChatTemplates(chat_template) if chat_template else None
 
     @classmethod
@@ -67,6 +81,26 @@ class Tokenizer:
 
     def token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes a token stands for (a piece of a character, for some): what OpenAI's
+        logprobs report, and what decoding it alone (to U+FFFD) would lose."""
+        cached = self._bytes.get(token_id)
+        if cached is None:
+            cached = self._bytes[token_id] = self._raw_bytes(token_id)
+        return cached
+
+    def _raw_bytes(self, token_id: int) -> bytes:
+        piece = self._tok.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if not self._byte_level and (byte := re.fullmatch(r"<0x([0-9A-F]{2})>", piece)):
+            return bytes([int(byte.group(1), 16)])  # sentencepiece's byte fallback
+        if piece in self._added:  # added tokens are stored as their text
+            return piece.encode()
+        if self._byte_level:
+            return bytes(_BYTE_OF.get(c, 0) for c in piece)
+        return piece.replace("\u2581", " ").encode()  # sentencepiece's word marker
 
     def encode(self, text: str) -> list[int]:
         # Special-token markup in the text (from a rendered template) is honoured.

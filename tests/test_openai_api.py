@@ -542,7 +542,9 @@ def test_logprobs_are_the_engines_log_softmax(oai, grpc_client, engine):
     prompt = chat_ids(engine, MESSAGES)
     tokens, logits = solo_run(engine, prompt, 8)
     want = [torch.log_softmax(row.float(), -1) for row in logits]
-    text = engine.tokenizer.decode
+
+    def text(ids: list[int]) -> str:  # a token as logprobs show it: its bytes' text
+        return b"".join(map(engine.tokenizer.token_bytes, ids)).decode(errors="replace")
 
     def check(entries, top_key):
         assert len(entries) == len(tokens)
@@ -622,3 +624,14 @@ def test_n_choices_draw_with_seed_plus_their_index(oai):
             if choice.finish_reason:
                 finished.add(choice.index)
     assert streamed == texts and finished == {0, 1, 2}
+
+
+def test_n_choices_refused_together_leave_nothing_running(oai, grpc_client):
+    """A refusal of any choice (here: beyond the context) is the request's 400, and no
+    choice keeps running."""
+    for _ in range(5):  # the choices race to their refusal
+        with pytest.raises(openai.BadRequestError, match="exceeds the context"):
+            oai.chat.completions.create(
+                model=MODEL, messages=MESSAGES, n=4, max_tokens=CONTEXT, temperature=0
+            )
+    assert wait_for(lambda: grpc_client.stats().running == 0)

@@ -62,3 +62,31 @@ def test_tokens_without_text_keep_the_decoder_window_short(tokenizer):
     pieces = [decoder.push(a)] + [decoder.push([2]) for _ in range(2000)] + [decoder.push(a)]
     assert "".join(pieces) == "aa"
     assert decoded < 100 * 2000  # linear: a growing window would decode ~2000² ids
+
+
+def test_token_bytes_put_back_what_was_encoded_pieces_of_characters_included():
+    """A token's bytes (what logprobs report): for a byte-level BPE (the default model's)
+    and a sentencepiece-style one with byte fallback, joined they are the text's UTF-8,
+    also where a token holds only part of a character."""
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from mtpd.model.checkpoint import open_checkpoint, read_config
+    from mtpd.model.default_model import default_model_path
+
+    ckpt = open_checkpoint(default_model_path())
+    smollm2 = Tokenizer.from_checkpoint(ckpt, read_config(ckpt))
+    text = "café 日本 ok <|im_start|> and more"
+    ids = smollm2.encode(text)
+    pieces = [smollm2.token_bytes(i) for i in ids]
+    assert b"".join(pieces) == text.encode()
+    assert any(not p.decode(errors="ignore") for p in pieces)  # a piece of a character
+
+    raw = tokenizers.Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    raw.pre_tokenizer = pre_tokenizers.Metaspace()
+    raw.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace()])
+    bytes_alphabet = [f"<0x{b:02X}>" for b in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", *bytes_alphabet])
+    raw.train_from_iterator(["some text to learn from", "more text"] * 5, trainer)
+    spm = Tokenizer(raw, None, None, [])
+    ids = spm.encode("text é")
+    assert b"".join(spm.token_bytes(i) for i in ids).lstrip() == "text é".encode()

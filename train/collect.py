@@ -68,6 +68,7 @@ def continue_prompts(
                     [params[i] for i in active],
                     [len(tokens[i]) for i in active],
                     [_history(tokens[i], params[i]) for i in active],
+                    [len(prompts[i]) for i in active],
                 )
                 h = h.cpu().to(torch.bfloat16)
                 still = []
@@ -91,9 +92,9 @@ def continue_prompts(
 
 
 def _history(tokens: list[int], params: SamplingParams) -> torch.Tensor:
-    # Only a repetition penalty reads the history: a tensor of every row's tokens on
-    # every step would be built for nothing.
-    if params.repetition_penalty == 1.0:
+    # Only penalties read the history: a tensor of every row's tokens on every step
+    # would be built for nothing.
+    if not params.processed:
         return _NO_HISTORY
     return torch.tensor(tokens)
 

@@ -50,7 +50,7 @@ def add_logprobs(
     """Each emitted token's log-probability from its row of logits (before any sampling
     parameter), and the `top` most likely tokens' there."""
     logprobs = torch.log_softmax(rows.float(), -1)
-    best = logprobs.topk(top, -1) if top else None
+    best = logprobs.topk(min(top, logprobs.shape[-1]), -1) if top else None
     chosen = logprobs.gather(-1, torch.tensor(emitted)[:, None])[:, 0].tolist()
     for j, logprob in enumerate(chosen):
         entry = result.logprobs.add(logprob=logprob)
