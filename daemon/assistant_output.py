@@ -138,6 +138,7 @@ class AssistantOutput:
     ) -> None:
         if tool_format is not None and tool_format not in TOOL_FORMATS:
             raise ValueError(f"tool_format {tool_format!r} is not one of {TOOL_FORMATS}")
+        self._arguments = (tools, tool_format, reasoning, in_reasoning, parallel_tool_calls)
         self._tools = dict(tools or {}) if tool_format is not None else {}
         self._format = tool_format
         self._parallel = parallel_tool_calls
@@ -148,6 +149,10 @@ class AssistantOutput:
         self._searched = 0  # of a held call: how far </tool_call> was looked for
         self._strip = False  # after </think> or a call, leading whitespace is no content
         self._calls: list[ToolCall] = []
+
+    def fresh(self) -> AssistantOutput:
+        """A reader of another reply to the same request (another of its n choices)."""
+        return AssistantOutput(*self._arguments)
 
     @property
     def tool_calls(self) -> list[ToolCall]:

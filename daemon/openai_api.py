@@ -222,8 +222,11 @@ class OpenAIApp:
                     f"n: at most {daemon.pipeline.max_seqs}, the sequences decoded together "
                     "(mtpd serve --max-seqs)",
                 )
+            prompt = await asyncio.to_thread(self._prompt, daemon, body)
             # One reader per choice: a chat's reply reader keeps its reply's state.
-            prompts = [await asyncio.to_thread(self._prompt, daemon, body) for _ in range(body.n)]
+            prompts = [prompt] + [
+                Prompt(prompt.ids, prompt.reply and prompt.reply.fresh()) for _ in range(body.n - 1)
+            ]
             if isinstance(body, ChatCompletionRequest):
                 room = max(1, daemon.pipeline.max_context - len(prompts[0].ids))
                 max_tokens = body.max_completion_tokens or body.max_tokens or room

@@ -163,8 +163,8 @@ class Reply:
 
     async def choice_events(
         self, first: api.GenerateChunk, rest: AsyncIterator[api.GenerateChunk]
-    ) -> AsyncIterator[bytes | api.GenerateChunk]:
-        """This choice's events, then its last chunk (for the usage)."""
+    ) -> AsyncIterator[bytes | tuple[int, api.GenerateChunk]]:
+        """This choice's events, then (its index, its last chunk) for the usage."""
 
         def event(choice: dict) -> bytes:
             out = self._envelope([choice], True)
@@ -199,7 +199,7 @@ class Reply:
                     break
                 chunk = await anext(rest)
         yield event(self._choice(None, FINISH_NAMES[chunk.finish_reason], streaming=True))
-        yield chunk
+        yield self.index, chunk
 
 
 async def events(
@@ -209,7 +209,7 @@ async def events(
 ) -> AsyncIterator[bytes]:
     """The choices' events as they come (interleaved, each at its index), then the usage
     and [DONE]. An error mid-generation is said, then the stream ends."""
-    lasts: list[api.GenerateChunk] = []
+    lasts: list[tuple[int, api.GenerateChunk]] = []  # (choice, its last chunk)
     merged = _merged(
         [r.choice_events(f, rest) for r, f, rest in zip(replies, firsts, rests, strict=True)]
     )
@@ -226,7 +226,7 @@ async def events(
         return
     if replies[0].include_usage:
         final = replies[0]._envelope([], True)
-        final["usage"] = usage_of(lasts)
+        final["usage"] = usage_of([chunk for _, chunk in sorted(lasts)])  # choice 0 first
         yield sse_event(final)
     yield sse_event("[DONE]")
 

@@ -345,3 +345,13 @@ def test_a_long_unclosed_call_costs_linear_time_and_turns_to_text():
     got += output.finish()
     assert got.tool_calls == [] and got.content.startswith("<tool_call>xxxx")
     assert len(got.content) == len(text) + 4 * (MAX_CALL // 4 + 1)
+
+
+def test_a_fresh_reader_reads_another_reply_alike_and_apart():
+    """n choices of one request: each reply its own reader, configured alike."""
+    first = AssistantOutput(TOOLS, "hermes", True, in_reasoning=True)
+    first.feed("thinking</think>\n" + hermes("now", {})[:8])
+    second = first.fresh()
+    got = second.feed("also</think>\n" + hermes("now", {})) + second.finish()
+    assert got.reasoning == "also" and [c.name for c in got.tool_calls] == ["now"]
+    assert first.tool_calls == []  # the first reply's call is still open
