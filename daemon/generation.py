@@ -208,10 +208,11 @@ async def generate(
     `on_admitted` sees the request as soon as the scheduler has taken it; `prompt_field`
     is what the caller's API calls the prompt, for errors about its token ids."""
     check_prompt_ids(prompt_ids, daemon.cfg.vocab_size, prompt_field)
-    options.sampling().check_vocab(daemon.cfg.vocab_size)
+    sampling = options.sampling()
+    sampling.check_vocab(daemon.cfg.vocab_size)
     request = daemon.scheduler.submit(
         prompt_ids,
-        options.sampling(),
+        sampling,
         options.max_tokens_for(len(prompt_ids), daemon.pipeline.max_context),
         ignore_eos=options.ignore_eos,
         draft_tokens=options.draft_tokens,

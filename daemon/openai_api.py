@@ -39,7 +39,7 @@ from mtpd.daemon.generation import Prompt
 from mtpd.daemon.metrics import metrics_registry
 from mtpd.daemon.openai_bodies import ChatCompletionRequest, CompletionRequest, SamplingBody
 from mtpd.daemon.openai_errors import ApiError, Unsupported, api_error, validation_error
-from mtpd.daemon.openai_replies import Reply, all_or_none, events, usage_of
+from mtpd.daemon.openai_replies import Reply, all_or_none, events, whole
 from mtpd.model.errors import check_unicode
 from mtpd.model.sampling_params import MAX_SEED
 from mtpd.rpc import bearer_token_matches
@@ -255,15 +255,8 @@ class OpenAIApp:
             ]
             if body.stream:
                 return EventStream(events(replies, firsts, streams))
-            collected = all_or_none(
-                r.collect(f, s) for r, f, s in zip(replies, firsts, streams, strict=True)
-            )
-            result = await _unless_disconnected(request, collected)
-            if result is None:
-                return Response(status_code=499)
-            out = replies[0]._envelope([choice for choice, _ in result], False)
-            out["usage"] = usage_of([last for _, last in result])
-            return JSONResponse(out)
+            result = await _unless_disconnected(request, whole(replies, firsts, streams))
+            return Response(status_code=499) if result is None else JSONResponse(result)
         except Exception as e:
             for stream in streams:
                 await stream.aclose()

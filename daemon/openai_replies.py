@@ -202,6 +202,20 @@ class Reply:
         yield self.index, chunk
 
 
+async def whole(
+    replies: list[Reply],
+    firsts: list[api.GenerateChunk],
+    rests: list[AsyncIterator[api.GenerateChunk]],
+) -> dict:
+    """The choices, each read to its end, as one response with the usage."""
+    result = await all_or_none(
+        r.collect(f, rest) for r, f, rest in zip(replies, firsts, rests, strict=True)
+    )
+    out = replies[0]._envelope([choice for choice, _ in result], False)
+    out["usage"] = usage_of([last for _, last in result])
+    return out
+
+
 async def events(
     replies: list[Reply],
     firsts: list[api.GenerateChunk],

@@ -3,6 +3,7 @@ sandbox, as the template is data from a model file), and UTF-8-safe streaming.""
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import secrets
@@ -66,8 +67,7 @@ class Tokenizer:
         self._tails = {s[k:] for s in added for k in range(1, len(s))}
         self._fragment_len = max(map(len, added), default=1) - 1
         self._respelled: _Respelled | None = None  # made on first need
-        self._added = {t.content for t in tok.get_added_tokens_decoder().values()}
-        self._byte_level = '"ByteLevel"' in json.dumps(json.loads(tok.to_str()).get("decoder"))
+        self._added = set(added)
         self._bytes: dict[int, bytes] = {}  # token_bytes, as asked for
         self.templates = ChatTemplates(chat_template) if chat_template else None
 
@@ -89,6 +89,12 @@ class Tokenizer:
         if cached is None:
             cached = self._bytes[token_id] = self._raw_bytes(token_id)
         return cached
+
+    @functools.cached_property
+    def _byte_level(self) -> bool:
+        """Whether tokens are GPT-2's byte-level strings. Read on first need: the
+        tokenizer's JSON takes ~50 ms to parse, which every start would pay."""
+        return '"ByteLevel"' in json.dumps(json.loads(self._tok.to_str()).get("decoder"))
 
     def _raw_bytes(self, token_id: int) -> bytes:
         piece = self._tok.id_to_token(token_id)
