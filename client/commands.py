@@ -35,9 +35,18 @@ OPTION_FLAGS = (
 )
 
 
+STRUCTURED_FLAGS = ("json_schema", "json_object", "regex", "grammar")
+
+
 def request_options(args: argparse.Namespace) -> Options:
     """The generation options given on the command line (absent ones: the server's)."""
-    values = {name: getattr(args, name) for name in OPTION_FLAGS}
+    values: dict[str, Any] = {name: getattr(args, name) for name in OPTION_FLAGS}
+    for kind in STRUCTURED_FLAGS:
+        value = getattr(args, kind)
+        if value:  # "@FILE" stands for the file's text
+            if isinstance(value, str) and value.startswith("@"):
+                value = Path(value[1:]).read_text()
+            values["structured_output"] = {kind: value}
     return Options(**{k: v for k, v in values.items() if v is not None})
 
 

@@ -70,12 +70,21 @@ class Options(TypedDict, total=False):
     logit_bias: Mapping[int, float]  # token id: bias
     logprobs: bool  # each token's log-probability (GenerationResult.logprobs)
     top_logprobs: int  # and the top this many tokens' at its position (0..20)
+    # Structured output, one of {"json_schema": schema (a dict or JSON text)},
+    # {"json_object": True}, {"regex": "..."}, {"grammar": "..."} (llguidance's Lark).
+    structured_output: Mapping[str, Any]
 
 
 def generation_options(options: Options) -> api.GenerationOptions:
     values = {k: v for k, v in options.items() if v is not None}
     if isinstance(values.get("stop"), str):  # one stop sequence, not one per character
         values["stop"] = [values["stop"]]
+    structured = values.get("structured_output")
+    if isinstance(structured, Mapping) and "json_schema" in structured:
+        values["structured_output"] = {
+            **structured,
+            "json_schema": _json(structured["json_schema"]),
+        }
     try:
         return api.GenerationOptions(**values)
     except ValueError as e:  # an unknown option

@@ -97,6 +97,21 @@ def _add_generation_flags(p: argparse.ArgumentParser, prompt: bool = True) -> No
         action="append",
         help="a stop sequence: generation ends before it (repeat for several)",
     )
+    structured = p.add_mutually_exclusive_group()
+    structured.add_argument(
+        "--json-schema",
+        metavar="SCHEMA|@FILE",
+        help="the output is JSON valid against this JSON Schema (docs/structured-output.md)",
+    )
+    structured.add_argument(
+        "--json-object", action="store_true", default=None, help="the output is a JSON object"
+    )
+    structured.add_argument(
+        "--regex", metavar="REGEX|@FILE", help="the output matches this regular expression"
+    )
+    structured.add_argument(
+        "--grammar", metavar="LARK|@FILE", help="the output follows this Lark grammar (llguidance)"
+    )
     p.add_argument("--system", default=None, help="a system message for the chat template")
     p.add_argument(
         "--json", action="store_true", help="print one JSON object instead of streaming text"
@@ -540,12 +555,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     import asyncio
 
     from mtpd.client.commands import report, request_options, user_messages
+    from mtpd.client.messages import generation_options
     from mtpd.daemon.coordinator import Coordinator
     from mtpd.daemon.frontend import Limits, model_info
 
     if not args.prompt:
         raise UserError("the prompt is empty")
-    options = GenerationOptions(**request_options(args))
+    options = GenerationOptions.from_proto(generation_options(request_options(args)))
     with Coordinator.start(_settings(args, max_seqs=1)) as daemon:
         for note in daemon.notes:
             print(f"mtpd: note: {note}", file=sys.stderr)
@@ -565,10 +581,11 @@ async def _generate_here(daemon, prompt_ids: list[int], options, echo: bool):
     import contextlib
 
     from mtpd.client.messages import GenerationResult
-    from mtpd.daemon.generation import generate
+    from mtpd.daemon.generation import Prompt, generate
 
     result = GenerationResult()
-    async with contextlib.aclosing(generate(daemon, prompt_ids, options, "run")) as chunks:
+    generation = generate(daemon, Prompt(prompt_ids), options, "run")
+    async with contextlib.aclosing(generation) as chunks:
         async for chunk in chunks:
             result.add(chunk)
             if echo:

@@ -23,12 +23,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mtpd.daemon.options import TOOL_FORMATS
-from mtpd.daemon.tool_schemas import ToolSchema, loads_json
+from mtpd.daemon.strict_json import loads_json
+from mtpd.daemon.tool_schemas import ToolSchema
 
 MAX_CALL = 1 << 18  # characters a <tool_call> block may hold before it is taken for text
 MAX_OPENING = 1 << 12  # characters of whitespace awaited before a <think>
 
 _THINK, _END_THINK = "<think>", "</think>"
+CLOSE_REASONING = "</think>\n\n"  # as templates close reasoning they skip
 _CALL, _END_CALL = "<tool_call>", "</tool_call>"
 _ID_ALPHABET = string.ascii_letters + string.digits
 _JSON_TYPES = ("string", "integer", "number", "boolean", "null", "object", "array")
@@ -140,7 +142,8 @@ class AssistantOutput:
             raise ValueError(f"tool_format {tool_format!r} is not one of {TOOL_FORMATS}")
         self._arguments = (tools, tool_format, reasoning, in_reasoning, parallel_tool_calls)
         self._tools = dict(tools or {}) if tool_format is not None else {}
-        self._format = tool_format
+        self.tool_format = tool_format
+        self.in_reasoning = reasoning and in_reasoning  # the reply starts as reasoning
         self._parallel = parallel_tool_calls
         # "start": whether the reply opens <think> is not known yet; then "reasoning",
         # "content", or "call" (inside a <tool_call> block, held until it closes).
@@ -252,7 +255,9 @@ class AssistantOutput:
     def _call(self, body: str) -> ToolCall | None:
         """The call a <tool_call> block's body makes, or None where it is no valid call."""
         try:
-            name, arguments = self._hermes(body) if self._format == "hermes" else self._xml(body)
+            name, arguments = (
+                self._hermes(body) if self.tool_format == "hermes" else self._xml(body)
+            )
         except ValueError:
             return None
         tool = self._tools.get(name)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mtpd.daemon.assistant_output import (
+    CLOSE_REASONING,
     AssistantOutput,
     opens_reasoning,
     thinks,
@@ -26,7 +27,9 @@ from mtpd.daemon.assistant_output import (
 )
 from mtpd.daemon.coordinator import Coordinator
 from mtpd.daemon.generation import Prompt
-from mtpd.daemon.tool_schemas import ToolSchema, loads_json, tool_schema
+from mtpd.daemon.strict_json import loads_json
+from mtpd.daemon.structured_output import OutputFormat, tool_call_grammar
+from mtpd.daemon.tool_schemas import ToolSchema, tool_schema
 from mtpd.model.errors import InvalidParameter
 from mtpd.model.tokenizer import ROLES, Tokenizer
 from mtpd.v1 import inference_pb2 as api
@@ -63,6 +66,7 @@ class Chat:
     schemas: dict[str, ToolSchema]  # by name, of the tools shown
     parallel_tool_calls: bool
     template_kwargs: dict[str, Any]
+    forced: bool  # tool_choice 'required' or a named function: the reply is a call
 
     @classmethod
     def from_proto(cls, request: api.ChatRequest) -> Chat:
@@ -95,6 +99,7 @@ class Chat:
             {name: schema for name, schema in schemas.items() if name in names},
             parallel,
             _template_kwargs(request.chat_template_kwargs),
+            forced=choice.WhichOneof("choice") == "function" or choice.mode == "required",
         )
 
     def encode(self, tokenizer: Tokenizer) -> tuple[str, list[int]]:
@@ -132,6 +137,15 @@ class Chat:
             in_reasoning=reasoning and opens_reasoning(prompt),
             parallel_tool_calls=self.parallel_tool_calls,
         )
+
+    def forced_call(self, tool_format: str | None) -> OutputFormat | None:
+        """What a forced tool call constrains the reply to: calls to the tools shown
+        (one, unless parallel calls are allowed). Enforced for the Hermes format only;
+        with the xml format the template's instruction is all that forces it."""
+        if not self.forced or tool_format != "hermes":
+            return None
+        grammar = tool_call_grammar(self.shown, self.parallel_tool_calls)
+        return OutputFormat("grammar", grammar, "tool_choice")
 
 
 def _json_object(text: str, param: str) -> dict[str, Any]:
@@ -238,11 +252,25 @@ def _template_kwargs(text: str) -> dict[str, Any]:
     return kwargs
 
 
-def chat_prompt(daemon: Coordinator, request: api.ChatRequest) -> Prompt:
-    """A chat request checked and rendered, with the reader of its reply."""
-    chat = Chat.from_proto(request)
-    text, ids = chat.encode(daemon.tokenizer)
-    reader = chat.reply_reader(
-        daemon.tokenizer, text, daemon.tool_call_parser, daemon.reasoning_parser
-    )
-    return Prompt(ids, reader)
+def chat_prompt(daemon: Coordinator, request: api.ChatRequest, structured: bool) -> Prompt:
+    """A chat request checked and rendered, with the reader of its reply and what a
+    forced tool call constrains it to. `structured`: the request's options constrain
+    the reply too."""
+    chat, tokenizer = Chat.from_proto(request), daemon.tokenizer
+    parsers = (daemon.tool_call_parser, daemon.reasoning_parser)
+    text, ids = chat.encode(tokenizer)
+    reader = chat.reply_reader(tokenizer, text, *parsers)
+    forced = chat.forced_call(reader.tool_format)
+    if forced is not None and structured:
+        raise InvalidParameter(
+            "structured_output: the forced tool call (tool_choice) constrains the reply "
+            "already; send one of them",
+            "structured_output",
+        )
+    if (forced is not None or structured) and reader.in_reasoning:
+        # The constrained text is the reply's content: the reasoning the generation
+        # prompt opened is closed first, as templates render enable_thinking=false.
+        text += CLOSE_REASONING
+        ids = ids + tokenizer.encode(CLOSE_REASONING)
+        reader = chat.reply_reader(tokenizer, text, *parsers)
+    return Prompt(ids, reader, forced)

@@ -10,6 +10,7 @@ from pathlib import Path
 from mtpd.daemon.draft_policy import AUTO, DraftPolicy
 from mtpd.daemon.pipeline import LocalWorkers, Pipeline, PipelineConfig
 from mtpd.daemon.scheduler import Scheduler
+from mtpd.daemon.structured_output import Grammars
 from mtpd.model.config import ModelConfig
 from mtpd.model.default_model import resolve_model
 from mtpd.model.tokenizer import Tokenizer
@@ -57,6 +58,7 @@ class Coordinator:
     ) -> None:
         self.model_path, self.cfg, self.tokenizer = model_path, cfg, tokenizer
         self.pipeline, self.scheduler = pipeline, scheduler
+        self.grammars = Grammars(tokenizer, cfg.vocab_size)  # structured output
         self.notes: list[str] = []  # what the user should hear once about this start
         self.tool_call_parser = Settings.tool_call_parser  # set by start()
         self.reasoning_parser = Settings.reasoning_parser

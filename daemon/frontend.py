@@ -156,9 +156,7 @@ class Frontend:
                 raise RequestFailed("mtpd is shutting down: no new requests")
             made = await asyncio.to_thread(prompt, daemon)
             log.info("%s: %d prompt tokens", request_id, len(made.ids))
-            generation = generate(
-                daemon, made.ids, options, request_id, arrived, admit, prompt_field, made.reply
-            )
+            generation = generate(daemon, made, options, request_id, arrived, admit, prompt_field)
             async with contextlib.aclosing(generation) as chunks:
                 async for chunk in chunks:
                     if chunk.finish_reason:

@@ -4,6 +4,7 @@ and `mtpd run` both generate through `generate()`."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from mtpd.daemon.coordinator import Coordinator
 from mtpd.daemon.draft_policy import DraftStats
 from mtpd.daemon.options import GenerationOptions, check_prompt_ids
 from mtpd.daemon.scheduler import Accepted, Request, RequestFailed
+from mtpd.daemon.structured_output import OutputFormat
 from mtpd.model.tokenizer import IncrementalDecoder, Tokenizer
 from mtpd.v1 import inference_pb2 as api
 
@@ -27,11 +29,13 @@ FINISH_NAMES = {code: name for name, code in _FINISH.items()}
 
 @dataclass(frozen=True)
 class Prompt:
-    """What a request generates from: its token ids, and for a chat the reader that
-    splits its reply into content, reasoning and tool calls."""
+    """What a request generates from: its token ids, for a chat the reader that splits
+    its reply into content, reasoning and tool calls, and the format a forced tool call
+    constrains the reply to."""
 
     ids: list[int]
     reply: AssistantOutput | None = None
+    output_format: OutputFormat | None = None
 
 
 class StopMatcher:
@@ -194,22 +198,26 @@ def draft_policy_name(daemon: Coordinator, override: int | None = None) -> str:
 
 async def generate(
     daemon: Coordinator,
-    prompt_ids: list[int],
+    prompt: Prompt,
     options: GenerationOptions,
     request_id: str,
     arrived_at: float | None = None,
     on_admitted: Callable[[Request], None] | None = None,
     prompt_field: str = "prompt_token_ids",
-    reply: AssistantOutput | None = None,
 ) -> AsyncIterator[api.GenerateChunk]:
     """Submit a request and stream its chunks, the last one with the finish reason.
     Closing the stream early (the caller went away, a deadline) cancels the request,
     which frees its cache on every worker; so does a stop sequence, at once.
     `on_admitted` sees the request as soon as the scheduler has taken it; `prompt_field`
     is what the caller's API calls the prompt, for errors about its token ids."""
+    prompt_ids, reply = prompt.ids, prompt.reply
     check_prompt_ids(prompt_ids, daemon.cfg.vocab_size, prompt_field)
     sampling = options.sampling()
     sampling.check_vocab(daemon.cfg.vocab_size)
+    output_format = options.structured_output or prompt.output_format
+    constraint = None
+    if output_format is not None:  # compiling may take a while: off the event loop
+        constraint = await asyncio.to_thread(daemon.grammars.matcher, output_format)
     request = daemon.scheduler.submit(
         prompt_ids,
         sampling,
@@ -217,6 +225,7 @@ async def generate(
         ignore_eos=options.ignore_eos,
         draft_tokens=options.draft_tokens,
         top_logprobs=options.top_logprobs if options.logprobs else None,
+        constraint=constraint,
     )
     if on_admitted is not None:
         on_admitted(request)

@@ -225,7 +225,8 @@ class OpenAIApp:
             prompt = await asyncio.to_thread(self._prompt, daemon, body)
             # One reader per choice: a chat's reply reader keeps its reply's state.
             prompts = [prompt] + [
-                Prompt(prompt.ids, prompt.reply and prompt.reply.fresh()) for _ in range(body.n - 1)
+                dataclasses.replace(prompt, reply=prompt.reply and prompt.reply.fresh())
+                for _ in range(body.n - 1)
             ]
             if isinstance(body, ChatCompletionRequest):
                 room = max(1, daemon.pipeline.max_context - len(prompts[0].ids))
@@ -268,7 +269,7 @@ class OpenAIApp:
     @staticmethod
     def _prompt(daemon: Coordinator, body: SamplingBody) -> Prompt:
         if isinstance(body, ChatCompletionRequest):
-            return chat_prompt(daemon, body.to_proto())
+            return chat_prompt(daemon, body.to_proto(), body.output_format() is not None)
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], list):
             prompt = prompt[0]

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mtpd.daemon.openai_errors import Unsupported
 from mtpd.daemon.options import MAX_TOP_LOGPROBS, GenerationOptions
+from mtpd.daemon.structured_output import OutputFormat
 from mtpd.model.errors import InvalidParameter
 from mtpd.v1 import inference_pb2 as api
 
@@ -44,10 +45,37 @@ class SamplingBody(_Body):
     repetition_penalty: float | None = None
     draft_tokens: int | None = None
     ignore_eos: bool = False
+    # Structured output: OpenAI's response_format, or vLLM's structured_outputs (json,
+    # regex or grammar) via extra_body.
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: Any = None  # vLLM's older spellings: refused, by name
+    guided_regex: Any = None
+    guided_grammar: Any = None
+    guided_choice: Any = None
 
     def refuse_unsupported(self) -> None:
         if self.stream_options is not None and not self.stream:
             raise Unsupported("stream_options", "stream_options: only allowed with stream")
+        for old in ("guided_json", "guided_regex", "guided_grammar", "guided_choice"):
+            if getattr(self, old) is not None:
+                raise Unsupported(
+                    old, f"{old}: send structured_outputs (json, regex or grammar) instead"
+                )
+
+    def output_format(self) -> OutputFormat | None:
+        """The constraint response_format or structured_outputs asks for, if any."""
+        formats = []
+        if self.response_format is not None:
+            formats.append(_response_format(self.response_format))
+        if self.structured_outputs is not None:
+            formats.append(_structured_outputs(self.structured_outputs))
+        formats = [f for f in formats if f is not None]
+        if len(formats) > 1:
+            raise InvalidParameter(
+                "structured_outputs: send it or response_format, not both", "structured_outputs"
+            )
+        return formats[0] if formats else None
 
     def options(self, max_tokens: int) -> GenerationOptions:
         extras = {
@@ -68,12 +96,49 @@ class SamplingBody(_Body):
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
             logit_bias=_token_ids(self.logit_bias or {}),
+            structured_output=self.output_format(),
             **self.logprob_options(),
             **extras,
         )
 
     def logprob_options(self) -> dict[str, Any]:
         return {}
+
+
+def _response_format(spec: dict[str, Any]) -> OutputFormat | None:
+    kind = spec.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return OutputFormat("json_object", "", "response_format")
+    if kind != "json_schema":
+        raise InvalidParameter(
+            f"response_format: type {kind!r} is not one of text, json_object, json_schema",
+            "response_format",
+        )
+    inner = spec.get("json_schema")
+    if not isinstance(inner, dict) or not isinstance(inner.get("schema"), dict | bool):
+        raise InvalidParameter(
+            "response_format: json_schema needs a schema (an object)", "response_format"
+        )
+    return OutputFormat("json_schema", json.dumps(inner["schema"]), "response_format")
+
+
+def _structured_outputs(spec: dict[str, Any]) -> OutputFormat:
+    kinds = {"json": "json_schema", "regex": "regex", "grammar": "grammar"}
+    given = [k for k in spec if spec[k] is not None]
+    if len(given) != 1 or given[0] not in kinds:
+        raise InvalidParameter(
+            f"structured_outputs: one of {', '.join(kinds)} expected, got {given}",
+            "structured_outputs",
+        )
+    key = given[0]
+    value = spec[key]
+    if key == "json" and not isinstance(value, str):
+        value = json.dumps(value)
+    if not isinstance(value, str):
+        raise InvalidParameter(f"structured_outputs: {key} must be a string", "structured_outputs")
+    return OutputFormat(kinds[key], value, "structured_outputs")
 
 
 def _token_ids(bias: dict[str, float]) -> dict[int, float]:
@@ -166,15 +231,12 @@ class ChatCompletionRequest(SamplingBody):
     tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
     functions: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
     chat_template_kwargs: dict[str, Any] | None = None  # via extra_body, as vLLM takes it
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
         if self.functions:
             raise Unsupported("functions", "functions: deprecated by OpenAI; send tools")
-        if self.response_format and self.response_format.get("type") != "text":
-            raise Unsupported("response_format", "response_format: only {'type': 'text'}")
 
     def logprob_options(self) -> dict[str, Any]:
         return {"logprobs": self.logprobs, "top_logprobs": self.top_logprobs or 0}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from mtpd.daemon.structured_output import OutputFormat
 from mtpd.model.errors import InvalidParameter, check_unicode
 from mtpd.model.sampling_params import MAX_INT32, SamplingParams
 from mtpd.v1 import inference_pb2 as api
@@ -42,6 +43,7 @@ class GenerationOptions:
     logit_bias: dict[int, float] = dataclasses.field(default_factory=dict)
     logprobs: bool = False
     top_logprobs: int = 0
+    structured_output: OutputFormat | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens is not None and not 1 <= self.max_tokens <= MAX_INT32:
@@ -102,12 +104,20 @@ class GenerationOptions:
             for f in dataclasses.fields(cls)
             if f.name not in _REPEATED and msg.HasField(f.name)
         }
+        kind = msg.structured_output.WhichOneof("format")
         return cls(
             **fields,
             stop=tuple(msg.stop),
             ignore_eos=msg.ignore_eos,
             logit_bias=dict(msg.logit_bias),
             logprobs=msg.logprobs,
+            structured_output=None
+            if kind is None
+            else OutputFormat(
+                kind,
+                "" if kind == "json_object" else getattr(msg.structured_output, kind),
+                "structured_output",
+            ),
         )
 
     def to_proto(self) -> api.GenerationOptions:
@@ -121,11 +131,16 @@ class GenerationOptions:
             value = getattr(self, f.name)
             if f.name not in _REPEATED and value is not None:
                 setattr(msg, f.name, value)
+        if self.structured_output is not None:
+            kind = self.structured_output.kind
+            value = True if kind == "json_object" else self.structured_output.text
+            setattr(msg.structured_output, kind, value)
         return msg
 
 
-# The fields without presence on the wire (proto3 repeated, map and plain bool).
-_REPEATED = ("stop", "ignore_eos", "logit_bias", "logprobs")
+# The fields without presence on the wire (proto3 repeated, map and plain bool), and
+# messages.
+_REPEATED = ("stop", "ignore_eos", "logit_bias", "logprobs", "structured_output")
 
 
 def defaults_proto() -> api.GenerationOptions:

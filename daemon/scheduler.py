@@ -35,6 +35,8 @@ from mtpd.v1 import worker_pb2 as pb
 if TYPE_CHECKING:
     import torch
 
+    from mtpd.daemon.structured_output import Constraint
+
 log = logging.getLogger("mtpd.daemon")
 
 
@@ -44,6 +46,10 @@ class QueueFullError(InputError):
 
 class RequestFailed(RuntimeError):
     """The pipeline failed while the request ran."""
+
+
+class ConstraintBroken(RequestFailed):
+    """A step accepted tokens the request's grammar forbids (the tail's masks failed)."""
 
 
 class RequestQuarantined(RequestFailed):
@@ -186,6 +192,7 @@ class _Sequence:
     return_logits: bool
     draft_tokens: int | None  # the request's own drafts per step; None: the policy's
     top_logprobs: int | None  # None: no log-probabilities
+    constraint: Constraint | None  # structured output: the grammar's matcher
     cached: int = 0  # positions every worker holds in its KV cache
     # A step of it was sent (the first, at keep 0, with its settings): the workers may
     # hold a slot for it, even with nothing cached (a step that failed whole took one).
@@ -254,9 +261,11 @@ class Scheduler:
         return_logits: bool = False,
         draft_tokens: int | None = None,
         top_logprobs: int | None = None,
+        constraint: Constraint | None = None,
     ) -> Request:
         """top_logprobs: None for no log-probabilities, else each token's and the top
-        that many tokens' at its position."""
+        that many tokens' at its position. `constraint`: a fresh matcher the output must
+        follow (it is the scheduler's from here on)."""
         if not prompt_ids:
             raise InvalidParameter("prompt is empty", "prompt")
         if max_tokens < 1:
@@ -280,6 +289,7 @@ class Scheduler:
             return_logits=return_logits,
             draft_tokens=draft_tokens,
             top_logprobs=top_logprobs,
+            constraint=constraint,
         )
         with self._cond:
             if self._stopped:
@@ -380,9 +390,15 @@ class Scheduler:
             if self.draft_source is not None:
                 k = self._drafts_for(seq, limit, batch)
                 drafts = self.draft_source(seq.request.seq_id, seq.history, drafts, k)[:limit]
+            if seq.constraint is not None:  # a draft the grammar forbids is rejected
+                drafts = drafts[: seq.constraint.allowed_drafts(drafts)]
             step.token_ids.extend(drafts)
             step.verify = seq.verifying = len(drafts)
             room -= len(drafts)
+        if seq.constraint is not None:
+            step.token_mask = seq.constraint.masks(
+                step.token_ids[len(step.token_ids) - step.verify :]
+            )
         if self.policy.enabled:
             step.draft_tokens = self._drafts_for(seq, min(remaining - 2, room), batch)
         return step
@@ -539,7 +555,12 @@ class Scheduler:
                 log.warning("%s: the workers refused it: %s", seq.request.seq_id, result.error)
                 self._retire([seq], "error", f"the workers refused this request: {result.error}")
                 continue
-            reason = self._accept(seq, n, result)
+            try:
+                reason = self._accept(seq, n, result)
+            except ConstraintBroken as e:
+                log.error("%s: %s", seq.request.seq_id, e)
+                self._retire([seq], "error", str(e))
+                continue
             if reason is not None:
                 finished[reason].append(seq)
         for reason, seqs in finished.items():
@@ -558,12 +579,19 @@ class Scheduler:
         seq.cached += n + result.accepted
         seq.proposed = list(result.draft_token_ids)
         kept = emitted[: seq.max_tokens - seq.generated]
+        end = None
         if not seq.ignore_eos:
             end = next((i for i, t in enumerate(kept) if t in self.eos_ids), None)
-            if end is not None:
-                self._emit(seq, kept[:end], result)
-                return "stop"
+            kept = kept[:end]
+        if seq.constraint is not None:
+            broken = seq.constraint.consume(kept)
+            if broken is not None:
+                raise ConstraintBroken(f"the output left its grammar: {broken}")
+            if seq.constraint.complete:
+                end = len(kept)  # only an end-of-sequence token could follow
         self._emit(seq, kept, result)
+        if end is not None:
+            return "stop"
         return "length" if seq.generated == seq.max_tokens else None
 
     def _emit(self, seq: _Sequence, tokens: list[int], result: pb.SequenceResult) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -42,27 +41,6 @@ _DRAFTS = {
     )
 }
 _REFERENCES = ("$ref", "$dynamicRef", "$recursiveRef")
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _finite(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"{text} does not fit a float")
-    return value
-
-
-def loads_json(text: str) -> Any:
-    """json.loads without NaN and Infinity, nor numbers beyond a float's range (which
-    json.dumps would write back as Infinity, no JSON either); JSON nested too deeply to
-    read is a ValueError too."""
-    try:
-        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite)
-    except RecursionError as e:
-        raise ValueError("JSON nested too deeply") from e
 
 
 def _unique_items(validator: Validator, unique: Any, instance: Any, schema: Any) -> Iterator:

@@ -13,8 +13,10 @@ import functools
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
+from mtpd.model.errors import InputError
 from mtpd.model.sampling_params import SamplingParams
 
 _MASK64 = (1 << 64) - 1
@@ -116,6 +118,27 @@ def processed_logits(
             counts = counts.to(logits.dtype)
             logits[i, seen] -= p.frequency_penalty * counts + p.presence_penalty
     return logits
+
+
+def token_mask(mask: bytes, rows: int, vocab: int) -> torch.Tensor:
+    """The allowed tokens, bool [rows, vocab], of a step's packed token_mask (worker.proto:
+    rows of ceil(vocab / 32) little-endian uint32 words, bit t % 32 of word t // 32 for
+    token t); an InputError when it does not fit or a row allows nothing."""
+    words = (vocab + 31) // 32
+    if len(mask) != rows * words * 4:
+        raise InputError(
+            f"token_mask of {len(mask)} bytes: {rows} row(s) of {words * 4} bytes expected"
+        )
+    packed = np.frombuffer(mask, dtype=np.uint8).reshape(rows, words * 4)
+    allowed = np.unpackbits(packed, axis=-1, bitorder="little")[:, :vocab].astype(bool)
+    if not allowed.any(-1).all():
+        raise InputError("token_mask allows no token at some position")
+    return torch.from_numpy(allowed)
+
+
+def masked(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Logits [rows, V] with the tokens a grammar forbids at -inf: they are never drawn."""
+    return logits.masked_fill(~allowed.to(logits.device), -math.inf)
 
 
 def argmax_rows(rows: torch.Tensor) -> list[int]:

@@ -68,6 +68,10 @@ class Tokenizer:
         self._fragment_len = max(map(len, added), default=1) - 1
         self._respelled: _Respelled | None = None  # made on first need
         self._added = set(added)
+        # Control tokens (end of turn...), as opposed to added tokens that are text.
+        self.control_ids = frozenset(
+            i for i, t in tok.get_added_tokens_decoder().items() if t.special
+        )
         self._bytes: dict[int, bytes] = {}  # token_bytes, as asked for
         self.templates = ChatTemplates(chat_template) if chat_template else None
 

@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from mtpd.daemon.tool_schemas import MAX_DEPTH, loads_json, tool_schema
+from mtpd.daemon.strict_json import loads_json
+from mtpd.daemon.tool_schemas import MAX_DEPTH, tool_schema
 from mtpd.model.errors import InvalidParameter
 
 

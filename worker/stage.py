@@ -23,6 +23,7 @@ from mtpd.model.decoder import DecoderShard
 from mtpd.model.errors import InputError
 from mtpd.model.kv_cache import KVCache
 from mtpd.model.mtp import MTPHead
+from mtpd.model.sampling import masked, token_mask
 from mtpd.model.sampling_params import SamplingParams
 from mtpd.rpc import sampling_from_wire
 from mtpd.v1 import worker_pb2 as pb
@@ -181,6 +182,13 @@ class Stage:
             raise StepRefused(
                 f"{s.verify} drafts to verify need a token before them and sample set"
             )
+        if s.token_mask:
+            if not s.sample:
+                raise StepRefused("a token_mask without sample")
+            try:
+                token_mask(s.token_mask, s.verify + 1, vocab)
+            except InputError as e:
+                raise StepRefused(str(e)) from e
         if s.draft_tokens > MAX_DRAFT_TOKENS:
             raise StepRefused(
                 f"draft_tokens {s.draft_tokens} above the maximum of {MAX_DRAFT_TOKENS}"
@@ -339,8 +347,12 @@ class Stage:
             if s.sample:
                 base = s.keep + counts[i] - 1 - s.verify
                 n = s.verify + 1
+                rows = logits[row : row + n]
+                if s.token_mask:
+                    vocab = self.shard.cfg.vocab_size
+                    rows = masked(rows, token_mask(s.token_mask, n, vocab))
                 emitted = verify(
-                    logits[row : row + n],
+                    rows,
                     settings[i].sampling,
                     history,
                     base,

@@ -189,20 +189,22 @@ class EmittedLogprobs(_message.Message):
     def __init__(self, logprob: _Optional[float] = ..., top_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class SequenceStep(_message.Message):
-    __slots__ = ("seq_id", "keep", "token_ids", "sample", "draft_tokens", "verify")
+    __slots__ = ("seq_id", "keep", "token_ids", "sample", "draft_tokens", "verify", "token_mask")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     KEEP_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_FIELD_NUMBER: _ClassVar[int]
     DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     VERIFY_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_MASK_FIELD_NUMBER: _ClassVar[int]
     seq_id: str
     keep: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     sample: bool
     draft_tokens: int
     verify: int
-    def __init__(self, seq_id: _Optional[str] = ..., keep: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., sample: _Optional[bool] = ..., draft_tokens: _Optional[int] = ..., verify: _Optional[int] = ...) -> None: ...
+    token_mask: bytes
+    def __init__(self, seq_id: _Optional[str] = ..., keep: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., sample: _Optional[bool] = ..., draft_tokens: _Optional[int] = ..., verify: _Optional[int] = ..., token_mask: _Optional[bytes] = ...) -> None: ...
 
 class Activations(_message.Message):
     __slots__ = ("header", "data")
