@@ -18,6 +18,7 @@ import urllib.request
 from pathlib import Path
 
 import grpc
+import jsonschema
 import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -477,6 +478,28 @@ def test_node_client_streams_a_generation(daemon, client, tmp_path):
     refused = node("--max-tokens", "0", "Hello")
     assert refused.returncode == 1 and "INVALID_ARGUMENT" in refused.stderr
     assert "max_tokens" in refused.stderr
+    # Structured output: the Python SDK's tokens, JSON valid against the schema.
+    schema = {
+        "type": "object",
+        "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}},
+        "required": ["n"],
+        "additionalProperties": False,
+    }
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    want = client.generate("Hello", max_tokens=16, structured_output={"json_schema": schema})
+    out = node(
+        "--raw",
+        "--max-tokens",
+        "16",
+        "--json-schema",
+        str(tmp_path / "schema.json"),
+        "--json",
+        "Hello",
+    )
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["token_ids"] == want.token_ids and result["finish_reason"] == "stop"
+    jsonschema.validate(json.loads(result["text"]), schema)
 
 
 def test_the_socket_is_private_and_never_taken_from_another_daemon(daemon, tmp_path, capsys):

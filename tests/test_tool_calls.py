@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 
+import jsonschema
 import openai
 import pytest
 from live_daemon import LiveDaemon
@@ -120,6 +121,57 @@ def test_mtp_on_and_off_reply_alike(oai):
     assert replies[0] == replies[1] and replies[0]["calls"]
     answers = [whole(ask(oai, answered("call_x"), extra_body={"draft_tokens": k})) for k in (0, 3)]
     assert answers[0] == answers[1] and answers[0]["content"] == ANSWER
+
+
+CLOCK = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {
+            "type": "object",
+            "properties": {"zone": {"enum": ["UTC", "CET"]}},
+            "required": ["zone"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+@pytest.mark.parametrize(
+    "choice",
+    [{"type": "function", "function": {"name": "get_time"}}, "required"],
+    ids=["named", "required"],
+)
+def test_a_forced_tool_call_is_a_valid_call_with_mtp_on_and_off(oai, choice):
+    """After the tool's answer the model would reply in words; a forced call makes the
+    reply a call (of the named tool), its arguments valid against the tool's schema."""
+    replies = [
+        whole(
+            ask(
+                oai,
+                answered("call_x"),
+                tools=[WEATHER, CLOCK],
+                tool_choice=choice,
+                parallel_tool_calls=False,
+                extra_body={"draft_tokens": k},
+            )
+        )
+        for k in (0, 3)
+    ]
+    for r in replies:
+        r["calls"] = [{**c, "id": None} for c in r["calls"]]
+    assert replies[0] == replies[1]
+    [call] = replies[0]["calls"]
+    assert replies[0]["finish"] == "tool_calls" and replies[0]["content"] == ""
+    tool = {"get_weather": WEATHER, "get_time": CLOCK}[call["name"]]
+    if choice != "required":
+        assert call["name"] == "get_time"
+    jsonschema.validate(json.loads(call["arguments"]), tool["function"]["parameters"])
+
+
+def test_a_forced_call_and_a_response_format_at_once_are_refused(oai):
+    with pytest.raises(openai.BadRequestError, match="one of them"):
+        ask(oai, QUESTION, tool_choice="required", response_format={"type": "json_object"})
 
 
 def test_tool_choice_none_shows_no_tools_and_parses_no_call(oai):

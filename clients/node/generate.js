@@ -3,11 +3,12 @@
 //
 //   npm install
 //   node generate.js [--address unix:/path | host:port] [--token-file F]
-//                    [--max-tokens N] [--raw] [--json] "prompt"
+//                    [--max-tokens N] [--json-schema FILE] [--raw] [--json] "prompt"
 //
 // The .proto is loaded at run time (no generated code): this is all a client in another
 // language needs. Text streams to stdout as each step's tokens are accepted; --json
-// prints the final result as one JSON object instead.
+// prints the final result as one JSON object instead. --json-schema constrains the
+// output to JSON valid against the schema in FILE (structured output).
 "use strict";
 
 const fs = require("fs");
@@ -32,12 +33,15 @@ function parseArgs(argv) {
         process.exit(2);
       }
     }
+    else if (a === "--json-schema") args.jsonSchema = fs.readFileSync(argv[++i], "utf8");
     else if (a === "--raw") args.raw = true;
     else if (a === "--json") args.json = true;
     else rest.push(a);
   }
   if (rest.length !== 1) {
-    console.error('usage: node generate.js [--address A] [--token-file F] [--max-tokens N] [--raw] [--json] "prompt"');
+    console.error(
+      'usage: node generate.js [--address A] [--token-file F] [--max-tokens N] [--json-schema FILE] [--raw] [--json] "prompt"'
+    );
     process.exit(2);
   }
   args.prompt = rest[0];
@@ -76,6 +80,7 @@ function main() {
   // when given.
   const options = {};
   if (args.maxTokens !== null) options.max_tokens = args.maxTokens;
+  if (args.jsonSchema !== undefined) options.structured_output = { json_schema: args.jsonSchema };
   const call = args.raw
     ? client.Generate({ prompt: args.prompt, options }, metadata)
     : client.Chat({ messages: [{ role: "user", content: args.prompt }], options }, metadata);
