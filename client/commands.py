@@ -32,6 +32,7 @@ OPTION_FLAGS = (
     "logit_bias",
     "logprobs",
     "top_logprobs",
+    "n",
 )
 
 
@@ -81,6 +82,10 @@ def result_json(result: GenerationResult, info: api.ModelInfo) -> dict[str, Any]
                 "top": dict(zip(e.top_token_ids, e.top_logprobs, strict=True)),
             }
             for e in result.logprobs
+        ],
+        "choices": [
+            {"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason}
+            for c in result.choices
         ],
         "elapsed_s": round(timing.elapsed_s, 4),
         "time_to_first_token_s": round(timing.time_to_first_token_s, 4),
@@ -156,7 +161,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
             stream = client.stream(args.prompt, **options)
         else:
             stream = client.chat_stream(user_messages(args, args.prompt), **options)
-        result = _print_stream(stream, echo=not args.json)
+        several = (args.n or 1) > 1  # their text is printed once all have ended
+        result = _print_stream(stream, echo=not args.json and not several)
+        if several and not args.json:
+            for i, choice in enumerate(result.choices):
+                print(f"[choice {i}] {choice.text}")
         report(result, info, args.json)
     return 0
 
@@ -172,6 +181,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     """A conversation on stdin: each line is a user message; the reply streams back.
     When the reply calls tools, the next lines are their results, one per call."""
     interactive = sys.stdin.isatty()
+    if (args.n or 1) > 1:
+        raise SystemExit("mtpd chat: one reply per turn; --n is for mtpd generate")
     with _client(args) as client:
         options = {**request_options(args), **chat_options(args)}
         info = client.info()

@@ -70,6 +70,9 @@ class Options(TypedDict, total=False):
     logit_bias: Mapping[int, float]  # token id: bias
     logprobs: bool  # each token's log-probability (GenerationResult.logprobs)
     top_logprobs: int  # and the top this many tokens' at its position (0..20)
+    # Choices from the one prompt (GenerationResult.choices), choice i sampling with
+    # seed + i.
+    n: int
     # Structured output, one of {"json_schema": schema (a dict or JSON text)},
     # {"json_object": True}, {"regex": "..."}, {"grammar": "..."} (llguidance's Lark).
     structured_output: Mapping[str, Any]
@@ -199,6 +202,7 @@ class Delta:
     reasoning: str = ""
     tool_calls: list[ToolCall] = field(default_factory=list)
     logprobs: list[api.TokenLogprob] = field(default_factory=list)  # one per token_ids
+    choice: int = 0  # with Options.n > 1: the choice it belongs to
 
 
 @dataclass
@@ -217,9 +221,23 @@ class GenerationResult:
     accepted_drafts: int = 0
     timing: api.Timing = field(default_factory=api.Timing)
     drafts: api.DraftSummary = field(default_factory=api.DraftSummary)
+    # With Options.n > 1: the results of choices 1 .. n-1 (this one is choice 0's).
+    others: list[GenerationResult] = field(default_factory=list)
+
+    @property
+    def choices(self) -> list[GenerationResult]:
+        """Every choice's result, choice 0 first."""
+        return [self, *self.others]
 
     def add(self, chunk: api.GenerateChunk) -> Delta | None:
         """Take one streamed chunk; returns the delta it carries, if any."""
+        if chunk.choice:
+            while len(self.others) < chunk.choice:
+                self.others.append(GenerationResult())
+            return self.others[chunk.choice - 1]._add(chunk)
+        return self._add(chunk)
+
+    def _add(self, chunk: api.GenerateChunk) -> Delta | None:
         self.text += chunk.text
         self.reasoning += chunk.reasoning_text
         calls = [ToolCall(c.id, c.name, c.arguments) for c in chunk.tool_calls]
@@ -242,12 +260,14 @@ class GenerationResult:
                 chunk.reasoning_text,
                 calls,
                 list(chunk.logprobs),
+                chunk.choice,
             )
         return None
 
     @property
     def done(self) -> bool:
-        return bool(self.finish_reason)
+        """Every choice has ended."""
+        return all(bool(c.finish_reason) for c in self.choices)
 
 
 TOKEN_ENV = "MTPD_API_TOKEN"

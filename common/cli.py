@@ -112,6 +112,12 @@ def _add_generation_flags(p: argparse.ArgumentParser, prompt: bool = True) -> No
     structured.add_argument(
         "--grammar", metavar="LARK|@FILE", help="the output follows this Lark grammar (llguidance)"
     )
+    p.add_argument(
+        "-n",
+        "--n",
+        type=int,
+        help="choices from the prompt, choice i sampling with seed + i (default 1)",
+    )
     p.add_argument("--system", default=None, help="a system message for the chat template")
     p.add_argument(
         "--json", action="store_true", help="print one JSON object instead of streaming text"
@@ -561,6 +567,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     if not args.prompt:
         raise UserError("the prompt is empty")
+    if (args.n or 1) > 1:
+        raise UserError("mtpd run generates one choice: --n needs mtpd serve and mtpd generate")
     options = GenerationOptions.from_proto(generation_options(request_options(args)))
     with Coordinator.start(_settings(args, max_seqs=1)) as daemon:
         for note in daemon.notes:

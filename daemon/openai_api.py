@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import logging
 import time
@@ -33,15 +32,15 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from mtpd.daemon.chat import chat_prompt
+from mtpd.daemon.choices import all_or_none, choice_streams
 from mtpd.daemon.coordinator import Coordinator
 from mtpd.daemon.frontend import Frontend
 from mtpd.daemon.generation import Prompt
 from mtpd.daemon.metrics import metrics_registry
 from mtpd.daemon.openai_bodies import ChatCompletionRequest, CompletionRequest, SamplingBody
-from mtpd.daemon.openai_errors import ApiError, Unsupported, api_error, validation_error
-from mtpd.daemon.openai_replies import Reply, all_or_none, events, whole
+from mtpd.daemon.openai_errors import ApiError, api_error, validation_error
+from mtpd.daemon.openai_replies import Reply, events, whole
 from mtpd.model.errors import check_unicode
-from mtpd.model.sampling_params import MAX_SEED
 from mtpd.rpc import bearer_token_matches
 from mtpd.v1 import inference_pb2 as api
 
@@ -216,36 +215,15 @@ class OpenAIApp:
         try:
             body = await self._parse(request, schema)
             daemon = front.ready()
-            if body.n > daemon.pipeline.max_seqs:
-                raise Unsupported(
-                    "n",
-                    f"n: at most {daemon.pipeline.max_seqs}, the sequences decoded together "
-                    "(mtpd serve --max-seqs)",
-                )
             prompt = await asyncio.to_thread(self._prompt, daemon, body)
-            # One reader per choice: a chat's reply reader keeps its reply's state.
-            prompts = [prompt] + [
-                dataclasses.replace(prompt, reply=prompt.reply and prompt.reply.fresh())
-                for _ in range(body.n - 1)
-            ]
             if isinstance(body, ChatCompletionRequest):
-                room = max(1, daemon.pipeline.max_context - len(prompts[0].ids))
+                room = max(1, daemon.pipeline.max_context - len(prompt.ids))
                 max_tokens = body.max_completion_tokens or body.max_tokens or room
             else:
                 max_tokens = body.max_tokens or COMPLETION_MAX_TOKENS
             request_id = front.request_id()
             options = body.options(max_tokens)
-            for i, prompt in enumerate(prompts):  # choice i draws with seed + i
-                choice = dataclasses.replace(options, seed=(options.seed + i) % (MAX_SEED + 1))
-                streams.append(
-                    front.generate(
-                        lambda _, p=prompt: p,
-                        choice,
-                        request_id if body.n == 1 else f"{request_id}.{i}",
-                        arrived,
-                        prompt_field="prompt",
-                    )
-                )
+            streams = choice_streams(front, prompt, options, request_id, arrived)
             # The first chunks before the response starts: a refusal (a full queue, a
             # prompt too long) is then a status, not an error inside a 200 stream.
             firsts = await _unless_disconnected(request, all_or_none(anext(s) for s in streams))

@@ -97,6 +97,7 @@ class SamplingBody(_Body):
             frequency_penalty=self.frequency_penalty,
             logit_bias=_token_ids(self.logit_bias or {}),
             structured_output=self.output_format(),
+            n=self.n,
             **self.logprob_options(),
             **extras,
         )

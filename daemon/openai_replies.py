@@ -3,21 +3,19 @@ reasoning, tool calls, log-probabilities), n choices merged as they come, the us
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 from mtpd import __version__
+from mtpd.daemon.choices import all_or_none, merged
 from mtpd.daemon.generation import FINISH_NAMES
 from mtpd.daemon.openai_bodies import ChatCompletionRequest, SamplingBody
 from mtpd.daemon.openai_errors import api_error
 from mtpd.model.tokenizer import Tokenizer
 from mtpd.v1 import inference_pb2 as api
-
-T = TypeVar("T")
 
 
 def sse_event(payload: dict | str) -> bytes:
@@ -224,12 +222,12 @@ async def events(
     """The choices' events as they come (interleaved, each at its index), then the usage
     and [DONE]. An error mid-generation is said, then the stream ends."""
     lasts: list[tuple[int, api.GenerateChunk]] = []  # (choice, its last chunk)
-    merged = _merged(
+    together = merged(
         [r.choice_events(f, rest) for r, f, rest in zip(replies, firsts, rests, strict=True)]
     )
     try:
-        async with contextlib.aclosing(merged):
-            async for item in merged:
+        async with contextlib.aclosing(together):
+            async for item in together:
                 if isinstance(item, bytes):
                     yield item
                 else:
@@ -243,57 +241,3 @@ async def events(
         final["usage"] = usage_of([chunk for _, chunk in sorted(lasts)])  # choice 0 first
         yield sse_event(final)
     yield sse_event("[DONE]")
-
-
-async def all_or_none(awaitables: Iterable[Awaitable[T]]) -> list[T]:
-    """Every result, or the first error with the others cancelled and awaited: a choice
-    refused (a full queue) or failed must not leave the others running, and the streams
-    they read can only be closed once nothing awaits them."""
-    tasks = [asyncio.ensure_future(a) for a in awaitables]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-    finally:
-        for task in tasks:
-            task.cancel()
-        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
-    for outcome in outcomes:
-        if isinstance(outcome, BaseException):
-            raise outcome
-    return outcomes
-
-
-async def _merged(streams: list[AsyncIterator[T]]) -> AsyncIterator[T]:
-    """Items of every stream as they come; one stream's error ends them all."""
-    if len(streams) == 1:
-        async with contextlib.aclosing(streams[0]) as only:
-            async for item in only:
-                yield item
-        return
-    queue: asyncio.Queue = asyncio.Queue(maxsize=len(streams))
-    done = object()
-
-    async def pump(stream: AsyncIterator[T]) -> None:
-        # Cancelled only by the reader's leaving (below): then no one waits for an end.
-        try:
-            async with contextlib.aclosing(stream):
-                async for item in stream:
-                    await queue.put(item)
-        except Exception as e:
-            await queue.put(e)
-        else:
-            await queue.put(done)
-
-    tasks = [asyncio.ensure_future(pump(s)) for s in streams]
-    try:
-        running = len(streams)
-        while running:
-            item = await queue.get()
-            if item is done:
-                running -= 1
-            elif isinstance(item, Exception):
-                raise item
-            else:
-                yield item
-    finally:
-        for task in tasks:
-            task.cancel()

@@ -44,6 +44,7 @@ class GenerationOptions:
     logprobs: bool = False
     top_logprobs: int = 0
     structured_output: OutputFormat | None = None
+    n: int = 1  # choices (daemon/choices.py)
 
     def __post_init__(self) -> None:
         if self.max_tokens is not None and not 1 <= self.max_tokens <= MAX_INT32:
@@ -72,6 +73,8 @@ class GenerationOptions:
                 f"top_logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {self.top_logprobs}",
                 "top_logprobs",
             )
+        if not 1 <= self.n <= MAX_INT32:
+            raise InvalidParameter(f"n must be in 1..{MAX_INT32}, got {self.n}", "n")
         if self.top_logprobs and not self.logprobs:
             raise InvalidParameter("top_logprobs: set logprobs too", "top_logprobs")
         # Sampling fields (and the seed) are checked where they are defined.

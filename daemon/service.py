@@ -13,6 +13,7 @@ from typing import TypeVar
 import grpc
 
 from mtpd.daemon.chat import Chat, chat_prompt
+from mtpd.daemon.choices import all_or_none, choice_streams, indexed, merged
 from mtpd.daemon.coordinator import Coordinator
 from mtpd.daemon.frontend import Frontend
 from mtpd.daemon.generation import Prompt
@@ -77,16 +78,24 @@ class InferenceService(api_grpc.InferenceServicer):
                 front.check_size(request.ByteSize())
                 request_id = front.request_id(request.request_id)
                 options = GenerationOptions.from_proto(request.options)
-                generation = front.generate(
-                    lambda daemon: self._prompt(daemon, request),
-                    options,
-                    request_id,
-                    arrived,
-                    admitted,
+                prompt = await asyncio.to_thread(self._prompt, front.ready(), request)
+                streams = choice_streams(
+                    front, prompt, options, request_id, arrived, admitted, "prompt_token_ids"
                 )
-                async with contextlib.aclosing(generation) as chunks:
-                    async for chunk in chunks:
-                        yield chunk
+                try:
+                    firsts = await all_or_none(anext(s) for s in streams)
+                    choices = merged(
+                        [
+                            indexed(i, f, s)
+                            for i, (f, s) in enumerate(zip(firsts, streams, strict=True))
+                        ]
+                    )
+                    async with contextlib.aclosing(choices):
+                        async for chunk in choices:
+                            yield chunk
+                finally:
+                    for stream in streams:
+                        await stream.aclose()
         except _Refused as e:
             if e.code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED):
                 front.rejected += 1

@@ -14,7 +14,8 @@ from live_daemon import CONTEXT, LiveDaemon, http_request, wait_for, write_serve
 from prometheus_client.parser import text_string_to_metric_families
 from reference import GREEDY, penalised_run, solo_run
 
-from mtpd.client import Client
+from mtpd.cli import main
+from mtpd.client import Client, InvalidRequest
 from mtpd.model.sampling_params import SamplingParams
 from mtpd.worker.engine import Engine
 
@@ -682,6 +683,34 @@ def test_n_choices_draw_with_seed_plus_their_index(oai):
             if choice.finish_reason:
                 finished.add(choice.index)
     assert streamed == texts and finished == {0, 1, 2}
+
+
+def test_n_choices_over_grpc_and_the_cli_are_their_seeds_alone(
+    daemon, grpc_client, capsys, tmp_path
+):
+    ask = {"max_tokens": 10, "temperature": 1.0, "ignore_eos": True}
+    together = grpc_client.chat(MESSAGES, n=3, seed=11, **ask)
+    alone = [grpc_client.chat(MESSAGES, seed=11 + i, **ask) for i in range(3)]
+    assert [c.token_ids for c in together.choices] == [a.token_ids for a in alone]
+    assert [c.text for c in together.choices] == [a.text for a in alone]
+    assert all(c.finish_reason == "length" for c in together.choices)
+    streamed: dict[int, list[int]] = {0: [], 1: [], 2: []}
+    with grpc_client.stream("Say", n=3, seed=5, **ask) as stream:
+        for delta in stream:
+            streamed[delta.choice] += delta.token_ids
+    assert [streamed[i] for i in range(3)] == [c.token_ids for c in stream.result.choices]
+    assert (
+        stream.result.choices[2].token_ids == grpc_client.generate("Say", seed=7, **ask).token_ids
+    )
+    with pytest.raises(InvalidRequest, match="n: at most"):
+        grpc_client.generate("Say", n=100, **ask)
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    argv = ["generate", "--address", daemon.address, "--api-token-file", str(token_file)]
+    argv += ["--raw", "--max-tokens", "10", "--temperature", "1", "--seed", "5", "-n", "3"]
+    assert main([*argv, "--json", "Say"]) == 0
+    choices = json.loads(capsys.readouterr().out)["choices"]
+    assert [c["token_ids"] for c in choices] == [c.token_ids for c in stream.result.choices]
 
 
 def test_n_choices_refused_together_leave_nothing_running(oai, grpc_client):
