@@ -19,8 +19,8 @@ from collections import defaultdict
 from mtpd.daemon.coordinator import Coordinator, Settings
 from mtpd.daemon.draft_policy import AUTO
 from mtpd.daemon.generation import Prompt, generate
-from mtpd.daemon.options import GenerationOptions
-from mtpd.daemon.structured_output import Constraint, OutputFormat
+from mtpd.daemon.options import GenerationOptions, OutputFormat
+from mtpd.daemon.structured_output import Constraint
 
 SCHEMA = {
     "type": "object",

@@ -27,8 +27,9 @@ from mtpd.daemon.assistant_output import (
 )
 from mtpd.daemon.coordinator import Coordinator
 from mtpd.daemon.generation import Prompt
+from mtpd.daemon.options import OutputFormat
 from mtpd.daemon.strict_json import loads_json
-from mtpd.daemon.structured_output import OutputFormat, tool_call_grammar
+from mtpd.daemon.structured_output import tool_call_grammar
 from mtpd.daemon.tool_schemas import ToolSchema, tool_schema
 from mtpd.model.errors import InvalidParameter
 from mtpd.model.tokenizer import ROLES, Tokenizer

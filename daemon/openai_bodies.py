@@ -10,8 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from mtpd.daemon.openai_errors import Unsupported
-from mtpd.daemon.options import MAX_TOP_LOGPROBS, GenerationOptions
-from mtpd.daemon.structured_output import OutputFormat
+from mtpd.daemon.options import MAX_TOP_LOGPROBS, GenerationOptions, OutputFormat
 from mtpd.model.errors import InvalidParameter
 from mtpd.v1 import inference_pb2 as api
 

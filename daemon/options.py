@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from mtpd.daemon.structured_output import OutputFormat
+from mtpd.daemon.strict_json import loads_json
 from mtpd.model.errors import InvalidParameter, check_unicode
 from mtpd.model.sampling_params import MAX_INT32, SamplingParams
 from mtpd.v1 import inference_pb2 as api
@@ -24,6 +24,49 @@ DEFAULT_MAX_REQUEST_BYTES = 1 << 20  # mtpd serve --max-request-bytes
 TOOL_FORMATS = ("hermes", "xml")  # the tool-call formats daemon/assistant_output.py reads
 TOOL_CALL_PARSERS = ("auto", *TOOL_FORMATS, "none")  # mtpd serve --tool-call-parser
 REASONING_PARSERS = ("auto", "none")  # mtpd serve --reasoning-parser
+STRUCTURED_KINDS = ("json_schema", "json_object", "regex", "grammar")
+MAX_SPEC_BYTES = 1 << 17  # of a structured output's schema, regex or grammar
+
+
+@dataclass(frozen=True)
+class OutputFormat:
+    """A request's structured output as its caller wrote it: `kind` one of
+    STRUCTURED_KINDS, `text` the schema (JSON), the regex or the grammar, `param` the
+    caller's name for it (errors name it). Compiled by daemon/structured_output.py."""
+
+    kind: str
+    text: str = ""
+    param: str = "structured_output"
+
+    def __post_init__(self) -> None:
+        if self.kind not in STRUCTURED_KINDS:
+            raise InvalidParameter(
+                f"{self.param}: {self.kind!r} is not one of {', '.join(STRUCTURED_KINDS)}",
+                self.param,
+            )
+        check_unicode(self.text, self.param)
+        size = len(self.text.encode())
+        if size > MAX_SPEC_BYTES:
+            raise InvalidParameter(
+                f"{self.param}: {size} bytes, above the {MAX_SPEC_BYTES} a constraint may have",
+                self.param,
+            )
+        if self.kind != "json_object" and not self.text.strip():
+            raise InvalidParameter(f"{self.param}: the {self.kind} is empty", self.param)
+        if self.kind == "json_schema":
+            try:
+                schema = loads_json(self.text)
+            except ValueError as e:
+                raise InvalidParameter(
+                    f"{self.param}: the schema is not JSON: {e}", self.param
+                ) from e
+            if schema is False:
+                raise InvalidParameter(f"{self.param}: the schema false admits nothing", self.param)
+            if not isinstance(schema, dict | bool):
+                raise InvalidParameter(
+                    f"{self.param}: a schema is a JSON object, got {type(schema).__name__}",
+                    self.param,
+                )
 
 
 @dataclass(frozen=True)
@@ -108,6 +151,8 @@ class GenerationOptions:
             if f.name not in _REPEATED and msg.HasField(f.name)
         }
         kind = msg.structured_output.WhichOneof("format")
+        if kind == "json_object" and not msg.structured_output.json_object:
+            kind = None  # json_object false: no constraint
         return cls(
             **fields,
             stop=tuple(msg.stop),

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from mtpd.daemon.draft_policy import DraftPolicy, DraftStats
 from mtpd.daemon.pipeline import Pipeline, PipelineRestarting, StepOutcome
+from mtpd.daemon.structured_output import Constraint, ConstraintBroken
 from mtpd.model.errors import InputError, InvalidParameter
 from mtpd.model.sampling_params import SamplingParams
 from mtpd.rpc import sampling_to_wire
@@ -35,7 +36,6 @@ from mtpd.v1 import worker_pb2 as pb
 if TYPE_CHECKING:
     import torch
 
-    from mtpd.daemon.structured_output import Constraint
 
 log = logging.getLogger("mtpd.daemon")
 
@@ -46,10 +46,6 @@ class QueueFullError(InputError):
 
 class RequestFailed(RuntimeError):
     """The pipeline failed while the request ran."""
-
-
-class ConstraintBroken(RequestFailed):
-    """A step accepted tokens the request's grammar forbids (the tail's masks failed)."""
 
 
 class RequestQuarantined(RequestFailed):
@@ -66,7 +62,8 @@ MAX_QUARANTINED = 1024  # fingerprints of quarantined requests remembered
 @dataclass
 class Result:
     token_ids: list[int]
-    finish_reason: str  # "stop" | "length" | "cancelled" | "error" | "quarantined"
+    # "stop" | "length" | "cancelled" | "error" | "quarantined" | "grammar" (it failed)
+    finish_reason: str
     logits: list[torch.Tensor]  # per generated token, when asked for
     error: str | None = None
     drafts: DraftStats = field(default_factory=DraftStats)
@@ -135,9 +132,12 @@ class Request:
         self._raise_error()
 
     def _raise_error(self) -> None:
-        if self.error is not None:
-            kind = RequestQuarantined if self.finish_reason == "quarantined" else RequestFailed
-            raise kind(self.error)
+        if self.error is None:
+            return
+        if self.finish_reason == "grammar":  # the caller's grammar, not the server, failed
+            raise ConstraintBroken(self.error)
+        kind = RequestQuarantined if self.finish_reason == "quarantined" else RequestFailed
+        raise kind(self.error)
 
     @property
     def done(self) -> bool:
@@ -355,7 +355,9 @@ class Scheduler:
                 if self._stopped:
                     return
                 try:
-                    steps = [self._step_of(seq, n, len(batch)) for seq, n in batch]
+                    steps, batch = self._steps_of(batch)
+                    if not batch:
+                        continue
                     opened = [self._open_of(seq) for seq, _ in batch if seq.cached == 0]
                     for seq, _ in batch:
                         seq.opened = True
@@ -368,6 +370,20 @@ class Scheduler:
                     seq.in_flight = True
             future = self.pipeline.submit(steps, opened=opened)
             future.add_done_callback(lambda f, batch=batch: self._complete(batch, f))
+
+    def _steps_of(
+        self, batch: list[tuple[_Sequence, int]]
+    ) -> tuple[list[pb.SequenceStep], list[tuple[_Sequence, int]]]:
+        """The batch's steps; a sequence whose grammar fails leaves the batch, ended."""
+        steps, kept = [], []
+        for seq, n in batch:
+            try:
+                steps.append(self._step_of(seq, n, len(batch)))
+            except ConstraintBroken as e:
+                self._retire([seq], "grammar", f"the request's grammar failed: {e}")
+                continue
+            kept.append((seq, n))
+        return steps, kept
 
     def _step_of(self, seq: _Sequence, n: int, batch: int) -> pb.SequenceStep:
         """A sequence's share of a step: `n` of its pending tokens, and when it is
@@ -558,8 +574,8 @@ class Scheduler:
             try:
                 reason = self._accept(seq, n, result)
             except ConstraintBroken as e:
-                log.error("%s: %s", seq.request.seq_id, e)
-                self._retire([seq], "error", str(e))
+                log.warning("%s: its grammar failed: %s", seq.request.seq_id, e)
+                self._retire([seq], "grammar", f"the request's grammar failed: {e}")
                 continue
             if reason is not None:
                 finished[reason].append(seq)
@@ -580,13 +596,12 @@ class Scheduler:
         seq.proposed = list(result.draft_token_ids)
         kept = emitted[: seq.max_tokens - seq.generated]
         end = None
-        if not seq.ignore_eos:
+        # A grammar ends at an end of sequence whatever ignore_eos says: nothing follows.
+        if not seq.ignore_eos or seq.constraint is not None:
             end = next((i for i, t in enumerate(kept) if t in self.eos_ids), None)
             kept = kept[:end]
         if seq.constraint is not None:
-            broken = seq.constraint.consume(kept)
-            if broken is not None:
-                raise ConstraintBroken(f"the output left its grammar: {broken}")
+            seq.constraint.consume(kept)
             if seq.constraint.complete:
                 end = len(kept)  # only an end-of-sequence token could follow
         self._emit(seq, kept, result)

@@ -104,7 +104,8 @@ class InferenceService(api_grpc.InferenceServicer):
     @staticmethod
     def _prompt(daemon: Coordinator, request: api.GenerateRequest | api.ChatRequest) -> Prompt:
         if isinstance(request, api.ChatRequest):
-            return chat_prompt(daemon, request, request.options.HasField("structured_output"))
+            structured = request.options.structured_output.WhichOneof("format") is not None
+            return chat_prompt(daemon, request, structured)
         if request.prompt and request.prompt_token_ids:
             raise InvalidParameter("set one of prompt and prompt_token_ids, not both", "prompt")
         return Prompt(list(request.prompt_token_ids) or daemon.tokenizer.encode(request.prompt))

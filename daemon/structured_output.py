@@ -16,22 +16,23 @@ vocabulary takes it ~30 us on these CPUs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
+from mtpd.daemon.options import OutputFormat
 from mtpd.daemon.strict_json import loads_json
-from mtpd.model.errors import InvalidParameter
+from mtpd.model.errors import InputError, InvalidParameter
 
 if TYPE_CHECKING:
     import llguidance
 
     from mtpd.model.tokenizer import Tokenizer
 
-KINDS = ("json_schema", "json_object", "regex", "grammar")
-MAX_SPEC_BYTES = 1 << 17  # of a schema, regex or grammar
 # JSON as Python's json.dumps and the chat templates' tojson write it (", " and ": "),
 # with no other whitespace: free whitespace lets a model pad a reply without end.
 JSON_OPTIONS: dict[str, Any] = {
@@ -39,54 +40,6 @@ JSON_OPTIONS: dict[str, Any] = {
     "item_separator": ", ",
     "key_separator": ": ",
 }
-
-
-@dataclass(frozen=True)
-class OutputFormat:
-    """A request's constraint as its caller wrote it: `kind` one of KINDS, `text` the
-    schema (JSON), the regex or the grammar, `param` the caller's name for it (errors
-    name it)."""
-
-    kind: str
-    text: str = ""
-    param: str = "structured_output"
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise InvalidParameter(
-                f"{self.param}: {self.kind!r} is not one of {', '.join(KINDS)}", self.param
-            )
-        size = len(self.text.encode("utf-8", "surrogatepass"))
-        if size > MAX_SPEC_BYTES:
-            raise InvalidParameter(
-                f"{self.param}: {size} bytes, above the {MAX_SPEC_BYTES} a constraint may have",
-                self.param,
-            )
-        if self.kind != "json_object" and not self.text.strip():
-            raise InvalidParameter(f"{self.param}: the {self.kind} is empty", self.param)
-        if self.kind == "json_schema":
-            try:
-                schema = loads_json(self.text)
-            except ValueError as e:
-                raise InvalidParameter(
-                    f"{self.param}: the schema is not JSON: {e}", self.param
-                ) from e
-            if not isinstance(schema, dict | bool):
-                raise InvalidParameter(
-                    f"{self.param}: a schema is a JSON object, got {type(schema).__name__}",
-                    self.param,
-                )
-
-    def grammar(self) -> str:
-        """llguidance's grammar for it (checked when a matcher is made of it)."""
-        import llguidance  # here: its import takes ~60 ms, which every start would pay
-
-        if self.kind == "regex":
-            return llguidance.LLMatcher.grammar_from_regex(self.text)
-        if self.kind == "grammar":
-            return llguidance.LLMatcher.grammar_from_lark(self.text)
-        schema = self.text if self.kind == "json_schema" else '{"type": "object"}'
-        return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
 
 
 def tool_call_grammar(tools: Sequence[dict[str, Any]], parallel: bool) -> str:
@@ -103,7 +56,9 @@ def tool_call_grammar(tools: Sequence[dict[str, Any]], parallel: bool) -> str:
             },
             "required": ["name", "arguments"],
             "additionalProperties": False,
-            "x-guidance": JSON_OPTIONS,
+            # Keywords llguidance does not enforce are let through: the call's arguments
+            # are validated against the schema after anyway (AssistantOutput).
+            "x-guidance": {**JSON_OPTIONS, "lenient": True},
         }
         for tool in tools
     ]
@@ -119,18 +74,28 @@ def tool_call_grammar(tools: Sequence[dict[str, Any]], parallel: bool) -> str:
 
 class _TokenTable:
     """The vocabulary as llguidance's TokenizerWrapper reads it: each id's bytes (ids the
-    tokenizer lacks, and control tokens, are special: no grammar produces them)."""
+    tokenizer lacks, and control tokens, are special: only a grammar that names them
+    produces them, and the masks leave them out anyway)."""
 
     def __init__(self, tokenizer: Tokenizer, vocab_size: int) -> None:
         self._tokenizer = tokenizer
         self.tokens = [tokenizer.token_bytes(i) for i in range(vocab_size)]
-        known = tokenizer.vocab_size
-        self.special_token_ids = sorted({*tokenizer.control_ids, *range(known, vocab_size)})
-        self.eos_token_id = min(tokenizer.eos_ids, default=0)
+        self.special_token_ids = sorted(_control_ids(tokenizer, vocab_size))
+        self.eos_token_id = min(tokenizer.eos_ids)
         self.bos_token_id = tokenizer.bos_id
 
     def __call__(self, text: bytes) -> list[int]:
-        return self._tokenizer.encode(text.decode("utf-8", "replace"))
+        return self._tokenizer.encode_as_text(text.decode("utf-8", "replace"))
+
+
+def _control_ids(tokenizer: Tokenizer, vocab_size: int) -> set[int]:
+    return {*tokenizer.control_ids, *range(tokenizer.vocab_size, vocab_size)}
+
+
+# Bounds on the work of one mask (llguidance's defaults allow ~1 s on a regex such as
+# (a{1000}){1000}; these, ~70 ms for the first mask, computed while compiling, and a
+# few ms for each later one, under the scheduler's lock).
+_LIMITS = {"initial_lexer_fuel": 200_000, "step_lexer_fuel": 50_000, "max_lexer_states": 50_000}
 
 
 class Grammars:
@@ -141,74 +106,145 @@ class Grammars:
         self._tokenizer, self.vocab_size = tokenizer, vocab_size
         self._lock = threading.Lock()
         self._vocab: llguidance.LLTokenizer | None = None
+        self._text_tokens: np.ndarray | None = None
 
-    def _vocabulary(self) -> llguidance.LLTokenizer:
+    def _vocabulary(self) -> tuple[llguidance.LLTokenizer, np.ndarray]:
         import llguidance
 
         with self._lock:
             if self._vocab is None:
-                table = _TokenTable(self._tokenizer, self.vocab_size)
+                tokenizer = self._tokenizer
+                table = _TokenTable(tokenizer, self.vocab_size)
                 self._vocab = llguidance.LLTokenizer(
                     llguidance.TokenizerWrapper(table),
                     n_vocab=self.vocab_size,
-                    eos_token=sorted(self._tokenizer.eos_ids) or None,
+                    eos_token=sorted(tokenizer.eos_ids),
                 )
-            return self._vocab
+                # What a reply may hold: text tokens, and the end of sequence.
+                allowed = np.ones(_mask_words(self.vocab_size) * 32, dtype=bool)
+                allowed[self.vocab_size :] = False
+                allowed[list(_control_ids(tokenizer, self.vocab_size) - tokenizer.eos_ids)] = False
+                self._text_tokens = np.packbits(allowed, bitorder="little")
+            assert self._text_tokens is not None
+            return self._vocab, self._text_tokens
 
     def matcher(self, output_format: OutputFormat) -> Constraint:
-        """A fresh matcher of the format; an InvalidParameter naming its parameter when
-        it does not compile. Compiling may take up to a second: call it off the event
-        loop."""
+        """A fresh matcher of the format, its first mask computed; an InvalidParameter
+        naming its parameter when it does not compile or allows nothing. Compiling may
+        take up to a second: call it off the event loop."""
         import llguidance
 
         param = output_format.param
+        if not self._tokenizer.eos_ids:
+            raise InvalidParameter(
+                f"{param}: structured output needs the model's end-of-sequence token, and "
+                "its tokenizer names none",
+                param,
+            )
         try:
-            grammar = output_format.grammar()
+            grammar = _grammar(output_format)
         except ValueError as e:
             raise InvalidParameter(f"{param}: {_short(str(e))}", param) from e
-        matcher = llguidance.LLMatcher(self._vocabulary(), grammar, log_level=0)
-        if matcher.is_error():
-            raise InvalidParameter(f"{param}: {_short(matcher.get_error())}", param)
-        return Constraint(matcher, self.vocab_size)
+        vocabulary, text_tokens = self._vocabulary()
+        limits = llguidance.LLParserLimits(**_LIMITS, verbose_errors=False)
+        matcher = llguidance.LLMatcher(vocabulary, grammar, log_level=0, limits=limits)
+        constraint = Constraint(matcher, text_tokens)
+        try:  # here, off the scheduler's lock: the first mask builds the lexer's states
+            constraint.masks([])
+        except ConstraintBroken as e:
+            raise InvalidParameter(f"{param}: {e}", param) from e
+        return constraint
+
+
+class ConstraintBroken(InputError):
+    """The request's grammar failed mid-generation (a resource limit, a token it forbids),
+    or allows no token a reply may hold."""
 
 
 class Constraint:
-    """One request's matcher. Only the scheduler's thread uses it once submitted."""
+    """One request's matcher. Only the scheduler's thread uses it once submitted.
+    Every failure of llguidance's (an error state, even a panic) is a ConstraintBroken."""
 
-    def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int) -> None:
+    def __init__(self, matcher: llguidance.LLMatcher, text_tokens: np.ndarray) -> None:
         self._matcher = matcher
-        self._mask_bytes = (vocab_size + 31) // 32 * 4
+        self._text_tokens = text_tokens  # packed like a mask: the tokens a reply may hold
 
     def allowed_drafts(self, drafts: Sequence[int]) -> int:
         """How many of the drafts, from the first, the grammar allows."""
-        return self._matcher.validate_tokens(list(drafts)) if drafts else 0
+        if not drafts:
+            return 0
+        with self._failures():
+            return self._matcher.validate_tokens(list(drafts))
 
     def masks(self, drafts: Sequence[int]) -> bytes:
         """The allowed tokens after the tokens consumed, then after each draft (which the
         grammar must allow): len(drafts) + 1 rows of (vocab_size + 31) // 32
         little-endian uint32 words, bit t % 32 of word t // 32 allowing token t."""
-        rows = [self._mask()]
-        for token in drafts:
-            self._matcher.consume_token(token)
-            rows.append(self._mask())
-        if drafts:
-            self._matcher.rollback(len(drafts))
-        return b"".join(rows)
+        with self._failures():
+            rows = [self._mask()]
+            for token in drafts:
+                self._matcher.consume_token(token)
+                rows.append(self._mask())
+            if drafts:
+                self._matcher.rollback(len(drafts))
+            return b"".join(rows)
 
     def _mask(self) -> bytes:
-        return self._matcher.compute_bitmask()[: self._mask_bytes]
+        mask = self._matcher.compute_bitmask()
+        self._check()
+        row = np.frombuffer(mask, dtype=np.uint8)[: len(self._text_tokens)] & self._text_tokens
+        if not row.any():
+            raise ConstraintBroken("the grammar allows only control tokens here")
+        return row.tobytes()
 
-    def consume(self, tokens: Sequence[int]) -> str | None:
-        """Take a step's accepted tokens; why they break the grammar, if they do (the
-        tail drew them under its masks, so that would be a bug)."""
-        if tokens and not self._matcher.consume_tokens(list(tokens)):
-            return _short(self._matcher.get_error()) or "a token outside the grammar"
-        return None
+    def consume(self, tokens: Sequence[int]) -> None:
+        """Take a step's accepted tokens."""
+        if tokens:
+            with self._failures():
+                self._matcher.consume_tokens(list(tokens))
+                self._check()
 
     @property
     def complete(self) -> bool:
         """The grammar allows nothing more but an end-of-sequence token."""
-        return self._matcher.is_stopped()
+        return self._matcher.is_stopped() and not self._matcher.is_error()
+
+    def _check(self) -> None:
+        if self._matcher.is_error():
+            error = self._matcher.get_error().replace("<non-verbose/>", "").strip()
+            if error.startswith("NoExtension"):  # llguidance's name for a dead end
+                error = "no text can continue the reply here: the format admits none"
+            raise ConstraintBroken(_short(error))
+
+    @contextlib.contextmanager
+    def _failures(self) -> Iterator[None]:
+        try:
+            yield
+        except ConstraintBroken:
+            raise
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # pyo3 panics are BaseExceptions
+            raise ConstraintBroken(f"the grammar engine failed: {_short(str(e))}") from e
+
+
+def _grammar(output_format: OutputFormat) -> str:
+    """llguidance's grammar for a format (checked when a matcher is made of it)."""
+    import llguidance  # here: its import takes ~60 ms, which every start would pay
+
+    kind, text = output_format.kind, output_format.text
+    if kind == "regex":
+        return llguidance.LLMatcher.grammar_from_regex(text)
+    if kind == "grammar":
+        return llguidance.LLMatcher.grammar_from_lark(text)
+    schema = loads_json(text) if kind == "json_schema" else {"type": "object"}
+    if schema is True:  # any JSON value
+        schema = {}
+    return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
+
+
+def _mask_words(vocab_size: int) -> int:
+    return (vocab_size + 31) // 32
 
 
 def _short(message: str, limit: int = 400) -> str:

@@ -7,6 +7,7 @@ import functools
 import json
 import re
 import secrets
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -73,6 +74,8 @@ class Tokenizer:
             i for i, t in tok.get_added_tokens_decoder().items() if t.special
         )
         self._bytes: dict[int, bytes] = {}  # token_bytes, as asked for
+        self._as_text: tokenizers.Tokenizer | None = None  # made on first need
+        self._lock = threading.Lock()
         self.templates = ChatTemplates(chat_template) if chat_template else None
 
     @classmethod
@@ -116,6 +119,15 @@ class Tokenizer:
         # Special-token markup in the text (from a rendered template) is honoured.
         check_unicode(text, "text")
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_as_text(self, text: str) -> list[int]:
+        """The ids of `text` with control-token markup in it encoded as the text it
+        spells (a grammar's literal "<|im_end|>" is text, not the end of a turn)."""
+        with self._lock:
+            if self._as_text is None:
+                self._as_text = tokenizers.Tokenizer.from_str(self._tok.to_str())
+                self._as_text.encode_special_tokens = True
+        return self._as_text.encode(text, add_special_tokens=False).ids
 
     def markup_in(self, text: str) -> str | None:
         """The first added token (control markup) `text` spells, or None."""

@@ -9,13 +9,14 @@ import itertools
 
 import pytest
 import torch
-from reference import GREEDY
+from reference import GREEDY, solo_run
 from tiny_models import add_mtp_head, write_char_tokenizer, write_tiny_model
 
 from mtpd.daemon.draft_policy import DraftPolicy
+from mtpd.daemon.options import OutputFormat
 from mtpd.daemon.pipeline import Pipeline, PipelineConfig
 from mtpd.daemon.scheduler import Scheduler
-from mtpd.daemon.structured_output import Grammars, OutputFormat
+from mtpd.daemon.structured_output import ConstraintBroken, Grammars
 from mtpd.model.errors import InvalidParameter
 from mtpd.model.sampling import select_token
 from mtpd.model.sampling_params import SamplingParams
@@ -96,7 +97,17 @@ def test_drafts_are_cut_at_the_first_the_grammar_forbids(tiny):
     assert constraint.allowed_drafts([]) == 0
     # Validating consumed nothing.
     assert mask_sets(constraint.masks([]), 1) == [allowed_after("")]
-    assert constraint.consume([token("q")]) is not None  # what a bad tail would cause
+    with pytest.raises(ConstraintBroken, match="doesn't satisfy the grammar"):
+        constraint.consume([token("q")])  # what a bad tail would cause
+
+
+def test_markup_a_grammar_spells_is_text_and_control_tokens_are_never_allowed(tiny):
+    *_, grammars = tiny
+    constraint = grammars.matcher(OutputFormat("regex", "x</s>y"))
+    constraint.consume([token("x")])
+    assert mask_sets(constraint.masks([]), 1) == [{token("<")}]  # not the end of sequence
+    with pytest.raises(InvalidParameter, match="only control tokens"):
+        grammars.matcher(OutputFormat("grammar", 'start: <[1]> "a"'))
 
 
 @pytest.mark.parametrize(
@@ -106,6 +117,9 @@ def test_drafts_are_cut_at_the_first_the_grammar_forbids(tiny):
         (OutputFormat("grammar", "start: foo"), "unknown name"),
         (OutputFormat("json_schema", '{"type": "object", "properties": 5}'), "properties"),
         (OutputFormat("json_schema", '{"$ref": "http://example.com/s.json"}'), "not fetch"),
+        (OutputFormat("regex", r"[^\s\S]"), "admits none"),  # an empty language
+        (OutputFormat("grammar", 'start: a\na: a "x"'), "admits none"),  # no finite word
+        (OutputFormat("json_schema", '{"$ref": "#"}'), "admits none"),
     ],
 )
 def test_a_format_that_does_not_compile_is_an_error_naming_the_parameter(
@@ -126,6 +140,8 @@ def test_a_format_that_does_not_compile_is_an_error_naming_the_parameter(
         ("json_schema", '{"a": NaN}', "NaN is not JSON"),
         ("regex", " ", "empty"),
         ("grammar", "x" * (1 << 18), "above"),
+        ("json_schema", "false", "admits nothing"),
+        ("regex", "a\ud800", "not valid Unicode"),
     ],
 )
 def test_a_malformed_format_is_refused_before_compiling(kind, spec, named):
@@ -200,11 +216,14 @@ def test_constrained_decoding_with_drafts_is_plain_constrained_decoding(tiny, pa
             return submit(sequences, *args, **kwargs)
 
         pipeline.submit = recording
-        for k, source in [(0, None), (3, None), (3, WrongDrafts(reference))]:
+        runs = [(0, None, False), (3, None, False), (3, WrongDrafts(reference), False)]
+        for k, source, ignore_eos in [*runs, (3, WrongDrafts(reference), True)]:
             sent.clear()
             scheduler = Scheduler(pipeline, {EOS}, policy=DraftPolicy(k), draft_source=source)
             constraint = grammars.matcher(OutputFormat("regex", REGEX))
-            request = scheduler.submit(PROMPT, params, 64, constraint=constraint)
+            request = scheduler.submit(
+                PROMPT, params, 64, constraint=constraint, ignore_eos=ignore_eos
+            )
             result = request.result(timeout=120)
             scheduler.close()
             assert (result.token_ids, result.finish_reason) == (reference, "stop"), k
@@ -259,3 +278,32 @@ def test_a_bad_mask_refuses_its_sequence_alone(tiny):
     assert "allows no token" in errors["nothing"]
     assert "without sample" in errors["unsampled"]
     assert list(outcome.results["only-a"].token_ids) == [token("a")]
+
+
+def test_a_grammar_that_fails_mid_generation_ends_its_request_alone(tiny):
+    """llguidance's limits stop a pathological regex (its first mask alone took ~1 s
+    under the defaults) after its first token: that request ends with the grammar's
+    error (a 400), the other one in its steps runs on."""
+    path, engine, grammars = tiny
+    want = solo_run(engine, PROMPT, 12)[0]
+    constraint = grammars.matcher(OutputFormat("regex", "(a{1000}){1000}"))
+    config = PipelineConfig(
+        model=str(path),
+        num_layers=LAYERS,
+        workers=2,
+        device="cpu",
+        max_seqs=4,
+        max_context=256,
+        cache_memory=64 << 20,
+        threads=1,
+    )
+    with Pipeline.start(config) as pipeline:
+        scheduler = Scheduler(pipeline, {EOS})
+        bad = scheduler.submit(PROMPT, GREEDY, 12, constraint=constraint)
+        good = scheduler.submit(PROMPT, GREEDY, 12, ignore_eos=True)
+        failed, fine = bad.result(timeout=60), good.result(timeout=60)
+        scheduler.close()
+    assert failed.finish_reason == "grammar" and "grammar failed" in failed.error
+    with pytest.raises(ConstraintBroken):
+        list(bad)
+    assert (fine.token_ids, fine.finish_reason) == (want, "length")

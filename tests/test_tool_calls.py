@@ -129,7 +129,11 @@ CLOCK = {
         "name": "get_time",
         "parameters": {
             "type": "object",
-            "properties": {"zone": {"enum": ["UTC", "CET"]}},
+            "properties": {
+                "zone": {"enum": ["UTC", "CET"]},
+                # A keyword llguidance does not enforce: let through, checked after.
+                "link": {"type": "string", "maxLength": 8, "format": "uri-reference"},
+            },
             "required": ["zone"],
             "additionalProperties": False,
         },
