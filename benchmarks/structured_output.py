@@ -53,6 +53,13 @@ class Timed:
         self.calls: dict[str, int] = defaultdict(int)
 
     def install(self) -> None:
+        original_mask = Constraint._mask
+
+        def counted(self_):
+            self.calls["rows"] += 1
+            return original_mask(self_)
+
+        Constraint._mask = counted
         for name in ("masks", "allowed_drafts", "consume"):
             original = getattr(Constraint, name)
 
@@ -125,6 +132,7 @@ def main() -> None:
     )
     for key, seconds in timed.seconds.items():
         result[f"{key} us per call"] = round(seconds / timed.calls[key] * 1e6, 1)
+    result["mask rows per masks call"] = round(timed.calls["rows"] / timed.calls["masks"], 2)
     print(json.dumps(result, indent=2))
     if args.json:
         with open(args.json, "w") as f:
