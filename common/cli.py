@@ -328,6 +328,13 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
         "or as the chat template teaches (auto, default)",
     )
     p.add_argument(
+        "--prefix-cache",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep finished requests' caches for prompts that begin with their tokens (a "
+        "conversation's next turn): on by default; not for hybrid (Qwen3.5) models yet",
+    )
+    p.add_argument(
         "--reasoning-parser",
         choices=REASONING_PARSERS,
         default="auto",
@@ -521,6 +528,7 @@ def _settings(args: argparse.Namespace, max_seqs: int):
         # serve's alone: bench and run read no chat replies
         tool_call_parser=getattr(args, "tool_call_parser", "auto"),
         reasoning_parser=getattr(args, "reasoning_parser", "auto"),
+        prefix_cache=getattr(args, "prefix_cache", False),  # serve's alone
     )
 
 

@@ -45,6 +45,7 @@ class Settings:
     # (resolved by the tail worker, which may be on another host)
     tool_call_parser: str = "auto"  # daemon/chat.py: the format the chat template teaches
     reasoning_parser: str = "auto"  # <think> split off where the template knows it
+    prefix_cache: bool = False  # keep finished requests' caches (mtpd serve: on)
 
 
 class Coordinator:
@@ -127,6 +128,8 @@ class Coordinator:
                 settings.max_batch_tokens,
                 settings.max_queue,
                 policy=policy,
+                # A hybrid model's recurrent state cannot be cut at a shared prefix yet.
+                prefix_cache=settings.prefix_cache and not cfg.is_hybrid,
             )
         except BaseException:
             pipeline.close()

@@ -196,6 +196,8 @@ class Frontend:
             prompt_tokens=self.prompt_tokens,
             completion_tokens=self.completion_tokens,
             drafts=draft_summary(daemon.scheduler.stats, draft_policy_name(daemon)),
+            prefix_caches=daemon.scheduler.retained_caches,
+            cached_prompt_tokens=daemon.scheduler.cached_prompt_tokens,
             workers=[
                 api.WorkerLoad(
                     rank=rank,

@@ -138,7 +138,9 @@ class Generation:
             finish_reason=_FINISH[reason],
             stop_sequence=self.stop_sequence or "",
             usage=api.Usage(
-                prompt_tokens=self._prompt_tokens, completion_tokens=self.completion_tokens
+                prompt_tokens=self._prompt_tokens,
+                completion_tokens=self.completion_tokens,
+                cached_tokens=self.request.cached_tokens,
             ),
             timing=self._timing(),
             drafts=draft_summary(self.request.drafts, self._draft_policy),

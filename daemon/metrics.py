@@ -45,6 +45,22 @@ class DaemonCollector(Collector):
         running, queued = daemon.scheduler.load()
         yield GaugeMetricFamily("mtpd_requests_running", "Sequences being decoded", running)
         yield GaugeMetricFamily("mtpd_queue_depth", "Requests waiting for admission", queued)
+        scheduler = daemon.scheduler
+        yield CounterMetricFamily(
+            "mtpd_prompt_tokens_cached",
+            "Prompt tokens taken from an earlier request's cache (prefix caching)",
+            scheduler.cached_prompt_tokens,
+        )
+        yield CounterMetricFamily(
+            "mtpd_prefix_cache_evictions",
+            "Kept caches released for a new request's slot",
+            scheduler.prefix_evictions,
+        )
+        yield GaugeMetricFamily(
+            "mtpd_prefix_caches",
+            "Finished requests' caches kept for later prompts",
+            scheduler.retained_caches,
+        )
         drafts = daemon.scheduler.stats
         acceptance = GaugeMetricFamily(
             "mtpd_draft_acceptance",

@@ -32,6 +32,7 @@ def usage_of(lasts: list[api.GenerateChunk]) -> dict:
         "prompt_tokens": u.prompt_tokens,
         "completion_tokens": completion,
         "total_tokens": u.prompt_tokens + completion,
+        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
         # mtpd's extension: how speculative decoding went for this request.
         "mtpd": {
             "draft_policy": d.draft_policy,

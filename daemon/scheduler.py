@@ -109,6 +109,7 @@ class Request:
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.drafts = DraftStats()
+        self.cached_tokens = 0  # prompt tokens whose cache an earlier request left
 
     def __iter__(self) -> Iterator[Accepted]:
         while (step := self._events.get()) is not None:
@@ -194,6 +195,8 @@ class _Sequence:
     top_logprobs: int | None  # None: no log-probabilities
     constraint: Constraint | None  # structured output: the grammar's matcher
     cached: int = 0  # positions every worker holds in its KV cache
+    # Prefix caching: the finished sequence whose cache its first step takes over.
+    adopt: str | None = None
     # A step of it was sent (the first, at keep 0, with its settings): the workers may
     # hold a slot for it, even with nothing cached (a step that failed whole took one).
     opened: bool = False
@@ -219,6 +222,15 @@ class _Sequence:
         return len(self.history) - self.cached
 
 
+@dataclass(frozen=True)
+class _Retained:
+    """A finished sequence whose cache the workers keep for a later prompt that begins
+    with its tokens (prefix caching)."""
+
+    tokens: list[int]  # the positions cached
+    drafted: bool  # the MTP head's cache holds them too
+
+
 class Scheduler:
     def __init__(
         self,
@@ -228,7 +240,10 @@ class Scheduler:
         max_queue: int = 256,
         policy: DraftPolicy | None = None,
         draft_source: DraftSource | None = None,
+        prefix_cache: bool = False,
     ) -> None:
+        """prefix_cache: keep finished sequences' caches (as many as free slots allow,
+        least recently used evicted first) for prompts that begin with their tokens."""
         if max_batch_tokens < 1:
             raise InvalidParameter(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
         self.pipeline, self.eos_ids = pipeline, eos_ids
@@ -243,6 +258,10 @@ class Scheduler:
         self._stopped = False
         self._epoch = pipeline.epoch  # the pipeline's recoveries seen (each one: replay)
         self._quarantined: OrderedDict[bytes, float] = OrderedDict()  # fingerprint: when
+        self.prefix_cache = prefix_cache
+        self._retained: OrderedDict[str, _Retained] = OrderedDict()  # least recent first
+        self.cached_prompt_tokens = 0  # prompt tokens taken from retained caches
+        self.prefix_evictions = 0  # retained caches released to free a slot
         pipeline.add_listener(self._wake)
         # The latest steps, for benchmarks and stats.
         self.recent_steps: deque[StepRecord] = deque(maxlen=4096)
@@ -319,6 +338,12 @@ class Scheduler:
         with self._cond:
             return copy.deepcopy(self.policy.server)
 
+    @property
+    def retained_caches(self) -> int:
+        """Finished sequences whose caches the workers keep (prefix caching)."""
+        with self._cond:
+            return len(self._retained)
+
     def load(self) -> tuple[int, int]:
         """(sequences running, requests waiting for admission)."""
         with self._cond:
@@ -336,7 +361,8 @@ class Scheduler:
             self._active = []
             self._cond.notify()
         # A sequence whose first chunk is in flight holds slots too.
-        held = [s.request.seq_id for s in stranded if s.opened]
+        held = [s.request.seq_id for s in stranded if s.opened] + list(self._retained)
+        self._retained.clear()
         if held:  # the pipeline may outlive this scheduler
             self.pipeline.release(held)
         for seq in stranded:
@@ -358,9 +384,11 @@ class Scheduler:
                     steps, batch = self._steps_of(batch)
                     if not batch:
                         continue
-                    opened = [self._open_of(seq) for seq, _ in batch if seq.cached == 0]
+                    opened = [
+                        self._open_of(seq) for seq, _ in batch if seq.cached == 0 or seq.adopt
+                    ]
                     for seq, _ in batch:
-                        seq.opened = True
+                        seq.opened, seq.adopt = True, None
                 except Exception as e:  # a bug must fail requests, not stop the loop
                     log.exception("building a step failed")
                     self._retire([seq for seq, _ in batch], "error", f"internal error: {e}")
@@ -426,11 +454,15 @@ class Scheduler:
             sampling=seq.params,
             return_logits=seq.return_logits,
             draft_p_min=self.policy.p_min,
-            no_mtp=seq.draft_tokens == 0 or (seq.draft_tokens is None and not self.policy.enabled),
+            no_mtp=self._no_mtp(seq),
             prompt_tokens=seq.prompt_len,
             logprobs=seq.top_logprobs is not None,
             top_logprobs=seq.top_logprobs or 0,
+            adopt=seq.adopt or "",
         )
+
+    def _no_mtp(self, seq: _Sequence) -> bool:
+        return seq.draft_tokens == 0 or (seq.draft_tokens is None and not self.policy.enabled)
 
     def _drafts_for(self, seq: _Sequence, limit: int, batch: int) -> int:
         if seq.draft_tokens is not None:
@@ -451,6 +483,7 @@ class Scheduler:
             seq = self._waiting.popleft()
             seq.request.admitted_at = time.monotonic()
             self._active.append(seq)
+            self._reuse_prefix(seq)
         if self._in_flight >= self.pipeline.num_stages:
             return None
         ready = [s for s in self._active if not s.in_flight]
@@ -476,14 +509,46 @@ class Scheduler:
             budget -= n
         return batch
 
+    def _reuse_prefix(self, seq: _Sequence) -> None:
+        """Adopt the retained cache sharing the longest prefix with the prompt; else, with
+        every slot held, evict the least recently used one (called under the lock).
+        Adopting a cache ends it for others: while a slot is free, a cache is adopted
+        only for a hit on at least half of it (a conversation's next turn), so a prompt
+        that shares a system prompt does not take a long conversation's cache."""
+        prompt = seq.history[: seq.prompt_len]
+        best, keep = None, 0
+        slot_free = len(self._active) + len(self._retained) <= self.pipeline.max_seqs
+        for seq_id, retained in self._retained.items():
+            if retained.drafted or self._no_mtp(seq):
+                # One position is recomputed: its hidden state rebuilds the MTP head's last
+                # entry, whose next token may differ; and the last prompt token's logits
+                # are needed.
+                shared = _common_prefix(retained.tokens, prompt) - 1
+                if shared > keep and not (slot_free and 2 * shared < len(retained.tokens)):
+                    best, keep = seq_id, shared
+        if best is not None:
+            del self._retained[best]
+            seq.adopt, seq.cached = best, keep
+            seq.request.cached_tokens = keep
+            self.cached_prompt_tokens += keep
+        elif self._retained and len(self._active) + len(self._retained) > self.pipeline.max_seqs:
+            evicted, _ = self._retained.popitem(last=False)
+            self.pipeline.release([evicted])
+            self.prefix_evictions += 1
+
     def _replay(self) -> None:
         """After a worker restart every cache is empty: each running sequence starts over
         from its token history (prompt and accepted tokens), as one long prompt. Greedy
         and seeded sampling depend only on the history, so the output is unchanged."""
         self._epoch = self.pipeline.epoch
+        self._retained.clear()  # every worker's cache starts empty
         replayed = [s for s in self._active if s.cached]
         for seq in replayed:
             seq.cached, seq.proposed, seq.verifying = 0, [], 0
+        for seq in self._active:  # their prompts are computed again, whole
+            seq.adopt = None
+            self.cached_prompt_tokens -= seq.request.cached_tokens
+            seq.request.cached_tokens = 0
         if replayed:
             log.warning("replaying %d sequence(s) after a worker restart", len(replayed))
 
@@ -523,8 +588,18 @@ class Scheduler:
             self._retire(gone, "cancelled")
 
     def _retire(self, seqs: list[_Sequence], reason: str, error: str | None = None) -> None:
-        """Finish sequences and free their caches (called under the lock)."""
-        held = [s.request.seq_id for s in seqs if s.opened]
+        """Finish sequences and free their caches, or with prefix caching keep those of
+        the ones that ended well (called under the lock)."""
+        keep = self.prefix_cache and reason in ("stop", "length", "cancelled")
+        held = []
+        for seq in seqs:
+            if not seq.opened:
+                continue
+            if keep and seq.cached and not seq.in_flight and seq.suspect_until is None:
+                retained = _Retained(seq.history[: seq.cached], not self._no_mtp(seq))
+                self._retained[seq.request.seq_id] = retained
+            else:
+                held.append(seq.request.seq_id)
         if held:
             self.pipeline.release(held)
         for seq in seqs:
@@ -643,6 +718,15 @@ class Scheduler:
                 tail.draft_catch_up_s,
                 tail.draft_passes,
             )
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _fingerprint(prompt_ids: list[int], params: pb.SamplingParams) -> bytes:

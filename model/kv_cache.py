@@ -77,6 +77,10 @@ class KVCache:
     def free_slots(self) -> int:
         return len(self._free)
 
+    def rename(self, old: str, new: str) -> None:
+        """`new` takes over the slot of `old` (prefix caching)."""
+        self._slot_of[new] = self._slot_of.pop(old)
+
     def release(self, seq_id: str) -> None:
         slot = self._slot_of.pop(seq_id, None)
         if slot is not None:

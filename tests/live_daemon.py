@@ -54,6 +54,12 @@ def http_request(
         conn.close()
 
 
+def held(stats) -> list[int]:
+    """Each worker's sequences beyond the finished requests' caches kept for later
+    prompts (prefix caching): what running or leaked requests hold."""
+    return [w.cached_sequences - stats.prefix_caches for w in stats.workers]
+
+
 def wait_for(predicate, timeout: float = 30.0):
     """Poll until `predicate()` is truthy; returns its value."""
     deadline = time.monotonic() + timeout

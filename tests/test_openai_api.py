@@ -10,7 +10,7 @@ import threading
 import openai
 import pytest
 import torch
-from live_daemon import CONTEXT, LiveDaemon, http_request, wait_for, write_served_model
+from live_daemon import CONTEXT, LiveDaemon, held, http_request, wait_for, write_served_model
 from prometheus_client.parser import text_string_to_metric_families
 from reference import GREEDY, penalised_run, solo_run
 
@@ -172,7 +172,7 @@ def test_concurrent_requests_each_equal_their_solo_run(daemon, engine):
 
 
 def _cached(grpc_client) -> list[int]:
-    return [w.cached_sequences for w in grpc_client.stats().workers]
+    return held(grpc_client.stats())
 
 
 def test_a_disconnect_mid_stream_frees_the_sequence(oai, grpc_client):
@@ -722,3 +722,25 @@ def test_n_choices_refused_together_leave_nothing_running(oai, grpc_client):
                 model=MODEL, messages=MESSAGES, n=4, max_tokens=CONTEXT, temperature=0
             )
     assert wait_for(lambda: grpc_client.stats().running == 0)
+
+
+def test_a_conversation_s_next_turn_reuses_its_cache_and_replies_alike(oai, engine, daemon):
+    """Prefix caching (on by default): the second turn's prompt begins with the first
+    turn's prompt and reply, whose cache it takes over; its reply is the engine's."""
+    ask = {"model": MODEL, "max_tokens": 12, "temperature": 0, "extra_body": {"ignore_eos": True}}
+    turn = [{"role": "user", "content": "Count with me: one, two"}]
+    first = oai.chat.completions.create(messages=turn, **ask)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    history = [
+        *turn,
+        {"role": "assistant", "content": first.choices[0].message.content},
+        {"role": "user", "content": "And then?"},
+    ]
+    second = oai.chat.completions.create(messages=history, **ask)
+    prompt = chat_ids(engine, turn)
+    assert second.usage.prompt_tokens_details.cached_tokens >= len(prompt)
+    assert second.choices[0].message.content == reference_text(
+        engine, chat_ids(engine, history), 12
+    )
+    status, body = request(daemon, "GET", "/metrics", None, _auth())
+    assert status == 200 and b"mtpd_prompt_tokens_cached_total" in body

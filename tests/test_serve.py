@@ -22,7 +22,7 @@ import jsonschema
 import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from live_daemon import CONTEXT, LiveDaemon, wait_for, write_served_model
+from live_daemon import CONTEXT, LiveDaemon, held, wait_for, write_served_model
 from prometheus_client.parser import text_string_to_metric_families
 from reference import GREEDY, solo_run
 
@@ -133,10 +133,10 @@ def test_cancelling_a_stream_frees_its_cache_on_every_worker(client):
     deltas = iter(stream)
     next(deltas)
     stats = client.stats()
-    assert stats.running == 1 and [w.cached_sequences for w in stats.workers] == [1, 1]
+    assert stats.running == 1 and held(stats) == [1, 1]
     before = stats.finished.get("cancelled", 0)
     stream.cancel()
-    wait_for(lambda: all(w.cached_sequences == 0 for w in client.stats().workers))
+    wait_for(lambda: held(client.stats()) == [0, 0])
     stats = wait_for(lambda: (s := client.stats()).finished.get("cancelled", 0) > before and s)
     assert stats.running == 0
 
@@ -147,7 +147,7 @@ def test_a_passed_deadline_ends_the_request_and_frees_its_cache(daemon, client):
         client.generate("Too slow", max_tokens=220, ignore_eos=True, timeout=0.5)
     # Ended as cancelled, not run to its length, and its cache freed on every worker.
     wait_for(lambda: client.stats().finished.get("cancelled", 0) == before + 1)
-    wait_for(lambda: all(w.cached_sequences == 0 for w in client.stats().workers))
+    wait_for(lambda: held(client.stats()) == [0, 0])
 
 
 def test_sixteen_concurrent_streams_each_equal_their_solo_run(client, engine):
@@ -320,7 +320,7 @@ def test_random_requests_always_get_an_answer_or_a_status(daemon, client):
 
     one_request()
     assert client.generate("Still here", max_tokens=3, ignore_eos=True).completion_tokens == 3
-    assert all(w.cached_sequences == 0 for w in client.stats().workers)
+    assert held(client.stats()) == [0, 0]
 
 
 def test_cli_generate_has_run_fields_and_info_stats_chat_work(

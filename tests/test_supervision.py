@@ -14,7 +14,7 @@ import time
 from types import SimpleNamespace
 
 import pytest
-from live_daemon import LiveDaemon, write_served_model
+from live_daemon import LiveDaemon, held, write_served_model
 from reference import GREEDY, solo_run
 
 from mtpd.daemon.draft_policy import DraftPolicy
@@ -144,7 +144,7 @@ def test_through_the_daemon_a_restart_costs_latency_and_a_crash_loop_fails_clean
                 pass
         assert [s.result.token_ids for s in streams] == [w.token_ids for w in want]
         deadline = time.monotonic() + 30  # the finished streams' caches are freed
-        while any(w.cached_sequences for w in client.stats().workers):
+        while any(held(client.stats())):
             assert time.monotonic() < deadline
             time.sleep(0.05)
         (site / "sitecustomize.py").write_text(

@@ -80,6 +80,17 @@ class Drafter:
         self.passes = 0  # the last advance's: passes run, and the catch-up's seconds in them
         self.catch_up_s = 0.0
 
+    def rename(self, old: str, new: str) -> None:
+        """`new` takes over what the head holds of `old` (prefix caching)."""
+        if self.cache.slot_of(old) is not None:
+            self.cache.rename(old, new)
+        for held in (self._waiting, self._deferred):
+            if old in held:
+                held[new] = held.pop(old)
+        if old in self._lost:
+            self._lost.discard(old)
+            self._lost.add(new)
+
     def release(self, seq_id: str) -> None:
         self.cache.release(seq_id)
         self._waiting.pop(seq_id, None)

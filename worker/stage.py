@@ -142,10 +142,15 @@ class Stage:
         # for want of a slot, and none differs from another.
         released = set(req.release)
         free = self.cache.free_slots + sum(1 for i in released if self.cache.slot_of(i) is not None)
-        runs, settings, refused = [], [], {}
+        stepped = {s.seq_id for s in req.sequences}
+        runs, settings, refused, adopted = [], [], {}, set()
         for s in req.sequences:
             slot = None if s.seq_id in released else self.cache.slot_of(s.seq_id)
+            adopt = opened[s.seq_id].adopt if s.seq_id in opened else ""
             try:
+                if adopt:
+                    slot = self._adoptable(adopt, slot, released | stepped | adopted)
+                    adopted.add(adopt)
                 self._check_sequence(s, slot)
                 held = self._settings_of(s.seq_id, opened.get(s.seq_id), slot)
                 if slot is None:
@@ -160,6 +165,15 @@ class Stage:
             runs.append(s)
             settings.append(held)
         return runs, settings, refused
+
+    def _adoptable(self, adopt: str, slot: int | None, taken: set[str]) -> int:
+        """The slot of the sequence a new one adopts (prefix caching)."""
+        held = self.cache.slot_of(adopt)
+        if slot is not None:
+            raise StepRefused(f"adopts {adopt!r} but holds a cache slot already")
+        if held is None or adopt in taken:
+            raise StepRefused(f"adopts {adopt!r}, which holds no cache to take over")
+        return held
 
     def _check_sequence(self, s: pb.SequenceStep, slot: int | None) -> None:
         if not s.token_ids:
@@ -233,6 +247,10 @@ class Stage:
             log.warning("step %d: refused %s", req.step_id, why)
             reply.results.add(seq_id=seq_id, error=why)
         self._release(req.release)
+        running = {s.seq_id for s in runs}
+        for o in req.open:
+            if o.adopt and o.seq_id in running:
+                self._adopt(o.adopt, o.seq_id)
         if not runs:
             return reply
         for s, held in zip(runs, settings, strict=True):
@@ -250,6 +268,14 @@ class Stage:
             self.settings.pop(seq_id, None)
             if self.drafter is not None:
                 self.drafter.release(seq_id)
+
+    def _adopt(self, old: str, new: str) -> None:
+        self.cache.rename(old, new)
+        if old in self.tokens:
+            self.tokens[new] = self.tokens.pop(old)
+        self.settings.pop(old, None)  # the new sequence's own come with its step
+        if self.drafter is not None:
+            self.drafter.rename(old, new)
 
     def reset(self, link: DistLink | None) -> None:
         """Forget every sequence and use a new data-plane link (the weights stay)."""

@@ -192,12 +192,14 @@ class GenerateChunk(_message.Message):
     def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., accepted_drafts: _Optional[int] = ..., request_id: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., stop_sequence: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., drafts: _Optional[_Union[DraftSummary, _Mapping]] = ..., reasoning_text: _Optional[str] = ..., tool_calls: _Optional[_Iterable[_Union[ToolCall, _Mapping]]] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., choice: _Optional[int] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "completion_tokens")
+    __slots__ = ("prompt_tokens", "completion_tokens", "cached_tokens")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     completion_tokens: int
-    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
+    cached_tokens: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class Timing(_message.Message):
     __slots__ = ("queued_s", "time_to_first_token_s", "elapsed_s", "tokens_per_s", "decode_tokens_per_s", "verify_s", "draft_s", "transport_s")
@@ -310,7 +312,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Stats(_message.Message):
-    __slots__ = ("uptime_s", "requests", "running", "queued", "rejected", "finished", "prompt_tokens", "completion_tokens", "drafts", "workers")
+    __slots__ = ("uptime_s", "requests", "running", "queued", "rejected", "finished", "prompt_tokens", "completion_tokens", "drafts", "workers", "prefix_caches", "cached_prompt_tokens")
     class FinishedEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -328,6 +330,8 @@ class Stats(_message.Message):
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DRAFTS_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHES_FIELD_NUMBER: _ClassVar[int]
+    CACHED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     uptime_s: float
     requests: int
     running: int
@@ -338,7 +342,9 @@ class Stats(_message.Message):
     completion_tokens: int
     drafts: DraftSummary
     workers: _containers.RepeatedCompositeFieldContainer[WorkerLoad]
-    def __init__(self, uptime_s: _Optional[float] = ..., requests: _Optional[int] = ..., running: _Optional[int] = ..., queued: _Optional[int] = ..., rejected: _Optional[int] = ..., finished: _Optional[_Mapping[str, int]] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., drafts: _Optional[_Union[DraftSummary, _Mapping]] = ..., workers: _Optional[_Iterable[_Union[WorkerLoad, _Mapping]]] = ...) -> None: ...
+    prefix_caches: int
+    cached_prompt_tokens: int
+    def __init__(self, uptime_s: _Optional[float] = ..., requests: _Optional[int] = ..., running: _Optional[int] = ..., queued: _Optional[int] = ..., rejected: _Optional[int] = ..., finished: _Optional[_Mapping[str, int]] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., drafts: _Optional[_Union[DraftSummary, _Mapping]] = ..., workers: _Optional[_Iterable[_Union[WorkerLoad, _Mapping]]] = ..., prefix_caches: _Optional[int] = ..., cached_prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class WorkerLoad(_message.Message):
     __slots__ = ("rank", "cached_sequences", "max_seqs", "steps", "positions", "compute_s", "recv_wait_s", "send_s", "restarts")

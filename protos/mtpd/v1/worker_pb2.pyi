@@ -159,7 +159,7 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., min_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., logit_bias: _Optional[_Mapping[int, float]] = ...) -> None: ...
 
 class SequenceOpen(_message.Message):
-    __slots__ = ("seq_id", "sampling", "return_logits", "draft_p_min", "no_mtp", "prompt_tokens", "logprobs", "top_logprobs")
+    __slots__ = ("seq_id", "sampling", "return_logits", "draft_p_min", "no_mtp", "prompt_tokens", "logprobs", "top_logprobs", "adopt")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     RETURN_LOGITS_FIELD_NUMBER: _ClassVar[int]
@@ -168,6 +168,7 @@ class SequenceOpen(_message.Message):
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    ADOPT_FIELD_NUMBER: _ClassVar[int]
     seq_id: str
     sampling: SamplingParams
     return_logits: bool
@@ -176,7 +177,8 @@ class SequenceOpen(_message.Message):
     prompt_tokens: int
     logprobs: bool
     top_logprobs: int
-    def __init__(self, seq_id: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., return_logits: _Optional[bool] = ..., draft_p_min: _Optional[float] = ..., no_mtp: _Optional[bool] = ..., prompt_tokens: _Optional[int] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ...) -> None: ...
+    adopt: str
+    def __init__(self, seq_id: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., return_logits: _Optional[bool] = ..., draft_p_min: _Optional[float] = ..., no_mtp: _Optional[bool] = ..., prompt_tokens: _Optional[int] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., adopt: _Optional[str] = ...) -> None: ...
 
 class EmittedLogprobs(_message.Message):
     __slots__ = ("logprob", "top_ids", "top_logprobs")

@@ -1,0 +1,136 @@
+"""Prefix caching through the pipeline: a request whose prompt begins with a finished
+request's prompt and reply takes over that request's cache (attention layers and the
+MTP head's), and its output is exactly a fresh single-process run's (the oracle):
+greedy and seeded, MTP on and off, 1 to 3 workers; an edited earlier turn hits up to
+the first changed token; an evicted cache is not hit; a worker restart empties every
+cache and the daemon prefills what is missing."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+from reference import GREEDY, solo_run
+from tiny_models import add_mtp_head, write_char_tokenizer, write_tiny_model
+
+from mtpd.daemon.draft_policy import DraftPolicy
+from mtpd.daemon.pipeline import Pipeline, PipelineConfig
+from mtpd.daemon.scheduler import Scheduler
+from mtpd.model.compare import compare_tokens
+from mtpd.model.sampling_params import SamplingParams
+from mtpd.worker.engine import Engine
+
+LAYERS, VOCAB, TOKENS = 4, 98, 24
+SAMPLED = SamplingParams(temperature=0.9, top_p=0.95, seed=3)
+TURN_1 = [5, 17, 33, 2, 9, 60, 41, 70, 3, 3, 12]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prefix") / "model"
+    write_tiny_model(path, "qwen2", layers=LAYERS, vocab=VOCAB)
+    write_char_tokenizer(path)
+    add_mtp_head(path)
+    return path, Engine.load(path, max_context=256)
+
+
+def start(path, workers: int, max_seqs: int = 4) -> Pipeline:
+    return Pipeline.start(
+        PipelineConfig(
+            model=str(path),
+            num_layers=LAYERS,
+            workers=workers,
+            device="cpu",
+            max_seqs=max_seqs,
+            max_context=256,
+            cache_memory=64 << 20,
+            threads=1,
+            load_mtp=True,
+            max_restarts=10,
+        )
+    )
+
+
+def check(engine, prompt, params, result) -> None:
+    tokens, logits = solo_run(engine, prompt, TOKENS, params)
+    assert result.finish_reason == "length", result.error
+    if params.greedy:
+        agreement = compare_tokens(tokens, logits, result.token_ids)
+        assert agreement.ok, agreement
+    else:
+        assert result.token_ids == tokens
+
+
+@pytest.mark.parametrize(
+    ("workers", "draft", "params"),
+    [(1, 3, GREEDY), (2, 0, SAMPLED), (3, 2, SAMPLED), (2, 3, GREEDY)],
+    ids=["1w-k3-greedy", "2w-off-sampled", "3w-k2-sampled", "2w-k3-greedy"],
+)
+def test_a_conversation_reuses_its_cache_and_decodes_exactly(tiny, workers, draft, params):
+    path, engine = tiny
+    with start(path, workers) as pipeline:
+        scheduler = Scheduler(pipeline, set(), policy=DraftPolicy(draft), prefix_cache=True)
+
+        def ask(prompt):
+            request = scheduler.submit(prompt, params, TOKENS, ignore_eos=True)
+            result = request.result(timeout=120)
+            check(engine, prompt, params, result)
+            return request, result
+
+        first, reply = ask(TURN_1)
+        assert first.cached_tokens == 0
+        # The next turn: the whole conversation again, and a new question.
+        turn_2 = TURN_1 + reply.token_ids + [44, 45, 46, 47]
+        second, _ = ask(turn_2)
+        cached = len(TURN_1) + TOKENS - 1  # the last reply token was never fed
+        assert second.cached_tokens == cached - 1  # one position is recomputed
+        if draft:  # the MTP head's cache came with it: drafting goes on at once
+            assert second.drafts.drafted and second.drafts.drafted[0] >= TOKENS // (draft + 1)
+        # An edited question: the hit stops at the first changed token.
+        asked = len(TURN_1) + TOKENS
+        edited = [*turn_2[:asked], 90, *turn_2[asked + 1 :]]
+        third, reply_3 = ask(edited)
+        assert third.cached_tokens == asked - 1
+        # A prompt sharing a few tokens only leaves that conversation's cache alone (slots
+        # are free)...
+        fourth, _ = ask([*TURN_1[:6], 91, 92])
+        assert fourth.cached_tokens == 0
+        # ...so its next turn still hits it whole.
+        turn_3 = edited + reply_3.token_ids + [50, 51]
+        fifth, _ = ask(turn_3)
+        assert fifth.cached_tokens == len(edited) + TOKENS - 2
+        assert scheduler.cached_prompt_tokens == sum(
+            r.cached_tokens for r in (first, second, third, fourth, fifth)
+        )
+        scheduler.close()
+
+
+def test_an_evicted_cache_is_not_hit_and_a_restart_empties_them(tiny):
+    path, engine = tiny
+    with start(path, 2, max_seqs=2) as pipeline:
+        scheduler = Scheduler(pipeline, set(), policy=DraftPolicy(2), prefix_cache=True)
+
+        def ask(prompt):
+            request = scheduler.submit(prompt, GREEDY, TOKENS, ignore_eos=True)
+            result = request.result(timeout=120)
+            check(engine, prompt, GREEDY, result)
+            return request, result
+
+        _, reply = ask(TURN_1)
+        # Two other conversations take both slots: the first's cache is evicted.
+        ask([70, 71, 72, 73, 74])
+        ask([80, 81, 82])
+        later, _ = ask(TURN_1 + reply.token_ids + [44])
+        assert later.cached_tokens == 0
+        # Kept now; a restart of a worker empties every cache: nothing is hit after it.
+        _, reply = ask([60, 61, 62, 63])
+        os.kill(pipeline.stages[1].pid, signal.SIGKILL)
+        asked = [60, 61, 62, 63, *reply.token_ids, 9]
+        after, _ = ask(asked)
+        assert after.cached_tokens == 0
+        # Caching goes on after the restart: the next request shares that whole prompt.
+        again, _ = ask([*asked, 10])
+        assert again.cached_tokens == len(asked) - 1
+        assert pipeline.restarts[1] >= 1
+        scheduler.close()
