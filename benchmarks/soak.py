@@ -1,9 +1,11 @@
 """A soak: concurrent clients against `mtpd serve` while a worker is killed at a fixed
 interval. Reports requests served and failed (goal: 0 failed), latency percentiles,
-worker restarts, and the daemon's resident memory at start and end (goal: flat).
+worker restarts, and the daemon's resident memory at start and end (goal: flat). With
+--turns N each client holds N-turn chats (the history resent every turn), and the
+report adds the prefix cache's hit rate (prompt tokens taken from a cache).
 
     python benchmarks/soak.py [--model M] [--workers 2] [--clients 32] [--minutes 5]
-                              [--kill-every 30] [--tokens 32] [--json OUT]
+                              [--kill-every 30] [--tokens 32] [--turns N] [--json OUT]
 """
 
 from __future__ import annotations
@@ -38,16 +40,25 @@ def tree_rss(pid: int) -> int:
     return process.memory_info().rss
 
 
-async def client_loop(address: str, stop_at: float, tokens: int, log: dict) -> None:
+async def client_loop(address: str, stop_at: float, tokens: int, turns: int, log: dict) -> None:
     rng = random.Random()
+    messages: list[dict] = []
     async with AsyncClient(address, timeout=600) as client:
         while time.monotonic() < stop_at:
             start = time.monotonic()
             try:
-                await client.generate(rng.choice(PROMPTS), max_tokens=tokens, ignore_eos=True)
+                if not turns:
+                    await client.generate(rng.choice(PROMPTS), max_tokens=tokens, ignore_eos=True)
+                else:
+                    if len(messages) >= 2 * turns:
+                        messages = []  # a new conversation
+                    messages.append({"role": "user", "content": rng.choice(PROMPTS)})
+                    reply = await client.chat(messages, max_tokens=tokens, ignore_eos=True)
+                    messages.append({"role": "assistant", "content": reply.text})
                 log["latency"].append(time.monotonic() - start)
             except MtpdError as e:
                 log["failed"].append(str(e)[:200])
+                messages = []
 
 
 async def killer(address: str, stop_at: float, every: float, log: dict) -> None:
@@ -67,7 +78,7 @@ async def soak(args: argparse.Namespace, address: str, daemon_pid: int) -> dict:
     stop_at = time.monotonic() + args.minutes * 60
     await asyncio.gather(
         killer(address, stop_at, args.kill_every, log),
-        *(client_loop(address, stop_at, args.tokens, log) for _ in range(args.clients)),
+        *(client_loop(address, stop_at, args.tokens, args.turns, log) for _ in range(args.clients)),
     )
     with Client(address) as client:
         stats = client.stats()
@@ -84,6 +95,9 @@ async def soak(args: argparse.Namespace, address: str, daemon_pid: int) -> dict:
         "daemon_rss_end_mb": round(tree_rss(daemon_pid) / 2**20, 1),
         "completion_tokens": stats.completion_tokens,
         "restarts": restarts,
+        "prompt_tokens": stats.prompt_tokens,
+        "prefix_cache_hit_rate": round(stats.cached_prompt_tokens / max(stats.prompt_tokens, 1), 3),
+        "prefix_caches_kept": stats.prefix_caches,
     }
 
 
@@ -95,6 +109,7 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=5)
     parser.add_argument("--kill-every", type=float, default=30)
     parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--turns", type=int, default=0, help="chat turns per conversation")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
