@@ -20,6 +20,7 @@ from mtpd.client.errors import (
     Timeout,
     Unauthenticated,
     Unavailable,
+    UntrustedSocket,
 )
 from mtpd.client.messages import (
     ChatOptions,
@@ -50,4 +51,5 @@ __all__ = [
     "ToolCall",
     "Unauthenticated",
     "Unavailable",
+    "UntrustedSocket",
 ]

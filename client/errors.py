@@ -30,6 +30,12 @@ class Unavailable(MtpdError):
     failed."""
 
 
+class UntrustedSocket(MtpdError):
+    """The unix socket (or its directory) belongs to another user than you, root or the
+    mtpd service: someone may have planted it to read prompts and tokens. Nothing was
+    sent to it."""
+
+
 class Timeout(MtpdError):
     """The call's deadline passed (the daemon frees the request's cache)."""
 

@@ -12,7 +12,8 @@ from typing import Any, TypedDict
 
 import grpc
 
-from mtpd.address import client_address
+from mtpd.address import client_address, socket_distrust
+from mtpd.client.errors import UntrustedSocket
 from mtpd.v1 import inference_pb2 as api
 
 # A chat message: {"role": ..., "content": ...} or (role, content). As in OpenAI's API,
@@ -288,6 +289,10 @@ class CallSettings:
         tls_ca: str | None,
     ) -> None:
         self.address = client_address(address)
+        if self.address.startswith("unix:"):  # before any token or prompt is sent
+            why = socket_distrust(Path(self.address.removeprefix("unix:")))
+            if why is not None:
+                raise UntrustedSocket(f"refusing to connect: {why}")
         self.timeout = timeout
         token = token or os.environ.get(TOKEN_ENV)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None

@@ -3,11 +3,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pwd
+import stat
 import tempfile
 from pathlib import Path
 
 ADDRESS_ENV = "MTPD_ADDRESS"
+SERVICE_USER = "mtpd"  # the system service's user (systemd/mtpd.service)
 # The system service's socket (systemd's RuntimeDirectory=mtpd).
 SYSTEM_SOCKET = Path("/run/mtpd/mtpd.sock")
 
@@ -36,3 +40,28 @@ def client_address(given: str | None = None) -> str:
         path = mine if mine.exists() or not SYSTEM_SOCKET.exists() else SYSTEM_SOCKET
         return f"unix:{path}"
     return f"unix:{address}" if address.startswith(("/", ".")) else address
+
+
+def socket_distrust(path: Path) -> str | None:
+    """Why a client should not talk to the unix socket at `path`, or None: it, the file
+    it links to, or their directory belongs to another user than the caller, root or
+    the mtpd service, or others may write to the directory (without the sticky bit)
+    and so replace the socket. A missing socket is no reason (connecting says so)."""
+    trusted = {os.geteuid(), 0}
+    with contextlib.suppress(KeyError):  # no such user: no system service here
+        trusted.add(pwd.getpwnam(SERVICE_USER).pw_uid)
+    try:
+        link, target = path.lstat(), path.stat()
+        folder = path.resolve().parent.stat()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        return f"{path}: cannot inspect it: {e.strerror}"
+    for what, info in (("the socket", link), ("its target", target), ("its directory", folder)):
+        if info.st_uid not in trusted:
+            return (
+                f"{path}: {what} belongs to uid {info.st_uid}, not to you, root or {SERVICE_USER}"
+            )
+    if folder.st_mode & 0o002 and not folder.st_mode & stat.S_ISVTX:
+        return f"{path}: anyone may replace it (its directory is writable by all)"
+    return None

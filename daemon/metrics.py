@@ -1,26 +1,36 @@
 """Prometheus metrics (`mtpd serve --metrics-listen HOST:PORT`): read at each scrape from
-the service's counters, the scheduler and the workers, so nothing on the request path
-pays for them."""
+the service's counters, the scheduler and the workers (their stats at most once a
+second), so nothing on the request path pays for them."""
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import start_http_server
+from prometheus_client import make_wsgi_app
 from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from mtpd.daemon.frontend import Frontend
 from mtpd.model.errors import InputError
+from mtpd.rpc import bearer_token_matches
 
 log = logging.getLogger("mtpd.daemon")
+
+
+STATS_MAX_AGE_S = 1.0
 
 
 class DaemonCollector(Collector):
     def __init__(self, front: Frontend) -> None:
         self.front = front
+        self._lock = threading.Lock()
+        self._stats: list = []
+        self._asked_at = -STATS_MAX_AGE_S
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         s = self.front
@@ -87,10 +97,17 @@ class DaemonCollector(Collector):
         yield from self._workers(daemon)
 
     def _workers(self, daemon) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
-        try:
-            workers = daemon.pipeline.worker_stats()
-        except Exception as e:  # a dead worker: the rest of the metrics still count
-            log.warning("metrics: a worker did not answer: %s", e)
+        # Each scrape would ask every worker: answers younger than a second are reused.
+        with self._lock:
+            if time.monotonic() - self._asked_at >= STATS_MAX_AGE_S:
+                try:
+                    self._stats = daemon.pipeline.worker_stats()
+                except Exception as e:  # a dead worker: the rest of the metrics still count
+                    log.warning("metrics: a worker did not answer: %s", e)
+                    self._stats = []
+                self._asked_at = time.monotonic()
+            workers = self._stats
+        if not workers:
             return
         families = {
             "steps": CounterMetricFamily("mtpd_stage_steps", "Steps run", labels=["worker"]),
@@ -129,13 +146,45 @@ def metrics_registry(front: Frontend) -> CollectorRegistry:
     return registry
 
 
-def serve_metrics(front: Frontend, listen: str) -> tuple[str, threading.Thread]:
-    """Start the /metrics endpoint; returns the address it listens on."""
+class _QuietHandler(WSGIRequestHandler):
+    timeout = 10  # a client that sends nothing, or slowly, is dropped after this
+
+    def log_message(self, *args: object) -> None:  # scrapes are not worth a log line
+        pass
+
+
+def serve_metrics(front: Frontend, listen: str, token: str | None) -> tuple[str, threading.Thread]:
+    """Start the /metrics endpoint (behind the API token when one is set; without one,
+    on a loopback address only); returns the address it listens on."""
     host, _, port = listen.rpartition(":")
-    try:
-        server, thread = start_http_server(
-            int(port), addr=host or "127.0.0.1", registry=metrics_registry(front)
+    host = host.strip("[]") or "127.0.0.1"
+    if not token and not _loopback(host):
+        raise InputError(
+            f"--metrics-listen {listen}: not a loopback address, and no --api-token-file "
+            "to guard it: the metrics would be open to anyone who reaches it"
         )
+    metrics = make_wsgi_app(metrics_registry(front))
+
+    def guarded(environ: dict, start_response: Callable) -> Iterable[bytes]:
+        sent = environ.get("HTTP_AUTHORIZATION", "")
+        if token and not bearer_token_matches([("authorization", sent)], token):
+            start_response("401 Unauthorized", [("WWW-Authenticate", "Bearer")])
+            return [b"a bearer token is needed (--api-token-file)\n"]
+        return metrics(environ, start_response)
+
+    try:
+        server = make_server(host, int(port), guarded, handler_class=_QuietHandler)
     except (OSError, ValueError) as e:
         raise InputError(f"--metrics-listen {listen}: cannot listen there ({e})") from None
-    return f"{host or '127.0.0.1'}:{server.server_port}", thread
+    thread = threading.Thread(target=server.serve_forever, daemon=True, name="metrics")
+    thread.start()
+    return f"{host}:{server.server_port}", thread
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import signal
 import socket
 import stat
@@ -20,10 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import h11
 import uvicorn
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from mtpd.daemon.coordinator import Coordinator, Settings
 from mtpd.daemon.frontend import Frontend, Limits
@@ -215,6 +218,35 @@ def _listen_tcp(server: grpc.aio.Server, config: ServeConfig) -> str:
     return f"{host}:{port}" + (" (TLS)" if credentials else "")
 
 
+HEADER_TIMEOUT_S = 10.0  # for a request's headers, from its connection or the last reply
+
+
+class _HeaderDeadline(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with a deadline on every request's headers: a client
+    that connects and sends nothing, or its headers a byte at a time, is dropped, so
+    idle connections hold nothing for long. (uvicorn's limit_concurrency counts such
+    connections: a few hundred of them made every request, /health too, answer 503.)"""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm()  # the next request on this connection gets its own deadline
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._headers_due.cancel()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        self._headers_due = self.loop.call_later(HEADER_TIMEOUT_S, self._drop_if_waiting)
+
+    def _drop_if_waiting(self) -> None:
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self.transport.close()
+
+
 class _EmbeddedUvicorn(uvicorn.Server):
     """uvicorn on the daemon's event loop; the daemon handles the signals itself."""
 
@@ -224,7 +256,7 @@ class _EmbeddedUvicorn(uvicorn.Server):
 
 
 def _listen_http(
-    front: Frontend, config: ServeConfig, settings: Settings
+    front: Frontend, config: ServeConfig
 ) -> tuple[_EmbeddedUvicorn, socket.socket, str]:
     """Bind the HTTP API's socket (errors name the flag); returns the server to run on it."""
     host, _, port = config.http.rpartition(":")
@@ -245,8 +277,9 @@ def _listen_http(
         log_config=None,
         access_log=False,
         lifespan="off",
-        # Bounded like the gRPC side: running and queued requests, plus probes.
-        limit_concurrency=settings.max_seqs + settings.max_queue + 32,
+        # Requests are bounded by admission (--max-seqs, --max-queue: then 429), idle and
+        # slow connections by the header deadline, connections by the process's files.
+        http=_HeaderDeadline,
         timeout_graceful_shutdown=1,
         ssl_certfile=config.tls_cert if tls else None,
         ssl_keyfile=config.tls_key if tls else None,
@@ -287,11 +320,11 @@ async def serve_async(settings: Settings, config: ServeConfig) -> int:
         listening += f" and {_listen_tcp(server, config)}"
     await server.start()
     if config.metrics_listen:
-        where, _ = serve_metrics(front, config.metrics_listen)
+        where, _ = serve_metrics(front, config.metrics_listen, config.api_token)
         print(f"mtpd: metrics on http://{where}/metrics", file=sys.stderr, flush=True)
     http: asyncio.Task | None = None
     if config.http:
-        http_server, http_socket, where = _listen_http(front, config, settings)
+        http_server, http_socket, where = _listen_http(front, config)
         http = asyncio.create_task(http_server.serve(sockets=[http_socket]))
         print(f"mtpd: OpenAI-compatible HTTP API on {where}/v1", file=sys.stderr, flush=True)
     print(f"mtpd: listening on {listening}", file=sys.stderr, flush=True)
@@ -357,4 +390,14 @@ async def serve_async(settings: Settings, config: ServeConfig) -> int:
 
 def serve(settings: Settings, config: ServeConfig) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    _raise_open_files()
     return asyncio.run(serve_async(settings, config))
+
+
+def _raise_open_files() -> None:
+    """Every connection is a file: the soft limit (often 1024) up to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 16)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))

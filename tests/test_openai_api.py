@@ -744,3 +744,38 @@ def test_a_conversation_s_next_turn_reuses_its_cache_and_replies_alike(oai, engi
     )
     status, body = request(daemon, "GET", "/metrics", None, _auth())
     assert status == 200 and b"mtpd_prompt_tokens_cached_total" in body
+
+
+def test_hundreds_of_slow_connections_hold_neither_health_nor_generations(daemon, oai):
+    """Twice the old limit_concurrency (max-seqs + max-queue + 32) of connections that
+    send half a request line and stop: /health and a generation still answer at once,
+    and the slow ones are dropped at the header deadline."""
+    import resource
+    import socket
+    import time
+    from urllib.parse import urlsplit
+
+    from mtpd.daemon.server import HEADER_TIMEOUT_S
+
+    url = urlsplit(daemon.url)
+    count = 2 * (16 + 256 + 32)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4 * count)), hard))
+    slow = []
+    try:
+        for _ in range(count):
+            conn = socket.create_connection((url.hostname, url.port), timeout=5)
+            conn.sendall(b"GET /v1/mod")
+            slow.append(conn)
+        start = time.monotonic()
+        assert request(daemon, "GET", "/health")[0] == 200
+        reply = oai.completions.create(model=MODEL, prompt="a", max_tokens=4, temperature=0)
+        assert reply.choices[0].finish_reason == "length"
+        assert time.monotonic() - start < 2
+        time.sleep(HEADER_TIMEOUT_S + 1)
+        for conn in slow[:: count // 8]:
+            conn.settimeout(5)
+            assert conn.recv(1) == b""  # dropped
+    finally:
+        for conn in slow:
+            conn.close()

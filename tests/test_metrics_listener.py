@@ -1,0 +1,51 @@
+"""`mtpd serve --metrics-listen`: behind the API token when one is set, on a loopback
+address only when none is, and a client that sends nothing is dropped."""
+
+from __future__ import annotations
+
+import socket
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from mtpd.daemon.frontend import Frontend, Limits
+from mtpd.daemon.metrics import _QuietHandler, serve_metrics
+from mtpd.model.errors import InputError
+
+
+def scrape(where: str, token: str | None = None) -> tuple[int, bytes]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    request = urllib.request.Request(f"http://{where}/metrics", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            return reply.status, reply.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def test_metrics_need_the_token_when_one_is_set():
+    where, _ = serve_metrics(Frontend(Limits()), "127.0.0.1:0", "s3cret")
+    assert scrape(where)[0] == 401
+    assert scrape(where, "wrong")[0] == 401
+    status, body = scrape(where, "s3cret")
+    assert status == 200 and b"mtpd_requests_total 0.0" in body
+
+
+def test_without_a_token_only_a_loopback_address_serves_them():
+    with pytest.raises(InputError, match="not a loopback address"):
+        serve_metrics(Frontend(Limits()), "0.0.0.0:0", None)
+    where, _ = serve_metrics(Frontend(Limits()), "127.0.0.1:0", None)
+    assert scrape(where)[0] == 200
+
+
+def test_a_silent_client_is_dropped_and_others_are_served(monkeypatch):
+    monkeypatch.setattr(_QuietHandler, "timeout", 0.5)
+    where, _ = serve_metrics(Frontend(Limits()), "127.0.0.1:0", None)
+    host, port = where.rsplit(":", 1)
+    silent = socket.create_connection((host, int(port)))
+    silent.sendall(b"GET /metr")  # and nothing more
+    time.sleep(1.0)
+    assert silent.recv(1) == b""  # closed by the server
+    assert scrape(where)[0] == 200
