@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import hmac
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+
+import grpc
 
 from mtpd.model.sampling_params import SamplingParams
 from mtpd.v1 import worker_pb2 as pb
@@ -16,6 +18,48 @@ CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MESSAGE_LIMIT),
     ("grpc.max_receive_message_length", MESSAGE_LIMIT),
 ]
+
+
+def refusing_handler(
+    handler: grpc.RpcMethodHandler, refuse, refuse_stream
+) -> grpc.RpcMethodHandler:
+    """A handler of `handler`'s kind that answers with `refuse` (or `refuse_stream` for a
+    streamed response) and takes the request as the bytes it came in: a refused call's
+    request is never parsed."""
+    kinds = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    streaming = handler.response_streaming
+    make = kinds[(handler.request_streaming, streaming)]
+    return make(
+        refuse_stream if streaming else refuse,
+        response_serializer=handler.response_serializer,
+    )
+
+
+class TokenGate(grpc.ServerInterceptor):
+    """Refuses a call without "authorization: Bearer <token>" (UNAUTHENTICATED) from its
+    metadata alone, before its request is parsed: the workers' and the registry's gate."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        handler = continuation(details)
+        if handler is None or bearer_token_matches(details.invocation_metadata, self._token):
+            return handler
+
+        def refuse(request: bytes, context: grpc.ServicerContext) -> None:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong or missing worker token")
+
+        def refuse_stream(request: bytes, context: grpc.ServicerContext) -> Iterator[None]:
+            refuse(request, context)
+            yield  # pragma: no cover  (makes this a generator)
+
+        return refusing_handler(handler, refuse, refuse_stream)
 
 
 def bearer_metadata(token: str | None) -> tuple[tuple[str, str], ...]:

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -630,6 +631,7 @@ class _RemoteSide:
     store: object  # torch.distributed.TCPStore, kept alive while the pipeline runs
     addresses: list[str]
     rendezvous: str
+    listener: socket.socket | None = None  # the store's listening socket
 
     @classmethod
     def open(cls, cfg: PipelineConfig, expected: int) -> _RemoteSide:
@@ -647,23 +649,39 @@ class _RemoteSide:
             )
         registry = WorkerRegistry(expected, cfg.token, cfg.model_identity)
         server = serve_registry(cfg.join_listen, registry)
+        listener = None
         try:
+            # Bound here and handed over: given a port, the store listens on every
+            # interface, whatever address it is given.
+            host = host.strip("[]")
+            listener = socket.create_server(
+                (host, 0), family=socket.AF_INET6 if ":" in host else socket.AF_INET
+            )
             store = dist.TCPStore(
-                host.strip("[]"),
-                0,
+                host,
+                listener.getsockname()[1],
                 None,
                 True,
                 timedelta(seconds=cfg.recv_timeout_s),
                 wait_for_workers=False,
+                master_listen_fd=listener.fileno(),
             )
             addresses = registry.wait_for_all(cfg.join_timeout_s)
+        except OSError as e:
+            server.stop(None)
+            raise InputError(f"--join-listen {cfg.join_listen}: cannot listen there ({e})") from e
         except BaseException:
             server.stop(None)
+            if listener is not None:
+                listener.close()
             raise
-        return cls(server, registry, store, addresses, f"tcp://{host}:{store.port}")
+        where = f"[{host}]" if ":" in host else host
+        return cls(server, registry, store, addresses, f"tcp://{where}:{store.port}", listener)
 
     def close(self) -> None:
         self.server.stop(None)
+        if self.listener is not None:
+            self.listener.close()
 
 
 def _await_workers(links: list[WorkerLink], processes: list[LocalWorker]) -> list[pb.WorkerInfo]:

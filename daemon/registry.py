@@ -16,7 +16,7 @@ import grpc
 
 from mtpd import __version__
 from mtpd.daemon.workers import WorkerError
-from mtpd.rpc import bearer_token_matches
+from mtpd.rpc import TokenGate
 from mtpd.v1 import worker_pb2 as pb
 from mtpd.v1 import worker_pb2_grpc as pb_grpc
 
@@ -32,10 +32,7 @@ class WorkerRegistry(pb_grpc.WorkerRegistryServicer):
         self._cond = threading.Condition()
 
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
-        peer = context.peer()
-        if not bearer_token_matches(context.invocation_metadata(), self.token):
-            log.warning("refused a worker from %s: wrong token", peer)
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong worker token")
+        # The token was checked before the request was parsed (serve_registry's gate).
         if request.version != __version__:
             context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -81,8 +78,15 @@ class WorkerRegistry(pb_grpc.WorkerRegistryServicer):
             return [a for a in self.addresses if a is not None]
 
 
+JOIN_MESSAGE_LIMIT = 64 * 1024  # a JoinRequest is a few hundred bytes
+
+
 def serve_registry(listen: str, registry: WorkerRegistry) -> grpc.Server:
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=4),
+        interceptors=[TokenGate(registry.token)],
+        options=[("grpc.max_receive_message_length", JOIN_MESSAGE_LIMIT)],
+    )
     pb_grpc.add_WorkerRegistryServicer_to_server(registry, server)
     if server.add_insecure_port(listen) == 0:
         raise WorkerError(f"cannot listen for workers on {listen!r}")

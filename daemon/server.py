@@ -36,7 +36,7 @@ from mtpd.daemon.request_parsing import ParseRequests
 from mtpd.daemon.service import InferenceService
 from mtpd.daemon.systemd import Notifier
 from mtpd.model.errors import InputError
-from mtpd.rpc import bearer_token_matches
+from mtpd.rpc import bearer_token_matches, refusing_handler
 from mtpd.v1 import inference_pb2 as api
 from mtpd.v1 import inference_pb2_grpc as api_grpc
 
@@ -82,26 +82,14 @@ class BearerAuth(grpc.aio.ServerInterceptor):
 def _refusal(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     message = "a valid API token is required: send 'authorization: Bearer <token>'"
 
-    async def refuse(request, context: grpc.aio.ServicerContext):
+    async def refuse(request: bytes, context: grpc.aio.ServicerContext) -> None:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-    async def refuse_stream(request, context: grpc.aio.ServicerContext):
+    async def refuse_stream(request: bytes, context: grpc.aio.ServicerContext):
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
         yield  # pragma: no cover  (makes this an async generator)
 
-    kinds = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }
-    streaming = handler.response_streaming
-    make = kinds[(handler.request_streaming, streaming)]
-    return make(
-        refuse_stream if streaming else refuse,
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
+    return refusing_handler(handler, refuse, refuse_stream)
 
 
 def _claim_socket(path: Path) -> None:

@@ -12,7 +12,9 @@ import sys
 from pathlib import Path
 
 import grpc
+import psutil
 import pytest
+from live_daemon import wait_for
 from tiny_models import write_char_tokenizer, write_tiny_model
 
 from mtpd.rpc import bearer_metadata
@@ -84,7 +86,7 @@ def test_remote_workers_join_only_with_the_token_and_the_model(models):
             timeout=120,
         )
         assert bad.returncode == 2, bad.stderr
-        assert "wrong worker token" in bad.stderr
+        assert "wrong or missing worker token" in bad.stderr
 
         other = subprocess.run(
             worker(join, models / "token", models / "other"),
@@ -95,6 +97,33 @@ def test_remote_workers_join_only_with_the_token_and_the_model(models):
         assert other.returncode == 2, other.stderr
         assert "different model" in other.stderr
 
+        # The registry and the data plane's store listen on the address given, only.
+        listening = wait_for(
+            lambda: (
+                [
+                    c.laddr
+                    for c in psutil.Process(daemon.pid).net_connections(kind="inet")
+                    if c.status == psutil.CONN_LISTEN
+                ]
+                if len(psutil.Process(daemon.pid).net_connections(kind="inet")) >= 2
+                else None
+            )
+        )
+        assert len(listening) == 2, listening
+        assert all(a.ip in ("127.0.0.1", "::ffff:127.0.0.1") for a in listening), listening
+        # Without the token, a call is refused before its request is parsed: bytes that
+        # are no JoinRequest get the same answer as a real one.
+        with grpc.insecure_channel(join) as channel:
+            raw = channel.unary_unary(
+                "/mtpd.v1.WorkerRegistry/Join",
+                request_serializer=lambda b: b,
+                response_deserializer=lambda b: b,
+            )
+            for payload in (b"\xff" * 4096, pb.JoinRequest(version="x").SerializeToString()):
+                with pytest.raises(grpc.RpcError) as refused:
+                    raw(payload, timeout=60)
+                assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
         with grpc.insecure_channel(join) as channel, pytest.raises(grpc.RpcError) as older:
             pb_grpc.WorkerRegistryStub(channel).Join(
                 pb.JoinRequest(version="0.0.1", model_identity="any", address="127.0.0.1:9"),
@@ -104,13 +133,21 @@ def test_remote_workers_join_only_with_the_token_and_the_model(models):
         assert older.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "version mismatch" in older.value.details()
 
-        joined = [
-            subprocess.Popen(
-                worker(join, models / "token", models / "model"), stderr=subprocess.DEVNULL
-            )
-            for _ in range(2)
-        ]
+        commands = [worker(join, models / "token", models / "model") for _ in range(2)]
+        joined = [subprocess.Popen(c, stderr=subprocess.DEVNULL) for c in commands]
         out, err = daemon.communicate(timeout=300)
+        # Each worker too refuses a call without the token before parsing it.
+        for command in commands:
+            listen = command[command.index("--listen") + 1]
+            with grpc.insecure_channel(listen) as channel:
+                load = channel.unary_unary(
+                    "/mtpd.v1.Worker/Load",
+                    request_serializer=lambda b: b,
+                    response_deserializer=lambda b: b,
+                )
+                with pytest.raises(grpc.RpcError) as refused:
+                    load(b"\xff" * 4096, timeout=60)
+                assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert daemon.returncode == 0, err
         remote = json.loads(out)
         assert remote["workers"] == 2 and remote["layers_per_worker"] == [2, 2]

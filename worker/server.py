@@ -26,7 +26,7 @@ from mtpd.model.checkpoint import open_checkpoint, read_config
 from mtpd.model.decoder import ShardSpec, model_identity, shard_tensor_shapes
 from mtpd.model.default_model import shipped_head_for
 from mtpd.model.errors import InputError
-from mtpd.rpc import CHANNEL_OPTIONS, bearer_metadata, bearer_token_matches
+from mtpd.rpc import CHANNEL_OPTIONS, TokenGate, bearer_metadata
 from mtpd.v1 import worker_pb2 as pb
 from mtpd.v1 import worker_pb2_grpc as pb_grpc
 from mtpd.worker.cuda_graphs import StepGraphs
@@ -80,11 +80,8 @@ def cache_slots(wanted: int, bytes_per_slot: int, cache_memory: int, free: int) 
 
 
 class WorkerService(pb_grpc.WorkerServicer):
-    def __init__(
-        self, device: torch.device, token: str | None = None, model: str | None = None
-    ) -> None:
+    def __init__(self, device: torch.device, model: str | None = None) -> None:
         self.device = device
-        self.token = token
         self.model = model  # a remote worker's own --model: loaded when Load names none
         self.state = pb.WORKER_STATE_IDLE
         self.stage: Stage | None = None
@@ -92,14 +89,7 @@ class WorkerService(pb_grpc.WorkerServicer):
         self._step_lock = threading.Lock()
         self._link_args: tuple | None = None  # how to make a DistLink again on Reset
 
-    def _authorize(self, context: grpc.ServicerContext) -> None:
-        if self.token is None:
-            return
-        if not bearer_token_matches(context.invocation_metadata(), self.token):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong or missing worker token")
-
     def GetInfo(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.WorkerInfo:
-        self._authorize(context)
         return pb.WorkerInfo(
             version=__version__,
             pid=os.getpid(),
@@ -110,7 +100,6 @@ class WorkerService(pb_grpc.WorkerServicer):
         )
 
     def Load(self, request: pb.LoadRequest, context: grpc.ServicerContext) -> pb.LoadReply:
-        self._authorize(context)
         if not self._load_lock.acquire(blocking=False) or self.state != pb.WORKER_STATE_IDLE:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this worker already has a shard")
         self.state = pb.WORKER_STATE_LOADING
@@ -188,7 +177,6 @@ class WorkerService(pb_grpc.WorkerServicer):
         )
 
     def Step(self, request_iterator, context: grpc.ServicerContext):
-        self._authorize(context)
         if self.stage is None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no shard loaded")
         if not self._step_lock.acquire(blocking=False):
@@ -223,7 +211,6 @@ class WorkerService(pb_grpc.WorkerServicer):
         return DistLink(rank, world_size, rendezvous, device, timeout)
 
     def Reset(self, request: pb.ResetRequest, context: grpc.ServicerContext) -> pb.ResetReply:
-        self._authorize(context)
         if self.stage is None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no shard loaded")
         # The daemon has ended our step stream; a step still failing on a dead
@@ -244,7 +231,6 @@ class WorkerService(pb_grpc.WorkerServicer):
         return pb.ResetReply()
 
     def GetStats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.WorkerStats:
-        self._authorize(context)
         if self.stage is None:
             return pb.WorkerStats()
         stage, st = self.stage, self.stage.stats
@@ -313,8 +299,13 @@ def serve(
         torch.set_num_threads(threads)
     if parent_pid:
         _exit_with_parent(parent_pid)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=CHANNEL_OPTIONS)
-    pb_grpc.add_WorkerServicer_to_server(WorkerService(dev, token, model), server)
+    # A remote worker's calls need the shared token, checked before a request is parsed.
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=4),
+        interceptors=[TokenGate(token)] if token else [],
+        options=CHANNEL_OPTIONS,
+    )
+    pb_grpc.add_WorkerServicer_to_server(WorkerService(dev, model), server)
     if server.add_insecure_port(listen) == 0:
         raise InputError(f"cannot listen on {listen!r}")
     server.start()

@@ -8,9 +8,11 @@ for the transport that relays activations through the daemon. Nothing is pickled
 from __future__ import annotations
 
 import os
+import socket
 from datetime import timedelta
 
 import msgpack
+import psutil
 import torch
 import torch.distributed as dist
 
@@ -45,6 +47,21 @@ def decode(message: pb.Activations, rows: int, hidden_size: int) -> torch.Tensor
     return torch.frombuffer(bytearray(message.data), dtype=dtype).view(rows, hidden_size)
 
 
+def interface_towards(host: str, port: int) -> str | None:
+    """The name of the network interface this host reaches `host` through, if any."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect((host, port))  # a datagram socket sends nothing to connect
+            local = probe.getsockname()[0]
+    except OSError:
+        return None
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.address.split("%")[0] == local for a in addresses):
+            return name
+    return None
+
+
 class DistLink:
     """This stage's connections to its neighbours in a torch.distributed process group
     made of the workers only (the daemon holds no tensors and is not a member)."""
@@ -62,6 +79,13 @@ class DistLink:
             # tcp://HOST:PORT[/PREFIX]: after a restart, a fresh group on the same store.
             address, _, prefix = rendezvous.removeprefix("tcp://").partition("/")
             host, port = address.rsplit(":", 1)
+            host = host.strip("[]")
+            # gloo (and NCCL's bootstrap) on the interface that reaches the daemon: the
+            # pipeline's network, not every interface of the host.
+            interface = interface_towards(host, int(port))
+            if interface is not None:
+                os.environ.setdefault("GLOO_SOCKET_IFNAME", interface)
+                os.environ.setdefault("NCCL_SOCKET_IFNAME", interface)
             store: dist.Store = dist.TCPStore(host, int(port), None, False, timeout)
             if prefix:
                 store = dist.PrefixStore(prefix, store)
