@@ -60,37 +60,37 @@ def _wait(base_url: str, process: subprocess.Popen, timeout: float = 300) -> Non
 
 
 @contextlib.contextmanager
-def mtpd_server(quant: str, prefix_cache: bool) -> Iterator[str]:
-    port = _free_port()
-    work = Path(tempfile.mkdtemp())
-    cmd = [sys.executable, "-m", "mtpd", "serve", "--http", f"127.0.0.1:{port}"]
-    cmd += ["--socket", str(work / "mtpd.sock"), "--quant", quant, "--max-seqs", "4"]
-    cmd += ["--prefix-cache" if prefix_cache else "--no-prefix-cache"]
-    with open(work / "log", "w") as log:
-        process = subprocess.Popen(cmd, stdout=log, stderr=log)
+def _served(cmd: list[str], port: int, log: Path | None = None) -> Iterator[str]:
+    """Run a server's command; its OpenAI API's base URL once it answers."""
+    out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 (closed below)
+    process = subprocess.Popen(cmd, stdout=out, stderr=out)
     try:
         _wait(f"http://127.0.0.1:{port}/v1", process)
         yield f"http://127.0.0.1:{port}/v1"
     finally:
         process.terminate()
         process.wait(timeout=60)
+        if log:
+            out.close()
 
 
-@contextlib.contextmanager
-def llama_server(binary: str) -> Iterator[str]:
+def mtpd_server(quant: str, prefix_cache: bool):
+    port = _free_port()
+    work = Path(tempfile.mkdtemp())
+    cmd = [sys.executable, "-m", "mtpd", "serve", "--http", f"127.0.0.1:{port}"]
+    cmd += ["--socket", str(work / "mtpd.sock"), "--quant", quant, "--max-seqs", "4"]
+    cmd += ["--prefix-cache" if prefix_cache else "--no-prefix-cache"]
+    return _served(cmd, port, work / "log")
+
+
+def llama_server(binary: str):
     port = _free_port()
     model = str(resolve_model(None))
     cmd = [binary, "-m", model, "--host", "127.0.0.1", "--port", str(port), "-t", "2"]
     # --no-repack: this build's repacked CPU weights crash it on these machines (as
     # llama-cpp-python 0.3.36 crashes on its first generation); llama-bench is unaffected.
     cmd += ["-c", "4096", "--jinja", "--no-repack"]
-    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        _wait(f"http://127.0.0.1:{port}/v1", process)
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
+    return _served(cmd, port)
 
 
 def chat(base_url: str, turns: int, max_tokens: int) -> list[float]:

@@ -76,6 +76,22 @@ def tiny(tmp_path_factory):
     return path, engine, Grammars(engine.tokenizer, VOCAB)
 
 
+def start(path, load_mtp: bool = False) -> Pipeline:
+    return Pipeline.start(
+        PipelineConfig(
+            model=str(path),
+            num_layers=LAYERS,
+            workers=2,
+            device="cpu",
+            max_seqs=4,
+            max_context=256,
+            cache_memory=64 << 20,
+            threads=1,
+            load_mtp=load_mtp,
+        )
+    )
+
+
 def test_masks_are_the_languages_next_characters(tiny):
     *_, grammars = tiny
     for word in sorted(WORDS)[::997]:
@@ -196,18 +212,7 @@ def test_constrained_decoding_with_drafts_is_plain_constrained_decoding(tiny, pa
     path, engine, grammars = tiny
     reference = constrained_run(engine, params)
     assert text(reference) in WORDS
-    config = PipelineConfig(
-        model=str(path),
-        num_layers=LAYERS,
-        workers=2,
-        device="cpu",
-        max_seqs=4,
-        max_context=256,
-        cache_memory=64 << 20,
-        threads=1,
-        load_mtp=True,
-    )
-    with Pipeline.start(config) as pipeline:
+    with start(path, load_mtp=True) as pipeline:
         sent: list[pb.SequenceStep] = []
         submit = pipeline.submit
 
@@ -247,16 +252,6 @@ def test_a_bad_mask_refuses_its_sequence_alone(tiny):
     path = tiny[0]
     row = (VOCAB + 31) // 32 * 4
     allow_all = b"\xff" * row
-    config = PipelineConfig(
-        model=str(path),
-        num_layers=LAYERS,
-        workers=2,
-        device="cpu",
-        max_seqs=4,
-        max_context=256,
-        cache_memory=64 << 20,
-        threads=1,
-    )
     greedy = pb.SamplingParams(temperature=0, top_p=1, repetition_penalty=1)
     cases = {
         "short": (allow_all[:-1], True),
@@ -264,7 +259,7 @@ def test_a_bad_mask_refuses_its_sequence_alone(tiny):
         "unsampled": (allow_all, False),
         "only-a": (int(1 << token("a")).to_bytes(row, "little"), True),
     }
-    with Pipeline.start(config) as pipeline:
+    with start(path) as pipeline:
         outcome = pipeline.submit(
             [
                 pb.SequenceStep(seq_id=s, keep=0, token_ids=PROMPT, sample=sample, token_mask=m)
@@ -287,17 +282,7 @@ def test_a_grammar_that_fails_mid_generation_ends_its_request_alone(tiny):
     path, engine, grammars = tiny
     want = solo_run(engine, PROMPT, 12)[0]
     constraint = grammars.matcher(OutputFormat("regex", "(a{1000}){1000}"))
-    config = PipelineConfig(
-        model=str(path),
-        num_layers=LAYERS,
-        workers=2,
-        device="cpu",
-        max_seqs=4,
-        max_context=256,
-        cache_memory=64 << 20,
-        threads=1,
-    )
-    with Pipeline.start(config) as pipeline:
+    with start(path) as pipeline:
         scheduler = Scheduler(pipeline, {EOS})
         bad = scheduler.submit(PROMPT, GREEDY, 12, constraint=constraint)
         good = scheduler.submit(PROMPT, GREEDY, 12, ignore_eos=True)
