@@ -239,6 +239,7 @@ def _add_pipeline_flags(p: argparse.ArgumentParser) -> None:
         "local ones; private networks only: the data-plane rendezvous is unauthenticated",
     )
     p.add_argument("--token-file", default=None, help="the shared worker token (--join-listen)")
+    _add_worker_tls_flags(p, "--worker-tls")
     p.add_argument(
         "--step-timeout",
         type=float,
@@ -445,12 +446,22 @@ def _build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     worker.add_argument(
         "--advertise", default=None, help="address the daemon reaches us at (default --listen)"
     )
+    _add_worker_tls_flags(worker, "--tls")
     worker.set_defaults(func=_cmd_worker)
 
     from mtpd.train.commands import add_parsers
 
     add_parsers(sub)
     return parser, serve
+
+
+def _add_worker_tls_flags(p: argparse.ArgumentParser, prefix: str) -> None:
+    """Mutual TLS between the daemon and remote workers: all three, or none."""
+    p.add_argument(f"{prefix}-cert", default=None, help="worker plane TLS: PEM certificate")
+    p.add_argument(f"{prefix}-key", default=None, help="worker plane TLS: its PEM key")
+    p.add_argument(
+        f"{prefix}-ca", default=None, help="worker plane TLS: the CA peers' certificates need"
+    )
 
 
 def _flag_value(argv: list[str], flag: str) -> str | None:
@@ -483,6 +494,7 @@ def _client_command(name: str):
 def _cmd_worker(args: argparse.Namespace) -> NoReturn:
     import logging
 
+    from mtpd.rpc import WorkerTLS
     from mtpd.worker.server import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -496,12 +508,14 @@ def _cmd_worker(args: argparse.Namespace) -> NoReturn:
         token=token,
         model=args.model,
         advertise=args.advertise,
+        tls=WorkerTLS.from_flags(args.tls_cert, args.tls_key, args.tls_ca),
     )
 
 
 def _settings(args: argparse.Namespace, max_seqs: int):
     from mtpd.daemon.coordinator import Settings
     from mtpd.daemon.draft_policy import AUTO
+    from mtpd.rpc import WorkerTLS
 
     return Settings(
         model=args.model,
@@ -518,6 +532,9 @@ def _settings(args: argparse.Namespace, max_seqs: int):
         cache_memory=args.cache_memory,
         join_listen=args.join_listen,
         token=read_token_file(args.token_file) if args.token_file else None,
+        worker_tls=WorkerTLS.from_flags(
+            args.worker_tls_cert, args.worker_tls_key, args.worker_tls_ca
+        ),
         draft_tokens=AUTO if args.draft_tokens is None else args.draft_tokens,
         draft_p_min=args.draft_p_min,
         mtp_head=Path(args.mtp_head) if args.mtp_head else None,

@@ -6,9 +6,12 @@ from __future__ import annotations
 import dataclasses
 import hmac
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 
+from mtpd.model.errors import InputError
 from mtpd.model.sampling_params import SamplingParams
 from mtpd.v1 import worker_pb2 as pb
 
@@ -60,6 +63,57 @@ class TokenGate(grpc.ServerInterceptor):
             yield  # pragma: no cover  (makes this a generator)
 
         return refusing_handler(handler, refuse, refuse_stream)
+
+
+@dataclass(frozen=True)
+class WorkerTLS:
+    """Mutual TLS on the worker plane (the registry, the workers' services, the daemon's
+    calls to them): every side presents `cert` (with `key`) and accepts only peers whose
+    certificate `ca` signed. One certificate for the whole pipeline will do."""
+
+    cert: Path
+    key: Path
+    ca: Path
+
+    @classmethod
+    def from_flags(cls, cert: str | None, key: str | None, ca: str | None) -> WorkerTLS | None:
+        given = [x for x in (cert, key, ca) if x]
+        if not given:
+            return None
+        if len(given) != 3:
+            raise InputError("worker TLS needs a certificate, its key and the CA, all three")
+        tls = cls(Path(cert), Path(key), Path(ca))  # type: ignore[arg-type]
+        for path in (tls.cert, tls.key, tls.ca):
+            if not path.is_file():
+                raise InputError(f"{path}: no such file (worker TLS)")
+        return tls
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        return grpc.ssl_server_credentials(
+            [(self.key.read_bytes(), self.cert.read_bytes())],
+            root_certificates=self.ca.read_bytes(),
+            require_client_auth=True,
+        )
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.ca.read_bytes(),
+            private_key=self.key.read_bytes(),
+            certificate_chain=self.cert.read_bytes(),
+        )
+
+
+def listen_worker_plane(server: grpc.Server, listen: str, tls: WorkerTLS | None) -> int:
+    """Add the listener (TLS with a certificate); returns its port, 0 on failure."""
+    if tls is None or listen.startswith("unix:"):
+        return server.add_insecure_port(listen)
+    return server.add_secure_port(listen, tls.server_credentials())
+
+
+def worker_plane_channel(address: str, tls: WorkerTLS | None, options=None) -> grpc.Channel:
+    if tls is None or address.startswith("unix:"):
+        return grpc.insecure_channel(address, options=options)
+    return grpc.secure_channel(address, tls.channel_credentials(), options=options)
 
 
 def bearer_metadata(token: str | None) -> tuple[tuple[str, str], ...]:

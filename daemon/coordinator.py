@@ -14,6 +14,7 @@ from mtpd.daemon.structured_output import Grammars
 from mtpd.model.config import ModelConfig
 from mtpd.model.default_model import resolve_model
 from mtpd.model.tokenizer import Tokenizer
+from mtpd.rpc import WorkerTLS
 
 
 @dataclass
@@ -35,6 +36,7 @@ class Settings:
     runtime_dir: Path | None = None
     join_listen: str | None = None
     token: str | None = None
+    worker_tls: WorkerTLS | None = None  # mutual TLS with remote workers
     draft_tokens: int | str = AUTO  # 0 turns MTP off
     draft_p_min: float = 0.0
     step_timeout_s: float = 120.0  # a worker this late with a step is restarted
@@ -104,6 +106,7 @@ class Coordinator:
                 runtime_dir=settings.runtime_dir,
                 join_listen=settings.join_listen,
                 token=settings.token,
+                worker_tls=settings.worker_tls,
                 model_identity=identity,
                 load_mtp=policy.enabled,
                 mtp_head=str(settings.mtp_head) if settings.mtp_head else None,

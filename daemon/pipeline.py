@@ -33,6 +33,7 @@ from mtpd.daemon.registry import WorkerRegistry
 from mtpd.daemon.split import check_worker_count, layer_ranges, parse_split
 from mtpd.daemon.workers import LocalWorker, WorkerError, WorkerLink
 from mtpd.model.errors import InputError
+from mtpd.rpc import WorkerTLS
 from mtpd.v1 import worker_pb2 as pb
 
 log = logging.getLogger("mtpd.daemon")
@@ -68,6 +69,7 @@ class PipelineConfig:
     # shared token; `workers` of them are awaited instead of starting local ones.
     join_listen: str | None = None
     token: str | None = None
+    worker_tls: WorkerTLS | None = None  # mutual TLS with remote workers
     model_identity: str = ""  # what joining workers must match (mtpd.model.decoder.model_identity)
     join_timeout_s: float = 300.0
     load_mtp: bool = False  # the tail loads an MTP head (mtp_head, or the checkpoint's own)
@@ -307,7 +309,7 @@ class Pipeline:
             if local is None:
                 say(f"waiting for {n} remote worker(s) to join at {cfg.join_listen}")
                 remote_side = _RemoteSide.open(cfg, n)
-                links = [WorkerLink(a, cfg.token) for a in remote_side.addresses]
+                links = [WorkerLink(a, cfg.token, cfg.worker_tls) for a in remote_side.addresses]
                 rendezvous = remote_side.rendezvous
             else:
                 say(f"starting {n} worker(s) on {', '.join(local.devices)}")
@@ -559,7 +561,7 @@ class Pipeline:
                 "waiting up to %.0f s for worker %d to rejoin", self.cfg.rejoin_timeout_s, rank
             )
             address = remote.registry.wait_for_all(self.cfg.rejoin_timeout_s)[rank]
-            self.links[rank] = WorkerLink(address, self.cfg.token)
+            self.links[rank] = WorkerLink(address, self.cfg.token, self.cfg.worker_tls)
             (info,) = _await_workers([self.links[rank]], [])
             rendezvous = f"{remote.rendezvous}/{rank}-{self.restarts[rank]}"
         request = pb.LoadRequest()
@@ -648,7 +650,12 @@ class _RemoteSide:
                 f"host at (it is also where they meet for the data plane)"
             )
         registry = WorkerRegistry(expected, cfg.token, cfg.model_identity)
-        server = serve_registry(cfg.join_listen, registry)
+        if cfg.worker_tls is None:
+            log.warning(
+                "remote workers without TLS (--worker-tls-*): the token and the steps "
+                "travel in the clear"
+            )
+        server = serve_registry(cfg.join_listen, registry, cfg.worker_tls)
         listener = None
         try:
             # Bound here and handed over: given a port, the store listens on every

@@ -16,7 +16,7 @@ import grpc
 
 from mtpd import __version__
 from mtpd.daemon.workers import WorkerError
-from mtpd.rpc import TokenGate
+from mtpd.rpc import TokenGate, WorkerTLS, listen_worker_plane
 from mtpd.v1 import worker_pb2 as pb
 from mtpd.v1 import worker_pb2_grpc as pb_grpc
 
@@ -81,14 +81,14 @@ class WorkerRegistry(pb_grpc.WorkerRegistryServicer):
 JOIN_MESSAGE_LIMIT = 64 * 1024  # a JoinRequest is a few hundred bytes
 
 
-def serve_registry(listen: str, registry: WorkerRegistry) -> grpc.Server:
+def serve_registry(listen: str, registry: WorkerRegistry, tls: WorkerTLS | None) -> grpc.Server:
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=4),
         interceptors=[TokenGate(registry.token)],
         options=[("grpc.max_receive_message_length", JOIN_MESSAGE_LIMIT)],
     )
     pb_grpc.add_WorkerRegistryServicer_to_server(registry, server)
-    if server.add_insecure_port(listen) == 0:
+    if listen_worker_plane(server, listen, tls) == 0:
         raise WorkerError(f"cannot listen for workers on {listen!r}")
     server.start()
     return server

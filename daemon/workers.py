@@ -12,7 +12,7 @@ from pathlib import Path
 
 import grpc
 
-from mtpd.rpc import CHANNEL_OPTIONS, bearer_metadata
+from mtpd.rpc import CHANNEL_OPTIONS, WorkerTLS, bearer_metadata, worker_plane_channel
 from mtpd.v1 import worker_pb2 as pb
 from mtpd.v1 import worker_pb2_grpc as pb_grpc
 
@@ -88,10 +88,12 @@ class WorkerLink:
     order on a reader thread and go to `on_reply` (or the stream's end to `on_error`).
     """
 
-    def __init__(self, address: str, token: str | None = None) -> None:
+    def __init__(
+        self, address: str, token: str | None = None, tls: WorkerTLS | None = None
+    ) -> None:
         self.address = address
         options = _LOCAL_LINK_OPTIONS if address.startswith("unix:") else CHANNEL_OPTIONS
-        self.channel = grpc.insecure_channel(address, options=options)
+        self.channel = worker_plane_channel(address, tls, options)
         self.stub = pb_grpc.WorkerStub(self.channel)
         self.metadata = bearer_metadata(token)
         self._outbox: queue.SimpleQueue[pb.StepRequest | None] = queue.SimpleQueue()

@@ -202,3 +202,55 @@ def test_a_remote_worker_that_dies_is_replaced_by_one_that_joins_again(models, t
         for w in workers:
             w.kill()
             w.wait(timeout=30)
+
+
+def test_remote_workers_over_mutual_tls(models, tmp_path):
+    """With --worker-tls-*, the registry and the workers speak TLS and ask the peer for a
+    certificate the CA signed: a plaintext caller, or one without a certificate, cannot
+    even send a call; workers with the certificate join, and the output is unchanged."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    request = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+    subject = ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"]
+    subprocess.run(
+        [*request, *subject, "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+
+    def tls(prefix: str) -> list[str]:  # one self-signed certificate, its own CA
+        return [f"{prefix}-cert", str(cert), f"{prefix}-key", str(key), f"{prefix}-ca", str(cert)]
+
+    prompt = ["abracadabra", "--raw", "--max-tokens", "12", "--json", "--device", "cpu"]
+    local = run_json(["run", "--model", str(models / "model"), *prompt, "--workers", "2"])
+    join = f"127.0.0.1:{free_port()}"
+    remote = ["--join-listen", join, "--token-file", str(models / "token"), *tls("--worker-tls")]
+    daemon = subprocess.Popen(
+        [*MTPD, "run", "--model", str(models / "model"), *prompt, "--workers", "2", *remote],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    joined = []
+    try:
+        token = bearer_metadata((models / "token").read_text().strip())
+        join_request = pb.JoinRequest(version="x", model_identity="y", address="z")
+        plain = grpc.insecure_channel(join)
+        no_cert = grpc.secure_channel(join, grpc.ssl_channel_credentials(cert.read_bytes()))
+        for channel in (plain, no_cert):
+            with channel, pytest.raises(grpc.RpcError) as refused:
+                pb_grpc.WorkerRegistryStub(channel).Join(join_request, metadata=token, timeout=10)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        commands = [
+            [*worker(join, models / "token", models / "model"), *tls("--tls")] for _ in range(2)
+        ]
+        joined = [subprocess.Popen(c, stderr=subprocess.DEVNULL) for c in commands]
+        out, err = daemon.communicate(timeout=300)
+        assert daemon.returncode == 0, err
+        assert json.loads(out)["token_ids"] == local["token_ids"]
+        assert "without TLS" not in err
+    finally:
+        daemon.kill()
+        for w in joined:
+            w.terminate()
+            w.wait(timeout=30)

@@ -26,7 +26,14 @@ from mtpd.model.checkpoint import open_checkpoint, read_config
 from mtpd.model.decoder import ShardSpec, model_identity, shard_tensor_shapes
 from mtpd.model.default_model import shipped_head_for
 from mtpd.model.errors import InputError
-from mtpd.rpc import CHANNEL_OPTIONS, TokenGate, bearer_metadata
+from mtpd.rpc import (
+    CHANNEL_OPTIONS,
+    TokenGate,
+    WorkerTLS,
+    bearer_metadata,
+    listen_worker_plane,
+    worker_plane_channel,
+)
 from mtpd.v1 import worker_pb2 as pb
 from mtpd.v1 import worker_pb2_grpc as pb_grpc
 from mtpd.worker.cuda_graphs import StepGraphs
@@ -263,11 +270,11 @@ def _exit_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, daemon=True, name="parent-watch").start()
 
 
-def _join(join: str, token: str, model: str, advertise: str) -> None:
+def _join(join: str, token: str, model: str, advertise: str, tls: WorkerTLS | None) -> None:
     """Announce this worker to the daemon at `join`; refused joins end the worker."""
     ckpt = open_checkpoint(model)
     identity = model_identity(ckpt, read_config(ckpt))
-    with grpc.insecure_channel(join) as channel:
+    with worker_plane_channel(join, tls) as channel:
         try:
             reply = pb_grpc.WorkerRegistryStub(channel).Join(
                 pb.JoinRequest(version=__version__, model_identity=identity, address=advertise),
@@ -289,6 +296,7 @@ def serve(
     token: str | None = None,
     model: str | None = None,
     advertise: str | None = None,
+    tls: WorkerTLS | None = None,
 ) -> NoReturn:
     """Serve one stage until SIGTERM. Local workers are started by the daemon; a remote
     one (`join`) needs the shared `token` and its own copy of the `model`."""
@@ -306,12 +314,12 @@ def serve(
         options=CHANNEL_OPTIONS,
     )
     pb_grpc.add_WorkerServicer_to_server(WorkerService(dev, model), server)
-    if server.add_insecure_port(listen) == 0:
+    if listen_worker_plane(server, listen, tls) == 0:
         raise InputError(f"cannot listen on {listen!r}")
     server.start()
     try:
         if join:
-            _join(join, token, model, advertise or listen)
+            _join(join, token, model, advertise or listen, tls)
     except BaseException:
         server.stop(None)
         raise
