@@ -236,7 +236,8 @@ def _add_pipeline_flags(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="HOST:PORT",
         help="await --workers remote workers (`mtpd worker --join`) here instead of starting "
-        "local ones; private networks only: the data-plane rendezvous is unauthenticated",
+        "local ones (they meet here behind the token; the data plane itself, gloo or NCCL, "
+        "trusts its network: private networks only)",
     )
     p.add_argument("--token-file", default=None, help="the shared worker token (--join-listen)")
     _add_worker_tls_flags(p, "--worker-tls")

@@ -16,7 +16,6 @@ import logging
 import math
 import os
 import shutil
-import socket
 import tempfile
 import threading
 import time
@@ -625,22 +624,16 @@ class Pipeline:
 
 @dataclass
 class _RemoteSide:
-    """What the daemon opens for remote workers: the registry they join through and
-    the TCPStore their process group meets at."""
+    """What the daemon opens for remote workers: the registry they join through, which
+    is also where their process group meets (its rendezvous store)."""
 
     server: grpc.Server
     registry: WorkerRegistry
-    store: object  # torch.distributed.TCPStore, kept alive while the pipeline runs
     addresses: list[str]
     rendezvous: str
-    listener: socket.socket | None = None  # the store's listening socket
 
     @classmethod
     def open(cls, cfg: PipelineConfig, expected: int) -> _RemoteSide:
-        from datetime import timedelta
-
-        import torch.distributed as dist
-
         from mtpd.daemon.registry import serve_registry
 
         host = cfg.join_listen.rsplit(":", 1)[0]
@@ -649,46 +642,22 @@ class _RemoteSide:
                 f"--join-listen {cfg.join_listen!r}: name the address workers reach this "
                 f"host at (it is also where they meet for the data plane)"
             )
-        registry = WorkerRegistry(expected, cfg.token, cfg.model_identity)
         if cfg.worker_tls is None:
             log.warning(
                 "remote workers without TLS (--worker-tls-*): the token and the steps "
                 "travel in the clear"
             )
+        registry = WorkerRegistry(expected, cfg.token, cfg.model_identity)
         server = serve_registry(cfg.join_listen, registry, cfg.worker_tls)
-        listener = None
         try:
-            # Bound here and handed over: given a port, the store listens on every
-            # interface, whatever address it is given.
-            host = host.strip("[]")
-            listener = socket.create_server(
-                (host, 0), family=socket.AF_INET6 if ":" in host else socket.AF_INET
-            )
-            store = dist.TCPStore(
-                host,
-                listener.getsockname()[1],
-                None,
-                True,
-                timedelta(seconds=cfg.recv_timeout_s),
-                wait_for_workers=False,
-                master_listen_fd=listener.fileno(),
-            )
             addresses = registry.wait_for_all(cfg.join_timeout_s)
-        except OSError as e:
-            server.stop(None)
-            raise InputError(f"--join-listen {cfg.join_listen}: cannot listen there ({e})") from e
         except BaseException:
             server.stop(None)
-            if listener is not None:
-                listener.close()
             raise
-        where = f"[{host}]" if ":" in host else host
-        return cls(server, registry, store, addresses, f"tcp://{where}:{store.port}", listener)
+        return cls(server, registry, addresses, f"mtpd://{cfg.join_listen}")
 
     def close(self) -> None:
         self.server.stop(None)
-        if self.listener is not None:
-            self.listener.close()
 
 
 def _await_workers(links: list[WorkerLink], processes: list[LocalWorker]) -> list[pb.WorkerInfo]:

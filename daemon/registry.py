@@ -1,9 +1,10 @@
 """Remote workers joining the daemon (`mtpd worker --join HOST:PORT`).
 
-Only with `--join-listen`: the daemon then serves WorkerRegistry on that address and
-opens a TCPStore for the data-plane rendezvous. Neither torch.distributed's store nor
-its data plane authenticates anyone, so both belong on a private network; the join
-itself requires the shared token, the same mtpd version and the same model.
+Only with `--join-listen`: the daemon then serves WorkerRegistry on that address,
+joins and the data plane's rendezvous (daemon/rendezvous.py) alike, behind the shared
+token (and TLS, given certificates). A join also needs the same mtpd version and the
+same model. The data plane itself (gloo, NCCL) authenticates no one: it belongs on a
+private network.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from concurrent import futures
 import grpc
 
 from mtpd import __version__
+from mtpd.daemon.rendezvous import RendezvousStore
 from mtpd.daemon.workers import WorkerError
 from mtpd.rpc import TokenGate, WorkerTLS, listen_worker_plane
 from mtpd.v1 import worker_pb2 as pb
@@ -30,6 +32,7 @@ class WorkerRegistry(pb_grpc.WorkerRegistryServicer):
         # for its replacement.
         self.addresses: list[str | None] = [None] * expected
         self._cond = threading.Condition()
+        self.rendezvous = RendezvousStore()  # where their process groups meet
 
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
         # The token was checked before the request was parsed (serve_registry's gate).
@@ -62,6 +65,9 @@ class WorkerRegistry(pb_grpc.WorkerRegistryServicer):
         log.info("worker at %s joined as rank %d", request.address, rank)
         return pb.JoinReply(workers_joined=joined, workers_expected=self.expected)
 
+    def Store(self, request: pb.StoreRequest, context: grpc.ServicerContext) -> pb.StoreReply:
+        return self.rendezvous.serve(request, context)
+
     def reopen(self, rank: int) -> None:
         """Let a replacement for worker `rank` join."""
         with self._cond:
@@ -83,7 +89,8 @@ JOIN_MESSAGE_LIMIT = 64 * 1024  # a JoinRequest is a few hundred bytes
 
 def serve_registry(listen: str, registry: WorkerRegistry, tls: WorkerTLS | None) -> grpc.Server:
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=4),
+        # A rendezvous holds a call of every worker waiting for the others' keys.
+        futures.ThreadPoolExecutor(max_workers=2 * registry.expected + 4),
         interceptors=[TokenGate(registry.token)],
         options=[("grpc.max_receive_message_length", JOIN_MESSAGE_LIMIT)],
     )

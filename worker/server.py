@@ -87,8 +87,15 @@ def cache_slots(wanted: int, bytes_per_slot: int, cache_memory: int, free: int) 
 
 
 class WorkerService(pb_grpc.WorkerServicer):
-    def __init__(self, device: torch.device, model: str | None = None) -> None:
+    def __init__(
+        self,
+        device: torch.device,
+        model: str | None = None,
+        token: str | None = None,
+        tls: WorkerTLS | None = None,
+    ) -> None:
         self.device = device
+        self.token, self.tls = token, tls  # a remote worker's: for the rendezvous store
         self.model = model  # a remote worker's own --model: loaded when Load names none
         self.state = pb.WORKER_STATE_IDLE
         self.stage: Stage | None = None
@@ -215,7 +222,7 @@ class WorkerService(pb_grpc.WorkerServicer):
         if self._link_args is None:
             return None
         rank, world_size, device, timeout = self._link_args
-        return DistLink(rank, world_size, rendezvous, device, timeout)
+        return DistLink(rank, world_size, rendezvous, device, timeout, self.token, self.tls)
 
     def Reset(self, request: pb.ResetRequest, context: grpc.ServicerContext) -> pb.ResetReply:
         if self.stage is None:
@@ -313,7 +320,7 @@ def serve(
         interceptors=[TokenGate(token)] if token else [],
         options=CHANNEL_OPTIONS,
     )
-    pb_grpc.add_WorkerServicer_to_server(WorkerService(dev, model), server)
+    pb_grpc.add_WorkerServicer_to_server(WorkerService(dev, model, token, tls), server)
     if listen_worker_plane(server, listen, tls) == 0:
         raise InputError(f"cannot listen on {listen!r}")
     server.start()

@@ -16,7 +16,9 @@ import psutil
 import torch
 import torch.distributed as dist
 
+from mtpd.rpc import WorkerTLS
 from mtpd.v1 import worker_pb2 as pb
+from mtpd.worker.rendezvous_store import RegistryStore
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -73,20 +75,26 @@ class DistLink:
         rendezvous: str,
         device: torch.device,
         timeout: timedelta,
+        token: str | None = None,
+        tls: WorkerTLS | None = None,
     ) -> None:
+        """token, tls: a remote worker's, for the daemon's rendezvous store."""
         self.rank, self.world_size, self.device, self.timeout = rank, world_size, device, timeout
-        if rendezvous.startswith("tcp://"):
-            # tcp://HOST:PORT[/PREFIX]: after a restart, a fresh group on the same store.
-            address, _, prefix = rendezvous.removeprefix("tcp://").partition("/")
+        if rendezvous.startswith("mtpd://"):
+            # mtpd://HOST:PORT[/PREFIX]: the daemon's registry, behind the worker token
+            # (a fresh PREFIX after each restart: a fresh group on the same store).
+            address, _, prefix = rendezvous.removeprefix("mtpd://").partition("/")
             host, port = address.rsplit(":", 1)
-            host = host.strip("[]")
             # gloo (and NCCL's bootstrap) on the interface that reaches the daemon: the
             # pipeline's network, not every interface of the host.
-            interface = interface_towards(host, int(port))
+            interface = interface_towards(host.strip("[]"), int(port))
             if interface is not None:
                 os.environ.setdefault("GLOO_SOCKET_IFNAME", interface)
                 os.environ.setdefault("NCCL_SOCKET_IFNAME", interface)
-            store: dist.Store = dist.TCPStore(host, int(port), None, False, timeout)
+            # Kept referenced here: torch holds only its C++ half, and a Python store
+            # collected under it answers every call with "Not implemented".
+            self._registry_store = RegistryStore(address, token, tls, timeout)
+            store: dist.Store = self._registry_store
             if prefix:
                 store = dist.PrefixStore(prefix, store)
         else:

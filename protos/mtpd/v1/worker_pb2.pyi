@@ -29,6 +29,52 @@ TRANSPORT_UNSPECIFIED: Transport
 TRANSPORT_DIST: Transport
 TRANSPORT_GRPC: Transport
 
+class StoreRequest(_message.Message):
+    __slots__ = ("op", "keys", "value", "expected", "delta", "timeout_s")
+    class Op(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        OP_UNSPECIFIED: _ClassVar[StoreRequest.Op]
+        OP_SET: _ClassVar[StoreRequest.Op]
+        OP_GET: _ClassVar[StoreRequest.Op]
+        OP_ADD: _ClassVar[StoreRequest.Op]
+        OP_COMPARE_SET: _ClassVar[StoreRequest.Op]
+        OP_WAIT: _ClassVar[StoreRequest.Op]
+        OP_CHECK: _ClassVar[StoreRequest.Op]
+        OP_DELETE: _ClassVar[StoreRequest.Op]
+        OP_NUM_KEYS: _ClassVar[StoreRequest.Op]
+    OP_UNSPECIFIED: StoreRequest.Op
+    OP_SET: StoreRequest.Op
+    OP_GET: StoreRequest.Op
+    OP_ADD: StoreRequest.Op
+    OP_COMPARE_SET: StoreRequest.Op
+    OP_WAIT: StoreRequest.Op
+    OP_CHECK: StoreRequest.Op
+    OP_DELETE: StoreRequest.Op
+    OP_NUM_KEYS: StoreRequest.Op
+    OP_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    op: StoreRequest.Op
+    keys: _containers.RepeatedScalarFieldContainer[str]
+    value: bytes
+    expected: bytes
+    delta: int
+    timeout_s: float
+    def __init__(self, op: _Optional[_Union[StoreRequest.Op, str]] = ..., keys: _Optional[_Iterable[str]] = ..., value: _Optional[bytes] = ..., expected: _Optional[bytes] = ..., delta: _Optional[int] = ..., timeout_s: _Optional[float] = ...) -> None: ...
+
+class StoreReply(_message.Message):
+    __slots__ = ("value", "number", "ok")
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    NUMBER_FIELD_NUMBER: _ClassVar[int]
+    OK_FIELD_NUMBER: _ClassVar[int]
+    value: bytes
+    number: int
+    ok: bool
+    def __init__(self, value: _Optional[bytes] = ..., number: _Optional[int] = ..., ok: _Optional[bool] = ...) -> None: ...
+
 class JoinRequest(_message.Message):
     __slots__ = ("version", "model_identity", "address")
     VERSION_FIELD_NUMBER: _ClassVar[int]

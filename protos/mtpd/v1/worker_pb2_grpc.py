@@ -296,6 +296,11 @@ class WorkerRegistryStub:
                 request_serializer=mtpd_dot_v1_dot_worker__pb2.JoinRequest.SerializeToString,
                 response_deserializer=mtpd_dot_v1_dot_worker__pb2.JoinReply.FromString,
                 _registered_method=True)
+        self.Store = channel.unary_unary(
+                '/mtpd.v1.WorkerRegistry/Store',
+                request_serializer=mtpd_dot_v1_dot_worker__pb2.StoreRequest.SerializeToString,
+                response_deserializer=mtpd_dot_v1_dot_worker__pb2.StoreReply.FromString,
+                _registered_method=True)
 
 
 class WorkerRegistryServicer:
@@ -312,6 +317,14 @@ class WorkerRegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Store(self, request, context):
+        """The data plane's rendezvous (torch.distributed's store API), behind the same token
+        (and TLS): remote workers' process groups meet here, not at an open TCPStore.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerRegistryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -319,6 +332,11 @@ def add_WorkerRegistryServicer_to_server(servicer, server):
                     servicer.Join,
                     request_deserializer=mtpd_dot_v1_dot_worker__pb2.JoinRequest.FromString,
                     response_serializer=mtpd_dot_v1_dot_worker__pb2.JoinReply.SerializeToString,
+            ),
+            'Store': grpc.unary_unary_rpc_method_handler(
+                    servicer.Store,
+                    request_deserializer=mtpd_dot_v1_dot_worker__pb2.StoreRequest.FromString,
+                    response_serializer=mtpd_dot_v1_dot_worker__pb2.StoreReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -353,6 +371,33 @@ class WorkerRegistry:
             '/mtpd.v1.WorkerRegistry/Join',
             mtpd_dot_v1_dot_worker__pb2.JoinRequest.SerializeToString,
             mtpd_dot_v1_dot_worker__pb2.JoinReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Store(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mtpd.v1.WorkerRegistry/Store',
+            mtpd_dot_v1_dot_worker__pb2.StoreRequest.SerializeToString,
+            mtpd_dot_v1_dot_worker__pb2.StoreReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,86 @@
+"""A remote worker's side of the data-plane rendezvous: torch.distributed's Store API
+over the daemon's registry (mtpd.daemon.rendezvous), with the worker token and the
+worker plane's TLS. gloo and NCCL meet through it as through a TCPStore."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import grpc
+import torch.distributed as dist
+
+from mtpd.rpc import WorkerTLS, bearer_metadata, worker_plane_channel
+from mtpd.v1 import worker_pb2 as pb
+from mtpd.v1 import worker_pb2_grpc as pb_grpc
+
+Op = pb.StoreRequest
+
+
+class RegistryStore(dist.Store):
+    def __init__(
+        self, address: str, token: str | None, tls: WorkerTLS | None, timeout: timedelta
+    ) -> None:
+        super().__init__()
+        self._args = (address, token, tls)
+        self._channel = worker_plane_channel(address, tls)
+        self._stub = pb_grpc.WorkerRegistryStub(self._channel)
+        self._metadata = bearer_metadata(token)
+        self._timeout = timeout
+
+    def clone(self) -> RegistryStore:
+        """Another client of the same store (gloo asks for one per connection it makes)."""
+        return RegistryStore(*self._args, self._timeout)
+
+    @property
+    def timeout(self) -> timedelta:
+        return self._timeout
+
+    def _call(self, request: pb.StoreRequest, wait: timedelta | None = None) -> pb.StoreReply:
+        seconds = (wait or self._timeout).total_seconds()
+        request.timeout_s = seconds
+        try:
+            return self._stub.Store(request, metadata=self._metadata, timeout=seconds + 30)
+        except grpc.RpcError as e:  # torch turns these into its own errors
+            raise RuntimeError(f"rendezvous store: {e.code().name}: {e.details()}") from None
+
+    def set(self, key: str, value: bytes | str) -> None:
+        data = value.encode() if isinstance(value, str) else bytes(value)
+        self._call(pb.StoreRequest(op=Op.OP_SET, keys=[key], value=data))
+
+    def get(self, key: str) -> bytes:
+        return self._call(pb.StoreRequest(op=Op.OP_GET, keys=[key])).value
+
+    def add(self, key: str, value: int) -> int:
+        return self._call(pb.StoreRequest(op=Op.OP_ADD, keys=[key], delta=value)).number
+
+    def compare_set(self, key: str, expected: bytes | str, desired: bytes | str) -> bytes:
+        as_bytes = [x.encode() if isinstance(x, str) else bytes(x) for x in (expected, desired)]
+        request = pb.StoreRequest(
+            op=Op.OP_COMPARE_SET, keys=[key], expected=as_bytes[0], value=as_bytes[1]
+        )
+        return self._call(request).value
+
+    def wait(self, keys: list[str], timeout: timedelta | None = None) -> None:
+        self._call(pb.StoreRequest(op=Op.OP_WAIT, keys=keys), timeout)
+
+    def check(self, keys: list[str]) -> bool:
+        return self._call(pb.StoreRequest(op=Op.OP_CHECK, keys=keys)).ok
+
+    def delete_key(self, key: str) -> bool:
+        return self._call(pb.StoreRequest(op=Op.OP_DELETE, keys=[key])).ok
+
+    def num_keys(self) -> int:
+        return self._call(pb.StoreRequest(op=Op.OP_NUM_KEYS)).number
+
+    def set_timeout(self, timeout: timedelta) -> None:
+        self._timeout = timeout
+
+    def has_extended_api(self) -> bool:
+        return False  # multi_get and multi_set are loops over get and set
+
+    def multi_get(self, keys: list[str]) -> list[bytes]:
+        return [self.get(key) for key in keys]
+
+    def multi_set(self, keys: list[str], values: list[bytes | str]) -> None:
+        for key, value in zip(keys, values, strict=True):
+            self.set(key, value)
