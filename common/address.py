@@ -12,6 +12,9 @@ from pathlib import Path
 
 ADDRESS_ENV = "MTPD_ADDRESS"
 SERVICE_USER = "mtpd"  # the system service's user (systemd/mtpd.service)
+# More users (names or uids, comma-separated) whose sockets a client trusts: a daemon
+# of another service user, a socket bind-mounted from a container.
+TRUSTED_OWNERS_ENV = "MTPD_TRUSTED_SOCKET_OWNERS"
 # The system service's socket (systemd's RuntimeDirectory=mtpd).
 SYSTEM_SOCKET = Path("/run/mtpd/mtpd.sock")
 
@@ -48,8 +51,13 @@ def socket_distrust(path: Path) -> str | None:
     the mtpd service, or others may write to the directory (without the sticky bit)
     and so replace the socket. A missing socket is no reason (connecting says so)."""
     trusted = {os.geteuid(), 0}
-    with contextlib.suppress(KeyError):  # no such user: no system service here
-        trusted.add(pwd.getpwnam(SERVICE_USER).pw_uid)
+    named = [SERVICE_USER, *filter(None, os.environ.get(TRUSTED_OWNERS_ENV, "").split(","))]
+    for owner in (n.strip() for n in named):
+        if owner.isdigit():
+            trusted.add(int(owner))
+        else:
+            with contextlib.suppress(KeyError):  # no such user (no system service here)
+                trusted.add(pwd.getpwnam(owner).pw_uid)
     try:
         link, target = path.lstat(), path.stat()
         folder = path.resolve().parent.stat()
@@ -60,7 +68,8 @@ def socket_distrust(path: Path) -> str | None:
     for what, info in (("the socket", link), ("its target", target), ("its directory", folder)):
         if info.st_uid not in trusted:
             return (
-                f"{path}: {what} belongs to uid {info.st_uid}, not to you, root or {SERVICE_USER}"
+                f"{path}: {what} belongs to uid {info.st_uid}, not to you, root or "
+                f"{SERVICE_USER} (${TRUSTED_OWNERS_ENV} may name more)"
             )
     if folder.st_mode & 0o002 and not folder.st_mode & stat.S_ISVTX:
         return f"{path}: anyone may replace it (its directory is writable by all)"

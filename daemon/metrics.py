@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -13,6 +14,7 @@ from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import make_wsgi_app
 from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 from mtpd.daemon.frontend import Frontend
@@ -172,13 +174,22 @@ def serve_metrics(front: Frontend, listen: str, token: str | None) -> tuple[str,
             return [b"a bearer token is needed (--api-token-file)\n"]
         return metrics(environ, start_response)
 
+    # Each connection on a thread of its own, so a slow one delays no other scrape.
+    server_class = type(
+        "MetricsServer",
+        (ThreadingWSGIServer,),
+        {"address_family": socket.AF_INET6 if ":" in host else socket.AF_INET},
+    )
     try:
-        server = make_server(host, int(port), guarded, handler_class=_QuietHandler)
+        server = make_server(
+            host, int(port), guarded, server_class=server_class, handler_class=_QuietHandler
+        )
     except (OSError, ValueError) as e:
         raise InputError(f"--metrics-listen {listen}: cannot listen there ({e})") from None
     thread = threading.Thread(target=server.serve_forever, daemon=True, name="metrics")
     thread.start()
-    return f"{host}:{server.server_port}", thread
+    shown = f"[{host}]" if ":" in host else host
+    return f"{shown}:{server.server_port}", thread
 
 
 def _loopback(host: str) -> bool:

@@ -195,8 +195,10 @@ class _Sequence:
     top_logprobs: int | None  # None: no log-probabilities
     constraint: Constraint | None  # structured output: the grammar's matcher
     cached: int = 0  # positions every worker holds in its KV cache
-    # Prefix caching: the finished sequence whose cache its first step takes over.
+    # Prefix caching: the finished sequence whose cache its first step takes over, until
+    # a step's result says the workers did.
     adopt: str | None = None
+    adopted: _Retained | None = None
     # A step of it was sent (the first, at keep 0, with its settings): the workers may
     # hold a slot for it, even with nothing cached (a step that failed whole took one).
     opened: bool = False
@@ -359,10 +361,12 @@ class Scheduler:
             stranded = list(self._waiting) + self._active
             self._waiting.clear()
             self._active = []
+            # A sequence whose first chunk is in flight holds slots too, as do the caches
+            # kept and the ones being taken over.
+            held = [s.request.seq_id for s in stranded if s.opened] + list(self._retained)
+            held += [s.adopt for s in stranded if s.adopt is not None]
+            self._retained.clear()
             self._cond.notify()
-        # A sequence whose first chunk is in flight holds slots too.
-        held = [s.request.seq_id for s in stranded if s.opened] + list(self._retained)
-        self._retained.clear()
         if held:  # the pipeline may outlive this scheduler
             self.pipeline.release(held)
         for seq in stranded:
@@ -384,11 +388,12 @@ class Scheduler:
                     steps, batch = self._steps_of(batch)
                     if not batch:
                         continue
+                    # A first step (or, after a replay, a first again) opens its sequence.
                     opened = [
-                        self._open_of(seq) for seq, _ in batch if seq.cached == 0 or seq.adopt
+                        self._open_of(seq) for seq, _ in batch if not seq.opened or not seq.cached
                     ]
                     for seq, _ in batch:
-                        seq.opened, seq.adopt = True, None
+                        seq.opened = True
                 except Exception as e:  # a bug must fail requests, not stop the loop
                     log.exception("building a step failed")
                     self._retire([seq for seq, _ in batch], "error", f"internal error: {e}")
@@ -527,8 +532,7 @@ class Scheduler:
                 if shared > keep and not (slot_free and 2 * shared < len(retained.tokens)):
                     best, keep = seq_id, shared
         if best is not None:
-            del self._retained[best]
-            seq.adopt, seq.cached = best, keep
+            seq.adopt, seq.adopted, seq.cached = best, self._retained.pop(best), keep
             seq.request.cached_tokens = keep
             self.cached_prompt_tokens += keep
         elif self._retained and len(self._active) + len(self._retained) > self.pipeline.max_seqs:
@@ -546,7 +550,7 @@ class Scheduler:
         for seq in replayed:
             seq.cached, seq.proposed, seq.verifying = 0, [], 0
         for seq in self._active:  # their prompts are computed again, whole
-            seq.adopt = None
+            seq.adopt = seq.adopted = None
             self.cached_prompt_tokens -= seq.request.cached_tokens
             seq.request.cached_tokens = 0
         if replayed:
@@ -593,6 +597,12 @@ class Scheduler:
         keep = self.prefix_cache and reason in ("stop", "length", "cancelled")
         held = []
         for seq in seqs:
+            if seq.adopt is not None:  # a cache it was to take over, and may not have
+                if seq.opened:
+                    held.append(seq.adopt)  # its step went out: the cache's fate is unknown
+                else:
+                    self._retained[seq.adopt] = seq.adopted  # untouched: kept for others
+                seq.adopt = seq.adopted = None
             if not seq.opened:
                 continue
             if keep and seq.cached and not seq.in_flight and seq.suspect_until is None:
@@ -639,6 +649,8 @@ class Scheduler:
             if seq not in self._active:
                 continue  # the scheduler stopped while the step ran
             result = outcome.results.get(seq.request.seq_id)
+            if result is None or not result.error:
+                seq.adopt = seq.adopted = None  # the workers took its cache over, if any
             if result is None:
                 seq.cached += n  # a prefill chunk that does not end the prompt
                 continue

@@ -228,6 +228,8 @@ class _HeaderDeadline(H11Protocol):
         super().connection_lost(exc)
 
     def _arm(self) -> None:
+        if (due := getattr(self, "_headers_due", None)) is not None:
+            due.cancel()
         self._headers_due = self.loop.call_later(HEADER_TIMEOUT_S, self._drop_if_waiting)
 
     def _drop_if_waiting(self) -> None:

@@ -51,6 +51,11 @@ def test_a_socket_of_another_user_is_refused_by_the_sdk_and_the_cli(planted, cap
         del os.environ["MTPD_API_TOKEN"]
     assert f"belongs to uid {OTHER_UID}" in capsys.readouterr().err
     assert nothing_connected(listener)
+    os.environ["MTPD_TRUSTED_SOCKET_OWNERS"] = f"nosuchuser, {OTHER_UID}"
+    try:
+        Client(str(path)).close()  # trusted by name: no refusal
+    finally:
+        del os.environ["MTPD_TRUSTED_SOCKET_OWNERS"]
 
 
 def test_a_directory_of_another_user_or_open_to_all_is_refused(planted):

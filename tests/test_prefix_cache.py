@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
+import time
+from concurrent.futures import Future
 
 import pytest
+from live_daemon import wait_for
 from reference import GREEDY, solo_run
 from tiny_models import add_mtp_head, write_char_tokenizer, write_tiny_model
 
@@ -134,3 +138,47 @@ def test_an_evicted_cache_is_not_hit_and_a_restart_empties_them(tiny):
         assert again.cached_tokens == len(asked) - 1
         assert pipeline.restarts[1] >= 1
         scheduler.close()
+
+
+def test_workers_hold_exactly_the_kept_caches_whatever_ends_a_request(tiny):
+    """Requests cancelled before or during their first step, and one whose adopting step
+    the workers refuse: afterwards the workers hold exactly the caches the daemon keeps
+    (a cache a request was to take over is kept again, or released)."""
+    path, _ = tiny
+    with start(path, 1, max_seqs=3) as pipeline:
+        submit = pipeline.submit
+
+        def slow(*args, **kwargs):  # each step's result a while after it ran
+            done, late = submit(*args, **kwargs), Future()
+            done.add_done_callback(
+                lambda f: (
+                    threading.Timer(0.2, lambda: late.set_result(f.result())).start()
+                    if f.exception() is None
+                    else late.set_exception(f.exception())
+                )
+            )
+            return late
+
+        pipeline.submit = slow
+        scheduler = Scheduler(pipeline, set(), policy=DraftPolicy(2), prefix_cache=True)
+        first = scheduler.submit(TURN_1, GREEDY, TOKENS, ignore_eos=True)
+        conversation = TURN_1 + first.result(timeout=60).token_ids
+        for i in range(2):
+            busy = scheduler.submit([70 + i, 71], GREEDY, 4, ignore_eos=True)
+            time.sleep(0.1)  # its step holds the only stage
+            later = scheduler.submit([*conversation, 44 + i], GREEDY, 8, ignore_eos=True)
+            # Admitted, its cache chosen, its first step not sent yet:
+            wait_for(lambda later=later: later.cached_tokens > 0, timeout=10)
+            later.cancel()
+            later.result(timeout=60)
+            busy.result(timeout=60)
+        refused = scheduler.submit([*conversation, VOCAB + 5], GREEDY, 8)
+        assert refused.result(timeout=60).finish_reason == "error"
+
+        def held():
+            return {w.active_sequences for w in pipeline.worker_stats()}
+
+        assert held() == {scheduler.retained_caches}
+        assert scheduler.retained_caches <= 3
+        scheduler.close()
+        assert held() == {0}
