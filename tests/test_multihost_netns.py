@@ -162,6 +162,7 @@ def test_a_pipeline_across_hosts_holds_and_keeps_outsiders_out(hosts, tmp_path):
 
             # A worker dies; its replacement joins from another host.
             second.kill()
+            second.wait(timeout=30)  # dead before the next request
             worker("w3")
             deadline = time.monotonic() + 180
             while True:
