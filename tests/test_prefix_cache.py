@@ -14,6 +14,8 @@ import time
 from concurrent.futures import Future
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from live_daemon import wait_for
 from reference import GREEDY, solo_run
 from tiny_models import add_mtp_head, write_char_tokenizer, write_tiny_model
@@ -182,3 +184,17 @@ def test_workers_hold_exactly_the_kept_caches_whatever_ends_a_request(tiny):
         assert scheduler.retained_caches <= 3
         scheduler.close()
         assert held() == {0}
+
+
+@given(
+    st.lists(st.integers(0, 2), max_size=12),
+    st.lists(st.integers(0, 2), max_size=12),
+    st.integers(0, 12),
+)
+def test_the_common_prefix_is_the_elementwise_one(a, b, shared):
+    from mtpd.daemon.scheduler import _common_prefix
+
+    b = a[:shared] + b
+    pairs = enumerate(zip(a, b, strict=False))
+    naive = next((i for i, (x, y) in pairs if x != y), min(len(a), len(b)))
+    assert _common_prefix(a, b) == naive
