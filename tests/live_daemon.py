@@ -34,6 +34,20 @@ def write_served_model(path: Path) -> Path:
     return path
 
 
+def self_signed_certificate(where: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 that is its own CA: (certificate, key)."""
+    cert, key = where / "cert.pem", where / "key.pem"
+    request = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+    subject = ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"]
+    subprocess.run(
+        [*request, *subject, "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    return cert, key
+
+
 def http_request(
     base_url: str,
     method: str,

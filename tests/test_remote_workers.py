@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 import psutil
 import pytest
-from live_daemon import wait_for
+from live_daemon import self_signed_certificate, wait_for
 from tiny_models import write_char_tokenizer, write_tiny_model
 
 from mtpd.rpc import bearer_metadata
@@ -216,15 +216,7 @@ def test_remote_workers_over_mutual_tls(models, tmp_path):
     """With --worker-tls-*, the registry and the workers speak TLS and ask the peer for a
     certificate the CA signed: a plaintext caller, or one without a certificate, cannot
     even send a call; workers with the certificate join, and the output is unchanged."""
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    request = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
-    subject = ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"]
-    subprocess.run(
-        [*request, *subject, "-keyout", str(key), "-out", str(cert)],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
+    cert, key = self_signed_certificate(tmp_path)
 
     def tls(prefix: str) -> list[str]:  # one self-signed certificate, its own CA
         return [f"{prefix}-cert", str(cert), f"{prefix}-key", str(key), f"{prefix}-ca", str(cert)]

@@ -22,7 +22,14 @@ import jsonschema
 import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from live_daemon import CONTEXT, LiveDaemon, held, wait_for, write_served_model
+from live_daemon import (
+    CONTEXT,
+    LiveDaemon,
+    held,
+    self_signed_certificate,
+    wait_for,
+    write_served_model,
+)
 from prometheus_client.parser import text_string_to_metric_families
 from reference import GREEDY, solo_run
 
@@ -353,18 +360,7 @@ def test_cli_generate_has_run_fields_and_info_stats_chat_work(
 
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory):
-    """A self-signed certificate for 127.0.0.1: (certificate, key)."""
-    where = tmp_path_factory.mktemp("tls")
-    cert, key = where / "cert.pem", where / "key.pem"
-    request = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
-    subject = ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"]
-    subprocess.run(
-        [*request, *subject, "-keyout", str(key), "-out", str(cert)],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
-    return cert, key
+    return self_signed_certificate(tmp_path_factory.mktemp("tls"))
 
 
 @pytest.fixture(scope="module")
