@@ -11,6 +11,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import threading
@@ -474,6 +475,27 @@ def test_node_client_streams_a_generation(daemon, client, tmp_path):
     refused = node("--max-tokens", "0", "Hello")
     assert refused.returncode == 1 and "INVALID_ARGUMENT" in refused.stderr
     assert "max_tokens" in refused.stderr
+    if os.geteuid() != 0:  # only root makes a socket another user's (CI runs as root)
+        return
+    # A socket another user planted is refused before anything is sent.
+    planted = tmp_path / "planted" / "mtpd.sock"
+    planted.parent.mkdir()
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(planted))
+        listener.listen(1)
+        os.chown(planted, 54321, 54321)
+        out = subprocess.run(
+            ["node", "generate.js", "--address", str(planted), "Hello"],
+            cwd=work,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == 1 and "belongs to uid 54321" in out.stderr, out.stderr
+        listener.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # nothing connected
     # Structured output: the Python SDK's tokens, JSON valid against the schema.
     schema = {
         "type": "object",

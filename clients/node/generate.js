@@ -62,8 +62,55 @@ function target(address) {
   return address.startsWith("/") || address.startsWith(".") ? `unix:${address}` : address;
 }
 
+// As the Python SDK (mtpd.address.socket_distrust): refuse a unix socket, its target or
+// its directory owned by another user than us, root or the mtpd service (or one
+// $MTPD_TRUSTED_SOCKET_OWNERS names), or a directory anyone may write without the sticky
+// bit: another local user could have planted it to read our prompts and token.
+function uidOf(name) {
+  if (/^\d+$/.test(name)) return Number(name);
+  try {
+    for (const line of fs.readFileSync("/etc/passwd", "utf8").split("\n")) {
+      const fields = line.split(":");
+      if (fields[0] === name) return Number(fields[2]);
+    }
+  } catch {}
+  return null;
+}
+
+function socketDistrust(socketPath) {
+  const names = ["mtpd", ...(process.env.MTPD_TRUSTED_SOCKET_OWNERS || "").split(",")];
+  const trusted = new Set([process.geteuid(), 0]);
+  for (const name of names.map((n) => n.trim()).filter(Boolean)) {
+    const uid = uidOf(name);
+    if (uid !== null) trusted.add(uid);
+  }
+  let link, target, folder;
+  try {
+    link = fs.lstatSync(socketPath);
+    target = fs.statSync(socketPath);
+    folder = fs.statSync(path.dirname(fs.realpathSync(socketPath)));
+  } catch (err) {
+    return err.code === "ENOENT" ? null : `${socketPath}: cannot inspect it: ${err.message}`;
+  }
+  for (const [what, info] of [["the socket", link], ["its target", target], ["its directory", folder]]) {
+    if (!trusted.has(info.uid)) {
+      return `${socketPath}: ${what} belongs to uid ${info.uid}, not to you, root or mtpd`;
+    }
+  }
+  if (folder.mode & 0o002 && !(folder.mode & 0o1000)) {
+    return `${socketPath}: anyone may replace it (its directory is writable by all)`;
+  }
+  return null;
+}
+
 function main() {
   const args = parseArgs(process.argv.slice(2));
+  const where = target(args.address);
+  const why = where.startsWith("unix:") ? socketDistrust(where.slice(5)) : null;
+  if (why) {
+    console.error(`mtpd: refusing to connect: ${why}`);
+    process.exit(1);
+  }
   const definition = protoLoader.loadSync("mtpd/v1/inference.proto", {
     includeDirs: [PROTO_ROOT],
     keepCase: true,
@@ -72,7 +119,7 @@ function main() {
     defaults: true,
   });
   const { Inference } = grpc.loadPackageDefinition(definition).mtpd.v1;
-  const client = new Inference(target(args.address), grpc.credentials.createInsecure());
+  const client = new Inference(where, grpc.credentials.createInsecure());
   const metadata = new grpc.Metadata();
   if (args.token) metadata.set("authorization", `Bearer ${args.token}`);
 
