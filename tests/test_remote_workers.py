@@ -181,6 +181,7 @@ def test_a_remote_worker_that_dies_is_replaced_by_one_that_joins_again(models, t
         )
         for _ in range(2)  # each with a port of its own
     ]
+    daemon = None
     try:
         daemon = LiveDaemon(
             models / "model",
@@ -207,6 +208,9 @@ def test_a_remote_worker_that_dies_is_replaced_by_one_that_joins_again(models, t
             assert client.info().workers[1].pid == workers[-1].pid
         assert daemon.stop() == 0
     finally:
+        if daemon is not None and daemon.process.poll() is None:  # a failed test's
+            daemon.process.kill()
+            daemon.process.wait(timeout=30)
         for w in workers:
             w.kill()
             w.wait(timeout=30)
