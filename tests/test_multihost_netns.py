@@ -173,7 +173,8 @@ def test_a_pipeline_across_hosts_holds_and_keeps_outsiders_out(hosts, tmp_path):
                     assert time.monotonic() < deadline, (tmp_path / "daemon.log").read_text()
                     time.sleep(1)
             assert result.token_ids == local
-            assert client.stats().workers[1].restarts == 1
+            # (ranks follow the join order: the killed one may be either)
+            assert sum(w.restarts for w in client.stats().workers) == 1
     finally:
         for process in processes:
             process.kill()
