@@ -127,8 +127,11 @@ class Stage:
 
     def _check(
         self, req: pb.StepRequest
-    ) -> tuple[list[pb.SequenceStep], list[SequenceSettings], dict[str, str]]:
-        """The sequences that run, their settings, and why each other one is refused.
+    ) -> tuple[
+        list[pb.SequenceStep], list[SequenceSettings], dict[str, torch.Tensor], dict[str, str]
+    ]:
+        """The sequences that run, their settings, the allowed tokens of those whose
+        grammar constrains them (decoded once, here), and why each other one is refused.
         Only a malformed step (a sequence twice) is refused whole."""
         for kind, ids in (("sequence", [s.seq_id for s in req.sequences]),
                           ("opened sequence", [o.seq_id for o in req.open])):  # fmt: skip
@@ -143,7 +146,7 @@ class Stage:
         released = set(req.release)
         free = self.cache.free_slots + sum(1 for i in released if self.cache.slot_of(i) is not None)
         stepped = {s.seq_id for s in req.sequences}
-        runs, settings, refused, adopted = [], [], {}, set()
+        runs, settings, masks, refused, adopted = [], [], {}, {}, set()
         for s in req.sequences:
             slot = None if s.seq_id in released else self.cache.slot_of(s.seq_id)
             adopt = opened[s.seq_id].adopt if s.seq_id in opened else ""
@@ -151,7 +154,7 @@ class Stage:
                 if adopt:
                     slot = self._adoptable(adopt, slot, released | stepped | adopted)
                     adopted.add(adopt)
-                self._check_sequence(s, slot)
+                allowed = self._check_sequence(s, slot)
                 held = self._settings_of(s.seq_id, opened.get(s.seq_id), slot)
                 if slot is None:
                     if not free:
@@ -164,7 +167,9 @@ class Stage:
                 continue
             runs.append(s)
             settings.append(held)
-        return runs, settings, refused
+            if allowed is not None:
+                masks[s.seq_id] = allowed
+        return runs, settings, masks, refused
 
     def _adoptable(self, adopt: str, slot: int | None, taken: set[str]) -> int:
         """The slot of the sequence a new one adopts (prefix caching)."""
@@ -175,7 +180,8 @@ class Stage:
             raise StepRefused(f"adopts {adopt!r}, which holds no cache to take over")
         return held
 
-    def _check_sequence(self, s: pb.SequenceStep, slot: int | None) -> None:
+    def _check_sequence(self, s: pb.SequenceStep, slot: int | None) -> torch.Tensor | None:
+        """Refuses what cannot run; returns the step's allowed tokens, if it has a mask."""
         if not s.token_ids:
             raise StepRefused("no token ids to append")
         vocab = self.shard.cfg.vocab_size
@@ -196,17 +202,18 @@ class Stage:
             raise StepRefused(
                 f"{s.verify} drafts to verify need a token before them and sample set"
             )
-        if s.token_mask:
-            if not s.sample:
-                raise StepRefused("a token_mask without sample")
-            try:
-                token_mask(s.token_mask, s.verify + 1, vocab)
-            except InputError as e:
-                raise StepRefused(str(e)) from e
         if s.draft_tokens > MAX_DRAFT_TOKENS:
             raise StepRefused(
                 f"draft_tokens {s.draft_tokens} above the maximum of {MAX_DRAFT_TOKENS}"
             )
+        if not s.token_mask:
+            return None
+        if not s.sample:
+            raise StepRefused("a token_mask without sample")
+        try:
+            return token_mask(s.token_mask, s.verify + 1, vocab)
+        except InputError as e:
+            raise StepRefused(str(e)) from e
 
     def _settings_of(
         self, seq_id: str, opened: pb.SequenceOpen | None, slot: int | None
@@ -239,7 +246,7 @@ class Stage:
         arrived = time.monotonic()
         reply = pb.StepReply(step_id=req.step_id)
         try:
-            runs, settings, refused = self._check(req)
+            runs, settings, masks, refused = self._check(req)
         except StepRefused as e:
             reply.error = str(e)
             return reply
@@ -258,7 +265,7 @@ class Stage:
         if self.fault is not None and self.is_first:
             self.fault(runs)
         with torch.inference_mode():
-            self._compute(runs, req.activations, settings, reply, arrived)
+            self._compute(runs, req.activations, settings, masks, reply, arrived)
         return reply
 
     def _release(self, seq_ids: Iterable[str]) -> None:
@@ -287,6 +294,7 @@ class Stage:
         seqs: list[pb.SequenceStep],
         activations: pb.Activations,
         settings: list[SequenceSettings],
+        masks: dict[str, torch.Tensor],
         reply: pb.StepReply,
         arrived: float,
     ) -> None:
@@ -309,7 +317,7 @@ class Stage:
         if hidden is None:
             hidden = self.shard(x, self.cache, slots, counts)
         if self.is_tail:
-            self._verify_and_draft(seqs, settings, counts, hidden, reply)
+            self._verify_and_draft(seqs, settings, masks, counts, hidden, reply)
         elif device.type == "cuda":
             torch.cuda.synchronize(device)  # so compute time is not billed to the send
         computed = time.monotonic()
@@ -344,6 +352,7 @@ class Stage:
         self,
         seqs: list[pb.SequenceStep],
         settings: list[SequenceSettings],
+        masks: dict[str, torch.Tensor],
         counts: list[int],
         hidden: torch.Tensor,
         reply: pb.StepReply,
@@ -374,9 +383,8 @@ class Stage:
                 base = s.keep + counts[i] - 1 - s.verify
                 n = s.verify + 1
                 rows = logits[row : row + n]
-                if s.token_mask:
-                    vocab = self.shard.cfg.vocab_size
-                    rows = masked(rows, token_mask(s.token_mask, n, vocab))
+                if s.seq_id in masks:
+                    rows = masked(rows, masks[s.seq_id])
                 emitted = verify(
                     rows,
                     settings[i].sampling,
