@@ -27,7 +27,7 @@ class RendezvousStore:
     def serve(self, request: pb.StoreRequest, context: grpc.ServicerContext) -> pb.StoreReply:
         keys = list(request.keys)
         op = request.op
-        if op in (pb.StoreRequest.OP_NUM_KEYS,) and keys:
+        if op == pb.StoreRequest.OP_NUM_KEYS and keys:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "num_keys takes no key")
         single = (
             pb.StoreRequest.OP_SET,

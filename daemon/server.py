@@ -215,6 +215,8 @@ class _HeaderDeadline(H11Protocol):
     idle connections hold nothing for long. (uvicorn's limit_concurrency counts such
     connections: a few hundred of them made every request, /health too, answer 503.)"""
 
+    _headers_due: asyncio.TimerHandle | None = None
+
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._arm()
@@ -224,12 +226,13 @@ class _HeaderDeadline(H11Protocol):
         self._arm()  # the next request on this connection gets its own deadline
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._headers_due.cancel()
+        if self._headers_due is not None:
+            self._headers_due.cancel()
         super().connection_lost(exc)
 
     def _arm(self) -> None:
-        if (due := getattr(self, "_headers_due", None)) is not None:
-            due.cancel()
+        if self._headers_due is not None:
+            self._headers_due.cancel()
         self._headers_due = self.loop.call_later(HEADER_TIMEOUT_S, self._drop_if_waiting)
 
     def _drop_if_waiting(self) -> None:

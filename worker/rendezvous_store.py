@@ -21,19 +21,10 @@ class RegistryStore(dist.Store):
         self, address: str, token: str | None, tls: WorkerTLS | None, timeout: timedelta
     ) -> None:
         super().__init__()
-        self._args = (address, token, tls)
         self._channel = worker_plane_channel(address, tls)
         self._stub = pb_grpc.WorkerRegistryStub(self._channel)
         self._metadata = bearer_metadata(token)
         self._timeout = timeout
-
-    def clone(self) -> RegistryStore:
-        """Another client of the same store (gloo asks for one per connection it makes)."""
-        return RegistryStore(*self._args, self._timeout)
-
-    @property
-    def timeout(self) -> timedelta:
-        return self._timeout
 
     def _call(self, request: pb.StoreRequest, wait: timedelta | None = None) -> pb.StoreReply:
         seconds = (wait or self._timeout).total_seconds()
@@ -74,13 +65,3 @@ class RegistryStore(dist.Store):
 
     def set_timeout(self, timeout: timedelta) -> None:
         self._timeout = timeout
-
-    def has_extended_api(self) -> bool:
-        return False  # multi_get and multi_set are loops over get and set
-
-    def multi_get(self, keys: list[str]) -> list[bytes]:
-        return [self.get(key) for key in keys]
-
-    def multi_set(self, keys: list[str], values: list[bytes | str]) -> None:
-        for key, value in zip(keys, values, strict=True):
-            self.set(key, value)
