@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from mtpd.model.errors import InputError
 from mtpd.model.sampling_params import SamplingParams
@@ -26,20 +27,16 @@ CHANNEL_OPTIONS = [
 def refusing_handler(
     handler: grpc.RpcMethodHandler, refuse, refuse_stream
 ) -> grpc.RpcMethodHandler:
-    """A handler of `handler`'s kind that answers with `refuse` (or `refuse_stream` for a
-    streamed response) and takes the request as the bytes it came in: a refused call's
-    request is never parsed."""
-    kinds = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }
-    streaming = handler.response_streaming
-    make = kinds[(handler.request_streaming, streaming)]
-    return make(
-        refuse_stream if streaming else refuse,
-        response_serializer=handler.response_serializer,
+    """A handler that answers `handler`'s call with `refuse` (or `refuse_stream` for a
+    streamed response) and takes the request as a stream it never reads: a refused call's
+    request is neither parsed nor received (a unary request is a stream of one message on
+    the wire, so the caller cannot tell)."""
+    if handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(
+            refuse_stream, response_serializer=handler.response_serializer
+        )
+    return grpc.stream_unary_rpc_method_handler(
+        refuse, response_serializer=handler.response_serializer
     )
 
 
@@ -55,14 +52,50 @@ class TokenGate(grpc.ServerInterceptor):
         if handler is None or bearer_token_matches(details.invocation_metadata, self._token):
             return handler
 
-        def refuse(request: bytes, context: grpc.ServicerContext) -> None:
+        def refuse(requests: Iterator[bytes], context: grpc.ServicerContext) -> None:
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong or missing worker token")
 
-        def refuse_stream(request: bytes, context: grpc.ServicerContext) -> Iterator[None]:
-            refuse(request, context)
+        def refuse_stream(requests: Iterator[bytes], context: grpc.ServicerContext):
+            refuse(requests, context)
             yield  # pragma: no cover  (makes this a generator)
 
         return refusing_handler(handler, refuse, refuse_stream)
+
+
+class UnaryRequestLimit(grpc.ServerInterceptor):
+    """Refuses a unary request over `limit` bytes (RESOURCE_EXHAUSTED) before parsing it.
+    A server's receive limit is one for all its methods, and a worker's must admit a step
+    carrying a prefill chunk's activations; no control call needs more than a few KB."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+
+    def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        handler = continuation(details)
+        if handler is None or handler.request_streaming:
+            return handler
+        parse = handler.request_deserializer
+        behave = handler.unary_stream if handler.response_streaming else handler.unary_unary
+        limit, method = self._limit, details.method
+
+        def bounded(raw: bytes, context: grpc.ServicerContext):
+            if len(raw) > limit:
+                context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"{method}: a request of {len(raw)} bytes (at most {limit})",
+                )
+            try:
+                request = parse(raw) if parse else raw
+            except DecodeError:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{method}: malformed request")
+            return behave(request, context)
+
+        make = (
+            grpc.unary_stream_rpc_method_handler
+            if handler.response_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        return make(bounded, response_serializer=handler.response_serializer)
 
 
 @dataclass(frozen=True)

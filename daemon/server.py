@@ -16,7 +16,7 @@ import socket
 import stat
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,10 +82,10 @@ class BearerAuth(grpc.aio.ServerInterceptor):
 def _refusal(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     message = "a valid API token is required: send 'authorization: Bearer <token>'"
 
-    async def refuse(request: bytes, context: grpc.aio.ServicerContext) -> None:
+    async def refuse(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-    async def refuse_stream(request: bytes, context: grpc.aio.ServicerContext):
+    async def refuse_stream(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext):
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
         yield  # pragma: no cover  (makes this an async generator)
 

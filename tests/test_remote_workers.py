@@ -17,7 +17,7 @@ import pytest
 from live_daemon import self_signed_certificate, wait_for
 from tiny_models import write_char_tokenizer, write_tiny_model
 
-from mtpd.rpc import bearer_metadata
+from mtpd.rpc import CHANNEL_OPTIONS, bearer_metadata
 from mtpd.v1 import worker_pb2 as pb
 from mtpd.v1 import worker_pb2_grpc as pb_grpc
 
@@ -39,6 +39,12 @@ def models(tmp_path_factory):
     (root / "token").write_text("s3cret-token\n")
     (root / "wrong").write_text("guess\n")
     return root
+
+
+def peak_memory_mb(pid: int) -> int:
+    """The process's peak resident set (VmHWM), in MiB."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(status.split("VmHWM:")[1].split()[0]) // 1024
 
 
 def run_json(args: list[str], timeout: float = 300) -> dict:
@@ -144,18 +150,28 @@ def test_remote_workers_join_only_with_the_token_and_the_model(models):
         commands = [worker(join, models / "token", models / "model") for _ in range(2)]
         joined = [subprocess.Popen(c, stderr=subprocess.DEVNULL) for c in commands]
         out, err = daemon.communicate(timeout=300)
-        # Each worker too refuses a call without the token before parsing it.
-        for command in commands:
+        # Each worker too refuses a call without the token before reading it (its peak
+        # memory does not grow by the 256 MB sent), and a control call with the token
+        # over 64 KiB before parsing it.
+        token = bearer_metadata((models / "token").read_text().strip())
+        for command, process in zip(commands, joined, strict=True):
             listen = command[command.index("--listen") + 1]
-            with grpc.insecure_channel(listen) as channel:
+            with grpc.insecure_channel(listen, options=CHANNEL_OPTIONS) as channel:
                 load = channel.unary_unary(
                     "/mtpd.v1.Worker/Load",
                     request_serializer=lambda b: b,
                     response_deserializer=lambda b: b,
                 )
+                peak = peak_memory_mb(process.pid)
+                for payload in (b"\xff" * 4096, bytes(256 << 20)):
+                    with pytest.raises(grpc.RpcError) as refused:
+                        load(payload, timeout=60)
+                    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                assert peak_memory_mb(process.pid) < peak + 64
                 with pytest.raises(grpc.RpcError) as refused:
-                    load(b"\xff" * 4096, timeout=60)
-                assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                    load(b"\xff" * (64 * 1024 + 1), metadata=token, timeout=60)
+                assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "Load: a request of 65537 bytes (at most 65536)" in refused.value.details()
         assert daemon.returncode == 0, err
         remote = json.loads(out)
         assert remote["workers"] == 2 and remote["layers_per_worker"] == [2, 2]

@@ -29,6 +29,7 @@ from mtpd.model.errors import InputError
 from mtpd.rpc import (
     CHANNEL_OPTIONS,
     TokenGate,
+    UnaryRequestLimit,
     WorkerTLS,
     bearer_metadata,
     listen_worker_plane,
@@ -47,6 +48,9 @@ log = logging.getLogger("mtpd.worker")
 # Without --cache-memory the KV cache takes at most this share of the memory left
 # after the weights are loaded.
 DEFAULT_CACHE_SHARE = 0.5
+
+# Load, GetInfo, Reset and GetStats requests are a few hundred bytes.
+CONTROL_REQUEST_LIMIT = 64 * 1024
 
 
 def parse_device(name: str) -> torch.device:
@@ -314,10 +318,11 @@ def serve(
         torch.set_num_threads(threads)
     if parent_pid:
         _exit_with_parent(parent_pid)
-    # A remote worker's calls need the shared token, checked before a request is parsed.
+    # A remote worker's calls need the shared token, checked before a request is read.
+    gate = [TokenGate(token)] if token else []
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=4),
-        interceptors=[TokenGate(token)] if token else [],
+        interceptors=[*gate, UnaryRequestLimit(CONTROL_REQUEST_LIMIT)],
         options=CHANNEL_OPTIONS,
     )
     pb_grpc.add_WorkerServicer_to_server(WorkerService(dev, model, token, tls), server)
