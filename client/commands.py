@@ -68,6 +68,7 @@ def result_json(result: GenerationResult, info: api.ModelInfo) -> dict[str, Any]
         "workers": len(info.workers),
         "layers_per_worker": [w.end_layer - w.first_layer for w in info.workers],
         "prompt_tokens": result.prompt_tokens,
+        "cached_tokens": result.cached_tokens,
         "n_tokens": result.completion_tokens,
         "finish_reason": result.finish_reason,
         "stop_sequence": result.stop_sequence,

@@ -218,6 +218,7 @@ class GenerationResult:
     stop_sequence: str | None = None
     request_id: str = ""
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # of the prompt's, taken from a cache (prefix caching)
     completion_tokens: int = 0
     accepted_drafts: int = 0
     timing: api.Timing = field(default_factory=api.Timing)
@@ -251,6 +252,7 @@ class GenerationResult:
             self.finish_reason = _FINISH.get(chunk.finish_reason, "unknown")
             self.stop_sequence = chunk.stop_sequence or None
             self.prompt_tokens = chunk.usage.prompt_tokens
+            self.cached_tokens = chunk.usage.cached_tokens
             self.completion_tokens = chunk.usage.completion_tokens
             self.timing, self.drafts = chunk.timing, chunk.drafts
         if chunk.text or chunk.token_ids or chunk.reasoning_text or calls:

@@ -334,7 +334,7 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="keep finished requests' caches for prompts that begin with their tokens (a "
-        "conversation's next turn): on by default; not for hybrid (Qwen3.5) models yet",
+        "conversation's next turn): on by default",
     )
     p.add_argument(
         "--reasoning-parser",

@@ -16,6 +16,10 @@ from mtpd.model.default_model import resolve_model
 from mtpd.model.tokenizer import Tokenizer
 from mtpd.rpc import WorkerTLS
 
+# Prefix caching on a hybrid model: the recurrent states each sequence keeps, saved after
+# its prompt's chunks (each one as large as the sequence's live recurrent state).
+STATE_SNAPSHOTS = 4
+
 
 @dataclass
 class Settings:
@@ -114,6 +118,7 @@ class Coordinator:
                 max_restarts=settings.max_restarts,
                 restart_window_s=settings.restart_window_s,
                 rejoin_timeout_s=settings.rejoin_timeout_s,
+                state_snapshots=STATE_SNAPSHOTS if settings.prefix_cache and cfg.is_hybrid else 0,
             ),
             on_status,
             local,
@@ -131,8 +136,7 @@ class Coordinator:
                 settings.max_batch_tokens,
                 settings.max_queue,
                 policy=policy,
-                # A hybrid model's recurrent state cannot be cut at a shared prefix yet.
-                prefix_cache=settings.prefix_cache and not cfg.is_hybrid,
+                prefix_cache=settings.prefix_cache,
             )
         except BaseException:
             pipeline.close()

@@ -72,6 +72,8 @@ class PipelineConfig:
     model_identity: str = ""  # what joining workers must match (mtpd.model.decoder.model_identity)
     join_timeout_s: float = 300.0
     load_mtp: bool = False  # the tail loads an MTP head (mtp_head, or the checkpoint's own)
+    # Prefix caching on a hybrid model: recurrent states each sequence may save.
+    state_snapshots: int = 0
     # Supervision: a local worker that dies, or leaves a step unanswered this long, is
     # restarted and every sequence replayed; at most max_restarts times per worker in
     # any restart_window_s, after which requests fail until the window lets it restart.
@@ -226,6 +228,8 @@ class Pipeline:
         self.max_seqs = min(s.load.max_seqs for s in stages)
         self.max_context = min(s.load.max_context for s in stages)
         self.mtp_head = stages[-1].load.mtp_head  # "" when the tail has none
+        # Prompt chunks keep to multiples of this (a hybrid model's recurrent state).
+        self.state_block = max(s.load.state_block for s in stages)
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._pending: dict[int, _Pending] = {}
@@ -344,6 +348,7 @@ class Pipeline:
                     rendezvous=rendezvous,
                     recv_timeout_ms=int(cfg.recv_timeout_s * 1000),
                     load_mtp=cfg.load_mtp,
+                    state_snapshots=cfg.state_snapshots,
                 )
                 for rank, (first, end) in enumerate(ranges)
             ]
@@ -575,6 +580,11 @@ class Pipeline:
 
         with ThreadPoolExecutor(self.num_stages) as pool:
             load = list(pool.map(rejoin, range(self.num_stages)))[rank]
+        if load.max_seqs < self.max_seqs:  # it would refuse sequences the others run
+            raise WorkerError(
+                f"worker {rank} came back with {load.max_seqs} cache slots, fewer than the "
+                f"{self.max_seqs} the pipeline schedules (less free memory than at start?)"
+            )
         self.stages[rank] = dataclasses.replace(self.stages[rank], pid=info.pid, load=load)
         self._open_steps()
 

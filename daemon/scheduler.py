@@ -199,6 +199,8 @@ class _Sequence:
     # a step's result says the workers did.
     adopt: str | None = None
     adopted: _Retained | None = None
+    # Hybrid models: positions after which every worker saved its recurrent state.
+    saved: list[int] = field(default_factory=list)
     # A step of it was sent (the first, at keep 0, with its settings): the workers may
     # hold a slot for it, even with nothing cached (a step that failed whole took one).
     opened: bool = False
@@ -231,6 +233,7 @@ class _Retained:
 
     tokens: list[int]  # the positions cached
     drafted: bool  # the MTP head's cache holds them too
+    saved: tuple[int, ...] = ()  # hybrid models: where a recurrent state was saved
 
 
 class Scheduler:
@@ -246,8 +249,11 @@ class Scheduler:
     ) -> None:
         """prefix_cache: keep finished sequences' caches (as many as free slots allow,
         least recently used evicted first) for prompts that begin with their tokens."""
-        if max_batch_tokens < 1:
-            raise InvalidParameter(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
+        if max_batch_tokens < max(1, pipeline.state_block):
+            raise InvalidParameter(
+                f"max_batch_tokens must be >= {max(1, pipeline.state_block)} (a prompt chunk "
+                f"of a hybrid model holds whole blocks), got {max_batch_tokens}"
+            )
         self.pipeline, self.eos_ids = pipeline, eos_ids
         self.max_batch_tokens, self.max_queue = max_batch_tokens, max_queue
         self.policy = policy or DraftPolicy(0)
@@ -261,6 +267,8 @@ class Scheduler:
         self._epoch = pipeline.epoch  # the pipeline's recoveries seen (each one: replay)
         self._quarantined: OrderedDict[bytes, float] = OrderedDict()  # fingerprint: when
         self.prefix_cache = prefix_cache
+        # Hybrid models: recurrent states each sequence's workers keep (at most).
+        self._state_snapshots = pipeline.cfg.state_snapshots if prefix_cache else 0
         self._retained: OrderedDict[str, _Retained] = OrderedDict()  # least recent first
         self.cached_prompt_tokens = 0  # prompt tokens taken from retained caches
         self.prefix_evictions = 0  # retained caches released to free a slot
@@ -428,6 +436,7 @@ class Scheduler:
             keep=seq.cached,
             token_ids=seq.history[seq.cached : seq.cached + n],
             sample=sample,
+            save_state=self._saves_state(seq, n),
         )
         if not sample:
             return step
@@ -499,7 +508,7 @@ class Scheduler:
             return (
                 None
                 if self._in_flight
-                else [(suspect, min(suspect.pending, self.max_batch_tokens))]
+                else [(suspect, self._chunk(suspect, self.max_batch_tokens))]
             )
         # Spread the active sequences over as many micro-batches as there are stages.
         per_batch = math.ceil(len(self._active) / self.pipeline.num_stages)
@@ -509,10 +518,28 @@ class Scheduler:
         for seq in decoding + prefilling:
             if budget == 0 or len(batch) == per_batch:
                 break
-            n = min(seq.pending, budget)
-            batch.append((seq, n))
-            budget -= n
-        return batch
+            n = self._chunk(seq, budget)
+            if n:
+                batch.append((seq, n))
+                budget -= n
+        return batch or None
+
+    def _chunk(self, seq: _Sequence, budget: int) -> int:
+        """How many of its pending tokens a sequence's step takes, within `budget`. A
+        hybrid model's prompt goes in whole blocks of `state_block` positions, then the
+        rest (within one block) alone: the recurrent state after a whole block is then
+        exact to save, and no output depends on how a prompt was split."""
+        n, block = min(seq.pending, budget), self.pipeline.state_block
+        end = seq.cached + n
+        if not block or (end == len(seq.history) and end - end % block <= seq.cached):
+            return n
+        return max(0, end - end % block - seq.cached)
+
+    def _saves_state(self, seq: _Sequence, n: int) -> bool:
+        """Whether the workers save the recurrent state after this step of `n` tokens:
+        a prompt chunk of whole blocks, with prefix caching on a hybrid model."""
+        block = self.pipeline.state_block
+        return bool(self._state_snapshots and n >= block and not (seq.cached % block or n % block))
 
     def _reuse_prefix(self, seq: _Sequence) -> None:
         """Adopt the retained cache sharing the longest prefix with the prompt; else, with
@@ -529,10 +556,15 @@ class Scheduler:
                 # entry, whose next token may differ; and the last prompt token's logits
                 # are needed.
                 shared = _common_prefix(retained.tokens, prompt) - 1
-                if shared > keep and not (slot_free and 2 * shared < len(retained.tokens)):
+                if slot_free and 2 * shared < len(retained.tokens):
+                    continue
+                if self.pipeline.state_block:  # a recurrent state restarts where it was saved
+                    shared = max((p for p in retained.saved if p <= shared), default=0)
+                if shared > keep:
                     best, keep = seq_id, shared
         if best is not None:
             seq.adopt, seq.adopted, seq.cached = best, self._retained.pop(best), keep
+            seq.saved = [p for p in seq.adopted.saved if p <= keep]
             seq.request.cached_tokens = keep
             self.cached_prompt_tokens += keep
         elif self._retained and len(self._active) + len(self._retained) > self.pipeline.max_seqs:
@@ -548,7 +580,7 @@ class Scheduler:
         self._retained.clear()  # every worker's cache starts empty
         replayed = [s for s in self._active if s.cached]
         for seq in replayed:
-            seq.cached, seq.proposed, seq.verifying = 0, [], 0
+            seq.cached, seq.proposed, seq.verifying, seq.saved = 0, [], 0, []
         for seq in self._active:  # their prompts are computed again, whole
             seq.adopt = seq.adopted = None
             self.cached_prompt_tokens -= seq.request.cached_tokens
@@ -606,7 +638,9 @@ class Scheduler:
             if not seq.opened:
                 continue
             if keep and seq.cached and not seq.in_flight and seq.suspect_until is None:
-                retained = _Retained(seq.history[: seq.cached], not self._no_mtp(seq))
+                retained = _Retained(
+                    seq.history[: seq.cached], not self._no_mtp(seq), tuple(seq.saved)
+                )
                 self._retained[seq.request.seq_id] = retained
             else:
                 held.append(seq.request.seq_id)
@@ -651,6 +685,8 @@ class Scheduler:
             result = outcome.results.get(seq.request.seq_id)
             if result is None or not result.error:
                 seq.adopt = seq.adopted = None  # the workers took its cache over, if any
+                if self._saves_state(seq, n):  # as every worker counts them
+                    seq.saved = [*seq.saved, seq.cached + n][-self._state_snapshots :]
             if result is None:
                 seq.cached += n  # a prefill chunk that does not end the prompt
                 continue

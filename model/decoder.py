@@ -159,9 +159,14 @@ class DecoderShard(nn.Module):
         return self.stack.cos.device
 
     def new_cache(
-        self, max_seqs: int, max_context: int | None = None, scratch_slot: bool = False
+        self,
+        max_seqs: int,
+        max_context: int | None = None,
+        scratch_slot: bool = False,
+        snapshots: int = 0,
     ) -> KVCache:
-        return self.stack.new_cache(max_seqs, max_context, scratch_slot)
+        """`snapshots`: recurrent states each slot may save for prefix caching."""
+        return self.stack.new_cache(max_seqs, max_context, scratch_slot, snapshots)
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(token_ids, self.embedding)

@@ -153,14 +153,20 @@ class HybridLayerStack(LayerStack):
             mlp,
         )
 
-    def cache_bytes_per_slot(self, max_context: int) -> int:
+    def cache_bytes_per_slot(self, max_context: int, snapshots: int = 0) -> int:
         cfg = self.cfg
         kv = self.num_attention * 2 * cfg.num_kv_heads * max_context * cfg.head_dim
-        linear = LinearStates.bytes_per_slot(self.num_linear, cfg.linear_attention, self.dtype)
+        linear = LinearStates.bytes_per_slot(
+            self.num_linear, cfg.linear_attention, self.dtype, snapshots
+        )
         return kv * self.cache_dtype.itemsize + linear
 
     def new_cache(
-        self, max_seqs: int, max_context: int | None = None, scratch_slot: bool = False
+        self,
+        max_seqs: int,
+        max_context: int | None = None,
+        scratch_slot: bool = False,
+        snapshots: int = 0,
     ) -> HybridCache:
         if scratch_slot:
             raise ValueError("padded steps (CUDA graphs) cover attention-only layer stacks")
@@ -169,7 +175,7 @@ class HybridLayerStack(LayerStack):
         if self.num_linear:
             # The convolution window in the activations' dtype, as the reference keeps it.
             dims = self.cfg.linear_attention
-            linear = LinearStates(self.num_linear, max_seqs, dims, self.dtype, device)
+            linear = LinearStates(self.num_linear, max_seqs, dims, self.dtype, device, snapshots)
         return HybridCache(
             self.num_attention,
             linear,
@@ -179,6 +185,7 @@ class HybridLayerStack(LayerStack):
             self.cfg.head_dim,
             self.cache_dtype,
             device,
+            snapshots,
         )
 
     def forward_causal(self, h: torch.Tensor) -> torch.Tensor:

@@ -99,6 +99,10 @@ class KVCache:
             )
         self.lengths[slot] = length
 
+    def save_state(self, slot: int) -> None:
+        """Nothing to save: an attention cache is cut at any position (a hybrid shard's
+        recurrent states are not, `HybridCache.save_state`)."""
+
     def commit(self, slots: list[int], starts: list[int], counts: list[int]) -> None:
         """Record positions appended by a step, once every layer has written them."""
         for slot, start, count in zip(slots, starts, counts, strict=True):

@@ -572,14 +572,20 @@ class LayerStack(nn.Module):
         its 95 MB of int4 weights: attention was half a step."""
         self.half_cache = all(getattr(layer, "kernel", None) is not None for layer in self.layers)
 
-    def cache_bytes_per_slot(self, max_context: int) -> int:
-        """What one sequence's slot of `new_cache` holds."""
+    def cache_bytes_per_slot(self, max_context: int, snapshots: int = 0) -> int:
+        """What one sequence's slot of `new_cache` holds. `snapshots` (saved recurrent
+        states, for prefix caching) cost attention layers nothing: a KV cache is cut at
+        any position."""
         cfg = self.cfg
         per_layer = 2 * cfg.num_kv_heads * max_context * cfg.head_dim
         return len(self.layers) * per_layer * self.cache_dtype.itemsize
 
     def new_cache(
-        self, max_seqs: int, max_context: int | None = None, scratch_slot: bool = False
+        self,
+        max_seqs: int,
+        max_context: int | None = None,
+        scratch_slot: bool = False,
+        snapshots: int = 0,
     ) -> KVCache:
         return KVCache(
             len(self.layers),

@@ -15,6 +15,12 @@ the state, plus the small log). A step of more than ROLLBACK_POSITIONS positions
 prefill chunk) runs in the chunked form and logs nothing: it can only be kept whole or
 dropped whole.
 
+For prefix caching a slot also keeps up to `snapshots` saved states, taken after prefill
+chunks that end on a multiple of the delta rule's chunk (STATE_BLOCK): a later prompt
+sharing a prefix restarts from the last one within it. The daemon lines every prompt's
+chunks up with those blocks (`LoadReply.state_block`), so a restarted prompt computes
+exactly what a fresh one would.
+
 Every bound is set up front, per slot: nothing is allocated per step.
 """
 
@@ -29,6 +35,9 @@ from mtpd.model.kv_cache import KVCache
 # A verification step: the last accepted token and up to 16 drafts
 # (mtpd.worker.stage.MAX_DRAFT_TOKENS).
 ROLLBACK_POSITIONS = 17
+# A recurrent state saved after STATE_BLOCK * n positions, all prefilled in the chunked
+# form, is the state a fresh prefill reaches there, bit for bit.
+STATE_BLOCK = delta_rule.CHUNK
 
 
 class LinearStates:
@@ -41,6 +50,7 @@ class LinearStates:
         dims: LinearAttentionConfig,
         dtype: torch.dtype,
         device: torch.device,
+        snapshots: int = 0,
     ) -> None:
         heads, dk, dv = dims.num_value_heads, dims.key_head_dim, dims.value_head_dim
         width = dims.conv_kernel - 1  # the window: the inputs before the next position
@@ -59,19 +69,29 @@ class LinearStates:
         self.log_conv = torch.zeros(
             num_layers, max_seqs, r, dims.conv_dim, dtype=dtype, device=device
         )
+        # Saved states (prefix caching): [layer, slot, snapshot].
+        self.saved_state = torch.zeros(num_layers, max_seqs, snapshots, heads, dk, dv, **f32)
+        self.saved_window = torch.zeros(
+            num_layers, max_seqs, snapshots, dims.conv_dim, width, dtype=dtype, device=device
+        )
         self.width = width
         self.current = [0] * max_seqs  # which buffer holds the state after the last step
 
     @property
     def nbytes(self) -> int:
         tensors = (self.state, self.window, self.log_k, self.log_v, self.log_g, self.log_beta)
-        return sum(t.nbytes for t in tensors) + self.log_conv.nbytes
+        saved = self.saved_state.nbytes + self.saved_window.nbytes
+        return sum(t.nbytes for t in tensors) + self.log_conv.nbytes + saved
 
     @staticmethod
-    def bytes_per_slot(num_layers: int, dims: LinearAttentionConfig, dtype: torch.dtype) -> int:
+    def bytes_per_slot(
+        num_layers: int, dims: LinearAttentionConfig, dtype: torch.dtype, snapshots: int = 0
+    ) -> int:
         heads, dk, dv = dims.num_value_heads, dims.key_head_dim, dims.value_head_dim
-        f32 = 2 * heads * dk * dv + ROLLBACK_POSITIONS * heads * (dk + dv + 2)
-        activations = (2 * (dims.conv_kernel - 1) + ROLLBACK_POSITIONS) * dims.conv_dim
+        states = 2 + snapshots
+        f32 = states * heads * dk * dv + ROLLBACK_POSITIONS * heads * (dk + dv + 2)
+        windows = states * (dims.conv_kernel - 1)
+        activations = (windows + ROLLBACK_POSITIONS) * dims.conv_dim
         return num_layers * (4 * f32 + dtype.itemsize * activations)
 
     @property
@@ -83,6 +103,18 @@ class LinearStates:
         cur = self.current[slot]
         self.state[:, slot, cur].zero_()
         self.window[:, slot, cur].zero_()
+
+    def save(self, slot: int, index: int) -> None:
+        """Copy the slot's current state and window into its snapshot `index`."""
+        cur = self.current[slot]
+        self.saved_state[:, slot, index] = self.state[:, slot, cur]
+        self.saved_window[:, slot, index] = self.window[:, slot, cur]
+
+    def restore(self, slot: int, index: int) -> None:
+        """Make the slot's snapshot `index` its current state and window."""
+        cur = self.current[slot]
+        self.state[:, slot, cur] = self.saved_state[:, slot, index]
+        self.window[:, slot, cur] = self.saved_window[:, slot, index]
 
     def conv_window(self, layer: int, slot: int) -> torch.Tensor:
         """[conv_dim, kernel - 1]: the convolution inputs of the positions before the step."""
@@ -151,7 +183,8 @@ class HybridCache(KVCache):
 
     Every shard of a hybrid model keeps the rule for what `keep` may be (`keep_error`),
     including a shard with no linear-attention layer: every stage must refuse the same
-    steps, or the pipeline's data plane would fall out of lockstep.
+    steps, or the pipeline's data plane would fall out of lockstep. So every shard also
+    records where each slot has saved states, whether or not it holds any.
     """
 
     def __init__(
@@ -164,13 +197,17 @@ class HybridCache(KVCache):
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device,
+        snapshots: int = 0,
     ) -> None:
         super().__init__(
             num_attention_layers, max_seqs, max_context, num_kv_heads, head_dim, dtype, device
         )
         self.linear = linear
+        self.snapshots = snapshots
         # Per slot: (first position, positions) of the last step, what a rollback can reach.
         self._last_step: list[tuple[int, int] | None] = [None] * max_seqs
+        # Per slot: the positions of its saved states, each with its snapshot index.
+        self._saved: list[dict[int, int]] = [{} for _ in range(max_seqs)]
 
     @property
     def nbytes(self) -> int:
@@ -183,33 +220,50 @@ class HybridCache(KVCache):
             self._start_over(slot)
         return slot
 
+    def saved_positions(self, slot: int) -> list[int]:
+        return sorted(self._saved[slot])
+
     def keep_error(self, slot: int, keep: int) -> str | None:
         error = super().keep_error(slot, keep)
-        if error or keep in (0, self.lengths[slot]):
+        if error or keep in (0, self.lengths[slot]) or keep in self._saved[slot]:
             return error
+        if self._rolls_back_to(slot, keep):
+            return None
         step = self._last_step[slot]
-        if step is not None:
-            start, count = step
-            if keep == start or (start < keep < start + count and count <= ROLLBACK_POSITIONS):
-                return None
         within = "no step yet" if step is None else f"positions {step[0]}..{sum(step)}"
         return (
             f"keep {keep} cannot be served: a linear-attention state rolls back only within "
             f"the last step's appended positions ({within}), and only for a step of at most "
-            f"{ROLLBACK_POSITIONS} positions"
+            f"{ROLLBACK_POSITIONS} positions, or restarts from a saved state "
+            f"(at {self.saved_positions(slot) or 'none'})"
         )
+
+    def _rolls_back_to(self, slot: int, keep: int) -> bool:
+        step = self._last_step[slot]
+        if step is None:
+            return False
+        start, count = step
+        return keep == start or (start < keep < start + count and count <= ROLLBACK_POSITIONS)
 
     def truncate(self, slot: int, length: int) -> None:
         if length == 0:
             if self.lengths[slot]:  # a new slot starts over in `slot`
                 self._start_over(slot)
-        elif self.linear is not None and length != self.lengths[slot]:
-            error = self.keep_error(slot, length)
-            if error:
-                raise ValueError(error)
-            start, _ = self._last_step[slot]
-            self.linear.roll_back(slot, length - start)
-            self._last_step[slot] = (start, length - start)
+        elif length != self.lengths[slot]:
+            if self._rolls_back_to(slot, length):
+                start, _ = self._last_step[slot]
+                if self.linear is not None:
+                    self.linear.roll_back(slot, length - start)
+                self._last_step[slot] = (start, length - start)
+            elif length in self._saved[slot]:
+                if self.linear is not None:
+                    self.linear.restore(slot, self._saved[slot][length])
+                self._last_step[slot] = None
+            elif self.linear is not None:  # (an MTP head's cache holds no state to cut)
+                raise ValueError(self.keep_error(slot, length))
+            saved = self._saved[slot]
+            for position in [p for p in saved if p > length]:
+                del saved[position]
         super().truncate(slot, length)
 
     def finish_step(self, slots: list[int], starts: list[int], counts: list[int]) -> None:
@@ -219,7 +273,23 @@ class HybridCache(KVCache):
             if self.linear is not None:
                 self.linear.finish_step(slot)
 
+    def save_state(self, slot: int) -> None:
+        """Keep the slot's state at its current length for a later prefix to restart
+        from; beyond `snapshots` saved states the earliest is dropped (the daemon keeps
+        the same account)."""
+        saved, position = self._saved[slot], self.lengths[slot]
+        if not self.snapshots or position in saved:
+            return
+        if len(saved) == self.snapshots:
+            index = saved.pop(min(saved))
+        else:
+            index = min(set(range(self.snapshots)) - set(saved.values()))
+        saved[position] = index
+        if self.linear is not None:
+            self.linear.save(slot, index)
+
     def _start_over(self, slot: int) -> None:
         self._last_step[slot] = None
+        self._saved[slot].clear()
         if self.linear is not None:
             self.linear.reset(slot)

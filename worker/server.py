@@ -26,6 +26,7 @@ from mtpd.model.checkpoint import open_checkpoint, read_config
 from mtpd.model.decoder import ShardSpec, model_identity, shard_tensor_shapes
 from mtpd.model.default_model import shipped_head_for
 from mtpd.model.errors import InputError
+from mtpd.model.linear_state import STATE_BLOCK
 from mtpd.rpc import (
     CHANNEL_OPTIONS,
     TokenGate,
@@ -51,6 +52,9 @@ DEFAULT_CACHE_SHARE = 0.5
 
 # Load, GetInfo, Reset and GetStats requests are a few hundred bytes.
 CONTROL_REQUEST_LIMIT = 64 * 1024
+
+# Saved recurrent states per sequence slot (each as large as the slot's live state).
+MAX_STATE_SNAPSHOTS = 16
 
 
 def parse_device(name: str) -> torch.device:
@@ -167,12 +171,13 @@ class WorkerService(pb_grpc.WorkerServicer):
         requested = req.cuda_graphs if req.HasField("cuda_graphs") else None
         use_graphs = StepGraphs.wanted(requested, shard, req.quant or "none")
         max_context = shard.stack.max_context
-        per_slot = shard.stack.cache_bytes_per_slot(max_context)
+        snapshots = min(req.state_snapshots, MAX_STATE_SNAPSHOTS)
+        per_slot = shard.stack.cache_bytes_per_slot(max_context, snapshots)
         budget = req.cache_memory_bytes
         if use_graphs and budget:
             budget = max(1, budget - per_slot)  # the scratch slot is in the budget too
         slots = cache_slots(max(1, req.max_seqs), per_slot, budget, free_memory(self.device))
-        cache = shard.new_cache(slots, max_context, scratch_slot=use_graphs)
+        cache = shard.new_cache(slots, max_context, scratch_slot=use_graphs, snapshots=snapshots)
         graphs = StepGraphs(shard, cache) if use_graphs else None
         link = None
         if req.world_size > 1 and req.transport == pb.TRANSPORT_DIST:
@@ -192,6 +197,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             mtp_head=("" if mtp is None else str(head or f"{model} (its own MTP layer)")),
             draft_vocab=0 if mtp is None else mtp.draft_vocab_size,
             cuda_graphs=use_graphs,
+            state_block=STATE_BLOCK if cfg.is_hybrid else 0,
         )
 
     def Step(self, request_iterator, context: grpc.ServicerContext):

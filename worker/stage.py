@@ -316,6 +316,9 @@ class Stage:
         hidden = None if self.graphs is None else self.graphs.run(x, slots, counts)
         if hidden is None:
             hidden = self.shard(x, self.cache, slots, counts)
+        for slot, s in zip(slots, seqs, strict=True):
+            if s.save_state:
+                self.cache.save_state(slot)
         if self.is_tail:
             self._verify_and_draft(seqs, settings, masks, counts, hidden, reply)
         elif device.type == "cuda":

@@ -114,7 +114,7 @@ class WorkerInfo(_message.Message):
     def __init__(self, version: _Optional[str] = ..., pid: _Optional[int] = ..., device: _Optional[str] = ..., free_memory_bytes: _Optional[int] = ..., state: _Optional[_Union[WorkerState, str]] = ..., threads: _Optional[int] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
-    __slots__ = ("model", "first_layer", "end_layer", "dtype", "max_seqs", "max_context", "cache_memory_bytes", "mtp_head", "rank", "world_size", "transport", "rendezvous", "recv_timeout_ms", "load_mtp", "quant", "cuda_graphs")
+    __slots__ = ("model", "first_layer", "end_layer", "dtype", "max_seqs", "max_context", "cache_memory_bytes", "mtp_head", "rank", "world_size", "transport", "rendezvous", "recv_timeout_ms", "load_mtp", "quant", "cuda_graphs", "state_snapshots")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     FIRST_LAYER_FIELD_NUMBER: _ClassVar[int]
     END_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -131,6 +131,7 @@ class LoadRequest(_message.Message):
     LOAD_MTP_FIELD_NUMBER: _ClassVar[int]
     QUANT_FIELD_NUMBER: _ClassVar[int]
     CUDA_GRAPHS_FIELD_NUMBER: _ClassVar[int]
+    STATE_SNAPSHOTS_FIELD_NUMBER: _ClassVar[int]
     model: str
     first_layer: int
     end_layer: int
@@ -147,10 +148,11 @@ class LoadRequest(_message.Message):
     load_mtp: bool
     quant: str
     cuda_graphs: bool
-    def __init__(self, model: _Optional[str] = ..., first_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., dtype: _Optional[str] = ..., max_seqs: _Optional[int] = ..., max_context: _Optional[int] = ..., cache_memory_bytes: _Optional[int] = ..., mtp_head: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., transport: _Optional[_Union[Transport, str]] = ..., rendezvous: _Optional[str] = ..., recv_timeout_ms: _Optional[int] = ..., load_mtp: _Optional[bool] = ..., quant: _Optional[str] = ..., cuda_graphs: _Optional[bool] = ...) -> None: ...
+    state_snapshots: int
+    def __init__(self, model: _Optional[str] = ..., first_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., dtype: _Optional[str] = ..., max_seqs: _Optional[int] = ..., max_context: _Optional[int] = ..., cache_memory_bytes: _Optional[int] = ..., mtp_head: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., transport: _Optional[_Union[Transport, str]] = ..., rendezvous: _Optional[str] = ..., recv_timeout_ms: _Optional[int] = ..., load_mtp: _Optional[bool] = ..., quant: _Optional[str] = ..., cuda_graphs: _Optional[bool] = ..., state_snapshots: _Optional[int] = ...) -> None: ...
 
 class LoadReply(_message.Message):
-    __slots__ = ("parameter_count", "tensor_names", "max_seqs", "max_context", "cache_bytes", "hidden_size", "weights_fingerprint", "load_seconds", "mtp_head", "draft_vocab", "cuda_graphs")
+    __slots__ = ("parameter_count", "tensor_names", "max_seqs", "max_context", "cache_bytes", "hidden_size", "weights_fingerprint", "load_seconds", "mtp_head", "draft_vocab", "cuda_graphs", "state_block")
     PARAMETER_COUNT_FIELD_NUMBER: _ClassVar[int]
     TENSOR_NAMES_FIELD_NUMBER: _ClassVar[int]
     MAX_SEQS_FIELD_NUMBER: _ClassVar[int]
@@ -162,6 +164,7 @@ class LoadReply(_message.Message):
     MTP_HEAD_FIELD_NUMBER: _ClassVar[int]
     DRAFT_VOCAB_FIELD_NUMBER: _ClassVar[int]
     CUDA_GRAPHS_FIELD_NUMBER: _ClassVar[int]
+    STATE_BLOCK_FIELD_NUMBER: _ClassVar[int]
     parameter_count: int
     tensor_names: _containers.RepeatedScalarFieldContainer[str]
     max_seqs: int
@@ -173,7 +176,8 @@ class LoadReply(_message.Message):
     mtp_head: str
     draft_vocab: int
     cuda_graphs: bool
-    def __init__(self, parameter_count: _Optional[int] = ..., tensor_names: _Optional[_Iterable[str]] = ..., max_seqs: _Optional[int] = ..., max_context: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., hidden_size: _Optional[int] = ..., weights_fingerprint: _Optional[str] = ..., load_seconds: _Optional[float] = ..., mtp_head: _Optional[str] = ..., draft_vocab: _Optional[int] = ..., cuda_graphs: _Optional[bool] = ...) -> None: ...
+    state_block: int
+    def __init__(self, parameter_count: _Optional[int] = ..., tensor_names: _Optional[_Iterable[str]] = ..., max_seqs: _Optional[int] = ..., max_context: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., hidden_size: _Optional[int] = ..., weights_fingerprint: _Optional[str] = ..., load_seconds: _Optional[float] = ..., mtp_head: _Optional[str] = ..., draft_vocab: _Optional[int] = ..., cuda_graphs: _Optional[bool] = ..., state_block: _Optional[int] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
     __slots__ = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "presence_penalty", "frequency_penalty", "logit_bias")
@@ -237,7 +241,7 @@ class EmittedLogprobs(_message.Message):
     def __init__(self, logprob: _Optional[float] = ..., top_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class SequenceStep(_message.Message):
-    __slots__ = ("seq_id", "keep", "token_ids", "sample", "draft_tokens", "verify", "token_mask")
+    __slots__ = ("seq_id", "keep", "token_ids", "sample", "draft_tokens", "verify", "token_mask", "save_state")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     KEEP_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -245,6 +249,7 @@ class SequenceStep(_message.Message):
     DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     VERIFY_FIELD_NUMBER: _ClassVar[int]
     TOKEN_MASK_FIELD_NUMBER: _ClassVar[int]
+    SAVE_STATE_FIELD_NUMBER: _ClassVar[int]
     seq_id: str
     keep: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -252,7 +257,8 @@ class SequenceStep(_message.Message):
     draft_tokens: int
     verify: int
     token_mask: bytes
-    def __init__(self, seq_id: _Optional[str] = ..., keep: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., sample: _Optional[bool] = ..., draft_tokens: _Optional[int] = ..., verify: _Optional[int] = ..., token_mask: _Optional[bytes] = ...) -> None: ...
+    save_state: bool
+    def __init__(self, seq_id: _Optional[str] = ..., keep: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., sample: _Optional[bool] = ..., draft_tokens: _Optional[int] = ..., verify: _Optional[int] = ..., token_mask: _Optional[bytes] = ..., save_state: _Optional[bool] = ...) -> None: ...
 
 class Activations(_message.Message):
     __slots__ = ("header", "data")

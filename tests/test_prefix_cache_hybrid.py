@@ -1,0 +1,180 @@
+"""Prefix caching on a hybrid (Qwen3.5) model: a Gated DeltaNet state cannot be cut at
+any position, so the workers save it after prompt chunks of whole 64-position blocks and
+a later prompt restarts from the last one it shares. Oracles: the same pipeline with the
+cache off (tokens and logits bit for bit: a prompt's chunks keep to the blocks whatever
+the cache did), and a fresh single-process run under the shared comparator."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+
+import pytest
+from live_daemon import LiveDaemon
+from reference import GREEDY, solo_run
+from tiny_models import add_mtp_head, write_char_tokenizer, write_tiny_model
+
+from mtpd.client import Client
+from mtpd.daemon.draft_policy import DraftPolicy
+from mtpd.daemon.pipeline import Pipeline, PipelineConfig
+from mtpd.daemon.scheduler import Scheduler
+from mtpd.model.compare import compare_tokens
+from mtpd.model.sampling_params import SamplingParams
+from mtpd.worker.engine import Engine
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+LAYERS, VOCAB, TOKENS, BLOCK = 5, 98, 24, 64
+KINDS = ["linear_attention", "full_attention", "linear_attention", "linear_attention"]
+SAMPLED = SamplingParams(temperature=0.9, top_p=0.95, seed=3)
+TURN_1 = random.Random(7).choices(range(3, VOCAB), k=150)
+KILL: list[int] = []  # in a conversation's turns: a worker is killed here
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("hybrid-prefix") / "model"
+    write_tiny_model(
+        path, "qwen3_5", layers=LAYERS, vocab=VOCAB, layer_types=[*KINDS, "full_attention"]
+    )
+    write_char_tokenizer(path)
+    add_mtp_head(path)
+    return path, Engine.load(path, max_context=512)
+
+
+def start(path, workers: int, max_seqs: int = 4) -> Pipeline:
+    return Pipeline.start(
+        PipelineConfig(
+            model=str(path),
+            num_layers=LAYERS,
+            workers=workers,
+            device="cpu",
+            max_seqs=max_seqs,
+            max_context=512,
+            cache_memory=64 << 20,
+            threads=1,
+            load_mtp=True,
+            max_restarts=10,
+            state_snapshots=4,
+        )
+    )
+
+
+def run(scheduler, prompt, params):
+    request = scheduler.submit(prompt, params, TOKENS, ignore_eos=True, return_logits=True)
+    result = request.result(timeout=300)
+    assert result.finish_reason == "length", result.error
+    return request, result
+
+
+def conversation(pipeline, engine, draft, params, turns):
+    """The prompts `turns` builds from the replies so far, each answered with the cache
+    off (checked against a solo run), then all again with the cache on: the answers bit
+    for bit the same. Returns the cached run's requests."""
+    fresh = Scheduler(pipeline, set(), policy=DraftPolicy(draft))
+    prompts, answers = [], []
+
+    def ask(prompt):
+        if prompt is KILL:
+            prompts.append(KILL)
+            answers.append(None)
+            return []
+        _, result = run(fresh, prompt, params)
+        tokens, logits = solo_run(engine, prompt, TOKENS, params)
+        agreement = compare_tokens(tokens, logits, result.token_ids)
+        assert agreement.ok, agreement
+        prompts.append(prompt)
+        answers.append(result)
+        return result.token_ids
+
+    turns(ask)
+    fresh.close()  # its sequences released: the cached run's ids start over
+    cached = Scheduler(pipeline, set(), policy=DraftPolicy(draft), prefix_cache=True)
+    requests = []
+    for prompt, want in zip(prompts, answers, strict=True):
+        if prompt is KILL:
+            os.kill(pipeline.stages[1].pid, signal.SIGKILL)
+            continue
+        request, result = run(cached, prompt, params)
+        assert result.token_ids == want.token_ids
+        assert all(a.equal(b) for a, b in zip(result.logits, want.logits, strict=True))
+        requests.append(request)
+    cached.close()
+    return requests
+
+
+@pytest.mark.parametrize(
+    ("workers", "draft", "params"),
+    [(1, 3, GREEDY), (2, 0, SAMPLED), (3, 2, SAMPLED)],
+    ids=["1w-k3-greedy", "2w-off-sampled", "3w-k2-sampled"],
+)
+def test_a_conversation_restarts_from_saved_states_and_decodes_exactly(
+    tiny, workers, draft, params
+):
+    path, engine = tiny
+
+    def turns(ask):
+        reply = ask(TURN_1)
+        # The next turn shares the first's 150 prompt and 23 reply positions.
+        turn_2 = TURN_1 + reply + list(range(10, 30))
+        ask(turn_2)
+        # Edited at 193 (after the state saved at 192), then at 170 (before it).
+        edited = [*turn_2[:193], 90, *turn_2[194:]]
+        ask(edited)
+        ask([*edited[:170], 91, *edited[171:]])
+
+    with start(path, workers) as pipeline:
+        assert pipeline.state_block == BLOCK
+        first, second, third, fourth = conversation(pipeline, engine, draft, params, turns)
+    assert first.cached_tokens == 0
+    # The second restarts from the state saved after the prompt's whole blocks (the hit
+    # ends mid-block), with the MTP head's cache: drafting goes on at once.
+    assert second.cached_tokens == 2 * BLOCK
+    if draft:
+        assert second.drafts.drafted and second.drafts.drafted[0] > 0
+    # Each edited one from the last saved state before its first changed token.
+    assert third.cached_tokens == 3 * BLOCK
+    assert fourth.cached_tokens == 2 * BLOCK
+
+
+def test_a_hybrid_cache_evicted_or_lost_in_a_restart_is_prefilled_exactly(tiny):
+    path, engine = tiny
+
+    def turns(ask):
+        reply = ask(TURN_1)
+        # Two other conversations take both slots: the first's cache is evicted.
+        ask(TURN_1[50:120])
+        ask(TURN_1[::-1])
+        asked = TURN_1 + reply + [44]
+        reply = ask(asked)
+        # Kept now, and lost when a worker restarts.
+        ask(KILL)
+        asked = [*asked, *reply, 45]
+        reply = ask(asked)
+        ask([*asked, *reply, 9])  # caching goes on after the restart
+
+    with start(path, 2, max_seqs=2) as pipeline:
+        requests = conversation(pipeline, engine, 2, GREEDY, turns)
+        assert pipeline.restarts[1] >= 1
+    assert [r.cached_tokens for r in requests] == [0, 0, 0, 0, 0, 3 * BLOCK]
+
+
+def test_mtpd_serve_reuses_a_hybrid_conversation_s_cache(tiny, tmp_path):
+    """Through the daemon as users run it (prefix caching on by default): the next turn
+    reports the reused positions, and its tokens are plain decoding's."""
+    path, engine = tiny
+    with (
+        LiveDaemon(path, tmp_path, "--draft-tokens", "2") as daemon,
+        Client(daemon.address, timeout=120) as client,
+    ):
+
+        def ask(prompt):
+            result = client.generate(prompt, max_tokens=TOKENS, ignore_eos=True, temperature=0)
+            tokens, logits = solo_run(engine, prompt, TOKENS, GREEDY)
+            assert compare_tokens(tokens, logits, result.token_ids).ok
+            return result
+
+        first = ask(TURN_1)
+        second = ask(TURN_1 + first.token_ids + [44, 45])
+        assert (first.cached_tokens, second.cached_tokens) == (0, 2 * BLOCK)
+        assert client.stats().cached_prompt_tokens == 2 * BLOCK
