@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 from mtpd.daemon.draft_policy import DraftPolicy, DraftStats
 from mtpd.daemon.pipeline import Pipeline
-from mtpd.daemon.scheduler import Request, Result, Scheduler, StepRecord
+from mtpd.daemon.request import Request, Result
+from mtpd.daemon.scheduler import Scheduler, StepRecord
 from mtpd.model.sampling_params import SamplingParams
 
 # A step where every sequence sent at most this many tokens verified drafts (or decoded

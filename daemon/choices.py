@@ -13,7 +13,7 @@ from typing import TypeVar
 from mtpd.daemon.frontend import Frontend
 from mtpd.daemon.generation import Prompt
 from mtpd.daemon.options import GenerationOptions
-from mtpd.daemon.scheduler import Request
+from mtpd.daemon.request import Request
 from mtpd.model.errors import InvalidParameter
 from mtpd.model.sampling_params import MAX_SEED
 from mtpd.v1 import inference_pb2 as api

@@ -31,7 +31,7 @@ from mtpd.daemon.options import (
     GenerationOptions,
     defaults_proto,
 )
-from mtpd.daemon.scheduler import Request, RequestFailed
+from mtpd.daemon.request import Request, RequestFailed
 from mtpd.model.errors import InvalidParameter
 from mtpd.v1 import inference_pb2 as api
 
@@ -197,7 +197,7 @@ class Frontend:
             completion_tokens=self.completion_tokens,
             drafts=draft_summary(daemon.scheduler.stats, draft_policy_name(daemon)),
             prefix_caches=daemon.scheduler.retained_caches,
-            cached_prompt_tokens=daemon.scheduler.cached_prompt_tokens,
+            cached_prompt_tokens=daemon.scheduler.prefix.cached_prompt_tokens,
             workers=[
                 api.WorkerLoad(
                     rank=rank,

@@ -14,7 +14,7 @@ from mtpd.daemon.assistant_output import AssistantOutput, partial_end
 from mtpd.daemon.coordinator import Coordinator
 from mtpd.daemon.draft_policy import DraftStats
 from mtpd.daemon.options import GenerationOptions, OutputFormat, check_prompt_ids
-from mtpd.daemon.scheduler import Accepted, Request, RequestFailed
+from mtpd.daemon.request import Accepted, Request, RequestFailed
 from mtpd.model.tokenizer import IncrementalDecoder, Tokenizer
 from mtpd.v1 import inference_pb2 as api
 

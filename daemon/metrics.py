@@ -61,12 +61,12 @@ class DaemonCollector(Collector):
         yield CounterMetricFamily(
             "mtpd_prompt_tokens_cached",
             "Prompt tokens taken from an earlier request's cache (prefix caching)",
-            scheduler.cached_prompt_tokens,
+            scheduler.prefix.cached_prompt_tokens,
         )
         yield CounterMetricFamily(
             "mtpd_prefix_cache_evictions",
             "Kept caches released for a new request's slot",
-            scheduler.prefix_evictions,
+            scheduler.prefix.evictions,
         )
         yield GaugeMetricFamily(
             "mtpd_prefix_caches",

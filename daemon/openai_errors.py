@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from starlette.responses import JSONResponse
 
 from mtpd.daemon.frontend import RequestTooLarge
-from mtpd.daemon.scheduler import QueueFullError, RequestFailed, RequestQuarantined
+from mtpd.daemon.request import QueueFullError, RequestFailed, RequestQuarantined
 from mtpd.model.errors import InputError, InvalidParameter
 
 log = logging.getLogger("mtpd.http")

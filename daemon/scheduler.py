@@ -9,47 +9,35 @@ its next tokens depend on that step's result.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import copy
-import hashlib
 import itertools
 import logging
 import math
-import queue
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from dataclasses import dataclass
+from typing import Protocol
 
 from mtpd.daemon.draft_policy import DraftPolicy, DraftStats
 from mtpd.daemon.pipeline import Pipeline, PipelineRestarting, StepOutcome
+from mtpd.daemon.prefix_cache import PrefixCache, Retained
+from mtpd.daemon.request import (
+    Accepted,
+    QueueFullError,
+    Request,
+    RequestFailed,
+    RequestQuarantined,
+)
+from mtpd.daemon.sequence import Sequence
 from mtpd.daemon.structured_output import Constraint, ConstraintBroken
-from mtpd.model.errors import InputError, InvalidParameter
+from mtpd.model.errors import InvalidParameter
 from mtpd.model.sampling_params import SamplingParams
 from mtpd.rpc import sampling_to_wire
 from mtpd.v1 import worker_pb2 as pb
 
-if TYPE_CHECKING:
-    import torch
-
-
 log = logging.getLogger("mtpd.daemon")
-
-
-class QueueFullError(InputError):
-    """The admission queue is at its bound; the caller should retry later."""
-
-
-class RequestFailed(RuntimeError):
-    """The pipeline failed while the request ran."""
-
-
-class RequestQuarantined(RequestFailed):
-    """The request made a worker fail twice, the second time alone: it is not run again."""
 
 
 QUARANTINED = (
@@ -57,16 +45,6 @@ QUARANTINED = (
     "not run again; the other requests go on"
 )
 MAX_QUARANTINED = 1024  # fingerprints of quarantined requests remembered
-
-
-@dataclass
-class Result:
-    token_ids: list[int]
-    # "stop" | "length" | "cancelled" | "error" | "quarantined" | "grammar" (it failed)
-    finish_reason: str
-    logits: list[torch.Tensor]  # per generated token, when asked for
-    error: str | None = None
-    drafts: DraftStats = field(default_factory=DraftStats)
 
 
 class DraftSource(Protocol):
@@ -79,161 +57,9 @@ class DraftSource(Protocol):
 
 
 @dataclass(frozen=True)
-class Accepted:
-    """The tokens one step accepted for a request."""
-
-    token_ids: list[int]
-    drafts: int  # how many of them were MTP drafts the verification accepted
-    logprobs: list[pb.EmittedLogprobs] = field(default_factory=list)  # when asked, one each
-
-
-class Request:
-    """A caller's handle: iterate it (or `async for` over it) for the tokens each step
-    accepts, or wait for `result()`."""
-
-    def __init__(self, seq_id: str, max_tokens: int) -> None:
-        self.seq_id = seq_id
-        # Bounded by construction: every step emits a token, so at most max_tokens
-        # steps' tokens and one end marker.
-        self._events: queue.Queue[Accepted | None] = queue.Queue(maxsize=max_tokens + 1)
-        self._done = threading.Event()
-        self._listener: Callable[[], None] | None = None  # wakes an async reader
-        self._wake_scheduler: Callable[[], None] = lambda: None
-        self.cancelled = False
-        self.submitted_at = time.monotonic()
-        self.admitted_at: float | None = None  # when it joined the running sequences
-        self.first_token_at: float | None = None
-        self.finished_at: float | None = None
-        self.token_ids: list[int] = []
-        self.logits: list[torch.Tensor] = []
-        self.finish_reason: str | None = None
-        self.error: str | None = None
-        self.drafts = DraftStats()
-        self.cached_tokens = 0  # prompt tokens whose cache an earlier request left
-
-    def __iter__(self) -> Iterator[Accepted]:
-        while (step := self._events.get()) is not None:
-            yield step
-        self._raise_error()
-
-    async def __aiter__(self) -> AsyncIterator[Accepted]:
-        loop = asyncio.get_running_loop()
-        ready = asyncio.Event()
-        self._listener = lambda: loop.call_soon_threadsafe(ready.set)
-        while True:
-            ready.clear()  # before looking, so a put after the look sets it again
-            try:
-                step = self._events.get_nowait()
-            except queue.Empty:
-                await ready.wait()
-                continue
-            if step is None:
-                break
-            yield step
-        self._raise_error()
-
-    def _raise_error(self) -> None:
-        if self.error is None:
-            return
-        if self.finish_reason == "grammar":  # the caller's grammar, not the server, failed
-            raise ConstraintBroken(self.error)
-        kind = RequestQuarantined if self.finish_reason == "quarantined" else RequestFailed
-        raise kind(self.error)
-
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    def result(self, timeout: float | None = None) -> Result:
-        if not self._done.wait(timeout):
-            raise TimeoutError(f"request {self.seq_id} still running after {timeout} s")
-        reason = self.finish_reason or "error"
-        return Result(list(self.token_ids), reason, self.logits, self.error, self.drafts)
-
-    def cancel(self) -> None:
-        """Stop generating; the sequence's cache is freed on every worker."""
-        self.cancelled = True
-        self._wake_scheduler()
-
-    def _emit(self, step: Accepted) -> None:
-        if self.first_token_at is None:
-            self.first_token_at = time.monotonic()
-        self.token_ids.extend(step.token_ids)
-        self._put(step)
-
-    def _finish(self, reason: str, error: str | None = None) -> None:
-        if self._done.is_set():
-            return
-        self.finish_reason, self.error = reason, error
-        self.finished_at = time.monotonic()
-        self._put(None)
-        self._done.set()
-
-    def _put(self, event: Accepted | None) -> None:
-        self._events.put(event)
-        if self._listener is not None:
-            with contextlib.suppress(RuntimeError):  # the reader's event loop is gone
-                self._listener()
-
-
-@dataclass(frozen=True)
 class StepRecord:
     tokens: tuple[tuple[str, int], ...]  # (sequence id, tokens it sent) per sequence
     outcome: StepOutcome
-
-
-@dataclass
-class _Sequence:
-    request: Request
-    params: pb.SamplingParams
-    history: list[int]  # prompt + accepted tokens
-    prompt_len: int
-    max_tokens: int
-    ignore_eos: bool
-    return_logits: bool
-    draft_tokens: int | None  # the request's own drafts per step; None: the policy's
-    top_logprobs: int | None  # None: no log-probabilities
-    constraint: Constraint | None  # structured output: the grammar's matcher
-    cached: int = 0  # positions every worker holds in its KV cache
-    # Prefix caching: the finished sequence whose cache its first step takes over, until
-    # a step's result says the workers did.
-    adopt: str | None = None
-    adopted: _Retained | None = None
-    # Hybrid models: positions after which every worker saved its recurrent state.
-    saved: list[int] = field(default_factory=list)
-    # A step of it was sent (the first, at keep 0, with its settings): the workers may
-    # hold a slot for it, even with nothing cached (a step that failed whole took one).
-    opened: bool = False
-    in_flight: bool = False
-    proposed: list[int] = field(default_factory=list)  # the head's drafts for the next step
-    verifying: int = 0  # drafts in the step in flight
-    # A suspect: its step was in the pipeline when a worker failed. It runs alone until
-    # its history is this long (its replay, then a step with drafts past the one that
-    # failed); failing again alone, it is why.
-    suspect_until: int | None = None
-
-    @property
-    def fingerprint(self) -> bytes:
-        """Of its prompt and sampling: a quarantined one is refused when sent again."""
-        return _fingerprint(self.history[: self.prompt_len], self.params)
-
-    @property
-    def generated(self) -> int:
-        return len(self.history) - self.prompt_len
-
-    @property
-    def pending(self) -> int:
-        return len(self.history) - self.cached
-
-
-@dataclass(frozen=True)
-class _Retained:
-    """A finished sequence whose cache the workers keep for a later prompt that begins
-    with its tokens (prefix caching)."""
-
-    tokens: list[int]  # the positions cached
-    drafted: bool  # the MTP head's cache holds them too
-    saved: tuple[int, ...] = ()  # hybrid models: where a recurrent state was saved
 
 
 class Scheduler:
@@ -260,8 +86,8 @@ class Scheduler:
         self.draft_source = draft_source
         self._ids = itertools.count()
         self._cond = threading.Condition()
-        self._waiting: deque[_Sequence] = deque()
-        self._active: list[_Sequence] = []
+        self._waiting: deque[Sequence] = deque()
+        self._active: list[Sequence] = []
         self._in_flight = 0
         self._stopped = False
         self._epoch = pipeline.epoch  # the pipeline's recoveries seen (each one: replay)
@@ -269,9 +95,7 @@ class Scheduler:
         self.prefix_cache = prefix_cache
         # Hybrid models: recurrent states each sequence's workers keep (at most).
         self._state_snapshots = pipeline.cfg.state_snapshots if prefix_cache else 0
-        self._retained: OrderedDict[str, _Retained] = OrderedDict()  # least recent first
-        self.cached_prompt_tokens = 0  # prompt tokens taken from retained caches
-        self.prefix_evictions = 0  # retained caches released to free a slot
+        self.prefix = PrefixCache(pipeline.state_block)
         pipeline.add_listener(self._wake)
         # The latest steps, for benchmarks and stats.
         self.recent_steps: deque[StepRecord] = deque(maxlen=4096)
@@ -308,7 +132,7 @@ class Scheduler:
             )
         request = Request(f"seq-{next(self._ids)}", max_tokens)
         request._wake_scheduler = self._wake
-        seq = _Sequence(
+        seq = Sequence(
             request=request,
             params=sampling_to_wire(params),
             history=list(prompt_ids),
@@ -352,7 +176,7 @@ class Scheduler:
     def retained_caches(self) -> int:
         """Finished sequences whose caches the workers keep (prefix caching)."""
         with self._cond:
-            return len(self._retained)
+            return len(self.prefix)
 
     def load(self) -> tuple[int, int]:
         """(sequences running, requests waiting for admission)."""
@@ -371,9 +195,8 @@ class Scheduler:
             self._active = []
             # A sequence whose first chunk is in flight holds slots too, as do the caches
             # kept and the ones being taken over.
-            held = [s.request.seq_id for s in stranded if s.opened] + list(self._retained)
+            held = [s.request.seq_id for s in stranded if s.opened] + self.prefix.forget()
             held += [s.adopt for s in stranded if s.adopt is not None]
-            self._retained.clear()
             self._cond.notify()
         if held:  # the pipeline may outlive this scheduler
             self.pipeline.release(held)
@@ -413,8 +236,8 @@ class Scheduler:
             future.add_done_callback(lambda f, batch=batch: self._complete(batch, f))
 
     def _steps_of(
-        self, batch: list[tuple[_Sequence, int]]
-    ) -> tuple[list[pb.SequenceStep], list[tuple[_Sequence, int]]]:
+        self, batch: list[tuple[Sequence, int]]
+    ) -> tuple[list[pb.SequenceStep], list[tuple[Sequence, int]]]:
         """The batch's steps; a sequence whose grammar fails leaves the batch, ended."""
         steps, kept = [], []
         for seq, n in batch:
@@ -426,7 +249,7 @@ class Scheduler:
             kept.append((seq, n))
         return steps, kept
 
-    def _step_of(self, seq: _Sequence, n: int, batch: int) -> pb.SequenceStep:
+    def _step_of(self, seq: Sequence, n: int, batch: int) -> pb.SequenceStep:
         """A sequence's share of a step: `n` of its pending tokens, and when it is
         decoding, the drafts to verify after them."""
         sample = seq.cached + n == len(seq.history)
@@ -461,7 +284,7 @@ class Scheduler:
             step.draft_tokens = self._drafts_for(seq, min(remaining - 2, room), batch)
         return step
 
-    def _open_of(self, seq: _Sequence) -> pb.SequenceOpen:
+    def _open_of(self, seq: Sequence) -> pb.SequenceOpen:
         """The settings a sequence's first step (keep 0) carries to every worker."""
         return pb.SequenceOpen(
             seq_id=seq.request.seq_id,
@@ -475,15 +298,15 @@ class Scheduler:
             adopt=seq.adopt or "",
         )
 
-    def _no_mtp(self, seq: _Sequence) -> bool:
+    def _no_mtp(self, seq: Sequence) -> bool:
         return seq.draft_tokens == 0 or (seq.draft_tokens is None and not self.policy.enabled)
 
-    def _drafts_for(self, seq: _Sequence, limit: int, batch: int) -> int:
+    def _drafts_for(self, seq: Sequence, limit: int, batch: int) -> int:
         if seq.draft_tokens is not None:
             return max(0, min(seq.draft_tokens, limit))
         return self.policy.choose(seq.request.drafts, limit, batch)
 
-    def _next_batch(self) -> list[tuple[_Sequence, int]] | None:
+    def _next_batch(self) -> list[tuple[Sequence, int]] | None:
         """Sequences and token counts for the next micro-batch (called under the lock)."""
         self._drop_cancelled()
         if self.pipeline.failure is not None:
@@ -508,7 +331,7 @@ class Scheduler:
             return (
                 None
                 if self._in_flight
-                else [(suspect, self._chunk(suspect, self.max_batch_tokens))]
+                else [(suspect, suspect.chunk(self.max_batch_tokens, self.pipeline.state_block))]
             )
         # Spread the active sequences over as many micro-batches as there are stages.
         per_batch = math.ceil(len(self._active) / self.pipeline.num_stages)
@@ -518,72 +341,45 @@ class Scheduler:
         for seq in decoding + prefilling:
             if budget == 0 or len(batch) == per_batch:
                 break
-            n = self._chunk(seq, budget)
+            n = seq.chunk(budget, self.pipeline.state_block)
             if n:
                 batch.append((seq, n))
                 budget -= n
         return batch or None
 
-    def _chunk(self, seq: _Sequence, budget: int) -> int:
-        """How many of its pending tokens a sequence's step takes, within `budget`. A
-        hybrid model's prompt goes in whole blocks of `state_block` positions, then the
-        rest (within one block) alone: the recurrent state after a whole block is then
-        exact to save, and no output depends on how a prompt was split."""
-        n, block = min(seq.pending, budget), self.pipeline.state_block
-        end = seq.cached + n
-        if not block or (end == len(seq.history) and end - end % block <= seq.cached):
-            return n
-        return max(0, end - end % block - seq.cached)
+    def _saves_state(self, seq: Sequence, n: int) -> bool:
+        """With prefix caching on a hybrid model: the workers save the recurrent state
+        after this step of `n` tokens."""
+        return self._state_snapshots > 0 and seq.saves_state(n, self.pipeline.state_block)
 
-    def _saves_state(self, seq: _Sequence, n: int) -> bool:
-        """Whether the workers save the recurrent state after this step of `n` tokens:
-        a prompt chunk of whole blocks, with prefix caching on a hybrid model."""
-        block = self.pipeline.state_block
-        return bool(self._state_snapshots and n >= block and not (seq.cached % block or n % block))
-
-    def _reuse_prefix(self, seq: _Sequence) -> None:
-        """Adopt the retained cache sharing the longest prefix with the prompt; else, with
-        every slot held, evict the least recently used one (called under the lock).
-        Adopting a cache ends it for others: while a slot is free, a cache is adopted
-        only for a hit on at least half of it (a conversation's next turn), so a prompt
-        that shares a system prompt does not take a long conversation's cache."""
-        prompt = seq.history[: seq.prompt_len]
-        best, keep = None, 0
-        slot_free = len(self._active) + len(self._retained) <= self.pipeline.max_seqs
-        for seq_id, retained in self._retained.items():
-            if retained.drafted or self._no_mtp(seq):
-                # One position is recomputed: its hidden state rebuilds the MTP head's last
-                # entry, whose next token may differ; and the last prompt token's logits
-                # are needed.
-                shared = _common_prefix(retained.tokens, prompt) - 1
-                if slot_free and 2 * shared < len(retained.tokens):
-                    continue
-                if self.pipeline.state_block:  # a recurrent state restarts where it was saved
-                    shared = max((p for p in retained.saved if p <= shared), default=0)
-                if shared > keep:
-                    best, keep = seq_id, shared
-        if best is not None:
-            seq.adopt, seq.adopted, seq.cached = best, self._retained.pop(best), keep
-            seq.saved = [p for p in seq.adopted.saved if p <= keep]
-            seq.request.cached_tokens = keep
-            self.cached_prompt_tokens += keep
-        elif self._retained and len(self._active) + len(self._retained) > self.pipeline.max_seqs:
-            evicted, _ = self._retained.popitem(last=False)
-            self.pipeline.release([evicted])
-            self.prefix_evictions += 1
+    def _reuse_prefix(self, seq: Sequence) -> None:
+        """Take over the kept cache that shares the longest prefix with the prompt (see
+        `PrefixCache.take`); else, with every slot held, evict the least recently kept
+        one (called under the lock)."""
+        held = len(self._active) + len(self.prefix)
+        drafting = not self._no_mtp(seq)
+        hit = self.prefix.take(
+            seq.history[: seq.prompt_len], drafting, held <= self.pipeline.max_seqs
+        )
+        if hit is not None:
+            seq.adopt, seq.adopted, seq.cached = hit.seq_id, hit.retained, hit.keep
+            seq.saved = [p for p in hit.retained.saved if p <= hit.keep]
+            seq.request.cached_tokens = hit.keep
+        elif len(self.prefix) and held > self.pipeline.max_seqs:
+            self.pipeline.release([self.prefix.evict()])
 
     def _replay(self) -> None:
         """After a worker restart every cache is empty: each running sequence starts over
         from its token history (prompt and accepted tokens), as one long prompt. Greedy
         and seeded sampling depend only on the history, so the output is unchanged."""
         self._epoch = self.pipeline.epoch
-        self._retained.clear()  # every worker's cache starts empty
+        self.prefix.forget()  # every worker's cache starts empty
         replayed = [s for s in self._active if s.cached]
         for seq in replayed:
             seq.cached, seq.proposed, seq.verifying, seq.saved = 0, [], 0, []
         for seq in self._active:  # their prompts are computed again, whole
             seq.adopt = seq.adopted = None
-            self.cached_prompt_tokens -= seq.request.cached_tokens
+            self.prefix.cached_prompt_tokens -= seq.request.cached_tokens
             seq.request.cached_tokens = 0
         if replayed:
             log.warning("replaying %d sequence(s) after a worker restart", len(replayed))
@@ -596,7 +392,7 @@ class Scheduler:
         if self._active:
             self._retire(list(self._active), "error", error)
 
-    def _suspect(self, batch: list[tuple[_Sequence, int]]) -> None:
+    def _suspect(self, batch: list[tuple[Sequence, int]]) -> None:
         """A worker failed while this batch was in the pipeline. Each of its sequences
         becomes a suspect, replayed alone; a suspect that was alone already is the cause,
         and is failed instead of replayed, so one request cannot crash workers forever."""
@@ -623,7 +419,7 @@ class Scheduler:
         if gone:
             self._retire(gone, "cancelled")
 
-    def _retire(self, seqs: list[_Sequence], reason: str, error: str | None = None) -> None:
+    def _retire(self, seqs: list[Sequence], reason: str, error: str | None = None) -> None:
         """Finish sequences and free their caches, or with prefix caching keep those of
         the ones that ended well (called under the lock)."""
         keep = self.prefix_cache and reason in ("stop", "length", "cancelled")
@@ -633,15 +429,15 @@ class Scheduler:
                 if seq.opened:
                     held.append(seq.adopt)  # its step went out: the cache's fate is unknown
                 else:
-                    self._retained[seq.adopt] = seq.adopted  # untouched: kept for others
+                    self.prefix.keep(seq.adopt, seq.adopted)  # untouched: kept for others
                 seq.adopt = seq.adopted = None
             if not seq.opened:
                 continue
             if keep and seq.cached and not seq.in_flight and seq.suspect_until is None:
-                retained = _Retained(
+                retained = Retained(
                     seq.history[: seq.cached], not self._no_mtp(seq), tuple(seq.saved)
                 )
-                self._retained[seq.request.seq_id] = retained
+                self.prefix.keep(seq.request.seq_id, retained)
             else:
                 held.append(seq.request.seq_id)
         if held:
@@ -651,7 +447,7 @@ class Scheduler:
                 self._active.remove(seq)
             seq.request._finish(reason, error)
 
-    def _complete(self, batch: list[tuple[_Sequence, int]], future: Future[StepOutcome]) -> None:
+    def _complete(self, batch: list[tuple[Sequence, int]], future: Future[StepOutcome]) -> None:
         with self._cond:
             self._in_flight -= 1
             for seq, _ in batch:
@@ -665,9 +461,7 @@ class Scheduler:
                 )
             self._cond.notify()
 
-    def _take_results(
-        self, batch: list[tuple[_Sequence, int]], future: Future[StepOutcome]
-    ) -> None:
+    def _take_results(self, batch: list[tuple[Sequence, int]], future: Future[StepOutcome]) -> None:
         error = future.exception()
         if isinstance(error, PipelineRestarting):
             if error.ran:
@@ -678,7 +472,7 @@ class Scheduler:
             return
         outcome = future.result()
         self._observe(batch, outcome)
-        finished: dict[str, list[_Sequence]] = {"stop": [], "length": []}
+        finished: dict[str, list[Sequence]] = {"stop": [], "length": []}
         for seq, n in batch:
             if seq not in self._active:
                 continue  # the scheduler stopped while the step ran
@@ -709,7 +503,7 @@ class Scheduler:
             if seq.suspect_until is not None and len(seq.history) >= seq.suspect_until:
                 seq.suspect_until = None  # past the step it was suspected for
 
-    def _accept(self, seq: _Sequence, n: int, result: pb.SequenceResult) -> str | None:
+    def _accept(self, seq: Sequence, n: int, result: pb.SequenceResult) -> str | None:
         """Take a step's verified tokens; returns why the sequence ends, if it does."""
         emitted = list(result.token_ids)
         if seq.generated:  # a verification step after the prompt
@@ -732,7 +526,7 @@ class Scheduler:
             return "stop"
         return "length" if seq.generated == seq.max_tokens else None
 
-    def _emit(self, seq: _Sequence, tokens: list[int], result: pb.SequenceResult) -> None:
+    def _emit(self, seq: Sequence, tokens: list[int], result: pb.SequenceResult) -> None:
         if not tokens:
             return
         seq.history.extend(tokens)
@@ -749,7 +543,7 @@ class Scheduler:
             )
         )
 
-    def _observe(self, batch: list[tuple[_Sequence, int]], outcome: StepOutcome) -> None:
+    def _observe(self, batch: list[tuple[Sequence, int]], outcome: StepOutcome) -> None:
         self.recent_steps.append(
             StepRecord(tuple((seq.request.seq_id, n + seq.verifying) for seq, n in batch), outcome)
         )
@@ -766,23 +560,3 @@ class Scheduler:
                 tail.draft_catch_up_s,
                 tail.draft_passes,
             )
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    """The length of the longest common prefix: a binary search over slice comparisons
-    (done in C), as a Python loop over 2k-token prompts, for every kept cache, would hold
-    the scheduler's lock for milliseconds."""
-    low, high = 0, min(len(a), len(b))
-    while low < high:
-        mid = (low + high + 1) // 2
-        if a[:mid] == b[:mid]:
-            low = mid
-        else:
-            high = mid - 1
-    return low
-
-
-def _fingerprint(prompt_ids: list[int], params: pb.SamplingParams) -> bytes:
-    return hashlib.sha256(
-        str(prompt_ids).encode() + params.SerializeToString(deterministic=True)
-    ).digest()

@@ -18,7 +18,7 @@ from mtpd.daemon.coordinator import Coordinator
 from mtpd.daemon.frontend import Frontend
 from mtpd.daemon.generation import Prompt
 from mtpd.daemon.options import GenerationOptions
-from mtpd.daemon.scheduler import QueueFullError, Request, RequestFailed, RequestQuarantined
+from mtpd.daemon.request import QueueFullError, Request, RequestFailed, RequestQuarantined
 from mtpd.model.errors import InputError, InvalidParameter
 from mtpd.v1 import inference_pb2 as api
 from mtpd.v1 import inference_pb2_grpc as api_grpc

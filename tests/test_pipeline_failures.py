@@ -14,7 +14,8 @@ from reference import GREEDY
 from tiny_models import write_char_tokenizer, write_tiny_model
 
 from mtpd.daemon.pipeline import Pipeline, PipelineConfig
-from mtpd.daemon.scheduler import RequestFailed, Scheduler
+from mtpd.daemon.request import RequestFailed
+from mtpd.daemon.scheduler import Scheduler
 
 LAYERS = 3
 

@@ -19,9 +19,10 @@ from hypothesis import strategies as st
 from live_daemon import wait_for
 from reference import GREEDY, solo_run
 from tiny_models import add_mtp_head, write_char_tokenizer, write_tiny_model
+from tiny_pipeline import start_pipeline
 
 from mtpd.daemon.draft_policy import DraftPolicy
-from mtpd.daemon.pipeline import Pipeline, PipelineConfig
+from mtpd.daemon.pipeline import Pipeline
 from mtpd.daemon.scheduler import Scheduler
 from mtpd.model.compare import compare_tokens
 from mtpd.model.sampling_params import SamplingParams
@@ -42,20 +43,7 @@ def tiny(tmp_path_factory):
 
 
 def start(path, workers: int, max_seqs: int = 4) -> Pipeline:
-    return Pipeline.start(
-        PipelineConfig(
-            model=str(path),
-            num_layers=LAYERS,
-            workers=workers,
-            device="cpu",
-            max_seqs=max_seqs,
-            max_context=256,
-            cache_memory=64 << 20,
-            threads=1,
-            load_mtp=True,
-            max_restarts=10,
-        )
-    )
+    return start_pipeline(path, LAYERS, workers, max_seqs=max_seqs, max_restarts=10)
 
 
 def check(engine, prompt, params, result) -> None:
@@ -106,7 +94,7 @@ def test_a_conversation_reuses_its_cache_and_decodes_exactly(tiny, workers, draf
         turn_3 = edited + reply_3.token_ids + [50, 51]
         fifth, _ = ask(turn_3)
         assert fifth.cached_tokens == len(edited) + TOKENS - 2
-        assert scheduler.cached_prompt_tokens == sum(
+        assert scheduler.prefix.cached_prompt_tokens == sum(
             r.cached_tokens for r in (first, second, third, fourth, fifth)
         )
         scheduler.close()
@@ -192,9 +180,9 @@ def test_workers_hold_exactly_the_kept_caches_whatever_ends_a_request(tiny):
     st.integers(0, 12),
 )
 def test_the_common_prefix_is_the_elementwise_one(a, b, shared):
-    from mtpd.daemon.scheduler import _common_prefix
+    from mtpd.daemon.prefix_cache import common_prefix
 
     b = a[:shared] + b
     pairs = enumerate(zip(a, b, strict=False))
     naive = next((i for i, (x, y) in pairs if x != y), min(len(a), len(b)))
-    assert _common_prefix(a, b) == naive
+    assert common_prefix(a, b) == naive

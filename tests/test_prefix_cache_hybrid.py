@@ -14,10 +14,11 @@ import pytest
 from live_daemon import LiveDaemon
 from reference import GREEDY, solo_run
 from tiny_models import add_mtp_head, write_char_tokenizer, write_tiny_model
+from tiny_pipeline import start_pipeline
 
 from mtpd.client import Client
 from mtpd.daemon.draft_policy import DraftPolicy
-from mtpd.daemon.pipeline import Pipeline, PipelineConfig
+from mtpd.daemon.pipeline import Pipeline
 from mtpd.daemon.scheduler import Scheduler
 from mtpd.model.compare import compare_tokens
 from mtpd.model.sampling_params import SamplingParams
@@ -43,20 +44,14 @@ def tiny(tmp_path_factory):
 
 
 def start(path, workers: int, max_seqs: int = 4) -> Pipeline:
-    return Pipeline.start(
-        PipelineConfig(
-            model=str(path),
-            num_layers=LAYERS,
-            workers=workers,
-            device="cpu",
-            max_seqs=max_seqs,
-            max_context=512,
-            cache_memory=64 << 20,
-            threads=1,
-            load_mtp=True,
-            max_restarts=10,
-            state_snapshots=4,
-        )
+    return start_pipeline(
+        path,
+        LAYERS,
+        workers,
+        max_seqs=max_seqs,
+        max_context=512,
+        max_restarts=10,
+        state_snapshots=4,
     )
 
 

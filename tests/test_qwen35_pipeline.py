@@ -10,9 +10,10 @@ import pytest
 import torch
 from reference import GREEDY, ScriptedDrafts, solo_run
 from tiny_models import add_mtp_head, write_char_tokenizer, write_tiny_model
+from tiny_pipeline import start_pipeline
 
 from mtpd.daemon.draft_policy import AUTO, DraftPolicy
-from mtpd.daemon.pipeline import Pipeline, PipelineConfig
+from mtpd.daemon.pipeline import Pipeline
 from mtpd.daemon.scheduler import Scheduler
 from mtpd.model.compare import compare_tokens
 from mtpd.model.sampling_params import SamplingParams
@@ -49,19 +50,7 @@ def tiny(request, tmp_path_factory):
 
 
 def start(path, workers: int) -> Pipeline:
-    return Pipeline.start(
-        PipelineConfig(
-            model=str(path),
-            num_layers=LAYERS,
-            workers=workers,
-            device="cpu",
-            max_seqs=4,
-            max_context=256,
-            cache_memory=64 << 20,
-            threads=1,
-            load_mtp=True,
-        )
-    )
+    return start_pipeline(path, LAYERS, workers)
 
 
 def generate(pipeline, cases, setting, draft_source=None):

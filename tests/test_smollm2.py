@@ -79,7 +79,7 @@ def test_steps_of_several_tokens_stream_whole_characters_and_stop_exactly(engine
     """As when MTP drafts are accepted: a step brings several tokens at once."""
     from mtpd.daemon.generation import Generation
     from mtpd.daemon.options import GenerationOptions
-    from mtpd.daemon.scheduler import Accepted, Request
+    from mtpd.daemon.request import Accepted, Request
 
     tok = engine.tokenizer
     text = "naïve café 🚀🔥 日本語 — done, and more text after it"

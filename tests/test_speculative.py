@@ -11,9 +11,10 @@ import pytest
 import torch
 from reference import GREEDY, ScriptedDrafts, solo_run
 from tiny_models import add_mtp_head, random_head, write_char_tokenizer, write_tiny_model
+from tiny_pipeline import start_pipeline
 
 from mtpd.daemon.draft_policy import AUTO, DraftPolicy
-from mtpd.daemon.pipeline import Pipeline, PipelineConfig
+from mtpd.daemon.pipeline import Pipeline
 from mtpd.daemon.scheduler import Scheduler
 from mtpd.model.checkpoint import open_checkpoint, read_config
 from mtpd.model.compare import compare_tokens
@@ -45,19 +46,7 @@ def tiny(tmp_path_factory):
 
 
 def start(path, workers: int, load_mtp: bool = True) -> Pipeline:
-    return Pipeline.start(
-        PipelineConfig(
-            model=str(path),
-            num_layers=LAYERS,
-            workers=workers,
-            device="cpu",
-            max_seqs=8,
-            max_context=256,
-            cache_memory=64 << 20,
-            threads=1,
-            load_mtp=load_mtp,
-        )
-    )
+    return start_pipeline(path, LAYERS, workers, max_seqs=8, load_mtp=load_mtp)
 
 
 def generate(pipeline, cases, setting, draft_source=None, tokens=TOKENS):
