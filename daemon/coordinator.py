@@ -11,6 +11,7 @@ from mtpd.daemon.draft_policy import AUTO, DraftPolicy
 from mtpd.daemon.pipeline import LocalWorkers, Pipeline, PipelineConfig
 from mtpd.daemon.scheduler import Scheduler
 from mtpd.daemon.structured_output import Grammars
+from mtpd.model.checkpoint import model_identity, open_checkpoint, read_config
 from mtpd.model.config import ModelConfig
 from mtpd.model.default_model import resolve_model
 from mtpd.model.tokenizer import Tokenizer
@@ -159,12 +160,8 @@ class Coordinator:
 
 
 def _read_model(settings: Settings) -> tuple[Path, ModelConfig, Tokenizer, str]:
-    """The model's path, config and tokenizer, and for remote workers its identity.
-    The checkpoint readers import torch: imported here, once the local workers have
-    started, so that the two imports overlap."""
-    from mtpd.model.checkpoint import open_checkpoint, read_config
-    from mtpd.model.decoder import model_identity
-
+    """The model's path, config and tokenizer, and for remote workers its identity: all
+    read without torch (the daemon never imports it)."""
     path = resolve_model(settings.model)
     ckpt = open_checkpoint(path)
     cfg = read_config(ckpt)

@@ -69,7 +69,9 @@ class PipelineConfig:
     join_listen: str | None = None
     token: str | None = None
     worker_tls: WorkerTLS | None = None  # mutual TLS with remote workers
-    model_identity: str = ""  # what joining workers must match (mtpd.model.decoder.model_identity)
+    model_identity: str = (
+        ""  # what joining workers must match (mtpd.model.checkpoint.model_identity)
+    )
     join_timeout_s: float = 300.0
     load_mtp: bool = False  # the tail loads an MTP head (mtp_head, or the checkpoint's own)
     # Prefix caching on a hybrid model: recurrent states each sequence may save.

@@ -7,20 +7,25 @@ tokenizer. `open_checkpoint` picks the format from the path.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import tokenizers
-import torch
 from safetensors import SafetensorError, safe_open
 
 from mtpd.model.config import ModelConfig
 from mtpd.model.errors import ModelLoadError
-from mtpd.model.quant import Int4Weight
+
+if TYPE_CHECKING:  # tensors are read (into torch) by workers only: the daemon reads none
+    import torch
+
+    from mtpd.model.quant import Int4Weight
 
 log = logging.getLogger("mtpd.model")
 
@@ -37,6 +42,9 @@ class Checkpoint(Protocol):
     def tensor_names(self) -> set[str]: ...
 
     def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]: ...
+
+    def stored_bytes(self, name: str) -> bytes:
+        """A tensor's data as the file stores it, read without torch."""
 
     def tokenizer(self) -> tokenizers.Tokenizer: ...
 
@@ -65,7 +73,7 @@ class HFCheckpoint:
                 raise ModelLoadError(
                     f"{path}: no model.safetensors or model.safetensors.index.json"
                 )
-            with _open_safetensors(single) as f:
+            with _open_safetensors(single, "numpy") as f:  # names only: no torch
                 self._file_of = dict.fromkeys(f.keys(), single)
         self._file_of, self._stored_name = _text_decoder_names(self._file_of, path)
         self.chat_template = self._find_chat_template()
@@ -87,13 +95,32 @@ class HFCheckpoint:
             by_file.setdefault(self._file_of[name], []).append(name)
         out: dict[str, torch.Tensor] = {}
         for file, wanted in by_file.items():
-            with _open_safetensors(file) as f:
+            with _open_safetensors(file, "pt") as f:
                 for name in wanted:
                     try:
                         out[name] = f.get_tensor(self._stored_name[name])
                     except (SafetensorError, KeyError) as e:
                         raise ModelLoadError(f"{file}: cannot read tensor {name!r}: {e}") from e
         return out
+
+    def stored_bytes(self, name: str) -> bytes:
+        """Read by the safetensors header's offsets: the library gives tensors only, and
+        numpy (the one torch-free framework it offers) has no bfloat16."""
+        file = self._file_of.get(name)
+        if file is None:
+            raise ModelLoadError(f"{self.path}: checkpoint has no tensor {name!r}")
+        with file.open("rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            try:
+                header = json.loads(f.read(min(header_len, _MAX_HEADER)))
+                start, end = header[self._stored_name[name]]["data_offsets"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise ModelLoadError(f"{file}: unreadable safetensors header: {e}") from e
+            f.seek(8 + header_len + start)
+            data = f.read(end - start)
+        if len(data) != end - start:
+            raise ModelLoadError(f"{file}: tensor {name!r} is cut short (truncated file?)")
+        return data
 
     def tokenizer(self) -> tokenizers.Tokenizer:
         file = self.path / "tokenizer.json"
@@ -153,13 +180,16 @@ def _text_decoder_names(
     return files, stored
 
 
+_MAX_HEADER = 100 << 20  # safetensors' own bound on a header
+
+
 @contextmanager
-def _open_safetensors(file: Path) -> Iterator[Any]:
+def _open_safetensors(file: Path, framework: str) -> Iterator[Any]:
     """safe_open with errors that name the file (a truncated file fails here)."""
     if not file.exists():
         raise ModelLoadError(f"{file}: file not found")
     try:
-        handle = safe_open(str(file), framework="pt")
+        handle = safe_open(str(file), framework=framework)
     except (SafetensorError, OSError) as e:
         raise ModelLoadError(f"{file}: not a readable safetensors file: {e}") from e
     with handle as f:
@@ -181,6 +211,22 @@ def _read_json(file: Path) -> dict[str, Any]:
 def read_config(ckpt: Checkpoint) -> ModelConfig:
     source = ckpt.path / "config.json" if ckpt.path.is_dir() else ckpt.path
     return ModelConfig.from_hf(ckpt.hf_config, source=str(source))
+
+
+# Small tensors that any fine-tune changes (model_identity).
+_IDENTITY_PROBES = ("model.norm.weight", "model.layers.0.input_layernorm.weight")
+
+
+def model_identity(ckpt: Checkpoint, cfg: ModelConfig) -> str:
+    """A cheap identity for "the same model" between a daemon and a remote worker: the
+    architecture, the tensor names, and two small tensors as stored. It reads almost
+    nothing and no torch, so the daemon (which holds no weights) computes it too."""
+    digest = hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode())
+    digest.update("\n".join(sorted(ckpt.tensor_names())).encode())
+    for name in _IDENTITY_PROBES:
+        digest.update(name.encode())
+        digest.update(ckpt.stored_bytes(name))
+    return digest.hexdigest()[:32]
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:

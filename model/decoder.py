@@ -4,9 +4,7 @@ shard and the final norm and LM head on the last. With one shard it is the whole
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -87,20 +85,6 @@ def weights_fingerprint(tensors: Mapping[str, torch.Tensor], cfg: ModelConfig) -
     for name in fingerprint_names(cfg):
         digest.update(name.encode())
         digest.update(tensors[name].detach().float().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:32]
-
-
-def model_identity(ckpt: Checkpoint, cfg: ModelConfig) -> str:
-    """A cheap identity for "the same model" between a daemon and a remote worker: the
-    architecture, the tensor names, and two small tensors that any fine-tune changes.
-    Unlike the weights fingerprint it reads almost nothing, so the daemon (which holds no
-    weights) can compute it too."""
-    digest = hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode())
-    digest.update("\n".join(sorted(ckpt.tensor_names())).encode())
-    probes = [FINAL_NORM, "model.layers.0.input_layernorm.weight"]
-    for name, tensor in sorted(ckpt.read(probes).items()):
-        digest.update(name.encode())
-        digest.update(tensor.float().contiguous().numpy().tobytes())
     return digest.hexdigest()[:32]
 
 

@@ -8,21 +8,22 @@ that, so nothing downstream needs to know the weights came from llama.cpp.
 from __future__ import annotations
 
 import re
-import warnings
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from gguf import GGMLQuantizationType, TokenType
-from gguf.quants import dequantize
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors
 from tokenizers.models import BPE
 
 from mtpd.model.errors import ModelLoadError
-from mtpd.model.gguf_index import GGUFIndex, TensorInfo
-from mtpd.model.quant import Int4Weight
+from mtpd.model.gguf_index import GGUFIndex
+
+if TYPE_CHECKING:  # tensors are decoded (in torch) only where read: a daemon reads none
+    import torch
+
+    from mtpd.model.quant import Int4Weight
 
 _GLOBAL_TENSORS = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -61,61 +62,6 @@ _PRE_TOKENIZER_SPLITS: dict[str, tuple[str, ...]] = {
 
 _Q4 = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1)
 _PERMUTED_HEADS = {"q_proj": "num_attention_heads", "k_proj": "num_key_value_heads"}
-
-
-def _q4_blocks(
-    data: np.ndarray, kind: GGMLQuantizationType
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Q4_0 / Q4_1 blocks taken apart: the 4-bit values q [rows, columns], and per block
-    of 32 its scale d and, for Q4_1, its minimum m (float32). A block is d (float16), for
-    Q4_1 m (float16), then 16 bytes of nibbles: element j in byte j's low half, element
-    j + 16 in its high half."""
-    header = 2 if kind == GGMLQuantizationType.Q4_0 else 4
-    blocks = _blocks(data, header + 16)
-    rows = blocks.shape[0]
-    d = _float16_field(blocks, 0)
-    nibbles = blocks[..., header:]
-    q = torch.cat([nibbles & 0xF, nibbles >> 4], dim=-1).reshape(rows, -1)
-    return q, d, None if kind == GGMLQuantizationType.Q4_0 else _float16_field(blocks, 2)
-
-
-def _blocks(data: np.ndarray, size: int) -> torch.Tensor:
-    """A quantized tensor's bytes [rows, bytes] as [rows, blocks, size]. They are the
-    file's read-only mapping, which torch cannot mark so (it warns): only read here, and
-    every result made from them is a new tensor."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
-        return torch.from_numpy(data).view(data.shape[0], -1, size)
-
-
-def _float16_field(blocks: torch.Tensor, at: int) -> torch.Tensor:
-    """The float16 at byte `at` of every block, as float32 [rows, blocks]."""
-    return blocks[..., at : at + 2].contiguous().view(torch.float16)[..., 0].float()
-
-
-def _q4_groups(data: np.ndarray, kind: GGMLQuantizationType) -> Int4Weight:
-    """Q4_0 means (q - 8) * d; Q4_1 means q * d + m, which is (q - 8) * d + (m + 8d)."""
-    q, d, m = _q4_blocks(data, kind)
-    return Int4Weight(q, d, torch.zeros_like(d) if m is None else m + 8 * d)
-
-
-def _q4_dequantized(data: np.ndarray, kind: GGMLQuantizationType) -> torch.Tensor:
-    """gguf's dequantization with its very float32 operations (d * (q - 8) for Q4_0,
-    d * q + m for Q4_1, each rounded on its own), but in torch: several times faster than
-    gguf's numpy, which took half of a worker's load."""
-    q, d, m = _q4_blocks(data, kind)
-    rows = q.shape[0]
-    values = q.reshape(rows, d.shape[1], -1).float()  # in place from here: fewer page faults
-    if m is None:
-        return values.sub_(8).mul_(d[..., None]).reshape(rows, -1)
-    return values.mul_(d[..., None]).add_(m[..., None]).reshape(rows, -1)
-
-
-def _q8_dequantized(data: np.ndarray) -> torch.Tensor:
-    """Q8_0: blocks of a float16 scale d and 32 int8 values x, meaning d * x (as gguf)."""
-    blocks = _blocks(data, 34)
-    x = blocks[..., 2:].contiguous().view(torch.int8).float()
-    return x.mul_(_float16_field(blocks, 0)[..., None]).reshape(blocks.shape[0], -1)
 
 
 class GGUFCheckpoint:
@@ -168,15 +114,23 @@ class GGUFCheckpoint:
     def tensor_names(self) -> set[str]:
         return set(self._tensors)
 
+    def stored_bytes(self, name: str) -> bytes:
+        tensor = self._tensors.get(name)
+        if tensor is None:
+            raise ModelLoadError(f"{self.path}: no tensor {name!r} in this checkpoint")
+        return self._index.data(tensor).tobytes()
+
     def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
         """Dequantize just these tensors to float32, in HF layout: a pipeline stage reads its own."""
+        from mtpd.model.gguf_tensors import dequantized
+
         out = {}
         for name in names:
             tensor = self._tensors.get(name)
             if tensor is None:
                 raise ModelLoadError(f"{self.path}: no tensor {name!r} in this checkpoint")
             try:
-                weight = self._dequantized(tensor)
+                weight = dequantized(self._index.data(tensor), tensor.kind)
             except (ValueError, NotImplementedError, RuntimeError) as e:
                 raise ModelLoadError(
                     f"{self.path}: tensor {tensor.name!r} ({tensor.kind.name}) "
@@ -194,26 +148,19 @@ class GGUFCheckpoint:
             out[name] = weight.contiguous()
         return out
 
-    def _dequantized(self, tensor: TensorInfo) -> torch.Tensor:
-        data = self._index.data(tensor)
-        if data.ndim == 2 and tensor.kind in _Q4:
-            return _q4_dequantized(data, tensor.kind)
-        if data.ndim == 2 and tensor.kind == GGMLQuantizationType.Q8_0:
-            return _q8_dequantized(data)
-        array = dequantize(data, tensor.kind)
-        # F32 data comes back as a view of the read-only mapping; torch wants its own copy.
-        return torch.from_numpy(array if array.flags.writeable else array.copy()).float()
-
     def int4_blocks(self, names: tuple[str, ...]) -> Int4Weight | None:
         """The exact int4 groups of these tensors, fused in order, when every one is stored
         as Q4_0 or Q4_1 (blocks of 32 with a scale, and for Q4_1 a minimum): repacked, not
         dequantized."""
+        from mtpd.model.gguf_tensors import q4_groups
+        from mtpd.model.quant import Int4Weight
+
         tensors = [self._tensors.get(n) for n in names]
         if not names or any(t is None or t.kind not in _Q4 for t in tensors):
             return None
         parts = []
         for name, tensor in zip(names, tensors, strict=True):
-            part = _q4_groups(self._index.data(tensor), tensor.kind)
+            part = q4_groups(self._index.data(tensor), tensor.kind)
             heads = _PERMUTED_HEADS.get(name.rsplit(".", 2)[-2])
             if heads is not None:  # rows regrouped for llama.cpp's RoPE, as in read()
                 n = self.hf_config[heads]

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from live_daemon import LiveDaemon
 from tiny_models import write_char_tokenizer, write_tiny_model
 
+from mtpd.client import Client
 from mtpd.model.compare import compare_tokens
 
 REPO = Path(__file__).resolve().parent.parent
@@ -79,26 +81,22 @@ def test_workers_start_whatever_the_callers_directory_holds(tiny, tmp_path):
     assert agreement.ok, agreement
 
 
-def test_workers_start_before_the_daemon_imports_torch(tiny):
-    """A worker spends about a second importing torch; `mtpd run` starts it before its
-    own process imports torch, so the two imports overlap (benchmarks/cold_start.py)."""
+def test_the_daemon_never_imports_torch(tiny, tmp_path):
+    """The daemon holds no model tensors, so it imports no torch (a worker's business):
+    `mtpd run`, the daemon in the caller's process, serves a request with torch never in
+    its modules; `mtpd serve` maps no torch library while it serves one."""
     path, _ = tiny
     probe = f"""
 import sys
-from mtpd.daemon import workers
-
-torch_already = []
-spawn = workers.LocalWorker.__init__
-def recording_spawn(self, *args, **kwargs):
-    torch_already.append("torch" in sys.modules)
-    spawn(self, *args, **kwargs)
-workers.LocalWorker.__init__ = recording_spawn
-
 from mtpd.cli import main
 flags = ["--max-tokens", "2", "--device", "cpu", "--workers", "2", "--json"]
 assert main(["run", "hi", "--raw", "--model", {str(path)!r}, *flags]) == 0
-print("torch imported before each worker started:", torch_already)
+print("torch imported:", "torch" in sys.modules)
 """
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().endswith("started: [False, False]"), out.stdout
+    assert out.stdout.strip().endswith("torch imported: False"), out.stdout
+    with LiveDaemon(path, tmp_path) as daemon, Client(daemon.address, timeout=60) as client:
+        assert client.generate("hi", max_tokens=2).completion_tokens == 2
+        maps = Path(f"/proc/{daemon.process.pid}/maps").read_text()
+    assert "libtorch" not in maps and "libc10" not in maps

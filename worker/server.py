@@ -22,8 +22,8 @@ import psutil
 import torch
 
 from mtpd import __version__
-from mtpd.model.checkpoint import open_checkpoint, read_config
-from mtpd.model.decoder import ShardSpec, model_identity, shard_tensor_shapes
+from mtpd.model.checkpoint import model_identity, open_checkpoint, read_config
+from mtpd.model.decoder import ShardSpec, shard_tensor_shapes
 from mtpd.model.default_model import shipped_head_for
 from mtpd.model.errors import InputError
 from mtpd.model.linear_state import STATE_BLOCK
