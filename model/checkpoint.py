@@ -114,6 +114,8 @@ class HFCheckpoint:
             try:
                 header = json.loads(f.read(min(header_len, _MAX_HEADER)))
                 start, end = header[self._stored_name[name]]["data_offsets"]
+                if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end):
+                    raise ValueError(f"data offsets {start!r}, {end!r}")
             except (ValueError, KeyError, TypeError) as e:
                 raise ModelLoadError(f"{file}: unreadable safetensors header: {e}") from e
             f.seek(8 + header_len + start)
