@@ -117,7 +117,8 @@ def run_bench(args: argparse.Namespace, settings) -> int:
         # process, so the coordinator's peak memory is taken before they load.
         coordinator_peak = process_peak_bytes() if args.peer else None
         peers = {
-            name: load_peer(name, daemon.model_path, settings.threads or 2) for name in args.peer
+            name: load_peer(name, daemon.model_path, settings.pipeline.threads or 2)
+            for name in args.peer
         }
         peer_rates: dict[str, list[float]] = {name: [] for name in peers}
         runs: dict[tuple[str, int], list] = {}
@@ -156,18 +157,24 @@ def run_bench(args: argparse.Namespace, settings) -> int:
         device = pipeline.stages[0].device
         cuda_graphs = all(stage.load.cuda_graphs for stage in pipeline.stages)
         model_name = daemon.model_path.name
-    if settings.quant != "none":
+    if settings.pipeline.quant != "none":
         from mtpd.bench.quality import quantization_quality
 
         report_quality = quantization_quality(
-            daemon.model_path, settings.quant, DTYPES[settings.dtype], prompts, args.max_tokens
+            daemon.model_path,
+            settings.pipeline.quant,
+            DTYPES[settings.pipeline.dtype],
+            prompts,
+            args.max_tokens,
         )
     peers = {
         name: {"decode_tokens_per_s": round(statistics.median(rates), 3)}
         for name, rates in peer_rates.items()
     }
     configs = [
-        config_report(runs[key], runs[("0", key[1])], references[key[1]], DTYPES[settings.dtype])
+        config_report(
+            runs[key], runs[("0", key[1])], references[key[1]], DTYPES[settings.pipeline.dtype]
+        )
         for key in sorted(runs, key=lambda k: (k[1], list(map(str, drafts)).index(k[0])))
     ]
     report = {
@@ -175,8 +182,8 @@ def run_bench(args: argparse.Namespace, settings) -> int:
         "model_name": model_name,
         "workers": workers,
         "device": device,
-        "dtype": settings.dtype,
-        "quant": settings.quant,
+        "dtype": settings.pipeline.dtype,
+        "quant": settings.pipeline.quant,
         "cuda_graphs": cuda_graphs,
         "requests": args.requests,
         "max_tokens": args.max_tokens,
@@ -186,7 +193,7 @@ def run_bench(args: argparse.Namespace, settings) -> int:
         "memory": mem,
         "peers": peers,
     }
-    if settings.quant != "none":
+    if settings.pipeline.quant != "none":
         report["quantization"] = report_quality
     report["summary"] = summary(configs, peers)
     print_report(report)

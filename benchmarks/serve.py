@@ -29,6 +29,7 @@ from mtpd.client import AsyncClient, Client
 from mtpd.daemon.coordinator import Coordinator, Settings
 from mtpd.daemon.generation import generate
 from mtpd.daemon.options import GenerationOptions
+from mtpd.daemon.pipeline import PipelineConfig
 
 
 async def in_process(daemon: Coordinator, streams: int, tokens: int) -> float:
@@ -68,7 +69,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    settings = Settings(model=args.model, workers=args.workers, device="cpu", max_context=512)
+    settings = Settings(
+        model=args.model,
+        pipeline=PipelineConfig(workers=args.workers, device="cpu", max_context=512),
+    )
     rates: dict[tuple[str, int], list[float]] = {}
 
     def record(way: str, n: int, rate: float) -> None:

@@ -20,6 +20,7 @@ from mtpd.daemon.coordinator import Coordinator, Settings
 from mtpd.daemon.draft_policy import AUTO
 from mtpd.daemon.generation import Prompt, generate
 from mtpd.daemon.options import GenerationOptions, OutputFormat
+from mtpd.daemon.pipeline import PipelineConfig
 from mtpd.daemon.structured_output import Constraint
 
 SCHEMA = {
@@ -100,7 +101,11 @@ def main() -> None:
     args = ap.parse_args()
     timed = Timed()
     timed.install()
-    settings = Settings(model=args.model, quant=args.quant, max_seqs=1, draft_tokens=AUTO)
+    settings = Settings(
+        model=args.model,
+        pipeline=PipelineConfig(quant=args.quant, max_seqs=1),
+        draft_tokens=AUTO,
+    )
     configs = [(c, d) for c in (False, True) for d in (0, None)]  # None: the auto policy
     rates: dict[tuple[bool, int | None], list[float]] = defaultdict(list)
     tokens_constrained = 0

@@ -516,10 +516,10 @@ def _cmd_worker(args: argparse.Namespace) -> NoReturn:
 def _settings(args: argparse.Namespace, max_seqs: int):
     from mtpd.daemon.coordinator import Settings
     from mtpd.daemon.draft_policy import AUTO
+    from mtpd.daemon.pipeline import PipelineConfig
     from mtpd.rpc import WorkerTLS
 
-    return Settings(
-        model=args.model,
+    pipeline = PipelineConfig(
         workers=args.workers,
         device=args.device,
         split=args.split,
@@ -536,17 +536,21 @@ def _settings(args: argparse.Namespace, max_seqs: int):
         worker_tls=WorkerTLS.from_flags(
             args.worker_tls_cert, args.worker_tls_key, args.worker_tls_ca
         ),
-        draft_tokens=AUTO if args.draft_tokens is None else args.draft_tokens,
-        draft_p_min=args.draft_p_min,
-        mtp_head=Path(args.mtp_head) if args.mtp_head else None,
+        mtp_head=args.mtp_head,
         step_timeout_s=args.step_timeout,
         max_restarts=args.max_restarts,
         restart_window_s=args.restart_window,
         rejoin_timeout_s=args.rejoin_timeout,
+    )
+    return Settings(
+        model=args.model,
+        pipeline=pipeline,
+        draft_tokens=AUTO if args.draft_tokens is None else args.draft_tokens,
+        draft_p_min=args.draft_p_min,
         # serve's alone: bench and run read no chat replies
         tool_call_parser=getattr(args, "tool_call_parser", "auto"),
         reasoning_parser=getattr(args, "reasoning_parser", "auto"),
-        prefix_cache=getattr(args, "prefix_cache", False),  # serve's alone
+        prefix_cache=getattr(args, "prefix_cache", False),
     )
 
 

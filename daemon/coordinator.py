@@ -3,8 +3,9 @@ the worker pipeline, and the scheduler feeding it. It holds no model tensors."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mtpd.daemon.draft_policy import AUTO, DraftPolicy
@@ -15,7 +16,6 @@ from mtpd.model.checkpoint import model_identity, open_checkpoint, read_config
 from mtpd.model.config import ModelConfig
 from mtpd.model.default_model import resolve_model
 from mtpd.model.tokenizer import Tokenizer
-from mtpd.rpc import WorkerTLS
 
 # Prefix caching on a hybrid model: the recurrent states each sequence keeps, saved after
 # its prompt's chunks (each one as large as the sequence's live recurrent state).
@@ -24,32 +24,15 @@ STATE_SNAPSHOTS = 4
 
 @dataclass
 class Settings:
+    """What `mtpd run`, `serve` and `bench` start: the pipeline (the coordinator fills in
+    what it reads from the model) and the daemon's own settings."""
+
     model: str | None = None  # None: the embedded default
-    workers: int | None = None
-    device: str | None = None
-    split: str | None = None
-    dtype: str = "float32"
-    quant: str = "none"
-    cuda_graphs: bool | None = None  # None: on CUDA where they apply
-    threads: int | None = None
-    transport: str = "dist"
-    max_seqs: int = 16
-    max_context: int = 2048
-    cache_memory: int = 0
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     max_batch_tokens: int = 256
     max_queue: int = 256
-    runtime_dir: Path | None = None
-    join_listen: str | None = None
-    token: str | None = None
-    worker_tls: WorkerTLS | None = None  # mutual TLS with remote workers
     draft_tokens: int | str = AUTO  # 0 turns MTP off
     draft_p_min: float = 0.0
-    step_timeout_s: float = 120.0  # a worker this late with a step is restarted
-    max_restarts: int = 5  # per worker in restart_window_s; past them requests fail
-    restart_window_s: float = 600.0
-    rejoin_timeout_s: float = 300.0  # how long a failed remote worker has to rejoin
-    mtp_head: Path | None = None  # default: the shipped head, else the checkpoint's own
-    # (resolved by the tail worker, which may be on another host)
     tool_call_parser: str = "auto"  # daemon/chat.py: the format the chat template teaches
     reasoning_parser: str = "auto"  # <think> split off where the template knows it
     prefix_cache: bool = False  # keep finished requests' caches (mtpd serve: on)
@@ -77,14 +60,11 @@ class Coordinator:
     ) -> Coordinator:
         # Local workers start first: each takes about a second to import torch, and this
         # process spends that second reading the model's config and tokenizer.
+        wanted = settings.pipeline
         local = None
-        if settings.join_listen is None:
+        if wanted.join_listen is None:
             local = LocalWorkers.start(
-                settings.device,
-                settings.workers,
-                settings.transport,
-                settings.threads,
-                settings.runtime_dir,
+                wanted.device, wanted.workers, wanted.transport, wanted.threads, wanted.runtime_dir
             )
         try:
             path, cfg, tokenizer, identity = _read_model(settings)
@@ -94,31 +74,13 @@ class Coordinator:
             raise
         policy = DraftPolicy(settings.draft_tokens, settings.draft_p_min)
         pipeline = Pipeline.start(  # which owns `local` from here, and stops it on failure
-            PipelineConfig(
+            dataclasses.replace(
+                wanted,
                 model=str(path),
                 num_layers=cfg.num_layers,
-                workers=settings.workers,
-                device=settings.device,
-                split=settings.split,
-                dtype=settings.dtype,
-                quant=settings.quant,
-                cuda_graphs=settings.cuda_graphs,
-                max_seqs=settings.max_seqs,
-                max_context=min(settings.max_context, cfg.max_position_embeddings),
-                cache_memory=settings.cache_memory,
-                threads=settings.threads,
-                transport=settings.transport,
-                runtime_dir=settings.runtime_dir,
-                join_listen=settings.join_listen,
-                token=settings.token,
-                worker_tls=settings.worker_tls,
+                max_context=min(wanted.max_context, cfg.max_position_embeddings),
                 model_identity=identity,
                 load_mtp=policy.enabled,
-                mtp_head=str(settings.mtp_head) if settings.mtp_head else None,
-                step_timeout_s=settings.step_timeout_s,
-                max_restarts=settings.max_restarts,
-                restart_window_s=settings.restart_window_s,
-                rejoin_timeout_s=settings.rejoin_timeout_s,
                 state_snapshots=STATE_SNAPSHOTS if settings.prefix_cache and cfg.is_hybrid else 0,
             ),
             on_status,
@@ -165,5 +127,5 @@ def _read_model(settings: Settings) -> tuple[Path, ModelConfig, Tokenizer, str]:
     path = resolve_model(settings.model)
     ckpt = open_checkpoint(path)
     cfg = read_config(ckpt)
-    identity = model_identity(ckpt, cfg) if settings.join_listen else ""
+    identity = model_identity(ckpt, cfg) if settings.pipeline.join_listen else ""
     return path, cfg, Tokenizer.from_checkpoint(ckpt, cfg), identity

@@ -46,8 +46,10 @@ BYSTANDER_NOTICE_S = 5.0
 
 @dataclass
 class PipelineConfig:
-    model: str
-    num_layers: int
+    # The checkpoint and its layer count: `Coordinator.start` fills them in from the model
+    # it resolves (with model_identity, load_mtp and state_snapshots).
+    model: str = ""
+    num_layers: int = 0
     workers: int | None = None  # default: one per visible GPU, one without GPUs
     device: str | None = None  # "cpu" or "cuda"; default cuda when visible
     split: str | None = None  # "auto", "10,20", or None for even

@@ -295,7 +295,7 @@ async def serve_async(settings: Settings, config: ServeConfig) -> int:
         interceptors=[BearerAuth(config.api_token)] * bool(config.api_token) + [ParseRequests()],
         options=[("grpc.max_receive_message_length", receive_limit)],
         # Every stream holds a slot: running and queued requests, plus room for probes.
-        maximum_concurrent_rpcs=settings.max_seqs + settings.max_queue + 32,
+        maximum_concurrent_rpcs=settings.pipeline.max_seqs + settings.max_queue + 32,
     )
     api_grpc.add_InferenceServicer_to_server(InferenceService(front), server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
