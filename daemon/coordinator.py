@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mtpd.daemon.draft_policy import AUTO, DraftPolicy
-from mtpd.daemon.pipeline import LocalWorkers, Pipeline, PipelineConfig
+from mtpd.daemon.launch import LocalWorkers
+from mtpd.daemon.pipeline import Pipeline, PipelineConfig
 from mtpd.daemon.scheduler import Scheduler
 from mtpd.daemon.structured_output import Grammars
 from mtpd.model.checkpoint import model_identity, open_checkpoint, read_config

@@ -1,4 +1,5 @@
-"""The chain of workers: start them, give each its layers, and send steps through.
+"""The chain of workers: send steps through them, and restart one that fails (they are
+started and loaded by `daemon/launch.py`).
 
 A step goes to every worker's stream in the same order (each worker needs the
 sequence ids and cache lengths); activations then flow worker to worker over
@@ -10,26 +11,18 @@ stage has answered, and the tail's answer carries the sampled tokens.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import itertools
 import logging
 import math
-import os
-import shutil
-import tempfile
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
-
-from mtpd import __version__
-from mtpd.daemon.registry import WorkerRegistry
-from mtpd.daemon.split import check_worker_count, layer_ranges, parse_split
+from mtpd.daemon.launch import Launched, LocalWorkers, await_workers, launch
 from mtpd.daemon.workers import LocalWorker, WorkerError, WorkerLink
 from mtpd.model.errors import InputError
 from mtpd.rpc import WorkerTLS
@@ -37,7 +30,6 @@ from mtpd.v1 import worker_pb2 as pb
 
 log = logging.getLogger("mtpd.daemon")
 
-START_TIMEOUT_S = 120.0
 EXIT_NOTICE_S = 0.3  # how long a failure report waits for a dying worker to be reaped
 # How long a bystander's report (it lost a neighbour) waits for the failed worker's own:
 # a worker that raised closes its data-plane link before its step stream ends.
@@ -88,16 +80,6 @@ class PipelineConfig:
 
 
 @dataclass
-class StageInfo:
-    rank: int
-    first_layer: int
-    end_layer: int
-    device: str
-    pid: int
-    load: pb.LoadReply
-
-
-@dataclass
 class StepOutcome:
     results: dict[str, pb.SequenceResult]
     timings: list[pb.StepTimings]  # per stage
@@ -127,108 +109,13 @@ class _Pending:
     replies: list[pb.StepReply | None] = field(default_factory=list)
 
 
-# Device nodes that CUDA (and ROCm, behind torch.cuda) needs: on a machine with none of
-# them torch would count 0 GPUs, so the daemon need not import torch to learn that.
-_GPU_DEVICE_NODES = ("/dev/nvidia*", "/dev/nvhost*", "/dev/dxg", "/dev/kfd")
-
-
-def _gpu_count(asked_for_cuda: bool) -> int:
-    """Asked for CUDA, torch is asked whatever the device nodes look like."""
-    if not asked_for_cuda and not any(glob.glob(pattern) for pattern in _GPU_DEVICE_NODES):
-        return 0
-    import torch  # the daemon only asks how many GPUs there are
-
-    return torch.cuda.device_count()
-
-
-def _resolve_devices(device: str | None, workers: int | None, transport: str) -> list[str]:
-    if device not in (None, "cpu", "cuda"):
-        raise InputError(f"--device {device!r}: use cpu or cuda")
-    if workers is not None:
-        check_worker_count(workers)
-    gpus = 0 if device == "cpu" else _gpu_count(device == "cuda")
-    kind = device or ("cuda" if gpus else "cpu")
-    if kind == "cpu":
-        return ["cpu"] * (workers if workers is not None else 1)
-    if gpus == 0:
-        raise InputError("--device cuda, but this machine has 0 GPU(s) visible")
-    n = workers if workers is not None else gpus
-    if n > gpus and transport == "grpc":
-        # Activations relayed as bytes: several workers may share a GPU (a test setup).
-        return [f"cuda:{i % gpus}" for i in range(n)]
-    if n > gpus:
-        raise InputError(
-            f"--device cuda with {n} workers, but this machine has {gpus} GPU(s) "
-            f"(one worker per GPU: NCCL cannot pair two processes on one device; "
-            "--transport grpc can)"
-        )
-    return [f"cuda:{i}" for i in range(n)]
-
-
-@dataclass
-class LocalWorkers:
-    """Worker processes on this host, in a private runtime directory (their sockets,
-    logs and rendezvous file). They can be started before the model is read: a worker
-    takes about a second to import torch, which the daemon spends reading the model."""
-
-    devices: list[str]
-    threads: int  # per worker
-    runtime_dir: Path
-    owns_runtime_dir: bool
-    processes: list[LocalWorker]
-
-    @classmethod
-    def start(
-        cls,
-        device: str | None,
-        workers: int | None,
-        transport: str,
-        threads: int | None = None,
-        runtime_dir: Path | None = None,
-    ) -> LocalWorkers:
-        _check_transport(transport)
-        if threads is not None and threads < 1:
-            raise InputError(f"--threads must be >= 1, got {threads}")
-        devices = _resolve_devices(device, workers, transport)
-        threads = threads or max(1, (os.cpu_count() or 1) // len(devices))
-        owns = runtime_dir is None
-        runtime_dir = Path(tempfile.mkdtemp(prefix="mtpd-")) if owns else runtime_dir
-        runtime_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        local = cls(devices, threads, runtime_dir, owns, [])
-        try:
-            for i, dev in enumerate(devices):
-                local.processes.append(LocalWorker(i, runtime_dir, dev, threads))
-        except BaseException:
-            local.stop()
-            raise
-        return local
-
-    def stop(self) -> None:
-        for p in self.processes:
-            p.stop()
-        if self.owns_runtime_dir:
-            shutil.rmtree(self.runtime_dir, ignore_errors=True)
-
-
-def _check_transport(transport: str) -> None:
-    if transport not in ("dist", "grpc"):
-        raise InputError(f"--transport {transport!r}: use dist or grpc")
-
-
 class Pipeline:
-    def __init__(
-        self,
-        cfg: PipelineConfig,
-        links: list[WorkerLink],
-        stages: list[StageInfo],
-        local: LocalWorkers | None,
-        remote_side: _RemoteSide | None,
-        load_requests: list[pb.LoadRequest],
-    ) -> None:
-        self.cfg, self.links, self.stages = cfg, links, stages
-        self._local, self._remote_side = local, remote_side
-        self.processes = local.processes if local is not None else []
-        self._load_requests = load_requests
+    def __init__(self, cfg: PipelineConfig, launched: Launched) -> None:
+        self.cfg, self.links, self.stages = cfg, launched.links, launched.stages
+        self._local, self._remote_side = launched.local, launched.remote_side
+        self.processes = launched.local.processes if launched.local is not None else []
+        self._load_requests = launched.requests
+        stages, links = self.stages, self.links
         self.max_seqs = min(s.load.max_seqs for s in stages)
         self.max_context = min(s.load.max_context for s in stages)
         self.mtp_head = stages[-1].load.mtp_head  # "" when the tail has none
@@ -284,96 +171,10 @@ class Pipeline:
         on_status: Callable[[str], None] | None = None,
         local: LocalWorkers | None = None,
     ) -> Pipeline:
-        """Start (or await) the workers and load every shard; `local` are workers already
-        started for `cfg` (which this pipeline then owns), `on_status` hears what is
-        happening, for systemd's STATUS line."""
-        say = on_status or (lambda _: None)
-        links: list[WorkerLink] = []
-        remote_side: _RemoteSide | None = None
-        try:
-            if cfg.max_restarts < 0 or not 0 < cfg.restart_window_s < math.inf:
-                raise InputError("--max-restarts must be >= 0 and --restart-window a finite s > 0")
-            if cfg.join_listen is not None:
-                if local is not None:
-                    raise ValueError("local workers were started for a pipeline of remote ones")
-                _check_transport(cfg.transport)
-                if not cfg.token:
-                    raise InputError("remote workers (--join-listen) need a --token-file")
-                if not cfg.model_identity:
-                    raise ValueError("PipelineConfig.model_identity is needed for remote workers")
-                n = cfg.workers if cfg.workers is not None else 1
-            else:
-                if local is None:
-                    local = LocalWorkers.start(
-                        cfg.device, cfg.workers, cfg.transport, cfg.threads, cfg.runtime_dir
-                    )
-                n = len(local.processes)
-                if cfg.cuda_graphs and local.devices[0] == "cpu":
-                    raise InputError("--cuda-graphs needs --device cuda")
-            split = None if cfg.split in (None, "auto") else parse_split(cfg.split)
-            if cfg.split != "auto":  # refuse a bad layout before any remote worker joins
-                layer_ranges(cfg.num_layers, n, split)
-            if local is None:
-                say(f"waiting for {n} remote worker(s) to join at {cfg.join_listen}")
-                remote_side = _RemoteSide.open(cfg, n)
-                links = [WorkerLink(a, cfg.token, cfg.worker_tls) for a in remote_side.addresses]
-                rendezvous = remote_side.rendezvous
-            else:
-                say(f"starting {n} worker(s) on {', '.join(local.devices)}")
-                links = [WorkerLink(p.address) for p in local.processes]
-                # Local workers meet through a file only this user can read: no port.
-                path = local.runtime_dir / "rendezvous"
-                path.unlink(missing_ok=True)
-                rendezvous = str(path)
-            processes = local.processes if local is not None else []
-            infos = _await_workers(links, processes)
-            free = [i.free_memory_bytes for i in infos] if cfg.split == "auto" else None
-            ranges = layer_ranges(cfg.num_layers, n, split, free)
-            cache_memory = cfg.cache_memory
-            if not cache_memory and local is not None and local.devices[0] == "cpu":
-                # Local CPU workers share one memory: each takes its share of the half
-                # a lone worker would take.
-                cache_memory = min(i.free_memory_bytes for i in infos) // (2 * n)
-            requests = [
-                pb.LoadRequest(
-                    model="" if local is None else cfg.model,
-                    first_layer=first,
-                    end_layer=end,
-                    dtype=cfg.dtype,
-                    quant=cfg.quant,
-                    cuda_graphs=cfg.cuda_graphs,
-                    max_seqs=cfg.max_seqs,
-                    max_context=cfg.max_context,
-                    cache_memory_bytes=cache_memory,
-                    mtp_head=cfg.mtp_head or "",
-                    rank=rank,
-                    world_size=n,
-                    transport=pb.TRANSPORT_DIST if cfg.transport == "dist" else pb.TRANSPORT_GRPC,
-                    rendezvous=rendezvous,
-                    recv_timeout_ms=int(cfg.recv_timeout_s * 1000),
-                    load_mtp=cfg.load_mtp,
-                    state_snapshots=cfg.state_snapshots,
-                )
-                for rank, (first, end) in enumerate(ranges)
-            ]
-            say(
-                "loading "
-                + ", ".join(f"layers {a}-{b - 1} on worker {i}" for i, (a, b) in enumerate(ranges))
-            )
-            loads = _load_all(links, processes, requests)
-            stages = [
-                StageInfo(rank, first, end, infos[rank].device, infos[rank].pid, loads[rank])
-                for rank, (first, end) in enumerate(ranges)
-            ]
-            return cls(cfg, links, stages, local, remote_side, requests)
-        except BaseException:
-            for link in links:
-                link.close()
-            if local is not None:
-                local.stop()
-            if remote_side is not None:
-                remote_side.close()
-            raise
+        """Start (or await) the workers and load every shard (`daemon/launch.py`);
+        `local` are workers already started for `cfg` (which this pipeline then owns),
+        `on_status` hears what is happening, for systemd's STATUS line."""
+        return cls(cfg, launch(cfg, on_status or (lambda _: None), local))
 
     # -- stepping -----------------------------------------------------------------
 
@@ -562,7 +363,7 @@ class Pipeline:
             device = self.stages[rank].device
             self.processes[rank] = LocalWorker(rank, local.runtime_dir, device, local.threads)
             self.links[rank] = WorkerLink(self.processes[rank].address)
-            (info,) = _await_workers([self.links[rank]], [self.processes[rank]])
+            (info,) = await_workers([self.links[rank]], [self.processes[rank]])
             rendezvous = str(local.runtime_dir / f"rendezvous-{rank}-{self.restarts[rank]}")
         else:  # its host restarts it (systemd), and it joins again
             log.warning(
@@ -570,7 +371,7 @@ class Pipeline:
             )
             address = remote.registry.wait_for_all(self.cfg.rejoin_timeout_s)[rank]
             self.links[rank] = WorkerLink(address, self.cfg.token, self.cfg.worker_tls)
-            (info,) = _await_workers([self.links[rank]], [])
+            (info,) = await_workers([self.links[rank]], [])
             rendezvous = f"{remote.rendezvous}/{rank}-{self.restarts[rank]}"
         request = pb.LoadRequest()
         request.CopyFrom(self._load_requests[rank])
@@ -634,87 +435,3 @@ class Pipeline:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-@dataclass
-class _RemoteSide:
-    """What the daemon opens for remote workers: the registry they join through, which
-    is also where their process group meets (its rendezvous store)."""
-
-    server: grpc.Server
-    registry: WorkerRegistry
-    addresses: list[str]
-    rendezvous: str
-
-    @classmethod
-    def open(cls, cfg: PipelineConfig, expected: int) -> _RemoteSide:
-        from mtpd.daemon.registry import serve_registry
-
-        host = cfg.join_listen.rsplit(":", 1)[0]
-        if host in ("", "0.0.0.0", "[::]", "::"):
-            raise InputError(
-                f"--join-listen {cfg.join_listen!r}: name the address workers reach this "
-                f"host at (it is also where they meet for the data plane)"
-            )
-        if cfg.worker_tls is None:
-            log.warning(
-                "remote workers without TLS (--worker-tls-*): the token and the steps "
-                "travel in the clear"
-            )
-        registry = WorkerRegistry(expected, cfg.token, cfg.model_identity)
-        server = serve_registry(cfg.join_listen, registry, cfg.worker_tls)
-        try:
-            addresses = registry.wait_for_all(cfg.join_timeout_s)
-        except BaseException:
-            server.stop(None)
-            raise
-        return cls(server, registry, addresses, f"mtpd://{cfg.join_listen}")
-
-    def close(self) -> None:
-        self.server.stop(None)
-
-
-def _await_workers(links: list[WorkerLink], processes: list[LocalWorker]) -> list[pb.WorkerInfo]:
-    infos = []
-    deadline = time.monotonic() + START_TIMEOUT_S
-    for i, link in enumerate(links):
-        proc = processes[i] if processes else None
-        while True:
-            if proc is not None and (why := proc.describe_exit(with_log=True)) is not None:
-                raise WorkerError(why)
-            try:
-                info = link.info(timeout=1.0)
-                break
-            except grpc.RpcError as e:
-                if time.monotonic() > deadline:
-                    raise WorkerError(f"worker {i} did not start: {e.details()}") from e
-        if info.version != __version__:
-            raise WorkerError(f"worker {i} runs mtpd {info.version}, the daemon {__version__}")
-        infos.append(info)
-    return infos
-
-
-def _load_all(
-    links: list[WorkerLink], processes: list[LocalWorker], requests: list[pb.LoadRequest]
-) -> list[pb.LoadReply]:
-    """Load every shard at once: the data plane forms only when all ranks join."""
-
-    def load(i: int) -> pb.LoadReply:
-        try:
-            return links[i].load(requests[i])
-        except grpc.RpcError as e:
-            if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                raise InputError(f"worker {i}: {e.details()}") from None
-            why = processes[i].describe_exit(with_log=True) if i < len(processes) else None
-            raise WorkerError(f"worker {i} failed to load: {why or e.details()}") from None
-
-    pool = ThreadPoolExecutor(len(links))
-    try:
-        # The first failure is reported at once; the others would wait for the
-        # rendezvous until stopped.
-        futures = [pool.submit(load, i) for i in range(len(links))]
-        for f in as_completed(futures):
-            f.result()
-        return [f.result() for f in futures]
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)

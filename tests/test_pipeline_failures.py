@@ -66,13 +66,13 @@ def test_gpus_are_counted_where_device_nodes_say_there_may_be_some(
 ):
     import torch
 
-    from mtpd.daemon import pipeline
+    from mtpd.daemon import launch
 
     (tmp_path / "nvidia0").touch()
     pattern = str(tmp_path / ("nvidia*" if nodes else "absent*"))
-    monkeypatch.setattr(pipeline, "_GPU_DEVICE_NODES", (pattern,))
+    monkeypatch.setattr(launch, "_GPU_DEVICE_NODES", (pattern,))
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert pipeline._resolve_devices(device, None, "dist") == expected
+    assert launch._resolve_devices(device, None, "dist") == expected
 
 
 def test_worker_on_a_missing_device_refuses_to_start():
