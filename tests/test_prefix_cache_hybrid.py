@@ -1,8 +1,9 @@
-"""Prefix caching on a hybrid (Qwen3.5) model: a Gated DeltaNet state cannot be cut at
-any position, so the workers save it after prompt chunks of whole 64-position blocks and
-a later prompt restarts from the last one it shares. Oracles: the same pipeline with the
-cache off (tokens and logits bit for bit: a prompt's chunks keep to the blocks whatever
-the cache did), and a fresh single-process run under the shared comparator."""
+"""Prefix caching on hybrid (Qwen3.5, dense and MoE) models: a Gated DeltaNet state
+cannot be cut at any position, so the workers save it after prompt chunks of whole
+64-position blocks and a later prompt restarts from the last one it shares. Oracles: the
+same pipeline with the cache off (tokens and logits bit for bit: a prompt's chunks keep
+to the blocks whatever the cache did), and a fresh single-process run under the shared
+comparator."""
 
 from __future__ import annotations
 
@@ -34,13 +35,22 @@ KILL: list[int] = []  # in a conversation's turns: a worker is killed here
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    path = tmp_path_factory.mktemp("hybrid-prefix") / "model"
-    write_tiny_model(
-        path, "qwen3_5", layers=LAYERS, vocab=VOCAB, layer_types=[*KINDS, "full_attention"]
-    )
-    write_char_tokenizer(path)
-    add_mtp_head(path)
-    return path, Engine.load(path, max_context=512)
+    """family -> (model path, reference engine): a hybrid model, dense or MoE, each with
+    its own random MTP layer, made once."""
+    made = {}
+
+    def model(family: str = "qwen3_5"):
+        if family not in made:
+            path = tmp_path_factory.mktemp(family) / "model"
+            write_tiny_model(
+                path, family, layers=LAYERS, vocab=VOCAB, layer_types=[*KINDS, "full_attention"]
+            )
+            write_char_tokenizer(path)
+            add_mtp_head(path)
+            made[family] = path, Engine.load(path, max_context=512)
+        return made[family]
+
+    return model
 
 
 def start(path, workers: int, max_seqs: int = 4) -> Pipeline:
@@ -99,14 +109,19 @@ def conversation(pipeline, engine, draft, params, turns):
 
 
 @pytest.mark.parametrize(
-    ("workers", "draft", "params"),
-    [(1, 3, GREEDY), (2, 0, SAMPLED), (3, 2, SAMPLED)],
-    ids=["1w-k3-greedy", "2w-off-sampled", "3w-k2-sampled"],
+    ("family", "workers", "draft", "params"),
+    [
+        ("qwen3_5", 1, 3, GREEDY),
+        ("qwen3_5_moe", 2, 0, SAMPLED),
+        ("qwen3_5", 3, 2, SAMPLED),
+        ("qwen3_5_moe", 2, 2, GREEDY),
+    ],
+    ids=["1w-k3-greedy", "moe-2w-off-sampled", "3w-k2-sampled", "moe-2w-k2-greedy"],
 )
 def test_a_conversation_restarts_from_saved_states_and_decodes_exactly(
-    tiny, workers, draft, params
+    tiny, family, workers, draft, params
 ):
-    path, engine = tiny
+    path, engine = tiny(family)
 
     def turns(ask):
         reply = ask(TURN_1)
@@ -133,7 +148,7 @@ def test_a_conversation_restarts_from_saved_states_and_decodes_exactly(
 
 
 def test_a_hybrid_cache_evicted_or_lost_in_a_restart_is_prefilled_exactly(tiny):
-    path, engine = tiny
+    path, engine = tiny()
 
     def turns(ask):
         reply = ask(TURN_1)
@@ -157,7 +172,7 @@ def test_a_hybrid_cache_evicted_or_lost_in_a_restart_is_prefilled_exactly(tiny):
 def test_mtpd_serve_reuses_a_hybrid_conversation_s_cache(tiny, tmp_path):
     """Through the daemon as users run it (prefix caching on by default): the next turn
     reports the reused positions, and its tokens are plain decoding's."""
-    path, engine = tiny
+    path, engine = tiny()
     with (
         LiveDaemon(path, tmp_path, "--draft-tokens", "2") as daemon,
         Client(daemon.address, timeout=120) as client,
