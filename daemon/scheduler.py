@@ -337,11 +337,16 @@ class Scheduler:
         per_batch = math.ceil(len(self._active) / self.pipeline.num_stages)
         decoding = [s for s in ready if s.pending == 1]
         prefilling = [s for s in ready if s.pending > 1]
-        batch, budget = [], self.max_batch_tokens
+        batch, budget, block = [], self.max_batch_tokens, self.pipeline.state_block
         for seq in decoding + prefilling:
-            if budget == 0 or len(batch) == per_batch:
+            if budget <= 0 or len(batch) == per_batch:
                 break
-            n = seq.chunk(budget, self.pipeline.state_block)
+            n = seq.chunk(budget, block)
+            if not n and all(s.pending == 1 for s, _ in batch):
+                # A hybrid prompt's chunk is whole blocks: the step's first one gets a block
+                # past what decoding left of the budget, or it could wait for as long as
+                # others decode.
+                n = seq.chunk(block, block)
             if n:
                 batch.append((seq, n))
                 budget -= n

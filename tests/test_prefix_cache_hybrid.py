@@ -11,8 +11,9 @@ import os
 import random
 import signal
 
+import grpc
 import pytest
-from live_daemon import LiveDaemon
+from live_daemon import LiveDaemon, wait_for
 from reference import GREEDY, solo_run
 from tiny_models import add_mtp_head, write_char_tokenizer, write_tiny_model
 from tiny_pipeline import start_pipeline
@@ -21,9 +22,12 @@ from mtpd.client import Client
 from mtpd.daemon.draft_policy import DraftPolicy
 from mtpd.daemon.pipeline import Pipeline
 from mtpd.daemon.scheduler import Scheduler
+from mtpd.daemon.workers import LocalWorker, WorkerLink
 from mtpd.model.compare import compare_tokens
 from mtpd.model.sampling_params import SamplingParams
+from mtpd.v1 import worker_pb2 as pb
 from mtpd.worker.engine import Engine
+from mtpd.worker.server import MAX_STATE_SNAPSHOTS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 LAYERS, VOCAB, TOKENS, BLOCK = 5, 98, 24, 64
@@ -72,11 +76,11 @@ def run(scheduler, prompt, params):
     return request, result
 
 
-def conversation(pipeline, engine, draft, params, turns):
+def conversation(pipeline, engine, draft, params, turns, max_batch_tokens=256):
     """The prompts `turns` builds from the replies so far, each answered with the cache
     off (checked against a solo run), then all again with the cache on: the answers bit
     for bit the same. Returns the cached run's requests."""
-    fresh = Scheduler(pipeline, set(), policy=DraftPolicy(draft))
+    fresh = Scheduler(pipeline, set(), max_batch_tokens, policy=DraftPolicy(draft))
     prompts, answers = [], []
 
     def ask(prompt):
@@ -94,7 +98,9 @@ def conversation(pipeline, engine, draft, params, turns):
 
     turns(ask)
     fresh.close()  # its sequences released: the cached run's ids start over
-    cached = Scheduler(pipeline, set(), policy=DraftPolicy(draft), prefix_cache=True)
+    cached = Scheduler(
+        pipeline, set(), max_batch_tokens, policy=DraftPolicy(draft), prefix_cache=True
+    )
     requests = []
     for prompt, want in zip(prompts, answers, strict=True):
         if prompt is KILL:
@@ -167,6 +173,59 @@ def test_a_hybrid_cache_evicted_or_lost_in_a_restart_is_prefilled_exactly(tiny):
         requests = conversation(pipeline, engine, 2, GREEDY, turns)
         assert pipeline.restarts[1] >= 1
     assert [r.cached_tokens for r in requests] == [0, 0, 0, 0, 0, 3 * BLOCK]
+
+
+def test_a_sequence_keeps_its_latest_saved_states(tiny):
+    """Chunks of one block save 6 states for a 400-token prompt; daemon and workers keep
+    the latest 4 (at 192..384) alike. One slot, so every hit counts, however short."""
+    path, engine = tiny()
+    prompt = random.Random(8).choices(range(3, VOCAB), k=400)
+
+    def turns(ask):
+        ask(prompt)
+        at_150 = [*prompt[:150], 90, *prompt[151:]]  # the states at 64 and 128 are gone
+        ask(at_150)
+        ask([*at_150[:350], 91, *at_150[351:]])  # the state at 320
+
+    with start(path, 1, max_seqs=1) as pipeline:
+        requests = conversation(pipeline, engine, 0, GREEDY, turns, max_batch_tokens=BLOCK)
+    assert [r.cached_tokens for r in requests] == [0, 0, 5 * BLOCK]
+
+
+def test_a_hybrid_prompt_does_not_wait_behind_decoding(tiny):
+    """With a budget of one block, what a decoding sequence leaves is under a block: the
+    prompt's chunk still goes in the next step, not after the decoding ends."""
+    path, _ = tiny()
+    with start(path, 1) as pipeline:
+        scheduler = Scheduler(pipeline, set(), BLOCK, policy=DraftPolicy(0))
+        decoding = scheduler.submit(TURN_1[:10], GREEDY, 400, ignore_eos=True)
+        wait_for(lambda: len(decoding.token_ids) >= 5)
+        prompt = scheduler.submit(TURN_1[:100], GREEDY, 4, ignore_eos=True)
+        prompt.result(timeout=120)
+        assert not decoding.done
+        decoding.cancel()
+        scheduler.close()
+
+
+def test_a_worker_refuses_more_saved_states_than_it_keeps(tiny, tmp_path):
+    """The daemon counts saved states as it asked for them: a worker that would keep fewer
+    refuses the load, naming the field, rather than cut the number quietly."""
+    path, _ = tiny()
+    process = LocalWorker(0, tmp_path, "cpu", 1)
+    try:
+        link = WorkerLink(process.address)
+        link.info(timeout=60)
+        request = pb.LoadRequest(
+            model=str(path), end_layer=LAYERS, dtype="float32", max_seqs=1, max_context=64,
+            world_size=1, state_snapshots=MAX_STATE_SNAPSHOTS + 1,
+        )  # fmt: skip
+        with pytest.raises(grpc.RpcError) as refused:
+            link.load(request)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert f"state_snapshots {MAX_STATE_SNAPSHOTS + 1} above" in refused.value.details()
+        link.close()
+    finally:
+        process.stop()
 
 
 def test_mtpd_serve_reuses_a_hybrid_conversation_s_cache(tiny, tmp_path):

@@ -137,6 +137,10 @@ class WorkerService(pb_grpc.WorkerServicer):
         start = time.monotonic()
         if req.dtype not in DTYPES:
             raise InputError(f"unknown dtype {req.dtype!r}: use one of {sorted(DTYPES)}")
+        if req.state_snapshots > MAX_STATE_SNAPSHOTS:  # the daemon counts them as asked
+            raise InputError(
+                f"state_snapshots {req.state_snapshots} above the maximum of {MAX_STATE_SNAPSHOTS}"
+            )
         if not 0 <= req.rank < req.world_size:
             raise InputError(f"rank {req.rank} outside a pipeline of {req.world_size} workers")
         model = req.model or self.model
@@ -171,7 +175,7 @@ class WorkerService(pb_grpc.WorkerServicer):
         requested = req.cuda_graphs if req.HasField("cuda_graphs") else None
         use_graphs = StepGraphs.wanted(requested, shard, req.quant or "none")
         max_context = shard.stack.max_context
-        snapshots = min(req.state_snapshots, MAX_STATE_SNAPSHOTS)
+        snapshots = req.state_snapshots
         per_slot = shard.stack.cache_bytes_per_slot(max_context, snapshots)
         budget = req.cache_memory_bytes
         if use_graphs and budget:
