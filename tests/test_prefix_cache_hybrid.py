@@ -13,6 +13,7 @@ import signal
 
 import grpc
 import pytest
+import torch
 from live_daemon import LiveDaemon, wait_for
 from reference import GREEDY, solo_run
 from tiny_models import add_mtp_head, write_char_tokenizer, write_tiny_model
@@ -24,6 +25,8 @@ from mtpd.daemon.pipeline import Pipeline
 from mtpd.daemon.scheduler import Scheduler
 from mtpd.daemon.workers import LocalWorker, WorkerLink
 from mtpd.model.compare import compare_tokens
+from mtpd.model.config import LinearAttentionConfig
+from mtpd.model.linear_state import LinearStates
 from mtpd.model.sampling_params import SamplingParams
 from mtpd.v1 import worker_pb2 as pb
 from mtpd.worker.engine import Engine
@@ -226,6 +229,16 @@ def test_a_worker_refuses_more_saved_states_than_it_keeps(tiny, tmp_path):
         link.close()
     finally:
         process.stop()
+
+
+@pytest.mark.parametrize("snapshots", [0, 4])
+def test_saved_states_are_counted_in_a_slot_s_memory(snapshots):
+    """What a worker sizes its slots by (`bytes_per_slot`) is what the states hold."""
+    dims = LinearAttentionConfig(
+        num_key_heads=2, num_value_heads=4, key_head_dim=16, value_head_dim=8, conv_kernel=4
+    )
+    states = LinearStates(3, 5, dims, torch.bfloat16, torch.device("cpu"), snapshots)
+    assert states.nbytes == 5 * LinearStates.bytes_per_slot(3, dims, torch.bfloat16, snapshots)
 
 
 def test_mtpd_serve_reuses_a_hybrid_conversation_s_cache(tiny, tmp_path):
