@@ -23,7 +23,7 @@ import grpc
 from mtpd import __version__
 from mtpd.daemon.registry import WorkerRegistry
 from mtpd.daemon.split import check_worker_count, layer_ranges, parse_split
-from mtpd.daemon.workers import LocalWorker, WorkerError, WorkerLink
+from mtpd.daemon.worker_link import LocalWorker, WorkerError, WorkerLink
 from mtpd.model.errors import InputError
 from mtpd.v1 import worker_pb2 as pb
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mtpd.daemon.launch import Launched, LocalWorkers, await_workers, launch
-from mtpd.daemon.workers import LocalWorker, WorkerError, WorkerLink
+from mtpd.daemon.worker_link import LocalWorker, WorkerError, WorkerLink
 from mtpd.model.errors import InputError
 from mtpd.rpc import WorkerTLS
 from mtpd.v1 import worker_pb2 as pb

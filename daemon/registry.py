@@ -17,7 +17,7 @@ import grpc
 
 from mtpd import __version__
 from mtpd.daemon.rendezvous import RendezvousStore
-from mtpd.daemon.workers import WorkerError
+from mtpd.daemon.worker_link import WorkerError
 from mtpd.rpc import TokenGate, WorkerTLS, listen_worker_plane
 from mtpd.v1 import worker_pb2 as pb
 from mtpd.v1 import worker_pb2_grpc as pb_grpc

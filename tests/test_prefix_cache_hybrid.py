@@ -23,7 +23,7 @@ from mtpd.client import Client
 from mtpd.daemon.draft_policy import DraftPolicy
 from mtpd.daemon.pipeline import Pipeline
 from mtpd.daemon.scheduler import Scheduler
-from mtpd.daemon.workers import LocalWorker, WorkerLink
+from mtpd.daemon.worker_link import LocalWorker, WorkerLink
 from mtpd.model.compare import compare_tokens
 from mtpd.model.config import LinearAttentionConfig
 from mtpd.model.linear_state import LinearStates

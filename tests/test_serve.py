@@ -447,11 +447,11 @@ def test_a_full_admission_queue_is_resource_exhausted(small_daemon):
 
 
 def test_node_client_streams_a_generation(daemon, client, tmp_path):
-    """clients/node, installed with npm from its lockfile, against the live daemon."""
+    """node-client, installed with npm from its lockfile, against the live daemon."""
     work = tmp_path / "node"
     work.mkdir()
     for name in ("package.json", "package-lock.json", "generate.js"):
-        shutil.copy(REPO / "clients" / "node" / name, work)
+        shutil.copy(REPO / "node-client" / name, work)
     subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=work, check=True, timeout=600)
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN)

@@ -17,7 +17,7 @@ const path = require("path");
 const grpc = require("@grpc/grpc-js");
 const protoLoader = require("@grpc/proto-loader");
 
-const PROTO_ROOT = process.env.MTPD_PROTO_ROOT || path.join(__dirname, "..", "..", "protos");
+const PROTO_ROOT = process.env.MTPD_PROTO_ROOT || path.join(__dirname, "..", "protos");
 
 function parseArgs(argv) {
   const args = { address: process.env.MTPD_ADDRESS, maxTokens: null, raw: false, json: false };
