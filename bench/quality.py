@@ -14,7 +14,7 @@ import torch
 from mtpd.model.checkpoint import open_checkpoint
 from mtpd.model.quant import requantization_error
 from mtpd.model.sampling_params import SamplingParams
-from mtpd.worker.engine import Engine
+from mtpd.train.engine import Engine
 
 
 def _logits(engine: Engine, tokens: list[int]) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from mtpd.model.layers import Linear
-from mtpd.worker.engine import Engine
+from mtpd.train.engine import Engine
 
 ROWS = (1, 2, 3, 4, 5, 8, 16, 64, 256)
 

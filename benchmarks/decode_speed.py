@@ -17,7 +17,7 @@ import torch
 from mtpd.bench.peers import TransformersPeer
 from mtpd.model.default_model import resolve_model
 from mtpd.model.sampling_params import SamplingParams
-from mtpd.worker.engine import Engine
+from mtpd.train.engine import Engine
 
 PROMPTS = [
     "What is the capital of France?",

@@ -20,7 +20,7 @@ import torch
 from step_paths import step  # this folder's: a script's own folder is on sys.path
 
 from mtpd.model import cpu_kernels
-from mtpd.worker.engine import Engine
+from mtpd.train.engine import Engine
 
 SHAPES = [(1, 1), (1, 2), (1, 8), (8, 1)]  # (sequences, rows each)
 

@@ -13,8 +13,8 @@ import time
 
 import torch
 
+from mtpd.train.engine import Engine
 from mtpd.worker.cuda_graphs import StepGraphs
-from mtpd.worker.engine import Engine
 
 
 def main() -> None:

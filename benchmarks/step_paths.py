@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from mtpd.model import cpu_kernels
-from mtpd.worker.engine import Engine
+from mtpd.train.engine import Engine
 
 MACS_PER_CYCLE = {"none": 16, "int8": 64, "int4": 64}
 

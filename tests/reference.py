@@ -7,7 +7,7 @@ import torch
 
 from mtpd.model.sampling import select_token
 from mtpd.model.sampling_params import SamplingParams
-from mtpd.worker.engine import Engine
+from mtpd.train.engine import Engine
 
 GREEDY = SamplingParams()
 

@@ -16,7 +16,7 @@ from mtpd.model import cpu_kernels
 from mtpd.model.checkpoint import open_checkpoint, read_config
 from mtpd.model.decoder import ShardSpec
 from mtpd.model.layers import Attention, Linear, _apply_rope
-from mtpd.worker.engine import load_shard
+from mtpd.worker.shard_loading import load_shard
 
 
 def test_the_kernels_are_built_on_these_machines():

@@ -20,8 +20,8 @@ from mtpd.model.compare import compare_tokens
 from mtpd.model.quant import Int4Linear, Int4Weight, Int8Linear
 from mtpd.model.sampling import select_tokens
 from mtpd.model.sampling_params import SamplingParams
+from mtpd.train.engine import Engine
 from mtpd.worker.cuda_graphs import StepGraphs
-from mtpd.worker.engine import Engine
 
 pytestmark = pytest.mark.cuda
 

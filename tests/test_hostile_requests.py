@@ -20,8 +20,8 @@ from reference import GREEDY, solo_run
 
 from mtpd.client import Client, ServerError, Unavailable
 from mtpd.model.sampling_params import SamplingParams
+from mtpd.train.engine import Engine
 from mtpd.v1 import inference_pb2 as api
-from mtpd.worker.engine import Engine
 from mtpd.worker.faults import ENV as CRASH_ENV
 
 TOKEN = "hostile-test-token"

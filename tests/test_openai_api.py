@@ -17,7 +17,7 @@ from reference import GREEDY, penalised_run, solo_run
 from mtpd.cli import main
 from mtpd.client import Client, InvalidRequest
 from mtpd.model.sampling_params import SamplingParams
-from mtpd.worker.engine import Engine
+from mtpd.train.engine import Engine
 
 TOKEN = "http-test-token"
 MODEL = "tiny-served"

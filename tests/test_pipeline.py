@@ -16,7 +16,7 @@ from tiny_models import write_char_tokenizer, write_tiny_model
 from mtpd.daemon.pipeline import Pipeline, PipelineConfig
 from mtpd.daemon.scheduler import Scheduler
 from mtpd.model.compare import compare_tokens
-from mtpd.worker.engine import Engine
+from mtpd.train.engine import Engine
 
 LAYERS = 4
 PROMPTS = [[5, 17, 33, 2, 9, 60, 41], [70, 3, 3, 12], list(range(10, 60))]

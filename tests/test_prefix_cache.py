@@ -26,7 +26,7 @@ from mtpd.daemon.pipeline import Pipeline
 from mtpd.daemon.scheduler import Scheduler
 from mtpd.model.compare import compare_tokens
 from mtpd.model.sampling_params import SamplingParams
-from mtpd.worker.engine import Engine
+from mtpd.train.engine import Engine
 
 LAYERS, VOCAB, TOKENS = 4, 98, 24
 SAMPLED = SamplingParams(temperature=0.9, top_p=0.95, seed=3)

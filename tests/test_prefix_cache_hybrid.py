@@ -28,8 +28,8 @@ from mtpd.model.compare import compare_tokens
 from mtpd.model.config import LinearAttentionConfig
 from mtpd.model.linear_state import LinearStates
 from mtpd.model.sampling_params import SamplingParams
+from mtpd.train.engine import Engine
 from mtpd.v1 import worker_pb2 as pb
-from mtpd.worker.engine import Engine
 from mtpd.worker.server import MAX_STATE_SNAPSHOTS
 
 pytestmark = pytest.mark.usefixtures("one_thread")

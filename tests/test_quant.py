@@ -34,7 +34,7 @@ from mtpd.model.quant import (
     requantization_error,
 )
 from mtpd.model.sampling_params import SamplingParams
-from mtpd.worker.engine import Engine
+from mtpd.train.engine import Engine
 
 
 def test_int4_groups_round_to_nearest_within_half_a_step():

@@ -17,7 +17,7 @@ from mtpd.daemon.pipeline import Pipeline
 from mtpd.daemon.scheduler import Scheduler
 from mtpd.model.compare import compare_tokens
 from mtpd.model.sampling_params import SamplingParams
-from mtpd.worker.engine import Engine
+from mtpd.train.engine import Engine
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 LAYERS, VOCAB, TOKENS = 5, 98, 24

@@ -46,9 +46,9 @@ from mtpd.client import (
     Unavailable,
 )
 from mtpd.model.sampling_params import SamplingParams
+from mtpd.train.engine import Engine
 from mtpd.v1 import inference_pb2 as api
 from mtpd.v1 import inference_pb2_grpc as api_grpc
-from mtpd.worker.engine import Engine
 
 TOKEN = "s3cret-test-token"
 REPO = Path(__file__).resolve().parent.parent

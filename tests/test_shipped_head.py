@@ -11,8 +11,8 @@ from safetensors import safe_open
 from mtpd.model.default_model import default_head_path
 from mtpd.model.quant import Int8Linear
 from mtpd.train.commands import eval_prompts_path, read_prompts
+from mtpd.train.engine import Engine
 from mtpd.train.evaluate import evaluate_head
-from mtpd.worker.engine import Engine
 
 
 def test_shipped_head_binds_to_the_default_model_and_drafts():

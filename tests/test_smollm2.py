@@ -12,7 +12,7 @@ import torch
 
 from mtpd.model.default_model import default_model_path
 from mtpd.model.tokenizer import IncrementalDecoder
-from mtpd.worker.engine import Engine
+from mtpd.train.engine import Engine
 
 
 @pytest.fixture(scope="module")

@@ -21,8 +21,8 @@ from mtpd.model.compare import compare_tokens
 from mtpd.model.decoder import DecoderShard, ShardSpec
 from mtpd.model.mtp import MTPHead
 from mtpd.model.sampling_params import SamplingParams
+from mtpd.train.engine import Engine
 from mtpd.v1 import worker_pb2 as pb
-from mtpd.worker.engine import Engine
 from mtpd.worker.stage import Stage
 
 LAYERS, VOCAB, TOKENS = 4, 98, 40

@@ -20,8 +20,8 @@ from mtpd.daemon.structured_output import ConstraintBroken, Grammars
 from mtpd.model.errors import InvalidParameter
 from mtpd.model.sampling import select_token
 from mtpd.model.sampling_params import SamplingParams
+from mtpd.train.engine import Engine
 from mtpd.v1 import worker_pb2 as pb
-from mtpd.worker.engine import Engine
 
 LAYERS, VOCAB, EOS = 4, 98, 2
 # A finite language (9460 words), so the allowed next characters can be enumerated.

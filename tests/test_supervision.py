@@ -22,7 +22,7 @@ from mtpd.daemon.pipeline import Pipeline, PipelineConfig
 from mtpd.daemon.scheduler import Scheduler
 from mtpd.model.compare import compare_tokens
 from mtpd.model.sampling_params import SamplingParams
-from mtpd.worker.engine import Engine
+from mtpd.train.engine import Engine
 
 TOKENS = 48
 PROMPTS = ["The first stream", "Another one", "A third prompt here", "Last"]

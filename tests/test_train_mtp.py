@@ -175,7 +175,7 @@ def test_corpus_files_plain_and_json(tmp_path):
 
 def test_corpus_text_becomes_records(tiny):
     from mtpd.train.collect import read_corpus_records
-    from mtpd.worker.engine import Engine
+    from mtpd.train.engine import Engine
 
     engine = Engine.load(tiny / "model", max_context=256)
     text = "In the beginning was the word. " * 12  # 372 characters, one token each
@@ -190,8 +190,8 @@ def test_corpus_text_becomes_records(tiny):
 
 
 def test_the_model_writes_prompts(tiny, tmp_path):
+    from mtpd.train.engine import Engine
     from mtpd.train.prompts import self_written_prompts
-    from mtpd.worker.engine import Engine
 
     engine = Engine.load(tiny / "model", max_seqs=8, max_context=256)
     cache = tmp_path / "written.json"
@@ -220,8 +220,8 @@ def test_the_model_writes_prompts(tiny, tmp_path):
 
 def test_writing_prompts_needs_a_template_with_a_cue(tmp_path):
     from mtpd.model.errors import ModelLoadError
+    from mtpd.train.engine import Engine
     from mtpd.train.prompts import self_written_prompts
-    from mtpd.worker.engine import Engine
 
     write_tiny_model(tmp_path / "m", "llama", vocab=98, layers=2)
     write_char_tokenizer(tmp_path / "m", "{% for m in messages %}{{ m['content'] }}{% endfor %}")

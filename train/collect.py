@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from mtpd.model.sampling import select_tokens
 from mtpd.model.sampling_params import SamplingParams
-from mtpd.worker.engine import Engine
+from mtpd.train.engine import Engine
 
 SHARD_GLOB = "shard-*.safetensors"
 

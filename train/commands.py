@@ -81,6 +81,7 @@ def run_train(args: argparse.Namespace) -> int:
     from mtpd.model.decoder import fingerprint_names
     from mtpd.model.mtp import DRAFT_VOCAB, check_head_base, read_head_file, save_head_file
     from mtpd.train.collect import collect, read_shards
+    from mtpd.train.engine import Engine
     from mtpd.train.evaluate import evaluate_head
     from mtpd.train.prompts import self_written_prompts, training_prompts, user_turn_cue
     from mtpd.train.trainer import (
@@ -91,7 +92,6 @@ def run_train(args: argparse.Namespace) -> int:
         initial_head,
         train_head,
     )
-    from mtpd.worker.engine import Engine
 
     torch.manual_seed(args.seed)
     started = time.perf_counter()
@@ -253,8 +253,8 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_eval(args: argparse.Namespace) -> int:
     from mtpd.model.default_model import default_head_path
+    from mtpd.train.engine import Engine
     from mtpd.train.evaluate import evaluate_head
-    from mtpd.worker.engine import Engine
 
     head = Path(args.head) if args.head else default_head_path(args.model)
     if head is None:

@@ -15,7 +15,7 @@ import torch
 from mtpd.model.mtp import MTPHead
 from mtpd.model.sampling_params import SamplingParams
 from mtpd.train.collect import Record, continue_prompts
-from mtpd.worker.engine import Engine
+from mtpd.train.engine import Engine
 
 
 def draft_along(

@@ -14,7 +14,7 @@ from mtpd.model.errors import ModelLoadError
 from mtpd.model.sampling_params import SamplingParams
 from mtpd.model.tokenizer import Tokenizer
 from mtpd.train.collect import continue_prompts
-from mtpd.worker.engine import Engine
+from mtpd.train.engine import Engine
 
 TOPICS = """
 the water cycle; volcanoes; black holes; photosynthesis; the Roman Empire; the French Revolution;

@@ -39,8 +39,8 @@ from mtpd.rpc import (
 from mtpd.v1 import worker_pb2 as pb
 from mtpd.v1 import worker_pb2_grpc as pb_grpc
 from mtpd.worker.cuda_graphs import StepGraphs
-from mtpd.worker.engine import load_shard
 from mtpd.worker.memory import peak_memory_bytes, tensor_bytes
+from mtpd.worker.shard_loading import load_shard
 from mtpd.worker.stage import Stage
 from mtpd.worker.transport import DTYPES, DistLink, TransportError
 

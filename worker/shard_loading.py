@@ -1,0 +1,54 @@
+"""Loading one worker's shard: its layers' tensors from the checkpoint, quantized and
+packed for the kernels, and on the tail the MTP head."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from mtpd.model.checkpoint import Checkpoint
+from mtpd.model.config import ModelConfig
+from mtpd.model.decoder import DecoderShard, ShardSpec
+from mtpd.model.layers import pack_for_inference
+from mtpd.model.mtp import MTPHead, check_head_base, read_checkpoint_head, read_head_file
+from mtpd.model.quant import quantize_head, quantize_linears
+
+
+def load_shard(
+    ckpt: Checkpoint,
+    cfg: ModelConfig,
+    spec: ShardSpec,
+    dtype: torch.dtype,
+    max_context: int,
+    device: torch.device,
+    mtp_head: Path | None = None,
+    checkpoint_mtp: bool = False,
+    quant: str = "none",
+) -> tuple[DecoderShard, MTPHead | None]:
+    """Load a shard in its fastest inference layout (its linear layers quantized with
+    `quant`), and on the tail an MTP head: from `mtp_head`, else with `checkpoint_mtp` the
+    checkpoint's own MTP layer if any."""
+    max_context = min(max_context, cfg.max_position_embeddings)
+    shard = DecoderShard.load(ckpt, cfg, spec, dtype, max_context, device)
+    tensors = None
+    if mtp_head is not None:
+        tensors, metadata = read_head_file(mtp_head)
+        check_head_base(metadata, shard.fingerprint, mtp_head)
+    elif checkpoint_mtp:
+        tensors = read_checkpoint_head(ckpt, cfg)
+    mtp = None
+    if tensors is not None:
+        # Built before packing: the draft head copies rows of the dense LM head.
+        mtp = MTPHead(cfg, tensors, shard.embedding, shard.lm_head, max_context, dtype)
+    dense_head = shard.lm_head
+    quantize_linears(shard, quant, ckpt.int4_blocks, ckpt.stored_at_8_bits)
+    if mtp is not None and mtp.draft_head is dense_head:
+        mtp.draft_head = shard.lm_head  # drafting over the full vocabulary: the trunk's head
+    pack_for_inference(shard)
+    if quant != "none":  # the weights already trade exactness: the cache follows llama.cpp's
+        shard.stack.use_half_cache()
+    if mtp is not None:
+        quantize_head(mtp)
+        pack_for_inference(mtp)
+    return shard, mtp
