@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from step_paths import step  # this folder's: a script's own folder is on sys.path
 
-from mtpd.model import cpu_kernels
+from mtpd.model import cpu_kernels, kernel_library
 from mtpd.train.engine import Engine
 
 SHAPES = [(1, 1), (1, 2), (1, 8), (8, 1)]  # (sequences, rows each)
@@ -36,12 +36,12 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     compiler = shutil.which(os.environ.get("CC", "cc"))
-    runtime, isa = cpu_kernels._openmp_runtime(), cpu_kernels._isa()
+    runtime, isa = kernel_library.openmp_runtime(), kernel_library.cpu_isa()
     libraries = {}
     for source in args.sources:
-        cpu_kernels.SOURCE = source
-        libraries[str(source)] = cpu_kernels._load(
-            cpu_kernels._build(compiler, runtime, ["-lmvec"], isa)
+        kernel_library.SOURCE = source
+        libraries[str(source)] = kernel_library.load(
+            kernel_library.build(compiler, runtime, ["-lmvec"], isa)
         )
     most = max(n for n, _ in SHAPES)
     engine = Engine.load(args.model, max_context=args.context + 8, quant=args.quant, max_seqs=most)
@@ -52,7 +52,7 @@ def main() -> None:
     for _ in range(args.reps):
         for shape in SHAPES:
             for name, library in libraries.items():
-                cpu_kernels._library = lambda library=library: library
+                cpu_kernels.kernels = lambda library=library: library
                 n, rows = shape
                 start = time.perf_counter()
                 step(engine, seqs[:n], args.context, rows)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from mtpd.model import cpu_kernels
+from mtpd.model import cpu_kernels, kernel_library
 from mtpd.train.engine import Engine
 
 MACS_PER_CYCLE = {"none": 16, "int8": 64, "int4": 64}
@@ -34,7 +34,7 @@ MACS_PER_CYCLE = {"none": 16, "int8": 64, "int4": 64}
 
 def use(library) -> None:
     """Run the kernels of `library`."""
-    cpu_kernels._library = lambda: library
+    cpu_kernels.kernels = lambda: library
 
 
 def bandwidth_gbs(threads: int) -> float:
@@ -80,11 +80,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    native = cpu_kernels._library()
+    native = kernel_library.kernels()
     if native is None:
         raise SystemExit("the CPU kernels are unavailable here (see the log): nothing to compare")
     compiler = shutil.which(os.environ.get("CC", "cc"))
-    avx2 = cpu_kernels._load(cpu_kernels._build_avx2(compiler, cpu_kernels._openmp_runtime()))
+    avx2 = kernel_library.load(kernel_library.build_avx2(compiler, kernel_library.openmp_runtime()))
     rows_list = [int(r) for r in args.rows.split(",")]
     gbs, ghz = bandwidth_gbs(args.threads), clock_ghz()
     print(f"bandwidth {gbs:.1f} GB/s (1 GiB sum, {args.threads} threads), clock {ghz:.2f} GHz")
@@ -109,7 +109,7 @@ def main() -> None:
         kv_per_seq = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * kv_bytes * args.context
         peak = args.threads * MACS_PER_CYCLE[quant] * ghz * 1e9
         paths = {"whole layer": native}
-        if cpu_kernels._isa():
+        if kernel_library.cpu_isa():
             paths["whole layer, AVX2 only"] = avx2
         seqs = [f"s{i}" for i in range(max(rows_list))]
         for s in seqs:

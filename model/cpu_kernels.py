@@ -17,163 +17,25 @@ linear layers were fast. Here each is one call, and a whole decoder layer is one
 too (`Layer`; `decoder_layers` takes all of a shard's layers in one call): the twenty-odd
 Python calls of a layer cost as much as its int4 arithmetic.
 
-The kernels are compiled on first use with the system C compiler (about a second) for
-the CPU they run on (AVX2, or AVX-512 where the CPU has it with VNNI, which the int4
-kernel uses), linked with the OpenMP runtime torch loaded and glibc's vector math library,
-cached under ~/.cache/mtpd (or $XDG_CACHE_HOME/mtpd), and loaded with ctypes. Without a
-compiler, on a CPU without AVX2, or with MTPD_CPU_KERNEL=0, layers keep PyTorch's ops
-(linear layers in oneDNN's layout).
+The kernels' library is built and loaded by `kernel_library.py`; without it (no
+compiler, a CPU without AVX2, MTPD_CPU_KERNEL=0) layers keep PyTorch's ops.
 """
 
 from __future__ import annotations
 
 import ctypes
-import functools
-import hashlib
 import logging
-import os
-import shutil
-import subprocess
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 
-from mtpd.model.user_cache import private_cache_dir
+from mtpd.model.kernel_library import C_FLOAT, C_INT, C_POINTER, available, kernels
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_kernels.c")
-FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
-# Where the CPU has them, the int4 and int8 kernels take 64 byte pairs per instruction
-# (VNNI's dpbusd on 512-bit registers); the library is built on the machine it runs on.
-AVX512_VNNI = ("-mavx512f", "-mavx512bw", "-mavx512vnni")
-_AVX512_VNNI_CPU = {"avx512f", "avx512bw", "avx512_vnni"}  # as /proc/cpuinfo names them
 K_MULTIPLE = 8  # the kernels read 8 floats at a time
 PANEL = 16  # outputs in an int4 or int8 panel (linear_q4, linear_q8)
 MAX_HEAD_DIM = 256  # attention holds a query head in a fixed buffer
-
-
-def _cache_dir() -> Path:
-    return private_cache_dir() or Path(tempfile.mkdtemp(prefix="mtpd-kernel-"))  # built afresh
-
-
-def _openmp_runtime() -> Path | None:
-    """The OpenMP library this process already runs (torch's): the kernel links against
-    that very file, so it shares torch's thread pool even where torch bundles the
-    runtime under another name, instead of bringing a second one whose idle threads
-    spin against torch's."""
-    try:
-        maps = Path("/proc/self/maps").read_text()
-    except OSError:
-        return None
-    for line in maps.splitlines():
-        path = Path(line.split()[-1])
-        if path.name.startswith(("libgomp", "libiomp5")) and ".so" in path.name:
-            return path
-    return None
-
-
-def _isa() -> tuple[str, ...]:
-    """The instruction sets beyond AVX2 to build for: AVX512_VNNI where this CPU has it."""
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ()
-    for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
-            flags = set(line.partition(":")[2].split())
-            return AVX512_VNNI if flags >= _AVX512_VNNI_CPU else ()
-    return ()
-
-
-def _build(compiler: str, runtime: Path | None, math: list[str], isa: tuple[str, ...]) -> Path:
-    # Compiled with -fopenmp, linked with the runtime torch loaded (or the compiler's).
-    link = [str(runtime)] if runtime else []
-    command = [compiler, *FLAGS, *isa, str(SOURCE), *link, *math]
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(command).encode()).hexdigest()
-    library = _cache_dir() / f"mtpd-cpu-kernels-{digest[:16]}.so"
-    if not library.exists():
-        # Built under a private name and renamed: workers starting together may race.
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=library.parent)
-        os.close(fd)
-        try:
-            subprocess.run([*command, "-o", tmp], check=True, capture_output=True, timeout=120)
-            os.replace(tmp, library)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
-    return library
-
-
-def _build_any(compiler: str, runtime: Path | None) -> Path:
-    """For this CPU's instruction sets, or for AVX2 alone where the compiler lacks them."""
-    isa = _isa()
-    if isa:
-        try:
-            return _build(compiler, runtime, ["-lmvec"], isa)
-        except subprocess.SubprocessError as e:
-            detail = (getattr(e, "stderr", b"") or b"").decode()
-            log.warning("no AVX-512 build here (%s %s): the kernels use AVX2", e, detail)
-    return _build_avx2(compiler, runtime)
-
-
-def _build_avx2(compiler: str, runtime: Path | None) -> Path:
-    """For AVX2 alone, with glibc's vector exp (libmvec) where it links, else the scalar one."""
-    try:
-        return _build(compiler, runtime, ["-lmvec"], ())
-    except subprocess.CalledProcessError:
-        log.info("libmvec does not link here: the kernels' exp runs lane by lane")
-        return _build(compiler, runtime, ["-DMTPD_SCALAR_EXP", "-lm"], ())
-
-
-_POINTER, _INT, _FLOAT, _STATUS = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
-_SIGNATURES = {  # name: (argument types, result type)
-    "mtpd_linear": ([_POINTER] * 3 + [_INT, ctypes.c_int], _STATUS),
-    "mtpd_rms_norm_f32": ([_POINTER] * 3 + [_INT] * 2 + [_FLOAT], None),
-    "mtpd_silu_mul_f32": ([_POINTER] * 2 + [_INT] * 2, None),
-    "mtpd_attend_f32": ([_POINTER] * 6 + [_INT] * 6 + [_FLOAT, ctypes.c_int], _STATUS),
-    "mtpd_decoder_layers_f32": (
-        [_POINTER, _INT, _POINTER, _INT, _POINTER, _POINTER, ctypes.c_int],
-        _STATUS,
-    ),
-}
-
-
-def _load(library: Path) -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(library))
-    for name, (argtypes, restype) in _SIGNATURES.items():
-        function = getattr(lib, name)
-        function.argtypes, function.restype = argtypes, restype
-    return lib
-
-
-@functools.cache
-def _library() -> ctypes.CDLL | None:
-    if os.environ.get("MTPD_CPU_KERNEL", "1") == "0":
-        return None
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        return None
-    compiler = shutil.which(os.environ.get("CC", "cc"))
-    if compiler is None:
-        log.warning("no C compiler: float32 CPU layers use PyTorch's ops (slower)")
-        return None
-    runtime = _openmp_runtime()
-    try:
-        library = _build_any(compiler, runtime)
-        try:
-            return _load(library)
-        except (OSError, AttributeError):  # a damaged cached copy: build it again, once
-            library.unlink(missing_ok=True)
-            return _load(_build_any(compiler, runtime))
-    except (OSError, AttributeError, subprocess.SubprocessError) as e:
-        detail = getattr(e, "stderr", b"") or b""
-        log.warning("CPU kernels unavailable (%s %s): using PyTorch's ops", e, detail.decode())
-        return None
-
-
-def available() -> bool:
-    return _library() is not None
 
 
 def available_for(weight: torch.Tensor) -> bool:
@@ -219,12 +81,12 @@ class Matrix(ctypes.Structure):
 
     F32, Q4, Q8 = 0, 1, 2
     _fields_ = [
-        ("kind", _INT),
-        ("n", _INT),
-        ("k", _INT),
-        ("q", _POINTER),
-        ("s", _POINTER),
-        ("bias", _POINTER),
+        ("kind", C_INT),
+        ("n", C_INT),
+        ("k", C_INT),
+        ("q", C_POINTER),
+        ("s", C_POINTER),
+        ("bias", C_POINTER),
     ]
 
     @classmethod
@@ -302,7 +164,7 @@ class Matrix(ctypes.Structure):
         rows = _as_rows(x, self.k)
         out = torch.empty(rows.shape[0], self.n, dtype=torch.float32)
         if rows.shape[0]:
-            status = _library().mtpd_linear(
+            status = kernels().mtpd_linear(
                 ctypes.byref(self),
                 rows.data_ptr(),
                 out.data_ptr(),
@@ -340,7 +202,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         raise ValueError(f"rms_norm: inputs {x.shape[-1]} wide for a weight of {weight.shape[0]}")
     rows = _as_rows(x, weight.shape[0])
     out = torch.empty_like(rows)
-    _library().mtpd_rms_norm_f32(
+    kernels().mtpd_rms_norm_f32(
         rows.data_ptr(), weight.data_ptr(), out.data_ptr(), rows.shape[0], rows.shape[1], eps
     )
     return out if x.dim() == 2 else out.view(x.shape)
@@ -352,7 +214,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     width = gate_up.shape[-1]
     rows = _as_rows(gate_up, width)
     out = torch.empty(rows.shape[0], width // 2, dtype=torch.float32)
-    _library().mtpd_silu_mul_f32(rows.data_ptr(), out.data_ptr(), rows.shape[0], width // 2)
+    kernels().mtpd_silu_mul_f32(rows.data_ptr(), out.data_ptr(), rows.shape[0], width // 2)
     return out if gate_up.dim() == 2 else out.view(*gate_up.shape[:-1], width // 2)
 
 
@@ -402,7 +264,7 @@ def attend(
             f"{list(qkv.shape)}, cos {list(cos.shape)}, slot {list(slot_k.shape)}, out "
             f"{list(out.shape)}"
         )
-    status = _library().mtpd_attend_f32(
+    status = kernels().mtpd_attend_f32(
         qkv.data_ptr(),
         cos.data_ptr(),
         sin_signed.data_ptr(),
@@ -422,7 +284,7 @@ def attend(
 
 
 class _Heads(ctypes.Structure):
-    _fields_ = [("heads", _INT), ("kv_heads", _INT), ("d", _INT), ("scale", _FLOAT)]
+    _fields_ = [("heads", C_INT), ("kv_heads", C_INT), ("d", C_INT), ("scale", C_FLOAT)]
 
 
 class Layer(ctypes.Structure):
@@ -431,14 +293,14 @@ class Layer(ctypes.Structure):
     one kernel call per step instead of some twenty PyTorch and kernel calls."""
 
     _fields_ = [
-        ("input_norm", _POINTER),
-        ("post_norm", _POINTER),
+        ("input_norm", C_POINTER),
+        ("post_norm", C_POINTER),
         ("qkv", Matrix),
         ("o", Matrix),
         ("gate_up", Matrix),
         ("down", Matrix),
         ("attention", _Heads),
-        ("eps", _FLOAT),
+        ("eps", C_FLOAT),
     ]
 
     @classmethod
@@ -496,18 +358,18 @@ class Step(ctypes.Structure):
     the rows took PyTorch ops that cost a step about 0.1 ms); made once per step."""
 
     _fields_ = [
-        ("rows", _INT),
-        ("sequences", _INT),
-        ("slots", _POINTER),
-        ("starts", _POINTER),
-        ("counts", _POINTER),
-        ("cos", _POINTER),
-        ("sin_signed", _POINTER),
-        ("k", _POINTER),
-        ("v", _POINTER),
-        ("slots_per_layer", _INT),
-        ("max_context", _INT),
-        ("kv_half", _INT),
+        ("rows", C_INT),
+        ("sequences", C_INT),
+        ("slots", C_POINTER),
+        ("starts", C_POINTER),
+        ("counts", C_POINTER),
+        ("cos", C_POINTER),
+        ("sin_signed", C_POINTER),
+        ("k", C_POINTER),
+        ("v", C_POINTER),
+        ("slots_per_layer", C_INT),
+        ("max_context", C_INT),
+        ("kv_half", C_INT),
     ]
 
     @classmethod
@@ -595,7 +457,7 @@ def decoder_layers(
             )
     array = (Layer * len(layers))(*layers)  # copies of the structs: the layers keep the tensors
     out = torch.empty_like(x)
-    status = _library().mtpd_decoder_layers_f32(
+    status = kernels().mtpd_decoder_layers_f32(
         array,
         len(layers),
         ctypes.byref(step),

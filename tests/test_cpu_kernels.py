@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from tiny_models import write_tiny_model
 
-from mtpd.model import cpu_kernels
+from mtpd.model import cpu_kernels, kernel_library
 from mtpd.model.checkpoint import open_checkpoint, read_config
 from mtpd.model.decoder import ShardSpec
 from mtpd.model.layers import Attention, Linear, _apply_rope
@@ -229,11 +229,11 @@ def test_a_float16_cache_holds_the_float32_values_rounded_and_attends_over_them(
 
 
 def test_the_kernels_build_with_scalar_exp_where_libmvec_does_not_link():
-    # The fallback _build_any takes when `-lmvec` fails: same results, lane by lane.
+    # The fallback build_any takes when `-lmvec` fails: same results, lane by lane.
     compiler = shutil.which(os.environ.get("CC", "cc"))
-    library = cpu_kernels._load(
-        cpu_kernels._build(
-            compiler, cpu_kernels._openmp_runtime(), ["-DMTPD_SCALAR_EXP", "-lm"], ()
+    library = kernel_library.load(
+        kernel_library.build(
+            compiler, kernel_library.openmp_runtime(), ["-DMTPD_SCALAR_EXP", "-lm"], ()
         )
     )
     gate_up = torch.randn(3, 2 * 21, generator=torch.Generator().manual_seed(5)) * 4

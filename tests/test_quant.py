@@ -19,7 +19,7 @@ from tiny_models import write_char_tokenizer, write_tiny_model
 from mtpd.daemon.draft_policy import DraftPolicy
 from mtpd.daemon.pipeline import Pipeline, PipelineConfig
 from mtpd.daemon.scheduler import Scheduler
-from mtpd.model import cpu_kernels
+from mtpd.model import cpu_kernels, kernel_library
 from mtpd.model.compare import compare_tokens
 from mtpd.model.default_model import default_model_path
 from mtpd.model.errors import ModelLoadError
@@ -227,11 +227,11 @@ def test_int4_rounding_is_to_nearest_even_and_non_finite_inputs_stay_non_finite(
 
 def test_the_linear_kernels_are_right_for_avx2_alone_and_for_this_cpus_avx512():
     # The library is built for the machine's CPU; AVX2's build is what runs elsewhere.
-    compiler, runtime = shutil.which(os.environ.get("CC", "cc")), cpu_kernels._openmp_runtime()
-    libraries = [cpu_kernels._build_avx2(compiler, runtime)]
-    isa = cpu_kernels._isa()  # what this machine's kernels are built for
+    compiler, runtime = shutil.which(os.environ.get("CC", "cc")), kernel_library.openmp_runtime()
+    libraries = [kernel_library.build_avx2(compiler, runtime)]
+    isa = kernel_library.cpu_isa()  # what this machine's kernels are built for
     if isa and _compiles(compiler, [*isa, "-lmvec"]):  # a kernel that fails to build fails
-        libraries.append(cpu_kernels._build(compiler, runtime, ["-lmvec"], isa))
+        libraries.append(kernel_library.build(compiler, runtime, ["-lmvec"], isa))
     g = torch.Generator().manual_seed(11)
     # int4 and int8: 1, 3, 9, 18 and 48 groups, three panels, in both builds the same bits
     # (an output's sum runs in the same order); float32 (+ 24): a last 8 after steps of
@@ -249,7 +249,7 @@ def test_the_linear_kernels_are_right_for_avx2_alone_and_for_this_cpus_avx512():
         ]
         quantized = {cpu_kernels.Matrix.Q4: [], cpu_kernels.Matrix.Q8: []}
         for built in libraries:
-            library = cpu_kernels._load(built)
+            library = kernel_library.load(built)
             for matrix, inputs, expected in cases:
 
                 def product(rows: torch.Tensor, library=library, matrix=matrix) -> torch.Tensor:
