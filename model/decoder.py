@@ -17,7 +17,8 @@ from mtpd.model.checkpoint import Checkpoint
 from mtpd.model.config import ModelConfig
 from mtpd.model.errors import ModelLoadError
 from mtpd.model.kv_cache import KVCache
-from mtpd.model.layers import Linear, PaddedLayout
+from mtpd.model.layers import Linear
+from mtpd.model.step_layout import PaddedLayout
 
 EMBEDDING = "model.embed_tokens.weight"
 FINAL_NORM = "model.norm.weight"

@@ -16,10 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtpd.model.config import FULL_ATTENTION, LINEAR_ATTENTION, ModelConfig
-from mtpd.model.layers import MLP, Attention, BatchLayout, DecoderLayer, LayerStack, _apply_rope
+from mtpd.model.layers import MLP, Attention, DecoderLayer, LayerStack, _apply_rope
 from mtpd.model.linear_attention import GatedDeltaNet
 from mtpd.model.linear_state import HybridCache, LinearStates
 from mtpd.model.moe import SparseMoE, moe_tensor_shapes
+from mtpd.model.step_layout import BatchLayout
 
 
 class ZeroCenteredRMSNorm(nn.Module):

@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtpd.model.config import ModelConfig
-from mtpd.model.layers import BatchLayout, Linear, _fused
+from mtpd.model.layers import Linear, _fused
 from mtpd.model.linear_state import HybridCache, LinearStates
+from mtpd.model.step_layout import BatchLayout
 
 
 class GatedRMSNorm(nn.Module):

@@ -22,7 +22,8 @@ import torch
 from mtpd.model.decoder import DecoderShard
 from mtpd.model.errors import InputError
 from mtpd.model.kv_cache import KVCache
-from mtpd.model.layers import LayerStack, PaddedLayout, padded_rows
+from mtpd.model.layers import LayerStack
+from mtpd.model.step_layout import PaddedLayout, padded_rows
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 MAX_ROWS_PER_SEQ = 8  # one token plus up to 7 drafts: decoding and verification
