@@ -5,6 +5,12 @@ prompt (prefill in chunks, so a long prompt never stalls the others' decoding). 
 pipeline stages, up to S micro-batches are in flight at once so every stage has work;
 the active sequences are spread over them. A sequence is in at most one step at a time:
 its next tokens depend on that step's result.
+
+Over 400 lines on purpose: admission, batching, step building, results and recovery
+(replay, quarantine) share one lock and one set of sequences, and split apart each would
+reach into the others' state. What has its own state lives apart: a request as its
+caller holds it (`request.py`), a sequence (`sequence.py`), prefix caching's account
+(`prefix_cache.py`), the draft policy (`draft_policy.py`).
 """
 
 from __future__ import annotations

@@ -3,6 +3,11 @@
 Every block is built from already-loaded tensors (no random init, no copy), and runs
 on a flat batch: the new tokens of all sequences in a step stacked as [N, hidden], so
 each weight is read once per step whatever the batch holds.
+
+Over 400 lines on purpose: the blocks (norm, linear, attention, MLP, layer, stack) pack
+themselves for the CPU kernels together (`pack_for_inference`) and each builds on the
+ones before it; apart, attention and the rest would import each other. A step's row
+layouts are in `step_layout.py`, the kernels in `cpu_kernels.py`.
 """
 
 from __future__ import annotations
