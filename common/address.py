@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import socket
 import stat
 import tempfile
 from pathlib import Path
@@ -17,6 +18,14 @@ SERVICE_USER = "mtpd"  # the system service's user (systemd/mtpd.service)
 TRUSTED_OWNERS_ENV = "MTPD_TRUSTED_SOCKET_OWNERS"
 # The system service's socket (systemd's RuntimeDirectory=mtpd).
 SYSTEM_SOCKET = Path("/run/mtpd/mtpd.sock")
+
+
+def tcp_listen(listen: str) -> tuple[str, str, socket.AddressFamily]:
+    """HOST:PORT as a TCP listener takes it: the host without IPv6 brackets (loopback
+    when empty), the port as given, and the address family the host needs."""
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    return host, port, socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
 def user_socket() -> Path:

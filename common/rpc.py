@@ -18,6 +18,10 @@ from mtpd.v1 import worker_pb2 as pb
 
 # Activations of a large prefill chunk exceed gRPC's 4 MB default.
 MESSAGE_LIMIT = 512 * 1024 * 1024
+# The worker plane's control messages (a join, a rendezvous key, Load, GetInfo, Reset,
+# GetStats) are a few hundred bytes: the registry's receive limit, and a worker's for its
+# unary calls (its step stream carries activations).
+CONTROL_MESSAGE_LIMIT = 64 * 1024
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MESSAGE_LIMIT),
     ("grpc.max_receive_message_length", MESSAGE_LIMIT),

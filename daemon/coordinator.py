@@ -64,9 +64,7 @@ class Coordinator:
         wanted = settings.pipeline
         local = None
         if wanted.join_listen is None:
-            local = LocalWorkers.start(
-                wanted.device, wanted.workers, wanted.transport, wanted.threads, wanted.runtime_dir
-            )
+            local = LocalWorkers.start(wanted)
         try:
             path, cfg, tokenizer, identity = _read_model(settings)
         except BaseException:

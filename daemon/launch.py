@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from mtpd import __version__
-from mtpd.daemon.registry import WorkerRegistry
+from mtpd.daemon.registry import WorkerRegistry, serve_registry
 from mtpd.daemon.split import check_worker_count, layer_ranges, parse_split
 from mtpd.daemon.worker_link import LocalWorker, WorkerError, WorkerLink
 from mtpd.model.errors import InputError
@@ -107,21 +107,16 @@ class LocalWorkers:
     processes: list[LocalWorker]
 
     @classmethod
-    def start(
-        cls,
-        device: str | None,
-        workers: int | None,
-        transport: str,
-        threads: int | None = None,
-        runtime_dir: Path | None = None,
-    ) -> LocalWorkers:
-        check_transport(transport)
-        if threads is not None and threads < 1:
-            raise InputError(f"--threads must be >= 1, got {threads}")
-        devices = _resolve_devices(device, workers, transport)
-        threads = threads or max(1, (os.cpu_count() or 1) // len(devices))
-        owns = runtime_dir is None
-        runtime_dir = Path(tempfile.mkdtemp(prefix="mtpd-")) if owns else runtime_dir
+    def start(cls, cfg: PipelineConfig) -> LocalWorkers:
+        """The workers `cfg` asks for (its device, workers, transport, threads and
+        runtime directory); the model need not be known yet."""
+        check_transport(cfg.transport)
+        if cfg.threads is not None and cfg.threads < 1:
+            raise InputError(f"--threads must be >= 1, got {cfg.threads}")
+        devices = _resolve_devices(cfg.device, cfg.workers, cfg.transport)
+        threads = cfg.threads or max(1, (os.cpu_count() or 1) // len(devices))
+        owns = cfg.runtime_dir is None
+        runtime_dir = Path(tempfile.mkdtemp(prefix="mtpd-")) if owns else cfg.runtime_dir
         runtime_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         local = cls(devices, threads, runtime_dir, owns, [])
         try:
@@ -163,9 +158,7 @@ def launch(cfg: PipelineConfig, say: Callable[[str], None], local: LocalWorkers 
             n = cfg.workers if cfg.workers is not None else 1
         else:
             if local is None:
-                local = LocalWorkers.start(
-                    cfg.device, cfg.workers, cfg.transport, cfg.threads, cfg.runtime_dir
-                )
+                local = LocalWorkers.start(cfg)
             n = len(local.processes)
             if cfg.cuda_graphs and local.devices[0] == "cpu":
                 raise InputError("--cuda-graphs needs --device cuda")
@@ -247,8 +240,6 @@ class RemoteSide:
 
     @classmethod
     def open(cls, cfg: PipelineConfig, expected: int) -> RemoteSide:
-        from mtpd.daemon.registry import serve_registry
-
         host = cfg.join_listen.rsplit(":", 1)[0]
         if host in ("", "0.0.0.0", "[::]", "::"):
             raise InputError(

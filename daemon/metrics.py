@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -17,6 +16,7 @@ from prometheus_client.core import CollectorRegistry, CounterMetricFamily, Gauge
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
+from mtpd.address import tcp_listen
 from mtpd.daemon.frontend import Frontend
 from mtpd.model.errors import InputError
 from mtpd.rpc import bearer_token_matches
@@ -158,8 +158,7 @@ class _QuietHandler(WSGIRequestHandler):
 def serve_metrics(front: Frontend, listen: str, token: str | None) -> tuple[str, threading.Thread]:
     """Start the /metrics endpoint (behind the API token when one is set; without one,
     on a loopback address only); returns the address it listens on."""
-    host, _, port = listen.rpartition(":")
-    host = host.strip("[]") or "127.0.0.1"
+    host, port, family = tcp_listen(listen)
     if not token and not _loopback(host):
         raise InputError(
             f"--metrics-listen {listen}: not a loopback address, and no --api-token-file "
@@ -178,7 +177,7 @@ def serve_metrics(front: Frontend, listen: str, token: str | None) -> tuple[str,
     server_class = type(
         "MetricsServer",
         (ThreadingWSGIServer,),
-        {"address_family": socket.AF_INET6 if ":" in host else socket.AF_INET},
+        {"address_family": family},
     )
     try:
         server = make_server(

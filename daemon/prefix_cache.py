@@ -40,9 +40,6 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._kept)
 
-    def sequences(self) -> list[str]:
-        return list(self._kept)
-
     def keep(self, seq_id: str, retained: Retained) -> None:
         self._kept[seq_id] = retained
 

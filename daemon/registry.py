@@ -18,7 +18,7 @@ import grpc
 from mtpd import __version__
 from mtpd.daemon.rendezvous import RendezvousStore
 from mtpd.daemon.worker_link import WorkerError
-from mtpd.rpc import TokenGate, WorkerTLS, listen_worker_plane
+from mtpd.rpc import CONTROL_MESSAGE_LIMIT, TokenGate, WorkerTLS, listen_worker_plane
 from mtpd.v1 import worker_pb2 as pb
 from mtpd.v1 import worker_pb2_grpc as pb_grpc
 
@@ -84,15 +84,12 @@ class WorkerRegistry(pb_grpc.WorkerRegistryServicer):
             return [a for a in self.addresses if a is not None]
 
 
-JOIN_MESSAGE_LIMIT = 64 * 1024  # a JoinRequest is a few hundred bytes
-
-
 def serve_registry(listen: str, registry: WorkerRegistry, tls: WorkerTLS | None) -> grpc.Server:
     server = grpc.server(
         # A rendezvous holds a call of every worker waiting for the others' keys.
         futures.ThreadPoolExecutor(max_workers=2 * registry.expected + 4),
         interceptors=[TokenGate(registry.token)],
-        options=[("grpc.max_receive_message_length", JOIN_MESSAGE_LIMIT)],
+        options=[("grpc.max_receive_message_length", CONTROL_MESSAGE_LIMIT)],
     )
     pb_grpc.add_WorkerRegistryServicer_to_server(registry, server)
     if listen_worker_plane(server, listen, tls) == 0:

@@ -13,12 +13,12 @@ import grpc
 from mtpd.v1 import worker_pb2 as pb
 
 MAX_KEYS = 4096  # the oldest are forgotten past this: earlier rendezvous' keys
-MAX_VALUE_BYTES = 1 << 20
 MAX_WAIT_S = 600.0
 
 
 class RendezvousStore:
-    """Keys and values, bounded, with waits for keys to be set."""
+    """Keys and values, bounded (the keys here; a value by the registry's receive limit,
+    mtpd.rpc.CONTROL_MESSAGE_LIMIT), with waits for keys to be set."""
 
     def __init__(self) -> None:
         self._values: OrderedDict[str, bytes] = OrderedDict()
@@ -38,10 +38,6 @@ class RendezvousStore:
         )
         if op in single and len(keys) != 1:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "this operation takes one key")
-        if len(request.value) > MAX_VALUE_BYTES:
-            context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, f"values are at most {MAX_VALUE_BYTES} bytes"
-            )
         timeout = min(max(request.timeout_s, 0.0), MAX_WAIT_S)
         with self._cond:
             if op == pb.StoreRequest.OP_SET:

@@ -202,7 +202,7 @@ class Scheduler:
             # A sequence whose first chunk is in flight holds slots too, as do the caches
             # kept and the ones being taken over.
             held = [s.request.seq_id for s in stranded if s.opened] + self.prefix.forget()
-            held += [s.adopt for s in stranded if s.adopt is not None]
+            held += [s.adopting.seq_id for s in stranded if s.adopting is not None]
             self._cond.notify()
         if held:  # the pipeline may outlive this scheduler
             self.pipeline.release(held)
@@ -301,7 +301,7 @@ class Scheduler:
             prompt_tokens=seq.prompt_len,
             logprobs=seq.top_logprobs is not None,
             top_logprobs=seq.top_logprobs or 0,
-            adopt=seq.adopt or "",
+            adopt=seq.adopting.seq_id if seq.adopting else "",
         )
 
     def _no_mtp(self, seq: Sequence) -> bool:
@@ -367,16 +367,18 @@ class Scheduler:
         """Take over the kept cache that shares the longest prefix with the prompt (see
         `PrefixCache.take`); else, with every slot held, evict the least recently kept
         one (called under the lock)."""
+        if not len(self.prefix):
+            return
         held = len(self._active) + len(self.prefix)
         drafting = not self._no_mtp(seq)
         hit = self.prefix.take(
             seq.history[: seq.prompt_len], drafting, held <= self.pipeline.max_seqs
         )
         if hit is not None:
-            seq.adopt, seq.adopted, seq.cached = hit.seq_id, hit.retained, hit.keep
+            seq.adopting, seq.cached = hit, hit.keep
             seq.saved = [p for p in hit.retained.saved if p <= hit.keep]
             seq.request.cached_tokens = hit.keep
-        elif len(self.prefix) and held > self.pipeline.max_seqs:
+        elif held > self.pipeline.max_seqs:
             self.pipeline.release([self.prefix.evict()])
 
     def _replay(self) -> None:
@@ -385,15 +387,16 @@ class Scheduler:
         and seeded sampling depend only on the history, so the output is unchanged."""
         self._epoch = self.pipeline.epoch
         self.prefix.forget()  # every worker's cache starts empty
-        replayed = [s for s in self._active if s.cached]
-        for seq in replayed:
-            seq.cached, seq.proposed, seq.verifying, seq.saved = 0, [], 0, []
+        replayed = 0
         for seq in self._active:  # their prompts are computed again, whole
-            seq.adopt = seq.adopted = None
+            if seq.cached:
+                seq.cached, seq.proposed, seq.verifying, seq.saved = 0, [], 0, []
+                replayed += 1
+            seq.adopting = None
             self.prefix.cached_prompt_tokens -= seq.request.cached_tokens
             seq.request.cached_tokens = 0
         if replayed:
-            log.warning("replaying %d sequence(s) after a worker restart", len(replayed))
+            log.warning("replaying %d sequence(s) after a worker restart", replayed)
 
     def _fail_everything(self, error: str) -> None:
         """The pipeline cannot run steps for now: no request waits for it."""
@@ -436,12 +439,13 @@ class Scheduler:
         keep = self.prefix_cache and reason in ("stop", "length", "cancelled")
         held = []
         for seq in seqs:
-            if seq.adopt is not None:  # a cache it was to take over, and may not have
+            # A cache it was to take over, and may not have:
+            if (hit := seq.adopting) is not None:
                 if seq.opened:
-                    held.append(seq.adopt)  # its step went out: the cache's fate is unknown
+                    held.append(hit.seq_id)  # its step went out: the cache's fate is unknown
                 else:
-                    self.prefix.keep(seq.adopt, seq.adopted)  # untouched: kept for others
-                seq.adopt = seq.adopted = None
+                    self.prefix.keep(hit.seq_id, hit.retained)  # untouched: kept for others
+                seq.adopting = None
             if not seq.opened:
                 continue
             if keep and seq.cached and not seq.in_flight and seq.suspect_until is None:
@@ -489,7 +493,7 @@ class Scheduler:
                 continue  # the scheduler stopped while the step ran
             result = outcome.results.get(seq.request.seq_id)
             if result is None or not result.error:
-                seq.adopt = seq.adopted = None  # the workers took its cache over, if any
+                seq.adopting = None  # the workers took its cache over, if any
                 if self._saves_state(seq, n):  # as every worker counts them
                     seq.saved = [*seq.saved, seq.cached + n][-self._state_snapshots :]
             if result is None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
-from mtpd.daemon.prefix_cache import Retained
+from mtpd.daemon.prefix_cache import Hit
 from mtpd.daemon.request import Request
 from mtpd.daemon.structured_output import Constraint
 from mtpd.v1 import worker_pb2 as pb
@@ -28,10 +28,9 @@ class Sequence:
     top_logprobs: int | None  # None: no log-probabilities
     constraint: Constraint | None  # structured output: the grammar's matcher
     cached: int = 0  # positions every worker holds in its KV cache
-    # Prefix caching: the finished sequence whose cache its first step takes over, until
-    # a step's result says the workers did.
-    adopt: str | None = None
-    adopted: Retained | None = None
+    # Prefix caching: the kept cache its first step takes over, until a step's result
+    # says the workers did.
+    adopting: Hit | None = None
     # Hybrid models: positions after which every worker saved its recurrent state.
     saved: list[int] = field(default_factory=list)
     # A step of it was sent (the first, at keep 0, with its settings): the workers may

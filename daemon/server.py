@@ -28,6 +28,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from mtpd.address import tcp_listen
 from mtpd.daemon.coordinator import Coordinator, Settings
 from mtpd.daemon.frontend import Frontend, Limits
 from mtpd.daemon.metrics import serve_metrics
@@ -252,13 +253,11 @@ def _listen_http(
     front: Frontend, config: ServeConfig
 ) -> tuple[_EmbeddedUvicorn, socket.socket, str]:
     """Bind the HTTP API's socket (errors name the flag); returns the server to run on it."""
-    host, _, port = config.http.rpartition(":")
-    host = host.strip("[]") or "127.0.0.1"
+    host, port, family = tcp_listen(config.http)
     tls = _tls(config)
     if tls is None:
         _warn_if_clear("--http", config.http, config)
     try:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.create_server((host, int(port)), family=family)
     except (OSError, ValueError) as e:
         raise InputError(f"--http {config.http}: cannot listen there ({e})") from None
