@@ -24,14 +24,11 @@ compiler, a CPU without AVX2, MTPD_CPU_KERNEL=0) layers keep PyTorch's ops.
 from __future__ import annotations
 
 import ctypes
-import logging
 from collections.abc import Sequence
 
 import torch
 
 from mtpd.model.kernel_library import C_FLOAT, C_INT, C_POINTER, available, kernels
-
-log = logging.getLogger(__name__)
 
 K_MULTIPLE = 8  # the kernels read 8 floats at a time
 PANEL = 16  # outputs in an int4 or int8 panel (linear_q4, linear_q8)

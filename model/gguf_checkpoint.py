@@ -18,7 +18,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, p
 from tokenizers.models import BPE
 
 from mtpd.model.errors import ModelLoadError
-from mtpd.model.gguf_index import GGUFIndex
+from mtpd.model.gguf_index import GGUFIndex, TensorInfo
 
 if TYPE_CHECKING:  # tensors are decoded (in torch) only where read: a daemon reads none
     import torch
@@ -60,7 +60,6 @@ _PRE_TOKENIZER_SPLITS: dict[str, tuple[str, ...]] = {
 }
 
 
-_Q4 = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1)
 _PERMUTED_HEADS = {"q_proj": "num_attention_heads", "k_proj": "num_key_value_heads"}
 
 
@@ -114,11 +113,14 @@ class GGUFCheckpoint:
     def tensor_names(self) -> set[str]:
         return set(self._tensors)
 
-    def stored_bytes(self, name: str) -> bytes:
+    def _tensor(self, name: str) -> TensorInfo:
         tensor = self._tensors.get(name)
         if tensor is None:
             raise ModelLoadError(f"{self.path}: no tensor {name!r} in this checkpoint")
-        return self._index.data(tensor).tobytes()
+        return tensor
+
+    def stored_bytes(self, name: str) -> bytes:
+        return self._index.data(self._tensor(name)).tobytes()
 
     def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
         """Dequantize just these tensors to float32, in HF layout: a pipeline stage reads its own."""
@@ -126,9 +128,7 @@ class GGUFCheckpoint:
 
         out = {}
         for name in names:
-            tensor = self._tensors.get(name)
-            if tensor is None:
-                raise ModelLoadError(f"{self.path}: no tensor {name!r} in this checkpoint")
+            tensor = self._tensor(name)
             try:
                 weight = dequantized(self._index.data(tensor), tensor.kind)
             except (ValueError, NotImplementedError, RuntimeError) as e:
@@ -152,11 +152,11 @@ class GGUFCheckpoint:
         """The exact int4 groups of these tensors, fused in order, when every one is stored
         as Q4_0 or Q4_1 (blocks of 32 with a scale, and for Q4_1 a minimum): repacked, not
         dequantized."""
-        from mtpd.model.gguf_tensors import q4_groups
+        from mtpd.model.gguf_tensors import Q4_KINDS, q4_groups
         from mtpd.model.quant import Int4Weight
 
         tensors = [self._tensors.get(n) for n in names]
-        if not names or any(t is None or t.kind not in _Q4 for t in tensors):
+        if not names or any(t is None or t.kind not in Q4_KINDS for t in tensors):
             return None
         parts = []
         for name, tensor in zip(names, tensors, strict=True):

@@ -14,6 +14,8 @@ from gguf.quants import dequantize
 
 from mtpd.model.quant import Int4Weight
 
+Q4_KINDS = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1)
+
 
 def _q4_blocks(
     data: np.ndarray, kind: GGMLQuantizationType
@@ -72,7 +74,7 @@ def _q8_dequantized(data: np.ndarray) -> torch.Tensor:
 
 def dequantized(data: np.ndarray, kind: GGMLQuantizationType) -> torch.Tensor:
     """A tensor's stored data as float32 (its file layout: rows as llama.cpp keeps them)."""
-    if data.ndim == 2 and kind in (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1):
+    if data.ndim == 2 and kind in Q4_KINDS:
         return _q4_dequantized(data, kind)
     if data.ndim == 2 and kind == GGMLQuantizationType.Q8_0:
         return _q8_dequantized(data)

@@ -35,8 +35,7 @@ class RegistryStore(dist.Store):
             raise RuntimeError(f"rendezvous store: {e.code().name}: {e.details()}") from None
 
     def set(self, key: str, value: bytes | str) -> None:
-        data = value.encode() if isinstance(value, str) else bytes(value)
-        self._call(pb.StoreRequest(op=Op.OP_SET, keys=[key], value=data))
+        self._call(pb.StoreRequest(op=Op.OP_SET, keys=[key], value=_as_bytes(value)))
 
     def get(self, key: str) -> bytes:
         return self._call(pb.StoreRequest(op=Op.OP_GET, keys=[key])).value
@@ -45,9 +44,8 @@ class RegistryStore(dist.Store):
         return self._call(pb.StoreRequest(op=Op.OP_ADD, keys=[key], delta=value)).number
 
     def compare_set(self, key: str, expected: bytes | str, desired: bytes | str) -> bytes:
-        as_bytes = [x.encode() if isinstance(x, str) else bytes(x) for x in (expected, desired)]
         request = pb.StoreRequest(
-            op=Op.OP_COMPARE_SET, keys=[key], expected=as_bytes[0], value=as_bytes[1]
+            op=Op.OP_COMPARE_SET, keys=[key], expected=_as_bytes(expected), value=_as_bytes(desired)
         )
         return self._call(request).value
 
@@ -65,3 +63,7 @@ class RegistryStore(dist.Store):
 
     def set_timeout(self, timeout: timedelta) -> None:
         self._timeout = timeout
+
+
+def _as_bytes(value: bytes | str) -> bytes:
+    return value.encode() if isinstance(value, str) else bytes(value)

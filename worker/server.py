@@ -29,6 +29,7 @@ from mtpd.model.errors import InputError
 from mtpd.model.linear_state import STATE_BLOCK
 from mtpd.rpc import (
     CHANNEL_OPTIONS,
+    CONTROL_MESSAGE_LIMIT,
     TokenGate,
     UnaryRequestLimit,
     WorkerTLS,
@@ -50,8 +51,6 @@ log = logging.getLogger("mtpd.worker")
 # after the weights are loaded.
 DEFAULT_CACHE_SHARE = 0.5
 
-# Load, GetInfo, Reset and GetStats requests are a few hundred bytes.
-CONTROL_REQUEST_LIMIT = 64 * 1024
 
 # Saved recurrent states per sequence slot (each as large as the slot's live state).
 MAX_STATE_SNAPSHOTS = 16
@@ -332,7 +331,7 @@ def serve(
     gate = [TokenGate(token)] if token else []
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=4),
-        interceptors=[*gate, UnaryRequestLimit(CONTROL_REQUEST_LIMIT)],
+        interceptors=[*gate, UnaryRequestLimit(CONTROL_MESSAGE_LIMIT)],
         options=CHANNEL_OPTIONS,
     )
     pb_grpc.add_WorkerServicer_to_server(WorkerService(dev, model, token, tls), server)

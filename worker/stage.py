@@ -128,11 +128,16 @@ class Stage:
     def _check(
         self, req: pb.StepRequest
     ) -> tuple[
-        list[pb.SequenceStep], list[SequenceSettings], dict[str, torch.Tensor], dict[str, str]
+        list[pb.SequenceStep],
+        list[SequenceSettings],
+        dict[str, torch.Tensor],
+        dict[str, str],
+        list[tuple[str, str]],
     ]:
         """The sequences that run, their settings, the allowed tokens of those whose
-        grammar constrains them (decoded once, here), and why each other one is refused.
-        Only a malformed step (a sequence twice) is refused whole."""
+        grammar constrains them (decoded once, here), why each other one is refused, and
+        the (old, new) sequence of each cache taken over by one that runs. Only a
+        malformed step (a sequence twice) is refused whole."""
         for kind, ids in (("sequence", [s.seq_id for s in req.sequences]),
                           ("opened sequence", [o.seq_id for o in req.open])):  # fmt: skip
             if len(set(ids)) < len(ids):
@@ -145,15 +150,17 @@ class Stage:
         # for want of a slot, and none differs from another.
         released = set(req.release)
         free = self.cache.free_slots + sum(1 for i in released if self.cache.slot_of(i) is not None)
-        stepped = {s.seq_id for s in req.sequences}
-        runs, settings, masks, refused, adopted = [], [], {}, {}, set()
+        # A cache in another role in this step (released, stepped, taken over) is no
+        # cache to take over.
+        taken = released | {s.seq_id for s in req.sequences}
+        runs, settings, masks, refused, adoptions = [], [], {}, {}, []
         for s in req.sequences:
             slot = None if s.seq_id in released else self.cache.slot_of(s.seq_id)
             adopt = opened[s.seq_id].adopt if s.seq_id in opened else ""
             try:
                 if adopt:
-                    slot = self._adoptable(adopt, slot, released | stepped | adopted)
-                    adopted.add(adopt)
+                    slot = self._adoptable(adopt, slot, taken)
+                    taken.add(adopt)
                 allowed = self._check_sequence(s, slot)
                 held = self._settings_of(s.seq_id, opened.get(s.seq_id), slot)
                 if slot is None:
@@ -169,7 +176,9 @@ class Stage:
             settings.append(held)
             if allowed is not None:
                 masks[s.seq_id] = allowed
-        return runs, settings, masks, refused
+            if adopt:
+                adoptions.append((adopt, s.seq_id))
+        return runs, settings, masks, refused, adoptions
 
     def _adoptable(self, adopt: str, slot: int | None, taken: set[str]) -> int:
         """The slot of the sequence a new one adopts (prefix caching)."""
@@ -246,7 +255,7 @@ class Stage:
         arrived = time.monotonic()
         reply = pb.StepReply(step_id=req.step_id)
         try:
-            runs, settings, masks, refused = self._check(req)
+            runs, settings, masks, refused, adoptions = self._check(req)
         except StepRefused as e:
             reply.error = str(e)
             return reply
@@ -254,10 +263,8 @@ class Stage:
             log.warning("step %d: refused %s", req.step_id, why)
             reply.results.add(seq_id=seq_id, error=why)
         self._release(req.release)
-        running = {s.seq_id for s in runs}
-        for o in req.open:
-            if o.adopt and o.seq_id in running:
-                self._adopt(o.adopt, o.seq_id)
+        for old, new in adoptions:
+            self._adopt(old, new)
         if not runs:
             return reply
         for s, held in zip(runs, settings, strict=True):
