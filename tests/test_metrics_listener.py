@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import socket
 import time
-import urllib.error
-import urllib.request
 
 import pytest
+from live_daemon import http_request
 
 from mtpd.daemon.frontend import Frontend, Limits
 from mtpd.daemon.metrics import _QuietHandler, serve_metrics
@@ -17,12 +16,7 @@ from mtpd.model.errors import InputError
 
 def scrape(where: str, token: str | None = None) -> tuple[int, bytes]:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    request = urllib.request.Request(f"http://{where}/metrics", headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=10) as reply:
-            return reply.status, reply.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
+    return http_request(f"http://{where}", "GET", "/metrics", headers=headers, timeout=10)
 
 
 def test_metrics_need_the_token_when_one_is_set():

@@ -171,10 +171,6 @@ def test_concurrent_requests_each_equal_their_solo_run(daemon, engine):
         assert results[i] == reference_text(engine, ids, 8 + i), i
 
 
-def _cached(grpc_client) -> list[int]:
-    return held(grpc_client.stats())
-
-
 def test_a_disconnect_mid_stream_frees_the_sequence(oai, grpc_client):
     before = grpc_client.stats().finished.get("cancelled", 0)
     stream = oai.chat.completions.create(
@@ -185,9 +181,9 @@ def test_a_disconnect_mid_stream_frees_the_sequence(oai, grpc_client):
         extra_body={"ignore_eos": True},
     )
     next(iter(stream))
-    assert _cached(grpc_client) == [1, 1]
+    assert held(grpc_client.stats()) == [1, 1]
     stream.close()
-    wait_for(lambda: _cached(grpc_client) == [0, 0])
+    wait_for(lambda: held(grpc_client.stats()) == [0, 0])
     wait_for(lambda: grpc_client.stats().finished.get("cancelled", 0) == before + 1)
 
 
@@ -203,7 +199,7 @@ def test_a_disconnect_while_waiting_for_a_whole_reply_frees_the_sequence(daemon,
     with daemon.workers_paused(), pytest.raises(TimeoutError):
         request(daemon, "POST", "/v1/completions", body, _auth(), timeout=0.5)
     wait_for(lambda: grpc_client.stats().finished.get("cancelled", 0) == before + 1)
-    wait_for(lambda: _cached(grpc_client) == [0, 0])
+    wait_for(lambda: held(grpc_client.stats()) == [0, 0])
 
 
 def _auth(token: str = TOKEN) -> dict[str, str]:

@@ -7,6 +7,7 @@ cache and the daemon prefills what is missing."""
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import threading
@@ -46,7 +47,10 @@ def start(path, workers: int, max_seqs: int = 4) -> Pipeline:
     return start_pipeline(path, LAYERS, workers, max_seqs=max_seqs, max_restarts=10)
 
 
-def check(engine, prompt, params, result) -> None:
+def ask(scheduler, engine, prompt, params=GREEDY):
+    """A request's handle and result, its tokens checked against a solo run."""
+    request = scheduler.submit(prompt, params, TOKENS, ignore_eos=True)
+    result = request.result(timeout=120)
     tokens, logits = solo_run(engine, prompt, TOKENS, params)
     assert result.finish_reason == "length", result.error
     if params.greedy:
@@ -54,6 +58,7 @@ def check(engine, prompt, params, result) -> None:
         assert agreement.ok, agreement
     else:
         assert result.token_ids == tokens
+    return request, result
 
 
 @pytest.mark.parametrize(
@@ -66,17 +71,13 @@ def test_a_conversation_reuses_its_cache_and_decodes_exactly(tiny, workers, draf
     with start(path, workers) as pipeline:
         scheduler = Scheduler(pipeline, set(), policy=DraftPolicy(draft), prefix_cache=True)
 
-        def ask(prompt):
-            request = scheduler.submit(prompt, params, TOKENS, ignore_eos=True)
-            result = request.result(timeout=120)
-            check(engine, prompt, params, result)
-            return request, result
+        turn = functools.partial(ask, scheduler, engine, params=params)
 
-        first, reply = ask(TURN_1)
+        first, reply = turn(TURN_1)
         assert first.cached_tokens == 0
         # The next turn: the whole conversation again, and a new question.
         turn_2 = TURN_1 + reply.token_ids + [44, 45, 46, 47]
-        second, _ = ask(turn_2)
+        second, _ = turn(turn_2)
         cached = len(TURN_1) + TOKENS - 1  # the last reply token was never fed
         assert second.cached_tokens == cached - 1  # one position is recomputed
         if draft:  # the MTP head's cache came with it: drafting goes on at once
@@ -84,15 +85,15 @@ def test_a_conversation_reuses_its_cache_and_decodes_exactly(tiny, workers, draf
         # An edited question: the hit stops at the first changed token.
         asked = len(TURN_1) + TOKENS
         edited = [*turn_2[:asked], 90, *turn_2[asked + 1 :]]
-        third, reply_3 = ask(edited)
+        third, reply_3 = turn(edited)
         assert third.cached_tokens == asked - 1
         # A prompt sharing a few tokens only leaves that conversation's cache alone (slots
         # are free)...
-        fourth, _ = ask([*TURN_1[:6], 91, 92])
+        fourth, _ = turn([*TURN_1[:6], 91, 92])
         assert fourth.cached_tokens == 0
         # ...so its next turn still hits it whole.
         turn_3 = edited + reply_3.token_ids + [50, 51]
-        fifth, _ = ask(turn_3)
+        fifth, _ = turn(turn_3)
         assert fifth.cached_tokens == len(edited) + TOKENS - 2
         assert scheduler.prefix.cached_prompt_tokens == sum(
             r.cached_tokens for r in (first, second, third, fourth, fifth)
@@ -105,26 +106,22 @@ def test_an_evicted_cache_is_not_hit_and_a_restart_empties_them(tiny):
     with start(path, 2, max_seqs=2) as pipeline:
         scheduler = Scheduler(pipeline, set(), policy=DraftPolicy(2), prefix_cache=True)
 
-        def ask(prompt):
-            request = scheduler.submit(prompt, GREEDY, TOKENS, ignore_eos=True)
-            result = request.result(timeout=120)
-            check(engine, prompt, GREEDY, result)
-            return request, result
+        turn = functools.partial(ask, scheduler, engine)
 
-        _, reply = ask(TURN_1)
+        _, reply = turn(TURN_1)
         # Two other conversations take both slots: the first's cache is evicted.
-        ask([70, 71, 72, 73, 74])
-        ask([80, 81, 82])
-        later, _ = ask(TURN_1 + reply.token_ids + [44])
+        turn([70, 71, 72, 73, 74])
+        turn([80, 81, 82])
+        later, _ = turn(TURN_1 + reply.token_ids + [44])
         assert later.cached_tokens == 0
         # Kept now; a restart of a worker empties every cache: nothing is hit after it.
-        _, reply = ask([60, 61, 62, 63])
+        _, reply = turn([60, 61, 62, 63])
         os.kill(pipeline.stages[1].pid, signal.SIGKILL)
         asked = [60, 61, 62, 63, *reply.token_ids, 9]
-        after, _ = ask(asked)
+        after, _ = turn(asked)
         assert after.cached_tokens == 0
         # Caching goes on after the restart: the next request shares that whole prompt.
-        again, _ = ask([*asked, 10])
+        again, _ = turn([*asked, 10])
         assert again.cached_tokens == len(asked) - 1
         assert pipeline.restarts[1] >= 1
         scheduler.close()

@@ -14,9 +14,10 @@ from pathlib import Path
 import grpc
 import psutil
 import pytest
-from live_daemon import self_signed_certificate, wait_for
+from live_daemon import LiveDaemon, self_signed_certificate, wait_for
 from tiny_models import write_char_tokenizer, write_tiny_model
 
+from mtpd.client import Client
 from mtpd.rpc import CHANNEL_OPTIONS, bearer_metadata
 from mtpd.v1 import worker_pb2 as pb
 from mtpd.v1 import worker_pb2_grpc as pb_grpc
@@ -186,10 +187,6 @@ def test_remote_workers_join_only_with_the_token_and_the_model(models):
 def test_a_remote_worker_that_dies_is_replaced_by_one_that_joins_again(models, tmp_path):
     """As systemd on the worker's host would: the dead worker's replacement joins, the
     pipeline re-forms, and the running stream continues unchanged."""
-    from live_daemon import LiveDaemon
-
-    from mtpd.client import Client
-
     join = f"127.0.0.1:{free_port()}"
     workers = [
         subprocess.Popen(
@@ -197,9 +194,8 @@ def test_a_remote_worker_that_dies_is_replaced_by_one_that_joins_again(models, t
         )
         for _ in range(2)  # each with a port of its own
     ]
-    daemon = None
     try:
-        daemon = LiveDaemon(
+        with LiveDaemon(
             models / "model",
             tmp_path / "daemon",
             "--join-listen",
@@ -208,25 +204,22 @@ def test_a_remote_worker_that_dies_is_replaced_by_one_that_joins_again(models, t
             str(models / "token"),
             "--rejoin-timeout",
             "120",
-        )
-        with Client(daemon.address, timeout=300) as client:
-            want = client.generate("abracadabra", max_tokens=40, ignore_eos=True)
-            stream = client.stream("abracadabra", max_tokens=40, ignore_eos=True)
-            deltas = iter(stream)
-            next(deltas)
-            victim = client.info().workers[1].pid
-            next(w for w in workers if w.pid == victim).kill()
-            replacement = worker(join, models / "token", models / "model")
-            workers.append(subprocess.Popen(replacement, stderr=subprocess.DEVNULL))
-            for _ in deltas:
-                pass
-            assert stream.result.token_ids == want.token_ids
-            assert client.info().workers[1].pid == workers[-1].pid
-        assert daemon.stop() == 0
+        ) as daemon:
+            with Client(daemon.address, timeout=300) as client:
+                want = client.generate("abracadabra", max_tokens=40, ignore_eos=True)
+                stream = client.stream("abracadabra", max_tokens=40, ignore_eos=True)
+                deltas = iter(stream)
+                next(deltas)
+                victim = client.info().workers[1].pid
+                next(w for w in workers if w.pid == victim).kill()
+                replacement = worker(join, models / "token", models / "model")
+                workers.append(subprocess.Popen(replacement, stderr=subprocess.DEVNULL))
+                for _ in deltas:
+                    pass
+                assert stream.result.token_ids == want.token_ids
+                assert client.info().workers[1].pid == workers[-1].pid
+            assert daemon.stop() == 0
     finally:
-        if daemon is not None and daemon.process.poll() is None:  # a failed test's
-            daemon.process.kill()
-            daemon.process.wait(timeout=30)
         for w in workers:
             w.kill()
             w.wait(timeout=30)

@@ -11,10 +11,11 @@ import pytest
 import torch
 from reference import GREEDY, solo_run
 from tiny_models import add_mtp_head, write_char_tokenizer, write_tiny_model
+from tiny_pipeline import start_pipeline
 
 from mtpd.daemon.draft_policy import DraftPolicy
 from mtpd.daemon.options import OutputFormat
-from mtpd.daemon.pipeline import Pipeline, PipelineConfig
+from mtpd.daemon.pipeline import Pipeline
 from mtpd.daemon.scheduler import Scheduler
 from mtpd.daemon.structured_output import ConstraintBroken, Grammars
 from mtpd.model.errors import InvalidParameter
@@ -77,19 +78,7 @@ def tiny(tmp_path_factory):
 
 
 def start(path, load_mtp: bool = False) -> Pipeline:
-    return Pipeline.start(
-        PipelineConfig(
-            model=str(path),
-            num_layers=LAYERS,
-            workers=2,
-            device="cpu",
-            max_seqs=4,
-            max_context=256,
-            cache_memory=64 << 20,
-            threads=1,
-            load_mtp=load_mtp,
-        )
-    )
+    return start_pipeline(path, LAYERS, 2, load_mtp=load_mtp)
 
 
 def test_masks_are_the_languages_next_characters(tiny):
