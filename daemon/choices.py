@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import TypeVar
 
 from mtpd.daemon.frontend import Frontend
-from mtpd.daemon.generation import Prompt
+from mtpd.daemon.generation import Prompt, RequestId
 from mtpd.daemon.options import GenerationOptions
 from mtpd.daemon.request import Request
 from mtpd.model.errors import InvalidParameter
@@ -25,14 +25,14 @@ def choice_streams(
     front: Frontend,
     prompt: Prompt,
     options: GenerationOptions,
-    request_id: str,
+    request_id: RequestId,
     arrived: float | None = None,
     on_admitted: Callable[[Request], None] | None = None,
     prompt_field: str = "prompt",
 ) -> list[AsyncIterator[api.GenerateChunk]]:
     """One generation per choice: choice i draws with seed + i, with its own reader of a
     chat's reply (a reader keeps its reply's state). Choice i's request id is
-    `request_id.i` when there are several."""
+    `request_id.i` when there are several (RequestId.choice)."""
     n = options.n
     max_seqs = front.ready().pipeline.max_seqs
     if n > max_seqs:
@@ -48,27 +48,16 @@ def choice_streams(
         seeded = dataclasses.replace(options, seed=(options.seed + i) % (MAX_SEED + 1))
         streams.append(
             front.generate(
-                lambda _, p=choice: p,
+                choice,
                 seeded,
-                request_id if n == 1 else f"{request_id}.{i}",
+                request_id if n == 1 else request_id.choice(i),
                 arrived,
                 on_admitted,
                 prompt_field,
+                i,
             )
         )
     return streams
-
-
-async def indexed(
-    choice: int, first: api.GenerateChunk, rest: AsyncIterator[api.GenerateChunk]
-) -> AsyncIterator[api.GenerateChunk]:
-    """A choice's chunks, its first already read, each marked with its index."""
-    first.choice = choice
-    yield first
-    async with contextlib.aclosing(rest):
-        async for chunk in rest:
-            chunk.choice = choice
-            yield chunk
 
 
 async def all_or_none(awaitables: Iterable[Awaitable[T]]) -> list[T]:

@@ -1,13 +1,11 @@
 """What every API of the daemon shares (the gRPC Inference service and the OpenAI HTTP
-API): the loaded coordinator, admission, the one request path through
-`generation.generate`, and the counters behind stats and metrics. Failures are the
+API): the loaded coordinator, admission, the one request path
+(`Frontend.generate`), and the counters behind stats and metrics. Failures are the
 daemon's own exceptions; each API maps them onto its statuses."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import itertools
 import logging
 import time
 from collections import Counter
@@ -21,9 +19,10 @@ from mtpd.daemon.coordinator import Coordinator
 from mtpd.daemon.generation import (
     FINISH_NAMES,
     Prompt,
+    RequestId,
     draft_policy_name,
     draft_summary,
-    generate,
+    start,
 )
 from mtpd.daemon.options import (
     DEFAULT_MAX_REQUEST_BYTES,
@@ -82,7 +81,6 @@ class Frontend:
         self.limits = limits
         self.daemon: Coordinator | None = None  # set once every worker has loaded
         self.started_at = time.monotonic()
-        self._ids = itertools.count(1)
         self.requests = self.rejected = self.prompt_tokens = self.completion_tokens = 0
         self.finished: Counter[str] = Counter()
         self.running = 0  # admitted generations not yet ended
@@ -117,62 +115,68 @@ class Frontend:
                 f"bytes (mtpd serve --max-request-bytes)"
             )
 
-    def request_id(self, given: str = "") -> str:
+    def request_id(self, given: str = "") -> RequestId:
+        """A new request's id; `given` is the one its caller sent (checked here)."""
         if len(given) > MAX_REQUEST_ID:
             raise InvalidParameter(
                 f"request_id: at most {MAX_REQUEST_ID} characters, got {len(given)}", "request_id"
             )
         if not given.isprintable():  # it goes into the log, one line per event
             raise InvalidParameter("request_id: printable characters only", "request_id")
-        return given or f"req-{next(self._ids)}"
+        own = self.ready().scheduler.new_request_id()
+        return RequestId(own, given or own)
 
     async def generate(
         self,
-        prompt: Callable[[Coordinator], Prompt],
+        prompt: Prompt,
         options: GenerationOptions,
-        request_id: str,
+        request_id: RequestId,
         arrived: float,
         on_admitted: Callable[[Request], None] | None = None,
         prompt_field: str = "prompt_token_ids",
+        choice: int = 0,
     ) -> AsyncIterator[api.GenerateChunk]:
         """The request path of every API: refuses while loading, failed or draining;
-        tokenizes off the event loop (`prompt` may raise InputError); streams the
-        chunks; counts what happened. Closing the stream early cancels the request.
+        streams the chunks, the last one with the finish reason; counts what happened.
+        Closing the stream early (the caller went away, a deadline) cancels the request,
+        which frees its cache on every worker; so does a stop sequence, at once.
         InputError and QueueFullError come only before admission: the API counts them
-        in `rejected` as it refuses."""
-        admitted, reason = False, "error"
-
-        def admit(handle: Request) -> None:
-            nonlocal admitted
-            admitted = True
-            self.requests += 1
-            self.running += 1
-            if on_admitted is not None:
-                on_admitted(handle)
-
+        in `rejected` as it refuses. `on_admitted` sees the request as soon as the
+        scheduler has taken it; `choice` marks the chunks of one of n."""
+        reason = "error"
+        daemon = self.ready()
+        if self.draining:
+            raise RequestFailed("mtpd is shutting down: no new requests")
+        log.info("%s: %d prompt tokens", request_id, len(prompt.ids))
+        generation = await start(daemon, prompt, options, request_id, arrived, prompt_field, choice)
+        request = generation.request
+        self.requests += 1
+        self.running += 1
         try:
-            daemon = self.ready()
-            if self.draining:
-                raise RequestFailed("mtpd is shutting down: no new requests")
-            made = await asyncio.to_thread(prompt, daemon)
-            log.info("%s: %d prompt tokens", request_id, len(made.ids))
-            generation = generate(daemon, made, options, request_id, arrived, admit, prompt_field)
-            async with contextlib.aclosing(generation) as chunks:
-                async for chunk in chunks:
-                    if chunk.finish_reason:
-                        reason = FINISH_NAMES[chunk.finish_reason]
-                        self.prompt_tokens += chunk.usage.prompt_tokens
-                        self.completion_tokens += chunk.usage.completion_tokens
-                    yield chunk
+            if on_admitted is not None:
+                on_admitted(request)
+            async for step in request:
+                chunk = generation.chunk(step)
+                if generation.stopped:
+                    request.cancel()  # at once: nothing after a stop sequence is wanted
+                yield chunk
+                if generation.stopped:
+                    break
+            last = generation.last_chunk()
+            reason = FINISH_NAMES[last.finish_reason]
+            self.prompt_tokens += last.usage.prompt_tokens
+            self.completion_tokens += last.usage.completion_tokens
+            yield last
         except (asyncio.CancelledError, GeneratorExit):
             if reason == "error":  # not after the last chunk, which a caller may not await
                 reason = "cancelled"  # the caller went away, or its deadline passed
             raise
         finally:
-            if admitted:
-                self.running -= 1
-                self.finished[reason] += 1
-                log.info("%s: %s, %.2f s", request_id, reason, time.monotonic() - arrived)
+            if not request.done:
+                request.cancel()
+            self.running -= 1
+            self.finished[reason] += 1
+            log.info("%s: %s, %.2f s", request_id, reason, time.monotonic() - arrived)
 
     def model_info(self) -> api.ModelInfo:
         return model_info(self.loaded(), self.limits)

@@ -1,12 +1,12 @@
 """One request's way from the tokens the scheduler accepts to the chunks its caller
-receives: UTF-8-safe text, exact stop sequences, usage and timing. The gRPC service
-and `mtpd run` both generate through `generate()`."""
+receives: UTF-8-safe text, exact stop sequences, usage and timing. Every API, and
+`mtpd run`, starts a request with `start()` (through `Frontend.generate`)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +24,23 @@ _FINISH = {
     "tool_calls": api.FINISH_REASON_TOOL_CALLS,
 }
 FINISH_NAMES = {code: name for name, code in _FINISH.items()}
+
+
+@dataclass(frozen=True)
+class RequestId:
+    """A request's two names: the daemon's own (`own`, unique: in the log, the
+    scheduler and the workers' sequence) and the one its chunks carry (`caller`: the
+    request_id the caller sent, else the daemon's)."""
+
+    own: str
+    caller: str
+
+    def choice(self, i: int) -> RequestId:
+        """Choice i's, of a request with several."""
+        return RequestId(f"{self.own}.{i}", f"{self.caller}.{i}")
+
+    def __str__(self) -> str:
+        return self.own if self.own == self.caller else f"{self.own} ({self.caller!r})"
 
 
 @dataclass(frozen=True)
@@ -77,8 +94,9 @@ class Generation:
         draft_policy: str,
         arrived_at: float,
         reply: AssistantOutput | None = None,
+        choice: int = 0,
     ) -> None:
-        self.request, self.request_id = request, request_id
+        self.request, self.request_id, self.choice = request, request_id, choice
         self._reply = reply
         self._decoder = IncrementalDecoder(tokenizer)
         self._stops = StopMatcher(options.stop)
@@ -118,6 +136,7 @@ class Generation:
             ],
             accepted_drafts=min(step.drafts, len(kept)),
             request_id=self.request_id,
+            choice=self.choice,
         )
 
     def last_chunk(self) -> api.GenerateChunk:
@@ -135,6 +154,7 @@ class Generation:
         return api.GenerateChunk(
             **split,
             request_id=self.request_id,
+            choice=self.choice,
             finish_reason=_FINISH[reason],
             stop_sequence=self.stop_sequence or "",
             usage=api.Usage(
@@ -197,21 +217,19 @@ def draft_policy_name(daemon: Coordinator, override: int | None = None) -> str:
     return str(override if override is not None else policy.setting)
 
 
-async def generate(
+async def start(
     daemon: Coordinator,
     prompt: Prompt,
     options: GenerationOptions,
-    request_id: str,
-    arrived_at: float | None = None,
-    on_admitted: Callable[[Request], None] | None = None,
+    request_id: RequestId,
+    arrived_at: float,
     prompt_field: str = "prompt_token_ids",
-) -> AsyncIterator[api.GenerateChunk]:
-    """Submit a request and stream its chunks, the last one with the finish reason.
-    Closing the stream early (the caller went away, a deadline) cancels the request,
-    which frees its cache on every worker; so does a stop sequence, at once.
-    `on_admitted` sees the request as soon as the scheduler has taken it; `prompt_field`
-    is what the caller's API calls the prompt, for errors about its token ids."""
-    prompt_ids, reply = prompt.ids, prompt.reply
+    choice: int = 0,
+) -> Generation:
+    """Submit a request to the scheduler; its accepted steps become chunks through the
+    Generation returned. `prompt_field` is what the caller's API calls the prompt, for
+    errors about its token ids; `choice`, which of the request's n choices this is."""
+    prompt_ids = prompt.ids
     check_prompt_ids(prompt_ids, daemon.cfg.vocab_size, prompt_field)
     sampling = options.sampling()
     sampling.check_vocab(daemon.cfg.vocab_size)
@@ -227,28 +245,16 @@ async def generate(
         draft_tokens=options.draft_tokens,
         top_logprobs=options.top_logprobs if options.logprobs else None,
         constraint=constraint,
+        request_id=request_id.own,
     )
-    if on_admitted is not None:
-        on_admitted(request)
-    generation = Generation(
+    return Generation(
         daemon.tokenizer,
         request,
         len(prompt_ids),
         options,
-        request_id,
+        request_id.caller,
         draft_policy_name(daemon, options.draft_tokens),
-        arrived_at if arrived_at is not None else request.submitted_at,
-        reply,
+        arrived_at,
+        prompt.reply,
+        choice,
     )
-    try:
-        async for step in request:
-            chunk = generation.chunk(step)
-            if generation.stopped:
-                request.cancel()  # at once: nothing after a stop sequence is wanted
-            yield chunk
-            if generation.stopped:
-                break
-        yield generation.last_chunk()
-    finally:
-        if not request.done:
-            request.cancel()

@@ -90,7 +90,7 @@ class Scheduler:
         self.max_batch_tokens, self.max_queue = max_batch_tokens, max_queue
         self.policy = policy or DraftPolicy(0)
         self.draft_source = draft_source
-        self._ids = itertools.count()
+        self._ids = itertools.count(1)
         self._cond = threading.Condition()
         self._waiting: deque[Sequence] = deque()
         self._active: list[Sequence] = []
@@ -110,6 +110,11 @@ class Scheduler:
 
     # -- the caller's side ------------------------------------------------------------
 
+    def new_request_id(self) -> str:
+        """A request id no other request of this daemon has: one id from the API through
+        the logs to the workers' sequence."""
+        return f"req-{next(self._ids)}"
+
     def submit(
         self,
         prompt_ids: list[int],
@@ -121,10 +126,13 @@ class Scheduler:
         draft_tokens: int | None = None,
         top_logprobs: int | None = None,
         constraint: Constraint | None = None,
+        request_id: str | None = None,
     ) -> Request:
         """top_logprobs: None for no log-probabilities, else each token's and the top
         that many tokens' at its position. `constraint`: a fresh matcher the output must
-        follow (it is the scheduler's from here on)."""
+        follow (it is the scheduler's from here on). `request_id`: one new_request_id()
+        gave (the API's, which is also the sequence's id on the workers), None for a
+        fresh one."""
         if not prompt_ids:
             raise InvalidParameter("prompt is empty", "prompt")
         if max_tokens < 1:
@@ -136,7 +144,7 @@ class Scheduler:
                 f"the context of {context} tokens",
                 "max_tokens",
             )
-        request = Request(f"seq-{next(self._ids)}", max_tokens)
+        request = Request(request_id or self.new_request_id(), max_tokens)
         request._wake_scheduler = self._wake
         seq = Sequence(
             request=request,

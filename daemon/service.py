@@ -13,7 +13,7 @@ from typing import TypeVar
 import grpc
 
 from mtpd.daemon.chat import Chat, chat_prompt
-from mtpd.daemon.choices import all_or_none, choice_streams, indexed, merged
+from mtpd.daemon.choices import all_or_none, choice_streams, merged
 from mtpd.daemon.coordinator import Coordinator
 from mtpd.daemon.frontend import Frontend
 from mtpd.daemon.generation import Prompt
@@ -56,15 +56,6 @@ class InferenceService(api_grpc.InferenceServicer):
     async def Generate(
         self, request: api.GenerateRequest | api.ChatRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[api.GenerateChunk]:
-        async with contextlib.aclosing(self._stream(request, context)) as chunks:
-            async for chunk in chunks:
-                yield chunk
-
-    Chat = Generate  # one path: _prompt tells a ChatRequest from a GenerateRequest
-
-    async def _stream(
-        self, request: api.GenerateRequest | api.ChatRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[api.GenerateChunk]:
         arrived = time.monotonic()
 
         def admitted(handle: Request) -> None:
@@ -83,15 +74,12 @@ class InferenceService(api_grpc.InferenceServicer):
                     front, prompt, options, request_id, arrived, admitted, "prompt_token_ids"
                 )
                 try:
-                    firsts = await all_or_none(anext(s) for s in streams)
-                    choices = merged(
-                        [
-                            indexed(i, f, s)
-                            for i, (f, s) in enumerate(zip(firsts, streams, strict=True))
-                        ]
-                    )
-                    async with contextlib.aclosing(choices):
-                        async for chunk in choices:
+                    # Every choice admitted before the first chunk, or none: a refusal is
+                    # then a status.
+                    for chunk in await all_or_none(anext(s) for s in streams):
+                        yield chunk
+                    async with contextlib.aclosing(merged(streams)) as rest:
+                        async for chunk in rest:
                             yield chunk
                 finally:
                     for stream in streams:
@@ -100,6 +88,8 @@ class InferenceService(api_grpc.InferenceServicer):
             if e.code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED):
                 front.rejected += 1
             await context.abort(e.code, str(e))
+
+    Chat = Generate  # one path: _prompt tells a ChatRequest from a GenerateRequest
 
     @staticmethod
     def _prompt(daemon: Coordinator, request: api.GenerateRequest | api.ChatRequest) -> Prompt:

@@ -9,6 +9,7 @@ import ipaddress
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -16,6 +17,7 @@ import stat
 import subprocess
 import threading
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -199,6 +201,28 @@ def test_async_client_streams_the_same_tokens(daemon, client):
     result, texts, chat, info = asyncio.run(go())
     assert result.token_ids == want.token_ids and "".join(texts) == want.text
     assert chat.completion_tokens == 3 and info.num_layers == 4
+
+
+def test_one_request_id_from_the_api_to_the_workers(daemon, client, engine):
+    """The daemon's id (req-N) names a request in the log and is its sequence on the
+    workers; a caller's own request_id comes back in every chunk. Two callers sending the
+    same id at once are two requests, each answered alone."""
+    want = reference(engine, "Same id", 12)
+    with ThreadPoolExecutor(2) as pool:
+        twins = list(
+            pool.map(
+                lambda _: client.generate("Same id", max_tokens=12, request_id="same"), range(2)
+            )
+        )
+    assert [r.request_id for r in twins] == ["same", "same"]
+    assert all(r.token_ids == want for r in twins)
+    plain = client.generate("No id", max_tokens=2)
+    assert re.fullmatch(r"req-\d+", plain.request_id)
+    # The end is logged as the call closes, which may be just after the last chunk.
+    wait_for(lambda: f"{plain.request_id}: length" in daemon.log.read_text())
+    log = daemon.log.read_text()
+    owns = set(re.findall(r"(req-\d+) \('same'\): \d+ prompt tokens", log))
+    assert len(owns) == 2 and all(f"{own} ('same'): length" in log for own in owns)
 
 
 BAD_REQUESTS = [
