@@ -15,33 +15,15 @@ from google.protobuf.message import Message
 from mtpd.client.messages import ChatOptions, GenerationResult, Options
 from mtpd.client.sync_client import Client
 from mtpd.credentials import read_token_file
+from mtpd.daemon.options import STRUCTURED_KINDS, flagged_options
 from mtpd.v1 import inference_pb2 as api
 
-OPTION_FLAGS = (
-    "max_tokens",
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "repetition_penalty",
-    "seed",
-    "stop",
-    "draft_tokens",
-    "presence_penalty",
-    "frequency_penalty",
-    "logit_bias",
-    "logprobs",
-    "top_logprobs",
-    "n",
-)
-
-
-STRUCTURED_FLAGS = ("json_schema", "json_object", "regex", "grammar")
+STRUCTURED_FLAGS = STRUCTURED_KINDS  # one flag per kind
 
 
 def request_options(args: argparse.Namespace) -> Options:
     """The generation options given on the command line (absent ones: the server's)."""
-    values: dict[str, Any] = {name: getattr(args, name) for name in OPTION_FLAGS}
+    values: dict[str, Any] = {f.name: getattr(args, f.name) for f in flagged_options()}
     for kind in STRUCTURED_FLAGS:
         value = getattr(args, kind)
         if value:  # "@FILE" stands for the file's text

@@ -71,12 +71,12 @@ class Options(TypedDict, total=False):
     logit_bias: Mapping[int, float]  # token id: bias
     logprobs: bool  # each token's log-probability (GenerationResult.logprobs)
     top_logprobs: int  # and the top this many tokens' at its position (0..20)
-    # Choices from the one prompt (GenerationResult.choices), choice i sampling with
-    # seed + i.
-    n: int
     # Structured output, one of {"json_schema": schema (a dict or JSON text)},
     # {"json_object": True}, {"regex": "..."}, {"grammar": "..."} (llguidance's Lark).
     structured_output: Mapping[str, Any]
+    # Choices from the one prompt (GenerationResult.choices), choice i sampling with
+    # seed + i.
+    n: int
 
 
 def generation_options(options: Options) -> api.GenerationOptions:

@@ -5,40 +5,49 @@ commands."""
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from mtpd.daemon.options import (
     DEFAULT_MAX_REQUEST_BYTES,
-    DEFAULT_MAX_TOKENS,
-    MAX_DRAFT_TOKENS,
     REASONING_PARSERS,
     TOOL_CALL_PARSERS,
-    GenerationOptions,
+    flagged_options,
+    parse_draft_tokens,
 )
 
 
-def draft_tokens(text: str) -> int | None:
-    """A number of drafts per step, or auto (None: the server's policy)."""
-    if text == "auto":
-        return None
-    try:
-        k = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: a number of drafts or auto") from None
-    if not 0 <= k <= MAX_DRAFT_TOKENS:
-        raise argparse.ArgumentTypeError(f"must be in 0..{MAX_DRAFT_TOKENS} or auto, got {k}")
-    return k
+def flag_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """`parse` as an argparse type: its error message, not "invalid value"."""
+
+    def typed(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    typed.__name__ = parse.__name__
+    return typed
 
 
-def logit_bias(text: str) -> dict[int, float]:
-    try:
-        bias = json.loads(text)
-        return {int(k): float(v) for k, v in bias.items()}
-    except (ValueError, AttributeError, TypeError):
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a JSON object of token ids and biases"
-        ) from None
+draft_tokens = flag_type(parse_draft_tokens)
+
+
+def _add_option_flag(p: argparse.ArgumentParser, f: dataclasses.Field) -> None:
+    """An option's flag as the table (mtpd.daemon.options) states it; absent, it takes the
+    server's default."""
+    settings = dict(f.metadata["flag"])
+    names = [f"--{f.name.replace('_', '-')}"]
+    if short := settings.pop("short", None):
+        names.insert(0, short)
+    settings["help"] = settings["help"].format(default=f.default)
+    if parse := settings.pop("parse", None):
+        settings["type"] = flag_type(parse)
+    elif "action" not in settings:
+        settings["type"] = {"int": int, "int | None": int, "float": float}[f.type]
+    p.add_argument(*names, default=None, **settings)
 
 
 def add_generation_flags(p: argparse.ArgumentParser, prompt: bool = True) -> None:
@@ -49,41 +58,8 @@ def add_generation_flags(p: argparse.ArgumentParser, prompt: bool = True) -> Non
         p.add_argument(
             "--raw", action="store_true", help="send the prompt as is, without the chat template"
         )
-    d = GenerationOptions()  # the defaults
-    p.add_argument(
-        "--max-tokens",
-        type=int,
-        help=f"tokens to generate at most (default {DEFAULT_MAX_TOKENS}, or what fits the context)",
-    )
-    p.add_argument("--temperature", type=float, help=f"0 means greedy (default {d.temperature})")
-    p.add_argument("--top-p", type=float, help=f"nucleus sampling (default {d.top_p}: off)")
-    p.add_argument("--top-k", type=int, help=f"0 turns top-k off (default {d.top_k})")
-    p.add_argument("--min-p", type=float, help=f"(default {d.min_p}: off)")
-    p.add_argument("--repetition-penalty", type=float, help=f"(default {d.repetition_penalty})")
-    p.add_argument("--seed", type=int, help=f"seed of the sampler (default {d.seed})")
-    p.add_argument(
-        "--presence-penalty", type=float, help=f"[-2, 2] (default {d.presence_penalty}: off)"
-    )
-    p.add_argument(
-        "--frequency-penalty", type=float, help=f"[-2, 2] (default {d.frequency_penalty}: off)"
-    )
-    p.add_argument(
-        "--logprobs",
-        action="store_true",
-        default=None,
-        help="return each token's log-probability (in --json)",
-    )
-    p.add_argument("--top-logprobs", type=int, help="and the top N tokens' at its position (0..20)")
-    p.add_argument(
-        "--logit-bias",
-        type=logit_bias,
-        help="token ids' biases as JSON, e.g. '{\"13\": -100}' (bans token 13)",
-    )
-    p.add_argument(
-        "--stop",
-        action="append",
-        help="a stop sequence: generation ends before it (repeat for several)",
-    )
+    for f in flagged_options():
+        _add_option_flag(p, f)
     structured = p.add_mutually_exclusive_group()
     structured.add_argument(
         "--json-schema",
@@ -99,23 +75,9 @@ def add_generation_flags(p: argparse.ArgumentParser, prompt: bool = True) -> Non
     structured.add_argument(
         "--grammar", metavar="LARK|@FILE", help="the output follows this Lark grammar (llguidance)"
     )
-    p.add_argument(
-        "-n",
-        "--n",
-        type=int,
-        help="choices from the prompt, choice i sampling with seed + i (default 1)",
-    )
     p.add_argument("--system", default=None, help="a system message for the chat template")
     p.add_argument(
         "--json", action="store_true", help="print one JSON object instead of streaming text"
-    )
-    p.add_argument(
-        "--draft-tokens",
-        type=draft_tokens,
-        default=None,
-        metavar="K|auto",
-        help="MTP drafts per step: a number (0 turns MTP off) or auto (the default: chosen "
-        "per sequence from measured acceptance and costs)",
     )
 
 

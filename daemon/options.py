@@ -7,7 +7,10 @@ Torch-free at import, so the CLI can build its help from the defaults instantly.
 from __future__ import annotations
 
 import dataclasses
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from mtpd.daemon.strict_json import loads_json
 from mtpd.model.errors import InvalidParameter, check_unicode
@@ -69,25 +72,85 @@ class OutputFormat:
                 )
 
 
+def parse_draft_tokens(text: str) -> int | None:
+    """A number of drafts per step, or auto (None: the server's policy)."""
+    if text == "auto":
+        return None
+    try:
+        k = int(text)
+    except ValueError:
+        raise InvalidParameter(f"{text!r}: a number of drafts or auto", "draft_tokens") from None
+    if not 0 <= k <= MAX_DRAFT_TOKENS:
+        raise InvalidParameter(f"must be in 0..{MAX_DRAFT_TOKENS} or auto, got {k}", "draft_tokens")
+    return k
+
+
+def parse_logit_bias(text: str) -> dict[int, float]:
+    """Token ids' biases as a JSON object."""
+    try:
+        bias = json.loads(text)
+        return {int(k): float(v) for k, v in bias.items()}
+    except (ValueError, AttributeError, TypeError):
+        raise InvalidParameter(
+            f"{text!r} is not a JSON object of token ids and biases", "logit_bias"
+        ) from None
+
+
+def option(default: Any, help: str, **flag: Any) -> Any:
+    """A generation option of the table below: its default, and its command-line flag's
+    help ("{default}" names the default) and argparse settings beyond the type, which is
+    the field's (`parse` reads a value that is not a plain int, float or string)."""
+    metadata = {"flag": {"help": help, **flag}}
+    if isinstance(default, dict):  # a fresh one each time
+        return dataclasses.field(default_factory=lambda: dict(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
 @dataclass(frozen=True)
 class GenerationOptions:
-    max_tokens: int | None = None  # None: DEFAULT_MAX_TOKENS, or what fits the context
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    seed: int = 0
-    stop: tuple[str, ...] = ()
-    draft_tokens: int | None = None  # None: the server's draft policy
-    ignore_eos: bool = False
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[int, float] = dataclasses.field(default_factory=dict)
-    logprobs: bool = False
-    top_logprobs: int = 0
+    """The one table of a request's options. The gRPC message (GenerationOptions in
+    protos/mtpd/v1/inference.proto), the SDK's `Options`, the CLI's flags, the OpenAI
+    bodies and the workers' SamplingParams each follow it; tests/test_option_table.py
+    fails when one drifts."""
+
+    max_tokens: int | None = option(
+        None, f"tokens to generate at most (default {DEFAULT_MAX_TOKENS}, or what fits the context)"
+    )
+    temperature: float = option(0.0, "0 means greedy (default {default})")
+    top_p: float = option(1.0, "nucleus sampling (default {default}: off)")
+    top_k: int = option(0, "0 turns top-k off (default {default})")
+    min_p: float = option(0.0, "(default {default}: off)")
+    repetition_penalty: float = option(1.0, "(default {default})")
+    seed: int = option(0, "seed of the sampler (default {default})")
+    stop: tuple[str, ...] = option(
+        (), "a stop sequence: generation ends before it (repeat for several)", action="append"
+    )
+    draft_tokens: int | None = option(  # None: the server's draft policy
+        None,
+        "MTP drafts per step: a number (0 turns MTP off) or auto (the default: chosen per "
+        "sequence from measured acceptance and costs)",
+        parse=parse_draft_tokens,
+        metavar="K|auto",
+    )
+    ignore_eos: bool = option(False, "generate past the end of sequence", action="store_true")
+    presence_penalty: float = option(0.0, "[-2, 2] (default {default}: off)")
+    frequency_penalty: float = option(0.0, "[-2, 2] (default {default}: off)")
+    logit_bias: Mapping[int, float] = option(
+        {},
+        "token ids' biases as JSON, e.g. '{{\"13\": -100}}' (bans token 13)",
+        parse=parse_logit_bias,
+    )
+    logprobs: bool = option(
+        False, "return each token's log-probability (in --json)", action="store_true"
+    )
+    top_logprobs: int = option(0, f"and the top N tokens' at its position (0..{MAX_TOP_LOGPROBS})")
+    # Its flags are four, one per kind (mtpd.cli_flags.add_generation_flags).
     structured_output: OutputFormat | None = None
-    n: int = 1  # choices (daemon/choices.py)
+    n: int = option(  # choices (daemon/choices.py)
+        1,
+        "choices from the prompt, choice i sampling with seed + i (default {default})",
+        short="-n",
+    )
 
     def __post_init__(self) -> None:
         if self.max_tokens is not None and not 1 <= self.max_tokens <= MAX_INT32:
@@ -125,15 +188,7 @@ class GenerationOptions:
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(
-            temperature=self.temperature,
-            top_k=self.top_k,
-            top_p=self.top_p,
-            min_p=self.min_p,
-            repetition_penalty=self.repetition_penalty,
-            seed=self.seed,
-            presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty,
-            logit_bias=self.logit_bias,
+            **{f.name: getattr(self, f.name) for f in dataclasses.fields(SamplingParams)}
         )
 
     def max_tokens_for(self, prompt_tokens: int, context: int) -> int:
@@ -189,6 +244,11 @@ class GenerationOptions:
 # The fields without presence on the wire (proto3 repeated, map and plain bool), and
 # messages.
 _REPEATED = ("stop", "ignore_eos", "logit_bias", "logprobs", "structured_output")
+
+
+def flagged_options() -> list[dataclasses.Field]:
+    """The options with a flag of their own, in the table's order."""
+    return [f for f in dataclasses.fields(GenerationOptions) if "flag" in f.metadata]
 
 
 def defaults_proto() -> api.GenerationOptions:
