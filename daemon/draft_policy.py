@@ -13,10 +13,10 @@ measured mean. A line alone is not enough: a pass's cost need not grow evenly wi
 rows (oneDNN once changed kernels at the third row, which cost twice what the second
 did), so a policy trusting the line drafts two tokens where one pays better. The policy
 picks the k in 0..6 with the largest (b - 1 + E(k)) / T(k), drafting one token every
-few steps even at k = 0 so
-acceptance keeps being measured (every 8 steps, backing off to every 64 as first drafts
-keep being rejected, or from the start once the server has measured its rates, and that
-times the batch: a batch explores as often as one sequence); a sequence's acceptance
+few steps even at k = 0 so acceptance keeps being measured (every 8 steps, backing off
+to every 64 as first drafts keep being rejected, or from the start once the server has
+measured its rates, and that times the batch: a batch explores as often as one
+sequence), but only where a sequence accepting 0.9 would draft; a sequence's acceptance
 starts from the server-wide rates and moves to its own.
 """
 
@@ -38,6 +38,9 @@ _EXPLORE_BACKOFF = 3  # doubled for each first draft rejected, up to this many t
 _SERVER_EVIDENCE = 16  # first drafts the server has measured before new sequences back off
 _MEASURED = 3.0  # weight of observations before a pass size's mean replaces the line
 _SIZES = 512  # pass sizes (positions) whose mean time is kept
+# The acceptance of the most predictable text (repeated or formulaic: the shipped head
+# averages 0.5): no sequence is explored for where drafting would not pay even at this.
+_HOPE = 0.9
 
 
 @dataclass
@@ -119,6 +122,7 @@ class DraftPolicy:
         self._by_size: dict[int, tuple[float, float]] = {}  # positions: (weight, sum)
         # alpha, beta and the well-measured (size, mean) pairs, sorted; None once stale.
         self._costs: tuple[float, float, list[tuple[int, float]]] | None = None
+        self._step_costs_for: tuple[tuple[int, int], list[float]] | None = None
         self.draft_pass_s = 0.0
 
     @property
@@ -140,7 +144,7 @@ class DraftPolicy:
         if positions <= _SIZES:
             w, total = self._by_size.get(positions, (0.0, 0.0))
             self._by_size[positions] = (f * w + 1, f * total + y)
-        self._costs = None
+        self._costs = self._step_costs_for = None
         if passes:
             per_pass = (draft_s - catch_up_s) / passes
             self.draft_pass_s = (
@@ -193,13 +197,6 @@ class DraftPolicy:
             out.append((mine + _PRIOR_WEIGHT * server) / (tries + _PRIOR_WEIGHT))
         return out
 
-    def expected_tokens(self, rates: list[float], k: int) -> float:
-        total, chain = 1.0, 1.0
-        for j in range(k):
-            chain *= rates[j]
-            total += chain
-        return total
-
     def choose(self, own: DraftStats, limit: int, batch: int = 1) -> int:
         """Drafts to request for a sequence's next step (at most `limit`), when it
         shares steps with `batch` sequences (which share the fixed cost of a pass)."""
@@ -207,22 +204,11 @@ class DraftPolicy:
             return 0
         if self.setting != AUTO:
             return min(int(self.setting), limit)
-        rates = self.rates(own)
         batch = max(batch, 1)
-        draft = (
-            self.draft_pass_s if self._sw >= 2 and self.draft_pass_s else 0.1 * self.cost_fit()[0]
-        )
-        best, best_rate = 0, 0.0
-        for k in range(min(MAX_DRAFT, limit) + 1):
-            # The batch's tokens per second with this sequence drafting k and the others
-            # one token each: its drafts lengthen everyone's step. Priced as if every
-            # sequence drafted k (their pass and the head's shared), a sequence whose own
-            # record beat the server's drafted where the step then grew for all, and 8
-            # int4 streams ran at 0.89x MTP off.
-            cost = self.pass_cost(batch + k) + draft * k
-            rate = (batch - 1 + self.expected_tokens(rates, k)) / cost
-            if rate > best_rate:
-                best, best_rate = k, rate
+        steps = self._step_costs(batch, min(MAX_DRAFT, limit))
+        best = _best(self.rates(own), batch, steps)
+        if best or not self._worth_exploring(batch, steps):
+            return best
         # A batch explores as often as one sequence would: each exploring row is paid
         # for by the whole step (an extra position and a head pass it did not need). The
         # phase spreads the sequences' explorations over steps.
@@ -234,9 +220,47 @@ class DraftPolicy:
         if _at(self.server.drafted, 0) >= _SERVER_EVIDENCE and not _at(own.accepted, 0):
             rejected += _EXPLORE_BACKOFF
         every = (_EXPLORE_EVERY << min(rejected, _EXPLORE_BACKOFF)) * batch
-        if best == 0 and (own.steps + own.phase) % every == every - 1:
-            best = 1  # keep measuring, so a sequence that turns predictable is noticed
-        return best
+        if (own.steps + own.phase) % every == every - 1:
+            return 1  # keep measuring, so a sequence that turns predictable is noticed
+        return 0
+
+    def _step_costs(self, batch: int, most: int) -> list[float]:
+        """T(k) for k = 0..most drafts of one sequence in a batch of `batch`: the pass
+        over batch + k positions and k passes of the head. Kept until the next observed
+        step, so a batch's sequences share one computation."""
+        key = (batch, most)
+        if self._step_costs_for is not None and self._step_costs_for[0] == key:
+            return self._step_costs_for[1]
+        draft = (
+            self.draft_pass_s if self._sw >= 2 and self.draft_pass_s else 0.1 * self.cost_fit()[0]
+        )
+        steps = [self.pass_cost(batch + k) + draft * k for k in range(most + 1)]
+        self._step_costs_for = (key, steps)
+        return steps
+
+    def _worth_exploring(self, batch: int, steps: list[float]) -> bool:
+        """Whether a sequence as predictable as text gets (acceptance _HOPE at every
+        position) would draft at this batch size: where even it would not, exploring
+        measures nothing that could change the choice, and each exploration costs the
+        whole step a head pass and the head's catch-up over the entries the sequence
+        held back (2-3 ms on an 8-stream int4 step of 9.4, session 17)."""
+        return _best([_HOPE] * MAX_DRAFT, batch, steps) > 0
+
+
+def _best(rates: list[float], batch: int, steps: list[float]) -> int:
+    """The k whose (batch - 1 + E(k)) / T(k) is largest: the batch's tokens per second
+    with this sequence drafting k and the others one token each (its drafts lengthen
+    everyone's step). Priced as if every sequence drafted k (their pass and the head's
+    shared), a sequence whose own record beat the server's drafted where the step then
+    grew for all, and 8 int4 streams ran at 0.89x MTP off."""
+    best, best_rate, emitted, chain = 0, 0.0, float(batch), 1.0
+    for k, cost in enumerate(steps):
+        if k:
+            chain *= rates[k - 1]
+            emitted += chain
+        if emitted / cost > best_rate:
+            best, best_rate = k, emitted / cost
+    return best
 
 
 def _at(counts: list[int], j: int) -> int:
