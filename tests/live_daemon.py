@@ -8,9 +8,11 @@ import http.client
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -25,6 +27,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<assistant>{% endif %}"
 )
 CONTEXT = 256
+OTHER_UID = 54321  # no user of this machine: the owner a planted socket is given
 
 
 def write_served_model(path: Path) -> Path:
@@ -46,6 +49,30 @@ def self_signed_certificate(where: Path) -> tuple[Path, Path]:
         timeout=120,
     )
     return cert, key
+
+
+@contextlib.contextmanager
+def planted_socket(folder: Path) -> Iterator[tuple[Path, socket.socket]]:
+    """A Unix socket listening at `folder`/mtpd.sock (the folder is made), as another
+    local user would plant where a client looks for the daemon: (its path, the listener,
+    non-blocking for `nothing_connected`). The caller makes it, or its folder, another
+    user's (`os.chown` to OTHER_UID: only root can)."""
+    folder.mkdir()
+    path = folder / "mtpd.sock"
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(path))
+        listener.listen(4)
+        listener.setblocking(False)
+        yield path, listener
+
+
+def nothing_connected(listener: socket.socket) -> bool:
+    """Whether no client has connected to the (non-blocking) `listener`."""
+    try:
+        listener.accept()
+    except BlockingIOError:
+        return True
+    return False
 
 
 def http_request(

@@ -4,14 +4,12 @@ refused before anything (a token, a prompt) is sent."""
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
+from live_daemon import OTHER_UID, nothing_connected, planted_socket
 
 from mtpd.cli import main
 from mtpd.client import Client, UntrustedSocket
-
-OTHER_UID = 54321  # no user of this machine
 
 
 @pytest.fixture
@@ -20,42 +18,22 @@ def planted(tmp_path):
         if os.environ.get("CI") == "true":
             pytest.fail("CI runs the tests as root: a socket of another user needs it")
         pytest.skip("needs root to plant a socket of another user")
-    folder = tmp_path / "run"
-    folder.mkdir()
-    path = folder / "mtpd.sock"
-    listener = socket.socket(socket.AF_UNIX)
-    listener.bind(str(path))
-    listener.listen(4)
-    listener.setblocking(False)
-    yield path, listener
-    listener.close()
+    with planted_socket(tmp_path / "run") as (path, listener):
+        yield path, listener
 
 
-def nothing_connected(listener: socket.socket) -> bool:
-    try:
-        listener.accept()
-    except BlockingIOError:
-        return True
-    return False
-
-
-def test_a_socket_of_another_user_is_refused_by_the_sdk_and_the_cli(planted, capsys):
+def test_a_socket_of_another_user_is_refused_by_the_sdk_and_the_cli(planted, capsys, monkeypatch):
     path, listener = planted
     os.chown(path, OTHER_UID, OTHER_UID)
     with pytest.raises(UntrustedSocket, match=f"belongs to uid {OTHER_UID}"):
         Client(str(path), token="secret")
-    os.environ["MTPD_API_TOKEN"] = "secret"
-    try:
-        assert main(["generate", "--address", str(path), "Hello"]) == 1
-    finally:
-        del os.environ["MTPD_API_TOKEN"]
+    monkeypatch.setenv("MTPD_API_TOKEN", "secret")
+    assert main(["generate", "--address", str(path), "Hello"]) == 1
+    monkeypatch.delenv("MTPD_API_TOKEN")
     assert f"belongs to uid {OTHER_UID}" in capsys.readouterr().err
     assert nothing_connected(listener)
-    os.environ["MTPD_TRUSTED_SOCKET_OWNERS"] = f"nosuchuser, {OTHER_UID}"
-    try:
-        Client(str(path)).close()  # trusted by name: no refusal
-    finally:
-        del os.environ["MTPD_TRUSTED_SOCKET_OWNERS"]
+    monkeypatch.setenv("MTPD_TRUSTED_SOCKET_OWNERS", f"nosuchuser, {OTHER_UID}")
+    Client(str(path)).close()  # trusted by name: no refusal
 
 
 def test_a_directory_of_another_user_or_open_to_all_is_refused(planted):

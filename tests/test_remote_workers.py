@@ -23,6 +23,7 @@ from mtpd.v1 import worker_pb2 as pb
 from mtpd.v1 import worker_pb2_grpc as pb_grpc
 
 MTPD = [sys.executable, "-m", "mtpd"]
+PROMPT = ["abracadabra", "--raw", "--max-tokens", "24", "--json", "--device", "cpu"]
 
 
 def free_port() -> int:
@@ -40,6 +41,21 @@ def models(tmp_path_factory):
     (root / "token").write_text("s3cret-token\n")
     (root / "wrong").write_text("guess\n")
     return root
+
+
+@pytest.fixture(scope="module")
+def local(models) -> dict:
+    """The local pipeline's output for PROMPT, run once: what each remote pipeline (with
+    or without TLS) must give."""
+    return run_json(["run", "--model", str(models / "model"), *PROMPT, "--workers", "2"])
+
+
+def raw_method(channel: grpc.Channel, method: str) -> grpc.UnaryUnaryMultiCallable:
+    """A unary call of `method` on raw bytes: the payload is sent as it is (it need not be
+    a message) and the reply comes back unparsed."""
+    return channel.unary_unary(
+        method, request_serializer=lambda b: b, response_deserializer=lambda b: b
+    )
 
 
 def peak_memory_mb(pid: int) -> int:
@@ -72,14 +88,11 @@ def worker(join: str, token: Path, model: Path) -> list[str]:
     ]
 
 
-def test_remote_workers_join_only_with_the_token_and_the_model(models):
-    prompt = ["abracadabra", "--raw", "--max-tokens", "24", "--json", "--device", "cpu"]
-    local = run_json(["run", "--model", str(models / "model"), *prompt, "--workers", "2"])
-
+def test_remote_workers_join_only_with_the_token_and_the_model(models, local):
     join = f"127.0.0.1:{free_port()}"
     remote_flags = ["--join-listen", join, "--token-file", str(models / "token")]
     daemon = subprocess.Popen(
-        [*MTPD, "run", "--model", str(models / "model"), *prompt, "--workers", "2", *remote_flags],
+        [*MTPD, "run", "--model", str(models / "model"), *PROMPT, "--workers", "2", *remote_flags],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -118,16 +131,8 @@ def test_remote_workers_join_only_with_the_token_and_the_model(models):
         # Without the token, a call is refused before its request is parsed: bytes that
         # are no JoinRequest get the same answer as a real one.
         with grpc.insecure_channel(join) as channel:
-            raw = channel.unary_unary(
-                "/mtpd.v1.WorkerRegistry/Join",
-                request_serializer=lambda b: b,
-                response_deserializer=lambda b: b,
-            )
-            store = channel.unary_unary(
-                "/mtpd.v1.WorkerRegistry/Store",
-                request_serializer=lambda b: b,
-                response_deserializer=lambda b: b,
-            )
+            raw = raw_method(channel, "/mtpd.v1.WorkerRegistry/Join")
+            store = raw_method(channel, "/mtpd.v1.WorkerRegistry/Store")
             get = pb.StoreRequest(op=pb.StoreRequest.OP_GET, keys=["x"]).SerializeToString()
             for call, payload in (
                 (raw, b"\xff" * 4096),
@@ -158,11 +163,7 @@ def test_remote_workers_join_only_with_the_token_and_the_model(models):
         for command, process in zip(commands, joined, strict=True):
             listen = command[command.index("--listen") + 1]
             with grpc.insecure_channel(listen, options=CHANNEL_OPTIONS) as channel:
-                load = channel.unary_unary(
-                    "/mtpd.v1.Worker/Load",
-                    request_serializer=lambda b: b,
-                    response_deserializer=lambda b: b,
-                )
+                load = raw_method(channel, "/mtpd.v1.Worker/Load")
                 peak = peak_memory_mb(process.pid)
                 for payload in (b"\xff" * 4096, bytes(256 << 20)):
                     with pytest.raises(grpc.RpcError) as refused:
@@ -225,7 +226,7 @@ def test_a_remote_worker_that_dies_is_replaced_by_one_that_joins_again(models, t
             w.wait(timeout=30)
 
 
-def test_remote_workers_over_mutual_tls(models, tmp_path):
+def test_remote_workers_over_mutual_tls(models, local, tmp_path):
     """With --worker-tls-*, the registry and the workers speak TLS and ask the peer for a
     certificate the CA signed: a plaintext caller, or one without a certificate, cannot
     even send a call; workers with the certificate join, and the output is unchanged."""
@@ -234,12 +235,10 @@ def test_remote_workers_over_mutual_tls(models, tmp_path):
     def tls(prefix: str) -> list[str]:  # one self-signed certificate, its own CA
         return [f"{prefix}-cert", str(cert), f"{prefix}-key", str(key), f"{prefix}-ca", str(cert)]
 
-    prompt = ["abracadabra", "--raw", "--max-tokens", "12", "--json", "--device", "cpu"]
-    local = run_json(["run", "--model", str(models / "model"), *prompt, "--workers", "2"])
     join = f"127.0.0.1:{free_port()}"
     remote = ["--join-listen", join, "--token-file", str(models / "token"), *tls("--worker-tls")]
     daemon = subprocess.Popen(
-        [*MTPD, "run", "--model", str(models / "model"), *prompt, "--workers", "2", *remote],
+        [*MTPD, "run", "--model", str(models / "model"), *PROMPT, "--workers", "2", *remote],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

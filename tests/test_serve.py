@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import threading
@@ -27,8 +26,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from live_daemon import (
     CONTEXT,
+    OTHER_UID,
     LiveDaemon,
     held,
+    nothing_connected,
+    planted_socket,
     self_signed_certificate,
     wait_for,
     write_served_model,
@@ -502,12 +504,8 @@ def test_node_client_streams_a_generation(daemon, client, tmp_path):
     if os.geteuid() != 0:  # only root makes a socket another user's (CI runs as root)
         return
     # A socket another user planted is refused before anything is sent.
-    planted = tmp_path / "planted" / "mtpd.sock"
-    planted.parent.mkdir()
-    with socket.socket(socket.AF_UNIX) as listener:
-        listener.bind(str(planted))
-        listener.listen(1)
-        os.chown(planted, 54321, 54321)
+    with planted_socket(tmp_path / "planted") as (planted, listener):
+        os.chown(planted, OTHER_UID, OTHER_UID)
         out = subprocess.run(
             ["node", "generate.js", "--address", str(planted), "Hello"],
             cwd=work,
@@ -516,10 +514,8 @@ def test_node_client_streams_a_generation(daemon, client, tmp_path):
             text=True,
             timeout=120,
         )
-        assert out.returncode == 1 and "belongs to uid 54321" in out.stderr, out.stderr
-        listener.setblocking(False)
-        with pytest.raises(BlockingIOError):
-            listener.accept()  # nothing connected
+        assert out.returncode == 1 and f"belongs to uid {OTHER_UID}" in out.stderr, out.stderr
+        assert nothing_connected(listener)
     # Structured output: the Python SDK's tokens, JSON valid against the schema.
     schema = {
         "type": "object",
