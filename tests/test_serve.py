@@ -501,21 +501,6 @@ def test_node_client_streams_a_generation(daemon, client, tmp_path):
     refused = node("--max-tokens", "0", "Hello")
     assert refused.returncode == 1 and "INVALID_ARGUMENT" in refused.stderr
     assert "max_tokens" in refused.stderr
-    if os.geteuid() != 0:  # only root makes a socket another user's (CI runs as root)
-        return
-    # A socket another user planted is refused before anything is sent.
-    with planted_socket(tmp_path / "planted") as (planted, listener):
-        os.chown(planted, OTHER_UID, OTHER_UID)
-        out = subprocess.run(
-            ["node", "generate.js", "--address", str(planted), "Hello"],
-            cwd=work,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert out.returncode == 1 and f"belongs to uid {OTHER_UID}" in out.stderr, out.stderr
-        assert nothing_connected(listener)
     # Structured output: the Python SDK's tokens, JSON valid against the schema.
     schema = {
         "type": "object",
@@ -538,6 +523,21 @@ def test_node_client_streams_a_generation(daemon, client, tmp_path):
     result = json.loads(out.stdout)
     assert result["token_ids"] == want.token_ids and result["finish_reason"] == "stop"
     jsonschema.validate(json.loads(result["text"]), schema)
+    if os.geteuid() != 0:  # only root makes a socket another user's (CI runs as root)
+        return
+    # A socket another user planted is refused before anything is sent.
+    with planted_socket(tmp_path / "planted") as (planted, listener):
+        os.chown(planted, OTHER_UID, OTHER_UID)
+        out = subprocess.run(
+            ["node", "generate.js", "--address", str(planted), "Hello"],
+            cwd=work,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == 1 and f"belongs to uid {OTHER_UID}" in out.stderr, out.stderr
+        assert nothing_connected(listener)
 
 
 def test_the_socket_is_private_and_never_taken_from_another_daemon(daemon, tmp_path, capsys):
