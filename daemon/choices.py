@@ -77,13 +77,13 @@ async def all_or_none(awaitables: Iterable[Awaitable[T]]) -> list[T]:
     return outcomes
 
 
-async def merged(streams: list[AsyncIterator[T]]) -> AsyncIterator[T]:
-    """Items of every stream as they come; one stream's error ends them all."""
-    if len(streams) == 1:
-        async with contextlib.aclosing(streams[0]) as only:
-            async for item in only:
-                yield item
-        return
+def merged(streams: list[AsyncIterator[T]]) -> AsyncIterator[T]:
+    """Items of every stream as they come; one stream's error ends them all. One stream
+    is its own merge: a request of one choice is read with no generator in between."""
+    return streams[0] if len(streams) == 1 else _merged(streams)
+
+
+async def _merged(streams: list[AsyncIterator[T]]) -> AsyncIterator[T]:
     queue: asyncio.Queue = asyncio.Queue(maxsize=len(streams))
     done = object()
 

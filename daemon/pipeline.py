@@ -6,6 +6,10 @@ sequence ids and cache lengths); activations then flow worker to worker over
 torch.distributed. With the gRPC-bytes transport the daemon instead hands each
 stage's activations to the next stage itself. Either way a step completes when every
 stage has answered, and the tail's answer carries the sampled tokens.
+
+Over 400 lines on purpose: stepping and recovery share one table of steps in flight
+and its lock (a failure fails or replays exactly the steps out, a restart reopens the
+streams new steps go to); split in two, each half would reach into the other's state.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""float32 decoding on x86 CPUs through small AVX2 kernels (cpu_kernels.c).
+"""Decoding on x86 CPUs through the C kernels of cpu_kernels.c (AVX2, and AVX-512 VNNI
+where the CPU has it): float32, int8 and int4 weights.
 
 Linear layers. Decoding multiplies each weight matrix by one row, verification by a
 few: the step streams every weight once, so its speed is the speed at which weights are
@@ -19,6 +20,9 @@ Python calls of a layer cost as much as its int4 arithmetic.
 
 The kernels' library is built and loaded by `kernel_library.py`; without it (no
 compiler, a CPU without AVX2, MTPD_CPU_KERNEL=0) layers keep PyTorch's ops.
+
+Over 400 lines on purpose: the ctypes mirrors of the C structs (Matrix, Layer, Step)
+sit beside the calls that fill them, so a change to the C side has one Python place.
 """
 
 from __future__ import annotations
