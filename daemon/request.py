@@ -11,15 +11,11 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from mtpd.daemon.draft_policy import DraftStats
 from mtpd.daemon.structured_output import ConstraintBroken
 from mtpd.model.errors import InputError
 from mtpd.v1 import worker_pb2 as pb
-
-if TYPE_CHECKING:
-    import torch
 
 
 class QueueFullError(InputError):
@@ -39,7 +35,9 @@ class Result:
     token_ids: list[int]
     # "stop" | "length" | "cancelled" | "error" | "quarantined" | "grammar" (it failed)
     finish_reason: str
-    logits: list[torch.Tensor]  # per generated token, when asked for
+    # Per generated token, when asked for: its float32 logits as little-endian bytes
+    # (mtpd.model.compare.logit_rows makes them tensors).
+    logits: list[bytes]
     error: str | None = None
     drafts: DraftStats = field(default_factory=DraftStats)
 
@@ -71,7 +69,7 @@ class Request:
         self.first_token_at: float | None = None
         self.finished_at: float | None = None
         self.token_ids: list[int] = []
-        self.logits: list[torch.Tensor] = []
+        self.logits: list[bytes] = []
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.drafts = DraftStats()

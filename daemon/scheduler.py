@@ -553,13 +553,11 @@ class Scheduler:
         if not tokens:
             return
         seq.history.extend(tokens)
-        if seq.return_logits:
-            # Imported here: logits are for tests and benchmarks, and the daemon's modules
-            # stay torch-free at import (`mtpd run` starts its workers before torch loads).
-            import torch
-
-            rows = torch.frombuffer(bytearray(result.logits), dtype=torch.float32)
-            seq.request.logits.extend(rows.view(len(result.token_ids), -1)[: len(tokens)])
+        if seq.return_logits:  # for tests and benchmarks: kept as the wire's bytes
+            width = len(result.logits) // len(result.token_ids)
+            seq.request.logits.extend(
+                result.logits[i * width : (i + 1) * width] for i in range(len(tokens))
+            )
         seq.request._emit(
             Accepted(
                 tokens, min(result.accepted, len(tokens)), list(result.logprobs[: len(tokens)])

@@ -51,9 +51,17 @@ def near_tie_tolerance(logits: torch.Tensor, dtype: torch.dtype = torch.float32)
     return max(NEAR_TIE_FLOAT32, relative)
 
 
+def logit_rows(rows: Sequence[bytes | torch.Tensor]) -> list[torch.Tensor]:
+    """Logits as tensors, from a scheduler Result's float32 bytes (or tensors already)."""
+    return [
+        torch.frombuffer(bytearray(r), dtype=torch.float32) if isinstance(r, bytes) else r
+        for r in rows
+    ]
+
+
 def compare_tokens(
     reference: Sequence[int],
-    reference_logits: Sequence[torch.Tensor],
+    reference_logits: Sequence[torch.Tensor | bytes],
     candidate: Sequence[int],
     dtype: torch.dtype = torch.float32,
 ) -> Agreement:
@@ -68,5 +76,5 @@ def compare_tokens(
     )
     if at >= len(reference_logits):
         return Agreement(False, at, float("inf"))
-    logits = reference_logits[at]
+    (logits,) = logit_rows([reference_logits[at]])
     return Agreement(False, at, top2_gap(logits), near_tie_tolerance(logits, dtype))

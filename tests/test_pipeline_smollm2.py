@@ -9,7 +9,7 @@ from reference import GREEDY, smollm2_references
 
 from mtpd.daemon.pipeline import Pipeline, PipelineConfig
 from mtpd.daemon.scheduler import Scheduler
-from mtpd.model.compare import compare_tokens
+from mtpd.model.compare import compare_tokens, logit_rows
 from mtpd.model.default_model import default_model_path
 
 QUESTIONS = ["Write a haiku about the sea.", "List three uses of copper."]
@@ -54,5 +54,5 @@ def test_smollm2_pipeline_equals_single_process(references, workers, transport):
         agreement = compare_tokens(ref_tokens, ref_logits, result.token_ids)
         assert agreement.ok, str(agreement)
         upto = TOKENS if agreement.equal else agreement.diverged_at
-        for ref, got in zip(ref_logits[:upto], result.logits[:upto], strict=True):
+        for ref, got in zip(ref_logits[:upto], logit_rows(result.logits[:upto]), strict=True):
             torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)

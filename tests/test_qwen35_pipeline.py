@@ -15,7 +15,7 @@ from tiny_pipeline import start_pipeline
 from mtpd.daemon.draft_policy import AUTO, DraftPolicy
 from mtpd.daemon.pipeline import Pipeline
 from mtpd.daemon.scheduler import Scheduler
-from mtpd.model.compare import compare_tokens
+from mtpd.model.compare import compare_tokens, logit_rows
 from mtpd.model.sampling_params import SamplingParams
 from mtpd.train.engine import Engine
 
@@ -74,7 +74,7 @@ def assert_plain_decoding(reference, result, setting) -> None:
     agreement = compare_tokens(ref_tokens, ref_logits, result.token_ids)
     assert agreement.ok, f"k={setting}: {agreement}"
     upto = TOKENS if agreement.equal else agreement.diverged_at
-    for want, got in zip(ref_logits[:upto], result.logits[:upto], strict=True):
+    for want, got in zip(ref_logits[:upto], logit_rows(result.logits[:upto]), strict=True):
         assert (got - want).abs().max() <= 1e-4, f"k={setting}"
 
 
@@ -96,7 +96,7 @@ def test_hybrid_pipeline_matches_reference_and_mtp_changes_nothing(tiny):
         for (prompt, _), result in zip(CASES, results, strict=True):
             with torch.no_grad():
                 want = oracle(torch.tensor([prompt + result.token_ids])).logits[0]
-            got = torch.stack(result.logits)
+            got = torch.stack(logit_rows(result.logits))
             assert (got - want[len(prompt) - 1 : -1]).abs().max() <= 2e-4
 
         # MTP on, with the head's own drafts: exactly plain decoding.
