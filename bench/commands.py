@@ -6,12 +6,18 @@ speedup, whether greedy outputs stayed identical, and peers on the same weights.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import itertools
 import json
 import statistics
 import sys
 from pathlib import Path
 
 from mtpd.model.errors import InputError
+
+# How a configuration's drafts are labelled by head: the pipeline's own, and --second-head.
+HEADS = ("", "/2")
 
 DEFAULT_PROMPTS = [
     "What is the capital of France? Answer in one sentence.",
@@ -74,6 +80,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="draft MTP off's own continuation, each draft kept with probability P: the "
         "cost of drafting and verifying at a chosen acceptance (random-weight models)",
     )
+    p.add_argument(
+        "--second-head",
+        default=None,
+        metavar="FILE",
+        help="another MTP head file, loaded by a second pipeline: every configuration runs "
+        "with both heads in each round (old beside new), the second's labelled /2",
+    )
     p.add_argument("--peer", action="append", default=[], help="transformers or llama.cpp")
     p.add_argument("--json", default=None, metavar="OUT", help="write the report here")
     p.add_argument("--plot", default=None, metavar="OUT.png", help="draw tokens/s (matplotlib)")
@@ -85,6 +98,13 @@ def run_bench(args: argparse.Namespace, settings) -> int:
     from mtpd.bench.runner import ForcedAcceptance, memory, process_peak_bytes, run_config
     from mtpd.daemon.coordinator import Coordinator
     from mtpd.worker.transport import DTYPES
+
+    heads = {HEADS[0]: settings}
+    if args.second_head is not None:
+        if not Path(args.second_head).is_file():
+            raise InputError(f"{args.second_head}: MTP head file not found")
+        pipeline_cfg = dataclasses.replace(settings.pipeline, mtp_head=args.second_head)
+        heads[HEADS[1]] = dataclasses.replace(settings, pipeline=pipeline_cfg)
 
     if args.requests < 1 or args.max_tokens < 2 or args.rounds < 1:
         raise InputError("--requests and --rounds must be >= 1, --max-tokens >= 2")
@@ -99,7 +119,9 @@ def run_bench(args: argparse.Namespace, settings) -> int:
         if not texts:
             raise InputError(f"{path}: no prompts in it")
     texts = [texts[i % len(texts)] for i in range(args.requests)]
-    with Coordinator.start(settings) as daemon:
+    with contextlib.ExitStack() as started:
+        daemons = {h: started.enter_context(Coordinator.start(s)) for h, s in heads.items()}
+        daemon = daemons[HEADS[0]]
         for note in daemon.notes:
             print(f"mtpd: note: {note}", file=sys.stderr)
         tok = daemon.tokenizer
@@ -111,7 +133,8 @@ def run_bench(args: argparse.Namespace, settings) -> int:
         ]
         drafts = args.draft_list if daemon.scheduler.policy.enabled else [0]
         pipeline = daemon.pipeline
-        run_config(pipeline, prompts[:1], drafts[-1], 1, 8)  # warm-up: first-call costs
+        for other in daemons.values():  # warm-up: first-call costs
+            run_config(other.pipeline, prompts[:1], drafts[-1], 1, 8)
         # Peers run in every round, between mtpd's configurations, so that their ratios
         # to mtpd's hold on a machine whose speed drifts over a run. They run in this
         # process, so the coordinator's peak memory is taken before they load.
@@ -121,7 +144,7 @@ def run_bench(args: argparse.Namespace, settings) -> int:
             for name in args.peer
         }
         peer_rates: dict[str, list[float]] = {name: [] for name in peers}
-        runs: dict[tuple[str, int], list] = {}
+        runs: dict[tuple[str, str, int], list] = {}  # (head, drafts, concurrency)
         # What the comparator checks outputs against: MTP off with its logits, untimed.
         # The timed runs fetch no logits: 196 KB per sequence per step on the wire made
         # MTP off's steps 1.2x slower at 8 streams, and every ratio to it kinder to MTP.
@@ -137,10 +160,12 @@ def run_bench(args: argparse.Namespace, settings) -> int:
         for r in range(args.rounds):
             for n in args.concurrency:
                 order = drafts[r % len(drafts) :] + drafts[: r % len(drafts)]
-                for d in order:
-                    print(f"mtpd bench: drafts {d}, {n} stream(s)", file=sys.stderr, flush=True)
+                for d, head in itertools.product(order, daemons):
+                    print(
+                        f"mtpd bench: drafts {d}{head}, {n} stream(s)", file=sys.stderr, flush=True
+                    )
                     run = run_config(
-                        pipeline,
+                        daemons[head].pipeline,
                         prompts,
                         d,
                         n,
@@ -148,7 +173,7 @@ def run_bench(args: argparse.Namespace, settings) -> int:
                         settings.draft_p_min,
                         draft_source=forced,
                     )
-                    runs.setdefault((str(d), n), []).append(run)
+                    runs.setdefault((head, str(d), n), []).append(run)
             for name, peer in peers.items():
                 print(f"mtpd bench: peer {name}", file=sys.stderr, flush=True)
                 peer_rates[name] += [peer.decode_rate(p, args.max_tokens) for p in prompts]
@@ -157,6 +182,7 @@ def run_bench(args: argparse.Namespace, settings) -> int:
         device = pipeline.stages[0].device
         cuda_graphs = all(stage.load.cuda_graphs for stage in pipeline.stages)
         model_name = daemon.model_path.name
+        head_names = {h: d.pipeline.mtp_head for h, d in daemons.items()}
     if settings.pipeline.quant != "none":
         from mtpd.bench.quality import quantization_quality
 
@@ -171,11 +197,21 @@ def run_bench(args: argparse.Namespace, settings) -> int:
         name: {"decode_tokens_per_s": round(statistics.median(rates), 3)}
         for name, rates in peer_rates.items()
     }
+    # Each head's configurations against its own pipeline's MTP off, and every output
+    # against the first's reference.
     configs = [
-        config_report(
-            runs[key], runs[("0", key[1])], references[key[1]], DTYPES[settings.pipeline.dtype]
+        {
+            **config_report(
+                runs[(head, d, n)],
+                runs[(head, "0", n)],
+                references[n],
+                DTYPES[settings.pipeline.dtype],
+            ),
+            "draft_tokens": f"{d}{head}",
+        }
+        for head, d, n in sorted(
+            runs, key=lambda k: (k[2], HEADS.index(k[0]), list(map(str, drafts)).index(k[1]))
         )
-        for key in sorted(runs, key=lambda k: (k[1], list(map(str, drafts)).index(k[0])))
     ]
     report = {
         "model": str(daemon.model_path),
@@ -189,6 +225,7 @@ def run_bench(args: argparse.Namespace, settings) -> int:
         "max_tokens": args.max_tokens,
         "rounds": args.rounds,
         "forced_acceptance": args.force_acceptance,
+        "heads": head_names,  # what each label's pipeline drafts with
         "configs": configs,
         "memory": mem,
         "peers": peers,

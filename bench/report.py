@@ -118,6 +118,8 @@ def summary(configs: list[dict], peers: dict[str, dict]) -> dict[str, float]:
     if ("auto", one) in by:
         out["mtp_auto_over_off"] = by[("auto", one)]["speedup_vs_mtp_off"]
         out["realized_over_predicted_auto"] = by[("auto", one)]["realized_over_predicted"]
+    if ("auto/2", one) in by:  # mtpd bench --second-head
+        out["mtp_auto_over_off_second_head"] = by[("auto/2", one)]["speedup_vs_mtp_off"]
     best = max(
         (c for c in configs if c["concurrency"] == one), key=lambda c: c["decode_tokens_per_s"]
     )

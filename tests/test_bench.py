@@ -9,8 +9,10 @@ import json
 
 import pytest
 from live_daemon import write_served_model
+from safetensors.torch import load_file
 
 from mtpd.cli import main
+from mtpd.model.mtp import save_head_file
 
 CONFIG_FIELDS = {
     "draft_tokens",
@@ -175,3 +177,29 @@ def test_forced_acceptance_sets_acceptance_and_keeps_the_output(tmp_path):
     assert three["acceptance_by_position"] == [1.0, 1.0, 1.0]
     assert three["tokens_per_step"] == 4.0  # 12 tokens after the first, in 3 steps of 4
     assert three["outputs"]["diverged"] == 0
+
+
+def test_a_second_head_runs_beside_the_first(tmp_path):
+    """--second-head: a second pipeline drafts with that head file, each configuration
+    runs with both heads, each against its own MTP off. The file here holds the
+    checkpoint's own MTP layer, so both heads draft the same tokens: equal acceptance, and
+    outputs equal to the first's reference."""
+    model = write_served_model(tmp_path / "model")
+    head_file = tmp_path / "same.mtp.safetensors"
+    own = load_file(model / "model.safetensors")
+    save_head_file(head_file, {k: v for k, v in own.items() if k.startswith("mtp.")}, {})
+    out = tmp_path / "bench.json"
+    flags = ["--model", str(model), "--device", "cpu", "--workers", "1", "--threads", "1"]
+    sizes = ["--max-context", "128", "--cache-memory", "16M", "--requests", "2"]
+    runs = ["--max-tokens", "8", "--draft-tokens", "2", "--concurrency", "1"]
+    code = main(
+        ["bench", *flags, *sizes, *runs, "--second-head", str(head_file), "--json", str(out)]
+    )
+    assert code == 0
+    data = json.loads(out.read_text())
+    by = {c["draft_tokens"]: c for c in data["configs"]}
+    assert list(by) == ["0", "2", "0/2", "2/2"]
+    assert str(head_file) in data["heads"]["/2"] and str(head_file) not in data["heads"][""]
+    assert by["2"]["drafts_by_position"] and by["2/2"]["drafts_by_position"]
+    assert by["2/2"]["acceptance_by_position"] == by["2"]["acceptance_by_position"]
+    assert all(c["outputs"]["diverged"] == 0 for c in data["configs"])
