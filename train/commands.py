@@ -185,6 +185,8 @@ def run_train(args: argparse.Namespace) -> int:
         lr=args.lr or TrainSettings.lr,
         seed=args.seed,
         distill=args.distill,
+        # Absent: TrainSettings' own defaults (the parser does not import the trainer).
+        **{k: v for k in ("unroll", "feature_weight") if (v := getattr(args, k)) is not None},
     )
     print(
         f"training on {len(records)} sequences, {n_tokens} tokens; draft vocabulary covers {coverage:.1%}",
@@ -221,6 +223,7 @@ def run_train(args: argparse.Namespace) -> int:
                 "lr": settings.lr,
                 "unroll": settings.unroll,
                 "distill": settings.distill,
+                "feature_weight": settings.feature_weight,
                 "seed": args.seed,
                 "init_head": None
                 if start_from is None
@@ -325,6 +328,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         choices=["argmax", "kl"],
         default="argmax",
         help="train on the model's argmax (cross-entropy) or its whole distribution (KL)",
+    )
+    t.add_argument("--unroll", type=int, default=None, help="draft depths in the loss (default 2)")
+    t.add_argument(
+        "--feature-weight",
+        type=float,
+        default=None,
+        help="weight of the feature-regression term (the head's states against the trunk's; "
+        "0: off)",
     )
     t.add_argument(
         "--sampled-share", type=float, default=0.3, help="share of batches sampled at T=0.8"

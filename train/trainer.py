@@ -2,7 +2,9 @@
 
 The target at every position is the frozen model's own argmax: what counts is agreement
 with what the model would generate, not with any text. The loss unrolls the recursion
-(`unroll` draft depths), so depths 2+ train on the head's own output as they run.
+(`unroll` draft depths), so depths 2+ train on the head's own output as they run; with
+`feature_weight` it also pulls the head's states towards the trunk's (EAGLE's feature
+regression).
 """
 
 from __future__ import annotations
@@ -39,6 +41,10 @@ class TrainSettings:
     # "argmax": cross-entropy on the model's argmax; "kl": match its whole distribution
     # (over the draft vocabulary), recomputed from the stored hidden states.
     distill: str = "argmax"
+    # EAGLE's feature regression: at every depth, smooth L1 between the head's state and
+    # the trunk's final-normed hidden state at the same position, times this weight. A
+    # deeper draft then runs on a state like the one the trunk would give it. 0: off.
+    feature_weight: float = 0.0
 
 
 def draft_vocabulary(records: Sequence[Record], size: int) -> tuple[torch.Tensor, float]:
@@ -213,6 +219,9 @@ def train_head(
                 depth_loss = F.cross_entropy(
                     logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE
                 )
+            if settings.feature_weight:
+                features = F.smooth_l1_loss(states[valid], h_tgt[:, depth : depth + width][valid])
+                depth_loss = depth_loss + settings.feature_weight * features
             loss = loss + depth_loss * 0.5**depth
             if depth == 0:
                 agree = float((logits.argmax(-1)[valid] == target[valid]).float().mean())
