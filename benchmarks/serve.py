@@ -27,7 +27,8 @@ from pathlib import Path
 from mtpd.bench.commands import DEFAULT_PROMPTS as QUESTIONS
 from mtpd.client import AsyncClient, Client
 from mtpd.daemon.coordinator import Coordinator, Settings
-from mtpd.daemon.generation import generate
+from mtpd.daemon.frontend import Frontend
+from mtpd.daemon.generation import Prompt
 from mtpd.daemon.options import GenerationOptions
 from mtpd.daemon.pipeline import PipelineConfig
 
@@ -35,10 +36,11 @@ from mtpd.daemon.pipeline import PipelineConfig
 async def in_process(daemon: Coordinator, streams: int, tokens: int) -> float:
     options = GenerationOptions(max_tokens=tokens, ignore_eos=True)
     prompts = [daemon.tokenizer.encode(QUESTIONS[i % len(QUESTIONS)]) for i in range(streams)]
+    front = Frontend.around(daemon)
 
     async def one(prompt: list[int]) -> int:
         n = 0
-        async with contextlib.aclosing(generate(daemon, prompt, options, "bench")) as chunks:
+        async with contextlib.aclosing(front.generate_here(Prompt(prompt), options)) as chunks:
             async for chunk in chunks:
                 n += len(chunk.token_ids)
         return n

@@ -18,7 +18,8 @@ from collections import defaultdict
 
 from mtpd.daemon.coordinator import Coordinator, Settings
 from mtpd.daemon.draft_policy import AUTO
-from mtpd.daemon.generation import Prompt, generate
+from mtpd.daemon.frontend import Frontend
+from mtpd.daemon.generation import Prompt
 from mtpd.daemon.options import GenerationOptions, OutputFormat
 from mtpd.daemon.pipeline import PipelineConfig
 from mtpd.daemon.structured_output import Constraint
@@ -82,7 +83,8 @@ async def one(daemon: Coordinator, ids: list[int], constrained: bool, draft: int
         structured_output=OutputFormat("json_schema", json.dumps(SCHEMA)) if constrained else None,
     )
     tokens, first, text = 0, None, ""
-    async with contextlib.aclosing(generate(daemon, Prompt(ids), options, "bench")) as chunks:
+    generation = Frontend.around(daemon).generate_here(Prompt(ids), options)
+    async with contextlib.aclosing(generation) as chunks:
         async for chunk in chunks:
             if chunk.token_ids and first is None:
                 first = time.perf_counter()

@@ -288,16 +288,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 async def _generate_here(daemon, prompt_ids: list[int], options, echo: bool):
     """Generate in this process, through the daemon's own request path."""
     import contextlib
-    import time
 
     from mtpd.client.messages import GenerationResult
-    from mtpd.daemon.frontend import Frontend, Limits
+    from mtpd.daemon.frontend import Frontend
     from mtpd.daemon.generation import Prompt
 
     result = GenerationResult()
-    front = Frontend(Limits())
-    front.daemon = daemon
-    generation = front.generate(Prompt(prompt_ids), options, front.request_id(), time.monotonic())
+    generation = Frontend.around(daemon).generate_here(Prompt(prompt_ids), options)
     async with contextlib.aclosing(generation) as chunks:
         async for chunk in chunks:
             result.add(chunk)

@@ -112,3 +112,6 @@ async def _merged(streams: list[AsyncIterator[T]]) -> AsyncIterator[T]:
     finally:
         for task in tasks:
             task.cancel()
+        # Awaited, so the streams they read are closed, not still running, when the
+        # caller closes them in turn (an aclose then raised and hid the error).
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -178,6 +178,19 @@ class Frontend:
             self.finished[reason] += 1
             log.info("%s: %s, %.2f s", request_id, reason, time.monotonic() - arrived)
 
+    @classmethod
+    def around(cls, daemon: Coordinator) -> Frontend:
+        """The frontend of a daemon started in this process (`mtpd run`, benchmarks)."""
+        front = cls(Limits())
+        front.daemon = daemon
+        return front
+
+    def generate_here(
+        self, prompt: Prompt, options: GenerationOptions
+    ) -> AsyncIterator[api.GenerateChunk]:
+        """A request through the one request path, from this process, arriving now."""
+        return self.generate(prompt, options, self.request_id(), time.monotonic())
+
     def model_info(self) -> api.ModelInfo:
         return model_info(self.loaded(), self.limits)
 

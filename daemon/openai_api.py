@@ -230,7 +230,8 @@ class OpenAIApp:
             if firsts is None:
                 return Response(status_code=499)  # the client went away while queued
             replies = [
-                Reply(request_id, self.model_name, body, daemon.tokenizer, i) for i in range(body.n)
+                Reply(request_id.caller, self.model_name, body, daemon.tokenizer, i)
+                for i in range(body.n)
             ]
             if body.stream:
                 return EventStream(events(replies, firsts, streams))

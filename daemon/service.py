@@ -67,8 +67,8 @@ class InferenceService(api_grpc.InferenceServicer):
         try:
             with _statuses():
                 front.check_size(request.ByteSize())
-                request_id = front.request_id(request.request_id)
                 options = GenerationOptions.from_proto(request.options)
+                request_id = front.request_id(request.request_id)
                 prompt = await asyncio.to_thread(self._prompt, front.ready(), request)
                 streams = choice_streams(
                     front, prompt, options, request_id, arrived, admitted, "prompt_token_ids"

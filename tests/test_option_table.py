@@ -79,12 +79,17 @@ def test_every_flag_reaches_the_table():
     assert bare == {}
 
 
-@pytest.mark.parametrize("bad", [["--draft-tokens", "17"], ["--logit-bias", "[1]"]])
-def test_a_bad_flag_value_names_the_problem(bad, capsys):
+@pytest.mark.parametrize(
+    ("bad", "said"),
+    [
+        (["--draft-tokens", "17"], "--draft-tokens: must be in 0..16 or auto, got 17"),
+        (["--logit-bias", "[1]"], "--logit-bias: '[1]' is not a JSON object of token ids"),
+    ],
+)
+def test_a_bad_flag_value_names_the_problem(bad, said, capsys):
     with pytest.raises(SystemExit):
         _build_parser()[0].parse_args(["generate", "p", *bad])
-    err = capsys.readouterr().err
-    assert "must be in 0..16 or auto" in err or "is not a JSON object" in err
+    assert said in capsys.readouterr().err
 
 
 def test_the_openai_bodies_reach_the_table():

@@ -19,9 +19,9 @@ def eval_prompts_path() -> Path:
 
 
 def read_prompts(path: Path) -> list[str]:
-    if not path.exists():
-        raise ModelLoadError(f"{path}: prompts file not found")
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    from mtpd.train.sources import read_requests
+
+    return read_requests(path)
 
 
 def read_corpus(files: list[str]) -> list[str]:
@@ -289,6 +289,14 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_train_data(args: argparse.Namespace) -> int:
+    from mtpd.train.sources import make
+
+    summary = make(Path(args.out), args.per_source, args.held_out, args.seed)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train-mtp", help="train an MTP head for a frozen model (self-distillation)")
     t.add_argument(
@@ -309,7 +317,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     t.add_argument(
         "--prompts",
         default=None,
-        help="a file of prompts, one per line (default: the built-in set)",
+        help="a file of prompts, one per line, or .jsonl (one JSON string a line: mtpd train-data) "
+        "(default: the built-in set)",
     )
     t.add_argument("--num-prompts", type=int, default=1536, help="composed prompts used")
     t.add_argument(
@@ -348,6 +357,18 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "--no-eval", action="store_true", help="skip measuring acceptance on the held-out set"
     )
     t.set_defaults(func=run_train)
+
+    d = sub.add_parser(
+        "train-data",
+        help="make training and held-out requests from documentation Debian packages install",
+    )
+    d.add_argument(
+        "--out", required=True, help="folder for train.jsonl, held-out.jsonl, sources.json"
+    )
+    d.add_argument("--per-source", type=int, default=1500, help="training requests per source")
+    d.add_argument("--held-out", type=int, default=60, help="held-out requests per source")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=run_train_data)
 
     e = sub.add_parser("eval-mtp", help="measure an MTP head's acceptance on held-out prompts")
     e.add_argument("--model", default=None)
