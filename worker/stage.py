@@ -6,6 +6,10 @@ refuse a sequence depend only on state every worker shares (cache lengths and th
 itself), so all stages refuse the same sequences before any compute and the data plane
 stays in lockstep: a refused sequence touches neither its cache nor the transport, and
 the step's other sequences run. No request's content can make a worker fail.
+
+Over 400 lines on purpose: a step's checks, its compute and the tail's verification
+work on one step's state (its runs, their settings, masks and caches); split apart,
+each part would take that state apart again.
 """
 
 from __future__ import annotations
