@@ -111,19 +111,31 @@ def run_bench(args: argparse.Namespace, settings) -> int:
     if args.force_acceptance is not None and not 0 <= args.force_acceptance <= 1:
         raise InputError(f"--force-acceptance must be in [0, 1], got {args.force_acceptance}")
     texts = DEFAULT_PROMPTS
-    if args.prompts:
+    if args.prompts:  # plain lines, or JSON lines (.jsonl: mtpd train-data's)
+        from mtpd.train.sources import read_requests
+
         path = Path(args.prompts)
-        if not path.exists():
-            raise InputError(f"{path}: prompts file not found")
-        texts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        texts = read_requests(path)
         if not texts:
             raise InputError(f"{path}: no prompts in it")
     texts = [texts[i % len(texts)] for i in range(args.requests)]
     with contextlib.ExitStack() as started:
         daemons = {h: started.enter_context(Coordinator.start(s)) for h, s in heads.items()}
         daemon = daemons[HEADS[0]]
-        for note in daemon.notes:
-            print(f"mtpd: note: {note}", file=sys.stderr)
+        for head, started_daemon in daemons.items():
+            for note in started_daemon.notes:
+                print(f"mtpd: note{head and f' ({head})'}: {note}", file=sys.stderr)
+        if len(daemons) > 1:
+            if not all(
+                d.scheduler.policy.enabled and d.pipeline.mtp_head for d in daemons.values()
+            ):
+                raise InputError("--second-head compares two heads: both pipelines need MTP on")
+            if len({d.pipeline.max_seqs for d in daemons.values()}) > 1:
+                print(
+                    "mtpd: note: the two pipelines hold different numbers of sequences "
+                    "(--max-seqs, --cache-memory): compare their higher concurrencies with care",
+                    file=sys.stderr,
+                )
         tok = daemon.tokenizer
         prompts = [
             tok.encode_chat([{"role": "user", "content": t}])[1]
@@ -160,7 +172,8 @@ def run_bench(args: argparse.Namespace, settings) -> int:
         for r in range(args.rounds):
             for n in args.concurrency:
                 order = drafts[r % len(drafts) :] + drafts[: r % len(drafts)]
-                for d, head in itertools.product(order, daemons):
+                labels = list(daemons)[r % 2 :] + list(daemons)[: r % 2]  # which head first
+                for d, head in itertools.product(order, labels):
                     print(
                         f"mtpd bench: drafts {d}{head}, {n} stream(s)", file=sys.stderr, flush=True
                     )

@@ -14,6 +14,7 @@ from mtpd.model.sampling_params import SamplingParams
 from mtpd.train.collect import continue_prompts
 from mtpd.train.engine import Engine
 from mtpd.train.trainer import (
+    IGNORE,
     TrainSettings,
     _batch,
     build_trainable_head,
@@ -26,14 +27,20 @@ UNROLL = 3
 
 def feature_distance(head, records) -> list[float]:
     """Per depth, the mean smooth L1 between the head's states (run on its own states
-    from depth 2 on) and the trunk's final-normed states at those positions."""
-    hidden, toks, _, want = _batch(records, list(range(len(records))), UNROLL, 256)
+    from depth 2 on) and the trunk's final-normed states at those positions (the ones
+    whose logits are the targets: checked, so a shifted target would fail here)."""
+    hidden, toks, target, want = _batch(records, list(range(len(records))), UNROLL, 256)
+    valid = target != IGNORE
+    # The stored states are bfloat16: a few near-ties flip (a shift by one agrees on 7%).
+    agree = (head.draft_logits(want).argmax(-1)[valid] == target[valid]).float().mean()
+    assert agree > 0.9, float(agree)
     out, states, t = [], hidden, hidden.shape[1]
     with torch.no_grad():
         for depth in range(UNROLL):
             width = t - depth
             states = head.forward_causal(states[:, :width], toks[:, depth : depth + width])
-            out.append(float(F.smooth_l1_loss(states, want[:, depth : depth + width])))
+            mask = valid[:, depth : depth + width]
+            out.append(float(F.smooth_l1_loss(states[mask], want[:, depth : depth + width][mask])))
     return out
 
 
@@ -54,14 +61,15 @@ def test_feature_regression_brings_the_heads_states_to_the_trunks(tmp_path):
     trunk = {k: v.float() for k, v in open_checkpoint(tmp_path / "model").read(names).items()}
     distances = {}
     for weight in (0.0, 1.0):
+        embedding = trunk["model.embed_tokens.weight"]
         head = build_trainable_head(
             engine.cfg,
             initial_head(trunk, engine.cfg),
-            trunk["model.embed_tokens.weight"],
-            trunk["model.embed_tokens.weight"],
+            embedding,
+            trunk.get("lm_head.weight", embedding),
         )
         settings = TrainSettings(steps=60, batch=8, unroll=UNROLL, seed=3, feature_weight=weight)
         train_head(head, train, settings)
         distances[weight] = feature_distance(head, held_out)
-    # At every depth, by a margin seeds do not move (measured 0.58-0.62 of it, seeds 3-5).
+    # At every depth, by a margin seeds do not move (measured 0.61-0.62 of it; seeds 3-5 moved it by 0.01).
     assert all(w < 0.7 * b for w, b in zip(distances[1.0], distances[0.0], strict=True)), distances

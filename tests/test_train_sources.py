@@ -14,7 +14,7 @@ from mtpd.train import sources
 from mtpd.train.sources import Source, passages, read_requests, request
 
 PROSE = "The {name} manual explains how its tools read files, and why each option exists. " * 3
-CODE = "def add(a, b):\n    \"\"\"The sum.\"\"\"\n    return (a + b)\n\n\nprint(add(1, 2))"
+CODE = 'def add(a, b):\n    """The sum."""\n    return (a + b)\n\n\nprint(add(1, 2))'
 
 
 def page(name: str) -> str:
@@ -35,7 +35,7 @@ def docs(tmp_path, monkeypatch):
         root.mkdir()
         for i in range(3):
             (root / f"page{i}.html").write_text(page(f"{name}-{i}"))
-        table[name] = Source(name, f"{name}-doc", "free", root)
+        table[name] = Source(name, f"{name}-doc", "free", str(root))
     monkeypatch.setattr(sources, "SOURCES", table)
     return tmp_path
 
@@ -77,9 +77,53 @@ def test_train_data_splits_by_source_and_round_trips(docs, capsys):
 
 
 def test_a_missing_package_or_a_bad_line_is_named(tmp_path):
-    with pytest.raises(ModelLoadError, match=r"apt-get install python3\.11-doc"):
-        next(passages(Source("python", "python3.11-doc", "PSF-2.0", tmp_path / "absent")))
+    with pytest.raises(ModelLoadError, match=r"install `python3\.11-doc`"):
+        next(passages(Source("python", "python3.11-doc", "PSF-2.0", str(tmp_path / "absent"))))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('"fine"\n{"not": "a string"}\n')
     with pytest.raises(ModelLoadError, match=r"bad\.jsonl:2: a JSON string expected"):
         read_requests(bad)
+    bad.write_text('"fine"\nplain text\n')
+    with pytest.raises(ModelLoadError, match=r"bad\.jsonl:2: not JSON"):
+        read_requests(bad)
+
+
+def test_blocks_are_their_own_text(tmp_path):
+    """A block inside another is a passage of its own; DocBook's <div class="para"> is
+    a paragraph; navigation, unclosed items and contents pages are handled."""
+    a, b, c = (f"{w} " * 40 for w in ("alpha", "beta", "gamma"))
+    code = "for i in range(10):\n    print(i)  # each number on a line of its own"
+    root = tmp_path / "doc"
+    root.mkdir()
+    (root / "page.html").write_text(
+        f"""<html><body>
+<div role="navigation"><p>{"menu " * 40}</p></div>
+<div class="sphinxsidebar"><p>{"side " * 40}</p></div>
+<ul><li><p>{a}</p><p>{b}</p></li><li>{c}<pre>{code}</pre></li><li>{a}</ul>
+<div class="section"><div class="para">{c}<span>{b}</span></div></div>
+</body></html>"""
+    )
+    (root / "contents.html").write_text(f"<p>{'title ' * 40}</p>")
+    found = list(passages(Source("doc", "doc", "free", str(root))))
+    words = " ".join
+    assert sorted(found) == sorted(
+        [
+            ("prose", words(a.split())),
+            ("prose", words(b.split())),
+            ("prose", words(c.split())),  # the item's own text: its code is apart
+            ("code", code),
+            ("prose", words(a.split())),  # the unclosed item, ended by </ul>
+            ("prose", words((c + b).split())),
+        ]
+    )
+
+
+def test_a_work_dir_refuses_data_from_other_prompts(tmp_path):
+    from mtpd.train.collect import _check_same_data
+
+    _check_same_data(tmp_path, ["one", "two"], [])
+    _check_same_data(tmp_path, ["one", "two", "three"], [])  # appended: goes on
+    with pytest.raises(ModelLoadError, match="other prompts or another corpus"):
+        _check_same_data(tmp_path, ["other", "two", "three"], [])
+    with pytest.raises(ModelLoadError, match="other prompts or another corpus"):
+        _check_same_data(tmp_path, ["one", "two", "three"], ["a corpus"])

@@ -8,6 +8,7 @@ next run starts after the last complete one.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import random
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from mtpd.model.errors import ModelLoadError
 from mtpd.model.sampling import select_tokens
 from mtpd.model.sampling_params import SamplingParams
 from mtpd.train.engine import Engine
@@ -150,6 +152,23 @@ def read_shards(work_dir: Path) -> Iterator[Record]:
             hid_off += n
 
 
+def _check_same_data(work_dir: Path, prompts: Sequence[str], corpus: Sequence[str]) -> None:
+    """A work dir resumes the collection it holds: its prompts may grow at the end (the
+    model's own prompts are appended), but other prompts or another corpus would
+    silently train on the old data, so they are refused."""
+    record = work_dir / "collected-from.json"
+    corpus_digest = hashlib.sha256("\0".join(corpus).encode()).hexdigest()
+    if record.exists():
+        held = json.loads(record.read_text())
+        same_start = held["prompts"] == list(prompts[: len(held["prompts"])])
+        if not same_start or held["corpus"] != corpus_digest:
+            raise ModelLoadError(
+                f"{work_dir}: holds data collected from other prompts or another corpus; "
+                "give another --work-dir (or remove this one)"
+            )
+    record.write_text(json.dumps({"prompts": list(prompts), "corpus": corpus_digest}))
+
+
 def collect(
     engine: Engine,
     prompts: Sequence[str],
@@ -168,6 +187,7 @@ def collect(
     variety; the targets stay the model's argmax at each position either way.
     """
     work_dir.mkdir(parents=True, exist_ok=True)
+    _check_same_data(work_dir, prompts, corpus)
     done = len(list(work_dir.glob(SHARD_GLOB)))
     n_batches = (len(prompts) + batch - 1) // batch
     tok = engine.tokenizer

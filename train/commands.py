@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -71,7 +72,18 @@ def _settings_key(settings: object, init: dict, init_head: str | None) -> str:
 
     vocab = len(init.get(DRAFT_VOCAB, []))
     start = hashlib.sha256(Path(init_head).read_bytes()).hexdigest() if init_head else "trunk"
-    return hashlib.sha256(f"{settings!r} {vocab} {start}".encode()).hexdigest()[:12]
+    # The settings as their repr names them, but fields added after states were saved
+    # only when set: an older run's state keeps its name and resumes.
+    shown = ", ".join(
+        f"{f.name}={getattr(settings, f.name)!r}"
+        for f in dataclasses.fields(settings)
+        if f.name not in _ADDED_SETTINGS or getattr(settings, f.name) != f.default
+    )
+    text = f"{type(settings).__name__}({shown})"
+    return hashlib.sha256(f"{text} {vocab} {start}".encode()).hexdigest()[:12]
+
+
+_ADDED_SETTINGS = ("feature_weight",)
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -93,6 +105,10 @@ def run_train(args: argparse.Namespace) -> int:
         train_head,
     )
 
+    if args.unroll is not None and args.unroll < 1:
+        raise ModelLoadError(f"--unroll must be >= 1, got {args.unroll}")
+    if args.feature_weight is not None and not args.feature_weight >= 0:
+        raise ModelLoadError(f"--feature-weight must be >= 0, got {args.feature_weight}")
     torch.manual_seed(args.seed)
     started = time.perf_counter()
     device = torch.device(args.device)
@@ -111,6 +127,11 @@ def run_train(args: argparse.Namespace) -> int:
         start_from = read_head_file(source)
         check_head_base(start_from[1], engine.shard.fingerprint, source)
     prompts = read_prompts(Path(args.prompts)) if args.prompts else training_prompts(args.seed)
+    if len(prompts) > args.num_prompts:
+        print(
+            f"note: using {args.num_prompts} of {len(prompts)} prompts (--num-prompts)",
+            file=sys.stderr,
+        )
     prompts = prompts[: args.num_prompts]
     work_dir.mkdir(parents=True, exist_ok=True)
     n_self = args.self_prompts
@@ -320,7 +341,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help="a file of prompts, one per line, or .jsonl (one JSON string a line: mtpd train-data) "
         "(default: the built-in set)",
     )
-    t.add_argument("--num-prompts", type=int, default=1536, help="composed prompts used")
+    t.add_argument(
+        "--num-prompts", type=int, default=1536, help="prompts used (of --prompts' or the composed)"
+    )
     t.add_argument(
         "--self-prompts",
         type=int,

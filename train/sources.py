@@ -13,6 +13,7 @@ from __future__ import annotations
 import html.parser
 import json
 import random
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,34 +24,40 @@ from mtpd.model.errors import ModelLoadError
 @dataclass(frozen=True)
 class Source:
     name: str
-    package: str  # the Debian package that installs it
+    package: str  # the Debian (12) package that installs it
     licence: str
-    root: Path  # its HTML
+    root: str  # its HTML's folder, "*" standing for a version (another release's)
     pattern: str = "**/*.html"
+
+    def folder(self) -> Path | None:
+        """The installed folder (the newest version's), or None."""
+        version = re.compile(re.escape(self.root).replace(r"\*", r"[0-9.]+") + "$")
+        found = [p for p in Path("/").glob(self.root.lstrip("/")) if version.match(str(p))]
+        return max(found, key=lambda p: [int(x) for x in re.findall(r"\d+", str(p))], default=None)
 
 
 SOURCES = {
     s.name: s
     for s in (
-        Source("python", "python3.11-doc", "PSF-2.0", Path("/usr/share/doc/python3.11/html")),
+        Source("python", "python3.11-doc", "PSF-2.0", "/usr/share/doc/python3.*/html"),
         Source(
             "postgresql",
             "postgresql-doc-15",
             "PostgreSQL",
-            Path("/usr/share/doc/postgresql-doc-15/html"),
+            "/usr/share/doc/postgresql-doc-*/html",
         ),
-        Source("git", "git-doc", "GPL-2.0-only", Path("/usr/share/doc/git-doc")),
+        Source("git", "git-doc", "GPL-2.0-only", "/usr/share/doc/git-doc"),
         Source(
             "debian-handbook",
             "debian-handbook",
             "GPL-2.0-or-later or CC-BY-SA-3.0",
-            Path("/usr/share/doc/debian-handbook/html/en-US"),
+            "/usr/share/doc/debian-handbook/html/en-US",
         ),
         Source(
             "debian-reference",
             "debian-reference-en",
             "GPL-2.0-or-later",
-            Path("/usr/share/debian-reference"),
+            "/usr/share/debian-reference",
             "*.en.html",
         ),
     )
@@ -58,56 +65,96 @@ SOURCES = {
 TRAINING = ("python", "postgresql", "git")
 HELD_OUT = ("debian-handbook", "debian-reference")
 
-_TEXT_TAGS = {"p", "li", "dd"}
+_PROSE_TAGS = {"p", "li", "dd"}  # and <div class="para"> (DocBook's paragraphs)
 _SKIPPED_TAGS = {"script", "style", "nav", "head"}
+_VOID_TAGS = {
+    "area",
+    "base",
+    "br",
+    "col",
+    "embed",
+    "hr",
+    "img",
+    "input",
+    "link",
+    "meta",
+    "source",
+    "wbr",
+}
+# Pages that are lists of titles or words, not text: indexes and tables of contents.
+_SKIPPED_PAGES = ("genindex", "py-modindex", "contents.html", "bookindex", "index.html")
 _PROSE_CHARS = (160, 1200)  # a passage shorter says too little, longer floods the context
 _CODE_CHARS = (60, 900)
 LANGUAGES = ("French", "Spanish", "German", "Italian")
 
 
 class _Blocks(html.parser.HTMLParser):
-    """A page's prose blocks (paragraphs, list items, definitions) and code blocks."""
+    """A page's prose blocks (paragraphs, list items, definitions) and code blocks. A
+    block's text is its own: a block inside it (a paragraph in a list item, code in a
+    paragraph) is a passage of its own, not part of its parent's."""
 
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
         self.prose: list[str] = []
         self.code: list[str] = []
-        self._open: list[tuple[str, list[str]]] = []  # (tag, text parts) being read
-        self._skipping = 0
+        # Open elements that matter: (tag, its text parts, or None for one that holds no
+        # passage of its own but must be matched by its end tag, or "skip").
+        self._open: list[tuple[str, list[str] | str | None]] = []
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag in _SKIPPED_TAGS:
-            self._skipping += 1
-        elif tag in _TEXT_TAGS or tag == "pre":
+        if tag in _VOID_TAGS:
+            return  # never closed
+        a = dict(attrs)
+        classes = (a.get("class") or "").split()
+        if tag in _SKIPPED_TAGS or a.get("role") == "navigation" or "sphinxsidebar" in classes:
+            self._open.append((tag, "skip"))
+        elif tag in _PROSE_TAGS or tag == "pre" or (tag == "div" and "para" in classes):
             self._open.append((tag, []))
+        else:  # held, so that its end tag ends what it holds (an unclosed <li> in a <ul>)
+            self._open.append((tag, None))
+
+    def close(self) -> None:
+        super().close()
+        if self._open:  # what a page left open ends with it
+            self.handle_endtag(self._open[0][0])
 
     def handle_endtag(self, tag: str) -> None:
-        if tag in _SKIPPED_TAGS:
-            self._skipping = max(0, self._skipping - 1)
-        elif self._open and self._open[-1][0] == tag:
-            _, parts = self._open.pop()
-            text = "".join(parts)
-            if tag == "pre":
-                self.code.append(text.strip("\n"))
-            else:
-                self.prose.append(" ".join(text.split()))
-            if self._open:  # a block inside another is part of its text too
-                self._open[-1][1].append(text)
+        # Pop down to the element this closes: an unclosed <li> or <p> ends with it.
+        at = next((i for i in range(len(self._open) - 1, -1, -1) if self._open[i][0] == tag), None)
+        if at is None:
+            return
+        closed, self._open = self._open[at:], self._open[:at]
+        for name, parts in reversed(closed):
+            if isinstance(parts, list):
+                text = "".join(parts)
+                if name == "pre":
+                    self.code.append(text.strip("\n"))
+                else:
+                    self.prose.append(" ".join(text.split()))
 
     def handle_data(self, data: str) -> None:
-        if self._open and not self._skipping:
-            self._open[-1][1].append(data)
+        if any(parts == "skip" for _, parts in self._open):
+            return
+        innermost = next((p for _, p in reversed(self._open) if isinstance(p, list)), None)
+        if innermost is not None:
+            innermost.append(data)
+
+
+def missing_packages(names: Sequence[str]) -> list[str]:
+    return [SOURCES[n].package for n in names if SOURCES[n].folder() is None]
 
 
 def passages(source: Source) -> Iterator[tuple[str, str]]:
     """("prose" | "code", text) for every passage of fitting length, page by page."""
-    if not source.root.is_dir():
-        raise ModelLoadError(
-            f"{source.root}: not found; install it with `apt-get install {source.package}`"
-        )
-    for page in sorted(source.root.glob(source.pattern)):
+    root = source.folder()
+    if root is None:
+        raise ModelLoadError(f"{source.root}: not found; install `{source.package}` (apt-get)")
+    for page in sorted(root.glob(source.pattern)):
+        if page.name.startswith(_SKIPPED_PAGES):
+            continue
         blocks = _Blocks()
         blocks.feed(page.read_text(errors="replace"))
+        blocks.close()
         for text in blocks.prose:
             if _PROSE_CHARS[0] <= len(text) <= _PROSE_CHARS[1]:
                 yield "prose", text
@@ -168,12 +215,19 @@ def read_requests(path: Path) -> list[str]:
     """A prompts file: JSON lines (.jsonl, one string each) or plain lines."""
     if not path.exists():
         raise ModelLoadError(f"{path}: prompts file not found")
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text().splitlines()
     if path.suffix != ".jsonl":
-        return [line.strip() for line in lines]
+        return [line.strip() for line in lines if line.strip()]
     prompts = []
     for i, line in enumerate(lines, 1):
-        value = json.loads(line)
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except ValueError as e:
+            raise ModelLoadError(
+                f"{path}:{i}: not JSON ({e}); a .jsonl holds one JSON string a line"
+            ) from None
         if not isinstance(value, str):
             raise ModelLoadError(f"{path}:{i}: a JSON string expected")
         prompts.append(value)
@@ -183,6 +237,11 @@ def read_requests(path: Path) -> list[str]:
 def make(out: Path, per_source: int, held_out: int, seed: int) -> dict:
     """train.jsonl from the training sources, held-out.jsonl from the held-out ones, and
     sources.json saying which packages and licences they came from."""
+    missing = missing_packages((*TRAINING, *HELD_OUT))
+    if missing:
+        raise ModelLoadError(
+            f"install the documentation first: apt-get install {' '.join(missing)}"
+        )
     out.mkdir(parents=True, exist_ok=True)
     train = requests(TRAINING, per_source, seed)
     kept_out = requests(HELD_OUT, held_out, seed)
@@ -199,5 +258,11 @@ def make(out: Path, per_source: int, held_out: int, seed: int) -> dict:
 
 def _described(names: Sequence[str]) -> list[dict[str, str]]:
     return [
-        {"name": n, "package": SOURCES[n].package, "licence": SOURCES[n].licence} for n in names
+        {
+            "name": n,
+            "package": SOURCES[n].package,
+            "licence": SOURCES[n].licence,
+            "folder": str(SOURCES[n].folder()),
+        }
+        for n in names
     ]

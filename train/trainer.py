@@ -191,6 +191,7 @@ def train_head(
         hidden, toks, tgt, h_tgt = (
             x.to(device) for x in _batch(records, idx, settings.unroll, settings.max_len)
         )
+        positions = tgt != IGNORE  # whose trunk state the feature term matches
         if to_draft is not None:
             tgt = torch.where(tgt == IGNORE, tgt, to_draft[tgt.clamp(min=0)])
         t = hidden.shape[1]
@@ -220,7 +221,8 @@ def train_head(
                     logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE
                 )
             if settings.feature_weight:
-                features = F.smooth_l1_loss(states[valid], h_tgt[:, depth : depth + width][valid])
+                real = positions[:, depth : depth + width]  # also outside the draft vocabulary
+                features = F.smooth_l1_loss(states[real], h_tgt[:, depth : depth + width][real])
                 depth_loss = depth_loss + settings.feature_weight * features
             loss = loss + depth_loss * 0.5**depth
             if depth == 0:
