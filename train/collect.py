@@ -47,6 +47,9 @@ def continue_prompts(
     """Continue every prompt in one batch (each weight read once per step for all), the
     i-th with params[i]: sampled rows need seeds of their own to differ."""
     shard, cache = engine.shard, engine.cache
+    # A prompt is cut to leave room for one token, and a continuation ends where the
+    # context does (a long passage in a request once stopped a whole collection).
+    prompts = [list(p[: engine.max_context - 1]) for p in prompts]
     ids = [f"collect-{i}" for i in range(len(prompts))]
     slots = [cache.slot(s) for s in ids]
     tokens = [list(p) for p in prompts]
@@ -78,7 +81,8 @@ def continue_prompts(
                     hidden[i].append(h[end - n : end])
                     argmax[i].extend(best[end - n : end])
                     tokens[i].append(token)
-                    if token not in engine.tokenizer.eos_ids:
+                    room = len(tokens[i]) < engine.max_context
+                    if token not in engine.tokenizer.eos_ids and room:
                         feed[i] = [token]
                         still.append(i)
                 active = still
