@@ -14,6 +14,7 @@ import statistics
 import sys
 from pathlib import Path
 
+from mtpd.daemon.options import MAX_DRAFT_TOKENS, parse_draft_tokens
 from mtpd.model.errors import InputError
 
 # How a configuration's drafts are labelled by head: the pipeline's own, and --second-head.
@@ -36,15 +37,16 @@ DEFAULT_PROMPTS = [
 
 
 def _draft_list(text: str) -> list[int | str]:
+    """Draft settings as mtpd run's --draft-tokens reads each (auto: "auto")."""
     out: list[int | str] = []
     for part in text.split(","):
-        part = part.strip()
-        if part == "auto":
-            out.append("auto")
-        elif part.isdigit() and int(part) <= 16:
-            out.append(int(part))
-        else:
-            raise argparse.ArgumentTypeError(f"{part!r}: draft tokens are 0..16 or auto")
+        try:
+            k = parse_draft_tokens(part.strip())
+        except InputError:
+            raise argparse.ArgumentTypeError(
+                f"{part.strip()!r}: draft tokens are 0..{MAX_DRAFT_TOKENS} or auto"
+            ) from None
+        out.append("auto" if k is None else k)
     return list(dict.fromkeys([0, *out]))  # MTP off is always measured: the baseline
 
 
@@ -112,10 +114,10 @@ def run_bench(args: argparse.Namespace, settings) -> int:
         raise InputError(f"--force-acceptance must be in [0, 1], got {args.force_acceptance}")
     texts = DEFAULT_PROMPTS
     if args.prompts:  # plain lines, or JSON lines (.jsonl: mtpd train-data's)
-        from mtpd.train.sources import read_requests
+        from mtpd.train.sources import read_prompts
 
         path = Path(args.prompts)
-        texts = read_requests(path)
+        texts = read_prompts(path)
         if not texts:
             raise InputError(f"{path}: no prompts in it")
     texts = [texts[i % len(texts)] for i in range(args.requests)]

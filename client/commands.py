@@ -18,13 +18,11 @@ from mtpd.credentials import read_token_file
 from mtpd.daemon.options import STRUCTURED_KINDS, flagged_options
 from mtpd.v1 import inference_pb2 as api
 
-STRUCTURED_FLAGS = STRUCTURED_KINDS  # one flag per kind
-
 
 def request_options(args: argparse.Namespace) -> Options:
     """The generation options given on the command line (absent ones: the server's)."""
     values: dict[str, Any] = {f.name: getattr(args, f.name) for f in flagged_options()}
-    for kind in STRUCTURED_FLAGS:
+    for kind in STRUCTURED_KINDS:  # one flag per kind
         value = getattr(args, kind)
         if value:  # "@FILE" stands for the file's text
             if isinstance(value, str) and value.startswith("@"):

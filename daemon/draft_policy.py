@@ -122,7 +122,7 @@ class DraftPolicy:
         self._by_size: dict[int, tuple[float, float]] = {}  # positions: (weight, sum)
         # alpha, beta and the well-measured (size, mean) pairs, sorted; None once stale.
         self._costs: tuple[float, float, list[tuple[int, float]]] | None = None
-        self._step_costs_for: tuple[tuple[int, int], list[float]] | None = None
+        self._step_costs_for: tuple[tuple[int, int], tuple[list[float], bool]] | None = None
         self.draft_pass_s = 0.0
 
     @property
@@ -205,9 +205,9 @@ class DraftPolicy:
         if self.setting != AUTO:
             return min(int(self.setting), limit)
         batch = max(batch, 1)
-        steps = self._step_costs(batch, min(MAX_DRAFT, limit))
+        steps, worth_exploring = self._step_costs(batch, min(MAX_DRAFT, limit))
         best = _best(self.rates(own), batch, steps)
-        if best or not self._worth_exploring(batch, steps):
+        if best or not worth_exploring:
             return best
         # A batch explores as often as one sequence would: each exploring row is paid
         # for by the whole step (an extra position and a head pass it did not need). The
@@ -224,9 +224,14 @@ class DraftPolicy:
             return 1  # keep measuring, so a sequence that turns predictable is noticed
         return 0
 
-    def _step_costs(self, batch: int, most: int) -> list[float]:
-        """T(k) for k = 0..most drafts of one sequence in a batch of `batch`: the pass
-        over batch + k positions and k passes of the head. Kept until the next observed
+    def _step_costs(self, batch: int, most: int) -> tuple[list[float], bool]:
+        """T(k) for k = 0..most drafts of one sequence in a batch of `batch` (the pass
+        over batch + k positions and k passes of the head), and whether exploring is
+        worth it there: whether a sequence as predictable as text gets (acceptance _HOPE
+        at every position) would draft. Where even it would not, exploring measures
+        nothing that could change the choice, and each exploration costs the whole step
+        a head pass and the head's catch-up over the entries the sequence held back (2-3
+        ms on an 8-stream int4 step of 9.4, session 17). Kept until the next observed
         step, so a batch's sequences share one computation."""
         key = (batch, most)
         if self._step_costs_for is not None and self._step_costs_for[0] == key:
@@ -235,16 +240,9 @@ class DraftPolicy:
             self.draft_pass_s if self._sw >= 2 and self.draft_pass_s else 0.1 * self.cost_fit()[0]
         )
         steps = [self.pass_cost(batch + k) + draft * k for k in range(most + 1)]
-        self._step_costs_for = (key, steps)
-        return steps
-
-    def _worth_exploring(self, batch: int, steps: list[float]) -> bool:
-        """Whether a sequence as predictable as text gets (acceptance _HOPE at every
-        position) would draft at this batch size: where even it would not, exploring
-        measures nothing that could change the choice, and each exploration costs the
-        whole step a head pass and the head's catch-up over the entries the sequence
-        held back (2-3 ms on an 8-stream int4 step of 9.4, session 17)."""
-        return _best([_HOPE] * MAX_DRAFT, batch, steps) > 0
+        costs = steps, _best([_HOPE] * MAX_DRAFT, batch, steps) > 0
+        self._step_costs_for = (key, costs)
+        return costs
 
 
 def _best(rates: list[float], batch: int, steps: list[float]) -> int:

@@ -11,7 +11,7 @@ import pytest
 from mtpd.cli import main
 from mtpd.model.errors import ModelLoadError
 from mtpd.train import sources
-from mtpd.train.sources import Source, passages, read_requests, request
+from mtpd.train.sources import Source, passages, read_prompts, request
 
 PROSE = "The {name} manual explains how its tools read files, and why each option exists. " * 3
 CODE = 'def add(a, b):\n    """The sum."""\n    return (a + b)\n\n\nprint(add(1, 2))'
@@ -64,7 +64,7 @@ def test_train_data_splits_by_source_and_round_trips(docs, capsys):
     out = docs / "out"
     assert main(["train-data", "--out", str(out), "--per-source", "4", "--held-out", "2"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    train, held_out = read_requests(out / "train.jsonl"), read_requests(out / "held-out.jsonl")
+    train, held_out = read_prompts(out / "train.jsonl"), read_prompts(out / "held-out.jsonl")
     assert summary["train"]["requests"] == len(train) == 12
     assert summary["held_out"]["requests"] == len(held_out) == 4
     assert [s["package"] for s in summary["held_out"]["sources"]] == [
@@ -82,10 +82,10 @@ def test_a_missing_package_or_a_bad_line_is_named(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('"fine"\n{"not": "a string"}\n')
     with pytest.raises(ModelLoadError, match=r"bad\.jsonl:2: a JSON string expected"):
-        read_requests(bad)
+        read_prompts(bad)
     bad.write_text('"fine"\nplain text\n')
     with pytest.raises(ModelLoadError, match=r"bad\.jsonl:2: not JSON"):
-        read_requests(bad)
+        read_prompts(bad)
 
 
 def test_blocks_are_their_own_text(tmp_path):

@@ -11,18 +11,13 @@ from importlib import resources
 from pathlib import Path
 
 from mtpd.model.errors import ModelLoadError
+from mtpd.train.sources import read_prompts
 
 DEFAULT_SELF_PROMPTS = 512
 
 
 def eval_prompts_path() -> Path:
     return Path(str(resources.files("mtpd.train") / "data" / "eval_prompts.txt"))
-
-
-def read_prompts(path: Path) -> list[str]:
-    from mtpd.train.sources import read_requests
-
-    return read_requests(path)
 
 
 def read_corpus(files: list[str]) -> list[str]:

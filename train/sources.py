@@ -211,7 +211,7 @@ def write_requests(path: Path, prompts: Sequence[str]) -> None:
     path.write_text("".join(json.dumps(p) + "\n" for p in prompts))
 
 
-def read_requests(path: Path) -> list[str]:
+def read_prompts(path: Path) -> list[str]:
     """A prompts file: JSON lines (.jsonl, one string each) or plain lines."""
     if not path.exists():
         raise ModelLoadError(f"{path}: prompts file not found")
