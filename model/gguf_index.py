@@ -19,7 +19,6 @@ import math
 import mmap
 import os
 import tempfile
-import time
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -28,11 +27,10 @@ from typing import Any
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader
 
-from mtpd.model.user_cache import private_cache_dir
+from mtpd.model.user_cache import private_cache_dir, prune
 
 FORMAT = 2  # of the cached entry; another one is parsed again
 MAX_CACHED_FILES = 32  # the least recently opened go first
-STALE_TEMPORARY_S = 3600  # a half-written entry this old was left by a killed process
 
 
 @dataclass(frozen=True)
@@ -153,15 +151,6 @@ def _store(
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(saved, f)
         os.replace(tmp, entry)
-        _prune(entry.parent)
+        prune(entry.parent, "*.json", MAX_CACHED_FILES, "*.tmp")
     except (OSError, TypeError, ValueError):
         Path(tmp).unlink(missing_ok=True)
-
-
-def _prune(folder: Path) -> None:
-    entries = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime_ns)
-    for old in entries[:-MAX_CACHED_FILES]:
-        old.unlink(missing_ok=True)
-    for tmp in folder.glob("*.tmp"):
-        if time.time() - tmp.stat().st_mtime > STALE_TEMPORARY_S:
-            tmp.unlink(missing_ok=True)

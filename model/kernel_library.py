@@ -3,9 +3,9 @@
 The kernels are compiled on first use with the system C compiler (about a second) for
 the CPU they run on (AVX2, or AVX-512 where the CPU has it with VNNI, which the int4
 kernel uses), linked with the OpenMP runtime torch loaded and glibc's vector math library,
-cached under ~/.cache/mtpd (or $XDG_CACHE_HOME/mtpd), and loaded with ctypes. Without a
-compiler, on a CPU without AVX2, or with MTPD_CPU_KERNEL=0, layers keep PyTorch's ops
-(linear layers in oneDNN's layout).
+cached under ~/.cache/mtpd (or $XDG_CACHE_HOME/mtpd; the last few builds kept), and loaded
+with ctypes. Without a compiler, on a CPU without AVX2, or with MTPD_CPU_KERNEL=0, layers
+keep PyTorch's ops (linear layers in oneDNN's layout).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from mtpd.model.user_cache import private_cache_dir
+from mtpd.model.user_cache import private_cache_dir, prune
 
 log = logging.getLogger("mtpd.model.cpu_kernels")
 
@@ -32,6 +32,8 @@ FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
 # (VNNI's dpbusd on 512-bit registers); the library is built on the machine it runs on.
 AVX512_VNNI = ("-mavx512f", "-mavx512bw", "-mavx512vnni")
 _AVX512_VNNI_CPU = {"avx512f", "avx512bw", "avx512_vnni"}  # as /proc/cpuinfo names them
+# Libraries kept in the cache: one per kernel source and build (AVX-512, AVX2, scalar exp).
+KEPT_BUILDS = 8
 
 
 def cache_dir() -> Path:
@@ -73,7 +75,9 @@ def build(compiler: str, runtime: Path | None, math: list[str], isa: tuple[str, 
     command = [compiler, *FLAGS, *isa, str(SOURCE), *link, *math]
     digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(command).encode()).hexdigest()
     library = cache_dir() / f"mtpd-cpu-kernels-{digest[:16]}.so"
-    if not library.exists():
+    try:
+        os.utime(library)  # the most recently used: pruned last
+    except FileNotFoundError:
         # Built under a private name and renamed: workers starting together may race.
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=library.parent)
         os.close(fd)
@@ -82,6 +86,8 @@ def build(compiler: str, runtime: Path | None, math: list[str], isa: tuple[str, 
             os.replace(tmp, library)
         finally:
             Path(tmp).unlink(missing_ok=True)
+        # Every kernel source and build leaves a library (a developer's cache held 159).
+        prune(library.parent, "mtpd-cpu-kernels-*.so", KEPT_BUILDS, "tmp*.so")
     return library
 
 

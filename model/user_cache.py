@@ -5,7 +5,10 @@ is used: what lies there is trusted, and a kernel library is loaded as code."""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
+
+STALE_TEMPORARY_S = 3600  # a half-written file this old was left by a killed process
 
 
 def private_cache_dir(subfolder: str | None = None) -> Path | None:
@@ -22,3 +25,23 @@ def private_cache_dir(subfolder: str | None = None) -> Path | None:
         return folders[-1]
     except (OSError, RuntimeError):  # RuntimeError: no home directory
         return None
+
+
+def prune(folder: Path, pattern: str, keep: int, temporary: str) -> None:
+    """Keep the `keep` most recently used files matching `pattern` (a reader touches what
+    it uses), and remove the `temporary` ones a killed writer left. Files another process
+    removes meanwhile are passed over."""
+    kept = []
+    for path in folder.glob(pattern):
+        try:
+            kept.append((path.stat().st_mtime_ns, path))
+        except FileNotFoundError:
+            continue
+    for _, path in sorted(kept, reverse=True)[keep:]:
+        path.unlink(missing_ok=True)
+    for path in folder.glob(temporary):
+        try:
+            if time.time() - path.stat().st_mtime > STALE_TEMPORARY_S:
+                path.unlink(missing_ok=True)
+        except FileNotFoundError:
+            continue

@@ -228,6 +228,26 @@ def test_a_float16_cache_holds_the_float32_values_rounded_and_attends_over_them(
     assert not torch.equal(out[0], out[1])  # the float16 cache was read
 
 
+def test_the_cache_keeps_the_last_builds_only(tmp_path, monkeypatch):
+    # Every kernel source or compiler leaves a library: without pruning the cache grows
+    # for good. The one just built or used is kept, whatever the others' ages.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    folder = tmp_path / "mtpd"
+    folder.mkdir(mode=0o700)
+    old = [folder / f"mtpd-cpu-kernels-{i:016x}.so" for i in range(kernel_library.KEPT_BUILDS)]
+    for age, path in enumerate(old):
+        path.write_bytes(b"")
+        os.utime(path, (1e9 - age, 1e9 - age))  # old[0] the most recent of them
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    scalar_exp = ["-DMTPD_SCALAR_EXP", "-lm"]
+    built = kernel_library.build(compiler, kernel_library.openmp_runtime(), scalar_exp, ())
+    assert set(folder.glob("mtpd-cpu-kernels-*.so")) == {built, *old[:-1]}
+    os.utime(built, (1e8, 1e8))  # long unused, then used again: it is the newest
+    again = kernel_library.build(compiler, kernel_library.openmp_runtime(), scalar_exp, ())
+    assert again == built
+    assert built.stat().st_mtime > 1e9  # touched: the next build's pruning keeps it
+
+
 def test_the_kernels_build_with_scalar_exp_where_libmvec_does_not_link():
     # The fallback build_any takes when `-lmvec` fails: same results, lane by lane.
     compiler = shutil.which(os.environ.get("CC", "cc"))
