@@ -16,7 +16,7 @@ picks the k in 0..6 with the largest (b - 1 + E(k)) / T(k), drafting one token e
 few steps even at k = 0 so acceptance keeps being measured (every 8 steps, backing off
 to every 64 as first drafts keep being rejected, or from the start once the server has
 measured its rates, and that times the batch: a batch explores as often as one
-sequence), but only where a sequence accepting 0.9 would draft; a sequence's acceptance
+sequence), but only where a sequence accepting 0.9 would gain 5% by drafting; a sequence's acceptance
 starts from the server-wide rates and moves to its own.
 """
 
@@ -39,8 +39,12 @@ _SERVER_EVIDENCE = 16  # first drafts the server has measured before new sequenc
 _MEASURED = 3.0  # weight of observations before a pass size's mean replaces the line
 _SIZES = 512  # pass sizes (positions) whose mean time is kept
 # The acceptance of the most predictable text (repeated or formulaic: the shipped head
-# averages 0.5): no sequence is explored for where drafting would not pay even at this.
+# averages 0.5): no sequence is explored for where drafting would not pay even at this,
 _HOPE = 0.9
+# by at least this much. An exploration costs the whole step a head pass, a position and
+# the head's catch-up over what the sequence held back; where the best a sequence could
+# gain is a few percent (8 int4 streams: 2%), exploring had cost `auto` 1-3% of MTP off.
+_EXPLORE_GAIN = 1.05
 
 
 @dataclass
@@ -206,7 +210,7 @@ class DraftPolicy:
             return min(int(self.setting), limit)
         batch = max(batch, 1)
         steps, worth_exploring = self._step_costs(batch, min(MAX_DRAFT, limit))
-        best = _best(self.rates(own), batch, steps)
+        best, _ = _best(self.rates(own), batch, steps)
         if best or not worth_exploring:
             return best
         # A batch explores as often as one sequence would: each exploring row is paid
@@ -228,11 +232,11 @@ class DraftPolicy:
         """T(k) for k = 0..most drafts of one sequence in a batch of `batch` (the pass
         over batch + k positions and k passes of the head), and whether exploring is
         worth it there: whether a sequence as predictable as text gets (acceptance _HOPE
-        at every position) would draft. Where even it would not, exploring measures
-        nothing that could change the choice, and each exploration costs the whole step
-        a head pass and the head's catch-up over the entries the sequence held back (2-3
-        ms on an 8-stream int4 step of 9.4, session 17). Kept until the next observed
-        step, so a batch's sequences share one computation."""
+        at every position) would gain _EXPLORE_GAIN by drafting. Where even it would
+        not, exploring measures nothing that could pay for itself, and each exploration
+        costs the whole step a head pass and the head's catch-up over the entries the
+        sequence held back (2-3 ms on an 8-stream int4 step of 9.4, session 17). Kept
+        until the next observed step, so a batch's sequences share one computation."""
         key = (batch, most)
         if self._step_costs_for is not None and self._step_costs_for[0] == key:
             return self._step_costs_for[1]
@@ -240,17 +244,18 @@ class DraftPolicy:
             self.draft_pass_s if self._sw >= 2 and self.draft_pass_s else 0.1 * self.cost_fit()[0]
         )
         steps = [self.pass_cost(batch + k) + draft * k for k in range(most + 1)]
-        costs = steps, _best([_HOPE] * MAX_DRAFT, batch, steps) > 0
+        _, hoped = _best([_HOPE] * MAX_DRAFT, batch, steps)
+        costs = steps, hoped >= _EXPLORE_GAIN * batch / steps[0]
         self._step_costs_for = (key, costs)
         return costs
 
 
-def _best(rates: list[float], batch: int, steps: list[float]) -> int:
-    """The k whose (batch - 1 + E(k)) / T(k) is largest: the batch's tokens per second
-    with this sequence drafting k and the others one token each (its drafts lengthen
-    everyone's step). Priced as if every sequence drafted k (their pass and the head's
-    shared), a sequence whose own record beat the server's drafted where the step then
-    grew for all, and 8 int4 streams ran at 0.89x MTP off."""
+def _best(rates: list[float], batch: int, steps: list[float]) -> tuple[int, float]:
+    """The k whose (batch - 1 + E(k)) / T(k) is largest, and that rate: the batch's
+    tokens per second with this sequence drafting k and the others one token each (its
+    drafts lengthen everyone's step). Priced as if every sequence drafted k (their pass
+    and the head's shared), a sequence whose own record beat the server's drafted where
+    the step then grew for all, and 8 int4 streams ran at 0.89x MTP off."""
     best, best_rate, emitted, chain = 0, 0.0, float(batch), 1.0
     for k, cost in enumerate(steps):
         if k:
@@ -258,7 +263,7 @@ def _best(rates: list[float], batch: int, steps: list[float]) -> int:
             emitted += chain
         if emitted / cost > best_rate:
             best, best_rate = k, emitted / cost
-    return best
+    return best, best_rate
 
 
 def _at(counts: list[int], j: int) -> int:

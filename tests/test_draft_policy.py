@@ -127,6 +127,18 @@ def test_no_exploring_where_drafting_could_not_pay():
     assert exploring_steps(alone, 0, batch=1) == list(range(7, 128, 8))
 
 
+def test_no_exploring_where_drafting_could_gain_little():
+    """Today's 8 int4 streams: each position and each head pass add some 9% to the step,
+    so a sequence accepting 0.9 would gain at most 3% (at any draft length), less than
+    exploring costs (a head pass and its catch-up: `auto` at acceptance 0.1 ran 1-3%
+    behind MTP off). Where drafting could gain more than 5%, sequences explore."""
+    for ninth_s, explores in ((0.106, False), (0.101, True)):  # the 8-position pass: 0.1 s
+        policy = DraftPolicy(AUTO)
+        observe(policy, 8, 0.100)
+        observe(policy, 9, ninth_s)
+        assert bool(exploring_steps(policy, 0, batch=8)) == explores
+
+
 def test_exploring_backs_off_while_first_drafts_are_rejected():
     """With k = 0 chosen, one draft every 8 steps keeps acceptance measured; each first
     draft rejected doubles the interval, to every 64 steps (from the start once the
@@ -136,6 +148,9 @@ def test_exploring_backs_off_while_first_drafts_are_rejected():
     # A second position costs 50%: k = 0 at the rates these sequences have, k = 1 for
     # one accepting 0.9 (so exploring can find such a one).
     observe(policy, 2, 0.150)
+    # In a batch of 4, the same: k = 0 at acceptance 0.5, a 5% gain at 0.9.
+    observe(policy, 4, 0.200)
+    observe(policy, 5, 0.227)
 
     def explored(rejected: int, batch: int = 1, accepted: int = 0) -> list[int]:
         return exploring_steps(policy, rejected, batch, accepted)
