@@ -99,6 +99,7 @@ def run_bench(args: argparse.Namespace, settings) -> int:
     from mtpd.bench.report import config_report, plot, print_report, summary
     from mtpd.bench.runner import ForcedAcceptance, memory, process_peak_bytes, run_config
     from mtpd.daemon.coordinator import Coordinator
+    from mtpd.daemon.draft_policy import DraftPolicy
     from mtpd.worker.transport import DTYPES
 
     heads = {HEADS[0]: settings}
@@ -171,6 +172,13 @@ def run_bench(args: argparse.Namespace, settings) -> int:
             plain = references[max(args.concurrency)].results
             continuations = [(p, r.token_ids) for p, r in zip(prompts, plain, strict=True)]
             forced = ForcedAcceptance(continuations, daemon.cfg.vocab_size, args.force_acceptance)
+        # One policy per head and draft setting for the whole run, every round and
+        # concurrency, as a serving daemon keeps one: only the first requests see it
+        # cold. Fresh for each run, every run's first requests had explored (each
+        # exploration about a step's cost), 5% of `auto` at one stream and acceptance 0.1.
+        policies = {
+            (head, d): DraftPolicy(d, settings.draft_p_min) for head in daemons for d in drafts
+        }
         for r in range(args.rounds):
             for n in args.concurrency:
                 order = drafts[r % len(drafts) :] + drafts[: r % len(drafts)]
@@ -185,8 +193,8 @@ def run_bench(args: argparse.Namespace, settings) -> int:
                         d,
                         n,
                         args.max_tokens,
-                        settings.draft_p_min,
                         draft_source=forced,
+                        policy=policies[head, d],
                     )
                     runs.setdefault((head, str(d), n), []).append(run)
             for name, peer in peers.items():

@@ -79,14 +79,18 @@ def run_config(
     p_min: float = 0.0,
     want_logits: bool = False,
     draft_source: ForcedAcceptance | None = None,
+    policy: DraftPolicy | None = None,
 ) -> ConfigRun:
     """Every prompt once, greedy, `max_tokens` each (end-of-sequence ignored, so every
     configuration does the same work), with `concurrency` requests in flight (a closed
-    loop: the next is submitted as one finishes)."""
+    loop: the next is submitted as one finishes). `policy` (for `draft`) carries what
+    earlier runs measured, as a serving daemon's does; by default a fresh one."""
+    if policy is not None and policy.setting != draft:
+        raise ValueError(f"a policy for drafts {policy.setting} given for drafts {draft}")
     scheduler = Scheduler(
         pipeline,
         eos_ids=set(),
-        policy=DraftPolicy(draft, p_min),
+        policy=policy or DraftPolicy(draft, p_min),
         draft_source=draft_source,
     )
 

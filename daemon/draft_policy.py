@@ -16,8 +16,8 @@ picks the k in 0..6 with the largest (b - 1 + E(k)) / T(k), drafting one token e
 few steps even at k = 0 so acceptance keeps being measured (every 8 steps, backing off
 to every 64 as first drafts keep being rejected, or from the start once the server has
 measured its rates, and that times the batch: a batch explores as often as one
-sequence), but only where a sequence accepting 0.9 would gain 5% by drafting; a sequence's acceptance
-starts from the server-wide rates and moves to its own.
+sequence), but only where a sequence accepting 0.9 would gain 5% by drafting; a
+sequence's acceptance starts from the server-wide rates and moves to its own.
 """
 
 from __future__ import annotations
@@ -39,11 +39,12 @@ _SERVER_EVIDENCE = 16  # first drafts the server has measured before new sequenc
 _MEASURED = 3.0  # weight of observations before a pass size's mean replaces the line
 _SIZES = 512  # pass sizes (positions) whose mean time is kept
 # The acceptance of the most predictable text (repeated or formulaic: the shipped head
-# averages 0.5): no sequence is explored for where drafting would not pay even at this,
+# averages 0.5), and the gain drafting would have to bring a sequence accepting that
+# for its sequences to be explored. An exploration costs the whole step a head pass, a
+# position and the head's catch-up over what the sequence held back; where the best a
+# sequence could gain is a few percent (8 int4 streams: 2-3%), exploring cost `auto`
+# 1-3% of MTP off.
 _HOPE = 0.9
-# by at least this much. An exploration costs the whole step a head pass, a position and
-# the head's catch-up over what the sequence held back; where the best a sequence could
-# gain is a few percent (8 int4 streams: 2%), exploring had cost `auto` 1-3% of MTP off.
 _EXPLORE_GAIN = 1.05
 
 

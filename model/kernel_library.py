@@ -10,6 +10,7 @@ keep PyTorch's ops (linear layers in oneDNN's layout).
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import functools
 import hashlib
@@ -37,7 +38,16 @@ KEPT_BUILDS = 8
 
 
 def cache_dir() -> Path:
-    return private_cache_dir() or Path(tempfile.mkdtemp(prefix="mtpd-kernel-"))  # built afresh
+    return private_cache_dir() or _process_folder()
+
+
+@functools.cache
+def _process_folder() -> Path:
+    """Where no private cache can be: one folder for this process's builds, removed at
+    its exit (a folder a build had made it, and kept, for every process started)."""
+    folder = Path(tempfile.mkdtemp(prefix="mtpd-kernel-"))
+    atexit.register(shutil.rmtree, folder, True)
+    return folder
 
 
 def openmp_runtime() -> Path | None:
@@ -77,6 +87,8 @@ def build(compiler: str, runtime: Path | None, math: list[str], isa: tuple[str, 
     library = cache_dir() / f"mtpd-cpu-kernels-{digest[:16]}.so"
     try:
         os.utime(library)  # the most recently used: pruned last
+    except PermissionError:
+        pass  # not ours to touch (the cache is private: it should be): loaded as it is
     except FileNotFoundError:
         # Built under a private name and renamed: workers starting together may race.
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=library.parent)

@@ -4,6 +4,7 @@ is used: what lies there is trusted, and a kernel library is loaded as code."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -29,19 +30,17 @@ def private_cache_dir(subfolder: str | None = None) -> Path | None:
 
 def prune(folder: Path, pattern: str, keep: int, temporary: str) -> None:
     """Keep the `keep` most recently used files matching `pattern` (a reader touches what
-    it uses), and remove the `temporary` ones a killed writer left. Files another process
-    removes meanwhile are passed over."""
+    it uses), and remove the `temporary` ones a killed writer left. A file that cannot
+    be read or removed (gone meanwhile, another's) is passed over: pruning never fails
+    what the caller built."""
     kept = []
     for path in folder.glob(pattern):
-        try:
+        with contextlib.suppress(OSError):
             kept.append((path.stat().st_mtime_ns, path))
-        except FileNotFoundError:
-            continue
     for _, path in sorted(kept, reverse=True)[keep:]:
-        path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
     for path in folder.glob(temporary):
-        try:
+        with contextlib.suppress(OSError):
             if time.time() - path.stat().st_mtime > STALE_TEMPORARY_S:
                 path.unlink(missing_ok=True)
-        except FileNotFoundError:
-            continue

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -246,6 +249,20 @@ def test_the_cache_keeps_the_last_builds_only(tmp_path, monkeypatch):
     again = kernel_library.build(compiler, kernel_library.openmp_runtime(), scalar_exp, ())
     assert again == built
     assert built.stat().st_mtime > 1e9  # touched: the next build's pruning keeps it
+
+
+def test_without_a_private_cache_a_process_builds_in_one_folder_it_removes():
+    script = (
+        "from mtpd.model import kernel_library as k\n"
+        "k.private_cache_dir = lambda: None\n"
+        "assert k.cache_dir() == k.cache_dir()\n"
+        "print(k.cache_dir())\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    folder = Path(run.stdout.strip())
+    assert folder.name.startswith("mtpd-kernel-")
+    assert not folder.exists()
 
 
 def test_the_kernels_build_with_scalar_exp_where_libmvec_does_not_link():

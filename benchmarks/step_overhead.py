@@ -1,0 +1,196 @@
+"""What a decode step costs beyond the model's compute, in three measurements:
+
+1. The control split of a real daemon's steps (one int4 worker, one stream, MTP off and
+   `auto` alternating by round): daemon submit to the worker's arrival, the worker's
+   checks, the reply back to the daemon, and the daemon's gap to its next submit (the
+   workers' and the daemon's time.monotonic() are the host's one clock).
+2. The floor under it: a bare gRPC bidirectional stream between two Python processes on
+   a Unix socket, sync API at both ends (what mtpd's step stream is), and a thread
+   handoff.
+3. What keeping the MTP head's entries costs a worker while nothing drafts: `Stage.run`
+   with MTP on at k = 0 against MTP off, alternated step by step, `--sequences` each.
+
+    python benchmarks/step_overhead.py [--rounds 3] [--sequences 1,8] [--steps 120]
+
+Written for issue 24 (docs/speculative-decoding.md, session 19). Run it alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import queue
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import torch
+
+from mtpd.bench.commands import DEFAULT_PROMPTS
+from mtpd.bench.runner import decode_steps, run_config
+from mtpd.daemon.coordinator import Coordinator, Settings
+from mtpd.daemon.draft_policy import AUTO
+from mtpd.daemon.pipeline import PipelineConfig
+from mtpd.model.default_model import default_head_path
+from mtpd.train.engine import Engine
+from mtpd.v1 import worker_pb2 as pb
+from mtpd.worker.stage import Stage
+
+_ECHO = "/echo.Echo/Chat"
+
+
+def control_split(rounds: int) -> None:
+    settings = Settings(
+        pipeline=PipelineConfig(workers=1, quant="int4", device="cpu"), draft_tokens=AUTO
+    )
+    parts: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    with Coordinator.start(settings) as daemon:
+        tok = daemon.tokenizer
+        prompts = [tok.encode_chat([{"role": "user", "content": t}])[1] for t in DEFAULT_PROMPTS]
+        run_config(daemon.pipeline, prompts[:1], AUTO, 1, 8)  # warm-up
+        for r in range(rounds):
+            for draft in (0, AUTO) if r % 2 == 0 else (AUTO, 0):
+                steps = decode_steps(run_config(daemon.pipeline, prompts, draft, 1, 64).steps)
+                for step, after in itertools.pairwise(steps):
+                    o, t = step.outcome, step.outcome.timings[0]
+                    gap = after.outcome.submitted_at - o.completed_at
+                    if gap > 0.005:  # the next request's prefill came between
+                        continue
+                    p = parts[str(draft)]
+                    p["submit to worker"].append(t.arrived_at - o.submitted_at)
+                    p["worker's checks"].append(t.input_ready_at - t.arrived_at)
+                    p["compute (less the head)"].append(t.compute_s - t.draft_s)
+                    p["MTP head"].append(t.draft_s)
+                    p["reply to daemon"].append(o.completed_at - t.sent_at)
+                    p["daemon's gap"].append(gap)
+    for draft, p in parts.items():
+        count = len(next(iter(p.values())))
+        print(f"int4, 1 stream, drafts {draft}: median ms over {count} steps")
+        for name, values in p.items():
+            print(f"    {name:24s} {1e3 * statistics.median(values):7.3f}")
+
+
+def _echo_server(path: str) -> None:
+    def echo(requests, context):
+        yield from requests
+
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    handler = grpc.stream_stream_rpc_method_handler(echo)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("echo.Echo", {"Chat": handler}),)
+    )
+    server.add_insecure_port(f"unix:{path}")
+    server.start()
+    print("up", flush=True)
+    server.wait_for_termination()
+
+
+def transport_floor(trips: int = 3000) -> None:
+    there, back = queue.SimpleQueue(), queue.SimpleQueue()
+
+    def bounce() -> None:
+        while (item := there.get()) is not None:
+            back.put(item)
+
+    thread = threading.Thread(target=bounce)
+    thread.start()
+    times = []
+    for i in range(trips):
+        start = time.perf_counter()
+        there.put(i)
+        back.get()
+        times.append(time.perf_counter() - start)
+    there.put(None)
+    thread.join()
+    print(f"thread handoff there and back: {1e6 * statistics.median(times):.0f} us")
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = str(Path(folder) / "echo.sock")
+        server = subprocess.Popen(
+            [sys.executable, __file__, "--echo-server", path], stdout=subprocess.PIPE
+        )
+        try:
+            server.stdout.readline()
+            outbox: queue.SimpleQueue = queue.SimpleQueue()
+            with grpc.insecure_channel(f"unix:{path}") as channel:
+                replies = channel.stream_stream(_ECHO)(iter(outbox.get, None))
+                times = []
+                for _ in range(trips):
+                    start = time.perf_counter()
+                    outbox.put(b"x" * 200)
+                    next(replies)
+                    times.append(time.perf_counter() - start)
+                outbox.put(None)
+        finally:
+            server.kill()
+    print(
+        f"gRPC bidirectional stream round trip (200 B, Unix socket, sync API at both ends): "
+        f"{1e6 * statistics.median(times):.0f} us"
+    )
+
+
+def keeping_cost(sequences: list[int], steps: int) -> None:
+    torch.set_num_threads(2)
+    most = max(sequences)
+    engine = Engine.load(
+        None, quant="int4", mtp_head=default_head_path(None), max_seqs=2 * most, max_context=512
+    )
+    stage = Stage(engine.shard, engine.shard.new_cache(2 * most, 512), 0, 1, None, engine.mtp)
+    sampling = pb.SamplingParams(temperature=0, top_p=1, repetition_penalty=1)
+    prompt = list(range(10, 90))
+    for n in sequences:
+        stage.reset(None)
+        state: dict[str, dict[str, tuple[int, int]]] = {}
+        for mode in ("off", "on"):
+            ids = [f"{mode}{i}" for i in range(n)]
+            opened = [
+                pb.SequenceOpen(seq_id=s, sampling=sampling, no_mtp=mode == "off") for s in ids
+            ]
+            first = [pb.SequenceStep(seq_id=s, keep=0, token_ids=prompt, sample=True) for s in ids]
+            reply = stage.run(pb.StepRequest(step_id=1, sequences=first, open=opened))
+            state[mode] = {r.seq_id: (len(prompt), r.token_ids[-1]) for r in reply.results}
+        times: dict[str, list[float]] = {"off": [], "on": []}
+        for i in range(steps):
+            for mode in ("off", "on") if i % 2 else ("on", "off"):
+                held = state[mode]
+                if i % 100 == 99:  # back to the prompt: contexts stay alike and bounded
+                    held.update({s: (len(prompt), t) for s, (_, t) in held.items()})
+                step = [
+                    pb.SequenceStep(seq_id=s, keep=k, token_ids=[t], sample=True)
+                    for s, (k, t) in held.items()
+                ]
+                start = time.perf_counter()
+                reply = stage.run(pb.StepRequest(step_id=2, sequences=step))
+                times[mode].append(time.perf_counter() - start)
+                for r in reply.results:
+                    held[r.seq_id] = (held[r.seq_id][0] + 1, r.token_ids[-1])
+        off, on = (statistics.median(times[m]) for m in ("off", "on"))
+        print(
+            f"Stage.run, {n} sequence(s), no drafts: MTP off {1e3 * off:.3f} ms, "
+            f"MTP on {1e3 * on:.3f} ms ({on / off:.3f}x)"
+        )
+
+
+def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--echo-server":
+        _echo_server(sys.argv[2])
+        return
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--sequences", default="1,8")
+    ap.add_argument("--steps", type=int, default=120)
+    args = ap.parse_args()
+    control_split(args.rounds)
+    transport_floor()
+    keeping_cost([int(n) for n in args.sequences.split(",")], args.steps)
+
+
+if __name__ == "__main__":
+    main()
