@@ -174,8 +174,8 @@ def run_bench(args: argparse.Namespace, settings) -> int:
             forced = ForcedAcceptance(continuations, daemon.cfg.vocab_size, args.force_acceptance)
         # One policy per head and draft setting for the whole run, every round and
         # concurrency, as a serving daemon keeps one: only the first requests see it
-        # cold. Fresh for each run, every run's first requests had explored (each
-        # exploration about a step's cost), 5% of `auto` at one stream and acceptance 0.1.
+        # cold. Fresh for each run, every run measured a cold start (at acceptance 0.1
+        # its first requests explored every 8-32 steps, each exploration about a step).
         policies = {
             (head, d): DraftPolicy(d, settings.draft_p_min) for head in daemons for d in drafts
         }
