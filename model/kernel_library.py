@@ -44,7 +44,7 @@ def cache_dir() -> Path:
 @functools.cache
 def _process_folder() -> Path:
     """Where no private cache can be: one folder for this process's builds, removed at
-    its exit (a folder a build had made it, and kept, for every process started)."""
+    its exit (each build used to make a folder of its own and leave it behind)."""
     folder = Path(tempfile.mkdtemp(prefix="mtpd-kernel-"))
     atexit.register(shutil.rmtree, folder, True)
     return folder
