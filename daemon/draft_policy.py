@@ -14,9 +14,10 @@ rows (oneDNN once changed kernels at the third row, which cost twice what the se
 did), so a policy trusting the line drafts two tokens where one pays better. The policy
 picks the k in 0..6 with the largest (b - 1 + E(k)) / T(k), drafting one token every
 few steps even at k = 0 so acceptance keeps being measured (every 8 steps, backing off
-to every 64 as first drafts keep being rejected, or from the start once the server has
-measured its rates, and that times the batch: a batch explores as often as one
-sequence), but only where a sequence accepting 0.9 would gain 5% by drafting; a
+to every 64 as first drafts keep being rejected, or every 256 from the start once the
+server has measured its rates and none of the sequence's drafts was accepted, and that
+times the batch: a batch explores as often as one sequence), but only where a sequence
+accepting 0.9 would gain 5% by drafting; a
 sequence's acceptance starts from the server-wide rates and moves to its own.
 """
 
@@ -35,6 +36,10 @@ _PRIOR_WEIGHT = 8.0  # how many observations the server-wide rate is worth per s
 _FORGET = 0.98  # per step, for the cost fit
 _EXPLORE_EVERY = 8  # with k = 0 chosen, draft one token every this many steps anyway,
 _EXPLORE_BACKOFF = 3  # doubled for each first draft rejected, up to this many times
+# Where the server's verdict alone keeps a sequence at k = 0, every 256 steps: at
+# acceptance 0.1, one stream, exploring every 64 steps cost `auto` about 1% of MTP off
+# (about one exploration per 64-token request, each a step's worth of head passes).
+_VERDICT_BACKOFF = 5
 _SERVER_EVIDENCE = 16  # first drafts the server has measured before new sequences back off
 _MEASURED = 3.0  # weight of observations before a pass size's mean replaces the line
 _SIZES = 512  # pass sizes (positions) whose mean time is kept
@@ -220,11 +225,13 @@ class DraftPolicy:
         # Once the server's rates are measured, k = 0 for a sequence none of whose
         # drafts was accepted is the server's verdict, not a guess: it explores backed
         # off (at acceptance 0.1, exploring every 8 steps of every new request cost
-        # `auto` 3-6% against MTP off). One accepted draft puts it on its own record.
+        # `auto` 3-6% against MTP off, every 64 about 1%). One accepted draft puts it on
+        # its own record.
         rejected = _at(own.drafted, 0) - _at(own.accepted, 0)
+        backoff = _EXPLORE_BACKOFF
         if _at(self.server.drafted, 0) >= _SERVER_EVIDENCE and not _at(own.accepted, 0):
-            rejected += _EXPLORE_BACKOFF
-        every = (_EXPLORE_EVERY << min(rejected, _EXPLORE_BACKOFF)) * batch
+            rejected = backoff = _VERDICT_BACKOFF
+        every = (_EXPLORE_EVERY << min(rejected, backoff)) * batch
         if (own.steps + own.phase) % every == every - 1:
             return 1  # keep measuring, so a sequence that turns predictable is noticed
         return 0

@@ -100,12 +100,14 @@ def test_fixed_settings_and_limits_are_kept():
     assert DraftPolicy(AUTO).choose(seq, limit=0) == 0
 
 
-def exploring_steps(policy: DraftPolicy, rejected: int, batch: int, accepted: int = 0) -> list[int]:
-    """The steps of 128 where a sequence with this record of first drafts drafts."""
+def exploring_steps(
+    policy: DraftPolicy, rejected: int, batch: int, accepted: int = 0, span: int = 128
+) -> list[int]:
+    """The steps of `span` where a sequence with this record of first drafts drafts."""
     tried = [rejected + accepted]
     seq = DraftStats(steps=0, drafted=tried, reached=tried, accepted=[accepted], phase=0)
     steps = []
-    for step in range(128):
+    for step in range(span):
         seq.steps = step
         if policy.choose(seq, limit=6, batch=batch):
             steps.append(step)
@@ -143,8 +145,9 @@ def test_no_exploring_where_drafting_could_gain_little():
 
 def test_exploring_backs_off_while_first_drafts_are_rejected():
     """With k = 0 chosen, one draft every 8 steps keeps acceptance measured; each first
-    draft rejected doubles the interval, to every 64 steps (from the start once the
-    server has measured its rates); in a batch of b, b times as long."""
+    draft rejected doubles the interval, to every 64 steps (every 256 from the start
+    once the server has measured its rates and the sequence has no accepted draft); in
+    a batch of b, b times as long."""
     policy = DraftPolicy(AUTO)
     observe(policy, 1, 0.100)
     # A second position costs 50%: k = 0 at the rates these sequences have, k = 1 for
@@ -155,14 +158,15 @@ def test_exploring_backs_off_while_first_drafts_are_rejected():
     observe(policy, 5, 0.227)
 
     def explored(rejected: int, batch: int = 1, accepted: int = 0) -> list[int]:
-        return exploring_steps(policy, rejected, batch, accepted)
+        return exploring_steps(policy, rejected, batch, accepted, span=512)
 
-    assert explored(0) == list(range(7, 128, 8))
-    assert explored(1) == list(range(15, 128, 16))
-    assert explored(3) == explored(10) == [63, 127]
-    assert explored(0, batch=4) == [31, 63, 95, 127]  # the batch, as one sequence
-    # Once the server has measured first drafts, a new sequence starts backed off.
+    assert explored(0) == list(range(7, 512, 8))
+    assert explored(1) == list(range(15, 512, 16))
+    assert explored(3) == explored(10) == list(range(63, 512, 64))
+    assert explored(0, batch=4) == list(range(31, 512, 32))  # the batch, as one sequence
+    # Once the server has measured first drafts, a new sequence starts backed off further.
     policy.server.drafted, policy.server.reached, policy.server.accepted = [16], [16], [2]
-    assert explored(0) == [63, 127]
+    assert explored(0) == explored(3) == [255, 511]
     # One accepted draft of its own puts a sequence back on its own record.
-    assert explored(0, accepted=1) == list(range(7, 128, 8))
+    assert explored(0, accepted=1) == list(range(7, 512, 8))
+    assert explored(3, accepted=1) == list(range(63, 512, 64))

@@ -153,9 +153,13 @@ def test_the_heads_cache_caught_up_lazily_drafts_as_if_kept_current(tmp_path, mo
     equal those of a head that ran at every step, through a replay from position 0 and
     past MAX_DEFERRED held entries."""
     from mtpd.worker import drafter as drafter_module
-    from mtpd.worker.drafter import Advance, Drafter
+    from mtpd.worker.drafter import Advance, Drafter, Rows
 
     monkeypatch.setattr(drafter_module, "MAX_DEFERRED", 16)  # reached within the test
+    # Steps of up to 3 rows are held by reference, longer ones copied (a CUDA graph
+    # would write its next step's states into the same buffer: this test scribbles over
+    # them after each step).
+    monkeypatch.setattr(drafter_module, "_SHARE_ROWS", 3)
     _, _, cfg, trunk = build(tmp_path)
     mtp = MTPHead(cfg, random_head(cfg, seed=7), trunk.embedding, trunk.lm_head, 128, torch.float32)
     g = torch.Generator().manual_seed(11)
@@ -181,15 +185,13 @@ def test_the_heads_cache_caught_up_lazily_drafts_as_if_kept_current(tmp_path, mo
         items = []
         held_before = len(lazy._deferred["s"].tokens) if "s" in lazy._deferred else 0
         for drafter, want in ((eager, 2), (lazy, 2 if n in drafting else 0)):
+            states = hidden[keep : keep + m].clone()  # the step's own tensor
             item = Advance(
-                "s",
-                keep,
-                tokens[keep],
-                hidden[keep : keep + m],
-                tokens[keep + 1 : keep + m + 1],
-                want,
+                "s", keep, tokens[keep], Rows(states, 0, m), tokens[keep + 1 : keep + m + 1], want
             )
             drafter.advance([item])
+            if m > 3:
+                states.fill_(float("nan"))
             items.append(item)
         # The eager head never holds entries back, so it never catches up; the lazy one
         # does only over entries it held (time the cost model keeps off a draft's bill).
@@ -208,13 +210,19 @@ def test_the_heads_cache_caught_up_lazily_drafts_as_if_kept_current(tmp_path, mo
 
 
 def test_held_entries_are_cut_across_and_within_their_row_blocks():
-    from mtpd.worker.drafter import _Held
+    from mtpd.worker.drafter import Rows, _Held
 
-    blocks = [torch.arange(3.0)[:, None], torch.arange(3.0, 5.0)[:, None], torch.tensor([[5.0]])]
+    def blocks() -> list[Rows]:  # rows 0..5 as three blocks of other tensors' rows
+        return [
+            Rows(torch.arange(4.0)[:, None], 0, 3),
+            Rows(torch.tensor([[9.0], [3.0], [4.0]]), 1, 2),
+            Rows(torch.tensor([[5.0]]), 0, 1),
+        ]
+
     for n in (6, 7, 5, 4, 3, 2, 0):
-        held = _Held([b.clone() for b in blocks], list(range(6)))
+        held = _Held(blocks(), list(range(6)))
         held.keep(n)
         kept = min(n, 6)
         assert held.tokens == list(range(kept))
-        rows = torch.cat(held.rows) if held.rows else torch.empty(0, 1)
+        rows = torch.cat([b.tensor() for b in held.blocks]) if held.blocks else torch.empty(0, 1)
         assert torch.equal(rows, torch.arange(float(kept))[:, None]), n

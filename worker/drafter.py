@@ -27,14 +27,32 @@ import torch
 from mtpd.model.mtp import MTPHead
 
 MAX_DEFERRED = 256  # entries (hidden rows) a sequence may hold back from the head
+# A CPU step's hidden states are held by reference (no copy) when it has at most this
+# many rows: right after the trunk has streamed its weights through every cache, the
+# first torch op of a kind costs 30-40 us, and a copy per step cost a one-sequence int4
+# step 1%. A larger step's rows are copied, so held rows pin at most MAX_DEFERRED steps'
+# states of this many rows (38 MB for the default model).
+_SHARE_ROWS = 64
+
+
+@dataclass
+class Rows:
+    """`count` hidden rows of `states` from row `first`, in position order."""
+
+    states: torch.Tensor
+    first: int
+    count: int
+
+    def tensor(self) -> torch.Tensor:
+        return self.states[self.first : self.first + self.count]
 
 
 @dataclass
 class _Held:
-    """A sequence's entries kept back from the head: hidden rows ([m, H] tensors, in
-    position order) and each row's next token."""
+    """A sequence's entries kept back from the head: hidden rows (blocks in position
+    order) and each row's next token."""
 
-    rows: list[torch.Tensor] = field(default_factory=list)
+    blocks: list[Rows] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
 
     def keep(self, n: int) -> None:
@@ -45,10 +63,10 @@ class _Held:
             return
         del self.tokens[n:]
         while excess > 0:
-            last = self.rows.pop()
-            if last.shape[0] > excess:
-                self.rows.append(last[: last.shape[0] - excess])
-            excess -= last.shape[0]
+            last = self.blocks.pop()
+            if last.count > excess:
+                self.blocks.append(Rows(last.states, last.first, last.count - excess))
+            excess -= last.count
 
 
 @dataclass
@@ -58,7 +76,7 @@ class Advance:
     seq_id: str
     keep: int  # the step's first position
     first_token: int  # the token at `keep`
-    hidden: torch.Tensor  # [m, H] final-normed trunk states at keep .. keep + m - 1
+    hidden: Rows  # m final-normed trunk states, at keep .. keep + m - 1
     next_tokens: list[int]  # tokens at keep + 1 .. : m of them, or m - 1 if not yet known
     want: int = 0  # drafts wanted
     p_min: float = 0.0
@@ -102,33 +120,41 @@ class Drafter:
         (filling `item.drafts`)."""
         self.passes, self.catch_up_s, held_rows = 0, 0.0, 0
         hidden, tokens, slots, counts, live = [], [], [], [], []
-        fresh = []  # (item, new rows, their next tokens, whether the head runs over them)
+        # Rows held back whose tensor a later step may overwrite: a CUDA step's hidden
+        # states may be a graph's output buffer, and a large step's should not stay pinned
+        # by a few rows. They are copied after the loop, all in one go.
+        to_copy: list[Rows] = []
         for item in items:
-            rows, row_tokens = self._new_entries(item)
-            held = len(row_tokens) + len(self._deferred.get(item.seq_id, _Held()).tokens)
-            fresh.append((item, rows, row_tokens, held and (item.want or held >= MAX_DEFERRED)))
-        # Entries kept back are copied, all in one go: the step's hidden states may sit in
-        # a buffer the next step overwrites (a CUDA graph's output).
-        kept = [(item, rows, toks) for item, rows, toks, runs in fresh if toks and not runs]
-        if kept:
-            block, at = torch.cat([r for _, rows, _ in kept for r in rows]), 0
-            for item, _, toks in kept:
-                held = self._deferred.setdefault(item.seq_id, _Held())
-                held.rows.append(block[at : at + len(toks)])
-                held.tokens += toks
-                at += len(toks)
-        for item, rows, row_tokens, runs in fresh:
-            if not runs:
-                continue  # kept until a step drafts: the head need not run for it now
-            held = self._deferred.pop(item.seq_id, _Held())
-            held_rows += len(held.tokens)
-            hidden.extend(held.rows + rows)
-            tokens.extend(held.tokens + row_tokens)
-            slots.append(self.cache.slot(item.seq_id))
-            counts.append(len(held.tokens) + len(row_tokens))
+            slot, rows, row_tokens = self._new_entries(item)
+            held = self._deferred.get(item.seq_id)
+            total = len(row_tokens) + (len(held.tokens) if held else 0)
+            if not item.want and total < MAX_DEFERRED:
+                # Kept until a step drafts: the head need not run for it now.
+                if row_tokens:
+                    held = held or self._deferred.setdefault(item.seq_id, _Held())
+                    held.blocks += rows
+                    held.tokens += row_tokens
+                    to_copy += [r for r in rows if _copied(r.states)]
+                continue
+            if not total:
+                continue
+            if held:
+                del self._deferred[item.seq_id]
+                held_rows += len(held.tokens)
+                rows = held.blocks + rows
+                row_tokens = held.tokens + row_tokens
+            hidden += [r.tensor() for r in rows]
+            tokens += row_tokens
+            slots.append(slot)
+            counts.append(total)
             # The last verified state predicts the first draft once its next token is known.
-            if item.want and len(item.next_tokens) == item.hidden.shape[0]:
+            if item.want and len(item.next_tokens) == item.hidden.count:
                 live.append((item, len(counts) - 1))
+        if to_copy:
+            block, at = torch.cat([r.tensor() for r in to_copy]), 0
+            for r in to_copy:
+                r.states, r.first = block, at
+                at += r.count
         if not counts:
             return
         began = time.monotonic()
@@ -148,34 +174,36 @@ class Drafter:
             ends = list(itertools.accumulate(counts))
             self._draft(live, states[[ends[i] - 1 for _, i in live]], slots)
 
-    def _new_entries(self, item: Advance) -> tuple[list[torch.Tensor], list[int]]:
-        """The hidden rows and next tokens of the entries `item` adds after the cache's
-        and the deferred ones (which it first cuts back to the step's `keep`)."""
+    def _new_entries(self, item: Advance) -> tuple[int, list[Rows], list[int]]:
+        """The sequence's cache slot, and the hidden rows and next tokens of the entries
+        `item` adds after the cache's and the deferred ones (which it first cuts back to
+        the step's `keep`)."""
         slot = self.cache.slot(item.seq_id)
         waiting = self._waiting.pop(item.seq_id, None)
         length = self._cut(item.seq_id, slot, item.keep)
-        rows: list[torch.Tensor] = []
+        rows: list[Rows] = []
         tokens: list[int] = []
         if item.keep == 0:
             self._lost.discard(item.seq_id)
         elif item.seq_id in self._lost:
             self._deferred.pop(item.seq_id, None)
-            return [], []
+            return slot, [], []
         elif length == item.keep:
             pass
         elif length == item.keep - 1 and waiting is not None:
-            rows.append(waiting[None])
+            rows.append(Rows(waiting[None], 0, 1))
             tokens.append(item.first_token)
         else:
             self._lost.add(item.seq_id)
             self._deferred.pop(item.seq_id, None)
-            return [], []
-        known = len(item.next_tokens)
-        if known < item.hidden.shape[0]:
-            self._waiting[item.seq_id] = item.hidden[known].clone()
-        rows.append(item.hidden[:known])
+            return slot, [], []
+        known, h = len(item.next_tokens), item.hidden
+        if known < h.count:
+            self._waiting[item.seq_id] = h.states[h.first + known].clone()
+        if known:
+            rows.append(Rows(h.states, h.first, known))
         tokens.extend(item.next_tokens)
-        return rows, tokens
+        return slot, rows, tokens
 
     def _cut(self, seq_id: str, slot: int, keep: int) -> int:
         """Entries beyond position `keep` dropped, from the cache and the deferred ones;
@@ -218,3 +246,7 @@ class Drafter:
             self.passes += 1
         for item, i in live:  # discard the draft-time entries
             self.cache.truncate(slots[i], verified[item.seq_id])
+
+
+def _copied(states: torch.Tensor) -> bool:
+    return states.is_cuda or states.shape[0] > _SHARE_ROWS

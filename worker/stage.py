@@ -32,7 +32,7 @@ from mtpd.model.sampling_params import SamplingParams
 from mtpd.rpc import sampling_from_wire
 from mtpd.v1 import worker_pb2 as pb
 from mtpd.worker.cuda_graphs import StepGraphs
-from mtpd.worker.drafter import Advance, Drafter
+from mtpd.worker.drafter import Advance, Drafter, Rows
 from mtpd.worker.faults import fault_from_env
 from mtpd.worker.host_copy import PinnedStaging
 from mtpd.worker.transport import DistLink, decode, encode
@@ -425,7 +425,7 @@ class Stage:
                         seq_id=s.seq_id,
                         keep=s.keep,
                         first_token=s.token_ids[0],
-                        hidden=hidden[starts[i] : starts[i] + verified],
+                        hidden=Rows(hidden, starts[i], verified),
                         next_tokens=known[:verified],
                         want=s.draft_tokens if result else 0,
                         p_min=settings[i].draft_p_min,
@@ -438,6 +438,8 @@ class Stage:
         reply.timings.draft_s = time.monotonic() - began
         reply.timings.draft_passes = self.drafter.passes
         reply.timings.draft_catch_up_s = self.drafter.catch_up_s
+        if not self.drafter.passes:
+            return  # nothing drafted (the head only held entries back)
         by_id = {r.seq_id: r for r in reply.results}
         for a in advances:
             if a.drafts:
