@@ -1,18 +1,20 @@
 """What a decode step costs beyond the model's compute, in three measurements:
 
-1. The control split of a real daemon's steps (one int4 worker, one stream, MTP off and
-   `auto` alternating by round): daemon submit to the worker's arrival, the worker's
-   checks, the reply back to the daemon, and the daemon's gap to its next submit (the
-   workers' and the daemon's time.monotonic() are the host's one clock).
+1. The control split of a real daemon's steps (one int4 worker, `--streams` at once,
+   MTP off and `auto` alternating by round): daemon submit to the worker's arrival, the
+   worker's checks, its compute and the MTP head's share of it, the reply back to the
+   daemon, and the daemon's gap to its next submit (the workers' and the daemon's
+   time.monotonic() are the host's one clock).
 2. The floor under it: a bare gRPC bidirectional stream between two Python processes on
    a Unix socket, sync API at both ends (what mtpd's step stream is), and a thread
    handoff.
 3. What keeping the MTP head's entries costs a worker while nothing drafts: `Stage.run`
    with MTP on at k = 0 against MTP off, alternated step by step, `--sequences` each.
 
-    python benchmarks/step_overhead.py [--rounds 3] [--sequences 1,8] [--steps 120]
+    python benchmarks/step_overhead.py [--rounds 4] [--streams 1,8] [--sequences 1,8]
+                                       [--steps 120]
 
-Written for issue 24 (docs/speculative-decoding.md, session 19). Run it alone.
+Written for issue 24 (docs/speculative-decoding.md, sessions 19 and 20). Run it alone.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import torch
 from mtpd.bench.commands import DEFAULT_PROMPTS
 from mtpd.bench.runner import decode_steps, run_config
 from mtpd.daemon.coordinator import Coordinator, Settings
-from mtpd.daemon.draft_policy import AUTO
+from mtpd.daemon.draft_policy import AUTO, DraftPolicy
 from mtpd.daemon.pipeline import PipelineConfig
 from mtpd.model.default_model import default_head_path
 from mtpd.train.engine import Engine
@@ -46,7 +48,10 @@ from mtpd.worker.stage import Stage
 _ECHO = "/echo.Echo/Chat"
 
 
-def control_split(rounds: int) -> None:
+def control_split(rounds: int, streams: list[int]) -> None:
+    """Decoding steps of all `n` streams. The MTP head's share is its passes, or where
+    it made none (`auto` at k = 0 everywhere, as at 8 int4 streams) its keeping of
+    the entries held back."""
     settings = Settings(
         pipeline=PipelineConfig(workers=1, quant="int4", device="cpu"), draft_tokens=AUTO
     )
@@ -54,25 +59,34 @@ def control_split(rounds: int) -> None:
     with Coordinator.start(settings) as daemon:
         tok = daemon.tokenizer
         prompts = [tok.encode_chat([{"role": "user", "content": t}])[1] for t in DEFAULT_PROMPTS]
-        run_config(daemon.pipeline, prompts[:1], AUTO, 1, 8)  # warm-up
-        for r in range(rounds):
+        policy = DraftPolicy(AUTO)  # one for the whole run, as a daemon keeps one
+        run_config(daemon.pipeline, prompts[:1], AUTO, 1, 8, policy=policy)  # warm-up
+        for n, r in itertools.product(streams, range(rounds)):
             for draft in (0, AUTO) if r % 2 == 0 else (AUTO, 0):
-                steps = decode_steps(run_config(daemon.pipeline, prompts, draft, 1, 64).steps)
+                run = run_config(
+                    daemon.pipeline,
+                    prompts * (2 if n > 1 else 1),
+                    draft,
+                    n,
+                    64,
+                    policy=policy if draft == AUTO else None,
+                )
+                steps = decode_steps(run.steps)
                 for step, after in itertools.pairwise(steps):
                     o, t = step.outcome, step.outcome.timings[0]
                     gap = after.outcome.submitted_at - o.completed_at
-                    if gap > 0.005:  # the next request's prefill came between
+                    if len(step.tokens) != n or gap > 0.005:  # a prefill came between
                         continue
-                    p = parts[str(draft)]
+                    p = parts[f"{n} stream(s), drafts {draft}"]
                     p["submit to worker"].append(t.arrived_at - o.submitted_at)
                     p["worker's checks"].append(t.input_ready_at - t.arrived_at)
                     p["compute (less the head)"].append(t.compute_s - t.draft_s)
                     p["MTP head"].append(t.draft_s)
                     p["reply to daemon"].append(o.completed_at - t.sent_at)
                     p["daemon's gap"].append(gap)
-    for draft, p in parts.items():
+    for config, p in parts.items():
         count = len(next(iter(p.values())))
-        print(f"int4, 1 stream, drafts {draft}: median ms over {count} steps")
+        print(f"int4, {config}: median ms over {count} steps")
         for name, values in p.items():
             print(f"    {name:24s} {1e3 * statistics.median(values):7.3f}")
 
@@ -183,11 +197,12 @@ def main() -> None:
         _echo_server(sys.argv[2])
         return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--streams", default="1,8")
     ap.add_argument("--sequences", default="1,8")
     ap.add_argument("--steps", type=int, default=120)
     args = ap.parse_args()
-    control_split(args.rounds)
+    control_split(args.rounds, [int(n) for n in args.streams.split(",")])
     transport_floor()
     keeping_cost([int(n) for n in args.sequences.split(",")], args.steps)
 
