@@ -156,9 +156,8 @@ def test_the_heads_cache_caught_up_lazily_drafts_as_if_kept_current(tmp_path, mo
     from mtpd.worker.drafter import Advance, Drafter, Rows
 
     monkeypatch.setattr(drafter_module, "MAX_DEFERRED", 16)  # reached within the test
-    # Steps of up to 3 rows are held by reference, longer ones copied (a CUDA graph
-    # would write its next step's states into the same buffer: this test scribbles over
-    # them after each step).
+    # Steps of up to 3 rows are held by reference, longer ones copied (this test
+    # scribbles over those after each step: the held rows must be copies).
     monkeypatch.setattr(drafter_module, "_SHARE_ROWS", 3)
     _, _, cfg, trunk = build(tmp_path)
     mtp = MTPHead(cfg, random_head(cfg, seed=7), trunk.embedding, trunk.lm_head, 128, torch.float32)
@@ -207,6 +206,62 @@ def test_the_heads_cache_caught_up_lazily_drafts_as_if_kept_current(tmp_path, mo
             for mine, theirs in ((lazy.cache.k, eager.cache.k), (lazy.cache.v, eager.cache.v)):
                 length = keep + m
                 torch.testing.assert_close(mine[:, slot, :, :length], theirs[:, slot, :, :length])
+
+
+def test_held_rows_of_shared_steps_are_referenced_copied_and_merged(tmp_path, monkeypatch):
+    """Two sequences step together, their rows in one tensor: a small step's rows are
+    held by reference, a large one's copied (each sequence's at its own offset in one
+    copy), and a sequence's blocks merged once it holds more than _MAX_BLOCKS; when both
+    draft, the drafts and caches equal a head's that ran at every step."""
+    from mtpd.worker import drafter as drafter_module
+    from mtpd.worker.drafter import Advance, Drafter, Rows
+
+    monkeypatch.setattr(drafter_module, "_SHARE_ROWS", 4)
+    monkeypatch.setattr(drafter_module, "_MAX_BLOCKS", 3)
+    _, _, cfg, trunk = build(tmp_path)
+    mtp = MTPHead(cfg, random_head(cfg, seed=5), trunk.embedding, trunk.lm_head, 64, torch.float32)
+    g = torch.Generator().manual_seed(3)
+    hidden = {s: torch.randn(64, cfg.hidden_size, generator=g) for s in "ab"}
+    tokens = {s: torch.randint(0, VOCAB, (65,), generator=g).tolist() for s in "ab"}
+    # Rows per sequence per step: prompts of 6 and 5 (11 rows: copied), decode steps of
+    # 1 + 1 (by reference), a verification of 3 + 2 (copied), decode steps again.
+    steps = [{"a": 6, "b": 5}] + [{"a": 1, "b": 1}] * 3 + [{"a": 3, "b": 2}]
+    steps += [{"a": 1, "b": 1}] * 5
+    eager, lazy = Drafter(mtp, 2, 64), Drafter(mtp, 2, 64)
+    at = {"a": 0, "b": 0}
+    for n, rows in enumerate(steps):
+        last = n == len(steps) - 1
+        states = torch.cat([hidden[s][at[s] : at[s] + m] for s, m in rows.items()])
+        drafted = []
+        for drafter, want in ((eager, 2), (lazy, 2 if last else 0)):
+            step = states.clone()
+            items, first = [], 0
+            for s, m in rows.items():
+                keep = at[s]
+                next_tokens = tokens[s][keep + 1 : keep + m + 1]
+                items.append(
+                    Advance(s, keep, tokens[s][keep], Rows(step, first, m), next_tokens, want)
+                )
+                first += m
+            drafter.advance(items)
+            if drafter is lazy and not last:
+                for s in rows:
+                    blocks = lazy._deferred[s].blocks
+                    assert len(blocks) <= 3
+                    # By reference exactly when the step is small and nothing was merged.
+                    assert (blocks[-1].states is step) == (len(states) <= 4 and len(blocks) > 1)
+            if len(states) > 4:
+                step.fill_(float("nan"))  # a copied step's tensor is never read again
+            drafted.append([item.drafts for item in items])
+        for s, m in rows.items():
+            at[s] += m
+        assert drafted[0] == drafted[1] or not last, n
+    assert all(d for d in drafted[1])
+    for s in "ab":
+        slot = eager.cache.slot(s)
+        assert lazy.cache.slot(s) == slot and lazy.cache.lengths[slot] == at[s]
+        for mine, theirs in ((lazy.cache.k, eager.cache.k), (lazy.cache.v, eager.cache.v)):
+            torch.testing.assert_close(mine[:, slot, :, : at[s]], theirs[:, slot, :, : at[s]])
 
 
 def test_held_entries_are_cut_across_and_within_their_row_blocks():

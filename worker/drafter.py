@@ -27,12 +27,15 @@ import torch
 from mtpd.model.mtp import MTPHead
 
 MAX_DEFERRED = 256  # entries (hidden rows) a sequence may hold back from the head
-# A CPU step's hidden states are held by reference (no copy) when it has at most this
-# many rows: right after the trunk has streamed its weights through every cache, the
-# first torch op of a kind costs 30-40 us, and a copy per step cost a one-sequence int4
-# step 1%. A larger step's rows are copied, so held rows pin at most MAX_DEFERRED steps'
-# states of this many rows (38 MB for the default model).
+# A step's hidden states are held by reference (no copy) when it has at most this many
+# rows: right after the trunk has streamed its weights through every cache, the first
+# torch op of a kind costs 30-40 us, and a copy per step cost a one-sequence int4 step
+# 1%. A larger step's rows are copied, and a sequence's blocks are merged into one once
+# it holds _MAX_BLOCKS, so a sequence pins at most that many steps' states of this many
+# rows and one merged block (about 3 MB for the default model), even kept unreleased
+# for prefix caching.
 _SHARE_ROWS = 64
+_MAX_BLOCKS = 16
 
 
 @dataclass
@@ -120,9 +123,8 @@ class Drafter:
         (filling `item.drafts`)."""
         self.passes, self.catch_up_s, held_rows = 0, 0.0, 0
         hidden, tokens, slots, counts, live = [], [], [], [], []
-        # Rows held back whose tensor a later step may overwrite: a CUDA step's hidden
-        # states may be a graph's output buffer, and a large step's should not stay pinned
-        # by a few rows. They are copied after the loop, all in one go.
+        # Rows held back from a step too large to stay pinned by a few of its rows:
+        # copied after the loop, all in one go.
         to_copy: list[Rows] = []
         for item in items:
             slot, rows, row_tokens = self._new_entries(item)
@@ -131,10 +133,15 @@ class Drafter:
             if not item.want and total < MAX_DEFERRED:
                 # Kept until a step drafts: the head need not run for it now.
                 if row_tokens:
-                    held = held or self._deferred.setdefault(item.seq_id, _Held())
+                    if held is None:
+                        self._deferred[item.seq_id] = held = _Held()
                     held.blocks += rows
                     held.tokens += row_tokens
-                    to_copy += [r for r in rows if _copied(r.states)]
+                    if len(held.blocks) > _MAX_BLOCKS:  # a copy now and then
+                        merged = torch.cat([b.tensor() for b in held.blocks])
+                        held.blocks = [Rows(merged, 0, merged.shape[0])]
+                    else:
+                        to_copy += [r for r in rows if r.states.shape[0] > _SHARE_ROWS]
                 continue
             if not total:
                 continue
@@ -246,7 +253,3 @@ class Drafter:
             self.passes += 1
         for item, i in live:  # discard the draft-time entries
             self.cache.truncate(slots[i], verified[item.seq_id])
-
-
-def _copied(states: torch.Tensor) -> bool:
-    return states.is_cuda or states.shape[0] > _SHARE_ROWS
