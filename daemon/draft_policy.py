@@ -17,8 +17,8 @@ few steps even at k = 0 so acceptance keeps being measured (every 8 steps, backi
 to every 64 as first drafts keep being rejected, or every 256 from the start once the
 server has measured its rates and none of the sequence's drafts was accepted, and that
 times the batch: a batch explores as often as one sequence), but only where a sequence
-accepting 0.9 would gain 5% by drafting; a
-sequence's acceptance starts from the server-wide rates and moves to its own.
+accepting 0.9 would gain 5% by drafting; a sequence's acceptance starts from the
+server-wide rates and moves to its own.
 """
 
 from __future__ import annotations
@@ -227,11 +227,11 @@ class DraftPolicy:
         # off (at acceptance 0.1, exploring every 8 steps of every new request cost
         # `auto` 3-6% against MTP off, every 64 about 1%). One accepted draft puts it on
         # its own record.
-        rejected = _at(own.drafted, 0) - _at(own.accepted, 0)
-        backoff = _EXPLORE_BACKOFF
         if _at(self.server.drafted, 0) >= _SERVER_EVIDENCE and not _at(own.accepted, 0):
-            rejected = backoff = _VERDICT_BACKOFF
-        every = (_EXPLORE_EVERY << min(rejected, backoff)) * batch
+            doublings = _VERDICT_BACKOFF
+        else:
+            doublings = min(_at(own.drafted, 0) - _at(own.accepted, 0), _EXPLORE_BACKOFF)
+        every = (_EXPLORE_EVERY << doublings) * batch
         if (own.steps + own.phase) % every == every - 1:
             return 1  # keep measuring, so a sequence that turns predictable is noticed
         return 0

@@ -145,7 +145,7 @@ class Drafter:
                 continue
             if not total:
                 continue
-            if held:
+            if held is not None:
                 del self._deferred[item.seq_id]
                 held_rows += len(held.tokens)
                 rows = held.blocks + rows
