@@ -156,21 +156,26 @@ def read_shards(work_dir: Path) -> Iterator[Record]:
             hid_off += n
 
 
-def _check_same_data(work_dir: Path, prompts: Sequence[str], corpus: Sequence[str]) -> None:
+def _check_same_data(
+    work_dir: Path, prompts: Sequence[str], corpus: Sequence[str], quant: str
+) -> None:
     """A work dir resumes the collection it holds: its prompts may grow at the end (the
-    model's own prompts are appended), but other prompts or another corpus would
-    silently train on the old data, so they are refused."""
+    model's own prompts are appended), but other prompts, another corpus or another
+    trunk quantization would silently train on the old data, so they are refused."""
     record = work_dir / "collected-from.json"
     corpus_digest = hashlib.sha256("\0".join(corpus).encode()).hexdigest()
     if record.exists():
         held = json.loads(record.read_text())
         same_start = held["prompts"] == list(prompts[: len(held["prompts"])])
-        if not same_start or held["corpus"] != corpus_digest:
+        held_quant = held.get("quant", "none")  # collected before the choice existed
+        if not same_start or held["corpus"] != corpus_digest or held_quant != quant:
             raise ModelLoadError(
-                f"{work_dir}: holds data collected from other prompts or another corpus; "
-                "give another --work-dir (or remove this one)"
+                f"{work_dir}: holds data collected from other prompts, another corpus or "
+                f"another trunk (quant {held_quant}); give another --work-dir (or remove this one)"
             )
-    record.write_text(json.dumps({"prompts": list(prompts), "corpus": corpus_digest}))
+    record.write_text(
+        json.dumps({"prompts": list(prompts), "corpus": corpus_digest, "quant": quant})
+    )
 
 
 def collect(
@@ -183,15 +188,17 @@ def collect(
     sampled_share: float,
     seed: int,
     corpus: Sequence[str] = (),
+    quant: str = "none",
     progress: Callable[[int, int, int], None] | None = None,
 ) -> None:
-    """Continue `prompts` (chat-templated) into shards of `batch` sequences each.
+    """Continue `prompts` (chat-templated) into shards of `batch` sequences each, on
+    `engine`, whose trunk is quantized as `quant` says (recorded: a work dir holds one).
 
     A share `sampled_share` of the batches samples at temperature 0.8 for
     variety; the targets stay the model's argmax at each position either way.
     """
     work_dir.mkdir(parents=True, exist_ok=True)
-    _check_same_data(work_dir, prompts, corpus)
+    _check_same_data(work_dir, prompts, corpus, quant)
     done = len(list(work_dir.glob(SHARD_GLOB)))
     n_batches = (len(prompts) + batch - 1) // batch
     tok = engine.tokenizer

@@ -14,6 +14,8 @@ from mtpd.model.errors import ModelLoadError
 from mtpd.train.sources import read_prompts
 
 DEFAULT_SELF_PROMPTS = 512
+# model.quant.QUANT_MODES, not imported: the parsers are built before torch loads.
+QUANT_CHOICES = ["none", "int8", "int4"]
 
 
 def eval_prompts_path() -> Path:
@@ -78,7 +80,7 @@ def _settings_key(settings: object, init: dict, init_head: str | None) -> str:
     return hashlib.sha256(f"{text} {vocab} {start}".encode()).hexdigest()[:12]
 
 
-_ADDED_SETTINGS = ("feature_weight",)
+_ADDED_SETTINGS = ("feature_weight", "precision")
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -98,6 +100,7 @@ def run_train(args: argparse.Namespace) -> int:
         head_tensors,
         initial_head,
         train_head,
+        training_precision,
     )
 
     if args.unroll is not None and args.unroll < 1:
@@ -107,7 +110,11 @@ def run_train(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     started = time.perf_counter()
     device = torch.device(args.device)
-    engine = Engine.load(args.model, max_seqs=args.batch, max_context=512, device=device)
+    # The continuations are generated, and their hidden states taken, by the trunk at
+    # --collect-quant (int4: 3-4x the positions a second of float32 on a CPU).
+    engine = Engine.load(
+        args.model, max_seqs=args.batch, max_context=512, device=device, quant=args.collect_quant
+    )
     if engine.cfg.is_hybrid:
         raise ModelLoadError(
             f"{engine.model_path}: train-mtp supports dense decoders (llama, qwen2, qwen3); "
@@ -162,6 +169,7 @@ def run_train(args: argparse.Namespace) -> int:
         sampled_share=args.sampled_share,
         seed=args.seed,
         corpus=read_corpus(args.corpus),
+        quant=args.collect_quant,
         progress=lambda b, n, rate: _bar("collect", b, n, f"{rate} tok/s"),
     )
     records = list(read_shards(work_dir))
@@ -201,6 +209,7 @@ def run_train(args: argparse.Namespace) -> int:
         lr=args.lr or TrainSettings.lr,
         seed=args.seed,
         distill=args.distill,
+        precision=training_precision(args.precision, device),
         # Absent: TrainSettings' own defaults (the parser does not import the trainer).
         **{k: v for k in ("unroll", "feature_weight") if (v := getattr(args, k)) is not None},
     )
@@ -240,6 +249,8 @@ def run_train(args: argparse.Namespace) -> int:
                 "unroll": settings.unroll,
                 "distill": settings.distill,
                 "feature_weight": settings.feature_weight,
+                "precision": settings.precision,
+                "collect_quant": args.collect_quant,
                 "seed": args.seed,
                 "init_head": None
                 if start_from is None
@@ -278,7 +289,7 @@ def run_eval(args: argparse.Namespace) -> int:
     head = Path(args.head) if args.head else default_head_path(args.model)
     if head is None:
         raise ModelLoadError("no MTP head given (--head) and the model has no default head")
-    engine = Engine.load(args.model, max_seqs=16, max_context=512, mtp_head=head)
+    engine = Engine.load(args.model, max_seqs=16, max_context=512, mtp_head=head, quant=args.quant)
     report = evaluate_head(
         engine,
         engine.mtp,
@@ -368,6 +379,20 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "--sampled-share", type=float, default=0.3, help="share of batches sampled at T=0.8"
     )
     t.add_argument(
+        "--collect-quant",
+        choices=QUANT_CHOICES,
+        default="none",
+        help="the trunk's weights while collecting (int4: several times faster on a CPU; the "
+        "head then learns the int4 trunk's states)",
+    )
+    t.add_argument(
+        "--precision",
+        choices=["auto", "float32", "bfloat16"],
+        default="auto",
+        help="training's products (auto: bfloat16 on a GPU or a CPU with AMX or AVX512-BF16, "
+        "else float32; weights and optimizer state stay float32)",
+    )
+    t.add_argument(
         "--draft-vocab", type=int, default=8192, help="reduced draft vocabulary size (0: full)"
     )
     t.add_argument("--work-dir", default=None, help="collected data and training state (resumable)")
@@ -395,6 +420,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "--prompts", default=None, help="prompts file (default: the shipped evaluation set)"
     )
     e.add_argument("--draft-tokens", "-k", type=int, default=3)
+    e.add_argument(
+        "--quant",
+        choices=QUANT_CHOICES,
+        default="none",
+        help="the trunk's weights (and so the states the head drafts from), as served",
+    )
     e.add_argument("--max-tokens", type=int, default=128)
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=run_eval)
