@@ -121,9 +121,20 @@ def test_blocks_are_their_own_text(tmp_path):
 def test_a_work_dir_refuses_data_from_other_prompts(tmp_path):
     from mtpd.train.collect import _check_same_data
 
-    _check_same_data(tmp_path, ["one", "two"], [])
-    _check_same_data(tmp_path, ["one", "two", "three"], [])  # appended: goes on
-    with pytest.raises(ModelLoadError, match="other prompts or another corpus"):
-        _check_same_data(tmp_path, ["other", "two", "three"], [])
-    with pytest.raises(ModelLoadError, match="other prompts or another corpus"):
-        _check_same_data(tmp_path, ["one", "two", "three"], ["a corpus"])
+    _check_same_data(tmp_path, ["one", "two"], [], "none")
+    _check_same_data(tmp_path, ["one", "two", "three"], [], "none")  # appended: goes on
+    refused = "other prompts, another corpus or another trunk"
+    with pytest.raises(ModelLoadError, match=refused):
+        _check_same_data(tmp_path, ["other", "two", "three"], [], "none")
+    with pytest.raises(ModelLoadError, match=refused):
+        _check_same_data(tmp_path, ["one", "two", "three"], ["a corpus"], "none")
+    with pytest.raises(ModelLoadError, match=rf"{refused} \(quant none\)"):
+        _check_same_data(tmp_path, ["one", "two", "three"], [], "int4")
+    # A work dir recorded before the trunk was (no "quant") holds float32 data.
+    record = tmp_path / "collected-from.json"
+    held = json.loads(record.read_text())
+    del held["quant"]
+    record.write_text(json.dumps(held))
+    _check_same_data(tmp_path, ["one", "two", "three"], [], "none")
+    with pytest.raises(ModelLoadError, match=refused):
+        _check_same_data(tmp_path, ["one", "two", "three"], [], "int8")
