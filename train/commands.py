@@ -111,7 +111,7 @@ def run_train(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     device = torch.device(args.device)
     # The continuations are generated, and their hidden states taken, by the trunk at
-    # --collect-quant (int4: 3-4x the positions a second of float32 on a CPU).
+    # --collect-quant (int4: about 3x the positions a second of float32 on a CPU).
     engine = Engine.load(
         args.model, max_seqs=args.batch, max_context=512, device=device, quant=args.collect_quant
     )
