@@ -18,6 +18,9 @@ from mtpd.daemon.options import (
     parse_draft_tokens,
 )
 
+# model.quant.QUANT_MODES, written out: the parsers are built before torch loads.
+QUANT_CHOICES = ["none", "int8", "int4"]
+
 
 def flag_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     """`parse` as an argparse type: its error message, not "invalid value"."""
@@ -90,7 +93,7 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument(
         "--quant",
-        choices=["none", "int8", "int4"],
+        choices=QUANT_CHOICES,
         default="none",
         help="weight-only quantization of the linear layers (GGUF Q4_0/Q4_1 weights are "
         "repacked exactly under int4)",

@@ -66,17 +66,22 @@ def openmp_runtime() -> Path | None:
     return None
 
 
-def cpu_isa() -> tuple[str, ...]:
-    """The instruction sets beyond AVX2 to build for: AVX512_VNNI where this CPU has it."""
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """This CPU's features as /proc/cpuinfo names them (none where it cannot be read)."""
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return ()
+        return frozenset()
     for line in cpuinfo.splitlines():
         if line.startswith("flags"):
-            flags = set(line.partition(":")[2].split())
-            return AVX512_VNNI if flags >= _AVX512_VNNI_CPU else ()
-    return ()
+            return frozenset(line.partition(":")[2].split())
+    return frozenset()
+
+
+def cpu_isa() -> tuple[str, ...]:
+    """The instruction sets beyond AVX2 to build for: AVX512_VNNI where this CPU has it."""
+    return AVX512_VNNI if cpu_flags() >= _AVX512_VNNI_CPU else ()
 
 
 def build(compiler: str, runtime: Path | None, math: list[str], isa: tuple[str, ...]) -> Path:

@@ -10,12 +10,11 @@ import time
 from importlib import resources
 from pathlib import Path
 
+from mtpd.cli_flags import QUANT_CHOICES
 from mtpd.model.errors import ModelLoadError
 from mtpd.train.sources import read_prompts
 
 DEFAULT_SELF_PROMPTS = 512
-# model.quant.QUANT_MODES, not imported: the parsers are built before torch loads.
-QUANT_CHOICES = ["none", "int8", "int4"]
 
 
 def eval_prompts_path() -> Path:

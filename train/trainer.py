@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from mtpd.model.config import ModelConfig
+from mtpd.model.kernel_library import cpu_flags
 from mtpd.model.layers import Linear
 from mtpd.model.mtp import DRAFT_VOCAB, PREFIX, MTPHead, mtp_tensor_shapes
 from mtpd.train.collect import Record
@@ -57,15 +58,7 @@ def training_precision(choice: str, device: torch.device) -> str:
         return choice
     if device.type == "cuda":
         return "bfloat16"
-    try:
-        flags = next(
-            line
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("flags")
-        ).split()
-    except (OSError, StopIteration):
-        return "float32"
-    return "bfloat16" if {"amx_bf16", "avx512_bf16"} & set(flags) else "float32"
+    return "bfloat16" if {"amx_bf16", "avx512_bf16"} & cpu_flags() else "float32"
 
 
 def draft_vocabulary(records: Sequence[Record], size: int) -> tuple[torch.Tensor, float]:
