@@ -12,7 +12,7 @@ from head_training import head_training_data
 from tiny_models import write_char_tokenizer, write_tiny_model
 
 from mtpd.cli import main
-from mtpd.train.collect import read_shards
+from mtpd.train.collect import collect, read_shards
 from mtpd.train.engine import Engine
 from mtpd.train.trainer import (
     IGNORE,
@@ -82,6 +82,23 @@ def test_train_mtp_collects_on_the_int4_trunk_and_keeps_its_work_dir_to_it(model
     # Going on with a float32 trunk would mix two trunks' states: refused, naming why.
     assert train_mtp("none") != 0
     assert "quant int4" in capsys.readouterr().err
+
+
+def test_prompts_appended_after_a_short_last_batch_are_all_collected(model, tmp_path):
+    engine = Engine.load(model, max_seqs=4, max_context=128)
+    prompts = ["tell me about rivers", "count to five", "a fox", "sky", "why", "how", "ok"]
+
+    def collect_first(n: int) -> None:
+        collect(engine, prompts[:n], tmp_path, batch=4, max_new=4, sampled_share=0, seed=0)
+
+    collect_first(5)  # a batch of 4, then a short one of 1
+    collect_first(7)  # two appended: they go after the short batch, not in a batch of its own
+    records = list(read_shards(tmp_path))
+    tok = engine.tokenizer
+    assert len(records) == 7
+    for prompt, record in zip(prompts, records, strict=True):
+        want = tok.encode(tok.render_chat([{"role": "user", "content": prompt}]))
+        assert record.tokens[: len(want)] == want
 
 
 def held_out_agreement(head, records) -> float:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from mtpd.model.errors import ModelLoadError
@@ -26,6 +27,7 @@ from mtpd.model.sampling_params import SamplingParams
 from mtpd.train.engine import Engine
 
 SHARD_GLOB = "shard-*.safetensors"
+PROMPT_SHARD_GLOB = "shard-[0-9]*.safetensors"  # the corpus's shard aside
 
 
 @dataclass
@@ -142,6 +144,11 @@ def write_shard(path: Path, records: Sequence[Record]) -> None:
     tmp.rename(path)  # atomic: a shard on disk is always complete
 
 
+def _sequences_in(path: Path) -> int:
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_slice("lengths").get_shape()[0]
+
+
 def read_shards(work_dir: Path) -> Iterator[Record]:
     for path in sorted(work_dir.glob(SHARD_GLOB)):
         data = load_file(str(path))
@@ -199,16 +206,19 @@ def collect(
     """
     work_dir.mkdir(parents=True, exist_ok=True)
     _check_same_data(work_dir, prompts, corpus, quant)
-    done = len(list(work_dir.glob(SHARD_GLOB)))
-    n_batches = (len(prompts) + batch - 1) // batch
     tok = engine.tokenizer
     if corpus and not (work_dir / "corpus.done").exists():
         write_shard(work_dir / "shard-corpus.safetensors", read_corpus_records(engine, corpus, 256))
         (work_dir / "corpus.done").write_text("")
-        done = len(list(work_dir.glob(SHARD_GLOB)))
-    first = done - (1 if (work_dir / "corpus.done").exists() else 0)
+    # Counted in sequences, not shards: an earlier run's last shard may hold a short
+    # batch, and prompts appended since then start right after it.
+    shards = sorted(work_dir.glob(PROMPT_SHARD_GLOB))
+    collected = sum(_sequences_in(path) for path in shards)
+    first = len(shards)
+    n_batches = first + (len(prompts) - collected + batch - 1) // batch
     for b in range(first, n_batches):
-        chunk = prompts[b * batch : (b + 1) * batch]
+        offset = collected + (b - first) * batch
+        chunk = prompts[offset : offset + batch]
         ids = [tok.encode(tok.render_chat([{"role": "user", "content": p}])) for p in chunk]
         sampled = random.Random(seed * 1_000_003 + b).random() < sampled_share
         params = [
