@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import random
 import sys
 import time
 from pathlib import Path
@@ -35,9 +34,8 @@ from mtpd.model.checkpoint import open_checkpoint, read_config
 from mtpd.model.decoder import ShardSpec, fingerprint_names
 from mtpd.model.default_model import default_head_path, resolve_model
 from mtpd.model.mtp import read_head_file
-from mtpd.model.sampling_params import SamplingParams
 from mtpd.model.tokenizer import Tokenizer
-from mtpd.train.collect import SHARD_GLOB, continue_prompts, read_shards, write_shard
+from mtpd.train.collect import collect, read_shards
 from mtpd.train.commands import eval_prompts_path
 from mtpd.train.evaluate import evaluate_head
 from mtpd.train.sources import read_prompts
@@ -54,8 +52,7 @@ class TappedTrunk:
     use."""
 
     def __init__(self, splits: list[int], max_seqs: int) -> None:
-        path = resolve_model(None)
-        ckpt = open_checkpoint(path)
+        self.checkpoint = ckpt = open_checkpoint(resolve_model(None))
         self.cfg = read_config(ckpt)
         self.tokenizer = Tokenizer.from_checkpoint(ckpt, self.cfg)
         self.max_context = MAX_CONTEXT
@@ -125,31 +122,21 @@ class FusedHidden(nn.Module):
         return F.linear(torch.cat([final, *taps], -1), self.fuse)
 
 
-def collect(args: argparse.Namespace, splits: list[int]) -> None:
+def collect_tapped(args: argparse.Namespace, splits: list[int]) -> None:
     prompts = read_prompts(Path(args.prompts))[: args.num_prompts]
     if args.written:
         prompts += json.loads(Path(args.written).read_text())["prompts"][: args.num_written]
-    trunk = TappedTrunk(splits, 32)
-    tok = trunk.tokenizer
-    out = Path(args.data)
-    out.mkdir(parents=True, exist_ok=True)
-    started, positions = time.perf_counter(), 0
-    # Resumes after the last whole shard, as train-mtp's collection does.
-    for b in range(len(list(out.glob(SHARD_GLOB))), (len(prompts) + 31) // 32):
-        ids = [
-            tok.encode(tok.render_chat([{"role": "user", "content": p}]))
-            for p in prompts[b * 32 : (b + 1) * 32]
-        ]
-        sampled = random.Random(b).random() < 0.3  # train-mtp's share of sampled batches
-        params = [
-            SamplingParams(temperature=0.8, seed=b * 32 + i) if sampled else SamplingParams()
-            for i in range(len(ids))
-        ]
-        records = continue_prompts(trunk, ids, 128, params)
-        write_shard(out / f"shard-{b:05d}.safetensors", records)
-        positions += sum(len(r.argmax) for r in records)
-        rate = positions / (time.perf_counter() - started)
-        print(f"batch {b}: {positions} positions, {rate:.0f}/s", file=sys.stderr, flush=True)
+    collect(
+        TappedTrunk(splits, 32),
+        prompts,
+        Path(args.data),
+        batch=32,
+        max_new=128,
+        sampled_share=0.3,  # train-mtp's defaults
+        seed=0,
+        quant="int4",
+        progress=lambda b, n, rate: print(f"batch {b}/{n}: {rate}/s", file=sys.stderr, flush=True),
+    )
 
 
 def train(args: argparse.Namespace, splits: list[int]) -> None:
@@ -157,8 +144,8 @@ def train(args: argparse.Namespace, splits: list[int]) -> None:
     records = list(read_shards(Path(args.data)))
     trunk = TappedTrunk(splits, 16)
     cfg = trunk.cfg
-    ckpt = open_checkpoint(resolve_model(None))
-    lm_weight = ckpt.read(fingerprint_names(cfg)[:1])[fingerprint_names(cfg)[0]].float()
+    lm_name = fingerprint_names(cfg)[0]
+    lm_weight = trunk.checkpoint.read([lm_name])[lm_name].float()
     shipped, _ = read_head_file(default_head_path(None))
     init = {k: v.float() if v.is_floating_point() else v for k, v in shipped.items()}
     head = build_trainable_head(cfg, init, lm_weight, lm_weight)
@@ -204,7 +191,7 @@ def main() -> None:
     ap.add_argument("--held-out", help="train: a second held-out prompts file")
     args = ap.parse_args()
     splits = [int(x) for x in args.split.split(",")]
-    (collect if args.phase == "collect" else train)(args, splits)
+    (collect_tapped if args.phase == "collect" else train)(args, splits)
 
 
 if __name__ == "__main__":
