@@ -1,133 +1,56 @@
 """Does an MTP head draft better from several of the trunk's layers than from its last
-alone? EAGLE-3's "fused features", measured on the default model before mtpd builds
-them in (docs/mtp-heads.md, "Fused trunk features").
+alone? EAGLE-3's "fused features" (`mtpd train-mtp --taps`), measured side by side on
+the default model at equal data and steps (docs/mtp-heads.md, "Fused trunk features").
 
-`collect` runs the int4 trunk as pipeline stages in one process (split after the tapped
-layers) and stores, for every position, the final-normed state followed by the residual
-stream after each tapped layer ([L, (1 + taps) x H], bfloat16, `mtpd train-mtp`'s shard
-format). `train` goes on from the shipped head over that data, either from the final
-state alone (`--taps off`: the current recipe) or from a learned mix of all of them
-(`--taps on`: `fuse`, initialised to pass the final state through, so both arms start
-from the same head), then reports held-out acceptance as `mtpd eval-mtp` measures it,
-on the same tapped int4 trunk.
+`collect` continues prompts on the int4 trunk, tapped before the given layers: every
+stored row is the final-normed state followed by the residual stream there
+([L, (1 + taps) x H], bfloat16, `mtpd train-mtp`'s work-dir format). `train` goes on from
+the shipped head (or --init-head) over that data, either from the final state alone
+(`--arm final`: the recipe without taps, which ignores the extra columns) or from a
+learned mix of all of them (`--arm fused`: `fuse` starts by passing the final state
+through, so both arms start from the same head), then reports held-out acceptance as
+`mtpd eval-mtp --quant int4` measures it.
 
     python benchmarks/fused_features.py collect --prompts P.jsonl --num-prompts 2400 \\
-        --written SELF_PROMPTS.json --num-written 800 --data DIR [--split 5,15]
-    python benchmarks/fused_features.py train --data DIR --taps off|on [--steps 400] \\
-        [--held-out HELD_OUT.jsonl] [--split 5,15]
+        --written SELF_PROMPTS.json --num-written 800 --data DIR [--taps 5,15]
+    python benchmarks/fused_features.py train --data DIR --arm final|fused [--steps 400] \\
+        [--held-out HELD_OUT.jsonl] [--taps 5,15] [--init-head HEAD]
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from mtpd.model.checkpoint import open_checkpoint, read_config
-from mtpd.model.decoder import ShardSpec, fingerprint_names
-from mtpd.model.default_model import default_head_path, resolve_model
-from mtpd.model.mtp import read_head_file
-from mtpd.model.tokenizer import Tokenizer
+from mtpd.model.checkpoint import open_checkpoint
+from mtpd.model.decoder import fingerprint_names
+from mtpd.model.default_model import default_head_path
+from mtpd.model.mtp import FUSE, read_head_file
 from mtpd.train.collect import collect, read_shards
 from mtpd.train.commands import eval_prompts_path
+from mtpd.train.engine import Engine
 from mtpd.train.evaluate import evaluate_head
 from mtpd.train.sources import read_prompts
-from mtpd.train.trainer import TrainSettings, build_trainable_head, train_head
-from mtpd.worker.shard_loading import load_shard
-
-MAX_CONTEXT = 512
+from mtpd.train.trainer import TrainSettings, build_trainable_head, fused_input, train_head
 
 
-class TappedTrunk:
-    """The int4 trunk as stages split after the tapped layers; a step returns the
-    final-normed states and then each split's residual stream, side by side. Quacks as
-    much of `Engine` (and its shard and cache) as `continue_prompts` and `evaluate_head`
-    use."""
-
-    def __init__(self, splits: list[int], max_seqs: int) -> None:
-        self.checkpoint = ckpt = open_checkpoint(resolve_model(None))
-        self.cfg = read_config(ckpt)
-        self.tokenizer = Tokenizer.from_checkpoint(ckpt, self.cfg)
-        self.max_context = MAX_CONTEXT
-        bounds = [0, *splits, self.cfg.num_layers]
-        self.stages = [
-            load_shard(
-                ckpt,
-                self.cfg,
-                ShardSpec(first, end, first == 0, end == self.cfg.num_layers),
-                torch.float32,
-                MAX_CONTEXT,
-                torch.device("cpu"),
-                quant="int4",
-            )[0]
-            for first, end in itertools.pairwise(bounds)
-        ]
-        self.caches = [s.new_cache(max_seqs, MAX_CONTEXT) for s in self.stages]
-        self.shard, self.cache = self, self
-        self.device, self.dtype = torch.device("cpu"), torch.float32
-
-    def __call__(self, x, cache, slots, counts) -> torch.Tensor:
-        taps = []
-        for stage, stage_cache in zip(self.stages, self.caches, strict=True):
-            x = stage(x, stage_cache, slots, counts)
-            taps.append(x)
-        return torch.cat([taps[-1], *taps[:-1]], -1)
-
-    def logits(self, states: torch.Tensor) -> torch.Tensor:
-        return self.stages[-1].logits(states[..., : self.cfg.hidden_size])
-
-    def slot(self, seq_id: str) -> int:
-        slots = {c.slot(seq_id) for c in self.caches}
-        assert len(slots) == 1, "the stages' caches gave one sequence different slots"
-        return slots.pop()
-
-    def release(self, seq_id: str) -> None:
-        for c in self.caches:
-            c.release(seq_id)
+def tapped_trunk(taps: list[int], max_seqs: int) -> Engine:
+    engine = Engine.load(max_seqs=max_seqs, max_context=512, quant="int4")
+    engine.shard.set_taps(taps)
+    return engine
 
 
-class FusedHidden(nn.Module):
-    """Takes the head's `norm_hidden` place. Given [final, tap 1, ...] it mixes them
-    (each tap RMS-normed first: the residual stream's scale grows with depth); given a
-    state of one width (the head's own, at draft depth 2 and beyond) it is the old norm.
-    With `on` False it uses the final state alone: the current recipe."""
-
-    def __init__(self, norm_hidden: nn.Module, hidden: int, taps: int, eps: float, on: bool):
-        super().__init__()
-        self.norm_hidden, self.hidden, self.eps, self.on = norm_hidden, hidden, eps, on
-        self.tap_norms = nn.ParameterList([nn.Parameter(torch.ones(hidden)) for _ in range(taps)])
-        weight = torch.zeros(hidden, (1 + taps) * hidden)
-        weight[:, :hidden] = torch.eye(hidden)
-        # Small, not zero: a zero block would get no gradient through the product's input.
-        noise = torch.randn(hidden, taps * hidden, generator=torch.Generator().manual_seed(0))
-        weight[:, hidden:] = 0.01 * noise / hidden**0.5
-        self.fuse = nn.Parameter(weight)
-
-    def forward(self, states: torch.Tensor) -> torch.Tensor:
-        h = self.hidden
-        final = self.norm_hidden(states[..., :h])
-        if states.shape[-1] == h or not self.on:
-            return final
-        taps = [
-            F.rms_norm(states[..., (i + 1) * h : (i + 2) * h], (h,), w, self.eps)
-            for i, w in enumerate(self.tap_norms)
-        ]
-        return F.linear(torch.cat([final, *taps], -1), self.fuse)
-
-
-def collect_tapped(args: argparse.Namespace, splits: list[int]) -> None:
+def collect_tapped(args: argparse.Namespace, taps: list[int]) -> None:
     prompts = read_prompts(Path(args.prompts))[: args.num_prompts]
     if args.written:
         prompts += json.loads(Path(args.written).read_text())["prompts"][: args.num_written]
     collect(
-        TappedTrunk(splits, 32),
+        tapped_trunk(taps, 32),
         prompts,
         Path(args.data),
         batch=32,
@@ -139,19 +62,20 @@ def collect_tapped(args: argparse.Namespace, splits: list[int]) -> None:
     )
 
 
-def train(args: argparse.Namespace, splits: list[int]) -> None:
+def train(args: argparse.Namespace, taps: list[int]) -> None:
     torch.manual_seed(0)
     records = list(read_shards(Path(args.data)))
-    trunk = TappedTrunk(splits, 16)
+    trunk = tapped_trunk(taps, 16)
     cfg = trunk.cfg
     lm_name = fingerprint_names(cfg)[0]
-    lm_weight = trunk.checkpoint.read([lm_name])[lm_name].float()
-    shipped, _ = read_head_file(default_head_path(None))
-    init = {k: v.float() if v.is_floating_point() else v for k, v in shipped.items()}
+    lm_weight = open_checkpoint(trunk.model_path).read([lm_name])[lm_name].float()
+    start, _ = read_head_file(Path(args.init_head) if args.init_head else default_head_path(None))
+    init = {k: v.float() if v.is_floating_point() else v for k, v in start.items()}
+    if args.arm == "final" and FUSE in init:
+        sys.exit("--arm final goes on from a head without taps: give one as --init-head")
+    if args.arm == "fused" and FUSE not in init:
+        init |= fused_input(cfg, taps)
     head = build_trainable_head(cfg, init, lm_weight, lm_weight)
-    head.norm_hidden = FusedHidden(
-        head.norm_hidden, cfg.hidden_size, len(splits), cfg.rms_norm_eps, args.taps == "on"
-    )
     settings = TrainSettings(steps=args.steps, lr=args.lr, seed=1, precision="bfloat16", warmup=20)
     started = time.perf_counter()
     final = train_head(
@@ -164,7 +88,7 @@ def train(args: argparse.Namespace, splits: list[int]) -> None:
             else None
         ),
     )
-    result = {"taps": args.taps, "split": splits, "steps": args.steps, "train": final}
+    result = {"arm": args.arm, "taps": taps, "steps": args.steps, "train": final}
     result["train_s"] = round(time.perf_counter() - started)
     for name, prompts in (("eval_prompts", eval_prompts_path()), ("held_out", args.held_out)):
         if prompts:
@@ -180,18 +104,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("phase", choices=["collect", "train"])
     ap.add_argument("--data", required=True, help="the tapped collection's folder")
-    ap.add_argument("--split", default="5,15", help="tap the residual after these layers")
+    ap.add_argument("--taps", default="5,15", help="tap the residual stream before these layers")
     ap.add_argument("--prompts", help="collect: prompts (.jsonl or lines)")
     ap.add_argument("--num-prompts", type=int, default=2400)
     ap.add_argument("--written", help="collect: a work dir's self-prompts.json")
     ap.add_argument("--num-written", type=int, default=800)
-    ap.add_argument("--taps", choices=["off", "on"], default="on")
+    ap.add_argument("--arm", choices=["final", "fused"], default="fused")
+    ap.add_argument("--init-head", help="train: the head both arms go on from (default: shipped)")
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--held-out", help="train: a second held-out prompts file")
     args = ap.parse_args()
-    splits = [int(x) for x in args.split.split(",")]
-    (collect_tapped if args.phase == "collect" else train)(args, splits)
+    taps = [int(x) for x in args.taps.split(",")]
+    (collect_tapped if args.phase == "collect" else train)(args, taps)
 
 
 if __name__ == "__main__":

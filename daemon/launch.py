@@ -213,6 +213,7 @@ def launch(cfg: PipelineConfig, say: Callable[[str], None], local: LocalWorkers 
             + ", ".join(f"layers {a}-{b - 1} on worker {i}" for i, (a, b) in enumerate(ranges))
         )
         loads = load_all(links, processes, requests)
+        check_same_taps(loads)
         stages = [
             StageInfo(rank, first, end, infos[rank].device, infos[rank].pid, loads[rank])
             for rank, (first, end) in enumerate(ranges)
@@ -282,6 +283,17 @@ def await_workers(links: list[WorkerLink], processes: list[LocalWorker]) -> list
             raise WorkerError(f"worker {i} runs mtpd {info.version}, the daemon {__version__}")
         infos.append(info)
     return infos
+
+
+def check_same_taps(loads: list[pb.LoadReply]) -> None:
+    """Every stage carries the trunk features the tail's head reads, or the activations
+    they pass on differ in width: the MTP head file each worker read must agree."""
+    taps = [list(load.tap_layers) for load in loads]
+    if any(t != taps[-1] for t in taps):
+        raise WorkerError(
+            f"the workers' MTP heads tap different trunk layers ({taps}, by rank): give "
+            f"each the same head file (--mtp-head), or the same mtpd install"
+        )
 
 
 def load_all(

@@ -26,7 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mtpd.daemon.launch import Launched, LocalWorkers, await_workers, launch
+from mtpd.daemon.launch import Launched, LocalWorkers, await_workers, check_same_taps, launch
 from mtpd.daemon.worker_link import LocalWorker, WorkerError, WorkerLink
 from mtpd.model.errors import InputError
 from mtpd.rpc import WorkerTLS
@@ -394,6 +394,7 @@ class Pipeline:
                 f"worker {rank} came back with {load.max_seqs} cache slots, fewer than the "
                 f"{self.max_seqs} the pipeline schedules (less free memory than at start?)"
             )
+        check_same_taps([load if s.rank == rank else s.load for s in self.stages])
         self.stages[rank] = dataclasses.replace(self.stages[rank], pid=info.pid, load=load)
         self._open_steps()
 

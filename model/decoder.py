@@ -5,7 +5,7 @@ shard and the final norm and LM head on the last. With one shard it is the whole
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +17,7 @@ from mtpd.model.checkpoint import Checkpoint
 from mtpd.model.config import ModelConfig
 from mtpd.model.errors import ModelLoadError
 from mtpd.model.kv_cache import KVCache
-from mtpd.model.layers import Linear
+from mtpd.model.layers import LayerStack, Linear
 from mtpd.model.step_layout import PaddedLayout
 
 EMBEDDING = "model.embed_tokens.weight"
@@ -89,6 +89,13 @@ def weights_fingerprint(tensors: Mapping[str, torch.Tensor], cfg: ModelConfig) -
     return digest.hexdigest()[:32]
 
 
+def check_tap_layers(tap_layers: Sequence[int], cfg: ModelConfig) -> None:
+    """Taps lie before trunk layers 1 .. num_layers - 1, each once, in order."""
+    n = cfg.num_layers
+    if list(tap_layers) != sorted(set(tap_layers)) or not all(0 < t < n for t in tap_layers):
+        raise ModelLoadError(f"tap layers {list(tap_layers)} must increase, each within 1..{n - 1}")
+
+
 class DecoderShard(nn.Module):
     def __init__(
         self,
@@ -101,6 +108,8 @@ class DecoderShard(nn.Module):
         self.cfg, self.spec = cfg, spec
         self.dtype = next(iter(tensors.values())).dtype
         self.fingerprint: str | None = None  # of the base weights a head binds to (tail only)
+        self.tap_layers: tuple[int, ...] = ()  # see set_taps
+        self.carried_taps = 0
         self.embedding = (
             nn.Parameter(tensors[EMBEDDING], requires_grad=False) if EMBEDDING in tensors else None
         )
@@ -156,26 +165,63 @@ class DecoderShard(nn.Module):
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(token_ids, self.embedding)
 
+    def set_taps(self, tap_layers: Sequence[int]) -> None:
+        """Carry the residual stream before each of `tap_layers` (model layer numbers,
+        1 .. num_layers - 1) on to the tail, where a fused MTP head reads it: a shard's
+        output rows become [its output, the taps of earlier shards, its own taps] in layer
+        order, and a later shard's input rows the same."""
+        check_tap_layers(tap_layers, self.cfg)
+        if tap_layers and type(self.stack) is not LayerStack:
+            raise ModelLoadError(f"{self.cfg.architecture}: no tapped trunk features")
+        first = self.spec.first_layer
+        self.stack.taps = tuple(t - first for t in tap_layers if first <= t < self.spec.end_layer)
+        self.carried_taps = sum(1 for t in tap_layers if t < self.spec.first_layer)
+        self.tap_layers = tuple(tap_layers)
+
+    @property
+    def input_width(self) -> int:
+        """Columns of a row this shard takes after the first: hidden, and carried taps."""
+        return self.cfg.hidden_size * (1 + self.carried_taps)
+
     def forward(
         self, x: torch.Tensor, cache: KVCache, slots: list[int], counts: list[int]
     ) -> torch.Tensor:
         """Run the shard on a flat step batch.
 
-        x: token ids [N] on the first shard, hidden states [N, hidden] otherwise; the
-        i-th sequence contributes counts[i] consecutive rows and owns cache slot slots[i].
-        Returns hidden states [N, hidden] (final-normed on the last shard).
+        x: token ids [N] on the first shard, hidden states [N, input_width] otherwise;
+        the i-th sequence contributes counts[i] consecutive rows and owns cache slot
+        slots[i]. Returns hidden states [N, hidden] (final-normed on the last shard), and
+        after them, with taps, the tapped residual streams.
         """
+        x, carried = self._split_input(x)
         h = self.embed(x) if self.spec.has_embedding else x
-        h = self.stack(h, cache, slots, counts)
-        return self.norm(h) if self.norm is not None else h
+        return self._output(self.stack(h, cache, slots, counts), carried)
 
     def forward_padded(self, x: torch.Tensor, cache: KVCache, layout: PaddedLayout) -> torch.Tensor:
-        """forward() on a padded step (x: [B * T] ids or [B * T, hidden]): tensors in,
-        tensors out, nothing on the host, so it can be captured in a CUDA graph. The
+        """forward() on a padded step (x: [B * T] ids or [B * T, input_width]): tensors
+        in, tensors out, nothing on the host, so it can be captured in a CUDA graph. The
         caller records the new cache lengths."""
+        x, carried = self._split_input(x)
         h = self.embed(x) if self.spec.has_embedding else x
-        h = self.stack.run_layers(h, layout, cache)
-        return self.norm(h) if self.norm is not None else h
+        return self._output(self.stack.run_layers(h, layout, cache), carried)
+
+    def _split_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not self.carried_taps:
+            return x, None
+        h = self.cfg.hidden_size
+        return x[:, :h], x[:, h:]
+
+    def _output(self, h: torch.Tensor, carried: torch.Tensor | None) -> torch.Tensor:
+        if not self.tap_layers:
+            return self.norm(h) if self.norm is not None else h
+        size = self.cfg.hidden_size
+        out, own = h[:, :size], h[:, size:]
+        if self.norm is not None:
+            out = self.norm(out)
+        return torch.cat([out, *([] if carried is None else [carried]), own], -1)
 
     def logits(self, normed_hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of final-normed rows (their taps, if any, are not read)."""
+        if self.tap_layers:
+            normed_hidden = normed_hidden[..., : self.cfg.hidden_size].contiguous()
         return self.lm_head(normed_hidden).float()

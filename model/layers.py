@@ -449,6 +449,9 @@ class LayerStack(nn.Module):
         self.register_buffer("cos", cos.to(device), persistent=False)
         self.register_buffer("sin_signed", sin.to(device), persistent=False)
         self.half_cache = False  # see use_half_cache
+        # Stack-local layers whose input (the residual stream there) a step's output also
+        # carries: the trunk features a fused MTP head reads (DecoderShard.set_taps).
+        self.taps: tuple[int, ...] = ()
 
     @staticmethod
     def build_layer(cfg: ModelConfig, prefix: str, t: Mapping[str, torch.Tensor]) -> nn.Module:
@@ -552,14 +555,33 @@ class LayerStack(nn.Module):
     def run_layers(
         self, h: torch.Tensor, layout: BatchLayout | PaddedLayout, cache: KVCache
     ) -> torch.Tensor:
-        kernels = [getattr(layer, "kernel", None) for layer in self.layers]
+        """The layers' output, followed (with `taps`) by the residual stream before each
+        tapped layer, side by side: [rows, hidden * (1 + len(taps))]."""
+        tapped, first = [], 0
+        for tap in self.taps:
+            h = self._run_range(h, layout, cache, first, tap)
+            tapped.append(h)
+            first = tap
+        h = self._run_range(h, layout, cache, first, len(self.layers))
+        return torch.cat([h, *tapped], -1) if tapped else h
+
+    def _run_range(
+        self,
+        h: torch.Tensor,
+        layout: BatchLayout | PaddedLayout,
+        cache: KVCache,
+        first: int,
+        end: int,
+    ) -> torch.Tensor:
+        kernels = [getattr(layer, "kernel", None) for layer in self.layers[first:end]]
         if (
-            all(k is not None for k in kernels)
+            kernels
+            and all(k is not None for k in kernels)
             and isinstance(layout, BatchLayout)
             and h.dtype == torch.float32
             and cache.k.dtype in (torch.float32, torch.float16)
         ):  # every layer in one kernel call
-            return cpu_kernels.decoder_layers(kernels, layout.kernel_step(cache), 0, h)
-        for i, layer in enumerate(self.layers):
-            h = layer(h, layout, cache, i)
+            return cpu_kernels.decoder_layers(kernels, layout.kernel_step(cache), first, h)
+        for i in range(first, end):
+            h = self.layers[i](h, layout, cache, i)
         return h

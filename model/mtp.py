@@ -26,15 +26,27 @@ from torch import nn
 from mtpd.model.architecture import decoder_layer_shapes, layer_stack, rms_norm
 from mtpd.model.checkpoint import Checkpoint
 from mtpd.model.config import ModelConfig
+from mtpd.model.decoder import check_tap_layers
 from mtpd.model.errors import ModelLoadError
 from mtpd.model.kv_cache import KVCache
 from mtpd.model.layers import Linear
 
 PREFIX = "mtp"
 DRAFT_VOCAB = f"{PREFIX}.draft_vocab"  # optional int64 [N]: the token ids drafts may take
+# Optional int64 [T]: fused trunk features (EAGLE-3). The head then reads, beside the
+# trunk's final state, the residual stream before each of these trunk layers, each
+# RMS-normed, all mixed by `fuse` into the hidden state its fc takes.
+TAP_LAYERS = f"{PREFIX}.tap_layers"
+FUSE = f"{PREFIX}.fuse.weight"
 
 
-def mtp_tensor_shapes(cfg: ModelConfig, num_layers: int = 1) -> dict[str, tuple[int, ...]]:
+def tap_norm_name(i: int) -> str:
+    return f"{PREFIX}.pre_fc_norm_taps.{i}.weight"
+
+
+def mtp_tensor_shapes(
+    cfg: ModelConfig, num_layers: int = 1, taps: int = 0
+) -> dict[str, tuple[int, ...]]:
     h = cfg.hidden_size
     shapes: dict[str, tuple[int, ...]] = {
         f"{PREFIX}.fc.weight": (h, 2 * h),
@@ -44,7 +56,24 @@ def mtp_tensor_shapes(cfg: ModelConfig, num_layers: int = 1) -> dict[str, tuple[
     }
     for i in range(num_layers):
         shapes.update(decoder_layer_shapes(cfg, f"{PREFIX}.layers.{i}"))
+    if taps:
+        shapes[FUSE] = (h, (1 + taps) * h)
+        shapes.update({tap_norm_name(i): (h,) for i in range(taps)})
     return shapes
+
+
+def head_tap_layers(tensors: Mapping[str, torch.Tensor], cfg: ModelConfig) -> tuple[int, ...]:
+    """The trunk layers a head's fused features tap (none: it reads the final state)."""
+    if TAP_LAYERS not in tensors:
+        return ()
+    taps = tensors[TAP_LAYERS]
+    if taps.dim() != 1 or taps.numel() == 0 or taps.is_floating_point():
+        raise ModelLoadError(f"MTP head: {TAP_LAYERS} must list trunk layer numbers")
+    try:
+        check_tap_layers(taps.tolist(), cfg)
+    except ModelLoadError as e:
+        raise ModelLoadError(f"MTP head: {TAP_LAYERS}: {e}") from None
+    return tuple(taps.tolist())
 
 
 _DEEPSEEK_RENAMES = {
@@ -119,6 +148,17 @@ def read_head_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]
         raise ModelLoadError(f"{path}: not a readable safetensors file: {e}") from e
 
 
+def read_head_tap_layers(path: Path, cfg: ModelConfig) -> tuple[int, ...]:
+    """The trunk layers a head file's fused features tap, read without the rest: what the
+    stages before the tail carry on for it."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {TAP_LAYERS: f.get_tensor(TAP_LAYERS)} if TAP_LAYERS in f.keys() else {}  # noqa: SIM118 (not a dict)
+    except (SafetensorError, OSError) as e:
+        raise ModelLoadError(f"{path}: not a readable safetensors file: {e}") from e
+    return head_tap_layers(tensors, cfg)
+
+
 def read_checkpoint_head(ckpt: Checkpoint, cfg: ModelConfig) -> dict[str, torch.Tensor] | None:
     """The MTP tensors a checkpoint carries itself, in either layout, or None."""
     names = ckpt.tensor_names()
@@ -146,7 +186,8 @@ class MTPHead(nn.Module):
         num_layers = count_mtp_layers(set(tensors))
         if num_layers == 0:
             raise ModelLoadError("MTP head has no layers (no mtp.layers.N.* tensors)")
-        shapes = mtp_tensor_shapes(cfg, num_layers)
+        self.tap_layers = head_tap_layers(tensors, cfg)
+        shapes = mtp_tensor_shapes(cfg, num_layers, len(self.tap_layers))
         for name, want in shapes.items():
             if name not in tensors:
                 raise ModelLoadError(f"MTP head: missing tensor {name!r}")
@@ -162,6 +203,10 @@ class MTPHead(nn.Module):
         self.norm_embedding = rms_norm(cfg, t[f"{PREFIX}.pre_fc_norm_embedding.weight"])
         self.norm_hidden = rms_norm(cfg, t[f"{PREFIX}.pre_fc_norm_hidden.weight"])
         self.fc = Linear(t[f"{PREFIX}.fc.weight"])
+        self.fuse = Linear(t[FUSE]) if self.tap_layers else None
+        self.norm_taps = nn.ModuleList(
+            rms_norm(cfg, t[tap_norm_name(i)]) for i in range(len(self.tap_layers))
+        )
         self.stack = layer_stack(
             cfg, [f"{PREFIX}.layers.{i}" for i in range(num_layers)], t, dtype, max_context
         )
@@ -202,7 +247,8 @@ class MTPHead(nn.Module):
         counts: list[int],
     ) -> torch.Tensor:
         """hidden: final-normed trunk (or previous MTP) states [N, H] at positions t;
-        next_tokens: the tokens at t+1 [N]. Returns the normed MTP states [N, H], whose
+        next_tokens: the tokens at t+1 [N] (a fused head takes trunk rows [N, H x (1 +
+        taps)], see _hidden). Returns the normed MTP states [N, H], whose
         logits predict the tokens at t+2. Appends N entries to the head's cache."""
         return self.norm(self.stack(self._input(hidden, next_tokens), cache, slots, counts))
 
@@ -212,7 +258,20 @@ class MTPHead(nn.Module):
 
     def _input(self, hidden: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
         e = F.embedding(next_tokens, self.embedding)
-        return self.fc(torch.cat([self.norm_embedding(e), self.norm_hidden(hidden)], dim=-1))
+        return self.fc(torch.cat([self.norm_embedding(e), self._hidden(hidden)], dim=-1))
+
+    def _hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The hidden state fc takes: from a trunk row with taps ([final, tap, ...]) their
+        fused mix; from a plain row (the head's own state, drafting on) that state."""
+        size = self.cfg.hidden_size
+        final = self.norm_hidden(hidden[..., :size])
+        if self.fuse is None or hidden.shape[-1] == size:
+            return final
+        taps = [
+            norm(hidden[..., (i + 1) * size : (i + 2) * size])
+            for i, norm in enumerate(self.norm_taps)
+        ]
+        return self.fuse(torch.cat([final, *taps], -1))
 
     def draft_logits(self, states: torch.Tensor) -> torch.Tensor:
         """Logits over the draft vocabulary (the full one when the head has none)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import transformers
 from safetensors.torch import save_file
@@ -10,6 +11,7 @@ from tiny_models import random_head, write_tiny_model
 from mtpd.model.checkpoint import open_checkpoint
 from mtpd.model.config import ModelConfig
 from mtpd.model.decoder import EMBEDDING, DecoderShard, ShardSpec
+from mtpd.model.errors import ModelLoadError
 from mtpd.model.mtp import MTPHead, from_deepseek_layout, read_head_file
 
 VOCAB = 96
@@ -22,14 +24,13 @@ def rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 def hand_computed_logits(cfg, hf_cfg, head, embedding, hidden, next_tokens) -> torch.Tensor:
     eps = cfg.rms_norm_eps
     e = embedding[next_tokens]
+    h = rms(hidden[:, : cfg.hidden_size], head["mtp.pre_fc_norm_hidden.weight"], eps)
+    if "mtp.fuse.weight" in head:  # hidden: [final, tap 0, tap 1, ...], each normed, mixed
+        taps = hidden[:, cfg.hidden_size :].split(cfg.hidden_size, -1)
+        normed = [rms(t, head[f"mtp.pre_fc_norm_taps.{i}.weight"], eps) for i, t in enumerate(taps)]
+        h = torch.cat([h, *normed], -1) @ head["mtp.fuse.weight"].T
     x = (
-        torch.cat(
-            [
-                rms(e, head["mtp.pre_fc_norm_embedding.weight"], eps),
-                rms(hidden, head["mtp.pre_fc_norm_hidden.weight"], eps),
-            ],
-            dim=-1,
-        )
+        torch.cat([rms(e, head["mtp.pre_fc_norm_embedding.weight"], eps), h], dim=-1)
         @ head["mtp.fc.weight"].T
     )
     # The decoder layer of the trunk's family, from the reference implementation.
@@ -97,6 +98,39 @@ def test_mtp_head_matches_hand_computation(tmp_path):
     assert ids.tolist() == logits.argmax(-1).tolist()
     assert torch.allclose(probs, torch.softmax(logits, -1).amax(-1), rtol=1e-5)
     assert mtp.draft(states)[1] is None  # not asked for: not computed
+
+
+def test_fused_head_matches_hand_computation(tmp_path):
+    """A head of fused trunk features (EAGLE-3) mixes the normed final state and taps; on
+    its own states (drafting on) it reads them as a plain head does."""
+    ref, _, cfg, trunk = build(tmp_path)
+    head = random_head(cfg, seed=2, taps=(1, 3))
+    mtp = MTPHead(cfg, head, trunk.embedding, trunk.lm_head, 128, torch.float32)
+    assert mtp.tap_layers == (1, 3)
+    g = torch.Generator().manual_seed(5)
+    rows = torch.randn(9, 3 * cfg.hidden_size, generator=g)
+    next_tokens = torch.randint(0, VOCAB, (9,), generator=g)
+    want = hand_computed_logits(cfg, ref.config, head, trunk.embedding.detach(), rows, next_tokens)
+    assert (run_head(mtp, rows, next_tokens, [9]) - want).abs().max() <= 1e-4
+    assert (run_head(mtp, rows, next_tokens, [4, 1, 3, 1]) - want).abs().max() <= 1e-4
+    # The taps count: other taps beside the same final states, other logits.
+    other = torch.cat([rows[:, : cfg.hidden_size], rows[:, cfg.hidden_size :].flip(0)], -1)
+    assert (run_head(mtp, other, next_tokens, [9]) - want).abs().max() > 1e-2
+    plain = {k: v for k, v in head.items() if k != "mtp.fuse.weight"}
+    states = rows[:, : cfg.hidden_size]
+    assert torch.allclose(
+        run_head(mtp, states, next_tokens, [9]),
+        hand_computed_logits(cfg, ref.config, plain, trunk.embedding.detach(), states, next_tokens),
+        atol=1e-4,
+    )
+    for bad, why in (
+        ({"mtp.tap_layers": torch.tensor([3, 1])}, r"\[3, 1\] must increase"),
+        ({"mtp.tap_layers": torch.tensor([1, 4])}, r"within 1\.\.3"),
+        ({"mtp.tap_layers": torch.tensor([1.0, 3.0])}, "must list trunk layer numbers"),
+        ({"mtp.tap_layers": torch.tensor([1])}, "mtp.fuse.weight' has shape"),
+    ):
+        with pytest.raises(ModelLoadError, match=why):
+            MTPHead(cfg, head | bad, trunk.embedding, trunk.lm_head, 128, torch.float32)
 
 
 def test_deepseek_layout_and_head_file_load_the_same_module(tmp_path):

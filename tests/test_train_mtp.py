@@ -43,11 +43,9 @@ def train(tiny, steps: int, out: str, capsys, *extra: str) -> dict:
         return {k: v for k, v in f.metadata().items()}
 
 
-def eval_json(tiny, head: str, capsys) -> dict:
-    assert (
-        main(["eval-mtp", "--model", str(tiny / "model"), "--head", str(tiny / head), "--json"])
-        == 0
-    )
+def eval_json(tiny, head: str, capsys, model=None) -> dict:
+    model = model or tiny / "model"
+    assert main(["eval-mtp", "--model", str(model), "--head", str(tiny / head), "--json"]) == 0
     return json.loads(capsys.readouterr().out)
 
 
@@ -100,6 +98,39 @@ def test_training_goes_on_from_a_trained_head(tiny, tmp_path, capsys):
     code = main([*args, "--init-head", start, "--work-dir", str(work)])
     assert code == 2 and "different base model" in capsys.readouterr().err
     assert not work.exists()
+
+
+def test_a_head_of_fused_features_trains_and_keeps_its_taps(tiny, tmp_path, capsys):
+    """--taps: collected rows carry the tapped residual stream, the head file names its
+    taps and, loaded the way serving loads it, drafts as measured at save time; a head
+    goes on with its own taps only, and a work dir holds rows of one tap list."""
+    work = tmp_path / "work"
+    base = ["train-mtp", "--model", str(tiny / "model"), "--work-dir", str(work)]
+    base += ["--num-prompts", "32", "--self-prompts", "0", "--gen-tokens", "24"]
+    base += ["--steps", "20", "--draft-vocab", "0", "--seed", "1"]
+    fused = tmp_path / "fused.safetensors"
+    assert main([*base, "--out", str(fused), "--taps", "1"]) == 0
+    capsys.readouterr()
+    with safe_open(str(fused), "pt") as f:
+        assert f.get_tensor("mtp.tap_layers").tolist() == [1]
+        assert list(f.get_slice("mtp.fuse.weight").get_shape()) == [64, 128]
+        meta = f.metadata()
+    assert json.loads(meta["training"])["tap_layers"] == [1]
+    assert eval_json(tmp_path, "fused.safetensors", capsys, tiny / "model") == json.loads(
+        meta["acceptance"]
+    )
+    # Going on from it keeps its taps (and its fuse, at 0 steps, unchanged).
+    continued = tmp_path / "continued.safetensors"
+    assert main([*base, "--out", str(continued), "--init-head", str(fused), "--steps", "0"]) == 0
+    with safe_open(str(fused), "pt") as a, safe_open(str(continued), "pt") as b:
+        assert a.get_tensor("mtp.fuse.weight").equal(b.get_tensor("mtp.fuse.weight"))
+        assert b.get_tensor("mtp.tap_layers").tolist() == [1]
+    capsys.readouterr()
+    out = ["--out", str(tmp_path / "x.safetensors")]
+    assert main([*base, *out, "--init-head", str(fused), "--taps", ""]) == 2
+    assert "a head cannot change its taps" in capsys.readouterr().err
+    assert main([*base, *out]) == 2  # no taps, on rows collected with them
+    assert "another trunk (quant none, taps [1])" in capsys.readouterr().err
 
 
 def test_interrupted_training_resumes_to_the_same_head(tiny, tmp_path, capsys):

@@ -128,8 +128,11 @@ def test_a_work_dir_refuses_data_from_other_prompts(tmp_path):
         _check_same_data(tmp_path, ["other", "two", "three"], [], "none")
     with pytest.raises(ModelLoadError, match=refused):
         _check_same_data(tmp_path, ["one", "two", "three"], ["a corpus"], "none")
-    with pytest.raises(ModelLoadError, match=rf"{refused} \(quant none\)"):
+    with pytest.raises(ModelLoadError, match=rf"{refused} \(quant none, taps \[\]\)"):
         _check_same_data(tmp_path, ["one", "two", "three"], [], "int4")
+    # Rows from a tapped trunk are wider: another tap list is other data.
+    with pytest.raises(ModelLoadError, match=refused):
+        _check_same_data(tmp_path, ["one", "two", "three"], [], "none", (20, 25))
     # A work dir recorded before the trunk was (no "quant") holds float32 data.
     record = tmp_path / "collected-from.json"
     held = json.loads(record.read_text())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -9,7 +10,7 @@ import transformers
 from transformers.models import qwen3_5, qwen3_5_moe
 
 from mtpd.model.config import ModelConfig
-from mtpd.model.mtp import mtp_tensor_shapes
+from mtpd.model.mtp import TAP_LAYERS, mtp_tensor_shapes
 
 FAMILIES = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
@@ -145,16 +146,22 @@ def write_char_tokenizer(out: Path, chat_template: str | None = None) -> int:
     return len(vocab)
 
 
-def random_head(cfg: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random MTP head tensors (Qwen3.5 layout) for a model of `cfg`."""
+def random_head(
+    cfg: ModelConfig, seed: int = 0, taps: Sequence[int] = ()
+) -> dict[str, torch.Tensor]:
+    """Random MTP head tensors (Qwen3.5 layout) for a model of `cfg`; with `taps`, a
+    head of fused trunk features reading the residual stream before those layers."""
     g = torch.Generator().manual_seed(seed)
     norm_scale = 0 if cfg.is_hybrid else 1  # hybrid models' norms are zero-centred
-    return {
+    head = {
         name: (norm_scale + 0.1 * torch.randn(shape, generator=g))
         if len(shape) == 1
         else 0.1 * torch.randn(shape, generator=g)
-        for name, shape in mtp_tensor_shapes(cfg).items()
+        for name, shape in mtp_tensor_shapes(cfg, taps=len(taps)).items()
     }
+    if taps:
+        head[TAP_LAYERS] = torch.tensor(list(taps))
+    return head
 
 
 def add_mtp_head(path: Path, seed: int = 0) -> None:

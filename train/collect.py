@@ -36,7 +36,7 @@ class Record:
     the model's greedy prediction of tokens[i + 1]. tokens has one more entry than hidden."""
 
     tokens: list[int]
-    hidden: torch.Tensor  # [L, H]
+    hidden: torch.Tensor  # [L, H], or [L, H x (1 + taps)] from a tapped trunk
     argmax: list[int]
 
 
@@ -164,24 +164,38 @@ def read_shards(work_dir: Path) -> Iterator[Record]:
 
 
 def _check_same_data(
-    work_dir: Path, prompts: Sequence[str], corpus: Sequence[str], quant: str
+    work_dir: Path,
+    prompts: Sequence[str],
+    corpus: Sequence[str],
+    quant: str,
+    taps: Sequence[int] = (),
 ) -> None:
     """A work dir resumes the collection it holds: its prompts may grow at the end (the
-    model's own prompts are appended), but other prompts, another corpus or another
-    trunk quantization would silently train on the old data, so they are refused."""
+    model's own prompts are appended), but other prompts, another corpus, another trunk
+    quantization or other tapped layers would silently train on the old data (or on
+    rows of another width), so they are refused."""
     record = work_dir / "collected-from.json"
     corpus_digest = hashlib.sha256("\0".join(corpus).encode()).hexdigest()
     if record.exists():
         held = json.loads(record.read_text())
         same_start = held["prompts"] == list(prompts[: len(held["prompts"])])
         held_quant = held.get("quant", "none")  # collected before the choice existed
-        if not same_start or held["corpus"] != corpus_digest or held_quant != quant:
+        held_taps = held.get("taps", [])
+        if (
+            not same_start
+            or held["corpus"] != corpus_digest
+            or held_quant != quant
+            or held_taps != list(taps)
+        ):
             raise ModelLoadError(
                 f"{work_dir}: holds data collected from other prompts, another corpus or "
-                f"another trunk (quant {held_quant}); give another --work-dir (or remove this one)"
+                f"another trunk (quant {held_quant}, taps {held_taps}); give another "
+                f"--work-dir (or remove this one)"
             )
     record.write_text(
-        json.dumps({"prompts": list(prompts), "corpus": corpus_digest, "quant": quant})
+        json.dumps(
+            {"prompts": list(prompts), "corpus": corpus_digest, "quant": quant, "taps": list(taps)}
+        )
     )
 
 
@@ -199,13 +213,14 @@ def collect(
     progress: Callable[[int, int, int], None] | None = None,
 ) -> None:
     """Continue `prompts` (chat-templated) into shards of `batch` sequences each, on
-    `engine`, whose trunk is quantized as `quant` says (recorded: a work dir holds one).
+    `engine`, whose trunk is quantized as `quant` says (recorded with the layers its
+    shard taps: a work dir holds one of each).
 
     A share `sampled_share` of the batches samples at temperature 0.8 for
     variety; the targets stay the model's argmax at each position either way.
     """
     work_dir.mkdir(parents=True, exist_ok=True)
-    _check_same_data(work_dir, prompts, corpus, quant)
+    _check_same_data(work_dir, prompts, corpus, quant, engine.shard.tap_layers)
     tok = engine.tokenizer
     if corpus and not (work_dir / "corpus.done").exists():
         write_shard(work_dir / "shard-corpus.safetensors", read_corpus_records(engine, corpus, 256))

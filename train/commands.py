@@ -9,10 +9,14 @@ import sys
 import time
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mtpd.cli_flags import QUANT_CHOICES
 from mtpd.model.errors import ModelLoadError
 from mtpd.train.sources import read_prompts
+
+if TYPE_CHECKING:
+    from mtpd.model.config import ModelConfig
 
 DEFAULT_SELF_PROMPTS = 512
 
@@ -61,7 +65,30 @@ def _clock(seconds: float) -> str:
     return f"{m // 60}:{m % 60:02d}:{s:02d}"
 
 
-def _settings_key(settings: object, init: dict, init_head: str | None) -> str:
+def tap_choice(
+    given: str | None, start_from: tuple[dict, dict] | None, cfg: ModelConfig
+) -> tuple[int, ...]:
+    """The trunk layers the head taps: --taps, else those of the head it goes on from."""
+    from mtpd.model.mtp import head_tap_layers
+
+    held = head_tap_layers(start_from[0], cfg) if start_from is not None else ()
+    if given is None:
+        return held
+    try:
+        taps = tuple(int(t) for t in given.split(",")) if given.strip() else ()
+    except ValueError:
+        raise ModelLoadError(f"--taps {given!r}: give trunk layer numbers, e.g. 20,25") from None
+    if held and taps != held:
+        raise ModelLoadError(
+            f"--taps {given}: the head it goes on from (--init-head) taps layers "
+            f"{list(held)}; a head cannot change its taps"
+        )
+    return taps  # checked where the trunk takes them (DecoderShard.set_taps)
+
+
+def _settings_key(
+    settings: object, init: dict, init_head: str | None, taps: tuple[int, ...] = ()
+) -> str:
     import hashlib
 
     from mtpd.model.mtp import DRAFT_VOCAB
@@ -75,7 +102,7 @@ def _settings_key(settings: object, init: dict, init_head: str | None) -> str:
         for f in dataclasses.fields(settings)
         if f.name not in _ADDED_SETTINGS or getattr(settings, f.name) != f.default
     )
-    text = f"{type(settings).__name__}({shown})"
+    text = f"{type(settings).__name__}({shown})" + (f" taps={list(taps)}" if taps else "")
     return hashlib.sha256(f"{text} {vocab} {start}".encode()).hexdigest()[:12]
 
 
@@ -87,7 +114,14 @@ def run_train(args: argparse.Namespace) -> int:
 
     from mtpd.model.checkpoint import open_checkpoint
     from mtpd.model.decoder import fingerprint_names
-    from mtpd.model.mtp import DRAFT_VOCAB, check_head_base, read_head_file, save_head_file
+    from mtpd.model.mtp import (
+        DRAFT_VOCAB,
+        FUSE,
+        TAP_LAYERS,
+        check_head_base,
+        read_head_file,
+        save_head_file,
+    )
     from mtpd.train.collect import collect, read_shards
     from mtpd.train.engine import Engine
     from mtpd.train.evaluate import evaluate_head
@@ -96,6 +130,7 @@ def run_train(args: argparse.Namespace) -> int:
         TrainSettings,
         build_trainable_head,
         draft_vocabulary,
+        fused_input,
         head_tensors,
         initial_head,
         train_head,
@@ -127,6 +162,9 @@ def run_train(args: argparse.Namespace) -> int:
         source = Path(args.init_head)
         start_from = read_head_file(source)
         check_head_base(start_from[1], engine.shard.fingerprint, source)
+    taps = tap_choice(args.taps, start_from, engine.cfg)
+    # Every collected row then holds the final state and the tapped residual streams.
+    engine.shard.set_taps(taps)
     prompts = read_prompts(Path(args.prompts)) if args.prompts else training_prompts(args.seed)
     if len(prompts) > args.num_prompts:
         print(
@@ -187,6 +225,13 @@ def run_train(args: argparse.Namespace) -> int:
                 f"{args.init_head}: not an MTP head of this layout: no {missing[0]!r}"
             )
         init = {k: start_from[0][k].float() for k in init}
+    if taps:
+        fused = fused_input(engine.cfg, taps)
+        if start_from is not None and FUSE in start_from[0]:  # tap_choice checked the layers
+            fused = {
+                k: v if k == TAP_LAYERS else start_from[0][k].float() for k, v in fused.items()
+            }
+        init |= fused
     coverage = 1.0
     if args.draft_vocab:
         init[DRAFT_VOCAB], coverage = draft_vocabulary(records, args.draft_vocab)
@@ -223,7 +268,7 @@ def run_train(args: argparse.Namespace) -> int:
         # Named by the settings: a rerun with other settings starts afresh, not from a
         # state trained under different ones.
         state_file=work_dir
-        / f"train-state-{_settings_key(settings, init, args.init_head)}.safetensors",
+        / f"train-state-{_settings_key(settings, init, args.init_head, taps)}.safetensors",
         progress=lambda step, loss, agree, eta: _bar(
             "train", step, settings.steps, f"loss {loss:.3f} top-1 {agree:.3f} eta {_clock(eta)}"
         ),
@@ -250,6 +295,7 @@ def run_train(args: argparse.Namespace) -> int:
                 "feature_weight": settings.feature_weight,
                 "precision": settings.precision,
                 "collect_quant": args.collect_quant,
+                "tap_layers": list(taps),
                 "seed": args.seed,
                 "init_head": None
                 if start_from is None
@@ -393,6 +439,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     t.add_argument(
         "--draft-vocab", type=int, default=8192, help="reduced draft vocabulary size (0: full)"
+    )
+    t.add_argument(
+        "--taps",
+        default=None,
+        help="fused trunk features (EAGLE-3): the head also reads the residual stream before "
+        "these trunk layers, e.g. 20,25 (default: those of --init-head, else none)",
     )
     t.add_argument("--work-dir", default=None, help="collected data and training state (resumable)")
     t.add_argument(

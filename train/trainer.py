@@ -23,7 +23,15 @@ from safetensors.torch import load_file, save_file
 from mtpd.model.config import ModelConfig
 from mtpd.model.kernel_library import cpu_flags
 from mtpd.model.layers import Linear
-from mtpd.model.mtp import DRAFT_VOCAB, PREFIX, MTPHead, mtp_tensor_shapes
+from mtpd.model.mtp import (
+    DRAFT_VOCAB,
+    FUSE,
+    PREFIX,
+    TAP_LAYERS,
+    MTPHead,
+    mtp_tensor_shapes,
+    tap_norm_name,
+)
 from mtpd.train.collect import Record
 
 IGNORE = -100
@@ -86,6 +94,23 @@ def initial_head(trunk: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, 
     return out
 
 
+def fused_input(cfg: ModelConfig, tap_layers: Sequence[int]) -> dict[str, torch.Tensor]:
+    """A fused-features head's extra tensors, at a start that passes the final state
+    through as before (so a trained head goes on from where it was): `fuse` is the
+    identity on the final state and small on the taps (not zero: a zero block gets no
+    gradient through the product's input)."""
+    h, n = cfg.hidden_size, len(tap_layers)
+    fuse = torch.zeros(h, (1 + n) * h)
+    fuse[:, :h] = torch.eye(h)
+    noise = torch.randn(h, n * h, generator=torch.Generator().manual_seed(0))
+    fuse[:, h:] = 0.01 * noise / h**0.5
+    return {
+        TAP_LAYERS: torch.tensor(list(tap_layers), dtype=torch.long),
+        FUSE: fuse,
+        **{tap_norm_name(i): torch.ones(h) for i in range(n)},
+    }
+
+
 def head_tensors(head: MTPHead) -> dict[str, torch.Tensor]:
     """The head's own trained tensors under their file names (shared ones excluded)."""
     names = {
@@ -121,6 +146,11 @@ def head_tensors(head: MTPHead) -> dict[str, torch.Tensor]:
             out[p + "self_attn.k_norm.weight"] = layer.attn.k_norm.weight.detach().clone()
     if head.draft_ids is not None:
         out[DRAFT_VOCAB] = head.draft_ids.clone()
+    if head.fuse is not None:
+        out[TAP_LAYERS] = torch.tensor(head.tap_layers, dtype=torch.long)
+        out[FUSE] = head.fuse.weight.detach().clone()
+        for i, norm in enumerate(head.norm_taps):
+            out[tap_norm_name(i)] = norm.weight.detach().clone()
     return out
 
 
@@ -173,7 +203,8 @@ def train_head(
     loss and top-1 agreement (depth 1) averaged over the final 50 steps."""
     for p in head.parameters():
         p.requires_grad_(False)
-    for m in (head.norm_embedding, head.norm_hidden, head.fc, head.stack, head.norm):
+    trained = (head.norm_embedding, head.norm_hidden, head.fc, head.stack, head.norm)
+    for m in (*trained, head.norm_taps, *([head.fuse] if head.fuse is not None else [])):
         for p in m.parameters():
             p.requires_grad_(True)
     opt = torch.optim.AdamW(_param_groups(head, settings.lr), weight_decay=0.0)
@@ -205,6 +236,7 @@ def train_head(
         hidden, toks, tgt, h_tgt = (
             x.to(device) for x in _batch(records, idx, settings.unroll, settings.max_len)
         )
+        h_tgt = h_tgt[..., : head.cfg.hidden_size]  # the final states (rows may carry taps)
         positions = tgt != IGNORE  # whose trunk state the feature term matches
         if to_draft is not None:
             tgt = torch.where(tgt == IGNORE, tgt, to_draft[tgt.clamp(min=0)])

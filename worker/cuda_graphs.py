@@ -32,10 +32,10 @@ MIN_CONTEXT_BUCKET = 256
 
 @dataclass
 class _Bucket:
-    inputs: torch.Tensor  # [B * T] token ids on the first stage, else [B * T, hidden]
+    inputs: torch.Tensor  # [B * T] token ids on the first stage, else [B * T, input_width]
     slots: torch.Tensor  # [B]
     starts: torch.Tensor  # [B]: cache position of each sequence's first row
-    output: torch.Tensor | None = None  # [B * T, hidden]: written by every replay
+    output: torch.Tensor | None = None  # [B * T, output width]: written by every replay
     graph: torch.cuda.CUDAGraph | None = None
 
 
@@ -126,7 +126,7 @@ class StepGraphs:
         inputs = (
             torch.zeros(n, dtype=torch.long, device=device)
             if shard.spec.has_embedding
-            else torch.zeros(n, shard.cfg.hidden_size, dtype=shard.dtype, device=device)
+            else torch.zeros(n, shard.input_width, dtype=shard.dtype, device=device)
         )
         bucket = _Bucket(
             inputs,

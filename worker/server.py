@@ -27,6 +27,7 @@ from mtpd.model.decoder import ShardSpec, shard_tensor_shapes
 from mtpd.model.default_model import shipped_head_for
 from mtpd.model.errors import InputError
 from mtpd.model.linear_state import STATE_BLOCK
+from mtpd.model.mtp import read_head_tap_layers
 from mtpd.rpc import (
     CHANNEL_OPTIONS,
     CONTROL_MESSAGE_LIMIT,
@@ -155,9 +156,8 @@ class WorkerService(pb_grpc.WorkerServicer):
         tail = req.rank == req.world_size - 1
         spec = ShardSpec(req.first_layer, req.end_layer, req.rank == 0, tail)
         dtype = DTYPES[req.dtype]
-        load_mtp = tail and req.load_mtp
         head = None
-        if load_mtp:
+        if req.load_mtp:
             # A worker resolves the shipped head itself: a remote one has its own install.
             head = Path(req.mtp_head) if req.mtp_head else shipped_head_for(Path(model))
         shard, mtp = load_shard(
@@ -167,10 +167,12 @@ class WorkerService(pb_grpc.WorkerServicer):
             dtype,
             req.max_context,
             self.device,
-            head,
-            checkpoint_mtp=load_mtp,
+            head if tail else None,
+            checkpoint_mtp=tail and req.load_mtp,
             quant=req.quant or "none",
         )
+        if not tail and head is not None:  # the tail's head may read features of ours
+            shard.set_taps(read_head_tap_layers(head, cfg))
         requested = req.cuda_graphs if req.HasField("cuda_graphs") else None
         use_graphs = StepGraphs.wanted(requested, shard, req.quant or "none")
         max_context = shard.stack.max_context
@@ -201,6 +203,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             draft_vocab=0 if mtp is None else mtp.draft_vocab_size,
             cuda_graphs=use_graphs,
             state_block=STATE_BLOCK if cfg.is_hybrid else 0,
+            tap_layers=shard.tap_layers,
         )
 
     def Step(self, request_iterator, context: grpc.ServicerContext):

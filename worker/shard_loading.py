@@ -41,6 +41,7 @@ def load_shard(
     if tensors is not None:
         # Built before packing: the draft head copies rows of the dense LM head.
         mtp = MTPHead(cfg, tensors, shard.embedding, shard.lm_head, max_context, dtype)
+        shard.set_taps(mtp.tap_layers)
     dense_head = shard.lm_head
     quantize_linears(shard, quant, ckpt.int4_blocks, ckpt.stored_at_8_bits)
     if mtp is not None and mtp.draft_head is dense_head:

@@ -108,7 +108,6 @@ class Stage:
             link,
         )
         self.graphs = graphs
-        self.hidden_size = shard.cfg.hidden_size
         self.host = PinnedStaging(PINNED_ELEMENTS)
         self.is_first, self.is_tail = rank == 0, rank == world_size - 1
         self.drafter = (
@@ -319,9 +318,9 @@ class Stage:
             ids = [t for s in seqs for t in s.token_ids]
             x = torch.tensor(ids, dtype=torch.long, device=device)
         elif self.link is not None:
-            x = self.link.recv(rows, self.hidden_size, self.shard.dtype)
+            x = self.link.recv(rows, self.shard.input_width, self.shard.dtype)
         else:
-            x = decode(activations, rows, self.hidden_size).to(device)
+            x = decode(activations, rows, self.shard.input_width).to(device)
         input_ready = time.monotonic()
 
         hidden = None if self.graphs is None else self.graphs.run(x, slots, counts)

@@ -34,19 +34,19 @@ def encode(hidden: torch.Tensor) -> pb.Activations:
     return pb.Activations(header=header, data=data)
 
 
-def decode(message: pb.Activations, rows: int, hidden_size: int) -> torch.Tensor:
+def decode(message: pb.Activations, rows: int, width: int) -> torch.Tensor:
     """The tensor in `message`, checked against the shape the step implies."""
     try:
         header = msgpack.unpackb(message.header)
         shape, dtype = list(header["shape"]), DTYPES[header["dtype"]]
     except (ValueError, KeyError, TypeError, msgpack.UnpackException) as e:
         raise TransportError(f"malformed activation header: {e}") from e
-    if shape != [rows, hidden_size]:
-        raise TransportError(f"activations of shape {shape}, the step needs {[rows, hidden_size]}")
-    want = rows * hidden_size * dtype.itemsize
+    if shape != [rows, width]:
+        raise TransportError(f"activations of shape {shape}, the step needs {[rows, width]}")
+    want = rows * width * dtype.itemsize
     if len(message.data) != want:
         raise TransportError(f"activations of {len(message.data)} bytes, expected {want}")
-    return torch.frombuffer(bytearray(message.data), dtype=dtype).view(rows, hidden_size)
+    return torch.frombuffer(bytearray(message.data), dtype=dtype).view(rows, width)
 
 
 def interface_towards(host: str, port: int) -> str | None:
@@ -110,8 +110,8 @@ class DistLink:
         self._pending_send: dist.Work | None = None
         self._pending_tensor: torch.Tensor | None = None
 
-    def recv(self, rows: int, hidden_size: int, dtype: torch.dtype) -> torch.Tensor:
-        buf = torch.empty(rows, hidden_size, dtype=dtype, device=self.device)
+    def recv(self, rows: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+        buf = torch.empty(rows, width, dtype=dtype, device=self.device)
         try:
             dist.irecv(buf, src=self.rank - 1).wait(self.timeout)
         except RuntimeError as e:

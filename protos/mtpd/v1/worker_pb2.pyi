@@ -152,7 +152,7 @@ class LoadRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., first_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., dtype: _Optional[str] = ..., max_seqs: _Optional[int] = ..., max_context: _Optional[int] = ..., cache_memory_bytes: _Optional[int] = ..., mtp_head: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., transport: _Optional[_Union[Transport, str]] = ..., rendezvous: _Optional[str] = ..., recv_timeout_ms: _Optional[int] = ..., load_mtp: _Optional[bool] = ..., quant: _Optional[str] = ..., cuda_graphs: _Optional[bool] = ..., state_snapshots: _Optional[int] = ...) -> None: ...
 
 class LoadReply(_message.Message):
-    __slots__ = ("parameter_count", "tensor_names", "max_seqs", "max_context", "cache_bytes", "hidden_size", "weights_fingerprint", "load_seconds", "mtp_head", "draft_vocab", "cuda_graphs", "state_block")
+    __slots__ = ("parameter_count", "tensor_names", "max_seqs", "max_context", "cache_bytes", "hidden_size", "weights_fingerprint", "load_seconds", "mtp_head", "draft_vocab", "cuda_graphs", "state_block", "tap_layers")
     PARAMETER_COUNT_FIELD_NUMBER: _ClassVar[int]
     TENSOR_NAMES_FIELD_NUMBER: _ClassVar[int]
     MAX_SEQS_FIELD_NUMBER: _ClassVar[int]
@@ -165,6 +165,7 @@ class LoadReply(_message.Message):
     DRAFT_VOCAB_FIELD_NUMBER: _ClassVar[int]
     CUDA_GRAPHS_FIELD_NUMBER: _ClassVar[int]
     STATE_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    TAP_LAYERS_FIELD_NUMBER: _ClassVar[int]
     parameter_count: int
     tensor_names: _containers.RepeatedScalarFieldContainer[str]
     max_seqs: int
@@ -177,7 +178,8 @@ class LoadReply(_message.Message):
     draft_vocab: int
     cuda_graphs: bool
     state_block: int
-    def __init__(self, parameter_count: _Optional[int] = ..., tensor_names: _Optional[_Iterable[str]] = ..., max_seqs: _Optional[int] = ..., max_context: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., hidden_size: _Optional[int] = ..., weights_fingerprint: _Optional[str] = ..., load_seconds: _Optional[float] = ..., mtp_head: _Optional[str] = ..., draft_vocab: _Optional[int] = ..., cuda_graphs: _Optional[bool] = ..., state_block: _Optional[int] = ...) -> None: ...
+    tap_layers: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, parameter_count: _Optional[int] = ..., tensor_names: _Optional[_Iterable[str]] = ..., max_seqs: _Optional[int] = ..., max_context: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., hidden_size: _Optional[int] = ..., weights_fingerprint: _Optional[str] = ..., load_seconds: _Optional[float] = ..., mtp_head: _Optional[str] = ..., draft_vocab: _Optional[int] = ..., cuda_graphs: _Optional[bool] = ..., state_block: _Optional[int] = ..., tap_layers: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
     __slots__ = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "presence_penalty", "frequency_penalty", "logit_bias")
