@@ -940,10 +940,14 @@ typedef struct {
 
 // Layers first .. first + n - 1 of the step's caches (L[0] .. L[n - 1]) on rows X, the
 // last one's output into Y (not X), in one parallel region: a Python call and an OpenMP
-// region per layer had cost a 1-row int4 step about 0.3 ms of its 6. Returns 0, or -1
-// where memory for the intermediate rows could not be had.
+// region per layer had cost a 1-row int4 step about 0.3 ms of its 6. The rows going into
+// each of the n_taps layers taps[j] (increasing, 0 .. n - 1) are copied to T + j * M * H:
+// the residual stream a fused MTP head reads (split into a call per tap, the tail of a
+// 1-row int4 step took 0.15-0.35 ms longer). Returns 0, or -1 where memory for the
+// intermediate rows could not be had.
 int mtpd_decoder_layers_f32(const mtpd_layer* L, int64_t n, const mtpd_step* S, int64_t first,
-                            const float* X, float* Y, int threads) {
+                            const float* X, float* Y, int threads, const int64_t* taps,
+                            int64_t n_taps, float* T) {
     const int64_t M = S->rows, H = L[0].o.n;
     int64_t widest = 0, width = 0;  // of the 8-bit-rounded inputs; of a layer's rows
     for (int64_t l = 0; l < n; l++) {
@@ -983,9 +987,15 @@ int mtpd_decoder_layers_f32(const mtpd_layer* L, int64_t n, const mtpd_step* S, 
             float* const gate_up = attended + M * A->o.k;
             float* const act = gate_up + M * 2 * I;
 #pragma omp single
-            for (int64_t i = 0; i < S->sequences; i++) {
-                const int64_t at = (layer * S->slots_per_layer + S->slots[i]) * slot_size;
-                seqs[i].k = kv_at(S->k, at, S->kv_half), seqs[i].v = kv_at(S->v, at, S->kv_half);
+            {
+                for (int64_t i = 0; i < S->sequences; i++) {
+                    const int64_t at = (layer * S->slots_per_layer + S->slots[i]) * slot_size;
+                    seqs[i].k = kv_at(S->k, at, S->kv_half);
+                    seqs[i].v = kv_at(S->v, at, S->kv_half);
+                }
+                // Before this layer overwrites the buffer x will be: its end is a barrier.
+                for (int64_t j = 0; j < n_taps; j++)
+                    if (taps[j] == l) memcpy(T + j * M * H, x, sizeof(float) * M * H);
             }
             rms_norm(x, A->input_norm, normed, M, H, A->eps);
             product(&A->qkv, normed, qkv, NULL, M, &in);

@@ -432,11 +432,12 @@ class Step(ctypes.Structure):
 
 
 def decoder_layers(
-    layers: Sequence[Layer], step: Step, first: int, x: torch.Tensor
+    layers: Sequence[Layer], step: Step, first: int, x: torch.Tensor, taps: Sequence[int] = ()
 ) -> torch.Tensor:
     """Layers `layers` (numbers first.. of the step's caches), one after the other, on the
     step's rows x [rows, hidden] in one kernel call: the new rows, each layer's k and v
-    written into the caches."""
+    written into the caches. With `taps` (indices into `layers`, increasing), the rows
+    going into each of those layers follow the new rows: [rows, hidden * (1 + taps)]."""
     _check("decoder_layers", x)
     x = x.contiguous()
     if not layers or not 0 <= first <= first + len(layers) <= step.layers:
@@ -456,8 +457,11 @@ def decoder_layers(
                 f"rows, {layer.hidden} wide, with {step.kv_heads} kv heads of "
                 f"{step.head_dim} in its cache"
             )
+    if list(taps) != sorted(set(taps)) or not all(0 <= t < len(layers) for t in taps):
+        raise ValueError(f"decoder_layers: taps {list(taps)} are not layers 0..{len(layers) - 1}")
     array = (Layer * len(layers))(*layers)  # copies of the structs: the layers keep the tensors
     out = torch.empty_like(x)
+    tapped = torch.empty(len(taps), *x.shape) if taps else None
     status = kernels().mtpd_decoder_layers_f32(
         array,
         len(layers),
@@ -466,6 +470,9 @@ def decoder_layers(
         x.data_ptr(),
         out.data_ptr(),
         torch.get_num_threads(),
+        (ctypes.c_int64 * len(taps))(*taps) if taps else None,
+        len(taps),
+        _pointer(tapped),
     )
     _out_of_memory(status, "decoder_layers")
-    return out
+    return torch.cat([out, *tapped], -1) if taps else out

@@ -136,7 +136,19 @@ _SIGNATURES = {  # name: (argument types, result type)
     "mtpd_silu_mul_f32": ([C_POINTER] * 2 + [C_INT] * 2, None),
     "mtpd_attend_f32": ([C_POINTER] * 6 + [C_INT] * 6 + [C_FLOAT, ctypes.c_int], C_STATUS),
     "mtpd_decoder_layers_f32": (
-        [C_POINTER, C_INT, C_POINTER, C_INT, C_POINTER, C_POINTER, ctypes.c_int],
+        # layers, n, step, first, X, Y, threads, taps, n_taps, T
+        [
+            C_POINTER,
+            C_INT,
+            C_POINTER,
+            C_INT,
+            C_POINTER,
+            C_POINTER,
+            ctypes.c_int,
+            C_POINTER,
+            C_INT,
+            C_POINTER,
+        ],
         C_STATUS,
     ),
 }

@@ -555,33 +555,19 @@ class LayerStack(nn.Module):
     def run_layers(
         self, h: torch.Tensor, layout: BatchLayout | PaddedLayout, cache: KVCache
     ) -> torch.Tensor:
-        """The layers' output, followed (with `taps`) by the residual stream before each
-        tapped layer, side by side: [rows, hidden * (1 + len(taps))]."""
-        tapped, first = [], 0
-        for tap in self.taps:
-            h = self._run_range(h, layout, cache, first, tap)
-            tapped.append(h)
-            first = tap
-        h = self._run_range(h, layout, cache, first, len(self.layers))
-        return torch.cat([h, *tapped], -1) if tapped else h
-
-    def _run_range(
-        self,
-        h: torch.Tensor,
-        layout: BatchLayout | PaddedLayout,
-        cache: KVCache,
-        first: int,
-        end: int,
-    ) -> torch.Tensor:
-        kernels = [getattr(layer, "kernel", None) for layer in self.layers[first:end]]
+        """The layers' output, followed (with `taps`) by the residual stream going into
+        each tapped layer, side by side: [rows, hidden * (1 + len(taps))]."""
+        kernels = [getattr(layer, "kernel", None) for layer in self.layers]
         if (
-            kernels
-            and all(k is not None for k in kernels)
+            all(k is not None for k in kernels)
             and isinstance(layout, BatchLayout)
             and h.dtype == torch.float32
             and cache.k.dtype in (torch.float32, torch.float16)
         ):  # every layer in one kernel call
-            return cpu_kernels.decoder_layers(kernels, layout.kernel_step(cache), first, h)
-        for i in range(first, end):
-            h = self.layers[i](h, layout, cache, i)
-        return h
+            return cpu_kernels.decoder_layers(kernels, layout.kernel_step(cache), 0, h, self.taps)
+        tapped = []
+        for i, layer in enumerate(self.layers):
+            if i in self.taps:
+                tapped.append(h)
+            h = layer(h, layout, cache, i)
+        return torch.cat([h, *tapped], -1) if tapped else h
