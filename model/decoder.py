@@ -109,7 +109,6 @@ class DecoderShard(nn.Module):
         self.dtype = next(iter(tensors.values())).dtype
         self.fingerprint: str | None = None  # of the base weights a head binds to (tail only)
         self.tap_layers: tuple[int, ...] = ()  # see set_taps
-        self.carried_taps = 0
         self.embedding = (
             nn.Parameter(tensors[EMBEDDING], requires_grad=False) if EMBEDDING in tensors else None
         )
@@ -175,8 +174,12 @@ class DecoderShard(nn.Module):
             raise ModelLoadError(f"{self.cfg.architecture}: no tapped trunk features")
         first = self.spec.first_layer
         self.stack.taps = tuple(t - first for t in tap_layers if first <= t < self.spec.end_layer)
-        self.carried_taps = sum(1 for t in tap_layers if t < self.spec.first_layer)
         self.tap_layers = tuple(tap_layers)
+
+    @property
+    def carried_taps(self) -> int:
+        """Taps of earlier shards, which this one's input rows carry."""
+        return sum(1 for t in self.tap_layers if t < self.spec.first_layer)
 
     @property
     def input_width(self) -> int:

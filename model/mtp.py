@@ -149,14 +149,9 @@ def read_head_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]
 
 
 def read_head_tap_layers(path: Path, cfg: ModelConfig) -> tuple[int, ...]:
-    """The trunk layers a head file's fused features tap, read without the rest: what the
-    stages before the tail carry on for it."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            tensors = {TAP_LAYERS: f.get_tensor(TAP_LAYERS)} if TAP_LAYERS in f.keys() else {}  # noqa: SIM118 (not a dict)
-    except (SafetensorError, OSError) as e:
-        raise ModelLoadError(f"{path}: not a readable safetensors file: {e}") from e
-    return head_tap_layers(tensors, cfg)
+    """The trunk layers a head file's fused features tap: what the stages before the
+    tail carry on for it."""
+    return head_tap_layers(read_head_file(path)[0], cfg)
 
 
 def read_checkpoint_head(ckpt: Checkpoint, cfg: ModelConfig) -> dict[str, torch.Tensor] | None:

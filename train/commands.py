@@ -228,9 +228,7 @@ def run_train(args: argparse.Namespace) -> int:
     if taps:
         fused = fused_input(engine.cfg, taps)
         if start_from is not None and FUSE in start_from[0]:  # tap_choice checked the layers
-            fused = {
-                k: v if k == TAP_LAYERS else start_from[0][k].float() for k, v in fused.items()
-            }
+            fused |= {k: start_from[0][k].float() for k in fused if k != TAP_LAYERS}
         init |= fused
     coverage = 1.0
     if args.draft_vocab:
