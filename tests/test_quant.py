@@ -88,10 +88,11 @@ def _rounded_to_8_bits_per_group(x: torch.Tensor) -> torch.Tensor:
 
 def test_quantized_kernels_give_a_row_the_same_bits_alone_or_among_others():
     g = torch.Generator().manual_seed(3)
-    w, x = torch.randn(112, 576, generator=g), torch.randn(7, 576, generator=g)
+    # 17 rows: two whole tiles of the widest build (8 rows) and a last row.
+    w, x = torch.randn(112, 576, generator=g), torch.randn(17, 576, generator=g)
     for layer in (Int4Linear(Int4Weight.from_float(w), None, torch.float32), Int8Linear(w, None)):
         together = layer(x)
-        for i in range(7):
+        for i in range(17):
             assert torch.equal(layer(x[i : i + 1]), together[i : i + 1])
 
 
@@ -240,7 +241,7 @@ def test_the_linear_kernels_are_right_for_avx2_alone_and_for_this_cpus_avx512():
         w, bias = torch.randn(48, width, generator=g), torch.randn(48, generator=g)
         q4 = Int4Weight.from_float(w)
         w8 = torch.randn(48, width + 24, generator=g)
-        x, x8 = torch.randn(7, width, generator=g), torch.randn(7, width + 24, generator=g)
+        x, x8 = torch.randn(17, width, generator=g), torch.randn(17, width + 24, generator=g)
         rounded = _rounded_to_8_bits_per_group(x)
         cases = [  # (matrix, inputs, expected)
             (Int4Linear(q4, bias, torch.float32).matrix, x, rounded @ q4.dequantize().t() + bias),
@@ -262,10 +263,11 @@ def test_the_linear_kernels_are_right_for_avx2_alone_and_for_this_cpus_avx512():
 
                 together = product(inputs)
                 torch.testing.assert_close(together, expected, atol=1e-4, rtol=1e-4)
-                for i in range(7):  # a row's bits alone, and in tiles of every size
+                # A row's bits alone, and in tiles of every size (up to 8 rows) and tails.
+                for i in range(17):
                     alone = product(inputs[i : i + 1].contiguous())
                     assert torch.equal(alone, together[i : i + 1])
-                for rows in range(2, 7):
+                for rows in range(2, 17):
                     assert torch.equal(product(inputs[:rows].contiguous()), together[:rows])
                 quantized.get(matrix.kind, []).append(together)
         for results in quantized.values():
