@@ -476,3 +476,87 @@ def decoder_layers(
     )
     _out_of_memory(status, "decoder_layers")
     return torch.cat([out, *tapped], -1) if taps else out
+
+
+class MTPInput(ctypes.Structure):
+    """An MTP head's input stage (mtpd_mtp_input in cpu_kernels.c): its norms, fuse and fc
+    as `mtp_input` runs them, made once from a packed head."""
+
+    _fields_ = [
+        ("hidden", C_INT),
+        ("taps", C_INT),
+        ("eps", C_FLOAT),
+        ("norm_embedding", C_POINTER),
+        ("norm_hidden", C_POINTER),
+        ("norm_taps", C_POINTER),
+        ("fuse", Matrix),
+        ("fc", Matrix),
+    ]
+
+    @classmethod
+    def of(
+        cls,
+        norms: tuple[torch.Tensor, torch.Tensor],  # the embedding's, the final state's
+        tap_norms: Sequence[torch.Tensor],
+        eps: float,
+        fuse: Matrix | None,
+        fc: Matrix,
+    ) -> MTPInput:
+        hidden, taps = fc.n, len(tap_norms)
+        # The C side trusts these: a mismatch would read or write beyond a buffer.
+        if not (
+            all(available_for(w) and w.shape == (hidden,) for w in (*norms, *tap_norms))
+            and fc.k == 2 * hidden
+            and (fuse is None) == (taps == 0)
+            and (fuse is None or (fuse.n, fuse.k) == (hidden, (1 + taps) * hidden))
+        ):
+            raise ValueError(
+                f"an MTP input of {hidden} with {taps} taps does not fit its weights: fc "
+                f"[{fc.n}, {fc.k}]" + (f", fuse [{fuse.n}, {fuse.k}]" if fuse else "")
+            )
+        norm_taps = torch.stack([w.detach() for w in tap_norms]) if taps else None
+        norms = tuple(w.detach() for w in norms)
+        spec = cls(
+            hidden,
+            taps,
+            eps,
+            norms[0].data_ptr(),
+            norms[1].data_ptr(),
+            _pointer(norm_taps),
+            fuse if fuse is not None else Matrix(),
+            fc,
+        )
+        spec.tensors = (norms, norm_taps, fuse, fc)  # what its pointers point into
+        return spec
+
+
+def mtp_input(spec: MTPInput, embedded: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """fc(cat(norm_embedding(embedded), the state fc takes from `hidden`)) [rows, H], in
+    one call: `hidden` [rows, H] (a state, normed) or [rows, H x (1 + taps)] (the trunk's
+    final state and taps, normed and fused)."""
+    _check("mtp_input", embedded, hidden)
+    size = spec.hidden
+    rows, width = hidden.shape[0], hidden.shape[-1]
+    if (
+        hidden.dim() != 2
+        or embedded.shape != (rows, size)
+        or width not in (size, (1 + spec.taps) * size)
+    ):
+        raise ValueError(
+            f"mtp_input: rows {list(hidden.shape)} and embeddings {list(embedded.shape)} do "
+            f"not fit a head of {size} with {spec.taps} taps"
+        )
+    embedded, hidden = embedded.contiguous(), hidden.contiguous()
+    out = torch.empty(rows, size)
+    if rows:
+        status = kernels().mtpd_mtp_input_f32(
+            ctypes.byref(spec),
+            embedded.data_ptr(),
+            hidden.data_ptr(),
+            width,
+            out.data_ptr(),
+            rows,
+            torch.get_num_threads(),
+        )
+        _out_of_memory(status, "mtp_input")
+    return out

@@ -135,6 +135,11 @@ _SIGNATURES = {  # name: (argument types, result type)
     "mtpd_rms_norm_f32": ([C_POINTER] * 3 + [C_INT] * 2 + [C_FLOAT], None),
     "mtpd_silu_mul_f32": ([C_POINTER] * 2 + [C_INT] * 2, None),
     "mtpd_attend_f32": ([C_POINTER] * 6 + [C_INT] * 6 + [C_FLOAT, ctypes.c_int], C_STATUS),
+    "mtpd_mtp_input_f32": (
+        # head, E, X, width, Y, rows, threads
+        [C_POINTER] * 3 + [C_INT, C_POINTER, C_INT, ctypes.c_int],
+        C_STATUS,
+    ),
     "mtpd_decoder_layers_f32": (
         # layers, n, step, first, X, Y, threads, taps, n_taps, T
         [

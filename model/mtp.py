@@ -23,6 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from mtpd.model import cpu_kernels
 from mtpd.model.architecture import decoder_layer_shapes, layer_stack, rms_norm
 from mtpd.model.checkpoint import Checkpoint
 from mtpd.model.config import ModelConfig
@@ -206,6 +207,7 @@ class MTPHead(nn.Module):
             cfg, [f"{PREFIX}.layers.{i}" for i in range(num_layers)], t, dtype, max_context
         )
         self.norm = rms_norm(cfg, t[f"{PREFIX}.norm.weight"])
+        self._kernel_input: cpu_kernels.MTPInput | None = None  # made once packed
         # Shared with the trunk, not copied.
         self.embedding = embedding
         # A reduced draft vocabulary makes the draft pass's LM head a few percent of the
@@ -253,7 +255,32 @@ class MTPHead(nn.Module):
 
     def _input(self, hidden: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
         e = F.embedding(next_tokens, self.embedding)
+        kernel = self._input_on_kernel()
+        if kernel is not None and hidden.dim() == 2:
+            return cpu_kernels.mtp_input(kernel, e, hidden)
         return self.fc(torch.cat([self.norm_embedding(e), self._hidden(hidden)], dim=-1))
+
+    def _input_on_kernel(self) -> cpu_kernels.MTPInput | None:
+        """The input stage as one kernel call, where packing put every part of it on the
+        kernels (the same kernels, in the same order: the same bits as part by part)."""
+        if self._kernel_input is None:
+            norms = [self.norm_embedding, self.norm_hidden, *self.norm_taps]
+            linears = [self.fc] if self.fuse is None else [self.fc, self.fuse]
+            size = self.cfg.hidden_size
+            if (
+                self.dtype == torch.float32
+                and self.embedding.dtype == torch.float32
+                and all(norm.on_kernel for norm in norms)
+                and all(linear.on_kernel and linear.matrix.n == size for linear in linears)
+            ):
+                self._kernel_input = cpu_kernels.MTPInput.of(
+                    (self.norm_embedding.weight, self.norm_hidden.weight),
+                    [norm.weight for norm in self.norm_taps],
+                    self.norm_hidden.eps,
+                    None if self.fuse is None else self.fuse.matrix,
+                    self.fc.matrix,
+                )
+        return self._kernel_input
 
     def _hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """The hidden state fc takes: from a trunk row with taps ([final, tap, ...]) their

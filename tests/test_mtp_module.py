@@ -12,7 +12,9 @@ from mtpd.model.checkpoint import open_checkpoint
 from mtpd.model.config import ModelConfig
 from mtpd.model.decoder import EMBEDDING, DecoderShard, ShardSpec
 from mtpd.model.errors import ModelLoadError
+from mtpd.model.layers import pack_for_inference
 from mtpd.model.mtp import MTPHead, from_deepseek_layout, read_head_file
+from mtpd.model.quant import quantize_head
 
 VOCAB = 96
 
@@ -131,6 +133,33 @@ def test_fused_head_matches_hand_computation(tmp_path):
     ):
         with pytest.raises(ModelLoadError, match=why):
             MTPHead(cfg, head | bad, trunk.embedding, trunk.lm_head, 128, torch.float32)
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_a_packed_heads_input_is_one_kernel_call_with_the_per_op_bits(tmp_path, int8):
+    """On the CPU kernels a head's norms, fuse and fc run as one call: the same kernels in
+    the same order as op by op, so the same bits, and the hand computation's logits."""
+    ref, _, cfg, trunk = build(tmp_path)
+    head = random_head(cfg, seed=2, taps=(1, 3))
+    mtp = MTPHead(cfg, head, trunk.embedding, trunk.lm_head, 128, torch.float32)
+    if int8:
+        quantize_head(mtp)
+    pack_for_inference(mtp)
+    assert mtp._input_on_kernel() is not None
+    g = torch.Generator().manual_seed(6)
+    rows = torch.randn(9, 3 * cfg.hidden_size, generator=g)
+    next_tokens = torch.randint(0, VOCAB, (9,), generator=g)
+    e = torch.nn.functional.embedding(next_tokens, mtp.embedding)
+    for hidden in (rows, rows[:, : cfg.hidden_size]):  # trunk rows with taps; head states
+        per_op = mtp.fc(torch.cat([mtp.norm_embedding(e), mtp._hidden(hidden)], -1))
+        assert torch.equal(mtp._input(hidden, next_tokens), per_op)
+    if not int8:
+        want = hand_computed_logits(
+            cfg, ref.config, head, trunk.embedding.detach(), rows, next_tokens
+        )
+        assert (run_head(mtp, rows, next_tokens, [4, 1, 3, 1]) - want).abs().max() <= 1e-4
+    with pytest.raises(ValueError, match="do not fit a head"):
+        mtp._input(rows[:, : 2 * cfg.hidden_size], next_tokens)
 
 
 def test_deepseek_layout_and_head_file_load_the_same_module(tmp_path):
