@@ -101,10 +101,23 @@ def test_rms_norm_and_swiglu_compute_what_pytorch_does():
         torch.testing.assert_close(cpu_kernels.silu_mul(gate_up), F.silu(gate) * up)
 
 
+@pytest.fixture(params=["native", "avx2"])
+def kernel_build(request, monkeypatch):
+    """This CPU's kernels, then AVX2's build, which takes queries two at a time (AVX-512's
+    three): the build machines without AVX-512 run."""
+    if request.param == "avx2":
+        compiler = shutil.which(os.environ.get("CC", "cc"))
+        built = kernel_library.build_avx2(compiler, kernel_library.openmp_runtime())
+        library = kernel_library.load(built)
+        monkeypatch.setattr(cpu_kernels, "kernels", lambda: library)
+    return request.param
+
+
+@pytest.mark.usefixtures("kernel_build")
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "start", "rows"),
     # Keys 64 at a time: one chunk, several (the last one partial), and more than 16 rows
-    # of a sequence, which take their chunks one task per row.
+    # of a sequence, which take their chunks one task per row; groups of 1-4 query heads.
     [(9, 3, 0, 1), (9, 3, 37, 4), (4, 4, 5, 1), (8, 2, 0, 13), (9, 3, 150, 3), (4, 2, 90, 40)],
 )
 def test_attention_computes_what_rope_and_sdpa_do(heads, kv_heads, start, rows):
@@ -140,6 +153,7 @@ def test_attention_computes_what_rope_and_sdpa_do(heads, kv_heads, start, rows):
     torch.testing.assert_close(out, expected.reshape(rows, heads * d))
 
 
+@pytest.mark.usefixtures("kernel_build")
 def test_a_row_gets_the_same_attention_bits_in_a_prompt_as_in_a_decoding_step():
     """A prompt's rows (many: a task per row) and a decoding step's (a task per chunk of
     keys) fold the same partials in the same order."""
