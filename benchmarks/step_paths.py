@@ -4,14 +4,16 @@ streams decoding), against a roofline (the step's bytes at the measured bandwidt
 multiply-adds at the cores' vector peak). For one sequence x N rows it also runs, on a
 CPU with AVX-512 VNNI, the kernels' AVX-512 build against their AVX2 one (the per-op
 path that whole-layer calls replaced in session 10 is gone from here: with a quantized
-model it cannot read the float16 cache). Paths alternate step by step, so their ratios
-hold on a noisy machine.
+model it cannot read the float16 cache). Shapes and paths are shuffled in every rep, so
+their ratios hold on a noisy machine.
 
     python benchmarks/step_paths.py [--model M] [--quant none,int4] [--rows 1,2,3,5,8]
                                     [--context 200] [--reps 40] [--threads 2] [--json OUT]
 
-The peak assumes one 512-bit dpbusd (int4, int8: 64 multiply-adds) or FMA (float32: 16)
-per core per cycle, at the clock /proc/cpuinfo reports: what this machine's Xeon issues.
+The peak assumes two 512-bit dpbusd (int4, int8: 64 multiply-adds each) or FMAs
+(float32: 16 each) per core per cycle, at the clock /proc/cpuinfo reports: a loop of
+independent dpbusd ran 6.1 a nanosecond on one core of this machine's Xeon (session 24),
+a little more than 2 x 2.6 GHz (its turbo clock is higher).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import statistics
 import time
@@ -29,7 +32,7 @@ import torch
 from mtpd.model import cpu_kernels, kernel_library
 from mtpd.train.engine import Engine
 
-MACS_PER_CYCLE = {"none": 16, "int8": 64, "int4": 64}
+MACS_PER_CYCLE = {"none": 32, "int8": 128, "int4": 128}
 
 
 def use(library) -> None:
@@ -37,12 +40,14 @@ def use(library) -> None:
     cpu_kernels.kernels = lambda: library
 
 
-def bandwidth_gbs(threads: int) -> float:
-    """Read bandwidth over 1 GiB (beyond any cache), best of three."""
+def bandwidth_gbs(threads: int, nbytes: int = 2**30) -> float:
+    """Read bandwidth over `nbytes` read again and again, best of five: over 1 GiB the
+    memory's; over a step's weights what a step can read (this machine's 480 MB L3 keeps
+    part of a 95 MB model: about 50 GB/s, where 1 GiB reads at 25)."""
     torch.set_num_threads(threads)
-    x = torch.ones(2**28)
+    x = torch.ones(nbytes // 4)
     best = 0.0
-    for _ in range(3):
+    for _ in range(5):
         start = time.perf_counter()
         x.sum()
         best = max(best, x.numel() * 4 / (time.perf_counter() - start) / 1e9)
@@ -105,6 +110,7 @@ def main() -> None:
             if t is not None
         )
         macs_per_row = sum(m.n * m.k for m in matrices(engine))
+        cached_gbs = bandwidth_gbs(args.threads, weights)
         kv_bytes = engine.cache.k.element_size()  # float16 beside quantized weights
         kv_per_seq = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * kv_bytes * args.context
         peak = args.threads * MACS_PER_CYCLE[quant] * ghz * 1e9
@@ -117,7 +123,12 @@ def main() -> None:
         shapes = [("1 seq", rows, path) for rows in rows_list for path in paths]
         shapes += [("seqs", rows, "whole layer") for rows in rows_list if rows > 1]
         times: dict[tuple, list[float]] = {shape: [] for shape in shapes}
+        order = random.Random(0)
         for _ in range(args.reps):  # every shape and path in each rep: drift is shared
+            # In a fixed order, the 1-row step ran right after the largest one, which had
+            # pushed the weights out of the cache: 2 rows looked 0.97x one (session 24),
+            # where shuffled they cost 1.1-1.2x.
+            order.shuffle(shapes)
             for shape in shapes:
                 kind, rows, path = shape
                 use(paths[path])
@@ -131,14 +142,16 @@ def main() -> None:
         ms = {shape: statistics.median(t) * 1e3 for shape, t in times.items()}
         base = ms["1 seq", 1, "whole layer"]
         print(
-            f"{quant}: weights {weights / 1e6:.1f} MB, {macs_per_row / 1e6:.1f} M multiply-adds "
-            f"a row, cache {kv_per_seq / 1e6:.1f} MB a sequence at {args.context} positions"
+            f"{quant}: weights {weights / 1e6:.1f} MB (read again and again at "
+            f"{cached_gbs:.1f} GB/s: the memory floor's rate), {macs_per_row / 1e6:.1f} M "
+            f"multiply-adds a row, cache {kv_per_seq / 1e6:.1f} MB a sequence at "
+            f"{args.context} positions"
         )
         for rows in rows_list:
             arithmetic = macs_per_row * rows / peak * 1e3
             one = {path: ms["1 seq", rows, path] for path in paths}
             streams = ms.get(("seqs", rows, "whole layer"), base)
-            memory = {n: (weights + n * kv_per_seq) / gbs / 1e6 for n in (1, rows)}
+            memory = {n: (weights + n * kv_per_seq) / cached_gbs / 1e6 for n in (1, rows)}
             print(
                 f"{quant:>5} 1 seq x {rows} rows: "
                 + "  ".join(f"{p} {v:6.2f} ms ({v / base:.2f}x)" for p, v in one.items())
