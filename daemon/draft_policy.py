@@ -4,9 +4,12 @@ The output never depends on this choice (verification is exact), only the speed 
 With acceptance c_j at draft position j (conditional on the earlier ones being
 accepted), a step drafting k tokens emits E(k) = 1 + sum_i prod_{j<=i} c_j tokens on
 average. In a batch of b sequences the step then emits b - 1 + E(k) tokens (the others
-one each) and costs T(k) = V(b + k) + D * k: a pipeline pass over b + k positions and
-k passes of the head (none for k = 0: the head catches its cache up in the next step
-that drafts, `mtpd.worker.drafter`). V(n) is the measured mean time of passes over n
+one each) and costs T(k) = V(b + k) + D1 + D (k - 1): a pipeline pass over b + k
+positions and k passes of the head (none for k = 0: the head catches its cache up in
+the next step that drafts, `mtpd.worker.drafter`). The first pass (D1) runs the head over
+the step's verified rows and costs more than each later one (D), a row per sequence
+drafting on (int4, one stream: 0.65 against 0.37 ms); priced alike, two drafts had
+looked dearer than they were and `auto` drafted one where two paid 4% better. V(n) is the measured mean time of passes over n
 positions where such passes were seen, else the line alpha + beta * n fitted online to
 every pass, continued from the measured sizes below n; never less than a smaller size's
 measured mean. A line alone is not enough: a pass's cost need not grow evenly with its
@@ -133,20 +136,28 @@ class DraftPolicy:
         # alpha, beta and the well-measured (size, mean) pairs, sorted; None once stale.
         self._costs: tuple[float, float, list[tuple[int, float]]] | None = None
         self._step_costs_for: tuple[tuple[int, int], tuple[list[float], bool]] | None = None
-        self.draft_pass_s = 0.0
+        self.first_pass_s = self.next_pass_s = 0.0  # D1 and D: 0 until measured
 
     @property
     def enabled(self) -> bool:
         return self.setting != 0
 
     def observe_step(
-        self, positions: int, step_s: float, draft_s: float, catch_up_s: float, passes: int
+        self,
+        positions: int,
+        step_s: float,
+        draft_s: float,
+        catch_up_s: float,
+        passes: int,
+        first_s: float,
     ) -> None:
-        """Fit the cost model to one completed step. The head's catch-up on entries held
-        back (`catch_up_s` of `draft_s`) stays out of the cost of a pass: counted in, a
-        sequence pausing made its next drafts look expensive, which paused it longer and
-        grew the next catch-up (a 1-stream run measured 2.8 ms a pass for a 0.9 ms one,
-        and chose k = 0 in half its steps)."""
+        """Fit the cost model to one completed step: `passes` head passes took `draft_s`,
+        the first of them `first_s` (0 where a worker does not say: the passes are then
+        taken as alike). The head's catch-up on entries held back (`catch_up_s`, in the
+        first pass) stays out of the cost of a pass: counted in, a sequence pausing made
+        its next drafts look expensive, which paused it longer and grew the next
+        catch-up (a 1-stream run measured 2.8 ms a pass for a 0.9 ms one, and chose k = 0
+        in half its steps)."""
         x, y = float(positions), step_s - draft_s
         f = _FORGET
         self._sw, self._sx, self._sy = f * self._sw + 1, f * self._sx + x, f * self._sy + y
@@ -156,10 +167,13 @@ class DraftPolicy:
             self._by_size[positions] = (f * w + 1, f * total + y)
         self._costs = self._step_costs_for = None
         if passes:
-            per_pass = (draft_s - catch_up_s) / passes
-            self.draft_pass_s = (
-                per_pass if not self.draft_pass_s else 0.9 * self.draft_pass_s + 0.1 * per_pass
+            reported = 0 < first_s <= draft_s
+            self.first_pass_s = _mean_on(
+                self.first_pass_s, (first_s if reported else draft_s / passes) - catch_up_s
             )
+            if passes > 1 and reported:
+                later = (draft_s - first_s) / (passes - 1)
+                self.next_pass_s = _mean_on(self.next_pass_s, later)
 
     def cost_fit(self) -> tuple[float, float]:
         """(alpha, beta) of V(n) = alpha + beta * n: seconds once fitted, relative units
@@ -248,10 +262,13 @@ class DraftPolicy:
         key = (batch, most)
         if self._step_costs_for is not None and self._step_costs_for[0] == key:
             return self._step_costs_for[1]
-        draft = (
-            self.draft_pass_s if self._sw >= 2 and self.draft_pass_s else 0.1 * self.cost_fit()[0]
-        )
-        steps = [self.pass_cost(batch + k) + draft * k for k in range(most + 1)]
+        measured = self._sw >= 2 and self.first_pass_s
+        first = self.first_pass_s if measured else 0.1 * self.cost_fit()[0]
+        later = self.next_pass_s if measured and self.next_pass_s else first
+        steps = [
+            self.pass_cost(batch + k) + (first + later * (k - 1) if k else 0.0)
+            for k in range(most + 1)
+        ]
         _, hoped = _best([_HOPE] * MAX_DRAFT, batch, steps)
         costs = steps, hoped >= _EXPLORE_GAIN * batch / steps[0]
         self._step_costs_for = (key, costs)
@@ -272,6 +289,11 @@ def _best(rates: list[float], batch: int, steps: list[float]) -> tuple[int, floa
         if emitted / cost > best_rate:
             best, best_rate = k, emitted / cost
     return best, best_rate
+
+
+def _mean_on(mean: float, value: float) -> float:
+    """A running mean that follows the recent passes (the first value starts it)."""
+    return value if not mean else 0.9 * mean + 0.1 * value
 
 
 def _at(counts: list[int], j: int) -> int:

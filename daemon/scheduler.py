@@ -580,4 +580,5 @@ class Scheduler:
                 tail.draft_s,
                 tail.draft_catch_up_s,
                 tail.draft_passes,
+                tail.draft_first_s,
             )

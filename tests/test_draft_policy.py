@@ -17,7 +17,9 @@ def steady_sequence(rate: float) -> DraftStats:
 
 def observe(policy: DraftPolicy, positions: int, pass_s: float, times: int = 4) -> None:
     for _ in range(times):
-        policy.observe_step(positions, pass_s + DRAFT_PASS_S, DRAFT_PASS_S, 0.0, passes=1)
+        policy.observe_step(
+            positions, pass_s + DRAFT_PASS_S, DRAFT_PASS_S, 0.0, passes=1, first_s=DRAFT_PASS_S
+        )
 
 
 def test_a_measured_jump_in_pass_cost_overrules_the_fitted_line():
@@ -40,7 +42,7 @@ def test_a_bigger_pass_never_looks_cheaper_than_a_smaller_one():
     policy, seq = DraftPolicy(AUTO), steady_sequence(0.45)
     for positions, pass_s in ((1, 0.0043), (2, 0.0052), (3, 0.0072), (4, 0.0055)):
         for _ in range(4):
-            policy.observe_step(positions, pass_s + 0.0003, 0.0003, 0.0, passes=1)
+            policy.observe_step(positions, pass_s + 0.0003, 0.0003, 0.0, passes=1, first_s=0.0003)
     assert policy.pass_cost(4) >= policy.pass_cost(3) >= 0.0072
     # Priced at 5.5 ms, three drafts would look best (1.74 tokens for 6.4 ms).
     assert policy.choose(seq, limit=6) == 1
@@ -66,13 +68,13 @@ def test_one_sequence_drafting_lengthens_every_sequences_step():
     policy = DraftPolicy(AUTO)
     for positions, pass_s in ((8, 0.0108), (16, 0.0194)):
         for _ in range(4):
-            policy.observe_step(positions, pass_s + 0.0013, 0.0013, 0.0, passes=1)
+            policy.observe_step(positions, pass_s + 0.0013, 0.0013, 0.0, passes=1, first_s=0.0013)
     assert policy.choose(steady_sequence(0.95), limit=6, batch=8) == 0
     assert policy.choose(steady_sequence(0.45), limit=6, batch=8) == 0
     alone = DraftPolicy(AUTO)
     for positions, pass_s in ((1, 0.0050), (2, 0.0056)):
         for _ in range(4):
-            alone.observe_step(positions, pass_s + 0.0013, 0.0013, 0.0, passes=1)
+            alone.observe_step(positions, pass_s + 0.0013, 0.0013, 0.0, passes=1, first_s=0.0013)
     assert alone.choose(steady_sequence(0.95), limit=6) >= 1
 
 
@@ -84,13 +86,38 @@ def test_a_catch_up_after_a_pause_is_not_billed_to_drafting():
     policy, seq = DraftPolicy(AUTO), steady_sequence(0.5)
     for positions, pass_s in ((1, 0.0040), (2, 0.0044)):
         for _ in range(4):
-            policy.observe_step(positions, pass_s + 0.0032, 0.0032, 0.0024, passes=1)
-    assert abs(policy.draft_pass_s - 0.0008) < 1e-9
+            policy.observe_step(
+                positions, pass_s + 0.0032, 0.0032, 0.0024, passes=1, first_s=0.0032
+            )
+    assert abs(policy.first_pass_s - 0.0008) < 1e-9
     assert policy.choose(seq, limit=6) == 1
     for positions, pass_s in ((1, 0.0040), (2, 0.0044)):
         for _ in range(40):
-            policy.observe_step(positions, pass_s + 0.0032, 0.0032, 0.0, passes=1)
+            policy.observe_step(positions, pass_s + 0.0032, 0.0032, 0.0, passes=1, first_s=0.0032)
     assert policy.choose(seq, limit=6) == 0  # 1.5 tokens for 7.6 ms lose to 1 for 4.0
+
+
+def test_a_drafts_first_head_pass_is_priced_apart_from_the_later_ones():
+    # The first pass runs the head over the step's verified rows (1.0 ms here), each
+    # later one a row (0.2 ms). Priced alike at their mean, a second draft looked dearer
+    # than it is and one draft won (1.55 tokens for 5.26 ms against 1.85 for 6.34);
+    # priced apart, two drafts (1.85 tokens for 5.94 ms) beat one (1.55 for 5.46).
+    def measured(first_reported: bool) -> DraftPolicy:
+        policy = DraftPolicy(AUTO)
+        for _ in range(20):
+            for positions, pass_s, passes in ((1, 0.0036, 0), (4, 0.0054, 0), (2, 0.00446, 1)):
+                draft_s = 0.0008 * passes + 0.0002 if passes else 0.0
+                first_s = 0.001 if passes and first_reported else 0.0
+                policy.observe_step(positions, pass_s + draft_s, draft_s, 0.0, passes, first_s)
+            policy.observe_step(3, 0.00474 + 0.0012, 0.0012, 0.0, 2, first_reported and 0.001)
+        return policy
+
+    seq = steady_sequence(0.55)
+    apart = measured(first_reported=True)
+    assert abs(apart.first_pass_s - 0.001) < 1e-9 and abs(apart.next_pass_s - 0.0002) < 1e-9
+    assert apart.choose(seq, limit=6) == 2
+    alike = measured(first_reported=False)  # a worker that does not say: passes alike
+    assert alike.choose(seq, limit=6) == 1
 
 
 def test_fixed_settings_and_limits_are_kept():

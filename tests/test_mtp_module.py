@@ -260,6 +260,10 @@ def test_the_heads_cache_caught_up_lazily_drafts_as_if_kept_current(tmp_path, mo
         assert eager.catch_up_s == 0.0
         assert lazy.catch_up_s == 0.0 or held_before > 0, n
         assert lazy.catch_up_s > 0 or n != 5  # its first draft, after 5 steps held back
+        # The first pass's time (the cost model prices it apart) holds any catch-up.
+        for drafter in (eager, lazy):
+            assert (drafter.passes > 0) == (drafter.first_pass_s > 0), n
+            assert drafter.first_pass_s >= drafter.catch_up_s
         held = len(lazy._deferred["s"].tokens) if "s" in lazy._deferred else 0  # bounded
         assert held < 16
         if n in drafting:

@@ -98,8 +98,11 @@ class Drafter:
         # Sequences whose head cache fell out of step with the trunk's (only after a
         # rollback the protocol never makes): no drafts until they restart at 0.
         self._lost: set[str] = set()
-        self.passes = 0  # the last advance's: passes run, and the catch-up's seconds in them
-        self.catch_up_s = 0.0
+        # The last advance's: passes run, the catch-up's seconds in them, and the first
+        # pass's seconds (over every verified row, and the first drafts; the rest run a
+        # row per sequence drafting on).
+        self.passes = 0
+        self.catch_up_s = self.first_pass_s = 0.0
 
     def rename(self, old: str, new: str) -> None:
         """`new` takes over what the head holds of `old` (prefix caching)."""
@@ -121,7 +124,8 @@ class Drafter:
     def advance(self, items: list[Advance]) -> None:
         """Add the verified entries of every item, then draft for those that want it
         (filling `item.drafts`)."""
-        self.passes, self.catch_up_s, held_rows = 0, 0.0, 0
+        started = time.monotonic()
+        self.passes, self.catch_up_s, self.first_pass_s, held_rows = 0, 0.0, 0.0, 0
         hidden, tokens, slots, counts, live = [], [], [], [], []
         # Rows held back from a step too large to stay pinned by a few of its rows:
         # copied after the loop, all in one go.
@@ -179,7 +183,9 @@ class Drafter:
         self.catch_up_s = (time.monotonic() - began) * held_rows / len(tokens)
         if live:
             ends = list(itertools.accumulate(counts))
-            self._draft(live, states[[ends[i] - 1 for _, i in live]], slots)
+            self._draft(live, states[[ends[i] - 1 for _, i in live]], slots, started)
+        else:
+            self.first_pass_s = time.monotonic() - started
 
     def _new_entries(self, item: Advance) -> tuple[int, list[Rows], list[int]]:
         """The sequence's cache slot, and the hidden rows and next tokens of the entries
@@ -227,7 +233,11 @@ class Drafter:
         return cached + len(held.tokens)
 
     def _draft(
-        self, live: list[tuple[Advance, int]], states: torch.Tensor, slots: list[int]
+        self,
+        live: list[tuple[Advance, int]],
+        states: torch.Tensor,
+        slots: list[int],
+        started: float,
     ) -> None:
         verified = {item.seq_id: self.cache.lengths[slots[i]] for item, i in live}
         # Draft-time entries must fit the cache: positions verified .. verified + k - 2.
@@ -245,6 +255,8 @@ class Drafter:
                 item.drafts.append(ids[row])
                 if len(item.drafts) < item.want:
                     keep.append(row)
+            if self.passes == 1:
+                self.first_pass_s = time.monotonic() - started
             if not keep:
                 break
             items = [items[r] for r in keep]

@@ -437,6 +437,7 @@ class Stage:
         reply.timings.draft_s = time.monotonic() - began
         reply.timings.draft_passes = self.drafter.passes
         reply.timings.draft_catch_up_s = self.drafter.catch_up_s
+        reply.timings.draft_first_s = self.drafter.first_pass_s
         if not self.drafter.passes:
             return  # nothing drafted (the head only held entries back)
         by_id = {r.seq_id: r for r in reply.results}

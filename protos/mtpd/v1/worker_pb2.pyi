@@ -303,7 +303,7 @@ class SequenceResult(_message.Message):
     def __init__(self, seq_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., logits: _Optional[bytes] = ..., accepted: _Optional[int] = ..., draft_token_ids: _Optional[_Iterable[int]] = ..., error: _Optional[str] = ..., logprobs: _Optional[_Iterable[_Union[EmittedLogprobs, _Mapping]]] = ...) -> None: ...
 
 class StepTimings(_message.Message):
-    __slots__ = ("compute_s", "recv_wait_s", "send_s", "arrived_at", "input_ready_at", "computed_at", "sent_at", "draft_s", "draft_passes", "draft_catch_up_s")
+    __slots__ = ("compute_s", "recv_wait_s", "send_s", "arrived_at", "input_ready_at", "computed_at", "sent_at", "draft_s", "draft_passes", "draft_catch_up_s", "draft_first_s")
     COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
     RECV_WAIT_S_FIELD_NUMBER: _ClassVar[int]
     SEND_S_FIELD_NUMBER: _ClassVar[int]
@@ -314,6 +314,7 @@ class StepTimings(_message.Message):
     DRAFT_S_FIELD_NUMBER: _ClassVar[int]
     DRAFT_PASSES_FIELD_NUMBER: _ClassVar[int]
     DRAFT_CATCH_UP_S_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_FIRST_S_FIELD_NUMBER: _ClassVar[int]
     compute_s: float
     recv_wait_s: float
     send_s: float
@@ -324,7 +325,8 @@ class StepTimings(_message.Message):
     draft_s: float
     draft_passes: int
     draft_catch_up_s: float
-    def __init__(self, compute_s: _Optional[float] = ..., recv_wait_s: _Optional[float] = ..., send_s: _Optional[float] = ..., arrived_at: _Optional[float] = ..., input_ready_at: _Optional[float] = ..., computed_at: _Optional[float] = ..., sent_at: _Optional[float] = ..., draft_s: _Optional[float] = ..., draft_passes: _Optional[int] = ..., draft_catch_up_s: _Optional[float] = ...) -> None: ...
+    draft_first_s: float
+    def __init__(self, compute_s: _Optional[float] = ..., recv_wait_s: _Optional[float] = ..., send_s: _Optional[float] = ..., arrived_at: _Optional[float] = ..., input_ready_at: _Optional[float] = ..., computed_at: _Optional[float] = ..., sent_at: _Optional[float] = ..., draft_s: _Optional[float] = ..., draft_passes: _Optional[int] = ..., draft_catch_up_s: _Optional[float] = ..., draft_first_s: _Optional[float] = ...) -> None: ...
 
 class StepReply(_message.Message):
     __slots__ = ("step_id", "results", "activations", "timings", "error")
