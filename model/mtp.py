@@ -30,7 +30,7 @@ from mtpd.model.config import ModelConfig
 from mtpd.model.decoder import check_tap_layers
 from mtpd.model.errors import ModelLoadError
 from mtpd.model.kv_cache import KVCache
-from mtpd.model.layers import Linear
+from mtpd.model.layers import Linear, RMSNorm
 
 PREFIX = "mtp"
 DRAFT_VOCAB = f"{PREFIX}.draft_vocab"  # optional int64 [N]: the token ids drafts may take
@@ -270,7 +270,8 @@ class MTPHead(nn.Module):
             if (
                 self.dtype == torch.float32
                 and self.embedding.dtype == torch.float32
-                and all(norm.on_kernel for norm in norms)
+                # A hybrid model's norms are zero-centred: not the kernel's.
+                and all(isinstance(norm, RMSNorm) and norm.on_kernel for norm in norms)
                 and all(linear.on_kernel and linear.matrix.n == size for linear in linears)
             ):
                 self._kernel_input = cpu_kernels.MTPInput.of(
