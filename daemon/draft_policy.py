@@ -6,10 +6,10 @@ accepted), a step drafting k tokens emits E(k) = 1 + sum_i prod_{j<=i} c_j token
 average. In a batch of b sequences the step then emits b - 1 + E(k) tokens (the others
 one each) and costs T(k) = V(b + k) + D1 + D (k - 1): a pipeline pass over b + k
 positions and k passes of the head (none for k = 0: the head catches its cache up in
-the next step that drafts, `mtpd.worker.drafter`). The first pass (D1) runs the head over
-the step's verified rows and costs more than each later one (D), a row per sequence
-drafting on (int4, one stream: 0.65 against 0.37 ms); priced alike, two drafts had
-looked dearer than they were and `auto` drafted one where two paid 4% better. V(n) is the measured mean time of passes over n
+the next step that drafts, `mtpd.worker.drafter`). The first pass (D1) runs the head
+over the step's verified rows and costs more than each later one (D), a row per
+sequence drafting on (int4, one stream: 0.65 against 0.37 ms); priced alike, two drafts
+looked dearer than they are. V(n) is the measured mean time of passes over n
 positions where such passes were seen, else the line alpha + beta * n fitted online to
 every pass, continued from the measured sizes below n; never less than a smaller size's
 measured mean. A line alone is not enough: a pass's cost need not grow evenly with its
