@@ -168,9 +168,9 @@ class DraftPolicy:
         self._costs = self._step_costs_for = None
         if passes:
             reported = 0 < first_s <= draft_s
-            self.first_pass_s = _mean_on(
-                self.first_pass_s, (first_s if reported else draft_s / passes) - catch_up_s
-            )
+            # The catch-up ran in the first pass; unreported, the passes share it alike.
+            first = first_s - catch_up_s if reported else (draft_s - catch_up_s) / passes
+            self.first_pass_s = _mean_on(self.first_pass_s, max(first, 0.0))
             if passes > 1 and reported:
                 later = (draft_s - first_s) / (passes - 1)
                 self.next_pass_s = _mean_on(self.next_pass_s, later)
@@ -262,7 +262,7 @@ class DraftPolicy:
         key = (batch, most)
         if self._step_costs_for is not None and self._step_costs_for[0] == key:
             return self._step_costs_for[1]
-        measured = self._sw >= 2 and self.first_pass_s
+        measured = self._sw >= 2 and self.first_pass_s > 0
         first = self.first_pass_s if measured else 0.1 * self.cost_fit()[0]
         later = self.next_pass_s if measured and self.next_pass_s else first
         steps = [

@@ -959,7 +959,7 @@ static void attend(const heads_t* a, const float* QKV, const float* COS, const f
             const int64_t r = task / kv_heads, g = task % kv_heads;
             const att_seq* s = &seqs[seq_of_row[r]];
             const int64_t keys = keys_of(s, r);
-            float m[group], l[group], oc[group][256], mc[group], lc[group];
+            float m[group], l[group], oc[group][d], mc[group], lc[group];
             const float* q[group];
             float* o[group];
             for (int64_t h = 0; h < group; h++) q[h] = w->q + (r * heads + g * group + h) * d, o[h] = oc[h];

@@ -266,18 +266,20 @@ class MTPHead(nn.Module):
         if self._kernel_input is None:
             norms = [self.norm_embedding, self.norm_hidden, *self.norm_taps]
             linears = [self.fc] if self.fuse is None else [self.fc, self.fuse]
-            size = self.cfg.hidden_size
+            size, eps = self.cfg.hidden_size, self.norm_hidden.eps
             if (
                 self.dtype == torch.float32
                 and self.embedding.dtype == torch.float32
                 # A hybrid model's norms are zero-centred: not the kernel's.
-                and all(isinstance(norm, RMSNorm) and norm.on_kernel for norm in norms)
+                and all(
+                    type(norm) is RMSNorm and norm.on_kernel and norm.eps == eps for norm in norms
+                )
                 and all(linear.on_kernel and linear.matrix.n == size for linear in linears)
             ):
                 self._kernel_input = cpu_kernels.MTPInput.of(
                     (self.norm_embedding.weight, self.norm_hidden.weight),
                     [norm.weight for norm in self.norm_taps],
-                    self.norm_hidden.eps,
+                    eps,
                     None if self.fuse is None else self.fuse.matrix,
                     self.fc.matrix,
                 )

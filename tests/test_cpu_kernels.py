@@ -154,6 +154,52 @@ def test_attention_computes_what_rope_and_sdpa_do(heads, kv_heads, start, rows):
 
 
 @pytest.mark.usefixtures("kernel_build")
+@pytest.mark.parametrize(("heads", "kv_heads", "d"), [(6, 2, 40), (8, 2, 64), (5, 1, 72)])
+def test_a_query_head_gets_the_same_attention_bits_alone_as_in_its_group(heads, kv_heads, d):
+    """The heads sharing a kv head run together (in threes or twos, the rest alone); each
+    one's result is the one it gets alone, over keys of a decoding step (split chunks)
+    and a prompt's (every chunk in one task), and what RoPE and SDPA compute."""
+    group, context = heads // kv_heads, 150
+    g = torch.Generator().manual_seed(heads * d)
+    prompt = torch.randn(context - 2, (heads + 2 * kv_heads) * d, generator=g)
+    step = torch.randn(2, (heads + 2 * kv_heads) * d, generator=g)
+    cos, sin_signed = _rope(context, d)
+
+    def attend(rows: torch.Tensor, heads: int, kv_heads: int) -> torch.Tensor:
+        slot_k, slot_v = torch.zeros(kv_heads, context, d), torch.zeros(kv_heads, context, d)
+        out = torch.empty(len(prompt), heads * d)
+        args = (slot_k, slot_v, out, 0, heads, kv_heads, d**-0.5)
+        cpu_kernels.attend(rows[0], cos[: len(prompt)], sin_signed[: len(prompt)], *args)
+        after = torch.empty(2, heads * d)
+        rope = cos[len(prompt) :], sin_signed[len(prompt) :]
+        cpu_kernels.attend(
+            rows[1], *rope, slot_k, slot_v, after, len(prompt), heads, kv_heads, d**-0.5
+        )
+        return torch.cat([out, after])
+
+    def split(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return rows.view(len(rows), -1, d).split([heads, kv_heads, kv_heads], dim=1)
+
+    together = attend((prompt, step), heads, kv_heads).view(context, heads, d)
+    for h in range(heads):
+        kv = h // group
+        alone = []
+        for rows in (prompt, step):
+            q, k, v = split(rows)
+            alone.append(torch.cat([q[:, h], k[:, kv], v[:, kv]], -1).contiguous())
+        assert torch.equal(attend(alone, 1, 1), together[:, h]), h
+    q, k, v = (t.transpose(0, 1) for t in split(torch.cat([prompt, step])))
+    rope = cos[:, None], sin_signed[:, None]
+    q = _apply_rope(q.transpose(0, 1), *rope).transpose(0, 1)
+    k = _apply_rope(k.transpose(0, 1), *rope).transpose(0, 1)
+    mask = torch.ones(context, context, dtype=torch.bool).tril()
+    expected = F.scaled_dot_product_attention(
+        q[None], k[None], v[None], attn_mask=mask, enable_gqa=True
+    )
+    torch.testing.assert_close(together, expected[0].transpose(0, 1))
+
+
+@pytest.mark.usefixtures("kernel_build")
 def test_a_row_gets_the_same_attention_bits_in_a_prompt_as_in_a_decoding_step():
     """A prompt's rows (many: a task per row) and a decoding step's (a task per chunk of
     keys) fold the same partials in the same order."""

@@ -120,6 +120,18 @@ def test_a_drafts_first_head_pass_is_priced_apart_from_the_later_ones():
     assert alike.choose(seq, limit=6) == 1
 
 
+def test_an_unreported_first_pass_shares_the_catch_up_and_no_pass_costs_less_than_nothing():
+    # A worker that does not report its first pass (an older one: the field reads 0):
+    # 3 passes of 3 ms, 2 of them catching up, cost 1/3 ms a pass, not 3/3 - 2.
+    policy = DraftPolicy(AUTO)
+    policy.observe_step(1, 0.007, 0.003, 0.002, passes=3, first_s=0.0)
+    assert abs(policy.first_pass_s - 0.001 / 3) < 1e-12
+    # Reported, a catch-up beyond the first pass's time (clocks apart) counts as 0.
+    policy = DraftPolicy(AUTO)
+    policy.observe_step(1, 0.007, 0.003, 0.002, passes=2, first_s=0.001)
+    assert policy.first_pass_s == 0.0 and abs(policy.next_pass_s - 0.002) < 1e-12
+
+
 def test_fixed_settings_and_limits_are_kept():
     seq = steady_sequence(0.9)
     assert DraftPolicy(3).choose(seq, limit=6) == 3
