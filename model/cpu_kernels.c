@@ -693,7 +693,8 @@ static inline __attribute__((always_inline)) void scores(const int G, const int 
         for (int g = 0; g < G; g++) acc[g] = _mm256_setzero_ps();
         for (int64_t i = 0; i < d; i += 8) {
             const __m256 k = kv8(K, j * d + i, half);
-            for (int g = 0; g < G; g++) acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q[g] + i), k, acc[g]);
+            for (int g = 0; g < G; g++)
+                acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q[g] + i), k, acc[g]);
         }
         for (int g = 0; g < G; g++) {
             p[g][j] = hsum(acc[g]) * scale;
@@ -934,7 +935,8 @@ static void attend(const heads_t* a, const float* QKV, const float* COS, const f
                 for (int64_t i = 0; i < group; i++) {
                     const int64_t h = task.g * group + i;
                     q[i] = w->q + (r * heads + h) * d;
-                    o[i] = w->partials + (w->part_of_row[r] + h * chunks_of(keys) + task.c) * (d + 2);
+                    o[i] = w->partials +
+                           (w->part_of_row[r] + h * chunks_of(keys) + task.c) * (d + 2);
                 }
                 chunk_partials(w->half, q, group, k, v, n, d, a->scale, o, m, l);
                 for (int64_t i = 0; i < group; i++) o[i][d] = m[i], o[i][d + 1] = l[i];

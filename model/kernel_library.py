@@ -30,7 +30,8 @@ log = logging.getLogger("mtpd.model.cpu_kernels")
 SOURCE = Path(__file__).with_name("cpu_kernels.c")  # what cpu_kernels.py binds
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
 # Where the CPU has them, the int4 and int8 kernels take 64 byte pairs per instruction
-# (VNNI's dpbusd on 512-bit registers); the library is built on the machine it runs on.
+# (VNNI's dpbusd on 512-bit registers), and attention's 256-bit operations all 32
+# registers (VL); the library is built on the machine it runs on.
 AVX512_VNNI = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni")
 _AVX512_VNNI_CPU = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}  # as /proc/cpuinfo names them
 # Libraries kept in the cache: one per kernel source and build (AVX-512, AVX2, scalar exp).
