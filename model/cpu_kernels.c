@@ -17,6 +17,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -1155,5 +1156,91 @@ int mtpd_mtp_input_f32(const mtpd_mtp_input* h, const float* E, const float* X, 
     }
     free(buffer);
     free_q8_inputs(&in);
+    return failed ? -1 : 0;
+}
+
+// ---- An MTP head's whole pass (model/mtp.py, MTPHead.forward_and_draft): the next
+// tokens' embeddings, the input stage, the head's layers over the step S (the head's own
+// cache), the final norm of the rows that draft (draft_rows, n_draft of them) and the
+// draft vocabulary's greedy pick for each. The same kernels in the same order as the
+// head's calls one by one, so the same bits; in one call because the Python between them
+// (layouts, norms, argmax, indexing) had cost a draft pass about as much as its
+// arithmetic.
+typedef struct {
+    const float* embedding;  // [vocab, H]: the trunk's, shared
+    int64_t vocab;
+    mtpd_mtp_input input;
+    const mtpd_layer* layers;
+    int64_t n_layers;
+    const float* norm;  // [H]
+    float eps;
+    mtpd_matrix draft_head;    // [n, H]: the draft vocabulary's rows, padded to whole panels
+    int64_t draft_vocab;       // its rows that are tokens (the padding's are not)
+    const int64_t* draft_ids;  // [draft_vocab]: full-vocabulary ids, or NULL (the same)
+} mtpd_mtp_pass;
+
+// numpy's argmax of x's n values: the first of equal largest, or the first NaN where there
+// is one (the largest found 8 lanes at a time, then its first place).
+static int64_t first_largest(const float* x, int64_t n) {
+    __m256 top = _mm256_set1_ps(-INFINITY), nan = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        const __m256 v = _mm256_loadu_ps(x + j);
+        top = _mm256_max_ps(top, v);
+        nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    }
+    __m128 t = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
+    t = _mm_max_ps(t, _mm_movehl_ps(t, t));
+    float largest = _mm_cvtss_f32(_mm_max_ss(t, _mm_shuffle_ps(t, t, 1)));
+    int any_nan = _mm256_movemask_ps(nan) != 0;
+    for (; j < n; j++) {
+        any_nan |= x[j] != x[j];
+        largest = x[j] > largest ? x[j] : largest;
+    }
+    for (j = 0; j < n; j++)
+        if (any_nan ? x[j] != x[j] : x[j] == largest) return j;
+    return 0;
+}
+
+static double seconds_now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+// TOKENS [M]; X [M, width] as mtpd_mtp_input takes it; STATES [n_draft, H] the normed
+// states of rows draft_rows; DRAFTS [n_draft] their greedy drafts (as numpy's argmax of
+// their logits). *ROWS_SECONDS: the time of the part that grows with the rows (the input
+// stage and the layers; the drafter bills held rows their share of it). Returns 0; -1
+// where memory could not be had; -2 where a token lies outside the vocabulary (nothing
+// is computed then).
+int mtpd_mtp_pass_f32(const mtpd_mtp_pass* p, const mtpd_step* S, const int64_t* TOKENS,
+                      const float* X, int64_t width, const int64_t* draft_rows, int64_t n_draft,
+                      float* STATES, int64_t* DRAFTS, double* ROWS_SECONDS, int threads) {
+    const int64_t M = S->rows, H = p->input.hidden, V = p->draft_head.n;
+    for (int64_t m = 0; m < M; m++)
+        if (TOKENS[m] < 0 || TOKENS[m] >= p->vocab) return -2;
+    float* const buffer = malloc(sizeof(float) * (3 * M * H + n_draft * (H + V)) + 1);
+    if (!buffer) return -1;
+    float *const embedded = buffer, *const input = embedded + M * H, *const out = input + M * H;
+    float *const picked = out + M * H, *const logits = picked + n_draft * H;
+    for (int64_t m = 0; m < M; m++)
+        memcpy(embedded + m * H, p->embedding + TOKENS[m] * H, sizeof(float) * H);
+    const double began = seconds_now();
+    int failed = mtpd_mtp_input_f32(&p->input, embedded, X, width, input, M, threads) ||
+                 mtpd_decoder_layers_f32(p->layers, p->n_layers, S, 0, input, out, threads,
+                                         NULL, 0, NULL);
+    *ROWS_SECONDS = seconds_now() - began;
+    if (!failed && n_draft) {
+        for (int64_t i = 0; i < n_draft; i++)
+            memcpy(picked + i * H, out + draft_rows[i] * H, sizeof(float) * H);
+        rms_norm(picked, p->norm, STATES, n_draft, H, p->eps);  // a few rows: one thread
+        failed = mtpd_linear(&p->draft_head, STATES, logits, n_draft, threads);
+    }
+    for (int64_t i = 0; !failed && i < n_draft; i++) {
+        const int64_t best = first_largest(logits + i * V, p->draft_vocab);
+        DRAFTS[i] = p->draft_ids ? p->draft_ids[best] : best;
+    }
+    free(buffer);
     return failed ? -1 : 0;
 }

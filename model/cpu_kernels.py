@@ -560,3 +560,134 @@ def mtp_input(spec: MTPInput, embedded: torch.Tensor, hidden: torch.Tensor) -> t
         )
         _out_of_memory(status, "mtp_input")
     return out
+
+
+class MTPPass(ctypes.Structure):
+    """An MTP head's whole pass (mtpd_mtp_pass in cpu_kernels.c): embedding, input stage,
+    layers, final norm and greedy draft, as `mtp_pass` runs them; made once from a packed
+    head."""
+
+    _fields_ = [
+        ("embedding", C_POINTER),
+        ("vocab", C_INT),
+        ("input", MTPInput),
+        ("layers", C_POINTER),
+        ("n_layers", C_INT),
+        ("norm", C_POINTER),
+        ("eps", C_FLOAT),
+        ("draft_head", Matrix),
+        ("draft_vocab", C_INT),
+        ("draft_ids", C_POINTER),
+    ]
+
+    @classmethod
+    def of(
+        cls,
+        embedding: torch.Tensor,
+        head_input: MTPInput,
+        layers: Sequence[Layer],
+        norm: torch.Tensor,
+        eps: float,
+        draft_head: Matrix,
+        draft_vocab: int,
+        draft_ids: torch.Tensor | None,
+    ) -> MTPPass:
+        """`draft_head` may have more rows than `draft_vocab` (padding: never drafted);
+        `draft_ids` maps its rows to full-vocabulary ids (None: they are those ids)."""
+        hidden = head_input.hidden
+        # The C side trusts these: a mismatch would read or write beyond a buffer.
+        if not (
+            available_for(embedding)
+            and embedding.dim() == 2
+            and embedding.shape[1] == hidden
+            and available_for(norm)
+            and norm.shape == (hidden,)
+            and layers
+            and all(
+                (x.hidden, x.heads, x.kv_heads, x.head_dim)
+                == (hidden, layers[0].heads, layers[0].kv_heads, layers[0].head_dim)
+                for x in layers
+            )
+            and draft_head.k == hidden
+            and 0 < draft_vocab <= draft_head.n
+            and (draft_ids is None or draft_ids.shape == (draft_vocab,))
+            # Drafts come back as next tokens: each must have an embedding row.
+            and (draft_ids is not None or draft_vocab <= embedding.shape[0])
+        ):
+            raise ValueError(
+                f"an MTP pass of {hidden} does not fit its parts: embedding "
+                f"{list(embedding.shape)}, norm {list(norm.shape)}, draft head "
+                f"[{draft_head.n}, {draft_head.k}] for {draft_vocab} tokens, layers of "
+                f"{[x.hidden for x in layers]}"
+            )
+        embedding, norm = embedding.detach(), norm.detach()
+        ids = None if draft_ids is None else draft_ids.to(torch.int64).contiguous()
+        array = (Layer * len(layers))(*layers)
+        spec = cls(
+            embedding.data_ptr(),
+            embedding.shape[0],
+            head_input,
+            ctypes.addressof(array),
+            len(layers),
+            norm.data_ptr(),
+            eps,
+            draft_head,
+            draft_vocab,
+            _pointer(ids),
+        )
+        spec.tensors = (embedding, head_input, array, layers, norm, draft_head, ids)
+        spec.hidden, spec.layer_heads = hidden, (layers[0].kv_heads, layers[0].head_dim)
+        return spec
+
+
+def mtp_pass(
+    spec: MTPPass,
+    step: Step,
+    next_tokens: torch.Tensor,
+    hidden: torch.Tensor,
+    draft_rows: list[int],
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """An MTP head's pass over the step's rows, in one call: `next_tokens` [rows] and
+    `hidden` as `mtp_input` takes them; the head's cache entries written. Returns the
+    normed states of `draft_rows` [len(draft_rows), H], their greedy drafts
+    (full-vocabulary ids), and the seconds of the part that grows with the step's rows
+    (input stage and layers)."""
+    _check("mtp_pass", hidden)
+    size, width = spec.hidden, hidden.shape[-1]
+    m = step.rows
+    if (
+        hidden.dim() != 2
+        or hidden.shape[0] != m
+        or next_tokens.shape != (m,)
+        or width not in (size, (1 + spec.input.taps) * size)
+        or (step.kv_heads, step.head_dim) != spec.layer_heads
+        or step.layers < spec.n_layers
+        or any(not 0 <= r < m for r in draft_rows)
+    ):
+        raise ValueError(
+            f"mtp_pass: rows {list(hidden.shape)}, tokens {list(next_tokens.shape)} and draft "
+            f"rows {draft_rows} do not fit a step of {m} rows for a head of {size} with "
+            f"{spec.input.taps} taps"
+        )
+    tokens, hidden = next_tokens.to(torch.int64).contiguous(), hidden.contiguous()
+    states = torch.empty(len(draft_rows), size)
+    drafts = torch.empty(len(draft_rows), dtype=torch.int64)
+    rows_s = ctypes.c_double(0.0)
+    if m:
+        status = kernels().mtpd_mtp_pass_f32(
+            ctypes.byref(spec),
+            ctypes.byref(step),
+            tokens.data_ptr(),
+            hidden.data_ptr(),
+            width,
+            (ctypes.c_int64 * len(draft_rows))(*draft_rows) if draft_rows else None,
+            len(draft_rows),
+            states.data_ptr(),
+            drafts.data_ptr(),
+            ctypes.byref(rows_s),
+            torch.get_num_threads(),
+        )
+        if status == -2:  # checked there: a pass over the tokens in Python cost 2 torch ops
+            raise ValueError(f"mtp_pass: token ids outside the vocabulary of {spec.vocab}")
+        _out_of_memory(status, "mtp_pass")
+    return states, drafts, rows_s.value

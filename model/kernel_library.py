@@ -141,6 +141,12 @@ _SIGNATURES = {  # name: (argument types, result type)
         [C_POINTER] * 3 + [C_INT, C_POINTER, C_INT, ctypes.c_int],
         C_STATUS,
     ),
+    "mtpd_mtp_pass_f32": (
+        # head, step, tokens, X, width, draft_rows, n_draft, states, drafts, rows_seconds,
+        # threads
+        [C_POINTER] * 4 + [C_INT, C_POINTER, C_INT] + [C_POINTER] * 3 + [ctypes.c_int],
+        C_STATUS,
+    ),
     "mtpd_decoder_layers_f32": (
         # layers, n, step, first, X, Y, threads, taps, n_taps, T
         [

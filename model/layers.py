@@ -552,18 +552,25 @@ class LayerStack(nn.Module):
         cache.commit(slots, starts, counts)
         return h if real is None else h.index_select(0, real)
 
+    def one_call_layers(self, dtype: torch.dtype, cache: KVCache) -> list[cpu_kernels.Layer] | None:
+        """The layers' kernels where a flat step of `dtype` rows over `cache` runs every
+        layer in one kernel call (cpu_kernels.decoder_layers), else None."""
+        kernels = [getattr(layer, "kernel", None) for layer in self.layers]
+        if (
+            all(k is not None for k in kernels)
+            and dtype == torch.float32
+            and cache.k.dtype in (torch.float32, torch.float16)
+        ):
+            return kernels
+        return None
+
     def run_layers(
         self, h: torch.Tensor, layout: BatchLayout | PaddedLayout, cache: KVCache
     ) -> torch.Tensor:
         """The layers' output, followed (with `taps`) by the residual stream going into
         each tapped layer, side by side: [rows, hidden * (1 + len(taps))]."""
-        kernels = [getattr(layer, "kernel", None) for layer in self.layers]
-        if (
-            all(k is not None for k in kernels)
-            and isinstance(layout, BatchLayout)
-            and h.dtype == torch.float32
-            and cache.k.dtype in (torch.float32, torch.float16)
-        ):  # every layer in one kernel call
+        kernels = self.one_call_layers(h.dtype, cache) if isinstance(layout, BatchLayout) else None
+        if kernels is not None:
             return cpu_kernels.decoder_layers(kernels, layout.kernel_step(cache), 0, h, self.taps)
         tapped = []
         for i, layer in enumerate(self.layers):

@@ -14,8 +14,10 @@ The DeepSeek-V3 layout (enorm, hnorm, eh_proj, shared_head) is renamed onto this
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +32,8 @@ from mtpd.model.config import ModelConfig
 from mtpd.model.decoder import check_tap_layers
 from mtpd.model.errors import ModelLoadError
 from mtpd.model.kv_cache import KVCache
-from mtpd.model.layers import Linear, RMSNorm
+from mtpd.model.layers import LayerStack, Linear, RMSNorm
+from mtpd.model.step_layout import BatchLayout
 
 PREFIX = "mtp"
 DRAFT_VOCAB = f"{PREFIX}.draft_vocab"  # optional int64 [N]: the token ids drafts may take
@@ -168,6 +171,17 @@ def read_checkpoint_head(ckpt: Checkpoint, cfg: ModelConfig) -> dict[str, torch.
     return None
 
 
+class HeadPass(NamedTuple):
+    """A head pass's states of the rows that draft, their greedy drafts (full-vocabulary
+    ids), the drafts' probabilities where asked, and the seconds of the part of the pass
+    that grows with its rows (what a drafter bills held rows their share of)."""
+
+    states: torch.Tensor
+    drafts: torch.Tensor
+    probabilities: torch.Tensor | None
+    rows_s: float
+
+
 class MTPHead(nn.Module):
     def __init__(
         self,
@@ -208,6 +222,7 @@ class MTPHead(nn.Module):
         )
         self.norm = rms_norm(cfg, t[f"{PREFIX}.norm.weight"])
         self._kernel_input: cpu_kernels.MTPInput | None = None  # made once packed
+        self._kernel_pass: cpu_kernels.MTPPass | None = None  # made once packed
         # Shared with the trunk, not copied.
         self.embedding = embedding
         # A reduced draft vocabulary makes the draft pass's LM head a few percent of the
@@ -249,6 +264,38 @@ class MTPHead(nn.Module):
         logits predict the tokens at t+2. Appends N entries to the head's cache."""
         return self.norm(self.stack(self._input(hidden, next_tokens), cache, slots, counts))
 
+    def forward_and_draft(
+        self,
+        hidden: torch.Tensor,
+        next_tokens: torch.Tensor,
+        cache: KVCache,
+        slots: list[int],
+        counts: list[int],
+        rows: list[int] | None = None,
+        probabilities: bool = False,
+    ) -> HeadPass:
+        """forward(), then draft() on the states of `rows` (None: every row). One kernel
+        call where the whole head runs on the kernels: the same bits as the calls one by
+        one."""
+        spec = None if probabilities else self._pass_on_kernel(cache, hidden)
+        if spec is None:
+            began = time.monotonic()
+            states = self.forward(hidden, next_tokens, cache, slots, counts)
+            rows_s = time.monotonic() - began
+            if rows is not None:
+                states = states[rows]
+            if not states.shape[0]:
+                return HeadPass(states, next_tokens.new_empty(0), None, rows_s)
+            return HeadPass(states, *self.draft(states, probabilities), rows_s)
+        stack = self.stack
+        layout = BatchLayout.build(cache, slots, counts, stack.cos, stack.sin_signed, self.dtype)
+        draft_rows = list(range(len(next_tokens))) if rows is None else rows
+        states, drafts, rows_s = cpu_kernels.mtp_pass(
+            spec, layout.kernel_step(cache), next_tokens, hidden, draft_rows
+        )
+        cache.commit(layout.slots, layout.starts, layout.counts)
+        return HeadPass(states, drafts, None, rows_s)
+
     def forward_causal(self, hidden: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
         """Training: whole sequences hidden [B, T, H] and next_tokens [B, T], no cache."""
         return self.norm(self.stack.forward_causal(self._input(hidden, next_tokens)))
@@ -284,6 +331,34 @@ class MTPHead(nn.Module):
                     self.fc.matrix,
                 )
         return self._kernel_input
+
+    def _pass_on_kernel(self, cache: KVCache, hidden: torch.Tensor) -> cpu_kernels.MTPPass | None:
+        """The whole pass as one kernel call, where the input stage, every layer (in one
+        call over this cache), the final norm and the draft head run on the kernels."""
+        if type(self.stack) is not LayerStack or self.stack.taps or hidden.dim() != 2:
+            return None
+        layers = self.stack.one_call_layers(hidden.dtype, cache)
+        if layers is None:
+            return None
+        if self._kernel_pass is None:
+            head_input = self._input_on_kernel()
+            if (
+                head_input is not None
+                and type(self.norm) is RMSNorm
+                and self.norm.on_kernel
+                and self.draft_head.on_kernel
+            ):
+                self._kernel_pass = cpu_kernels.MTPPass.of(
+                    self.embedding,
+                    head_input,
+                    layers,
+                    self.norm.weight,
+                    self.norm.eps,
+                    self.draft_head.matrix,
+                    self.draft_vocab_size,
+                    self.draft_ids,
+                )
+        return self._kernel_pass
 
     def _hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """The hidden state fc takes: from a trunk row with taps ([final, tap, ...]) their

@@ -13,7 +13,7 @@ from mtpd.model.config import ModelConfig
 from mtpd.model.decoder import EMBEDDING, DecoderShard, ShardSpec
 from mtpd.model.errors import ModelLoadError
 from mtpd.model.layers import pack_for_inference
-from mtpd.model.mtp import MTPHead, from_deepseek_layout, read_head_file
+from mtpd.model.mtp import DRAFT_VOCAB, MTPHead, from_deepseek_layout, read_head_file
 from mtpd.model.quant import quantize_head
 
 VOCAB = 96
@@ -162,6 +162,73 @@ def test_a_packed_heads_input_is_one_kernel_call_with_the_per_op_bits(tmp_path, 
         mtp._input(rows[:, : 2 * cfg.hidden_size], next_tokens)
 
 
+@pytest.mark.parametrize(
+    ("int8", "draft_vocab", "half_cache"), [(False, False, False), (True, True, True)]
+)
+def test_a_packed_heads_pass_and_drafts_are_one_kernel_call_with_the_per_op_bits(
+    tmp_path, monkeypatch, int8, draft_vocab, half_cache
+):
+    """On the CPU kernels a head's whole pass (embedding, input, layer, norm, draft head,
+    greedy pick) is one call: the same states, drafts and cache entries, bit for bit, as
+    its calls one by one, over sequences of several rows and a recursive pass after."""
+    # An intermediate size the int8 panels take (32 columns a group).
+    write_tiny_model(tmp_path, "llama", tied=True, vocab=VOCAB, intermediate_size=128)
+    ckpt = open_checkpoint(tmp_path)
+    cfg = ModelConfig.from_hf(ckpt.hf_config)
+    trunk = DecoderShard.load(ckpt, cfg, ShardSpec.whole(cfg), torch.float32, 128)
+    head = random_head(cfg, seed=4, taps=(1, 3))
+    if draft_vocab:
+        head[DRAFT_VOCAB] = torch.tensor([5, 90, 17, 3, 64, 41, 8, 77])
+    mtp = MTPHead(cfg, head, trunk.embedding, trunk.lm_head, 128, torch.float32)
+    if int8:
+        quantize_head(mtp)
+    pack_for_inference(mtp)
+    if half_cache:
+        mtp.stack.use_half_cache()
+    g = torch.Generator().manual_seed(7)
+    rows = torch.randn(7, 3 * cfg.hidden_size, generator=g)
+    next_tokens = torch.randint(0, VOCAB, (7,), generator=g)
+    caches = [mtp.new_cache(3, 64) for _ in range(2)]
+    slots = [[c.slot(s) for s in ("a", "b")] for c in caches]
+    per_op = mtp.forward(rows, next_tokens, caches[1], slots[1], [4, 3])[[3, 6]]
+    per_op_drafts = mtp.draft(per_op)[0]
+
+    def one_call(*args, **kwargs):  # the calls one by one must not run
+        with monkeypatch.context() as m:
+            m.setattr(MTPHead, "forward", None)
+            m.setattr(MTPHead, "draft", None)
+            return mtp.forward_and_draft(*args, **kwargs)
+
+    states, drafts, probs, rows_s = one_call(rows, next_tokens, caches[0], slots[0], [4, 3], [3, 6])
+    assert probs is None and rows_s > 0
+    assert torch.equal(states, per_op) and torch.equal(drafts, per_op_drafts)
+    if draft_vocab:
+        assert set(drafts.tolist()) <= set(head[DRAFT_VOCAB].tolist())
+    # Drafting on: the head's own states, one row per sequence (every row drafts).
+    again, again_drafts, _, _ = one_call(states, drafts, caches[0], slots[0], [1, 1])
+    per_op = mtp.forward(per_op, per_op_drafts, caches[1], slots[1], [1, 1])
+    assert torch.equal(again, per_op) and torch.equal(again_drafts, mtp.draft(per_op)[0])
+    # A pass that only catches the cache up drafts nothing.
+    caught_up, no_drafts, _, _ = one_call(again, again_drafts, caches[0], slots[0], [1, 1], [])
+    mtp.forward(per_op, again_drafts, caches[1], slots[1], [1, 1])
+    assert caught_up.shape == (0, cfg.hidden_size) and no_drafts.numel() == 0
+    assert torch.equal(caches[0].k, caches[1].k) and torch.equal(caches[0].v, caches[1].v)
+    assert caches[0].lengths == caches[1].lengths == [6, 5, 0]
+    # Asked for the drafts' probabilities, the pass runs op by op (the kernel gives none).
+    _, _, probs, _ = mtp.forward_and_draft(
+        states, drafts, caches[0], slots[0], [1, 1], [0, 1], probabilities=True
+    )
+    assert probs is not None and probs.shape == (2,)
+    if not int8:  # a NaN logit is drafted as numpy's argmax takes it: the first NaN
+        mtp.draft_head.weight.data[[11, 8]] = float("nan")
+        _, nan_drafts, _, _ = one_call(states, drafts, caches[0], slots[0], [1, 1])
+        assert nan_drafts.tolist() == [8, 8] == mtp.draft(states)[0].tolist()
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        mtp.forward_and_draft(rows, next_tokens + VOCAB, caches[0], slots[0], [4, 3], [3])
+    with pytest.raises(ValueError, match="do not fit a step"):
+        mtp.forward_and_draft(rows, next_tokens, caches[0], slots[0], [4, 3], [7])
+
+
 def test_deepseek_layout_and_head_file_load_the_same_module(tmp_path):
     _, _, cfg, trunk = build(tmp_path)
     head = random_head(cfg, seed=3)
@@ -210,7 +277,8 @@ def test_head_inside_the_checkpoint_is_found(tmp_path):
     assert all(torch.equal(found[k], head[k]) for k in head)
 
 
-def test_the_heads_cache_caught_up_lazily_drafts_as_if_kept_current(tmp_path, monkeypatch):
+@pytest.mark.parametrize("packed", [False, True])  # packed: the head's pass is one kernel call
+def test_the_heads_cache_caught_up_lazily_drafts_as_if_kept_current(tmp_path, monkeypatch, packed):
     """Steps that draft nothing leave the head idle (their entries are kept back); the
     next step that drafts runs it over them all at once. Its drafts and its cache then
     equal those of a head that ran at every step, through a replay from position 0 and
@@ -224,6 +292,9 @@ def test_the_heads_cache_caught_up_lazily_drafts_as_if_kept_current(tmp_path, mo
     monkeypatch.setattr(drafter_module, "_SHARE_ROWS", 3)
     _, _, cfg, trunk = build(tmp_path)
     mtp = MTPHead(cfg, random_head(cfg, seed=7), trunk.embedding, trunk.lm_head, 128, torch.float32)
+    if packed:
+        pack_for_inference(mtp)
+        assert mtp._pass_on_kernel(mtp.new_cache(1, 8), torch.zeros(1, cfg.hidden_size))
     g = torch.Generator().manual_seed(11)
     hidden = torch.randn(128, cfg.hidden_size, generator=g)
     tokens = torch.randint(0, VOCAB, (129,), generator=g).tolist()

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mtpd.model.mtp import MTPHead
+from mtpd.model.mtp import HeadPass, MTPHead
 
 MAX_DEFERRED = 256  # entries (hidden rows) a sequence may hold back from the head
 # A step's hidden states are held by reference (no copy) when it has at most this many
@@ -168,22 +168,24 @@ class Drafter:
                 at += r.count
         if not counts:
             return
-        began = time.monotonic()
-        states = self.head(
-            torch.cat(hidden),
+        ends = list(itertools.accumulate(counts))
+        first = self.head.forward_and_draft(
+            hidden[0] if len(hidden) == 1 else torch.cat(hidden),  # one: a view, no copy
             torch.tensor(tokens, dtype=torch.long, device=self.head.embedding.device),
             self.cache,
             slots,
             counts,
+            [ends[i] - 1 for _, i in live],
+            any(item.p_min > 0 for item, _ in live),
         )
         self.passes = 1
-        # The held rows' share of the pass, as if its time grew with its rows (it grows
-        # more slowly): what drafting again costs for having paused, not what a draft does.
-        # (On CUDA the pass is only queued by now: its share reads as nearly 0.)
-        self.catch_up_s = (time.monotonic() - began) * held_rows / len(tokens)
+        # The held rows' share of the part of the pass that grows with its rows, as if it
+        # grew in proportion (it grows more slowly): what drafting again costs for having
+        # paused, not what a draft does. (On CUDA the pass is only queued by now: its
+        # share reads as nearly 0.)
+        self.catch_up_s = first.rows_s * held_rows / len(tokens)
         if live:
-            ends = list(itertools.accumulate(counts))
-            self._draft(live, states[[ends[i] - 1 for _, i in live]], slots, started)
+            self._draft(live, first, slots, started)
         else:
             self.first_pass_s = time.monotonic() - started
 
@@ -235,10 +237,12 @@ class Drafter:
     def _draft(
         self,
         live: list[tuple[Advance, int]],
-        states: torch.Tensor,
+        first: HeadPass,
         slots: list[int],
         started: float,
     ) -> None:
+        """Takes the first pass's drafts, and drafts on while items want more."""
+        states, drafts, probs, _ = first
         verified = {item.seq_id: self.cache.lengths[slots[i]] for item, i in live}
         # Draft-time entries must fit the cache: positions verified .. verified + k - 2.
         for item, _ in live:
@@ -246,7 +250,6 @@ class Drafter:
         items = [item for item, _ in live]
         item_slots = [slots[i] for _, i in live]
         while True:
-            drafts, probs = self.head.draft(states, any(item.p_min > 0 for item in items))
             ids = drafts.tolist()
             keep = []
             for row, item in enumerate(items):
@@ -261,7 +264,14 @@ class Drafter:
                 break
             items = [items[r] for r in keep]
             item_slots = [item_slots[r] for r in keep]
-            states = self.head(states[keep], drafts[keep], self.cache, item_slots, [1] * len(keep))
+            states, drafts, probs, _ = self.head.forward_and_draft(
+                states[keep],
+                drafts[keep],
+                self.cache,
+                item_slots,
+                [1] * len(keep),
+                probabilities=any(item.p_min > 0 for item in items),
+            )
             self.passes += 1
         for item, i in live:  # discard the draft-time entries
             self.cache.truncate(slots[i], verified[item.seq_id])
