@@ -377,10 +377,6 @@ class MTPHead(nn.Module):
         """Logits over the draft vocabulary (the full one when the head has none)."""
         return self.draft_head(states).float()
 
-    def draft_tokens(self, states: torch.Tensor) -> torch.Tensor:
-        """The greedy draft for each state, as token ids of the full vocabulary."""
-        return self.draft(states)[0]
-
     def draft(
         self, states: torch.Tensor, probabilities: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:

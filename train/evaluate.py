@@ -43,7 +43,8 @@ def draft_along(
         for step in range(max(o.shape[0] for o in out)):
             live = [i for i, o in enumerate(out) if step < o.shape[0]]
             p = [starts[i] + step for i in live]
-            states = head(
+            # The passes serving runs (Drafter): each one call where the head is on the kernels.
+            states, first, _, _ = head.forward_and_draft(
                 torch.stack(
                     [records[i].hidden[q].to(head.dtype) for i, q in zip(live, p, strict=True)]
                 ),
@@ -52,10 +53,12 @@ def draft_along(
                 [slots[i] for i in live],
                 [1] * len(live),
             )
-            drafts = [head.draft_tokens(states)]
+            drafts = [first]
             for _ in range(k - 1):
-                states = head(states, drafts[-1], cache, [slots[i] for i in live], [1] * len(live))
-                drafts.append(head.draft_tokens(states))
+                states, more, _, _ = head.forward_and_draft(
+                    states, drafts[-1], cache, [slots[i] for i in live], [1] * len(live)
+                )
+                drafts.append(more)
             for i in live:  # the draft-time entries are discarded, as after verification
                 cache.truncate(slots[i], cache.lengths[slots[i]] - (k - 1))
             for j, d in enumerate(drafts):
