@@ -26,6 +26,16 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+// The largest of t's four lanes, and of v's eight.
+static inline float hmax4(__m128 t) {
+    t = _mm_max_ps(t, _mm_movehl_ps(t, t));
+    return _mm_cvtss_f32(_mm_max_ss(t, _mm_shuffle_ps(t, t, 1)));
+}
+
+static inline float hmax(__m256 v) {
+    return hmax4(_mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1)));
+}
+
 #ifdef __AVX512F__
 // The two halves of v added: eight lanes.
 static inline __m256 fold512(__m512 v) {
@@ -348,10 +358,7 @@ static void q8_group(const float* x, int8_t* xq, float* xd, float* xs, int32_t* 
         finite &= _mm256_movemask_ps(_mm256_cmp_ps(size, huge, _CMP_LE_OQ)) == 0xFF;
         top = _mm256_max_ps(top, size);
     }
-    __m128 t = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
-    t = _mm_max_ps(t, _mm_movehl_ps(t, t));
-    t = _mm_max_ss(t, _mm_shuffle_ps(t, t, 1));
-    float d = _mm_cvtss_f32(t) / 127.0f, inverse = d > 0.0f ? 1.0f / d : 0.0f;
+    float d = hmax(top) / 127.0f, inverse = d > 0.0f ? 1.0f / d : 0.0f;
     if (!(inverse <= FLT_MAX)) d = inverse = 0.0f;
     if (!finite) {
         for (int j = 0; j < 32; j++) xq[j] = 0;
@@ -684,11 +691,7 @@ static inline __attribute__((always_inline)) void scores(const int G, const int 
             tops[g] = _mm_max_ps(four, tops[g]);
         }
     }
-    for (int g = 0; g < G; g++) {
-        __m128 t = _mm_max_ps(tops[g], _mm_movehl_ps(tops[g], tops[g]));
-        t = _mm_max_ss(t, _mm_shuffle_ps(t, t, 1));
-        top[g] = _mm_cvtss_f32(t);
-    }
+    for (int g = 0; g < G; g++) top[g] = hmax4(tops[g]);
     for (; j < keys; j++) {
         __m256 acc[ATT_QUERIES];
         for (int g = 0; g < G; g++) acc[g] = _mm256_setzero_ps();
@@ -1189,9 +1192,7 @@ static int64_t first_largest(const float* x, int64_t n) {
         top = _mm256_max_ps(top, v);
         nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
     }
-    __m128 t = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
-    t = _mm_max_ps(t, _mm_movehl_ps(t, t));
-    float largest = _mm_cvtss_f32(_mm_max_ss(t, _mm_shuffle_ps(t, t, 1)));
+    float largest = hmax(top);
     int any_nan = _mm256_movemask_ps(nan) != 0;
     for (; j < n; j++) {
         any_nan |= x[j] != x[j];
