@@ -249,6 +249,27 @@ def test_the_model_writes_prompts(tiny, tmp_path):
     )
 
 
+def test_the_model_writes_prompts_on_from_openers(tiny, tmp_path):
+    from mtpd.train.engine import Engine
+    from mtpd.train.prompts import self_written_prompts
+
+    engine = Engine.load(tiny / "model", max_seqs=8, max_context=256)
+    openers = ("Qx", "Zy w")
+    opened = self_written_prompts(
+        engine, 12, tmp_path / "o.json", exclude=(), seed=3, batch=8, openers=openers
+    )
+    assert len(opened) == 12 and len(set(opened)) == 12
+    # Every prompt keeps its opening and goes on past it, and both openings are used.
+    starts = [next(o for o in openers if p.startswith(o)) for p in opened]
+    assert all(len(p) > len(o) for p, o in zip(opened, starts, strict=True))
+    assert set(starts) == set(openers)
+    # The model writes on from the opening: what follows it is not what the same seed
+    # samples with no opening (a prefix pasted onto those would be).
+    plain = self_written_prompts(engine, 12, tmp_path / "p.json", exclude=(), seed=3, batch=8)
+    written = {p[len(o) :].strip() for p, o in zip(opened, starts, strict=True)}
+    assert not written & set(plain)
+
+
 def test_writing_prompts_needs_a_template_with_a_cue(tmp_path):
     from mtpd.model.errors import ModelLoadError
     from mtpd.train.engine import Engine

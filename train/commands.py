@@ -125,7 +125,12 @@ def run_train(args: argparse.Namespace) -> int:
     from mtpd.train.collect import collect, read_shards
     from mtpd.train.engine import Engine
     from mtpd.train.evaluate import evaluate_head
-    from mtpd.train.prompts import self_written_prompts, training_prompts, user_turn_cue
+    from mtpd.train.prompts import (
+        OPENERS,
+        self_written_prompts,
+        training_prompts,
+        user_turn_cue,
+    )
     from mtpd.train.trainer import (
         TrainSettings,
         build_trainable_head,
@@ -141,6 +146,9 @@ def run_train(args: argparse.Namespace) -> int:
         raise ModelLoadError(f"--unroll must be >= 1, got {args.unroll}")
     if args.feature_weight is not None and not args.feature_weight >= 0:
         raise ModelLoadError(f"--feature-weight must be >= 0, got {args.feature_weight}")
+    for flag in ("self_prompts", "opened_prompts"):
+        if (getattr(args, flag) or 0) < 0:
+            raise ModelLoadError(f"--{flag.replace('_', '-')} must be >= 0")
     torch.manual_seed(args.seed)
     started = time.perf_counter()
     device = torch.device(args.device)
@@ -182,18 +190,25 @@ def run_train(args: argparse.Namespace) -> int:
                 "training on the composed prompts only",
                 file=sys.stderr,
             )
-    if n_self:
-        # Appended, so a work dir collected without them goes on where it stopped.
+    # Appended in this order, so a work dir collected without them (or without the
+    # opened ones) goes on where it stopped.
+    for n_written, cache, openers in (
+        (n_self, "self-prompts.json", ("",)),
+        (args.opened_prompts, "opened-prompts.json", OPENERS),
+    ):
+        if not n_written:
+            continue
         written = self_written_prompts(
             engine,
-            n_self,
-            work_dir / "self-prompts.json",
+            n_written,
+            work_dir / cache,
             exclude=read_prompts(eval_prompts_path()),
             seed=args.seed,
             batch=args.batch,
+            openers=openers,
             progress=lambda done, n: _bar("write prompts", done, n, ""),
         )
-        if len(written) < n_self:
+        if len(written) < n_written:
             print(f"\nthe model wrote only {len(written)} distinct prompts", file=sys.stderr)
         prompts += written
     print(f"collecting continuations of {len(prompts)} prompts into {work_dir}", file=sys.stderr)
@@ -282,6 +297,7 @@ def run_train(args: argparse.Namespace) -> int:
             {
                 "prompts": len(prompts),
                 "self_written_prompts": n_self,
+                "opened_prompts": args.opened_prompts,
                 "sequences": len(records),
                 "tokens": n_tokens,
                 "corpus_files": [Path(c).name for c in args.corpus],
@@ -399,6 +415,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         default=None,
         help=f"prompts the model writes itself, added to the composed ones (default "
         f"{DEFAULT_SELF_PROMPTS} where the chat template cues a user turn; 0: none)",
+    )
+    t.add_argument(
+        "--opened-prompts",
+        type=int,
+        default=0,
+        help="prompts the model writes on from a common opening (How, Why, Explain, "
+        "Write a, ...): short questions and tasks, appended after --self-prompts' ones",
     )
     t.add_argument("--gen-tokens", type=int, default=160, help="tokens generated per prompt")
     t.add_argument("--batch", type=int, default=32, help="prompts generated together")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 
 from mtpd.model.errors import ModelLoadError
@@ -118,6 +118,16 @@ def user_turn_cue(tok: Tokenizer) -> list[int]:
     return tok.encode(tok.render_chat([{"role": "user", "content": "\0"}]).split("\0")[0])
 
 
+# How a user's request commonly starts. Left to itself after the user-turn cue, a small
+# model mostly writes long, rambling messages (stories, pasted text); started on one of
+# these it writes the short questions and tasks that most chat traffic is.
+OPENERS = (
+    "How", "Why", "What", "Explain", "Describe", "Write a", "Give me", "Can you",
+    "Tell me", "List", "Compare", "Summarize", "Is it", "When", "Which", "Should I",
+    "Help me", "I need", "Create a", "Suggest", "Who", "Where", "Please", "Translate",
+)  # fmt: skip
+
+
 def self_written_prompts(
     engine: Engine,
     n: int,
@@ -127,15 +137,17 @@ def self_written_prompts(
     seed: int,
     batch: int = 32,
     max_tokens: int = 64,
+    openers: Sequence[str] = ("",),
     progress: Callable[[int, int], None] | None = None,
 ) -> list[str]:
     """`n` user messages the model writes itself: given the chat template up to the start
     of a user turn, an instruction-tuned model samples what a user would ask (the
     "Magpie" method). Far more varied than composed prompts, which is what a head needs
-    to generalise. Prompts in `exclude` (the evaluation set) and repeats are dropped.
-    Kept in `cache` (JSON, with how many rows were sampled for which seed), so a rerun
-    reuses them and an interrupted run resumes at the next row; at most 4n rows are
-    sampled."""
+    to generalise. Row r starts from `openers[r % len(openers)]` (the text the model
+    continues, kept as the prompt's start). Prompts in `exclude` (the evaluation set)
+    and repeats are dropped. Kept in `cache` (JSON, with how many rows were sampled for
+    which seed), so a rerun reuses them and an interrupted run resumes at the next row;
+    at most 4n rows are sampled."""
     done, rows = _read_written(cache, seed)
     if len(done) >= n:
         return done[:n]
@@ -147,16 +159,20 @@ def self_written_prompts(
             "cue to write prompts from; use --self-prompts 0"
         )
     seen = {_normal(p) for p in exclude} | {_normal(p) for p in done}
+    cues = [head + tok.encode(opener) for opener in openers]
     while len(done) < n and rows < 4 * n:
         params = [
             SamplingParams(temperature=1.0, top_p=0.98, seed=seed * 1_000_003 + rows + i)
             for i in range(batch)
         ]
+        starts = [(rows + i) % len(openers) for i in range(batch)]
         rows += batch
-        for record in continue_prompts(engine, [head] * batch, max_tokens, params):
-            words = record.tokens[len(head) :]
-            text = tok.decode([t for t in words if t not in tok.eos_ids]).strip()
-            if text and _normal(text) not in seen:
+        records = continue_prompts(engine, [cues[k] for k in starts], max_tokens, params)
+        for k, record in zip(starts, records, strict=True):
+            words = record.tokens[len(cues[k]) :]
+            written = tok.decode([t for t in words if t not in tok.eos_ids])
+            text = (openers[k] + written).strip()
+            if written.strip() and _normal(text) not in seen:
                 seen.add(_normal(text))
                 done.append(text)
         # Replaced whole, so an interrupted write cannot leave a file that will not parse.
