@@ -100,6 +100,16 @@ def test_training_goes_on_from_a_trained_head(tiny, tmp_path, capsys):
     assert not work.exists()
 
 
+def test_training_stops_at_its_best_held_out_checkpoint(tiny, capsys):
+    meta = train(tiny, 30, "early.safetensors", capsys, "--held-out-share", "0.1", "--no-eval")
+    training = json.loads(meta["training"])
+    assert training["best_step"] == 30  # scored every 100 steps and at the last
+    assert 0 < training["held_out_score"] < 2  # drafts accepted a step at k = 2
+    for bad in ("1", "-0.1"):
+        args = ["train-mtp", "--out", str(tiny / "x.safetensors"), "--held-out-share", bad]
+        assert main(args) == 2 and "--held-out-share must be in [0, 1)" in capsys.readouterr().err
+
+
 def test_a_head_of_fused_features_trains_and_keeps_its_taps(tiny, tmp_path, capsys):
     """--taps: collected rows carry the tapped residual stream, the head file names its
     taps and, loaded the way serving loads it, drafts as measured at save time; a head

@@ -106,7 +106,7 @@ def _settings_key(
     return hashlib.sha256(f"{text} {vocab} {start}".encode()).hexdigest()[:12]
 
 
-_ADDED_SETTINGS = ("feature_weight", "precision")
+_ADDED_SETTINGS = ("feature_weight", "precision", "held_out")
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -146,6 +146,8 @@ def run_train(args: argparse.Namespace) -> int:
         raise ModelLoadError(f"--unroll must be >= 1, got {args.unroll}")
     if args.feature_weight is not None and not args.feature_weight >= 0:
         raise ModelLoadError(f"--feature-weight must be >= 0, got {args.feature_weight}")
+    if not 0 <= args.held_out_share < 1:
+        raise ModelLoadError(f"--held-out-share must be in [0, 1), got {args.held_out_share}")
     for flag in ("self_prompts", "opened_prompts"):
         if (getattr(args, flag) or 0) < 0:
             raise ModelLoadError(f"--{flag.replace('_', '-')} must be >= 0")
@@ -268,6 +270,7 @@ def run_train(args: argparse.Namespace) -> int:
         distill=args.distill,
         precision=training_precision(args.precision, device),
         # Absent: TrainSettings' own defaults (the parser does not import the trainer).
+        held_out=args.held_out_share,
         **{k: v for k in ("unroll", "feature_weight") if (v := getattr(args, k)) is not None},
     )
     print(
@@ -287,6 +290,12 @@ def run_train(args: argparse.Namespace) -> int:
         ),
     )
     trained = time.perf_counter()
+    if "best_step" in final:
+        print(
+            f"\nheld out: {final['held_out_score']:.3f} drafts accepted a step (teacher-forced, "
+            f"k = {settings.unroll}); the head written is step {final['best_step']}'s",
+            file=sys.stderr,
+        )
 
     tensors = head_tensors(head)
     metadata = {
@@ -319,6 +328,7 @@ def run_train(args: argparse.Namespace) -> int:
                 },
                 "final_loss": round(final["loss"], 4),
                 "final_top1_agreement": round(final["top1_agreement"], 4),
+                **{k: final[k] for k in ("held_out_score", "best_step") if k in final},
                 "collect_s": round(collected - started),
                 "train_s": round(trained - collected),
             }
@@ -440,6 +450,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="weight of the feature-regression term (the head's states against the trunk's; "
         "0: off)",
+    )
+    t.add_argument(
+        "--held-out-share",
+        type=float,
+        default=0.0,
+        help="share of the collected sequences kept out of training; the head written is "
+        "the checkpoint that drafts best on them (early stopping; 0: off, the last step's)",
     )
     t.add_argument(
         "--sampled-share", type=float, default=0.3, help="share of batches sampled at T=0.8"

@@ -4,7 +4,8 @@ The target at every position is the frozen model's own argmax: what counts is ag
 with what the model would generate, not with any text. The loss unrolls the recursion
 (`unroll` draft depths), so depths 2+ train on the head's own output as they run; with
 `feature_weight` it also pulls the head's states towards the trunk's (EAGLE's feature
-regression).
+regression). With `held_out`, a share of the sequences is kept out of training and the
+head returned is the checkpoint that drafts best on them (early stopping).
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ class TrainSettings:
     # weights, their gradients and Adam's state stay float32): on a CPU with AMX, oneDNN
     # runs them on the tile unit, a training step 2x faster (docs/mtp-heads.md).
     precision: str = "float32"
+    # The share of sequences kept out of training to score the head at every checkpoint;
+    # the best-scoring checkpoint is the one returned. 0: off (the last step's head).
+    held_out: float = 0.0
 
 
 def training_precision(choice: str, device: torch.device) -> str:
@@ -192,6 +196,23 @@ def _batch(
     return h, toks, tgt, h_tgt
 
 
+def split_held_out(
+    records: Sequence[Record], share: float, seed: int
+) -> tuple[list[Record], list[Record]]:
+    """(training, held out): a seeded random `share` of the sequences, at least one, held
+    out whole (each sequence is one prompt's: no prompt is on both sides)."""
+    if not share:
+        return list(records), []
+    if not 0 < share < 1 or len(records) < 2:
+        raise ValueError(f"cannot hold out {share} of {len(records)} sequences")
+    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed + 104729))
+    held = set(order[: max(1, round(share * len(records)))].tolist())
+    return (
+        [r for i, r in enumerate(records) if i not in held],
+        [r for i, r in enumerate(records) if i in held],
+    )
+
+
 def train_head(
     head: MTPHead,
     records: Sequence[Record],
@@ -200,7 +221,9 @@ def train_head(
     progress: Callable[[int, float, float, float], None] | None = None,
 ) -> dict[str, float]:
     """Train `head` in place; resumes from `state_file` when it exists. Returns the last
-    loss and top-1 agreement (depth 1) averaged over the final 50 steps."""
+    loss and top-1 agreement (depth 1) averaged over the final 50 steps; with
+    `settings.held_out`, also the held-out score of the head returned (`held_out_score`,
+    see `held_out_score`) and the step it was saved at (`best_step`)."""
     for p in head.parameters():
         p.requires_grad_(False)
     trained = (head.norm_embedding, head.norm_hidden, head.fc, head.stack, head.norm)
@@ -209,9 +232,10 @@ def train_head(
             p.requires_grad_(True)
     opt = torch.optim.AdamW(_param_groups(head, settings.lr), weight_decay=0.0)
     params = [p for g in opt.param_groups for p in g["params"]]
-    start_step = 0
+    records, held = split_held_out(records, settings.held_out, settings.seed)
+    start_step, best = 0, None
     if state_file is not None and state_file.exists():
-        start_step = _load_state(state_file, params, opt)
+        start_step, best = _load_state(state_file, params, opt)
 
     # Map targets to draft-vocabulary indices; targets outside it cannot be drafted.
     to_draft = None
@@ -253,16 +277,20 @@ def train_head(
             device.type, dtype=torch.bfloat16, enabled=settings.precision == "bfloat16"
         )
         with autocast:
-            loss, agree = _unrolled_loss(head, settings, hidden, toks, tgt, h_tgt, positions)
+            loss, matches = _unrolled_loss(head, settings, hidden, toks, tgt, h_tgt, positions)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        agree = matches[0][0] / max(matches[0][1], 1)
         history.append((loss.item(), agree))
-        if state_file is not None and (
-            (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps
-        ):
-            _save_state(state_file, params, opt, step + 1)
+        if (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps:
+            if held:
+                score = held_out_score(head, held, settings, to_draft)
+                if best is None or score > best.score:
+                    best = _Best(score, step + 1, [p.detach().clone() for p in params])
+            if state_file is not None:
+                _save_state(state_file, params, opt, step + 1, best)
         if progress:
             done = step + 1 - start_step
             eta = (time.perf_counter() - started) / done * (settings.steps - step - 1)
@@ -270,10 +298,60 @@ def train_head(
     for p in head.parameters():
         p.requires_grad_(False)
     tail = history[-50:] or [(math.nan, math.nan)]
-    return {
+    result = {
         "loss": sum(x for x, _ in tail) / len(tail),
         "top1_agreement": sum(a for _, a in tail) / len(tail),
     }
+    if best is not None:
+        with torch.no_grad():
+            for p, kept in zip(params, best.params, strict=True):
+                p.copy_(kept)
+        result |= {"held_out_score": best.score, "best_step": best.step}
+    return result
+
+
+@dataclass(frozen=True)
+class _Best:
+    score: float
+    step: int
+    params: list[torch.Tensor]
+
+
+def held_out_score(
+    head: MTPHead,
+    held: Sequence[Record],
+    settings: TrainSettings,
+    to_draft: torch.Tensor | None = None,
+) -> float:
+    """Drafts a step would accept on `held`, teacher-forced, at k = `settings.unroll`:
+    the sum over depths of the product of the top-1 agreements up to each (the
+    performance model's E(k) - 1, with each depth's agreement standing for its
+    conditional acceptance). `to_draft` maps token ids into the draft vocabulary."""
+    hits = [0] * settings.unroll
+    counts = [0] * settings.unroll
+    device = head.fc.weight.device
+    autocast = torch.autocast(
+        device.type, dtype=torch.bfloat16, enabled=settings.precision == "bfloat16"
+    )
+    with torch.no_grad(), autocast:
+        for start in range(0, len(held), settings.batch):
+            idx = list(range(start, min(start + settings.batch, len(held))))
+            hidden, toks, tgt, h_tgt = (
+                x.to(device) for x in _batch(held, idx, settings.unroll, settings.max_len)
+            )
+            h_tgt = h_tgt[..., : head.cfg.hidden_size]
+            positions = tgt != IGNORE
+            if to_draft is not None:
+                tgt = torch.where(tgt == IGNORE, tgt, to_draft[tgt.clamp(min=0)])
+            _, matches = _unrolled_loss(head, settings, hidden, toks, tgt, h_tgt, positions)
+            for d, (hit, count) in enumerate(matches):
+                hits[d] += hit
+                counts[d] += count
+    score, chain = 0.0, 1.0
+    for hit, count in zip(hits, counts, strict=True):
+        chain *= hit / max(count, 1)
+        score += chain
+    return score
 
 
 def _unrolled_loss(
@@ -284,10 +362,11 @@ def _unrolled_loss(
     tgt: torch.Tensor,
     h_tgt: torch.Tensor,
     positions: torch.Tensor,
-) -> tuple[torch.Tensor, float]:
-    """The loss over `settings.unroll` draft depths, and depth 1's top-1 agreement."""
+) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """The loss over `settings.unroll` draft depths, and at each depth how many
+    positions' top-1 agreed with the target, of how many (in the draft vocabulary)."""
     t = hidden.shape[1]
-    loss, states, agree = torch.zeros((), device=hidden.device), hidden, 0.0
+    loss, states, matches = torch.zeros((), device=hidden.device), hidden, []
     for depth in range(settings.unroll):
         width = t - depth
         states = head.forward_causal(states[:, :width], toks[:, depth : depth + width])
@@ -308,32 +387,46 @@ def _unrolled_loss(
             features = F.smooth_l1_loss(states[real], h_tgt[:, depth : depth + width][real])
             depth_loss = depth_loss + settings.feature_weight * features
         loss = loss + depth_loss * 0.5**depth
-        if depth == 0:
-            agree = float((logits.argmax(-1)[valid] == target[valid]).float().mean())
-    return loss, agree
+        hit = int((logits.argmax(-1)[valid] == target[valid]).sum())
+        matches.append((hit, int(valid.sum())))
+    return loss, matches
 
 
 def _save_state(
-    path: Path, params: list[torch.Tensor], opt: torch.optim.Optimizer, step: int
+    path: Path,
+    params: list[torch.Tensor],
+    opt: torch.optim.Optimizer,
+    step: int,
+    best: _Best | None = None,
 ) -> None:
-    tensors = {}
+    tensors, metadata = {}, {"step": str(step)}
     for i, p in enumerate(params):
         tensors[f"param.{i}"] = p.detach().contiguous()
         st = opt.state.get(p, {})
         for key in ("exp_avg", "exp_avg_sq"):
             if key in st:
                 tensors[f"{key}.{i}"] = st[key].contiguous()
+    if best is not None:
+        tensors |= {f"best.{i}": p.contiguous() for i, p in enumerate(best.params)}
+        metadata |= {"best_step": str(best.step), "best_score": repr(best.score)}
     tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"step": str(step)})
+    save_file(tensors, str(tmp), metadata=metadata)
     tmp.rename(path)
 
 
-def _load_state(path: Path, params: list[torch.Tensor], opt: torch.optim.Optimizer) -> int:
+def _load_state(
+    path: Path, params: list[torch.Tensor], opt: torch.optim.Optimizer
+) -> tuple[int, _Best | None]:
     from safetensors import safe_open
 
     tensors = load_file(str(path))
     with safe_open(str(path), framework="pt") as f:
-        step = int(f.metadata()["step"])
+        metadata = f.metadata()
+    step = int(metadata["step"])
+    best = None
+    if "best_step" in metadata:
+        kept = [tensors[f"best.{i}"].to(p.device) for i, p in enumerate(params)]
+        best = _Best(float(metadata["best_score"]), int(metadata["best_step"]), kept)
     with torch.no_grad():
         for i, p in enumerate(params):
             p.copy_(tensors[f"param.{i}"])
@@ -343,7 +436,7 @@ def _load_state(path: Path, params: list[torch.Tensor], opt: torch.optim.Optimiz
                     "exp_avg": tensors[f"exp_avg.{i}"].clone(),
                     "exp_avg_sq": tensors[f"exp_avg_sq.{i}"].clone(),
                 }
-    return step
+    return step, best
 
 
 def build_trainable_head(
