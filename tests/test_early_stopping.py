@@ -34,7 +34,7 @@ def data(tmp_path_factory):
 def test_the_head_returned_is_the_best_held_out_checkpoint(data):
     records = data.train + data.held_out
     train, held = split_held_out(records, 0.2, seed=3)
-    assert len(held) == 10 and len(train) == 38
+    assert (len(train), len(held)) == (35, 13)
     assert not {id(r) for r in train} & {id(r) for r in held}
 
     settings = TrainSettings(**OVERFIT, checkpoint_every=20)
@@ -48,9 +48,22 @@ def test_the_head_returned_is_the_best_held_out_checkpoint(data):
     assert result["best_step"] < OVERFIT["steps"]
     # The head returned is the checkpoint scored, scored again from outside.
     assert held_out_score(early, held, settings) == pytest.approx(result["held_out_score"])
-    # Measured 0.685 against 0.669: deterministic on a CPU, and a shifted split or a head
-    # not restored to its best step gives the last head's score or less.
-    assert held_out_score(early, held, settings) > held_out_score(last, held, settings) + 0.008
+    # Measured 0.705 (step 80) against 0.631: deterministic on a CPU, and a head not
+    # restored to its best step gives the last head's score.
+    assert held_out_score(early, held, settings) > held_out_score(last, held, settings) + 0.03
+
+
+def test_sequences_appended_later_leave_the_split_where_it_was(data):
+    records = data.train + data.held_out
+    before = split_held_out(records[:40], 0.2, seed=3)
+    after = split_held_out(records, 0.2, seed=3)
+    for side_before, side_after in zip(before, after, strict=True):
+        kept = {id(r) for r in side_after}
+        assert all(id(r) in kept for r in side_before)
+    # At least one sequence on each side, whatever the share.
+    for share in (0.001, 0.999):
+        train, held = split_held_out(records, share, seed=3)
+        assert len(held) >= 1 and len(train) >= 1 and len(train) + len(held) == len(records)
 
 
 def test_a_resumed_run_keeps_its_best_checkpoint(data, tmp_path):

@@ -138,6 +138,7 @@ def run_train(args: argparse.Namespace) -> int:
         fused_input,
         head_tensors,
         initial_head,
+        split_held_out,
         train_head,
         training_precision,
     )
@@ -193,7 +194,9 @@ def run_train(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
     # Appended in this order, so a work dir collected without them (or without the
-    # opened ones) goes on where it stopped.
+    # opened ones) goes on where it stopped. None repeats a prompt before it, so none
+    # is on both sides of --held-out-share's split.
+    evaluation = read_prompts(eval_prompts_path())
     for n_written, cache, openers in (
         (n_self, "self-prompts.json", ("",)),
         (args.opened_prompts, "opened-prompts.json", OPENERS),
@@ -204,7 +207,7 @@ def run_train(args: argparse.Namespace) -> int:
             engine,
             n_written,
             work_dir / cache,
-            exclude=read_prompts(eval_prompts_path()),
+            exclude=[*evaluation, *prompts],
             seed=args.seed,
             batch=args.batch,
             openers=openers,
@@ -247,9 +250,13 @@ def run_train(args: argparse.Namespace) -> int:
         if start_from is not None and FUSE in start_from[0]:  # tap_choice checked the layers
             fused |= {k: start_from[0][k].float() for k in fused if k != TAP_LAYERS}
         init |= fused
+    if args.held_out_share and len(records) < 2:
+        raise ModelLoadError(f"--held-out-share needs 2 sequences or more, got {len(records)}")
+    # The split train_head makes: the draft vocabulary comes from its training side.
+    training, held = split_held_out(records, args.held_out_share, args.seed)
     coverage = 1.0
     if args.draft_vocab:
-        init[DRAFT_VOCAB], coverage = draft_vocabulary(records, args.draft_vocab)
+        init[DRAFT_VOCAB], coverage = draft_vocabulary(training, args.draft_vocab)
     lm_weight = trunk[fingerprint_names(engine.cfg)[0]]
     embedding = (
         lm_weight
@@ -274,7 +281,8 @@ def run_train(args: argparse.Namespace) -> int:
         **{k: v for k in ("unroll", "feature_weight") if (v := getattr(args, k)) is not None},
     )
     print(
-        f"training on {len(records)} sequences, {n_tokens} tokens; draft vocabulary covers {coverage:.1%}",
+        f"training on {len(training)} sequences ({len(held)} held out), {n_tokens} tokens in "
+        f"all; draft vocabulary covers {coverage:.1%}",
         file=sys.stderr,
     )
     final = train_head(
@@ -308,6 +316,7 @@ def run_train(args: argparse.Namespace) -> int:
                 "self_written_prompts": n_self,
                 "opened_prompts": args.opened_prompts,
                 "sequences": len(records),
+                "held_out_sequences": len(held),
                 "tokens": n_tokens,
                 "corpus_files": [Path(c).name for c in args.corpus],
                 "steps": settings.steps,

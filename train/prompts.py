@@ -159,7 +159,7 @@ def self_written_prompts(
             "cue to write prompts from; use --self-prompts 0"
         )
     seen = {_normal(p) for p in exclude} | {_normal(p) for p in done}
-    cues = [head + tok.encode(opener) for opener in openers]
+    opened = [tok.encode(opener) for opener in openers]
     while len(done) < n and rows < 4 * n:
         params = [
             SamplingParams(temperature=1.0, top_p=0.98, seed=seed * 1_000_003 + rows + i)
@@ -167,12 +167,15 @@ def self_written_prompts(
         ]
         starts = [(rows + i) % len(openers) for i in range(batch)]
         rows += batch
-        records = continue_prompts(engine, [cues[k] for k in starts], max_tokens, params)
-        for k, record in zip(starts, records, strict=True):
-            words = record.tokens[len(cues[k]) :]
-            written = tok.decode([t for t in words if t not in tok.eos_ids])
-            text = (openers[k] + written).strip()
-            if written.strip() and _normal(text) not in seen:
+        cues = [head + opened[k] for k in starts]
+        for cue, record in zip(
+            cues, continue_prompts(engine, cues, max_tokens, params), strict=True
+        ):
+            # Decoded with the opening, not after it: a decoder that strips a leading space
+            # (SentencePiece's) would otherwise glue "How" to "do I ...".
+            words = [t for t in record.tokens[len(head) :] if t not in tok.eos_ids]
+            text = tok.decode(words).strip()
+            if len(words) > len(cue) - len(head) and _normal(text) not in seen:
                 seen.add(_normal(text))
                 done.append(text)
         # Replaced whole, so an interrupted write cannot leave a file that will not parse.

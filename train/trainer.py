@@ -199,17 +199,21 @@ def _batch(
 def split_held_out(
     records: Sequence[Record], share: float, seed: int
 ) -> tuple[list[Record], list[Record]]:
-    """(training, held out): a seeded random `share` of the sequences, at least one, held
-    out whole (each sequence is one prompt's: no prompt is on both sides)."""
+    """(training, held out): each sequence held out whole with probability `share`, by a
+    seeded draw of its own, so sequences appended to a work dir later leave the earlier
+    ones where they were; at least one on each side. A sequence is one prompt's
+    continuation (corpus text aside, whose chunks of one file may fall on both sides)."""
     if not share:
         return list(records), []
     if not 0 < share < 1 or len(records) < 2:
         raise ValueError(f"cannot hold out {share} of {len(records)} sequences")
-    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed + 104729))
-    held = set(order[: max(1, round(share * len(records)))].tolist())
+    draws = torch.rand(len(records), generator=torch.Generator().manual_seed(seed + 104729))
+    held = draws < share
+    held[draws.argmin()] = True
+    held[draws.argmax()] = False
     return (
-        [r for i, r in enumerate(records) if i not in held],
-        [r for i, r in enumerate(records) if i in held],
+        [r for r, h in zip(records, held.tolist(), strict=True) if not h],
+        [r for r, h in zip(records, held.tolist(), strict=True) if h],
     )
 
 
@@ -236,6 +240,8 @@ def train_head(
     start_step, best = 0, None
     if state_file is not None and state_file.exists():
         start_step, best = _load_state(state_file, params, opt)
+    if best is not None and best.held != len(held):
+        best = None  # scored on another held-out set (the work dir has grown since)
 
     # Map targets to draft-vocabulary indices; targets outside it cannot be drafted.
     to_draft = None
@@ -288,7 +294,8 @@ def train_head(
             if held:
                 score = held_out_score(head, held, settings, to_draft)
                 if best is None or score > best.score:
-                    best = _Best(score, step + 1, [p.detach().clone() for p in params])
+                    kept = [p.detach().clone() for p in params]
+                    best = _Best(score, step + 1, len(held), kept)
             if state_file is not None:
                 _save_state(state_file, params, opt, step + 1, best)
         if progress:
@@ -314,6 +321,7 @@ def train_head(
 class _Best:
     score: float
     step: int
+    held: int  # sequences scored
     params: list[torch.Tensor]
 
 
@@ -326,7 +334,8 @@ def held_out_score(
     """Drafts a step would accept on `held`, teacher-forced, at k = `settings.unroll`:
     the sum over depths of the product of the top-1 agreements up to each (the
     performance model's E(k) - 1, with each depth's agreement standing for its
-    conditional acceptance). `to_draft` maps token ids into the draft vocabulary."""
+    conditional acceptance), over every position training would count (the prompts'
+    too). `to_draft` maps token ids into the draft vocabulary."""
     hits = [0] * settings.unroll
     counts = [0] * settings.unroll
     device = head.fc.weight.device
@@ -408,7 +417,11 @@ def _save_state(
                 tensors[f"{key}.{i}"] = st[key].contiguous()
     if best is not None:
         tensors |= {f"best.{i}": p.contiguous() for i, p in enumerate(best.params)}
-        metadata |= {"best_step": str(best.step), "best_score": repr(best.score)}
+        metadata |= {
+            "best_step": str(best.step),
+            "best_score": repr(best.score),
+            "best_held": str(best.held),
+        }
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
     tmp.rename(path)
@@ -426,15 +439,20 @@ def _load_state(
     best = None
     if "best_step" in metadata:
         kept = [tensors[f"best.{i}"].to(p.device) for i, p in enumerate(params)]
-        best = _Best(float(metadata["best_score"]), int(metadata["best_step"]), kept)
+        best = _Best(
+            float(metadata["best_score"]),
+            int(metadata["best_step"]),
+            int(metadata["best_held"]),
+            kept,
+        )
     with torch.no_grad():
         for i, p in enumerate(params):
             p.copy_(tensors[f"param.{i}"])
             if f"exp_avg.{i}" in tensors:
                 opt.state[p] = {
                     "step": torch.tensor(float(step)),
-                    "exp_avg": tensors[f"exp_avg.{i}"].clone(),
-                    "exp_avg_sq": tensors[f"exp_avg_sq.{i}"].clone(),
+                    "exp_avg": tensors[f"exp_avg.{i}"].to(p.device),
+                    "exp_avg_sq": tensors[f"exp_avg_sq.{i}"].to(p.device),
                 }
     return step, best
 
