@@ -135,7 +135,7 @@ class DraftPolicy:
         self._by_size: dict[int, tuple[float, float]] = {}  # positions: (weight, sum)
         # alpha, beta and the well-measured (size, mean) pairs, sorted; None once stale.
         self._costs: tuple[float, float, list[tuple[int, float]]] | None = None
-        self._step_costs_for: tuple[tuple[int, int], tuple[list[float], bool]] | None = None
+        self._step_costs_for: tuple[tuple[int, int], tuple[list[float], bool, bool]] | None = None
         self.first_pass_s = self.next_pass_s = 0.0  # D1 and D: 0 until measured
 
     @property
@@ -229,8 +229,10 @@ class DraftPolicy:
         if self.setting != AUTO:
             return min(int(self.setting), limit)
         batch = max(batch, 1)
-        steps, worth_exploring = self._step_costs(batch, min(MAX_DRAFT, limit))
-        best, _ = _best(self.rates(own), batch, steps)
+        steps, worth_exploring, can_pay = self._step_costs(batch, min(MAX_DRAFT, limit))
+        # Where even drafts always accepted would not pay, no sequence's rates can make
+        # them: most steps of a large batch decide here, without the rates.
+        best = _best(self.rates(own), batch, steps)[0] if can_pay else 0
         if best or not worth_exploring:
             return best
         # A batch explores as often as one sequence would: each exploring row is paid
@@ -250,11 +252,12 @@ class DraftPolicy:
             return 1  # keep measuring, so a sequence that turns predictable is noticed
         return 0
 
-    def _step_costs(self, batch: int, most: int) -> tuple[list[float], bool]:
+    def _step_costs(self, batch: int, most: int) -> tuple[list[float], bool, bool]:
         """T(k) for k = 0..most drafts of one sequence in a batch of `batch` (the pass
-        over batch + k positions and k passes of the head), and whether exploring is
-        worth it there: whether a sequence as predictable as text gets (acceptance _HOPE
-        at every position) would gain _EXPLORE_GAIN by drafting. Where even it would
+        over batch + k positions and k passes of the head); whether exploring is worth
+        it there: whether a sequence as predictable as text gets (acceptance _HOPE at
+        every position) would gain _EXPLORE_GAIN by drafting; and whether drafting can
+        pay at all (drafts always accepted choose k > 0). Where even it would
         not, exploring measures nothing that could pay for itself, and each exploration
         costs the whole step a head pass and the head's catch-up over the entries the
         sequence held back (2-3 ms on an 8-stream int4 step of 9.4, session 17). Kept
@@ -270,7 +273,8 @@ class DraftPolicy:
             for k in range(most + 1)
         ]
         _, hoped = _best([_HOPE] * MAX_DRAFT, batch, steps)
-        costs = steps, hoped >= _EXPLORE_GAIN * batch / steps[0]
+        can_pay = _best([1.0] * MAX_DRAFT, batch, steps)[0] > 0
+        costs = steps, hoped >= _EXPLORE_GAIN * batch / steps[0], can_pay
         self._step_costs_for = (key, costs)
         return costs
 

@@ -153,6 +153,19 @@ def exploring_steps(
     return steps
 
 
+def test_a_sequence_accepting_every_draft_drafts_where_only_it_could_pay():
+    """In a batch of 8 whose ninth position and head pass cost 11.5% of the step, only a
+    sequence accepting nearly every draft gains by drafting: it drafts, one accepting 0.9
+    does not. A step dearer still, and no sequence can gain (the policy then decides
+    without looking at any sequence's rates)."""
+    for ninth_s, drafts in ((0.1085, True), (0.1115, False)):
+        policy = DraftPolicy(AUTO)
+        observe(policy, 8, 0.100)
+        observe(policy, 9, ninth_s)
+        assert (policy.choose(steady_sequence(1.0), 6, batch=8) > 0) == drafts
+        assert policy.choose(steady_sequence(0.9), 6, batch=8) == 0
+
+
 def test_no_exploring_where_drafting_could_not_pay():
     """Session 17's 8 int4 streams: each exploration made the whole step pay a head
     pass and the head's catch-up over the entries held back (2-3 ms of 9.4). Where
