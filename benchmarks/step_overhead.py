@@ -4,7 +4,9 @@
    MTP off and `auto` alternating by round): daemon submit to the worker's arrival, the
    worker's checks, its compute and the MTP head's share of it, the reply back to the
    daemon, and the daemon's gap to its next submit (the workers' and the daemon's
-   time.monotonic() are the host's one clock).
+   time.monotonic() are the host's one clock). Then where each configuration's whole
+   wall time went, in sums, not medians: steps with a prompt's rows, steps where some
+   sequence drafted, plain decode steps, and the time between steps.
 2. The floor under it: a bare gRPC bidirectional stream between two Python processes on
    a Unix socket, sync API at both ends (what mtpd's step stream is), and a thread
    handoff.
@@ -36,7 +38,7 @@ import grpc
 import torch
 
 from mtpd.bench.commands import DEFAULT_PROMPTS
-from mtpd.bench.runner import decode_steps, run_config
+from mtpd.bench.runner import MAX_DECODE_ROWS, decode_steps, run_config
 from mtpd.daemon.coordinator import Coordinator, Settings
 from mtpd.daemon.draft_policy import AUTO, DraftPolicy
 from mtpd.daemon.pipeline import PipelineConfig
@@ -56,6 +58,8 @@ def control_split(rounds: int, streams: list[int]) -> None:
         pipeline=PipelineConfig(workers=1, quant="int4", device="cpu"), draft_tokens=AUTO
     )
     parts: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    # Per configuration: wall seconds, then (steps, seconds) by kind of step.
+    totals: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(lambda: [0, 0.0]))
     with Coordinator.start(settings) as daemon:
         tok = daemon.tokenizer
         prompts = [tok.encode_chat([{"role": "user", "content": t}])[1] for t in DEFAULT_PROMPTS]
@@ -71,6 +75,14 @@ def control_split(rounds: int, streams: list[int]) -> None:
                     64,
                     policy=policy if draft == AUTO else None,
                 )
+                kinds = totals[f"{n} stream(s), drafts {draft}"]
+                kinds["wall"][1] += run.wall_s
+                for step in run.steps:
+                    rows = max(sent for _, sent in step.tokens)
+                    kind = "prompt rows" if rows > MAX_DECODE_ROWS else "plain decode"
+                    kind = "some drafting" if 1 < rows <= MAX_DECODE_ROWS else kind
+                    kinds[kind][0] += 1
+                    kinds[kind][1] += step.outcome.completed_at - step.outcome.submitted_at
                 steps = decode_steps(run.steps)
                 for step, after in itertools.pairwise(steps):
                     o, t = step.outcome, step.outcome.timings[0]
@@ -89,6 +101,15 @@ def control_split(rounds: int, streams: list[int]) -> None:
         print(f"int4, {config}: median ms over {count} steps")
         for name, values in p.items():
             print(f"    {name:24s} {1e3 * statistics.median(values):7.3f}")
+    for config, kinds in totals.items():
+        wall = kinds.pop("wall")[1]
+        between = wall - sum(seconds for _, seconds in kinds.values())
+        print(f"int4, {config}: {wall:.3f} s of wall time")
+        for kind, (count, seconds) in sorted(kinds.items()):
+            print(
+                f"    {kind:16s} {count:6d} steps {seconds:8.3f} s  mean {1e3 * seconds / count:7.3f} ms"
+            )
+        print(f"    {'between steps':16s} {'':12s} {between:8.3f} s")
 
 
 def _echo_server(path: str) -> None:
