@@ -262,15 +262,6 @@ def train_head(
             n, generator=torch.Generator().manual_seed(settings.seed * 7919 + epoch)
         )
         idx = [int(order[(pos + i) % n]) for i in range(settings.batch)]
-        device = head.fc.weight.device
-        hidden, toks, tgt, h_tgt = (
-            x.to(device) for x in _batch(records, idx, settings.unroll, settings.max_len)
-        )
-        h_tgt = h_tgt[..., : head.cfg.hidden_size]  # the final states (rows may carry taps)
-        positions = tgt != IGNORE  # whose trunk state the feature term matches
-        if to_draft is not None:
-            tgt = torch.where(tgt == IGNORE, tgt, to_draft[tgt.clamp(min=0)])
-
         lr_scale = (
             min(1.0, (step + 1) / settings.warmup)
             * 0.5
@@ -279,11 +270,7 @@ def train_head(
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * lr_scale
 
-        autocast = torch.autocast(
-            device.type, dtype=torch.bfloat16, enabled=settings.precision == "bfloat16"
-        )
-        with autocast:
-            loss, matches = _unrolled_loss(head, settings, hidden, toks, tgt, h_tgt, positions)
+        loss, matches = _batch_loss(head, settings, records, idx, to_draft)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -338,21 +325,10 @@ def held_out_score(
     too). `to_draft` maps token ids into the draft vocabulary."""
     hits = [0] * settings.unroll
     counts = [0] * settings.unroll
-    device = head.fc.weight.device
-    autocast = torch.autocast(
-        device.type, dtype=torch.bfloat16, enabled=settings.precision == "bfloat16"
-    )
-    with torch.no_grad(), autocast:
+    with torch.no_grad():
         for start in range(0, len(held), settings.batch):
             idx = list(range(start, min(start + settings.batch, len(held))))
-            hidden, toks, tgt, h_tgt = (
-                x.to(device) for x in _batch(held, idx, settings.unroll, settings.max_len)
-            )
-            h_tgt = h_tgt[..., : head.cfg.hidden_size]
-            positions = tgt != IGNORE
-            if to_draft is not None:
-                tgt = torch.where(tgt == IGNORE, tgt, to_draft[tgt.clamp(min=0)])
-            _, matches = _unrolled_loss(head, settings, hidden, toks, tgt, h_tgt, positions)
+            _, matches = _batch_loss(head, settings, held, idx, to_draft)
             for d, (hit, count) in enumerate(matches):
                 hits[d] += hit
                 counts[d] += count
@@ -361,6 +337,30 @@ def held_out_score(
         chain *= hit / max(count, 1)
         score += chain
     return score
+
+
+def _batch_loss(
+    head: MTPHead,
+    settings: TrainSettings,
+    records: Sequence[Record],
+    idx: list[int],
+    to_draft: torch.Tensor | None,
+) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """`_unrolled_loss` over the sequences `idx` of `records`, on the head's device and
+    in the settings' precision; `to_draft` maps targets into the draft vocabulary."""
+    device = head.fc.weight.device
+    hidden, toks, tgt, h_tgt = (
+        x.to(device) for x in _batch(records, idx, settings.unroll, settings.max_len)
+    )
+    h_tgt = h_tgt[..., : head.cfg.hidden_size]  # the final states (rows may carry taps)
+    positions = tgt != IGNORE  # whose trunk state the feature term matches
+    if to_draft is not None:
+        tgt = torch.where(tgt == IGNORE, tgt, to_draft[tgt.clamp(min=0)])
+    autocast = torch.autocast(
+        device.type, dtype=torch.bfloat16, enabled=settings.precision == "bfloat16"
+    )
+    with autocast:
+        return _unrolled_loss(head, settings, hidden, toks, tgt, h_tgt, positions)
 
 
 def _unrolled_loss(
