@@ -168,14 +168,13 @@ def self_written_prompts(
         starts = [(rows + i) % len(openers) for i in range(batch)]
         rows += batch
         cues = [head + opened[k] for k in starts]
-        for cue, record in zip(
-            cues, continue_prompts(engine, cues, max_tokens, params), strict=True
-        ):
+        records = continue_prompts(engine, cues, max_tokens, params)
+        for k, record in zip(starts, records, strict=True):
             # Decoded with the opening, not after it: a decoder that strips a leading space
             # (SentencePiece's) would otherwise glue "How" to "do I ...".
             words = [t for t in record.tokens[len(head) :] if t not in tok.eos_ids]
             text = tok.decode(words).strip()
-            if len(words) > len(cue) - len(head) and _normal(text) not in seen:
+            if len(words) > len(opened[k]) and _normal(text) not in seen:
                 seen.add(_normal(text))
                 done.append(text)
         # Replaced whole, so an interrupted write cannot leave a file that will not parse.
