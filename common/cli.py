@@ -127,6 +127,12 @@ def _build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     worker.add_argument(
         "--advertise", default=None, help="address the daemon reaches us at (default --listen)"
     )
+    worker.add_argument(
+        "--step-socket",
+        default=None,
+        metavar="PATH",
+        help="also serve the step stream on this unix socket (the daemon's own workers)",
+    )
     add_worker_tls_flags(worker, "--tls")
     worker.set_defaults(func=_cmd_worker)
 
@@ -181,6 +187,7 @@ def _cmd_worker(args: argparse.Namespace) -> NoReturn:
         model=args.model,
         advertise=args.advertise,
         tls=WorkerTLS.from_flags(args.tls_cert, args.tls_key, args.tls_ca),
+        step_socket_path=args.step_socket,
     )
 
 

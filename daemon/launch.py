@@ -172,7 +172,7 @@ def launch(cfg: PipelineConfig, say: Callable[[str], None], local: LocalWorkers 
             rendezvous = remote_side.rendezvous
         else:
             say(f"starting {n} worker(s) on {', '.join(local.devices)}")
-            links = [WorkerLink(p.address) for p in local.processes]
+            links = [p.link(cfg.transport) for p in local.processes]
             # Local workers meet through a file only this user can read: no port.
             path = local.runtime_dir / "rendezvous"
             path.unlink(missing_ok=True)

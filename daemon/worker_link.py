@@ -1,9 +1,13 @@
-"""The daemon's side of one worker: its process (when local) and its gRPC link."""
+"""The daemon's side of one worker: its process (when local) and its link (gRPC, and the
+step socket of a local one)."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import queue
+import socket
 import subprocess
 import sys
 import threading
@@ -11,7 +15,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
+from google.protobuf.message import DecodeError
 
+from mtpd import step_socket
 from mtpd.rpc import CHANNEL_OPTIONS, WorkerTLS, bearer_metadata, worker_plane_channel
 from mtpd.v1 import worker_pb2 as pb
 from mtpd.v1 import worker_pb2_grpc as pb_grpc
@@ -32,11 +38,13 @@ class WorkerError(RuntimeError):
 
 
 class LocalWorker:
-    """A `mtpd worker` child process listening on a unix socket in the runtime dir."""
+    """A `mtpd worker` child process listening on unix sockets in the runtime dir: gRPC's,
+    and its step socket."""
 
     def __init__(self, index: int, runtime_dir: Path, device: str, threads: int) -> None:
         self.index = index
         self.socket = runtime_dir / f"worker-{index}.sock"
+        self.step_socket = runtime_dir / f"worker-{index}.steps"
         self.log_path = runtime_dir / f"worker-{index}.log"
         self.address = f"unix:{self.socket}"
         # -P: the caller's directory stays off sys.path, so nothing there named like a
@@ -44,10 +52,20 @@ class LocalWorker:
         # kept: a relative --model path means the same to the worker as to the daemon.
         cmd = [sys.executable, "-P", "-m", "mtpd", "worker", "--listen", self.address]
         cmd += ["--device", device, "--threads", str(threads), "--parent-pid", str(os.getpid())]
+        cmd += ["--step-socket", str(self.step_socket)]
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
             )
+
+    def link(self, transport: str) -> WorkerLink:
+        """The daemon's link to this worker. Its steps go over the step socket unless
+        the daemon relays activations in them (`--transport grpc`): a relayed step is
+        sent from the thread that read the previous stage's reply, and a blocking send
+        of megabytes there could wait on that very reader."""
+        return WorkerLink(
+            self.address, step_socket=self.step_socket if transport == "dist" else None
+        )
 
     def log_tail(self, lines: int = 8) -> str:
         try:
@@ -82,21 +100,29 @@ class LocalWorker:
 
 
 class WorkerLink:
-    """The gRPC connection to one worker, with its step stream.
+    """The gRPC connection to one worker, with its step stream (on the worker's step
+    socket where it has one, else gRPC's).
 
     Steps are written into the stream in call order; replies come back in the same
     order on a reader thread and go to `on_reply` (or the stream's end to `on_error`).
     """
 
     def __init__(
-        self, address: str, token: str | None = None, tls: WorkerTLS | None = None
+        self,
+        address: str,
+        token: str | None = None,
+        tls: WorkerTLS | None = None,
+        step_socket: Path | None = None,
     ) -> None:
         self.address = address
         options = _LOCAL_LINK_OPTIONS if address.startswith("unix:") else CHANNEL_OPTIONS
         self.channel = worker_plane_channel(address, tls, options)
         self.stub = pb_grpc.WorkerStub(self.channel)
         self.metadata = bearer_metadata(token)
+        self.step_socket = step_socket
         self._outbox: queue.SimpleQueue[pb.StepRequest | None] = queue.SimpleQueue()
+        self._socket: socket.socket | None = None
+        self._send_lock = threading.Lock()
         self._reader: threading.Thread | None = None
         self._ended_here = threading.Event()
 
@@ -121,22 +147,55 @@ class WorkerLink:
     ) -> None:
         """`on_error(message, bystander)`: a bystander's step failed only because a
         neighbour on the data plane went away (the worker says so with ABORTED)."""
-        self._outbox = queue.SimpleQueue()
         self._ended_here = ended_here = threading.Event()
-        replies = self.stub.Step(self._requests(self._outbox), metadata=self.metadata)
-
-        def read() -> None:
+        if self.step_socket is not None:
+            conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                for reply in replies:
-                    on_reply(reply)
-                error = ("step stream closed", False)
-            except grpc.RpcError as e:
-                error = (e.details() or str(e.code()), e.code() == grpc.StatusCode.ABORTED)
+                conn.connect(str(self.step_socket))
+            except OSError as e:
+                conn.close()
+                raise WorkerError(f"worker {self.address}: its step socket: {e}") from e
+            self._socket = conn
+            read = functools.partial(self._read_socket, conn, on_reply)
+        else:
+            self._outbox = queue.SimpleQueue()
+            replies = self.stub.Step(self._requests(self._outbox), metadata=self.metadata)
+            read = functools.partial(self._read_grpc, replies, on_reply)
+
+        def run() -> None:
+            error = read()
             if not ended_here.is_set():  # a stream we end is no failure of the worker's
                 on_error(*error)
 
-        self._reader = threading.Thread(target=read, daemon=True, name=f"steps-{self.address}")
+        self._reader = threading.Thread(target=run, daemon=True, name=f"steps-{self.address}")
         self._reader.start()
+
+    @staticmethod
+    def _read_grpc(
+        replies: Iterator[pb.StepReply], on_reply: Callable[[pb.StepReply], None]
+    ) -> tuple[str, bool]:
+        """Hands on replies until the stream ends; returns why, and if a bystander."""
+        try:
+            for reply in replies:
+                on_reply(reply)
+        except grpc.RpcError as e:
+            return e.details() or str(e.code()), e.code() == grpc.StatusCode.ABORTED
+        return "step stream closed", False
+
+    @staticmethod
+    def _read_socket(
+        conn: socket.socket, on_reply: Callable[[pb.StepReply], None]
+    ) -> tuple[str, bool]:
+        try:
+            while (frame := step_socket.read_frame(conn)) is not None:
+                kind, payload = frame
+                if kind == step_socket.END:
+                    end = pb.StepStreamEnd.FromString(payload)
+                    return end.message, end.bystander
+                on_reply(pb.StepReply.FromString(payload))
+        except (OSError, step_socket.FrameError, DecodeError) as e:
+            return f"step stream broken: {e}", False
+        return "step stream closed", False
 
     @staticmethod
     def _requests(outbox: queue.SimpleQueue) -> Iterator[pb.StepRequest]:
@@ -145,15 +204,29 @@ class WorkerLink:
 
     def close_steps(self, timeout: float = 30.0) -> None:
         """End the step stream and wait for its reader (its errors are expected now)."""
-        self._ended_here.set()
-        self._outbox.put(None)
+        self._end_steps()
         if self._reader is not None:
             self._reader.join(timeout)
 
     def send(self, request: pb.StepRequest) -> None:
-        self._outbox.put(request)
+        """Queued (gRPC), or written to the step socket at once: what the worker reads of
+        it stays under a few steps' requests, far below the socket's buffer, as long as
+        no step carries activations (see `LocalWorker.link`). A broken socket is for the
+        reader to report."""
+        if self.step_socket is None:
+            self._outbox.put(request)
+            return
+        with self._send_lock, contextlib.suppress(OSError):  # OSError: also once closed
+            step_socket.send_frame(self._socket, step_socket.MESSAGE, request.SerializeToString())
 
-    def close(self) -> None:
+    def _end_steps(self) -> None:
         self._ended_here.set()
         self._outbox.put(None)
+        if self._socket is not None:
+            with contextlib.suppress(OSError):
+                self._socket.shutdown(socket.SHUT_RDWR)  # the reader's recv returns
+            self._socket.close()
+
+    def close(self) -> None:
+        self._end_steps()
         self.channel.close()

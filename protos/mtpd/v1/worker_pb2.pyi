@@ -342,6 +342,14 @@ class StepReply(_message.Message):
     error: str
     def __init__(self, step_id: _Optional[int] = ..., results: _Optional[_Iterable[_Union[SequenceResult, _Mapping]]] = ..., activations: _Optional[_Union[Activations, _Mapping]] = ..., timings: _Optional[_Union[StepTimings, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
 
+class StepStreamEnd(_message.Message):
+    __slots__ = ("message", "bystander")
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    BYSTANDER_FIELD_NUMBER: _ClassVar[int]
+    message: str
+    bystander: bool
+    def __init__(self, message: _Optional[str] = ..., bystander: _Optional[bool] = ...) -> None: ...
+
 class StatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -81,7 +81,9 @@ class WorkerServicer:
 
     def Step(self, request_iterator, context):
         """The step stream. Requests are processed strictly in order; every request gets
-        exactly one reply, in the same order. Several steps may be in flight.
+        exactly one reply, in the same order. Several steps may be in flight. A local
+        worker started with --step-socket serves the same stream on that unix socket
+        too, without gRPC (see StepStreamEnd).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
