@@ -145,7 +145,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this worker already has a shard")
         self.state = pb.WORKER_STATE_LOADING
         try:
-            reply = self._compute.submit(self._load, request).result()
+            reply = self.on_compute(self._load, request)
         except (InputError, TransportError, OSError) as e:
             self.state = pb.WORKER_STATE_FAILED
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
