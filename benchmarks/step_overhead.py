@@ -7,9 +7,10 @@
    time.monotonic() are the host's one clock). Then where each configuration's whole
    wall time went, in sums, not medians: steps with a prompt's rows, steps where some
    sequence drafted, plain decode steps, and the time between steps.
-2. The floor under it: a bare gRPC bidirectional stream between two Python processes on
-   a Unix socket, sync API at both ends (what mtpd's step stream is), and a thread
-   handoff.
+2. The floor under it: a thread handoff, and a round trip between two Python processes
+   over a unix socket with the step socket's frames (local workers' step stream since
+   session 27) and over a bare gRPC bidirectional stream, sync API at both ends (remote
+   workers').
 3. What keeping the MTP head's entries costs a worker while nothing drafts: `Stage.run`
    with MTP on at k = 0 against MTP off, alternated step by step, `--sequences` each.
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import queue
+import socket
 import statistics
 import subprocess
 import sys
@@ -31,12 +33,14 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent import futures
 from pathlib import Path
 
 import grpc
 import torch
 
+from mtpd import step_socket
 from mtpd.bench.commands import DEFAULT_PROMPTS
 from mtpd.bench.runner import MAX_DECODE_ROWS, decode_steps, run_config
 from mtpd.daemon.coordinator import Coordinator, Settings
@@ -127,6 +131,37 @@ def _echo_server(path: str) -> None:
     server.wait_for_termination()
 
 
+def _echo_socket(path: str) -> None:
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    print("up", flush=True)
+    conn, _ = listener.accept()
+    while (frame := step_socket.read_frame(conn)) is not None:
+        step_socket.send_frame(conn, *frame)
+
+
+def _round_trips(server_flag: str, trips: int, trip: Callable[[str], Callable[[], None]]) -> float:
+    """The median seconds of `trips` round trips to an echo server started with
+    `server_flag`: `trip(path)` connects and returns one round trip."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = str(Path(folder) / "echo.sock")
+        server = subprocess.Popen(
+            [sys.executable, __file__, server_flag, path], stdout=subprocess.PIPE
+        )
+        try:
+            server.stdout.readline()
+            one = trip(path)
+            times = []
+            for _ in range(trips):
+                start = time.perf_counter()
+                one()
+                times.append(time.perf_counter() - start)
+        finally:
+            server.kill()
+    return statistics.median(times)
+
+
 def transport_floor(trips: int = 3000) -> None:
     there, back = queue.SimpleQueue(), queue.SimpleQueue()
 
@@ -146,28 +181,33 @@ def transport_floor(trips: int = 3000) -> None:
     thread.join()
     print(f"thread handoff there and back: {1e6 * statistics.median(times):.0f} us")
 
-    with tempfile.TemporaryDirectory() as folder:
-        path = str(Path(folder) / "echo.sock")
-        server = subprocess.Popen(
-            [sys.executable, __file__, "--echo-server", path], stdout=subprocess.PIPE
-        )
-        try:
-            server.stdout.readline()
-            outbox: queue.SimpleQueue = queue.SimpleQueue()
-            with grpc.insecure_channel(f"unix:{path}") as channel:
-                replies = channel.stream_stream(_ECHO)(iter(outbox.get, None))
-                times = []
-                for _ in range(trips):
-                    start = time.perf_counter()
-                    outbox.put(b"x" * 200)
-                    next(replies)
-                    times.append(time.perf_counter() - start)
-                outbox.put(None)
-        finally:
-            server.kill()
+    def over_socket(path: str) -> Callable[[], None]:
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.connect(path)
+
+        def one() -> None:
+            step_socket.send_frame(conn, step_socket.MESSAGE, b"x" * 200)
+            step_socket.read_frame(conn)
+
+        return one
+
+    def over_grpc(path: str) -> Callable[[], None]:
+        outbox: queue.SimpleQueue = queue.SimpleQueue()
+        channel = grpc.insecure_channel(f"unix:{path}")  # closed with the process
+        replies = channel.stream_stream(_ECHO)(iter(outbox.get, None))
+
+        def one() -> None:
+            outbox.put(b"x" * 200)
+            next(replies)
+
+        return one
+
+    unix = _round_trips("--echo-socket", trips, over_socket)
+    print(f"step socket round trip (200 B frames, unix socket): {1e6 * unix:.0f} us")
+    stream = _round_trips("--echo-server", trips, over_grpc)
     print(
-        f"gRPC bidirectional stream round trip (200 B, Unix socket, sync API at both ends): "
-        f"{1e6 * statistics.median(times):.0f} us"
+        f"gRPC bidirectional stream round trip (200 B, unix socket, sync API at both ends): "
+        f"{1e6 * stream:.0f} us"
     )
 
 
@@ -216,6 +256,9 @@ def keeping_cost(sequences: list[int], steps: int) -> None:
 def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--echo-server":
         _echo_server(sys.argv[2])
+        return
+    if len(sys.argv) == 3 and sys.argv[1] == "--echo-socket":
+        _echo_socket(sys.argv[2])
         return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=4)
