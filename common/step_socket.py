@@ -16,6 +16,10 @@ from mtpd.rpc import MESSAGE_LIMIT
 
 MESSAGE = 0  # a StepRequest to the worker, a StepReply from it
 END = 1  # a StepStreamEnd: the worker's last frame, why its stream ended
+# What a worker reads of one request. A step on the socket never carries activations,
+# only tokens and token masks (a bit per vocabulary entry and row): far below this. A
+# reply with logits (return_logits) can be far larger, and is read up to MESSAGE_LIMIT.
+REQUEST_LIMIT = 64 * 1024 * 1024
 
 _HEADER = struct.Struct("<IB")
 
@@ -24,18 +28,22 @@ class FrameError(ValueError):
     """A frame that is not one: too long, of an unknown kind, or cut off."""
 
 
+def frame(kind: int, payload: bytes) -> bytes:
+    return _HEADER.pack(len(payload), kind) + payload
+
+
 def send_frame(sock: socket.socket, kind: int, payload: bytes) -> None:
-    sock.sendall(_HEADER.pack(len(payload), kind) + payload)
+    sock.sendall(frame(kind, payload))
 
 
-def read_frame(sock: socket.socket) -> tuple[int, bytes] | None:
+def read_frame(sock: socket.socket, limit: int = MESSAGE_LIMIT) -> tuple[int, bytearray] | None:
     """The next frame's kind and payload; None where the peer closed between frames."""
     header = _read(sock, _HEADER.size, at_start=True)
     if header is None:
         return None
     length, kind = _HEADER.unpack(header)
-    if length > MESSAGE_LIMIT:
-        raise FrameError(f"a frame of {length} bytes, over the limit of {MESSAGE_LIMIT}")
+    if length > limit:
+        raise FrameError(f"a frame of {length} bytes, over the limit of {limit}")
     if kind not in (MESSAGE, END):
         raise FrameError(f"a frame of unknown kind {kind}")
     payload = _read(sock, length)
@@ -43,7 +51,7 @@ def read_frame(sock: socket.socket) -> tuple[int, bytes] | None:
     return kind, payload
 
 
-def _read(sock: socket.socket, n: int, at_start: bool = False) -> bytes | None:
+def _read(sock: socket.socket, n: int, at_start: bool = False) -> bytearray | None:
     buffer = bytearray(n)
     view, got = memoryview(buffer), 0
     while got < n:
@@ -53,4 +61,4 @@ def _read(sock: socket.socket, n: int, at_start: bool = False) -> bytes | None:
                 return None
             raise FrameError(f"the stream ended inside a frame ({got} of {n} bytes)")
         got += read
-    return bytes(buffer)
+    return buffer

@@ -147,12 +147,17 @@ class Pipeline:
 
     def _open_steps(self) -> None:
         for rank, link in enumerate(self.links):
-            link.open_steps(
-                lambda reply, rank=rank: self._on_reply(rank, reply),
-                lambda message, bystander, rank=rank: self._on_stream_error(
-                    rank, message, bystander
-                ),
-            )
+            try:
+                link.open_steps(
+                    lambda reply, rank=rank: self._on_reply(rank, reply),
+                    lambda message, bystander, rank=rank: self._on_stream_error(
+                        rank, message, bystander
+                    ),
+                )
+            except WorkerError:
+                with self._lock:  # a survivor that cannot be reached is the next to restart
+                    self._blamed.append(rank)
+                raise
 
     @property
     def failed_for_good(self) -> bool:
@@ -368,7 +373,9 @@ class Pipeline:
             remote.registry.reopen(rank)
         with self._send_lock:  # a send under way goes to the streams it began on
             for link in self.links:
-                link.close_steps()
+                link.end_steps()
+        for link in self.links:  # outside: a reader may be waiting for the send lock
+            link.close_steps()
         self.links[rank].close()
         if remote is None:
             local = self._local

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -99,6 +100,76 @@ class LocalWorker:
                 self.process.wait()
 
 
+class _SocketSteps:
+    """The writing end of a step stream on a worker's step socket. A frame goes out at
+    once where the socket's buffer takes it, as it always does for a step of tokens;
+    else the rest waits for a writer thread, and later frames queue behind it. So a send
+    never blocks its caller: the pipeline sends under a lock that a reply reader, whose
+    worker may be blocked writing that reply, can be waiting for. The queue holds at
+    most the steps in flight and releases (the pipeline's own bound)."""
+
+    def __init__(self, path: Path, connect_timeout: float = 10.0) -> None:
+        self.conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.conn.settimeout(connect_timeout)  # past a full backlog, connect would wait
+            self.conn.connect(str(path))
+            self.conn.settimeout(None)
+        except OSError:
+            self.conn.close()
+            raise
+        self._lock = threading.Lock()
+        self._more = threading.Condition(self._lock)
+        self._backlog: deque[bytes | memoryview] = deque()
+        self._ended = False
+        self._writer: threading.Thread | None = None
+
+    def send(self, payload: bytes) -> None:
+        frame: bytes | memoryview = step_socket.frame(step_socket.MESSAGE, payload)
+        with self._lock:
+            if self._ended:
+                return
+            if not self._backlog:
+                try:
+                    sent = self.conn.send(frame, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    sent = 0
+                except OSError:
+                    return  # broken: the reader reports it
+                if sent == len(frame):
+                    return
+                frame = memoryview(frame)[sent:]
+            self._backlog.append(frame)
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write, daemon=True)
+                self._writer.start()
+            self._more.notify()
+
+    def _write(self) -> None:
+        while True:
+            with self._lock:
+                while not self._backlog and not self._ended:
+                    self._more.wait()
+                if self._ended:
+                    return
+                chunk = self._backlog[0]  # kept queued while it goes: later frames wait
+            try:
+                self.conn.sendall(chunk)
+            except OSError:
+                return  # broken: the reader reports it
+            with self._lock:
+                self._backlog.popleft()
+
+    def end(self) -> None:
+        """No more frames; the worker and the reader see the stream end."""
+        with self._lock:
+            self._ended = True
+            self._more.notify()
+        with contextlib.suppress(OSError):
+            self.conn.shutdown(socket.SHUT_RDWR)  # a blocked sendall or recv returns
+        if self._writer is not None:
+            self._writer.join()
+
+
 class WorkerLink:
     """The gRPC connection to one worker, with its step stream (on the worker's step
     socket where it has one, else gRPC's).
@@ -121,8 +192,7 @@ class WorkerLink:
         self.metadata = bearer_metadata(token)
         self.step_socket = step_socket
         self._outbox: queue.SimpleQueue[pb.StepRequest | None] = queue.SimpleQueue()
-        self._socket: socket.socket | None = None
-        self._send_lock = threading.Lock()
+        self._socket: _SocketSteps | None = None
         self._reader: threading.Thread | None = None
         self._ended_here = threading.Event()
 
@@ -149,14 +219,11 @@ class WorkerLink:
         neighbour on the data plane went away (the worker says so with ABORTED)."""
         self._ended_here = ended_here = threading.Event()
         if self.step_socket is not None:
-            conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                conn.connect(str(self.step_socket))
+                self._socket = _SocketSteps(self.step_socket)
             except OSError as e:
-                conn.close()
                 raise WorkerError(f"worker {self.address}: its step socket: {e}") from e
-            self._socket = conn
-            read = functools.partial(self._read_socket, conn, on_reply)
+            read = functools.partial(self._read_socket, self._socket.conn, on_reply)
         else:
             self._outbox = queue.SimpleQueue()
             replies = self.stub.Step(self._requests(self._outbox), metadata=self.metadata)
@@ -204,29 +271,33 @@ class WorkerLink:
 
     def close_steps(self, timeout: float = 30.0) -> None:
         """End the step stream and wait for its reader (its errors are expected now)."""
-        self._end_steps()
+        self.end_steps()
+        self._join_reader(timeout)
+
+    def _join_reader(self, timeout: float) -> None:
         if self._reader is not None:
             self._reader.join(timeout)
+        if self._socket is not None:
+            self._socket.conn.close()  # after its reader: the descriptor is not reused under it
 
     def send(self, request: pb.StepRequest) -> None:
-        """Queued (gRPC), or written to the step socket at once: what the worker reads of
-        it stays under a few steps' requests, far below the socket's buffer, as long as
-        no step carries activations (see `LocalWorker.link`). A broken socket is for the
-        reader to report."""
+        """Queued (gRPC), or written to the step socket without blocking. A broken stream
+        is for the reader to report."""
         if self.step_socket is None:
             self._outbox.put(request)
-            return
-        with self._send_lock, contextlib.suppress(OSError):  # OSError: also once closed
-            step_socket.send_frame(self._socket, step_socket.MESSAGE, request.SerializeToString())
+        elif self._socket is not None:
+            self._socket.send(request.SerializeToString())
 
-    def _end_steps(self) -> None:
+    def end_steps(self) -> None:
+        """End the step stream: no more sends; the worker and the reader see its end."""
         self._ended_here.set()
-        self._outbox.put(None)
         if self._socket is not None:
-            with contextlib.suppress(OSError):
-                self._socket.shutdown(socket.SHUT_RDWR)  # the reader's recv returns
-            self._socket.close()
+            self._socket.end()
+        else:
+            self._outbox.put(None)
 
     def close(self) -> None:
-        self._end_steps()
+        self.end_steps()
+        if self._socket is not None:  # its reader ends as the socket shuts down
+            self._join_reader(timeout=5.0)
         self.channel.close()

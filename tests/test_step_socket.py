@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import socket
 import struct
+import subprocess
+import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
@@ -16,9 +19,10 @@ from tiny_pipeline import start_pipeline
 
 from mtpd import step_socket
 from mtpd.daemon.scheduler import Scheduler
-from mtpd.daemon.worker_link import LocalWorker, WorkerLink
+from mtpd.daemon.worker_link import LocalWorker, WorkerLink, _SocketSteps
 from mtpd.rpc import MESSAGE_LIMIT, sampling_to_wire
 from mtpd.v1 import worker_pb2 as pb
+from mtpd.worker.server import listen_step_socket
 
 LAYERS = 2
 
@@ -154,6 +158,10 @@ def test_one_step_stream_at_a_time_and_a_malformed_frame_ends_it_with_the_reason
             next(iter(link.stub.Step(iter([pb.StepRequest(step_id=2)]))))
         assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "a step stream is already open" in refused.value.details()
+        with connect(process) as other:  # and so is a second connection, at once
+            kind, payload = step_socket.read_frame(other)
+            assert kind == step_socket.END
+            assert pb.StepStreamEnd.FromString(payload).message == "a step stream is already open"
         first.sendall(struct.pack("<IB", 3, 0) + b"\xff\xff\xff")  # not a StepRequest
         kind, payload = step_socket.read_frame(first)
         end = pb.StepStreamEnd.FromString(payload)
@@ -181,15 +189,85 @@ def test_a_local_pipeline_steps_over_the_socket_unless_it_relays_activations(
             scheduler.close()
         # The daemon's stream holds the worker's step lock: gRPC's is refused if the
         # daemon's is the socket's, else the socket's is.
-        probe = pb.StepRequest(step_id=99)
         if on_socket:
             with pytest.raises(grpc.RpcError, match="a step stream is already open"):
-                next(iter(pipeline.links[0].stub.Step(iter([probe]))))
+                next(iter(pipeline.links[0].stub.Step(iter([pb.StepRequest(step_id=99)]))))
         else:
             with connect(pipeline.processes[0]) as conn:
-                step_socket.send_frame(conn, step_socket.MESSAGE, probe.SerializeToString())
                 kind, payload = step_socket.read_frame(conn)
                 assert kind == step_socket.END
                 assert "already open" in pb.StepStreamEnd.FromString(payload).message
     finally:
         pipeline.close()
+
+
+class _FailingOnce:
+    """A worker service whose first step stream fails with a bug, the next one works."""
+
+    def __init__(self) -> None:
+        self.streams = 0
+        self.pool = ThreadPoolExecutor(1)
+        self.step_stream_open = False
+
+    def submit_compute(self, fn, *args):
+        return self.pool.submit(fn, *args)
+
+    def serve_steps(self, requests, on_compute_thread):
+        self.streams += 1
+        for request in requests:
+            if self.streams == 1:
+                raise RuntimeError("a bug")
+            yield pb.StepReply(step_id=request.step_id)
+
+
+def test_a_stream_that_fails_with_a_bug_ends_with_the_reason_and_the_next_is_served(tmp_path):
+    service = _FailingOnce()
+    listener = listen_step_socket(service, str(tmp_path / "steps"))
+    try:
+        for expected in (step_socket.END, step_socket.MESSAGE):
+            conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            conn.settimeout(30)
+            conn.connect(str(tmp_path / "steps"))
+            with conn:
+                step_socket.send_frame(conn, step_socket.MESSAGE, b"")  # an empty StepRequest
+                kind, payload = step_socket.read_frame(conn)
+                assert kind == expected
+                if kind == step_socket.END:
+                    assert (
+                        "the step stream failed: a bug"
+                        in pb.StepStreamEnd.FromString(payload).message
+                    )
+    finally:
+        listener.close()
+
+
+def test_a_step_socket_path_that_is_not_a_socket_is_refused_and_left_alone(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("mine")
+    cmd = [sys.executable, "-m", "mtpd", "worker", "--listen", f"unix:{tmp_path / 'w.sock'}"]
+    out = subprocess.run(
+        [*cmd, "--step-socket", str(path)], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode != 0 and f"--step-socket {path}" in out.stderr
+    assert path.read_text() == "mine"
+
+
+def test_a_send_never_waits_for_the_worker_to_read(tmp_path):
+    """Frames beyond the socket's buffer go out in order from a writer thread, while the
+    caller goes on (the pipeline sends under a lock reply readers can be waiting for)."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / "steps"))
+    listener.listen(1)
+    with listener:
+        steps = _SocketSteps(tmp_path / "steps")
+        conn, _ = listener.accept()
+        payloads = [bytes([i]) * 300_000 for i in range(20)]  # 6 MB: far past the buffer
+        sender = threading.Thread(target=lambda: [steps.send(p) for p in payloads])
+        sender.start()
+        sender.join(timeout=30)
+        assert not sender.is_alive()  # nothing was read yet
+        with conn:
+            conn.settimeout(30)
+            assert [step_socket.read_frame(conn)[1] for _ in payloads] == payloads
+        steps.end()
+        steps.conn.close()

@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import sys
 import threading
 import time
@@ -266,9 +267,21 @@ class WorkerService(pb_grpc.WorkerServicer):
         finally:
             self._step_lock.release()
 
+    def _reset(self, rendezvous: str) -> None:
+        if self.stage.link is not None:  # a survivor whose steps never failed
+            self.stage.link.close()
+        self.stage.reset(self._new_link(rendezvous))
+
+    @property
+    def step_stream_open(self) -> bool:
+        return self._step_lock.locked()
+
     def on_compute(self, fn: Callable[..., T], *args: object) -> T:
         """`fn(*args)` on the compute thread (see `_compute`), once it is free."""
-        return self._compute.submit(fn, *args).result()
+        return self.submit_compute(fn, *args).result()
+
+    def submit_compute(self, fn: Callable[..., T], *args: object) -> futures.Future[T]:
+        return self._compute.submit(fn, *args)
 
     def _new_link(self, rendezvous: str) -> DistLink | None:
         if self._link_args is None:
@@ -284,9 +297,7 @@ class WorkerService(pb_grpc.WorkerServicer):
         if not self._step_lock.acquire(timeout=60):
             context.abort(grpc.StatusCode.UNAVAILABLE, "the step stream did not end")
         try:
-            if self.stage.link is not None:  # a survivor whose steps never failed
-                self.stage.link.close()
-            self.stage.reset(self._new_link(request.rendezvous))
+            self.on_compute(self._reset, request.rendezvous)
             self.state = pb.WORKER_STATE_READY
         except (TransportError, RuntimeError) as e:
             self.state = pb.WORKER_STATE_FAILED
@@ -319,49 +330,73 @@ class WorkerService(pb_grpc.WorkerServicer):
 
 
 def listen_step_socket(service: WorkerService, path: str) -> socket.socket:
-    """Serve the step stream on a unix socket at `path` as well (one stream at a time, as
-    over gRPC): the local daemon's way in, without gRPC's cost per message."""
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)  # a crashed predecessor's
+    """Serve the step stream on a unix socket at `path` as well, one stream at a time as
+    over gRPC (a connection while one is open is told so and closed): the local daemon's
+    way in, without gRPC's cost per message. Returns the listener."""
+    try:
+        if stat.S_ISSOCK(os.stat(path).st_mode):
+            os.unlink(path)  # a crashed predecessor's
+    except FileNotFoundError:
+        pass
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
-    os.chmod(path, 0o600)
-    listener.listen(2)
+    try:
+        listener.bind(path)  # fails on anything else there, which it leaves alone
+        os.chmod(path, 0o600)
+        listener.listen(4)
+    except OSError as e:
+        listener.close()
+        raise InputError(f"--step-socket {path}: {e}") from None
 
     def accept() -> None:
         while True:
             try:
                 conn, _ = listener.accept()
-            except OSError:
-                return  # closed
-            with conn:  # one stream at a time: the next waits in the backlog
-                service.on_compute(_serve_step_socket, service, conn)
+            except OSError as e:  # out of descriptors, say: the daemon connects again
+                log.error("step socket: accept failed: %s", e)
+                time.sleep(0.1)
+                continue
+            if service.step_stream_open:
+                _end_stream(conn, pb.StepStreamEnd(message="a step stream is already open"))
+                conn.close()
+                continue
+            service.submit_compute(_serve_step_socket, service, conn)
 
     threading.Thread(target=accept, daemon=True, name="step-socket").start()
     return listener
 
 
 def _serve_step_socket(service: WorkerService, conn: socket.socket) -> None:
+    """One step stream, on the compute thread; never raises (a failure ends the stream,
+    and the worker keeps accepting)."""
+
     def requests() -> Iterator[pb.StepRequest]:
-        while (frame := step_socket.read_frame(conn)) is not None:
+        while (frame := step_socket.read_frame(conn, step_socket.REQUEST_LIMIT)) is not None:
             kind, payload = frame
             if kind != step_socket.MESSAGE:
                 raise step_socket.FrameError("the daemon sent a frame of kind END")
             yield pb.StepRequest.FromString(payload)
 
-    try:
+    with conn:
         try:
-            for reply in service.serve_steps(requests(), on_compute_thread=True):
-                step_socket.send_frame(conn, step_socket.MESSAGE, reply.SerializeToString())
+            with contextlib.closing(service.serve_steps(requests(), on_compute_thread=True)) as out:
+                for reply in out:
+                    step_socket.send_frame(conn, step_socket.MESSAGE, reply.SerializeToString())
         except StepStreamFailed as e:
             end = pb.StepStreamEnd(message=e.message, bystander=e.code == grpc.StatusCode.ABORTED)
-            step_socket.send_frame(conn, step_socket.END, end.SerializeToString())
+            _end_stream(conn, end)
         except (step_socket.FrameError, DecodeError) as e:
             log.error("step socket: a malformed frame from the daemon: %s", e)
-            end = pb.StepStreamEnd(message=f"a malformed step frame: {e}")
-            step_socket.send_frame(conn, step_socket.END, end.SerializeToString())
-    except OSError as e:  # the daemon went; it opens a new stream if it comes back
-        log.info("step socket: the stream ended: %s", e)
+            _end_stream(conn, pb.StepStreamEnd(message=f"a malformed step frame: {e}"))
+        except OSError as e:  # the daemon went; it opens a new stream if it comes back
+            log.info("step socket: the stream ended: %s", e)
+        except Exception as e:  # a bug: the stream ends, the worker stays reachable
+            log.exception("step socket: the stream failed")
+            _end_stream(conn, pb.StepStreamEnd(message=f"the step stream failed: {e}"))
+
+
+def _end_stream(conn: socket.socket, end: pb.StepStreamEnd) -> None:
+    with contextlib.suppress(OSError):
+        step_socket.send_frame(conn, step_socket.END, end.SerializeToString())
 
 
 def _exit_with_parent(parent_pid: int) -> None:
@@ -423,8 +458,8 @@ def serve(
     )
     service = WorkerService(dev, model, token, tls)
     pb_grpc.add_WorkerServicer_to_server(service, server)
-    if step_socket_path:  # before gRPC answers: the daemon connects once we are loaded
-        listen_step_socket(service, step_socket_path)
+    # Before gRPC answers: the daemon connects once we are loaded.
+    steps = listen_step_socket(service, step_socket_path) if step_socket_path else None
     if listen_worker_plane(server, listen, tls) == 0:
         raise InputError(f"cannot listen on {listen!r}")
     server.start()
@@ -440,6 +475,10 @@ def serve(
     log.info("worker %d serving on %s (%s)", os.getpid(), listen, dev)
     stop.wait()
     server.stop(grace=1).wait()
+    if steps is not None:
+        steps.close()
+        with contextlib.suppress(OSError):
+            os.unlink(step_socket_path)
     # Python's teardown of torch takes a quarter of a second and frees nothing that the
     # OS does not, while the daemon (and `mtpd run`) waits for this exit.
     logging.shutdown()
