@@ -413,11 +413,14 @@ class Step(ctypes.Structure):
                 f"a step of {counts} rows at {starts} in slots {slots} does not fit a cache "
                 f"{list(k.shape)} with rotary tables {list(cos.shape)}"
             )
-        index = torch.tensor([slots, starts, counts], dtype=torch.int64)
+        # A ctypes array, not a tensor: right after a trunk step a first torch op costs
+        # 30-40 us (a step builds two of these where the head drafts).
+        index = (ctypes.c_int64 * (3 * len(slots)))(*slots, *starts, *counts)
+        at = ctypes.addressof(index)
         step = cls(
             rows,
             len(slots),
-            *(index.data_ptr() + 8 * len(slots) * i for i in range(3)),  # its rows
+            *(at + 8 * len(slots) * i for i in range(3)),  # its rows
             cos.data_ptr(),
             sin_signed.data_ptr(),
             k.data_ptr(),
