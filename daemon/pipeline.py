@@ -197,8 +197,8 @@ class Pipeline:
         """Run a step: `opened` carries the settings of the sequences it starts."""
         future: Future[StepOutcome] = Future()
         # Every stage hears of every step, in one order: the send lock's. The sends are
-        # outside the table's lock, which the readers of replies take: a step socket's
-        # send can wait for its worker to read, which can wait for its reply to be read.
+        # outside the table's lock, which the readers of replies take; restarts end the
+        # streams under the send lock, so no send of a failed step reaches a new stream.
         with self._send_lock:
             with self._lock:
                 if self.failure is not None:
