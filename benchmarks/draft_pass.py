@@ -24,6 +24,18 @@ from mtpd.v1 import worker_pb2 as pb
 from mtpd.worker.stage import Stage
 
 PROMPT = list(range(10, 90))
+GREEDY = pb.SamplingParams(temperature=0, top_p=1, repetition_penalty=1)
+
+
+def int4_tail_stage(max_seqs: int) -> Stage:
+    """The int4 default model with the shipped head as one stage (first and tail) in this
+    process, on two threads: `max_seqs` sequences of up to 512 positions. (Also
+    head_eviction.py's and step_overhead.py's.)"""
+    torch.set_num_threads(2)
+    engine = Engine.load(
+        None, quant="int4", mtp_head=default_head_path(None), max_seqs=max_seqs, max_context=512
+    )
+    return Stage(engine.shard, engine.shard.new_cache(max_seqs, 512), 0, 1, None, engine.mtp)
 
 
 def main() -> None:
@@ -31,18 +43,13 @@ def main() -> None:
     ap.add_argument("--drafts", default="1,2")
     ap.add_argument("--steps", type=int, default=300)
     args = ap.parse_args()
-    torch.set_num_threads(2)
-    engine = Engine.load(
-        None, quant="int4", mtp_head=default_head_path(None), max_seqs=2, max_context=512
-    )
-    stage = Stage(engine.shard, engine.shard.new_cache(2, 512), 0, 1, None, engine.mtp)
-    greedy = pb.SamplingParams(temperature=0, top_p=1, repetition_penalty=1)
+    stage = int4_tail_stage(2)
     for k in (int(x) for x in args.drafts.split(",")):
         stage.reset(None)
         held = {}  # way: (position, last token, drafts)
         times: dict[str, dict[str, list[float]]] = {}
         for way in ("one call", "op by op"):
-            opened = [pb.SequenceOpen(seq_id=way, sampling=greedy)]
+            opened = [pb.SequenceOpen(seq_id=way, sampling=GREEDY)]
             first = [pb.SequenceStep(seq_id=way, keep=0, token_ids=PROMPT, sample=True)]
             r = stage.run(pb.StepRequest(step_id=1, sequences=first, open=opened)).results[0]
             held[way] = (len(PROMPT), r.token_ids[-1], [])

@@ -23,13 +23,10 @@ import argparse
 import statistics
 
 import torch
+from draft_pass import GREEDY, PROMPT, int4_tail_stage  # this folder's
 
-from mtpd.model.default_model import default_head_path
-from mtpd.train.engine import Engine
 from mtpd.v1 import worker_pb2 as pb
-from mtpd.worker.stage import Stage
 
-PROMPT = list(range(10, 90))
 DRAFT = 7  # a fixed draft: rejected alike in every mode
 
 
@@ -39,19 +36,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--read-mb", type=float, default=10.7)
     args = ap.parse_args()
-    torch.set_num_threads(2)
-    engine = Engine.load(
-        None, quant="int4", mtp_head=default_head_path(None), max_seqs=2, max_context=512
-    )
-    stage = Stage(engine.shard, engine.shard.new_cache(2, 512), 0, 1, None, engine.mtp)
-    greedy = pb.SamplingParams(temperature=0, top_p=1, repetition_penalty=1)
+    stage = int4_tail_stage(2)
     other = torch.ones(int(args.read_mb * 1e6 / 4))
     modes = ("MTP off", f"MTP off, {args.read_mb:g} MB read between steps", "the head drafting")
     times: dict[str, list[tuple[float, float]]] = {mode: [] for mode in modes}
     for block in range(args.blocks):
         for n, mode in enumerate(modes if block % 2 == 0 else modes[::-1]):
             name = f"{block}-{n}"
-            opened = pb.SequenceOpen(seq_id=name, sampling=greedy, no_mtp=mode != modes[2])
+            opened = pb.SequenceOpen(seq_id=name, sampling=GREEDY, no_mtp=mode != modes[2])
             first = pb.SequenceStep(seq_id=name, keep=0, token_ids=PROMPT, sample=True)
             reply = stage.run(pb.StepRequest(step_id=1, sequences=[first], open=[opened]))
             at, last = len(PROMPT), reply.results[0].token_ids[-1]

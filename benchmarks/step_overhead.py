@@ -38,7 +38,7 @@ from concurrent import futures
 from pathlib import Path
 
 import grpc
-import torch
+from draft_pass import GREEDY, PROMPT, int4_tail_stage  # this folder's
 
 from mtpd import step_socket
 from mtpd.bench.commands import DEFAULT_PROMPTS
@@ -46,10 +46,7 @@ from mtpd.bench.runner import MAX_DECODE_ROWS, decode_steps, run_config
 from mtpd.daemon.coordinator import Coordinator, Settings
 from mtpd.daemon.draft_policy import AUTO, DraftPolicy
 from mtpd.daemon.pipeline import PipelineConfig
-from mtpd.model.default_model import default_head_path
-from mtpd.train.engine import Engine
 from mtpd.v1 import worker_pb2 as pb
-from mtpd.worker.stage import Stage
 
 _ECHO = "/echo.Echo/Chat"
 
@@ -212,31 +209,22 @@ def transport_floor(trips: int = 3000) -> None:
 
 
 def keeping_cost(sequences: list[int], steps: int) -> None:
-    torch.set_num_threads(2)
-    most = max(sequences)
-    engine = Engine.load(
-        None, quant="int4", mtp_head=default_head_path(None), max_seqs=2 * most, max_context=512
-    )
-    stage = Stage(engine.shard, engine.shard.new_cache(2 * most, 512), 0, 1, None, engine.mtp)
-    sampling = pb.SamplingParams(temperature=0, top_p=1, repetition_penalty=1)
-    prompt = list(range(10, 90))
+    stage = int4_tail_stage(2 * max(sequences))
     for n in sequences:
         stage.reset(None)
         state: dict[str, dict[str, tuple[int, int]]] = {}
         for mode in ("off", "on"):
             ids = [f"{mode}{i}" for i in range(n)]
-            opened = [
-                pb.SequenceOpen(seq_id=s, sampling=sampling, no_mtp=mode == "off") for s in ids
-            ]
-            first = [pb.SequenceStep(seq_id=s, keep=0, token_ids=prompt, sample=True) for s in ids]
+            opened = [pb.SequenceOpen(seq_id=s, sampling=GREEDY, no_mtp=mode == "off") for s in ids]
+            first = [pb.SequenceStep(seq_id=s, keep=0, token_ids=PROMPT, sample=True) for s in ids]
             reply = stage.run(pb.StepRequest(step_id=1, sequences=first, open=opened))
-            state[mode] = {r.seq_id: (len(prompt), r.token_ids[-1]) for r in reply.results}
+            state[mode] = {r.seq_id: (len(PROMPT), r.token_ids[-1]) for r in reply.results}
         times: dict[str, list[float]] = {"off": [], "on": []}
         for i in range(steps):
             for mode in ("off", "on") if i % 2 else ("on", "off"):
                 held = state[mode]
                 if i % 100 == 99:  # back to the prompt: contexts stay alike and bounded
-                    held.update({s: (len(prompt), t) for s, (_, t) in held.items()})
+                    held.update({s: (len(PROMPT), t) for s, (_, t) in held.items()})
                 step = [
                     pb.SequenceStep(seq_id=s, keep=k, token_ids=[t], sample=True)
                     for s, (k, t) in held.items()

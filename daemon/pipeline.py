@@ -126,8 +126,7 @@ class Pipeline:
         # Prompt chunks keep to multiples of this (a hybrid model's recurrent state).
         self.state_block = max(s.load.state_block for s in stages)
         self._ids = itertools.count(1)
-        self._lock = threading.Lock()  # the steps in flight, and recovery's state
-        self._send_lock = threading.Lock()  # taken before _lock, never while holding it
+        self._lock = threading.Lock()
         self._pending: dict[int, _Pending] = {}
         self.failure: str | None = None
         # Recovery: while `recovering`, steps are refused with PipelineRestarting; each
@@ -196,30 +195,25 @@ class Pipeline:
     ) -> Future[StepOutcome]:
         """Run a step: `opened` carries the settings of the sequences it starts."""
         future: Future[StepOutcome] = Future()
-        # Every stage hears of every step, in one order: the send lock's. The sends are
-        # outside the table's lock, which the readers of replies take; restarts end the
-        # streams under the send lock, so no send of a failed step reaches a new stream.
-        with self._send_lock:
-            with self._lock:
-                if self.failure is not None:
-                    future.set_exception(WorkerError(self.failure))
-                    return future
-                if self.recovering:
-                    future.set_exception(
-                        PipelineRestarting("a worker is being restarted", ran=False)
-                    )
-                    return future
-                request = pb.StepRequest(
-                    step_id=next(self._ids),
-                    sequences=sequences,
-                    release=release or [],
-                    open=opened or [],
-                )
-                pending = _Pending(request, future, time.monotonic(), [None] * self.num_stages)
-                self._pending[request.step_id] = pending
-                # Relayed activations (gRPC transport) reach later stages from _on_reply.
-                links = self.links[:1] if self._relayed(request) else list(self.links)
-            for link in links:
+        with self._lock:
+            if self.failure is not None:
+                future.set_exception(WorkerError(self.failure))
+                return future
+            if self.recovering:
+                future.set_exception(PipelineRestarting("a worker is being restarted", ran=False))
+                return future
+            request = pb.StepRequest(
+                step_id=next(self._ids),
+                sequences=sequences,
+                release=release or [],
+                open=opened or [],
+            )
+            pending = _Pending(request, future, time.monotonic(), [None] * self.num_stages)
+            self._pending[request.step_id] = pending
+            # Every stage hears of every step, in one order (a send never blocks: see
+            # WorkerLink.send). Relayed activations (gRPC transport) reach later stages
+            # from _on_reply instead.
+            for link in self.links[:1] if self._relayed(request) else self.links:
                 link.send(request)
         return future
 
@@ -371,10 +365,7 @@ class Pipeline:
             self.processes[rank].kill()  # a wedged one too; its sockets close at once
         else:
             remote.registry.reopen(rank)
-        with self._send_lock:  # a send under way goes to the streams it began on
-            for link in self.links:
-                link.end_steps()
-        for link in self.links:  # outside: a reader may be waiting for the send lock
+        for link in self.links:
             link.close_steps()
         self.links[rank].close()
         if remote is None:

@@ -61,9 +61,8 @@ class LocalWorker:
 
     def link(self, transport: str) -> WorkerLink:
         """The daemon's link to this worker. Its steps go over the step socket unless
-        the daemon relays activations in them (`--transport grpc`): a relayed step is
-        sent from the thread that read the previous stage's reply, and a blocking send
-        of megabytes there could wait on that very reader."""
+        the daemon relays activations in them (`--transport grpc`, the fallback where no
+        process group forms): the socket is measured and tested for steps of tokens."""
         return WorkerLink(
             self.address, step_socket=self.step_socket if transport == "dist" else None
         )
@@ -104,9 +103,9 @@ class _SocketSteps:
     """The writing end of a step stream on a worker's step socket. A frame goes out at
     once where the socket's buffer takes it, as it always does for a step of tokens;
     else the rest waits for a writer thread, and later frames queue behind it. So a send
-    never blocks its caller: the pipeline sends under a lock that a reply reader, whose
-    worker may be blocked writing that reply, can be waiting for. The queue holds at
-    most the steps in flight and releases (the pipeline's own bound)."""
+    never blocks its caller: the pipeline sends under the lock its reply readers take,
+    and a worker blocked writing a large reply reads nothing until its reader does. The
+    queue holds at most the steps in flight and releases (the pipeline's own bound)."""
 
     def __init__(self, path: Path, connect_timeout: float = 10.0) -> None:
         self.conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -271,7 +270,7 @@ class WorkerLink:
 
     def close_steps(self, timeout: float = 30.0) -> None:
         """End the step stream and wait for its reader (its errors are expected now)."""
-        self.end_steps()
+        self._end_steps()
         self._join_reader(timeout)
 
     def _join_reader(self, timeout: float) -> None:
@@ -288,7 +287,7 @@ class WorkerLink:
         elif self._socket is not None:
             self._socket.send(request.SerializeToString())
 
-    def end_steps(self) -> None:
+    def _end_steps(self) -> None:
         """End the step stream: no more sends; the worker and the reader see its end."""
         self._ended_here.set()
         if self._socket is not None:
@@ -297,7 +296,7 @@ class WorkerLink:
             self._outbox.put(None)
 
     def close(self) -> None:
-        self.end_steps()
+        self._end_steps()
         if self._socket is not None:  # its reader ends as the socket shuts down
             self._join_reader(timeout=5.0)
         self.channel.close()
