@@ -52,22 +52,28 @@ typedef struct {
     const void* q;       // F32: W [n, k]; Q4, Q8: panels (linear_q4, linear_q8)
     const float* s;      // Q8: scale per output [n]
     const float* bias;   // [n] or NULL
+    // [n] or NULL: W's row j is Y's column order[j] (a permutation, checked in Python).
+    // An LM head stored with the draft vocabulary's rows first, so that an MTP head's
+    // draft pass reads them as its own leading rows (cpu_kernels.Matrix.leading).
+    const int32_t* order;
 } mtpd_matrix;
 
-// Where a product's outputs go: Y[m, n] = R[m, n] + (dot + bias[n]), the residual R
+// Where a product's outputs go: Y[m, order[n]] = R[m, n] + (dot + bias[n]), the residual R
 // optional and possibly Y itself (each output is read and written by one thread): the
-// same float additions, in the same order, as PyTorch's `x + (x W^T + b)`.
+// same float additions, in the same order, as PyTorch's `x + (x W^T + b)`. A matrix with
+// an order has no residual.
 typedef struct {
     float* y;
     const float* bias;
     const float* residual;
     int64_t n;
+    const int32_t* order;
 } out_t;
 
 static inline void store(const out_t* o, int64_t m, int64_t n, float v) {
     if (o->bias) v += o->bias[n];
     if (o->residual) v = o->residual[m * o->n + n] + v;
-    o->y[m * o->n + n] = v;
+    o->y[m * o->n + (o->order ? o->order[n] : n)] = v;
 }
 
 // ---- float32 linear, K a multiple of 8. Threads split the output columns: each reads
@@ -224,7 +230,10 @@ static inline void store16(const out_t* o, int64_t m, int64_t n0, __m512 v) {
     const int64_t at = m * o->n + n0;
     if (o->bias) v = _mm512_add_ps(v, _mm512_loadu_ps(o->bias + n0));
     if (o->residual) v = _mm512_add_ps(_mm512_loadu_ps(o->residual + at), v);
-    _mm512_storeu_ps(o->y + at, v);
+    if (o->order)
+        _mm512_i32scatter_ps(o->y + m * o->n, _mm512_loadu_si512(o->order + n0), v, 4);
+    else
+        _mm512_storeu_ps(o->y + at, v);
 }
 #endif
 
@@ -232,7 +241,13 @@ static inline void store8(const out_t* o, int64_t m, int64_t n0, __m256 v) {
     const int64_t at = m * o->n + n0;
     if (o->bias) v = _mm256_add_ps(v, _mm256_loadu_ps(o->bias + n0));
     if (o->residual) v = _mm256_add_ps(_mm256_loadu_ps(o->residual + at), v);
-    _mm256_storeu_ps(o->y + at, v);
+    if (o->order) {  // AVX2 has no scatter
+        float lanes[8];
+        _mm256_storeu_ps(lanes, v);
+        for (int i = 0; i < 8; i++) o->y[m * o->n + o->order[n0 + i]] = lanes[i];
+    } else {
+        _mm256_storeu_ps(o->y + at, v);
+    }
 }
 
 static inline __m256i quad8(const int8_t* x) {
@@ -498,7 +513,7 @@ static void linear_q8(const float* X, const mtpd_matrix* w, const out_t* o, int6
 // Y[M, w.n] = R + (X @ W^T + bias), R optional.
 static void product(const mtpd_matrix* w, const float* X, float* Y, const float* R, int64_t M,
                     const q8_inputs* in) {
-    const out_t o = {Y, w->bias, R, w->n};
+    const out_t o = {Y, w->bias, R, w->n, w->order};
     if (w->kind == MTPD_Q4)
         linear_q4(X, w, &o, M, in);
     else if (w->kind == MTPD_Q8)

@@ -88,6 +88,7 @@ class Matrix(ctypes.Structure):
         ("q", C_POINTER),
         ("s", C_POINTER),
         ("bias", C_POINTER),
+        ("order", C_POINTER),
     ]
 
     @classmethod
@@ -105,8 +106,29 @@ class Matrix(ctypes.Structure):
             bias = bias.detach().contiguous()
             if bias.shape != (n,):
                 raise ValueError(f"a bias of shape {list(bias.shape)} for {n} outputs")
-        matrix = cls(kind, n, k, weight.data_ptr(), _pointer(scales), _pointer(bias))
+        matrix = cls(kind, n, k, weight.data_ptr(), _pointer(scales), _pointer(bias), None)
         matrix.tensors = (weight, scales, bias)
+        return matrix
+
+    def ordered(self, order: torch.Tensor) -> Matrix:
+        """This matrix writing row j's output to column order[j] (`order` a permutation
+        of its rows): the weight packed with its rows reordered, computing what the
+        weight in its own order does."""
+        if self.order:
+            raise ValueError("the matrix is reordered already")
+        check_order(order, self.n)
+        order = order.to(torch.int32).contiguous()
+        matrix = type(self)(self.kind, self.n, self.k, self.q, self.s, self.bias, order.data_ptr())
+        matrix.tensors = (*self.tensors, order)
+        return matrix
+
+    def leading(self, rows: int) -> Matrix:
+        """The first `rows` rows as a matrix of their own, sharing this one's bytes, their
+        outputs in row order (whatever this one's order)."""
+        if not 0 < rows <= self.n or (self.kind != self.F32 and rows % PANEL):
+            raise ValueError(f"{rows} leading rows of {self.n} in panels of {PANEL}")
+        matrix = type(self)(self.kind, rows, self.k, self.q, self.s, self.bias, None)
+        matrix.tensors = self.tensors
         return matrix
 
     @classmethod
@@ -174,6 +196,12 @@ class Matrix(ctypes.Structure):
             )
             _out_of_memory(status, "linear")
         return out if x.dim() == 2 else out.view(*x.shape[:-1], self.n)
+
+
+def check_order(order: torch.Tensor, rows: int) -> None:
+    """Refuse anything but a permutation of 0..rows - 1 (the kernels write through it)."""
+    if order.shape != (rows,) or not torch.equal(order.sort().values, torch.arange(rows)):
+        raise ValueError(f"an order for {rows} rows must hold each of 0..{rows - 1} once")
 
 
 def panels_fit(n: int, k: int) -> bool:

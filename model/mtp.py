@@ -236,9 +236,10 @@ class MTPHead(nn.Module):
                 or ids.numel() == 0
                 or int(ids.max()) >= cfg.vocab_size
                 or int(ids.min()) < 0
+                or ids.unique().numel() != ids.numel()
             ):
                 raise ModelLoadError(
-                    f"MTP head: {DRAFT_VOCAB} must hold token ids below {cfg.vocab_size}"
+                    f"MTP head: {DRAFT_VOCAB} must hold distinct token ids below {cfg.vocab_size}"
                 )
             self.draft_ids = ids.to(embedding.device)
             self.draft_head = Linear(lm_head.weight.detach()[ids].clone())

@@ -170,9 +170,18 @@ class Int8Linear(nn.Module):
     float."""
 
     def __init__(
-        self, weight: torch.Tensor, bias: torch.Tensor | None, use_kernel: bool = True
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        use_kernel: bool = True,
+        order: torch.Tensor | None = None,
     ) -> None:
+        """`order` (a permutation of the rows), on the kernel: the rows packed in that
+        order, so that `leading` can lend the first of them to another layer; the outputs
+        stay in their own columns."""
         super().__init__()
+        if order is not None:
+            cpu_kernels.check_order(order, weight.shape[0])
         q, scale = int8_rows(weight)
         self.register_buffer("scales", scale.to(weight.dtype))
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
@@ -190,9 +199,14 @@ class Int8Linear(nn.Module):
             # may have any size); forward drops them.
             pad = -n % cpu_kernels.PANEL
             bias = None if bias is None else F.pad(bias.detach().float(), (0, pad))
-            self.matrix = cpu_kernels.Matrix.q8(
-                F.pad(q, (0, 0, 0, pad)), F.pad(scale.float(), (0, pad), value=1.0), bias
-            )
+            padded, scales = F.pad(q, (0, 0, 0, pad)), F.pad(scale.float(), (0, pad), value=1.0)
+            if order is not None:
+                rows = torch.cat([order, torch.arange(n, n + pad)])
+                padded, scales = padded[rows], scales[rows]
+                bias = None if bias is None else bias[rows]
+            self.matrix = cpu_kernels.Matrix.q8(padded, scales, bias)
+            if order is not None:
+                self.matrix = self.matrix.ordered(rows)
             q = self.matrix.tensors[0]  # the panels: the plain rows are not kept
         self.register_buffer("weight", q)
 
@@ -200,14 +214,40 @@ class Int8Linear(nn.Module):
     def on_kernel(self) -> bool:
         return self.matrix is not None
 
+    def leading(self, count: int) -> LeadingRows:
+        """The first `count` rows in its packed order, reading this layer's bytes."""
+        if self.matrix is None:
+            raise ValueError("only a layer on the int8 kernel lends its rows")
+        return LeadingRows(self.matrix, count)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.matrix is not None:
-            y = self.matrix(x)
-            return y if self.matrix.n == self.out_features else y[..., : self.out_features]
+            return _first_outputs(self.matrix(x), self.out_features)
         rows = x.reshape(-1, x.shape[-1])
         y = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.scales.to(rows.dtype))
         y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
+
+
+class LeadingRows(nn.Module):
+    """The outputs of a packed layer's first `count` rows (`Int8Linear.leading`), in its
+    packed order, from its bytes: an MTP head's draft vocabulary inside the trunk's LM
+    head, which holds those rows first (worker/shard_loading.py)."""
+
+    def __init__(self, matrix: cpu_kernels.Matrix, count: int) -> None:
+        super().__init__()
+        self.matrix = matrix.leading(count + -count % cpu_kernels.PANEL)
+        self.out_features = count
+
+    on_kernel = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _first_outputs(self.matrix(x), self.out_features)
+
+
+def _first_outputs(y: torch.Tensor, count: int) -> torch.Tensor:
+    """A padded matrix's outputs without the padding's."""
+    return y if y.shape[-1] == count else y[..., :count]
 
 
 def requantization_error(w: torch.Tensor) -> float:
@@ -251,8 +291,9 @@ def quantize_head(mtp: nn.Module) -> None:
     """Hold an MTP head's linear layers, its draft-vocabulary rows among them, at int8
     where the int8 CPU kernel runs them. A draft only proposes: verification scores the
     trunk, so output is unchanged, while a draft pass reads a quarter of the bytes. The
-    trunk's LM head, where the head drafts over the full vocabulary with it, is already
-    packed by then and stays as the trunk holds it."""
+    trunk's LM head, where the head drafts over the full vocabulary with it or lends it
+    its draft rows (shard_loading.share_draft_rows), is already packed by then and stays
+    as the trunk holds it."""
     float_cpu = mtp.embedding.device.type == "cpu" and mtp.dtype == torch.float32
     if float_cpu and cpu_kernels.available():
         quantize_linears(mtp, "int8")

@@ -19,6 +19,7 @@ from mtpd.model import cpu_kernels, kernel_library
 from mtpd.model.checkpoint import open_checkpoint, read_config
 from mtpd.model.decoder import ShardSpec
 from mtpd.model.layers import Attention, Linear, _apply_rope
+from mtpd.model.quant import Int8Linear
 from mtpd.worker.shard_loading import load_shard
 
 
@@ -394,3 +395,33 @@ def test_a_decoder_layer_in_one_kernel_call_gives_the_bits_its_parts_give(tmp_pa
     with pytest.raises(ValueError, match="do not fit"):
         cpu_kernels.decoder_layers(kernels[:1], step, 0, torch.zeros(2, cfg.hidden_size))
     assert cpu_kernels.decoder_layers(kernels[:1], step, 0, x).shape == x.shape
+
+
+@pytest.mark.usefixtures("kernel_build")
+def test_an_int8_layer_packed_in_another_row_order_gives_the_same_bits_and_lends_its_first_rows():
+    """An LM head packed with a draft vocabulary's rows first (shard_loading's
+    share_draft_rows) still writes each output to its own column, bit for bit, whatever
+    the rows beside; its first rows, lent to a draft head, compute what a copy of them
+    does. 90 rows and 18 lent ones: both padded to whole panels."""
+    g = torch.Generator().manual_seed(5)
+    w, bias = torch.randn(90, 64, generator=g), torch.randn(90, generator=g)
+    x = torch.randn(11, 64, generator=g)
+    first = torch.randperm(90, generator=g)[:18]
+    rest = torch.ones(90, dtype=torch.bool)
+    rest[first] = False
+    order = torch.cat([first, rest.nonzero().flatten()])
+    plain, reordered = Int8Linear(w, bias), Int8Linear(w, bias, order=order)
+    together = plain(x)
+    assert torch.equal(reordered(x), together)
+    for i in range(11):
+        assert torch.equal(reordered(x[i : i + 1]), together[i : i + 1])
+    lent = reordered.leading(18)
+    assert lent.matrix.n == 32 and lent.out_features == 18
+    assert torch.equal(lent(x), together[:, first])
+    assert torch.equal(lent(x), Int8Linear(w[first], bias[first])(x))
+    with pytest.raises(ValueError, match=r"each of 0\.\.89 once"):
+        Int8Linear(w, bias, order=torch.cat([first, first, rest.nonzero().flatten()[:54]]))
+    with pytest.raises(ValueError, match="leading rows"):
+        plain.matrix.leading(18)
+    with pytest.raises(ValueError, match="reordered already"):
+        reordered.matrix.ordered(torch.arange(96))

@@ -13,8 +13,17 @@ from mtpd.model.config import ModelConfig
 from mtpd.model.decoder import EMBEDDING, DecoderShard, ShardSpec
 from mtpd.model.errors import ModelLoadError
 from mtpd.model.layers import pack_for_inference
-from mtpd.model.mtp import DRAFT_VOCAB, MTPHead, from_deepseek_layout, read_head_file
-from mtpd.model.quant import quantize_head
+from mtpd.model.mtp import (
+    DRAFT_VOCAB,
+    MTPHead,
+    from_deepseek_layout,
+    read_head_file,
+    save_head_file,
+)
+from mtpd.model.quant import Int8Linear, LeadingRows, quantize_head
+from mtpd.worker import shard_loading
+from mtpd.worker.memory import tensor_bytes
+from mtpd.worker.shard_loading import load_shard
 
 VOCAB = 96
 
@@ -130,6 +139,8 @@ def test_fused_head_matches_hand_computation(tmp_path):
         ({"mtp.tap_layers": torch.tensor([1, 4])}, r"within 1\.\.3"),
         ({"mtp.tap_layers": torch.tensor([1.0, 3.0])}, "must list trunk layer numbers"),
         ({"mtp.tap_layers": torch.tensor([1])}, "mtp.fuse.weight' has shape"),
+        ({DRAFT_VOCAB: torch.tensor([4, 9, 4])}, "distinct token ids below 96"),
+        ({DRAFT_VOCAB: torch.tensor([4, 96])}, "distinct token ids below 96"),
     ):
         with pytest.raises(ModelLoadError, match=why):
             MTPHead(cfg, head | bad, trunk.embedding, trunk.lm_head, 128, torch.float32)
@@ -419,3 +430,48 @@ def test_held_entries_are_cut_across_and_within_their_row_blocks():
         assert held.tokens == list(range(kept))
         rows = torch.cat([b.tensor() for b in held.blocks]) if held.blocks else torch.empty(0, 1)
         assert torch.equal(rows, torch.arange(float(kept))[:, None]), n
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_a_head_drafts_from_the_lm_heads_own_rows_where_both_are_int8(tmp_path, monkeypatch, quant):
+    """With the trunk's LM head at int8 on the kernels (--quant int8, and int4 for a head
+    stored at 8 bits) the draft vocabulary's rows are the LM head's, not a copy: the same
+    logits and drafts, bit for bit, as a load that copies them."""
+    write_tiny_model(tmp_path, "llama", tied=True, vocab=VOCAB, intermediate_size=128)
+    ckpt = open_checkpoint(tmp_path)
+    cfg = ModelConfig.from_hf(ckpt.hf_config)
+    head = random_head(cfg, seed=4)
+    head[DRAFT_VOCAB] = torch.tensor(
+        [5, 90, 17, 3, 64, 41, 8, 77, 30, 2, 51, 60, 11, 95, 70, 24, 6]
+    )
+    save_head_file(tmp_path / "head.safetensors", head, {})
+    # Stored at 8 bits, as the default model's tied embedding is.
+    monkeypatch.setattr(type(ckpt), "stored_at_8_bits", lambda self, names: names == (EMBEDDING,))
+
+    def load():
+        return load_shard(
+            ckpt,
+            cfg,
+            ShardSpec.whole(cfg),
+            torch.float32,
+            64,
+            torch.device("cpu"),
+            mtp_head=tmp_path / "head.safetensors",
+            quant=quant,
+        )
+
+    shard, mtp = load()
+    with monkeypatch.context() as m:
+        m.setattr(shard_loading, "share_draft_rows", lambda *args: None)
+        copied_shard, copied = load()
+    assert isinstance(mtp.draft_head, LeadingRows) and isinstance(copied.draft_head, Int8Linear)
+    assert tensor_bytes(mtp, shard) < tensor_bytes(copied, copied_shard)
+    g = torch.Generator().manual_seed(3)
+    rows, next_tokens = torch.randn(5, cfg.hidden_size, generator=g), torch.randint(0, VOCAB, (5,))
+    assert torch.equal(shard.logits(rows), copied_shard.logits(rows))
+    passes = [
+        head.forward_and_draft(rows, next_tokens, cache, [cache.slot("a")], [5])
+        for head, cache in ((mtp, mtp.new_cache(1, 64)), (copied, copied.new_cache(1, 64)))
+    ]
+    assert torch.equal(passes[0].states, passes[1].states)
+    assert torch.equal(passes[0].drafts, passes[1].drafts)
