@@ -234,12 +234,12 @@ class LeadingRows(nn.Module):
     packed order, from its bytes: an MTP head's draft vocabulary inside the trunk's LM
     head, which holds those rows first (worker/shard_loading.py)."""
 
+    on_kernel = True  # what MTPHead asks of a draft head before its one-call pass
+
     def __init__(self, matrix: cpu_kernels.Matrix, count: int) -> None:
         super().__init__()
         self.matrix = matrix.leading(count + -count % cpu_kernels.PANEL)
         self.out_features = count
-
-    on_kernel = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _first_outputs(self.matrix(x), self.out_features)
