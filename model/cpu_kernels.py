@@ -353,6 +353,7 @@ class Layer(ctypes.Structure):
             and qkv.n == (heads + 2 * kv_heads) * head_dim
             and o.k == heads * head_dim
             and gate_up.n == 2 * down.k
+            and not any(m.order for m in linears)  # o and down add a residual: in column order
         ):
             raise ValueError(
                 f"a layer of {heads} heads over {kv_heads} kv heads of {head_dim} does not fit "
@@ -540,6 +541,8 @@ class MTPInput(ctypes.Structure):
             and fc.k == 2 * hidden
             and (fuse is None) == (taps == 0)
             and (fuse is None or (fuse.n, fuse.k) == (hidden, (1 + taps) * hidden))
+            and not fc.order
+            and (fuse is None or not fuse.order)
         ):
             raise ValueError(
                 f"an MTP input of {hidden} with {taps} taps does not fit its weights: fc "

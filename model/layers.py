@@ -69,6 +69,9 @@ class Linear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.packed = False  # in an inference-only layout (no gradients)
         self.matrix: cpu_kernels.Matrix | None = None  # packed for cpu_kernels, else oneDNN
+        # Where quantized to int8 on the kernels: the rows packed in this order, so that
+        # another layer can read the first of them (Int8Linear.leading).
+        self.pack_order: torch.Tensor | None = None
 
     @property
     def on_kernel(self) -> bool:

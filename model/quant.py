@@ -207,6 +207,7 @@ class Int8Linear(nn.Module):
             self.matrix = cpu_kernels.Matrix.q8(padded, scales, bias)
             if order is not None:
                 self.matrix = self.matrix.ordered(rows)
+                self.register_buffer("order", self.matrix.tensors[-1], persistent=False)
             q = self.matrix.tensors[0]  # the panels: the plain rows are not kept
         self.register_buffer("weight", q)
 
@@ -216,8 +217,8 @@ class Int8Linear(nn.Module):
 
     def leading(self, count: int) -> LeadingRows:
         """The first `count` rows in its packed order, reading this layer's bytes."""
-        if self.matrix is None:
-            raise ValueError("only a layer on the int8 kernel lends its rows")
+        if self.matrix is None or not self.matrix.order:
+            raise ValueError("only a layer packed in an order on the int8 kernel lends its rows")
         return LeadingRows(self.matrix, count)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -284,7 +285,7 @@ def quantize_linears(
                 weight = exact.to(w.device) if exact is not None else Int4Weight.from_float(w)
                 setattr(parent, name, Int4Linear(weight, bias, w.dtype))
             else:
-                setattr(parent, name, Int8Linear(w, bias))
+                setattr(parent, name, Int8Linear(w, bias, order=child.pack_order))
 
 
 def quantize_head(mtp: nn.Module) -> None:
@@ -292,7 +293,7 @@ def quantize_head(mtp: nn.Module) -> None:
     where the int8 CPU kernel runs them. A draft only proposes: verification scores the
     trunk, so output is unchanged, while a draft pass reads a quarter of the bytes. The
     trunk's LM head, where the head drafts over the full vocabulary with it or lends it
-    its draft rows (shard_loading.share_draft_rows), is already packed by then and stays
+    its draft rows (shard_loading.load_shard), is already packed by then and stays
     as the trunk holds it."""
     float_cpu = mtp.embedding.device.type == "cpu" and mtp.dtype == torch.float32
     if float_cpu and cpu_kernels.available():

@@ -399,10 +399,11 @@ def test_a_decoder_layer_in_one_kernel_call_gives_the_bits_its_parts_give(tmp_pa
 
 @pytest.mark.usefixtures("kernel_build")
 def test_an_int8_layer_packed_in_another_row_order_gives_the_same_bits_and_lends_its_first_rows():
-    """An LM head packed with a draft vocabulary's rows first (shard_loading's
-    share_draft_rows) still writes each output to its own column, bit for bit, whatever
-    the rows beside; its first rows, lent to a draft head, compute what a copy of them
-    does. 90 rows and 18 lent ones: both padded to whole panels."""
+    """An LM head packed with a draft vocabulary's rows first (worker/shard_loading.py)
+    still writes each output to its own column, bit for bit, whatever the rows beside;
+    its first rows, lent to a draft head, compute what a copy of them does. 90 rows and
+    18 lent ones: both padded to whole panels. No layer takes a reordered product where
+    a residual is added in column order."""
     g = torch.Generator().manual_seed(5)
     w, bias = torch.randn(90, 64, generator=g), torch.randn(90, generator=g)
     x = torch.randn(11, 64, generator=g)
@@ -425,3 +426,14 @@ def test_an_int8_layer_packed_in_another_row_order_gives_the_same_bits_and_lends
         plain.matrix.leading(18)
     with pytest.raises(ValueError, match="reordered already"):
         reordered.matrix.ordered(torch.arange(96))
+    with pytest.raises(ValueError, match="packed in an order"):
+        plain.leading(18)
+    hidden, fc = 32, torch.randn(32, 64, generator=g)
+    with pytest.raises(ValueError, match="does not fit"):
+        cpu_kernels.MTPInput.of(
+            (torch.ones(hidden), torch.ones(hidden)),
+            [],
+            1e-5,
+            None,
+            Int8Linear(fc, None, order=torch.randperm(hidden, generator=g)).matrix,
+        )

@@ -462,9 +462,10 @@ def test_a_head_drafts_from_the_lm_heads_own_rows_where_both_are_int8(tmp_path, 
 
     shard, mtp = load()
     with monkeypatch.context() as m:
-        m.setattr(shard_loading, "share_draft_rows", lambda *args: None)
+        m.setattr(shard_loading, "draft_rows_first", lambda ids, rows: None)
         copied_shard, copied = load()
     assert isinstance(mtp.draft_head, LeadingRows) and isinstance(copied.draft_head, Int8Linear)
+    assert mtp.draft_head.matrix.q == shard.lm_head.matrix.q  # the LM head's own bytes
     assert tensor_bytes(mtp, shard) < tensor_bytes(copied, copied_shard)
     g = torch.Generator().manual_seed(3)
     rows, next_tokens = torch.randn(5, cfg.hidden_size, generator=g), torch.randint(0, VOCAB, (5,))

@@ -10,7 +10,7 @@ import torch
 from mtpd.model.checkpoint import Checkpoint
 from mtpd.model.config import ModelConfig
 from mtpd.model.decoder import DecoderShard, ShardSpec
-from mtpd.model.layers import Linear, pack_for_inference
+from mtpd.model.layers import pack_for_inference
 from mtpd.model.mtp import MTPHead, check_head_base, read_checkpoint_head, read_head_file
 from mtpd.model.quant import Int8Linear, quantize_head, quantize_linears
 
@@ -43,11 +43,17 @@ def load_shard(
         mtp = MTPHead(cfg, tensors, shard.embedding, shard.lm_head, max_context, dtype)
         shard.set_taps(mtp.tap_layers)
     dense_head = shard.lm_head
+    if mtp is not None and mtp.draft_ids is not None:
+        dense_head.pack_order = draft_rows_first(mtp.draft_ids.cpu(), dense_head.weight.shape[0])
     quantize_linears(shard, quant, ckpt.int4_blocks, ckpt.stored_at_8_bits)
     if mtp is not None and mtp.draft_head is dense_head:
         mtp.draft_head = shard.lm_head  # drafting over the full vocabulary: the trunk's head
-    elif mtp is not None and isinstance(shard.lm_head, Int8Linear) and shard.lm_head.on_kernel:
-        share_draft_rows(shard, mtp, dense_head)
+    elif mtp is not None and _packed_in_order(shard.lm_head):
+        # The head's draft rows, read where the LM head holds them: not a copy of its own
+        # (4.7 MB for the default model's 8,192 rows). The same bits: a row's int8
+        # rounding does not depend on the other rows, and the LM head still writes each
+        # token's logit to its own column.
+        mtp.draft_head = shard.lm_head.leading(mtp.draft_vocab_size)
     pack_for_inference(shard)
     if quant != "none":  # the weights already trade exactness: the cache follows llama.cpp's
         shard.stack.use_half_cache()
@@ -57,15 +63,15 @@ def load_shard(
     return shard, mtp
 
 
-def share_draft_rows(shard: DecoderShard, mtp: MTPHead, dense_head: Linear) -> None:
-    """Where the trunk's LM head is int8 on the kernels, as the head's draft-vocabulary
-    rows would be: the LM head packed again with those rows first, and the draft pass
-    reading them there instead of a copy of its own (4.7 MB for the default model's 8,192
-    rows). The same bits: a row's int8 rounding does not depend on the other rows, and
-    the LM head still writes each token's logit to its own column."""
-    ids = mtp.draft_ids.cpu()
-    rest = torch.ones(dense_head.weight.shape[0], dtype=torch.bool)
-    rest[ids] = False
-    order = torch.cat([ids, rest.nonzero().flatten()])
-    shard.lm_head = Int8Linear(dense_head.weight.detach(), dense_head.bias, order=order)
-    mtp.draft_head = shard.lm_head.leading(len(ids))
+def draft_rows_first(draft_ids: torch.Tensor, rows: int) -> torch.Tensor:
+    """An LM head's row order with the draft vocabulary's rows first, the rest after in
+    their own order."""
+    rest = torch.ones(rows, dtype=torch.bool)
+    rest[draft_ids] = False
+    return torch.cat([draft_ids, rest.nonzero().flatten()])
+
+
+def _packed_in_order(head: torch.nn.Module) -> bool:
+    """Whether quantization packed the LM head on the int8 kernel in its `pack_order`: in
+    float32 on the CPU, under --quant int8, or int4 where the LM head stays at 8 bits."""
+    return isinstance(head, Int8Linear) and head.matrix is not None and bool(head.matrix.order)
