@@ -215,9 +215,14 @@ class Int8Linear(nn.Module):
     def on_kernel(self) -> bool:
         return self.matrix is not None
 
+    @property
+    def lends_rows(self) -> bool:
+        """Whether it was packed in an `order` on the kernel, so `leading` can lend rows."""
+        return self.matrix is not None and bool(self.matrix.order)
+
     def leading(self, count: int) -> LeadingRows:
         """The first `count` rows in its packed order, reading this layer's bytes."""
-        if self.matrix is None or not self.matrix.order:
+        if not self.lends_rows:
             raise ValueError("only a layer packed in an order on the int8 kernel lends its rows")
         return LeadingRows(self.matrix, count)
 

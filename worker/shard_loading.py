@@ -48,8 +48,10 @@ def load_shard(
     quantize_linears(shard, quant, ckpt.int4_blocks, ckpt.stored_at_8_bits)
     if mtp is not None and mtp.draft_head is dense_head:
         mtp.draft_head = shard.lm_head  # drafting over the full vocabulary: the trunk's head
-    elif mtp is not None and _packed_in_order(shard.lm_head):
-        # The head's draft rows, read where the LM head holds them: not a copy of its own
+    elif mtp is not None and isinstance(shard.lm_head, Int8Linear) and shard.lm_head.lends_rows:
+        # Quantization packed the LM head on the int8 kernel in that order (float32 on the
+        # CPU, under --quant int8, or int4 where the LM head stays at 8 bits): the head's
+        # draft rows, read where the LM head holds them, not a copy of its own
         # (4.7 MB for the default model's 8,192 rows). The same bits: a row's int8
         # rounding does not depend on the other rows, and the LM head still writes each
         # token's logit to its own column.
@@ -69,9 +71,3 @@ def draft_rows_first(draft_ids: torch.Tensor, rows: int) -> torch.Tensor:
     rest = torch.ones(rows, dtype=torch.bool)
     rest[draft_ids] = False
     return torch.cat([draft_ids, rest.nonzero().flatten()])
-
-
-def _packed_in_order(head: torch.nn.Module) -> bool:
-    """Whether quantization packed the LM head on the int8 kernel in its `pack_order`: in
-    float32 on the CPU, under --quant int8, or int4 where the LM head stays at 8 bits."""
-    return isinstance(head, Int8Linear) and head.matrix is not None and bool(head.matrix.order)
