@@ -206,12 +206,14 @@ def run_bench(args: argparse.Namespace, settings) -> int:
         cuda_graphs = all(stage.load.cuda_graphs for stage in pipeline.stages)
         model_name = daemon.model_path.name
         head_names = {h: d.pipeline.mtp_head for h, d in daemons.items()}
-    if settings.pipeline.quant != "none":
+    report_quality = None  # the model against its float self, where it is not that
+    if settings.pipeline.quant != "none" or settings.pipeline.kv_cache != "auto":
         from mtpd.bench.quality import quantization_quality
 
         report_quality = quantization_quality(
             daemon.model_path,
             settings.pipeline.quant,
+            settings.pipeline.kv_cache,
             DTYPES[settings.pipeline.dtype],
             prompts,
             args.max_tokens,
@@ -243,6 +245,7 @@ def run_bench(args: argparse.Namespace, settings) -> int:
         "device": device,
         "dtype": settings.pipeline.dtype,
         "quant": settings.pipeline.quant,
+        "kv_cache": settings.pipeline.kv_cache,
         "cuda_graphs": cuda_graphs,
         "requests": args.requests,
         "max_tokens": args.max_tokens,
@@ -253,7 +256,7 @@ def run_bench(args: argparse.Namespace, settings) -> int:
         "memory": mem,
         "peers": peers,
     }
-    if settings.pipeline.quant != "none":
+    if report_quality is not None:
         report["quantization"] = report_quality
     report["summary"] = summary(configs, peers)
     print_report(report)

@@ -1,5 +1,5 @@
 """How much a quantized model departs from its own float reference (`mtpd bench
---quant`): on the float model's greedy continuations of the benchmark prompts, each
+--quant`, `--kv-cache`): on the float model's greedy continuations of the benchmark prompts, each
 model's perplexity, and how often the quantized model's top token is the float model's
 (teacher-forced: both see the same text, so one early difference does not decide the
 rest)."""
@@ -26,11 +26,16 @@ def _logits(engine: Engine, tokens: list[int]) -> torch.Tensor:
 
 
 def quantization_quality(
-    model: Path, quant: str, dtype: torch.dtype, prompts: list[list[int]], tokens: int
+    model: Path,
+    quant: str,
+    kv_cache: str,
+    dtype: torch.dtype,
+    prompts: list[list[int]],
+    tokens: int,
 ) -> dict:
     context = max(len(p) for p in prompts) + tokens + 1
     reference = Engine.load(model, dtype=dtype, max_context=context)
-    quantized = Engine.load(model, dtype=dtype, max_context=context, quant=quant)
+    quantized = Engine.load(model, dtype=dtype, max_context=context, quant=quant, kv_cache=kv_cache)
     nll = {"float": 0.0, quant: 0.0}
     agree = count = 0
     with torch.inference_mode():
@@ -49,6 +54,7 @@ def quantization_quality(
             count += len(targets)
     return {
         "quant": quant,
+        "kv_cache": kv_cache,
         "positions": count,
         "perplexity": {name: round(math.exp(v / count), 4) for name, v in nll.items()},
         "top1_agreement": round(agree / count, 4),

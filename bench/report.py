@@ -98,8 +98,10 @@ def print_report(report: dict) -> None:
     )
     if "quantization" in report:
         q = report["quantization"]
+        cache = "" if q["kv_cache"] == "auto" else f" with its KV cache in {q['kv_cache']}"
         print(
-            f"{q['quant']} against float, on float's greedy text ({q['positions']} positions): "
+            f"{q['quant']}{cache} against float, on float's greedy text ({q['positions']} "
+            "positions): "
             f"perplexity {q['perplexity'][q['quant']]:.3f} vs {q['perplexity']['float']:.3f}, "
             f"top-1 agreement {q['top1_agreement']:.3f}; 8-bit blocks requantized per channel, "
             "relative RMS error: "

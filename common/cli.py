@@ -203,6 +203,7 @@ def _settings(args: argparse.Namespace, max_seqs: int):
         split=args.split,
         dtype=args.dtype,
         quant=args.quant,
+        kv_cache=args.kv_cache,
         cuda_graphs=args.cuda_graphs,
         threads=args.threads,
         transport=args.transport,

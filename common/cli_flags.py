@@ -20,6 +20,8 @@ from mtpd.daemon.options import (
 
 # model.quant.QUANT_MODES, written out: the parsers are built before torch loads.
 QUANT_CHOICES = ["none", "int8", "int4"]
+# worker.shard_loading.KV_CACHE_CHOICES, written out for the same reason.
+KV_CACHE_CHOICES = ["auto", "float16", "int8"]
 
 
 def flag_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -97,6 +99,14 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
         default="none",
         help="weight-only quantization of the linear layers (GGUF Q4_0/Q4_1 weights are "
         "repacked exactly under int4)",
+    )
+    p.add_argument(
+        "--kv-cache",
+        choices=KV_CACHE_CHOICES,
+        default="auto",
+        help="the KV cache's element type: auto (float16 under --quant, else float32 on a "
+        "CPU), float16, or int8 with a scale per 32 values (half float16's bytes; the CPU "
+        "kernels only: docs/performance.md)",
     )
     p.add_argument(
         "--draft-p-min",

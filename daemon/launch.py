@@ -193,6 +193,7 @@ def launch(cfg: PipelineConfig, say: Callable[[str], None], local: LocalWorkers 
                 end_layer=end,
                 dtype=cfg.dtype,
                 quant=cfg.quant,
+                kv_cache=cfg.kv_cache,
                 cuda_graphs=cfg.cuda_graphs,
                 max_seqs=cfg.max_seqs,
                 max_context=cfg.max_context,

@@ -51,6 +51,7 @@ class PipelineConfig:
     split: str | None = None  # "auto", "10,20", or None for even
     dtype: str = "float32"
     quant: str = "none"  # weight-only quantization: none, int8, int4
+    kv_cache: str = "auto"  # the KV cache's element type: auto, float16, int8
     # Decode and verification steps replayed as CUDA graphs; None: where they apply
     # (StepGraphs.wanted, decided by each worker for its own device and layers).
     cuda_graphs: bool | None = None

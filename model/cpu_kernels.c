@@ -639,26 +639,78 @@ static inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
     return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
 }
 
-// The KV caches hold float32, or float16 (`half`: half the bytes for attention to read,
-// as llama.cpp's default cache). Element i of a cache, and 8 of them from i as float32.
-static inline __attribute__((always_inline)) void* kv_at(void* cache, int64_t i, int half) {
-    return (char*)cache + i * (half ? 2 : 4);
+// The KV caches hold vectors of d values (a key or a value of one kv head at one
+// position) in float32; in float16 (half the bytes for attention to read, as llama.cpp's
+// default cache); or in int8 with a float32 scale per KV_GROUP values of a vector (a
+// quarter of float32's bytes and an eighth more for the scales, as llama.cpp's q8_0
+// cache: at 8 streams attention reads each sequence's cache every step, and its time
+// follows the bytes).
+enum { KV_F32 = 0, KV_F16 = 1, KV_I8 = 2 };
+#define KV_GROUP 32
+
+static inline int64_t kv_groups(int64_t d) { return (d + KV_GROUP - 1) / KV_GROUP; }
+
+// A cache from some vector on: its values, and (int8) their scales [vectors, kv_groups(d)].
+typedef struct {
+    void* x;
+    float* s;
+} kv_t;
+
+// Vector `row` on of a cache.
+static inline __attribute__((always_inline)) kv_t kv_at(kv_t c, int64_t row, int64_t d, int fmt) {
+    const int64_t size = fmt == KV_F32 ? 4 : fmt == KV_F16 ? 2 : 1;
+    return (kv_t){(char*)c.x + row * d * size, fmt == KV_I8 ? c.s + row * kv_groups(d) : c.s};
 }
 
-static inline __attribute__((always_inline)) __m256 kv8(const void* cache, int64_t i, int half) {
-    return half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)cache + i)))
-                : _mm256_loadu_ps((const float*)cache + i);
+static inline int64_t kv_bytes(int64_t values, int fmt) {
+    return values * (fmt == KV_F32 ? 4 : fmt == KV_F16 ? 2 : 1);
 }
 
-// x [d] into the cache from element i, rounded to nearest where it holds float16.
-static void kv_store(void* cache, int64_t i, const float* x, int64_t d, int half) {
+// Values i..i+7 of vector `row` as float32 (i a multiple of 8: within one scale group).
+static inline __attribute__((always_inline)) __m256 kv8(kv_t c, int64_t row, int64_t i, int64_t d,
+                                                        int fmt) {
+    const int64_t at = row * d + i;
+    if (fmt == KV_F16)
+        return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)c.x + at)));
+    if (fmt == KV_I8) {
+        const __m128i q = _mm_loadl_epi64((const __m128i*)((const int8_t*)c.x + at));
+        return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)),
+                             _mm256_set1_ps(c.s[row * kv_groups(d) + i / KV_GROUP]));
+    }
+    return _mm256_loadu_ps((const float*)c.x + at);
+}
+
+// x [d] into vector `row` of the cache: rounded to nearest where it holds float16; where
+// int8, each group of KV_GROUP values scaled by its largest magnitude / 127 (a group
+// holding a NaN or an infinity gets a NaN scale, so attention over it gives NaN as a
+// float cache would; a group too small for its scale to invert holds zeros).
+static void kv_store(kv_t c, int64_t row, const float* x, int64_t d, int fmt) {
+    if (fmt == KV_I8) {
+        int8_t* const q = (int8_t*)c.x + row * d;
+        for (int64_t b = 0; b < kv_groups(d); b++) {
+            const int64_t from = b * KV_GROUP, to = from + KV_GROUP < d ? from + KV_GROUP : d;
+            float top = 0.0f;
+            int finite = 1;
+            for (int64_t i = from; i < to; i++) {
+                const float size = fabsf(x[i]);
+                finite &= size <= FLT_MAX;
+                top = size > top ? size : top;
+            }
+            float scale = top / 127.0f, inverse = scale > 0.0f ? 1.0f / scale : 0.0f;
+            if (!(inverse <= FLT_MAX)) scale = inverse = 0.0f;
+            if (!finite) scale = NAN, inverse = 0.0f;
+            for (int64_t i = from; i < to; i++) q[i] = (int8_t)lrintf(x[i] * inverse);
+            c.s[row * kv_groups(d) + b] = scale;
+        }
+        return;
+    }
     for (int64_t j = 0; j < d; j += 8) {
         const __m256 v = _mm256_loadu_ps(x + j);
-        if (half)
-            _mm_storeu_si128((__m128i*)((uint16_t*)cache + i + j),
+        if (fmt == KV_F16)
+            _mm_storeu_si128((__m128i*)((uint16_t*)c.x + row * d + j),
                              _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
         else
-            _mm256_storeu_ps((float*)cache + i + j, v);
+            _mm256_storeu_ps((float*)c.x + row * d + j, v);
     }
 }
 
@@ -679,10 +731,18 @@ static inline attv att_fma(attv a, attv b, attv c) { return _mm512_fmadd_ps(a, b
 static inline attv att_load(const float* p, attmask m) { return _mm512_maskz_loadu_ps(m, p); }
 static inline void att_store(float* p, attv v, attmask m) { _mm512_mask_storeu_ps(p, m, v); }
 static inline __m256 att_eight(attv v) { return fold512(v); }
-static inline __attribute__((always_inline)) attv att_kv(const void* cache, int64_t i, int half,
-                                                         attmask m) {
-    return half ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, (const uint16_t*)cache + i))
-                : _mm512_maskz_loadu_ps(m, (const float*)cache + i);
+// Values i.. of vector `row` (i a multiple of 16: within one scale group).
+static inline __attribute__((always_inline)) attv att_kv(kv_t c, int64_t row, int64_t i, int64_t d,
+                                                         int fmt, attmask m) {
+    const int64_t at = row * d + i;
+    if (fmt == KV_F16)
+        return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, (const uint16_t*)c.x + at));
+    if (fmt == KV_I8) {
+        const __m128i q = _mm_maskz_loadu_epi8(m, (const int8_t*)c.x + at);
+        return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)),
+                             _mm512_set1_ps(c.s[row * kv_groups(d) + i / KV_GROUP]));
+    }
+    return _mm512_maskz_loadu_ps(m, (const float*)c.x + at);
 }
 #else
 #define ATT_W 8
@@ -695,9 +755,9 @@ static inline attv att_fma(attv a, attv b, attv c) { return _mm256_fmadd_ps(a, b
 static inline attv att_load(const float* p, attmask m) { return (void)m, _mm256_loadu_ps(p); }
 static inline void att_store(float* p, attv v, attmask m) { (void)m, _mm256_storeu_ps(p, v); }
 static inline __m256 att_eight(attv v) { return v; }
-static inline __attribute__((always_inline)) attv att_kv(const void* cache, int64_t i, int half,
-                                                         attmask m) {
-    return (void)m, kv8(cache, i, half);
+static inline __attribute__((always_inline)) attv att_kv(kv_t c, int64_t row, int64_t i, int64_t d,
+                                                         int fmt, attmask m) {
+    return (void)m, kv8(c, row, i, d, fmt);
 }
 #endif
 
@@ -718,8 +778,8 @@ static inline __attribute__((always_inline)) attv att_kv(const void* cache, int6
 // p[g][j] = q[g] . K[j] * scale for each key and query; top[g] the largest of p[g]. Four
 // keys at a time, each its own accumulator, so the products overlap instead of waiting
 // on one sum.
-static inline __attribute__((always_inline)) void scores(const int G, const int half,
-                                                         const float* const* q, const void* K,
+static inline __attribute__((always_inline)) void scores(const int G, const int fmt,
+                                                         const float* const* q, kv_t K,
                                                          float (*p)[ATT_CHUNK], int64_t keys,
                                                          int64_t d, float scale, float* top) {
     __m128 tops[ATT_QUERIES];  // four keys' running maxima: no chain of scalar compares
@@ -729,11 +789,11 @@ static inline __attribute__((always_inline)) void scores(const int G, const int 
         attv acc[ATT_QUERIES][4];
         for (int g = 0; g < G; g++)
             for (int r = 0; r < 4; r++) acc[g][r] = att_zero();
-        prefetch_ahead(kv_at((void*)K, j * d, half), 4 * d * (half ? 2 : 4));
+        prefetch_ahead(kv_at(K, j, d, fmt).x, kv_bytes(4 * d, fmt));
         for (int64_t i = 0; i < d; i += ATT_W) {
             const attmask m = att_mask(d - i);
             attv k[4];
-            for (int r = 0; r < 4; r++) k[r] = att_kv(K, (j + r) * d + i, half, m);
+            for (int r = 0; r < 4; r++) k[r] = att_kv(K, j + r, i, d, fmt, m);
             for (int g = 0; g < G; g++) {
                 const attv qv = att_load(q[g] + i, m);
                 for (int r = 0; r < 4; r++) acc[g][r] = att_fma(qv, k[r], acc[g][r]);
@@ -753,7 +813,7 @@ static inline __attribute__((always_inline)) void scores(const int G, const int 
         for (int g = 0; g < G; g++) acc[g] = att_zero();
         for (int64_t i = 0; i < d; i += ATT_W) {
             const attmask m = att_mask(d - i);
-            const attv k = att_kv(K, j * d + i, half, m);
+            const attv k = att_kv(K, j, i, d, fmt, m);
             for (int g = 0; g < G; g++) acc[g] = att_fma(att_load(q[g] + i, m), k, acc[g]);
         }
         for (int g = 0; g < G; g++) {
@@ -766,9 +826,9 @@ static inline __attribute__((always_inline)) void scores(const int G, const int 
 // o[g] = sum over keys of p[g][j] V[j] (unnormalised: fold and scale_row normalise), four
 // vectors of dimensions at a time held in registers across the keys (one at a time for
 // the rest of d).
-static inline __attribute__((always_inline)) void weigh_values(const int G, const int half,
-                                                               float (*p)[ATT_CHUNK],
-                                                               const void* V, float* const* o,
+static inline __attribute__((always_inline)) void weigh_values(const int G, const int fmt,
+                                                               float (*p)[ATT_CHUNK], kv_t V,
+                                                               float* const* o,
                                                                int64_t keys, int64_t d) {
     int64_t i0 = 0;
     const attmask all = att_mask(ATT_W);
@@ -777,9 +837,10 @@ static inline __attribute__((always_inline)) void weigh_values(const int G, cons
         for (int g = 0; g < G; g++)
             for (int r = 0; r < 4; r++) acc[g][r] = att_zero();
         for (int64_t j = 0; j < keys; j++) {
-            prefetch_ahead(kv_at((void*)V, j * d + i0, half), 4 * ATT_W * (half ? 2 : 4));
+            prefetch_ahead((char*)kv_at(V, j, d, fmt).x + kv_bytes(i0, fmt),
+                           kv_bytes(4 * ATT_W, fmt));
             attv v[4];
-            for (int r = 0; r < 4; r++) v[r] = att_kv(V, j * d + i0 + ATT_W * r, half, all);
+            for (int r = 0; r < 4; r++) v[r] = att_kv(V, j, i0 + ATT_W * r, d, fmt, all);
             for (int g = 0; g < G; g++) {
                 const attv w = att_set1(p[g][j]);
                 for (int r = 0; r < 4; r++) acc[g][r] = att_fma(w, v[r], acc[g][r]);
@@ -793,7 +854,7 @@ static inline __attribute__((always_inline)) void weigh_values(const int G, cons
         attv acc[ATT_QUERIES];
         for (int g = 0; g < G; g++) acc[g] = att_zero();
         for (int64_t j = 0; j < keys; j++) {
-            const attv v = att_kv(V, j * d + i0, half, m);
+            const attv v = att_kv(V, j, i0, d, fmt, m);
             for (int g = 0; g < G; g++) acc[g] = att_fma(att_set1(p[g][j]), v, acc[g]);
         }
         for (int g = 0; g < G; g++) att_store(o[g] + i0, acc[g], m);
@@ -808,7 +869,7 @@ typedef struct {
 // A sequence's part of a step for attention: its slot's caches [kv_heads, context, d],
 // the cache position of its first row, that row's index in the step and its row count.
 typedef struct {
-    void *k, *v;
+    kv_t k, v;
     int64_t start, first_row, rows;
 } att_seq;
 
@@ -826,10 +887,10 @@ static inline int64_t chunks_of(int64_t keys) { return (keys + ATT_CHUNK - 1) / 
 // Queries q[0..G-1] over n (at most ATT_CHUNK) keys K and values V: each one's partial
 // (o[g], m[g], l[g]).
 static inline __attribute__((always_inline)) void chunk_partials_of(
-    const int G, const int half, const float* const* q, const void* K, const void* V, int64_t n,
-    int64_t d, float scale, float* const* o, float* m, float* l) {
+    const int G, const int fmt, const float* const* q, kv_t K, kv_t V, int64_t n, int64_t d,
+    float scale, float* const* o, float* m, float* l) {
     float p[ATT_QUERIES][ATT_CHUNK], top[ATT_QUERIES];
-    scores(G, half, q, K, p, n, d, scale, top);
+    scores(G, fmt, q, K, p, n, d, scale, top);
     for (int g = 0; g < G; g++) {
         for (int64_t j = 0; j < n; j++) p[g][j] -= top[g];
         exp_all(p[g], n);
@@ -842,25 +903,30 @@ static inline __attribute__((always_inline)) void chunk_partials_of(
         m[g] = top[g];
         l[g] = total;
     }
-    weigh_values(G, half, p, V, o, n, d);
+    weigh_values(G, fmt, p, V, o, n, d);
 }
 
-// The partials of `count` queries, ATT_QUERIES at a time; each way (float16, float32
-// caches) compiled with its own loads.
-static void chunk_partials(int half, const float* const* q, int64_t count, const void* K,
-                           const void* V, int64_t n, int64_t d, float scale, float* const* o,
-                           float* m, float* l) {
+// The partials of `count` queries, ATT_QUERIES at a time; each cache format compiled with
+// its own loads.
+static void chunk_partials(int fmt, const float* const* q, int64_t count, kv_t K, kv_t V,
+                           int64_t n, int64_t d, float scale, float* const* o, float* m,
+                           float* l) {
     for (int64_t i = 0; i < count; i += ATT_QUERIES) {
         const int64_t G = count - i < ATT_QUERIES ? count - i : ATT_QUERIES;
-#define PARTIALS(G, HALF) chunk_partials_of(G, HALF, q + i, K, V, n, d, scale, o + i, m + i, l + i)
+#define PARTIALS(G, FMT) chunk_partials_of(G, FMT, q + i, K, V, n, d, scale, o + i, m + i, l + i)
+#define BY_FORMAT(G)                                     \
+    (fmt == KV_F16  ? PARTIALS(G, KV_F16)                \
+     : fmt == KV_I8 ? PARTIALS(G, KV_I8)                 \
+                    : PARTIALS(G, KV_F32))
         if (G == 1)
-            half ? PARTIALS(1, 1) : PARTIALS(1, 0);
+            BY_FORMAT(1);
         else if (G == 2)
-            half ? PARTIALS(2, 1) : PARTIALS(2, 0);
+            BY_FORMAT(2);
 #if ATT_QUERIES > 2
         else
-            half ? PARTIALS(3, 1) : PARTIALS(3, 0);
+            BY_FORMAT(3);
 #endif
+#undef BY_FORMAT
 #undef PARTIALS
     }
 }
@@ -902,7 +968,7 @@ typedef struct {
     int64_t* part_of_row;
     att_task* tasks;
     int64_t n_tasks;
-    int half;  // the caches hold float16
+    int fmt;  // the caches' format: KV_F32, KV_F16, KV_I8
 } att_work;
 
 #define ATT_SPLIT_ROWS 16             // the most rows a sequence may have for the split way
@@ -915,9 +981,9 @@ static inline int64_t keys_of(const att_seq* s, int64_t r) {
 // Lays out `w` for the step's sequences (their k, v unused here); returns 0 where
 // memory for the queries could not be had.
 static int att_plan(att_work* w, const heads_t* a, const att_seq* seqs, int64_t n_seqs,
-                    int64_t M, int half) {
+                    int64_t M, int fmt) {
     *w = (att_work){0};
-    w->half = half;
+    w->fmt = fmt;
     int64_t n_tasks = 0, n_parts = 0, split = 1;
     for (int64_t s = 0; s < n_seqs; s++) {
         split &= seqs[s].rows <= ATT_SPLIT_ROWS;
@@ -969,13 +1035,13 @@ static void attend(const heads_t* a, const float* QKV, const float* COS, const f
         const int64_t r = task / kv_heads, g = task % kv_heads;
         const att_seq* q = &seqs[seq_of_row[r]];
         const float* row = QKV + r * width;
-        const int64_t position = keys_of(q, r) - 1, at = (g * context + position) * d;
+        const int64_t position = keys_of(q, r) - 1, at = g * context + position;
         const float* c = COS + (position - cos_from) * d;
         const float* s = SIN_SIGNED + (position - cos_from) * d;
         float turned[256];
         rope(row + (heads + g) * d, c, s, turned, d);
-        kv_store(q->k, at, turned, d, w->half);
-        kv_store(q->v, at, row + (heads + kv_heads + g) * d, d, w->half);
+        kv_store(q->k, at, turned, d, w->fmt);
+        kv_store(q->v, at, row + (heads + kv_heads + g) * d, d, w->fmt);
         for (int64_t h = g * group; h < (g + 1) * group; h++)
             rope(row + h * d, c, s, w->q + (r * heads + h) * d, d);
     }
@@ -985,8 +1051,8 @@ static void attend(const heads_t* a, const float* QKV, const float* COS, const f
             const att_task task = w->tasks[t];
             const att_seq* s = &seqs[task.seq];
             const int64_t c0 = task.c * ATT_CHUNK;
-            const void* k = kv_at(s->k, (task.g * context + c0) * d, w->half);
-            const void* v = kv_at(s->v, (task.g * context + c0) * d, w->half);
+            const kv_t k = kv_at(s->k, task.g * context + c0, d, w->fmt);
+            const kv_t v = kv_at(s->v, task.g * context + c0, d, w->fmt);
             for (int64_t r = s->first_row; r < s->first_row + s->rows; r++) {
                 const int64_t keys = keys_of(s, r);
                 const int64_t n = keys - c0 < ATT_CHUNK ? keys - c0 : ATT_CHUNK;
@@ -999,7 +1065,7 @@ static void attend(const heads_t* a, const float* QKV, const float* COS, const f
                     o[i] = w->partials +
                            (w->part_of_row[r] + h * chunks_of(keys) + task.c) * (d + 2);
                 }
-                chunk_partials(w->half, q, group, k, v, n, d, a->scale, o, m, l);
+                chunk_partials(w->fmt, q, group, k, v, n, d, a->scale, o, m, l);
                 for (int64_t i = 0; i < group; i++) o[i][d] = m[i], o[i][d + 1] = l[i];
             }
         }
@@ -1032,9 +1098,9 @@ static void attend(const heads_t* a, const float* QKV, const float* COS, const f
             }
             for (int64_t c0 = 0; c0 < keys; c0 += ATT_CHUNK) {
                 const int64_t n = keys - c0 < ATT_CHUNK ? keys - c0 : ATT_CHUNK;
-                const void* k = kv_at(s->k, (g * context + c0) * d, w->half);
-                const void* v = kv_at(s->v, (g * context + c0) * d, w->half);
-                chunk_partials(w->half, q, group, k, v, n, d, a->scale, o, mc, lc);
+                const kv_t k = kv_at(s->k, g * context + c0, d, w->fmt);
+                const kv_t v = kv_at(s->v, g * context + c0, d, w->fmt);
+                chunk_partials(w->fmt, q, group, k, v, n, d, a->scale, o, mc, lc);
                 for (int64_t h = 0; h < group; h++)
                     fold(&m[h], &l[h], OUT + (r * heads + g * group + h) * d, mc[h], lc[h], oc[h], d);
             }
@@ -1048,10 +1114,10 @@ int mtpd_attend_f32(const float* QKV, const float* COS, const float* SIN_SIGNED,
                     float* VC, float* OUT, int64_t T, int64_t start, int64_t heads,
                     int64_t kv_heads, int64_t d, int64_t max_context, float scale, int threads) {
     const heads_t a = {heads, kv_heads, d, scale};
-    const att_seq one = {KC, VC, start, 0, T};
+    const att_seq one = {{KC, NULL}, {VC, NULL}, start, 0, T};
     int64_t* const seq_of_row = calloc(T + 1, sizeof(int64_t));  // all rows: sequence 0
     att_work w;
-    const int ok = seq_of_row && att_plan(&w, &a, &one, 1, T, 0);
+    const int ok = seq_of_row && att_plan(&w, &a, &one, 1, T, KV_F32);
     if (ok) {
 #pragma omp parallel num_threads(threads)
         attend(&a, QKV, COS, SIN_SIGNED, start, &one, seq_of_row, T, OUT, max_context, &w);
@@ -1072,15 +1138,17 @@ typedef struct {
 
 // A step's rows: sequence i has counts[i] rows from row offset sum(counts[:i]), at cache
 // positions starts[i].., in slot slots[i] of the caches K and V [layers, slots_per_layer,
-// kv_heads, max_context, d]; cos and sin_signed the rotary tables [positions, d] from
-// position 0 (the layers take each row's own).
+// kv_heads, max_context, d] (int8: with their scales K_SCALE and V_SCALE [layers,
+// slots_per_layer, kv_heads, max_context, kv_groups(d)]); cos and sin_signed the rotary
+// tables [positions, d] from position 0 (the layers take each row's own).
 typedef struct {
     int64_t rows, sequences;
     const int64_t *slots, *starts, *counts;
     const float *cos, *sin_signed;
     void *k, *v;
+    float *k_scale, *v_scale;
     int64_t slots_per_layer, max_context;
-    int64_t kv_half;  // the caches hold float16 (else float32)
+    int64_t kv_format;  // KV_F32, KV_F16, KV_I8
 } mtpd_step;
 
 // Layers first .. first + n - 1 of the step's caches (L[0] .. L[n - 1]) on rows X, the
@@ -1102,7 +1170,7 @@ int mtpd_decoder_layers_f32(const mtpd_layer* L, int64_t n, const mtpd_step* S, 
         const int64_t w = H + L[l].qkv.n + L[l].o.k + 3 * (L[l].gate_up.n / 2);
         width = w > width ? w : width;
     }
-    const int64_t slot_size = L[0].attention.kv_heads * S->max_context * L[0].attention.d;
+    const int64_t slot_size = L[0].attention.kv_heads * S->max_context;  // vectors
     // Every intermediate row in one allocation, and the rows between two layers (+ 1: a
     // step may have no rows).
     float* const buffer = malloc(sizeof(float) * (M * (width + H) + 1));
@@ -1113,10 +1181,10 @@ int mtpd_decoder_layers_f32(const mtpd_layer* L, int64_t n, const mtpd_step* S, 
     int failed = !buffer || !seqs || !seq_of_row ||
                  (widest && !alloc_q8_inputs(&in, M * widest / 32));
     for (int64_t i = 0, row = 0; !failed && i < S->sequences; row += S->counts[i++]) {
-        seqs[i] = (att_seq){NULL, NULL, S->starts[i], row, S->counts[i]};  // k, v: per layer
+        seqs[i] = (att_seq){{0}, {0}, S->starts[i], row, S->counts[i]};  // k, v: per layer
         for (int64_t r = row; r < row + S->counts[i]; r++) seq_of_row[r] = i;
     }
-    failed = failed || !att_plan(&work, &L[0].attention, seqs, S->sequences, M, S->kv_half != 0);
+    failed = failed || !att_plan(&work, &L[0].attention, seqs, S->sequences, M, (int)S->kv_format);
     if (!failed) {
         float* const between = buffer + M * width;
 #pragma omp parallel num_threads(threads)
@@ -1135,8 +1203,9 @@ int mtpd_decoder_layers_f32(const mtpd_layer* L, int64_t n, const mtpd_step* S, 
             {
                 for (int64_t i = 0; i < S->sequences; i++) {
                     const int64_t at = (layer * S->slots_per_layer + S->slots[i]) * slot_size;
-                    seqs[i].k = kv_at(S->k, at, S->kv_half);
-                    seqs[i].v = kv_at(S->v, at, S->kv_half);
+                    const int64_t d = A->attention.d, fmt = S->kv_format;
+                    seqs[i].k = kv_at((kv_t){S->k, S->k_scale}, at, d, fmt);
+                    seqs[i].v = kv_at((kv_t){S->v, S->v_scale}, at, d, fmt);
                 }
                 // Before this layer overwrites the buffer x will be: its end is a barrier.
                 for (int64_t j = 0; j < n_taps; j++)

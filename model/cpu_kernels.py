@@ -33,10 +33,14 @@ from collections.abc import Sequence
 import torch
 
 from mtpd.model.kernel_library import C_FLOAT, C_INT, C_POINTER, available, kernels
+from mtpd.model.kv_cache import KV_GROUP
 
 K_MULTIPLE = 8  # the kernels read 8 floats at a time
 PANEL = 16  # outputs in an int4 or int8 panel (linear_q4, linear_q8)
 MAX_HEAD_DIM = 256  # attention holds a query head in a fixed buffer
+# A KV cache's element type, by its number in the kernels (KV_F32, KV_F16, KV_I8); an int8
+# cache holds a float32 scale per KV_GROUP values of a vector beside it.
+KV_FORMATS = (torch.float32, torch.float16, torch.int8)
 
 
 def available_for(weight: torch.Tensor) -> bool:
@@ -397,9 +401,11 @@ class Step(ctypes.Structure):
         ("sin_signed", C_POINTER),
         ("k", C_POINTER),
         ("v", C_POINTER),
+        ("k_scale", C_POINTER),
+        ("v_scale", C_POINTER),
         ("slots_per_layer", C_INT),
         ("max_context", C_INT),
-        ("kv_half", C_INT),
+        ("kv_format", C_INT),
     ]
 
     @classmethod
@@ -412,19 +418,26 @@ class Step(ctypes.Structure):
         sin_signed: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
+        k_scale: torch.Tensor | None = None,
+        v_scale: torch.Tensor | None = None,
     ) -> Step:
-        """k and v: the caches [layers, slots, kv_heads, max_context, d], float32 or
-        float16; cos and sin_signed: the rotary tables [positions, d] from position 0."""
+        """k and v: the caches [layers, slots, kv_heads, max_context, d], float32, float16,
+        or int8 with float32 scales k_scale and v_scale [layers, slots, kv_heads,
+        max_context, ceil(d / KV_GROUP)] (one per KV_GROUP values of a vector); cos and
+        sin_signed: the rotary tables [positions, d] from position 0."""
         rows, d = sum(counts), k.shape[-1]
         _check("decoder_layer", cos, sin_signed)
-        if k.dtype not in (torch.float32, torch.float16) or v.dtype != k.dtype:
-            raise TypeError(f"the CPU kernels take float32 or float16 caches, not {k.dtype}")
-        if not k.is_cpu or not v.is_cpu:
+        if k.dtype not in KV_FORMATS or v.dtype != k.dtype:
+            raise TypeError(f"the CPU kernels take float32, float16 or int8 caches, not {k.dtype}")
+        scales = (k_scale, v_scale) if k.dtype == torch.int8 else ()
+        if not all(t is not None and t.dtype == torch.float32 for t in scales):
+            raise TypeError("an int8 cache needs float32 scales for its keys and values")
+        if not all(t.is_cpu for t in (k, v, *scales)):
             raise TypeError(f"the CPU kernels take caches in CPU memory, not on {k.device}")
         layers, slot_count, kv_heads, context, _ = k.shape
         if (
-            not k.is_contiguous()
-            or not v.is_contiguous()
+            not all(t.is_contiguous() for t in (k, v, *scales))
+            or any(t.shape != (*k.shape[:-1], -(-d // KV_GROUP)) for t in scales)
             or v.shape != k.shape
             or not cos.is_contiguous()
             or not sin_signed.is_contiguous()
@@ -454,11 +467,12 @@ class Step(ctypes.Structure):
             sin_signed.data_ptr(),
             k.data_ptr(),
             v.data_ptr(),
+            *(t.data_ptr() for t in scales or (k, v)),  # unread but for int8
             slot_count,
             context,
-            k.dtype == torch.float16,
+            KV_FORMATS.index(k.dtype),
         )
-        step.tensors = (index, cos, sin_signed, k, v)
+        step.tensors = (index, cos, sin_signed, k, v, *scales)
         step.layers, step.kv_heads, step.head_dim = layers, kv_heads, d
         return step
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtpd.model.config import FULL_ATTENTION, LINEAR_ATTENTION, ModelConfig
+from mtpd.model.kv_cache import vector_bytes
 from mtpd.model.layers import MLP, Attention, DecoderLayer, LayerStack, _apply_rope
 from mtpd.model.linear_attention import GatedDeltaNet
 from mtpd.model.linear_state import HybridCache, LinearStates
@@ -156,11 +157,11 @@ class HybridLayerStack(LayerStack):
 
     def cache_bytes_per_slot(self, max_context: int, snapshots: int = 0) -> int:
         cfg = self.cfg
-        kv = self.num_attention * 2 * cfg.num_kv_heads * max_context * cfg.head_dim
+        vectors = self.num_attention * 2 * cfg.num_kv_heads * max_context
         linear = LinearStates.bytes_per_slot(
             self.num_linear, cfg.linear_attention, self.dtype, snapshots
         )
-        return kv * self.cache_dtype.itemsize + linear
+        return vectors * vector_bytes(self.cache_dtype, cfg.head_dim) + linear
 
     def new_cache(
         self,

@@ -12,6 +12,14 @@ import torch
 
 from mtpd.model.errors import InputError
 
+KV_GROUP = 32  # values an int8 cache's scale covers (cpu_kernels.c's KV_GROUP)
+
+
+def vector_bytes(dtype: torch.dtype, head_dim: int) -> int:
+    """What a cache of `dtype` holds for one key or value vector, its scales included."""
+    scales = 4 * -(-head_dim // KV_GROUP) if dtype == torch.int8 else 0
+    return head_dim * dtype.itemsize + scales
+
 
 class CacheFullError(InputError):
     """No free slot, or a sequence would exceed the cache's context bound."""
@@ -35,6 +43,12 @@ class KVCache:
         shape = (num_layers, max_seqs + scratch_slot, num_kv_heads, max_context, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # An int8 cache (the CPU kernels' only) holds a float32 scale per KV_GROUP values.
+        self.k_scale = self.v_scale = None
+        if dtype == torch.int8:
+            scales = (*shape[:-1], -(-head_dim // KV_GROUP))
+            self.k_scale = torch.zeros(scales, dtype=torch.float32, device=device)
+            self.v_scale = torch.zeros(scales, dtype=torch.float32, device=device)
         self.max_seqs = max_seqs
         self.max_context = max_context
         self.lengths = [0] * max_seqs
@@ -47,7 +61,8 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        scales = () if self.k_scale is None else (self.k_scale, self.v_scale)
+        return sum(t.nbytes for t in (self.k, self.v, *scales))
 
     def k_slot(self, layer: int, slot: int) -> torch.Tensor:
         """[kv_heads, max_context, head_dim] keys of one sequence in one layer."""

@@ -20,7 +20,7 @@ from torch import nn
 
 from mtpd.model import cpu_kernels
 from mtpd.model.config import ModelConfig
-from mtpd.model.kv_cache import KVCache
+from mtpd.model.kv_cache import KVCache, vector_bytes
 from mtpd.model.rope import rope_tables
 from mtpd.model.step_layout import BatchLayout, PaddedLayout, padded_rows
 
@@ -451,7 +451,7 @@ class LayerStack(nn.Module):
         sin[:, : sin.shape[-1] // 2].neg_()  # the form _apply_rope takes
         self.register_buffer("cos", cos.to(device), persistent=False)
         self.register_buffer("sin_signed", sin.to(device), persistent=False)
-        self.half_cache = False  # see use_half_cache
+        self.kernel_cache: torch.dtype | None = None  # see use_kernel_cache
         # Stack-local layers whose input (the residual stream there) a step's output also
         # carries: the trunk features a fused MTP head reads (DecoderShard.set_taps).
         self.taps: tuple[int, ...] = ()
@@ -467,24 +467,27 @@ class LayerStack(nn.Module):
     @property
     def cache_dtype(self) -> torch.dtype:
         # Attention on CPU runs in float32 (SDPA is several times slower in bfloat16
-        # there), over a float16 cache where the kernels run every layer.
-        if self.half_cache:
-            return torch.float16
+        # there), over a float16 or int8 cache where the kernels run every layer.
+        if self.kernel_cache is not None:
+            return self.kernel_cache
         return torch.float32 if self.cos.device.type == "cpu" else self.dtype
 
-    def use_half_cache(self) -> None:
-        """Hold the KV cache in float16 if the CPU kernels run every layer (only they read
-        it). At 8 streams of 200 positions a float32 cache is 74 MB for SmolLM2, against
-        its 95 MB of int4 weights: attention was half a step."""
-        self.half_cache = all(getattr(layer, "kernel", None) is not None for layer in self.layers)
+    def use_kernel_cache(self, dtype: torch.dtype) -> bool:
+        """Hold the KV cache in `dtype`, float16 or int8 (a float32 scale per KV_GROUP
+        values beside it), if the CPU kernels run every layer (only they read it); returns
+        whether they do. At 8 streams of 200 positions a float32 cache is 74 MB for
+        SmolLM2, against its 95 MB of int4 weights: attention was half a step."""
+        if all(getattr(layer, "kernel", None) is not None for layer in self.layers):
+            self.kernel_cache = dtype
+        return self.kernel_cache == dtype
 
     def cache_bytes_per_slot(self, max_context: int, snapshots: int = 0) -> int:
         """What one sequence's slot of `new_cache` holds. `snapshots` (saved recurrent
         states, for prefix caching) cost attention layers nothing: a KV cache is cut at
         any position."""
         cfg = self.cfg
-        per_layer = 2 * cfg.num_kv_heads * max_context * cfg.head_dim
-        return len(self.layers) * per_layer * self.cache_dtype.itemsize
+        vectors = len(self.layers) * 2 * cfg.num_kv_heads * max_context
+        return vectors * vector_bytes(self.cache_dtype, cfg.head_dim)
 
     def new_cache(
         self,
@@ -562,7 +565,7 @@ class LayerStack(nn.Module):
         if (
             all(k is not None for k in kernels)
             and dtype == torch.float32
-            and cache.k.dtype in (torch.float32, torch.float16)
+            and cache.k.dtype in cpu_kernels.KV_FORMATS
         ):
             return kernels
         return None

@@ -36,6 +36,8 @@ class BatchLayout:
                 self.sin_signed_table,
                 cache.k,
                 cache.v,
+                cache.k_scale,
+                cache.v_scale,
             )
             self._kernel_step = (cache, step)
         return self._kernel_step[1]

@@ -106,6 +106,7 @@ def test_quantized_runs_report_their_distance_from_float(report):
     data, _ = report
     q = data["quantization"]
     assert data["quant"] == q["quant"] == "int4"
+    assert data["kv_cache"] == q["kv_cache"] == "auto"
     assert q["positions"] == 3 * 12
     assert q["perplexity"]["float"] >= 1 and q["perplexity"]["int4"] >= 1
     assert 0 < q["top1_agreement"] <= 1

@@ -18,6 +18,7 @@ from tiny_models import write_tiny_model
 from mtpd.model import cpu_kernels, kernel_library
 from mtpd.model.checkpoint import open_checkpoint, read_config
 from mtpd.model.decoder import ShardSpec
+from mtpd.model.kv_cache import KV_GROUP
 from mtpd.model.layers import Attention, Linear, _apply_rope
 from mtpd.model.quant import Int8Linear
 from mtpd.worker.shard_loading import load_shard
@@ -242,13 +243,21 @@ def _rope(context: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([angles.cos()] * 2, -1), torch.cat([-angles.sin(), angles.sin()], -1)
 
 
+@pytest.mark.usefixtures("kernel_build")
+@pytest.mark.parametrize(
+    ("kv_cache", "head_dim"),
+    # int8 caches' scale groups: part of one (16), and one whole and a part (40).
+    [("auto", 16), ("float16", 16), ("int8", 16), ("int8", 40)],
+)
 def test_a_shard_runs_on_the_kernels_and_a_row_gets_the_same_bits_in_a_verification_step(
-    tmp_path,
+    tmp_path, kv_cache, head_dim
 ):
-    write_tiny_model(tmp_path, "llama")
+    write_tiny_model(tmp_path, "llama", head_dim=head_dim)
     ckpt = open_checkpoint(tmp_path)
     cfg = read_config(ckpt)
-    shard, _ = load_shard(ckpt, cfg, ShardSpec.whole(cfg), torch.float32, 64, torch.device("cpu"))
+    shard, _ = load_shard(
+        ckpt, cfg, ShardSpec.whole(cfg), torch.float32, 64, torch.device("cpu"), kv_cache=kv_cache
+    )
     attention = [m for m in shard.modules() if isinstance(m, Attention)]
     assert attention and all(a.on_kernel for a in attention)
     assert all(layer.kernel is not None for layer in shard.stack.layers)  # whole layers
@@ -262,34 +271,90 @@ def test_a_shard_runs_on_the_kernels_and_a_row_gets_the_same_bits_in_a_verificat
     assert torch.equal(together, alone)
 
 
-@pytest.mark.parametrize("quant", ["int4", "int8"])
-def test_a_float16_cache_holds_the_float32_values_rounded_and_attends_over_them(tmp_path, quant):
-    """With the weights quantized the kernels keep the KV cache in float16: it holds the
-    float32 cache's values rounded to nearest, and the step's outputs stay close to the
-    float32 cache's (70 positions: two chunks of keys). Close, not within float16's
-    rounding: the quantized kernels round their inputs to 8 bits, and a nudged input can
-    land on the next step."""
-    write_tiny_model(tmp_path, "llama", intermediate_size=128, layers=1)
+def _per_value(scales: torch.Tensor, d: int) -> torch.Tensor:
+    """Each group of KV_GROUP values' scale, for each of a vector's d values."""
+    return scales.repeat_interleave(KV_GROUP, -1)[..., :d]
+
+
+@pytest.mark.usefixtures("kernel_build")
+@pytest.mark.parametrize(
+    ("quant", "kv_cache", "dtype", "head_dim", "error"),
+    # error: how far the outputs may stray from the float32 cache's, relative (int8: its
+    # rounding is up to half a step of 1/127 of a group's largest value). Head sizes 16
+    # and 40: an int8 vector is part of a scale group, or a whole one and a part.
+    [
+        ("int4", "auto", torch.float16, 16, 3e-3),
+        ("int8", "auto", torch.float16, 16, 3e-3),
+        ("int4", "int8", torch.int8, 16, 3e-2),
+        ("none", "int8", torch.int8, 16, 3e-2),
+        ("none", "int8", torch.int8, 40, 3e-2),
+        ("none", "float16", torch.float16, 16, 3e-3),
+    ],
+)
+def test_a_smaller_cache_holds_the_float32_values_rounded_and_attends_over_them(
+    tmp_path, quant, kv_cache, dtype, head_dim, error
+):
+    """The kernels' float16 cache (the default with the weights quantized) holds the
+    float32 cache's values rounded to nearest; their int8 cache (--kv-cache int8) holds
+    them within half a step of each group of 32 values' scale, its largest magnitude /
+    127 (70 positions: two chunks of keys). The step's outputs stay close to the float32
+    cache's. Close, not within the cache's rounding: the quantized kernels round their
+    inputs to 8 bits, and a nudged input can land on the next step."""
+    write_tiny_model(tmp_path, "llama", intermediate_size=128, layers=1, head_dim=head_dim)
     ckpt = open_checkpoint(tmp_path)
     cfg = read_config(ckpt)
     shard, _ = load_shard(
-        ckpt, cfg, ShardSpec.whole(cfg), torch.float32, 128, torch.device("cpu"), quant=quant
+        ckpt,
+        cfg,
+        ShardSpec.whole(cfg),
+        torch.float32,
+        128,
+        torch.device("cpu"),
+        quant=quant,
+        kv_cache=kv_cache,
     )
-    assert shard.stack.half_cache
-    half = shard.new_cache(1, 128)
-    shard.stack.half_cache = False
+    assert shard.stack.kernel_cache == dtype
+    small, small_bytes = shard.new_cache(1, 128), shard.stack.cache_bytes_per_slot(128)
+    shard.stack.kernel_cache = None
     full = shard.new_cache(1, 128)
-    assert (half.k.dtype, full.k.dtype) == (torch.float16, torch.float32)
+    assert (small.k.dtype, full.k.dtype) == (dtype, torch.float32)
+    assert small.nbytes == small_bytes < full.nbytes
     prompt = torch.randint(0, 96, (70,), generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
-        out = [shard(prompt, cache, [0], [70]) for cache in (half, full)]
+        out = [shard(prompt, cache, [0], [70]) for cache in (small, full)]
         # The only layer's keys and values come from the same rows either way.
-        assert torch.equal(half.k[:, 0, :, :70], full.k[:, 0, :, :70].half())
-        assert torch.equal(half.v[:, 0, :, :70], full.v[:, 0, :, :70].half())
-        assert (out[0] - out[1]).norm() <= 3e-3 * out[1].norm()
-        out = [shard(torch.tensor([5, 7]), cache, [0], [2]) for cache in (half, full)]
-        assert (out[0] - out[1]).norm() <= 3e-3 * out[1].norm()
-    assert not torch.equal(out[0], out[1])  # the float16 cache was read
+        for values, scales, exact in (
+            (small.k, small.k_scale, full.k),
+            (small.v, small.v_scale, full.v),
+        ):
+            held, exact = values[:, 0, :, :70].float(), exact[:, 0, :, :70]
+            if scales is None:
+                assert torch.equal(held, exact.half().float())
+                continue
+            d = exact.shape[-1]
+            padded = F.pad(exact.abs(), (0, -d % KV_GROUP))
+            step = padded.unflatten(-1, (-1, KV_GROUP)).amax(-1) / 127
+            assert torch.equal(scales[:, 0, :, :70], step)
+            held = held * _per_value(step, d)
+            assert ((held - exact).abs() <= _per_value(step, d) * (0.5 + 1e-5)).all()
+            assert not torch.equal(held, exact)
+        assert (out[0] - out[1]).norm() <= error * out[1].norm()
+        out = [shard(torch.tensor([5, 7]), cache, [0], [2]) for cache in (small, full)]
+        assert (out[0] - out[1]).norm() <= error * out[1].norm()
+    assert not torch.equal(out[0], out[1])  # the smaller cache was read
+
+
+def test_an_int8_cache_is_refused_where_the_kernels_do_not_run_every_layer(tmp_path):
+    write_tiny_model(tmp_path, "llama", intermediate_size=128, layers=1)
+    ckpt = open_checkpoint(tmp_path)
+    cfg = read_config(ckpt)
+    args = (ckpt, cfg, ShardSpec.whole(cfg), torch.bfloat16, 128, torch.device("cpu"))
+    with pytest.raises(
+        ValueError, match="--kv-cache int8 needs the CPU kernels to run every layer"
+    ):
+        load_shard(*args, kv_cache="int8")
+    with pytest.raises(ValueError, match="unknown KV cache type 'int4'"):
+        load_shard(*args, kv_cache="int4")
 
 
 def test_the_cache_keeps_the_last_builds_only(tmp_path, monkeypatch):
@@ -353,7 +418,7 @@ def test_a_decoder_layer_in_one_kernel_call_gives_the_bits_its_parts_give(tmp_pa
     shard, _ = load_shard(
         ckpt, cfg, ShardSpec.whole(cfg), torch.float32, 64, torch.device("cpu"), quant=quant
     )
-    shard.stack.half_cache = False  # the ops taken one by one read a float32 cache only
+    shard.stack.kernel_cache = None  # the ops taken one by one read a float32 cache only
     layers = list(shard.stack.layers)
     kernels = [layer.kernel for layer in layers]
     assert all(k is not None for k in kernels)

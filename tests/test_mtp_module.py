@@ -195,7 +195,7 @@ def test_a_packed_heads_pass_and_drafts_are_one_kernel_call_with_the_per_op_bits
         quantize_head(mtp)
     pack_for_inference(mtp)
     if half_cache:
-        mtp.stack.use_half_cache()
+        assert mtp.stack.use_kernel_cache(torch.float16)
     g = torch.Generator().manual_seed(7)
     rows = torch.randn(7, 3 * cfg.hidden_size, generator=g)
     next_tokens = torch.randint(0, VOCAB, (7,), generator=g)

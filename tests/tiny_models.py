@@ -57,7 +57,7 @@ def write_tiny_model(
 ) -> transformers.PreTrainedModel:
     """Save a random model of `family` to `out` and return it (float32, eval mode)."""
     config_cls, model_cls = FAMILIES[family]
-    heads = 4
+    heads, head_dim = 4, overrides.pop("head_dim", 16)
     config = config_cls(
         vocab_size=vocab,
         hidden_size=64,
@@ -65,7 +65,7 @@ def write_tiny_model(
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=heads // gqa,
-        head_dim=16,
+        head_dim=head_dim,
         max_position_embeddings=512,
         tie_word_embeddings=tied,
         rms_norm_eps=1e-6,

@@ -48,6 +48,7 @@ class Engine:
         mtp_head: Path | None = None,
         device: torch.device | str = "cpu",
         quant: str = "none",
+        kv_cache: str = "auto",
     ) -> Engine:
         path = resolve_model(None if model is None else str(model))
         ckpt = open_checkpoint(path)
@@ -62,6 +63,7 @@ class Engine:
             torch.device(device),
             mtp_head,
             quant=quant,
+            kv_cache=kv_cache,
         )
         return cls(path, cfg, tokenizer, shard, max_seqs, mtp)
 

@@ -190,6 +190,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             head if tail else None,
             checkpoint_mtp=tail and req.load_mtp,
             quant=req.quant or "none",
+            kv_cache=req.kv_cache or "auto",
         )
         if not tail and head is not None:  # the tail's head may read features of ours
             shard.set_taps(read_head_tap_layers(head, cfg))

@@ -14,6 +14,10 @@ from mtpd.model.layers import pack_for_inference
 from mtpd.model.mtp import MTPHead, check_head_base, read_checkpoint_head, read_head_file
 from mtpd.model.quant import Int8Linear, quantize_head, quantize_linears
 
+# The KV cache's element types beside "auto" (the CPU kernels read float16 and int8).
+KV_CACHE_DTYPES = {"float16": torch.float16, "int8": torch.int8}
+KV_CACHE_CHOICES = ("auto", *KV_CACHE_DTYPES)
+
 
 def load_shard(
     ckpt: Checkpoint,
@@ -25,10 +29,15 @@ def load_shard(
     mtp_head: Path | None = None,
     checkpoint_mtp: bool = False,
     quant: str = "none",
+    kv_cache: str = "auto",
 ) -> tuple[DecoderShard, MTPHead | None]:
     """Load a shard in its fastest inference layout (its linear layers quantized with
-    `quant`), and on the tail an MTP head: from `mtp_head`, else with `checkpoint_mtp` the
-    checkpoint's own MTP layer if any."""
+    `quant`, its KV cache held as `kv_cache` says), and on the tail an MTP head: from
+    `mtp_head`, else with `checkpoint_mtp` the checkpoint's own MTP layer if any."""
+    if kv_cache not in KV_CACHE_CHOICES:
+        raise ValueError(
+            f"unknown KV cache type {kv_cache!r}: one of {', '.join(KV_CACHE_CHOICES)}"
+        )
     max_context = min(max_context, cfg.max_position_embeddings)
     shard = DecoderShard.load(ckpt, cfg, spec, dtype, max_context, device)
     tensors = None
@@ -57,8 +66,14 @@ def load_shard(
         # token's logit to its own column.
         mtp.draft_head = shard.lm_head.leading(mtp.draft_vocab_size)
     pack_for_inference(shard)
-    if quant != "none":  # the weights already trade exactness: the cache follows llama.cpp's
-        shard.stack.use_half_cache()
+    if kv_cache == "auto":
+        if quant != "none":  # the weights already trade exactness: the cache follows llama.cpp's
+            shard.stack.use_kernel_cache(torch.float16)
+    elif not shard.stack.use_kernel_cache(KV_CACHE_DTYPES[kv_cache]):
+        raise ValueError(
+            f"--kv-cache {kv_cache} needs the CPU kernels to run every layer (a CPU worker, "
+            "float32 activations, attention layers only)"
+        )
     if mtp is not None:
         quantize_head(mtp)
         pack_for_inference(mtp)

@@ -1,0 +1,60 @@
+"""`--kv-cache int8` through a pipeline of workers: each worker holds its layers' keys and
+values at 8 bits with a scale per 32 values (half float16's bytes and a little more),
+and a request decodes, with MTP drafting and verification steps or without, exactly
+what a plain single-process run over an int8 cache decodes one token at a time (the
+cache's own closeness to float32 is tests/test_cpu_kernels.py's)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from reference import GREEDY, solo_run
+from tiny_models import add_mtp_head, write_char_tokenizer, write_tiny_model
+from tiny_pipeline import start_pipeline
+
+from mtpd.daemon.draft_policy import DraftPolicy
+from mtpd.daemon.scheduler import Scheduler
+from mtpd.model.sampling_params import SamplingParams
+from mtpd.train.engine import Engine
+
+LAYERS, VOCAB, TOKENS, HEAD_DIM, CONTEXT = 4, 98, 24, 40, 256
+PROMPT = [5, 17, 33, 2, 9, 60, 41, 70, 3, 3, 12]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("kv8") / "model"
+    write_tiny_model(
+        path, "llama", layers=LAYERS, vocab=VOCAB, head_dim=HEAD_DIM, intermediate_size=128
+    )
+    write_char_tokenizer(path)
+    add_mtp_head(path)
+    return path, Engine.load(path, max_context=CONTEXT, quant="int4", kv_cache="int8")
+
+
+@pytest.mark.parametrize(
+    ("draft", "params"),
+    [(0, GREEDY), (3, GREEDY), (2, SamplingParams(temperature=0.9, top_p=0.95, seed=3))],
+    ids=["off-greedy", "k3-greedy", "k2-sampled"],
+)
+def test_an_int8_cache_decodes_what_a_plain_run_over_one_does(tiny, draft, params):
+    path, engine = tiny
+    assert engine.cache.k.dtype == engine.cache.v.dtype == torch.int8
+    tokens, _ = solo_run(engine, PROMPT, TOKENS, params)
+    with start_pipeline(
+        path, LAYERS, 2, quant="int4", kv_cache="int8", max_context=CONTEXT
+    ) as pipeline:
+        cfg = engine.cfg
+        # Each vector: 40 values at a byte, and two float32 scales (32 values, then 8).
+        vector_bytes = HEAD_DIM + 2 * 4
+        for stage in pipeline.stages:
+            layers = stage.end_layer - stage.first_layer
+            vectors = 2 * layers * cfg.num_kv_heads * stage.load.max_context
+            assert stage.load.cache_bytes == stage.load.max_seqs * vectors * vector_bytes
+        scheduler = Scheduler(pipeline, set(), policy=DraftPolicy(draft))
+        result = scheduler.submit(PROMPT, params, TOKENS, ignore_eos=True).result(timeout=120)
+        assert result.finish_reason == "length", result.error
+        assert result.token_ids == tokens
+        if draft:
+            assert result.drafts.drafted
+        scheduler.close()
