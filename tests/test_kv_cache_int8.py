@@ -2,7 +2,8 @@
 values at 8 bits with a scale per 32 values (half float16's bytes and a little more),
 and a request decodes, with MTP drafting and verification steps or without, exactly
 what a plain single-process run over an int8 cache decodes one token at a time (the
-cache's own closeness to float32 is tests/test_cpu_kernels.py's)."""
+cache's own closeness to float32 is tests/test_cpu_kernels.py's). The MTP head's cache
+takes the trunk's type."""
 
 from __future__ import annotations
 
@@ -14,8 +15,11 @@ from tiny_pipeline import start_pipeline
 
 from mtpd.daemon.draft_policy import DraftPolicy
 from mtpd.daemon.scheduler import Scheduler
+from mtpd.model.checkpoint import open_checkpoint, read_config
+from mtpd.model.decoder import ShardSpec
 from mtpd.model.sampling_params import SamplingParams
 from mtpd.train.engine import Engine
+from mtpd.worker.shard_loading import load_shard
 
 LAYERS, VOCAB, TOKENS, HEAD_DIM, CONTEXT = 4, 98, 24, 40, 256
 PROMPT = [5, 17, 33, 2, 9, 60, 41, 70, 3, 3, 12]
@@ -30,6 +34,25 @@ def tiny(tmp_path_factory):
     write_char_tokenizer(path)
     add_mtp_head(path)
     return path, Engine.load(path, max_context=CONTEXT, quant="int4", kv_cache="int8")
+
+
+def test_the_heads_cache_takes_the_trunks_type(tiny):
+    path, _ = tiny
+    ckpt = open_checkpoint(path)
+    cfg = read_config(ckpt)
+    for kv_cache, dtype in (("int8", torch.int8), ("auto", torch.float16)):
+        _, head = load_shard(
+            ckpt,
+            cfg,
+            ShardSpec.whole(cfg),
+            torch.float32,
+            CONTEXT,
+            torch.device("cpu"),
+            checkpoint_mtp=True,
+            quant="int4",
+            kv_cache=kv_cache,
+        )
+        assert head.new_cache(1).k.dtype == dtype
 
 
 @pytest.mark.parametrize(
