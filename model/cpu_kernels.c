@@ -680,28 +680,58 @@ static inline __attribute__((always_inline)) __m256 kv8(kv_t c, int64_t row, int
     return _mm256_loadu_ps((const float*)c.x + at);
 }
 
-// x [d] into vector `row` of the cache: rounded to nearest where it holds float16; where
-// int8, each group of KV_GROUP values scaled by its largest magnitude / 127 (a group
-// holding a NaN or an infinity gets a NaN scale, so attention over it gives NaN as a
-// float cache would; a group too small for its scale to invert holds zeros).
-static void kv_store(kv_t c, int64_t row, const float* x, int64_t d, int fmt) {
-    if (fmt == KV_I8) {
-        int8_t* const q = (int8_t*)c.x + row * d;
-        for (int64_t b = 0; b < kv_groups(d); b++) {
-            const int64_t from = b * KV_GROUP, to = from + KV_GROUP < d ? from + KV_GROUP : d;
-            float top = 0.0f;
-            int finite = 1;
-            for (int64_t i = from; i < to; i++) {
-                const float size = fabsf(x[i]);
-                finite &= size <= FLT_MAX;
-                top = size > top ? size : top;
-            }
-            float scale = top / 127.0f, inverse = scale > 0.0f ? 1.0f / scale : 0.0f;
-            if (!(inverse <= FLT_MAX)) scale = inverse = 0.0f;
-            if (!finite) scale = NAN, inverse = 0.0f;
-            for (int64_t i = from; i < to; i++) q[i] = (int8_t)lrintf(x[i] * inverse);
-            c.s[row * kv_groups(d) + b] = scale;
+// x [d] rounded to 8 bits, each group of KV_GROUP values scaled by its largest magnitude
+// / 127 (q = x / scale, to nearest); the groups' scales, and (`sums`, unless NULL) their
+// q's sums. A group holding a NaN or an infinity gets a NaN scale, so what it reaches
+// is NaN as in float; a group too small for its scale to invert holds zeros.
+static void round_groups(const float* x, int64_t d, int8_t* q, float* scales, int32_t* sums) {
+    for (int64_t b = 0; b < kv_groups(d); b++) {
+        const int64_t from = b * KV_GROUP, to = from + KV_GROUP < d ? from + KV_GROUP : d;
+        float top = 0.0f;
+        int finite = 1;
+        for (int64_t i = from; i < to; i++) {
+            const float size = fabsf(x[i]);
+            finite &= size <= FLT_MAX;
+            top = size > top ? size : top;
         }
+        float scale = top / 127.0f, inverse = scale > 0.0f ? 1.0f / scale : 0.0f;
+        if (!(inverse <= FLT_MAX)) scale = inverse = 0.0f;
+        if (!finite) scale = NAN, inverse = 0.0f;
+        int32_t sum = 0;
+        for (int64_t i = from; i < to; i++) sum += q[i] = (int8_t)lrintf(x[i] * inverse);
+        scales[b] = scale;
+        if (sums) sums[b] = sum;
+    }
+}
+
+// An int8 cache's keys lie KV_BLOCK to a block (the caches' positions are padded to a
+// multiple), so that integer dot products take 16 keys to a register (scores_i8): a
+// block is d / 4 runs of 64 bytes, run t holding values 4 t..4 t + 3 of each of its keys
+// in turn, each + 128 (unsigned, as dpbusd takes them), and its scales [groups][KV_BLOCK].
+// Values stay a vector to a row: attention weighs them one key at a time.
+#define KV_BLOCK 16
+
+static inline int64_t key_byte(int64_t row, int64_t i, int64_t d) {
+    return row / KV_BLOCK * KV_BLOCK * d + i / 4 * 64 + row % KV_BLOCK * 4 + i % 4;
+}
+
+static inline int64_t key_scale(int64_t row, int64_t b, int64_t d) {
+    return row / KV_BLOCK * KV_BLOCK * kv_groups(d) + b * KV_BLOCK + row % KV_BLOCK;
+}
+
+// x [d] into vector `row` of the cache (a key's where `key`): rounded to nearest where it
+// holds float16, rounded in groups where int8 (round_groups).
+static void kv_store(kv_t c, int64_t row, const float* x, int64_t d, int fmt, int key) {
+    if (fmt == KV_I8 && key) {
+        int8_t q[256];
+        float scales[256 / KV_GROUP];
+        round_groups(x, d, q, scales, NULL);
+        for (int64_t i = 0; i < d; i++) ((uint8_t*)c.x)[key_byte(row, i, d)] = (uint8_t)(q[i] + 128);
+        for (int64_t b = 0; b < kv_groups(d); b++) c.s[key_scale(row, b, d)] = scales[b];
+        return;
+    }
+    if (fmt == KV_I8) {
+        round_groups(x, d, (int8_t*)c.x + row * d, c.s + row * kv_groups(d), NULL);
         return;
     }
     for (int64_t j = 0; j < d; j += 8) {
@@ -823,6 +853,106 @@ static inline __attribute__((always_inline)) void scores(const int G, const int 
     }
 }
 
+// A query rounded for an int8 cache's keys (round_groups): its values, their groups'
+// scales and sums.
+typedef struct {
+    const int8_t* q;
+    const float* scale;
+    const int32_t* sum;
+} q8_query;
+
+// scores() over an int8 cache's keys (K from a block's start), the queries rounded to 8
+// bits as the keys are: each group's dot product in integers, 16 keys to a register (a
+// block: no sum across lanes), then p[g][j] = scale * sum over groups of the integer dot
+// * the key's scale * the query's. Over float keys a key cost about 40 operations, a
+// third of them the sums across lanes; here a key costs a query one dpbusd (64
+// multiply-adds). Both builds compute the same integer dot products.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+static inline __attribute__((always_inline)) void scores_i8(const int G, const q8_query* q,
+                                                            kv_t K, float (*p)[ATT_CHUNK],
+                                                            int64_t keys, int64_t d,
+                                                            float scale, float* top) {
+    const int64_t groups = kv_groups(d), quads = d / 4;
+    __m512 tops[ATT_QUERIES];
+    for (int g = 0; g < G; g++) tops[g] = _mm512_set1_ps(-INFINITY);
+    for (int64_t j0 = 0; j0 < keys; j0 += KV_BLOCK) {
+        const uint8_t* block = (const uint8_t*)K.x + j0 * d;
+        const float* scales = K.s + j0 * groups;
+        prefetch_ahead(block, KV_BLOCK * d);
+        __m512 f[ATT_QUERIES];
+        for (int g = 0; g < G; g++) f[g] = _mm512_setzero_ps();
+        for (int64_t b = 0; b < groups; b++) {
+            __m512i dot[ATT_QUERIES];
+            for (int g = 0; g < G; g++) dot[g] = _mm512_setzero_si512();
+            const int64_t end = (b + 1) * KV_GROUP / 4 < quads ? (b + 1) * KV_GROUP / 4 : quads;
+            for (int64_t t = b * KV_GROUP / 4; t < end; t++) {
+                const __m512i k = _mm512_loadu_si512(block + 64 * t);
+                for (int g = 0; g < G; g++) dot[g] = _mm512_dpbusd_epi32(dot[g], k, quad16(q[g].q + 4 * t));
+            }
+            const __m512 ks = _mm512_loadu_ps(scales + KV_BLOCK * b);
+            for (int g = 0; g < G; g++) {
+                // The keys' + 128 took 128 times the query's sum in.
+                const __m512i exact = _mm512_sub_epi32(dot[g], _mm512_set1_epi32(128 * q[g].sum[b]));
+                f[g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact),
+                                       _mm512_mul_ps(ks, _mm512_set1_ps(q[g].scale[b])), f[g]);
+            }
+        }
+        const int64_t n = keys - j0 < KV_BLOCK ? keys - j0 : KV_BLOCK;
+        const __mmask16 m = (__mmask16)((1u << n) - 1);
+        for (int g = 0; g < G; g++) {
+            const __m512 v = _mm512_mul_ps(f[g], _mm512_set1_ps(scale));
+            _mm512_mask_storeu_ps(p[g] + j0, m, v);
+            tops[g] = _mm512_mask_max_ps(tops[g], m, tops[g], v);
+        }
+    }
+    for (int g = 0; g < G; g++) top[g] = _mm512_reduce_max_ps(tops[g]);
+}
+#else
+static inline __attribute__((always_inline)) void scores_i8(const int G, const q8_query* q,
+                                                            kv_t K, float (*p)[ATT_CHUNK],
+                                                            int64_t keys, int64_t d,
+                                                            float scale, float* top) {
+    const int64_t groups = kv_groups(d), quads = d / 4;
+    const __m256i flip = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);
+    for (int g = 0; g < G; g++) top[g] = -INFINITY;
+    for (int64_t j0 = 0; j0 < keys; j0 += 8) {  // half a block: its first or last 8 keys
+        const int64_t half = j0 % KV_BLOCK / 8;
+        const uint8_t* block = (const uint8_t*)K.x + (j0 - 8 * half) * d + 32 * half;
+        const float* scales = K.s + (j0 - 8 * half) * groups + 8 * half;
+        __m256 f[ATT_QUERIES];
+        for (int g = 0; g < G; g++) f[g] = _mm256_setzero_ps();
+        for (int64_t b = 0; b < groups; b++) {
+            __m256i dot[ATT_QUERIES];
+            for (int g = 0; g < G; g++) dot[g] = _mm256_setzero_si256();
+            const int64_t end = (b + 1) * KV_GROUP / 4 < quads ? (b + 1) * KV_GROUP / 4 : quads;
+            for (int64_t t = b * KV_GROUP / 4; t < end; t++) {
+                // Signed keys (the + 128 undone), each pair's product sum within int16.
+                const __m256i k = _mm256_xor_si256(
+                    _mm256_loadu_si256((const __m256i*)(block + 64 * t)), flip);
+                for (int g = 0; g < G; g++) {
+                    const __m256i x = quad8(q[g].q + 4 * t);
+                    const __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(x), _mm256_sign_epi8(k, x));
+                    dot[g] = _mm256_add_epi32(dot[g], _mm256_madd_epi16(pairs, ones));
+                }
+            }
+            const __m256 ks = _mm256_loadu_ps(scales + KV_BLOCK * b);
+            for (int g = 0; g < G; g++)
+                f[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[g]),
+                                       _mm256_mul_ps(ks, _mm256_set1_ps(q[g].scale[b])), f[g]);
+        }
+        const int64_t n = keys - j0 < 8 ? keys - j0 : 8;
+        for (int g = 0; g < G; g++) {
+            float v[8];
+            _mm256_storeu_ps(v, _mm256_mul_ps(f[g], _mm256_set1_ps(scale)));
+            for (int64_t j = 0; j < n; j++) {
+                p[g][j0 + j] = v[j];
+                top[g] = v[j] > top[g] ? v[j] : top[g];
+            }
+        }
+    }
+}
+#endif
+
 // o[g] = sum over keys of p[g][j] V[j] (unnormalised: fold and scale_row normalise), four
 // vectors of dimensions at a time held in registers across the keys (one at a time for
 // the rest of d).
@@ -887,10 +1017,13 @@ static inline int64_t chunks_of(int64_t keys) { return (keys + ATT_CHUNK - 1) / 
 // Queries q[0..G-1] over n (at most ATT_CHUNK) keys K and values V: each one's partial
 // (o[g], m[g], l[g]).
 static inline __attribute__((always_inline)) void chunk_partials_of(
-    const int G, const int fmt, const float* const* q, kv_t K, kv_t V, int64_t n, int64_t d,
-    float scale, float* const* o, float* m, float* l) {
+    const int G, const int fmt, const float* const* q, const q8_query* qq, kv_t K, kv_t V,
+    int64_t n, int64_t d, float scale, float* const* o, float* m, float* l) {
     float p[ATT_QUERIES][ATT_CHUNK], top[ATT_QUERIES];
-    scores(G, fmt, q, K, p, n, d, scale, top);
+    if (fmt == KV_I8)
+        scores_i8(G, qq, K, p, n, d, scale, top);
+    else
+        scores(G, fmt, q, K, p, n, d, scale, top);
     for (int g = 0; g < G; g++) {
         for (int64_t j = 0; j < n; j++) p[g][j] -= top[g];
         exp_all(p[g], n);
@@ -906,14 +1039,15 @@ static inline __attribute__((always_inline)) void chunk_partials_of(
     weigh_values(G, fmt, p, V, o, n, d);
 }
 
-// The partials of `count` queries, ATT_QUERIES at a time; each cache format compiled with
-// its own loads.
-static void chunk_partials(int fmt, const float* const* q, int64_t count, kv_t K, kv_t V,
-                           int64_t n, int64_t d, float scale, float* const* o, float* m,
-                           float* l) {
+// The partials of `count` queries (qq: the same rounded to 8 bits, for an int8 cache),
+// ATT_QUERIES at a time; each cache format compiled with its own loads.
+static void chunk_partials(int fmt, const float* const* q, const q8_query* qq, int64_t count,
+                           kv_t K, kv_t V, int64_t n, int64_t d, float scale, float* const* o,
+                           float* m, float* l) {
     for (int64_t i = 0; i < count; i += ATT_QUERIES) {
         const int64_t G = count - i < ATT_QUERIES ? count - i : ATT_QUERIES;
-#define PARTIALS(G, FMT) chunk_partials_of(G, FMT, q + i, K, V, n, d, scale, o + i, m + i, l + i)
+#define PARTIALS(G, FMT) \
+    chunk_partials_of(G, FMT, q + i, qq + i, K, V, n, d, scale, o + i, m + i, l + i)
 #define BY_FORMAT(G)                                     \
     (fmt == KV_F16  ? PARTIALS(G, KV_F16)                \
      : fmt == KV_I8 ? PARTIALS(G, KV_I8)                 \
@@ -964,6 +1098,11 @@ typedef struct {
 // through all its chunks instead.
 typedef struct {
     float* q;  // [M, heads, d]: the rows' queries, turned
+    // For an int8 cache, the same rounded (round_groups): [M, heads, d] and [M, heads,
+    // kv_groups(d)] scales and sums.
+    int8_t* q8;
+    float* q8_scale;
+    int32_t* q8_sum;
     float* partials;
     int64_t* part_of_row;
     att_task* tasks;
@@ -973,6 +1112,13 @@ typedef struct {
 
 #define ATT_SPLIT_ROWS 16             // the most rows a sequence may have for the split way
 #define ATT_SPLIT_BYTES (64l << 20)  // and the most memory its partials may take
+
+// Query `at` (row * heads + head) rounded, where the cache is int8.
+static inline q8_query rounded_query(const att_work* w, int64_t at, int64_t d) {
+    if (!w->q8) return (q8_query){0};
+    const int64_t groups = kv_groups(d);
+    return (q8_query){w->q8 + at * d, w->q8_scale + at * groups, w->q8_sum + at * groups};
+}
 
 static inline int64_t keys_of(const att_seq* s, int64_t r) {
     return s->start + r - s->first_row + 1;
@@ -994,6 +1140,13 @@ static int att_plan(att_work* w, const heads_t* a, const att_seq* seqs, int64_t 
     split &= n_parts * (a->d + 2) * (int64_t)sizeof(float) <= ATT_SPLIT_BYTES;
     w->q = malloc(sizeof(float) * (M * a->heads * a->d + 1));
     if (!w->q) return 0;
+    if (fmt == KV_I8) {
+        const int64_t queries = M * a->heads;
+        w->q8 = malloc(queries * a->d + 1);
+        w->q8_scale = malloc(sizeof(float) * (queries * kv_groups(a->d) + 1));
+        w->q8_sum = malloc(sizeof(int32_t) * (queries * kv_groups(a->d) + 1));
+        if (!w->q8 || !w->q8_scale || !w->q8_sum) return 0;
+    }
     if (split) {
         w->partials = malloc(sizeof(float) * (n_parts * (a->d + 2) + 1));
         w->part_of_row = malloc(sizeof(int64_t) * (M + 1));
@@ -1018,6 +1171,7 @@ static int att_plan(att_work* w, const heads_t* a, const att_seq* seqs, int64_t 
 
 static void att_free(att_work* w) {
     free(w->q), free(w->partials), free(w->part_of_row), free(w->tasks);
+    free(w->q8), free(w->q8_scale), free(w->q8_sum);
 }
 
 // Every sequence's rows; row r belongs to seqs[seq_of_row[r]]. Two barriers the online
@@ -1040,10 +1194,15 @@ static void attend(const heads_t* a, const float* QKV, const float* COS, const f
         const float* s = SIN_SIGNED + (position - cos_from) * d;
         float turned[256];
         rope(row + (heads + g) * d, c, s, turned, d);
-        kv_store(q->k, at, turned, d, w->fmt);
-        kv_store(q->v, at, row + (heads + kv_heads + g) * d, d, w->fmt);
-        for (int64_t h = g * group; h < (g + 1) * group; h++)
-            rope(row + h * d, c, s, w->q + (r * heads + h) * d, d);
+        kv_store(q->k, at, turned, d, w->fmt, 1);
+        kv_store(q->v, at, row + (heads + kv_heads + g) * d, d, w->fmt, 0);
+        for (int64_t h = g * group; h < (g + 1) * group; h++) {
+            const int64_t at_q = r * heads + h;
+            rope(row + h * d, c, s, w->q + at_q * d, d);
+            if (w->q8)
+                round_groups(w->q + at_q * d, d, w->q8 + at_q * d,
+                             w->q8_scale + at_q * kv_groups(d), w->q8_sum + at_q * kv_groups(d));
+        }
     }
     if (w->partials) {
 #pragma omp for schedule(static)
@@ -1058,14 +1217,16 @@ static void attend(const heads_t* a, const float* QKV, const float* COS, const f
                 const int64_t n = keys - c0 < ATT_CHUNK ? keys - c0 : ATT_CHUNK;
                 if (n <= 0) continue;
                 const float* q[group];
+                q8_query qq[group];
                 float *o[group], m[group], l[group];
                 for (int64_t i = 0; i < group; i++) {
                     const int64_t h = task.g * group + i;
                     q[i] = w->q + (r * heads + h) * d;
+                    qq[i] = rounded_query(w, r * heads + h, d);
                     o[i] = w->partials +
                            (w->part_of_row[r] + h * chunks_of(keys) + task.c) * (d + 2);
                 }
-                chunk_partials(w->fmt, q, group, k, v, n, d, a->scale, o, m, l);
+                chunk_partials(w->fmt, q, qq, group, k, v, n, d, a->scale, o, m, l);
                 for (int64_t i = 0; i < group; i++) o[i][d] = m[i], o[i][d + 1] = l[i];
             }
         }
@@ -1090,8 +1251,12 @@ static void attend(const heads_t* a, const float* QKV, const float* COS, const f
             const int64_t keys = keys_of(s, r);
             float m[group], l[group], oc[group][d], mc[group], lc[group];
             const float* q[group];
+            q8_query qq[group];
             float* o[group];
-            for (int64_t h = 0; h < group; h++) q[h] = w->q + (r * heads + g * group + h) * d, o[h] = oc[h];
+            for (int64_t h = 0; h < group; h++) {
+                q[h] = w->q + (r * heads + g * group + h) * d, o[h] = oc[h];
+                qq[h] = rounded_query(w, r * heads + g * group + h, d);
+            }
             for (int64_t h = 0; h < group; h++) {
                 m[h] = -INFINITY, l[h] = 0.0f;
                 for (int64_t i = 0; i < d; i++) OUT[(r * heads + g * group + h) * d + i] = 0.0f;
@@ -1100,7 +1265,7 @@ static void attend(const heads_t* a, const float* QKV, const float* COS, const f
                 const int64_t n = keys - c0 < ATT_CHUNK ? keys - c0 : ATT_CHUNK;
                 const kv_t k = kv_at(s->k, g * context + c0, d, w->fmt);
                 const kv_t v = kv_at(s->v, g * context + c0, d, w->fmt);
-                chunk_partials(w->fmt, q, group, k, v, n, d, a->scale, o, mc, lc);
+                chunk_partials(w->fmt, q, qq, group, k, v, n, d, a->scale, o, mc, lc);
                 for (int64_t h = 0; h < group; h++)
                     fold(&m[h], &l[h], OUT + (r * heads + g * group + h) * d, mc[h], lc[h], oc[h], d);
             }

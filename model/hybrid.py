@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtpd.model.config import FULL_ATTENTION, LINEAR_ATTENTION, ModelConfig
-from mtpd.model.kv_cache import vector_bytes
+from mtpd.model.kv_cache import positions_held, vector_bytes
 from mtpd.model.layers import MLP, Attention, DecoderLayer, LayerStack, _apply_rope
 from mtpd.model.linear_attention import GatedDeltaNet
 from mtpd.model.linear_state import HybridCache, LinearStates
@@ -157,7 +157,8 @@ class HybridLayerStack(LayerStack):
 
     def cache_bytes_per_slot(self, max_context: int, snapshots: int = 0) -> int:
         cfg = self.cfg
-        vectors = self.num_attention * 2 * cfg.num_kv_heads * max_context
+        positions = positions_held(self.cache_dtype, max_context)
+        vectors = self.num_attention * 2 * cfg.num_kv_heads * positions
         linear = LinearStates.bytes_per_slot(
             self.num_linear, cfg.linear_attention, self.dtype, snapshots
         )

@@ -12,7 +12,16 @@ import torch
 
 from mtpd.model.errors import InputError
 
-KV_GROUP = 32  # values an int8 cache's scale covers (cpu_kernels.c's KV_GROUP)
+# An int8 cache (the CPU kernels' only, cpu_kernels.c) holds a float32 scale per KV_GROUP
+# values of a vector, and its keys KV_BLOCK to a block: its positions are padded to a
+# multiple of KV_BLOCK.
+KV_GROUP = 32
+KV_BLOCK = 16
+
+
+def positions_held(dtype: torch.dtype, max_context: int) -> int:
+    """The positions a cache of `dtype` holds for `max_context`."""
+    return -(-max_context // KV_BLOCK) * KV_BLOCK if dtype == torch.int8 else max_context
 
 
 def vector_bytes(dtype: torch.dtype, head_dim: int) -> int:
@@ -40,10 +49,10 @@ class KVCache:
         # The scratch slot is never given to a sequence: a CUDA graph captured for more
         # sequences than a step holds points the missing ones there.
         self.scratch_slot = max_seqs if scratch_slot else None
-        shape = (num_layers, max_seqs + scratch_slot, num_kv_heads, max_context, head_dim)
+        positions = positions_held(dtype, max_context)
+        shape = (num_layers, max_seqs + scratch_slot, num_kv_heads, positions, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        # An int8 cache (the CPU kernels' only) holds a float32 scale per KV_GROUP values.
         self.k_scale = self.v_scale = None
         if dtype == torch.int8:
             scales = (*shape[:-1], -(-head_dim // KV_GROUP))

@@ -20,7 +20,7 @@ from torch import nn
 
 from mtpd.model import cpu_kernels
 from mtpd.model.config import ModelConfig
-from mtpd.model.kv_cache import KVCache, vector_bytes
+from mtpd.model.kv_cache import KVCache, positions_held, vector_bytes
 from mtpd.model.rope import rope_tables
 from mtpd.model.step_layout import BatchLayout, PaddedLayout, padded_rows
 
@@ -486,7 +486,8 @@ class LayerStack(nn.Module):
         states, for prefix caching) cost attention layers nothing: a KV cache is cut at
         any position."""
         cfg = self.cfg
-        vectors = len(self.layers) * 2 * cfg.num_kv_heads * max_context
+        positions = positions_held(self.cache_dtype, max_context)
+        vectors = len(self.layers) * 2 * cfg.num_kv_heads * positions
         return vectors * vector_bytes(self.cache_dtype, cfg.head_dim)
 
     def new_cache(

@@ -18,7 +18,7 @@ from tiny_models import write_tiny_model
 from mtpd.model import cpu_kernels, kernel_library
 from mtpd.model.checkpoint import open_checkpoint, read_config
 from mtpd.model.decoder import ShardSpec
-from mtpd.model.kv_cache import KV_GROUP
+from mtpd.model.kv_cache import KV_BLOCK, KV_GROUP
 from mtpd.model.layers import Attention, Linear, _apply_rope
 from mtpd.model.quant import Int8Linear
 from mtpd.worker.shard_loading import load_shard
@@ -271,6 +271,18 @@ def test_a_shard_runs_on_the_kernels_and_a_row_gets_the_same_bits_in_a_verificat
     assert torch.equal(together, alone)
 
 
+def _int8_keys(k: torch.Tensor, k_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An int8 cache's keys and their scales, a vector to a row as its values are: the
+    kernels hold them KV_BLOCK keys to a block of d / 4 runs of 64 bytes (run t: values
+    4 t..4 t + 3 of each key, each + 128), the scales [groups][KV_BLOCK] per block."""
+    *outer, positions, d = k.shape
+    blocks = k.view(torch.uint8).view(*outer, positions // KV_BLOCK, d // 4, KV_BLOCK, 4)
+    keys = blocks.transpose(-3, -2).reshape(*outer, positions, d).to(torch.int16) - 128
+    groups = k_scale.shape[-1]
+    scales = k_scale.view(*outer, positions // KV_BLOCK, groups, KV_BLOCK).transpose(-2, -1)
+    return keys.to(torch.int8), scales.reshape(*outer, positions, groups)
+
+
 def _per_value(scales: torch.Tensor, d: int) -> torch.Tensor:
     """Each group of KV_GROUP values' scale, for each of a vector's d values."""
     return scales.repeat_interleave(KV_GROUP, -1)[..., :d]
@@ -323,8 +335,11 @@ def test_a_smaller_cache_holds_the_float32_values_rounded_and_attends_over_them(
     with torch.inference_mode():
         out = [shard(prompt, cache, [0], [70]) for cache in (small, full)]
         # The only layer's keys and values come from the same rows either way.
+        held_keys = (small.k, small.k_scale)
+        if dtype == torch.int8:
+            held_keys = _int8_keys(small.k, small.k_scale)
         for values, scales, exact in (
-            (small.k, small.k_scale, full.k),
+            (*held_keys, full.k),
             (small.v, small.v_scale, full.v),
         ):
             held, exact = values[:, 0, :, :70].float(), exact[:, 0, :, :70]
