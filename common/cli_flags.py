@@ -106,7 +106,7 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="the KV cache's element type: auto (float16 under --quant, else float32 on a "
         "CPU), float16, or int8 with a scale per 32 values (half float16's bytes; the CPU "
-        "kernels only: docs/performance.md)",
+        "kernels only: docs/quantization.md)",
     )
     p.add_argument(
         "--draft-p-min",

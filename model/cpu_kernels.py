@@ -33,7 +33,7 @@ from collections.abc import Sequence
 import torch
 
 from mtpd.model.kernel_library import C_FLOAT, C_INT, C_POINTER, available, kernels
-from mtpd.model.kv_cache import KV_GROUP
+from mtpd.model.kv_cache import KV_BLOCK, KV_GROUP
 
 K_MULTIPLE = 8  # the kernels read 8 floats at a time
 PANEL = 16  # outputs in an int4 or int8 panel (linear_q4, linear_q8)
@@ -423,8 +423,10 @@ class Step(ctypes.Structure):
     ) -> Step:
         """k and v: the caches [layers, slots, kv_heads, max_context, d], float32, float16,
         or int8 with float32 scales k_scale and v_scale [layers, slots, kv_heads,
-        max_context, ceil(d / KV_GROUP)] (one per KV_GROUP values of a vector); cos and
-        sin_signed: the rotary tables [positions, d] from position 0."""
+        max_context, ceil(d / KV_GROUP)] (one per KV_GROUP values of a vector; laid out
+        within blocks of KV_BLOCK positions as cpu_kernels.c says, so max_context is a
+        multiple of KV_BLOCK); cos and sin_signed: the rotary tables [positions, d] from
+        position 0."""
         rows, d = sum(counts), k.shape[-1]
         _check("decoder_layer", cos, sin_signed)
         if k.dtype not in KV_FORMATS or v.dtype != k.dtype:
@@ -438,6 +440,7 @@ class Step(ctypes.Structure):
         if (
             not all(t.is_contiguous() for t in (k, v, *scales))
             or any(t.shape != (*k.shape[:-1], -(-d // KV_GROUP)) for t in scales)
+            or (scales and context % KV_BLOCK)
             or v.shape != k.shape
             or not cos.is_contiguous()
             or not sin_signed.is_contiguous()

@@ -468,6 +468,16 @@ def test_a_decoder_layer_in_one_kernel_call_gives_the_bits_its_parts_give(tmp_pa
         cpu_kernels.Step.of([0], [7], [2], cos, sin_signed, cache.k, cache.v)
     with pytest.raises(ValueError, match="rotary tables"):  # position 3 beyond the tables
         cpu_kernels.Step.of([0], [3], [1], cos[:3], sin_signed[:3], cache.k, cache.v)
+    # An int8 cache: its scales, and whole blocks of positions.
+    shard.stack.kernel_cache = torch.int8
+    held = shard.new_cache(2, 8)
+    assert held.k.shape[-2] == KV_BLOCK
+    with pytest.raises(TypeError, match="needs float32 scales"):
+        cpu_kernels.Step.of([0], [0], [1], cos[:1], sin_signed[:1], held.k, held.v)
+    with pytest.raises(ValueError, match="does not fit a cache"):
+        cut = (t[..., :8, :].contiguous() for t in (held.k, held.v, held.k_scale, held.v_scale))
+        cpu_kernels.Step.of([0], [0], [1], cos[:1], sin_signed[:1], *cut)
+    shard.stack.kernel_cache = None
     step = cpu_kernels.Step.of([0], [0], [1], cos[:1], sin_signed[:1], cache.k, cache.v)
     x = torch.zeros(1, cfg.hidden_size)
     with pytest.raises(ValueError, match="do not fit"):
