@@ -197,6 +197,12 @@ def _settings(args: argparse.Namespace, max_seqs: int):
     from mtpd.daemon.pipeline import PipelineConfig
     from mtpd.rpc import WorkerTLS
 
+    if args.kv_cache != "auto" and (args.dtype != "float32" or args.device == "cuda"):
+        # What the workers would refuse at load, said before any starts (they also refuse
+        # a model whose layers the CPU kernels do not all run).
+        raise UserError(
+            f"--kv-cache {args.kv_cache} needs the CPU kernels: a CPU device and --dtype float32"
+        )
     pipeline = PipelineConfig(
         workers=args.workers,
         device=args.device,
@@ -316,6 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, serve = _build_parser()
     from mtpd.client.errors import MtpdError
+    from mtpd.daemon.worker_link import WorkerError
     from mtpd.model.errors import InputError
 
     try:
@@ -328,7 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UserError, InputError, TokenFileError) as e:
         print(f"mtpd: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except MtpdError as e:
+    except (MtpdError, WorkerError) as e:  # WorkerError: a worker that failed to load
         print(f"mtpd: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -3,16 +3,19 @@ values at 8 bits with a scale per 32 values (half float16's bytes and a little m
 and a request decodes, with MTP drafting and verification steps or without, exactly
 what a plain single-process run over an int8 cache decodes one token at a time (the
 cache's own closeness to float32 is tests/test_cpu_kernels.py's). The MTP head's cache
-takes the trunk's type."""
+takes the trunk's type; where the kernels would not read the cache, it is refused with
+an error line."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from live_daemon import CHAT_TEMPLATE
 from reference import GREEDY, solo_run
 from tiny_models import add_mtp_head, write_char_tokenizer, write_tiny_model
 from tiny_pipeline import start_pipeline
 
+from mtpd.cli import main
 from mtpd.daemon.draft_policy import DraftPolicy
 from mtpd.daemon.scheduler import Scheduler
 from mtpd.model.checkpoint import open_checkpoint, read_config
@@ -81,3 +84,18 @@ def test_an_int8_cache_decodes_what_a_plain_run_over_one_does(tiny, draft, param
         if draft:
             assert result.drafts.drafted
         scheduler.close()
+
+
+def test_a_cache_the_kernels_would_not_read_is_refused_with_a_clear_error(tmp_path, capsys):
+    """Before any worker starts where the flags say it (a bfloat16 model), and as the
+    worker's load error where only the model does (Qwen3.5's linear-attention layers run
+    outside the kernels): an error line, no traceback."""
+    write_tiny_model(tmp_path, "qwen3_5", layers=2, vocab=VOCAB)
+    write_char_tokenizer(tmp_path, CHAT_TEMPLATE)
+    run = ["run", "hi", "--model", str(tmp_path), "--device", "cpu", "--threads", "1"]
+    assert main([*run, "--kv-cache", "int8", "--dtype", "bfloat16"]) == 2
+    assert "--kv-cache int8 needs the CPU kernels" in capsys.readouterr().err
+    assert main([*run, "--kv-cache", "int8", "--max-tokens", "2"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("mtpd: error: worker 0 failed to load") and "Traceback" not in err
+    assert "--kv-cache int8 needs the CPU kernels to run every layer" in err
