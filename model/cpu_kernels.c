@@ -271,9 +271,11 @@ static inline __m256i quad8(const int8_t* x) {
 // instruction's memory operand ({1to16}, which GCC does not fold from the intrinsics):
 // one fused operation instead of two, and a 2-row int4 step, whose tiles issue a
 // broadcast beside each dpbusd, ran 4-5% faster (benchmarks/kernel_ab.py, session 29).
+typedef int32_t __attribute__((may_alias)) int32_alias;  // 4 of the int8 inputs, read as one
+
 static inline __attribute__((always_inline)) __m512i dpbusd_quad(__m512i acc, __m512i a,
                                                                  const int8_t* x) {
-    __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(a), "m"(*(const int32_t*)x));
+    __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(a), "m"(*(const int32_alias*)x));
     return acc;
 }
 
@@ -646,8 +648,7 @@ static inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
 // position) in float32; in float16 (half the bytes for attention to read, as llama.cpp's
 // default cache); or in int8 with a float32 scale per KV_GROUP values of a vector (a
 // quarter of float32's bytes and an eighth more for the scales, as llama.cpp's q8_0
-// cache: at 8 streams attention reads each sequence's cache every step, and its time
-// follows the bytes).
+// cache: at 8 streams of 1,000 positions and more attention's time follows the bytes).
 enum { KV_F32 = 0, KV_F16 = 1, KV_I8 = 2 };
 #define KV_GROUP 32
 
