@@ -684,26 +684,21 @@ static inline __attribute__((always_inline)) __m256 kv8(kv_t c, int64_t row, int
     return _mm256_loadu_ps((const float*)c.x + at);
 }
 
-// x [d] rounded to 8 bits, each group of KV_GROUP values scaled by its largest magnitude
-// / 127 (q = x / scale, to nearest); the groups' scales, and (`sums`, unless NULL) their
-// q's sums. A group holding a NaN or an infinity gets a NaN scale, so what it reaches
-// is NaN as in float; a group too small for its scale to invert holds zeros.
+// x [d] rounded to 8 bits a group of KV_GROUP values at a time, as the int4 and int8
+// products round their inputs (q8_group: scale the group's largest magnitude / 127,
+// rounded to nearest; a NaN scale for a group holding a NaN or an infinity); the groups'
+// scales, and (`sums`, unless NULL) the sums of their rounded values. A last group
+// shorter than KV_GROUP is rounded as if padded with zeros.
+_Static_assert(KV_GROUP == 32, "q8_group rounds groups of 32");
 static void round_groups(const float* x, int64_t d, int8_t* q, float* scales, int32_t* sums) {
     for (int64_t b = 0; b < kv_groups(d); b++) {
-        const int64_t from = b * KV_GROUP, to = from + KV_GROUP < d ? from + KV_GROUP : d;
-        float top = 0.0f;
-        int finite = 1;
-        for (int64_t i = from; i < to; i++) {
-            const float size = fabsf(x[i]);
-            finite &= size <= FLT_MAX;
-            top = size > top ? size : top;
-        }
-        float scale = top / 127.0f, inverse = scale > 0.0f ? 1.0f / scale : 0.0f;
-        if (!(inverse <= FLT_MAX)) scale = inverse = 0.0f;
-        if (!finite) scale = NAN, inverse = 0.0f;
-        int32_t sum = 0;
-        for (int64_t i = from; i < to; i++) sum += q[i] = (int8_t)lrintf(x[i] * inverse);
-        scales[b] = scale;
+        const int64_t from = b * KV_GROUP, n = d - from < KV_GROUP ? d - from : KV_GROUP;
+        float padded[KV_GROUP] = {0}, scaled_sum;
+        int8_t rounded[KV_GROUP];
+        int32_t sum;
+        memcpy(padded, x + from, sizeof(float) * n);
+        q8_group(padded, rounded, &scales[b], &scaled_sum, &sum);
+        memcpy(q + from, rounded, n);
         if (sums) sums[b] = sum;
     }
 }
