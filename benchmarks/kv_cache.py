@@ -14,19 +14,11 @@ import statistics
 import time
 
 import torch
+from step_paths import step  # this folder's: a script's own folder is on sys.path
 
-from mtpd.model.kv_cache import KVCache
 from mtpd.train.engine import Engine
 
 CACHES = {"float16": torch.float16, "int8": torch.int8}
-
-
-def step(engine: Engine, cache: KVCache, slots: list[int], context: int) -> None:
-    """The sequences in `slots` back to `context` cached positions, then a row each."""
-    for slot in slots:
-        cache.truncate(slot, context)
-    ids = torch.full((len(slots),), 11, dtype=torch.long)
-    engine.shard.logits(engine.shard(ids, cache, slots, [1] * len(slots)))
 
 
 def main() -> None:
@@ -48,14 +40,12 @@ def main() -> None:
             raise SystemExit(f"the CPU kernels do not run every layer here: no {name} cache")
         # A step leaves its sequences a position longer: each context has its own.
         caches[name] = stack.new_cache(max(streams) * len(contexts))
-    slots = {
-        c: [i * len(contexts) + j for i in range(max(streams))] for j, c in enumerate(contexts)
-    }
+    seqs = {c: [f"{c}-{i}" for i in range(max(streams))] for c in contexts}
     with torch.inference_mode():
         for cache in caches.values():
-            for context, held in slots.items():
-                for slot in held:
-                    engine.shard(torch.full((context,), 7), cache, [slot], [context])
+            for context, names in seqs.items():
+                for name in names:
+                    engine.shard(torch.full((context,), 7), cache, [cache.slot(name)], [context])
         shapes = [(n, c) for c in contexts for n in streams]
         times = {(name, shape): [] for name in CACHES for shape in shapes}
         order = list(CACHES)
@@ -64,17 +54,18 @@ def main() -> None:
             for n, context in shapes:
                 for name in order:
                     start = time.perf_counter()
-                    step(engine, caches[name], slots[context][:n], context)
+                    step(engine, seqs[context][:n], context, 1, caches[name])
                     times[name, (n, context)].append(time.perf_counter() - start)
     first = next(iter(CACHES))
+    # What a cache holds a position of a sequence (an int8 one's positions padded).
+    per_position = {n: c.nbytes / c.max_seqs / c.k.shape[-2] for n, c in caches.items()}
     for n, context in shapes:
         ms = {name: statistics.median(times[name, (n, context)]) * 1e3 for name in CACHES}
         print(
             f"{args.quant}, {n} sequence(s) x 1 row at {context} positions: "
             + "  ".join(
                 f"{name} cache {ms[name]:6.2f} ms ({ms[name] / ms[first]:.2f}x, "
-                f"{caches[name].nbytes / caches[name].max_seqs / max(contexts) * context / 1e6:.1f}"
-                " MB a sequence)"
+                f"{per_position[name] * context / 1e6:.1f} MB a sequence)"
                 for name in CACHES
             )
         )

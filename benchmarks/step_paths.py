@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from mtpd.model import cpu_kernels, kernel_library
+from mtpd.model.kv_cache import KVCache
 from mtpd.train.engine import Engine
 
 MACS_PER_CYCLE = {"none": 32, "int8": 128, "int4": 128}
@@ -65,13 +66,17 @@ def matrices(engine: Engine) -> list:
     return [m.matrix for m in engine.shard.modules() if getattr(m, "matrix", None) is not None]
 
 
-def step(engine: Engine, seqs: list[str], context: int, rows: int) -> None:
-    """Every sequence back to `context` cached positions, then `rows` more in one step."""
-    slots = [engine.cache.slot(s) for s in seqs]
+def step(
+    engine: Engine, seqs: list[str], context: int, rows: int, cache: KVCache | None = None
+) -> None:
+    """Every sequence back to `context` cached positions, then `rows` more in one step
+    (over `cache`, else the engine's)."""
+    cache = engine.cache if cache is None else cache
+    slots = [cache.slot(s) for s in seqs]
     for slot in slots:
-        engine.cache.truncate(slot, context)
+        cache.truncate(slot, context)
     ids = torch.full((len(seqs) * rows,), 11, dtype=torch.long)
-    hidden = engine.shard(ids, engine.cache, slots, [rows] * len(seqs))
+    hidden = engine.shard(ids, cache, slots, [rows] * len(seqs))
     engine.shard.logits(hidden)
 
 
