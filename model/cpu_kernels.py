@@ -33,7 +33,7 @@ from collections.abc import Sequence
 import torch
 
 from mtpd.model.kernel_library import C_FLOAT, C_INT, C_POINTER, available, kernels
-from mtpd.model.kv_cache import KV_BLOCK, KV_GROUP
+from mtpd.model.kv_cache import KV_BLOCK, scale_groups
 
 K_MULTIPLE = 8  # the kernels read 8 floats at a time
 PANEL = 16  # outputs in an int4 or int8 panel (linear_q4, linear_q8)
@@ -439,7 +439,7 @@ class Step(ctypes.Structure):
         layers, slot_count, kv_heads, context, _ = k.shape
         if (
             not all(t.is_contiguous() for t in (k, v, *scales))
-            or any(t.shape != (*k.shape[:-1], -(-d // KV_GROUP)) for t in scales)
+            or any(t.shape != (*k.shape[:-1], scale_groups(d)) for t in scales)
             or (scales and context % KV_BLOCK)
             or v.shape != k.shape
             or not cos.is_contiguous()

@@ -19,6 +19,11 @@ KV_GROUP = 32
 KV_BLOCK = 16
 
 
+def scale_groups(head_dim: int) -> int:
+    """The scales an int8 cache holds for one vector."""
+    return -(-head_dim // KV_GROUP)
+
+
 def positions_held(dtype: torch.dtype, max_context: int) -> int:
     """The positions a cache of `dtype` holds for `max_context`."""
     return -(-max_context // KV_BLOCK) * KV_BLOCK if dtype == torch.int8 else max_context
@@ -26,7 +31,7 @@ def positions_held(dtype: torch.dtype, max_context: int) -> int:
 
 def vector_bytes(dtype: torch.dtype, head_dim: int) -> int:
     """What a cache of `dtype` holds for one key or value vector, its scales included."""
-    scales = 4 * -(-head_dim // KV_GROUP) if dtype == torch.int8 else 0
+    scales = 4 * scale_groups(head_dim) if dtype == torch.int8 else 0
     return head_dim * dtype.itemsize + scales
 
 
@@ -55,7 +60,7 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.k_scale = self.v_scale = None
         if dtype == torch.int8:
-            scales = (*shape[:-1], -(-head_dim // KV_GROUP))
+            scales = (*shape[:-1], scale_groups(head_dim))
             self.k_scale = torch.zeros(scales, dtype=torch.float32, device=device)
             self.v_scale = torch.zeros(scales, dtype=torch.float32, device=device)
         self.max_seqs = max_seqs
