@@ -320,48 +320,57 @@ static inline __attribute__((always_inline)) void q4_panel(
 #undef Q4_TILE
 }
 #else
-// Half h of panel p (its outputs 8 h..8 h+7), rows m0..m0+G-1. A group's 8 maddubs
-// results per lane stay within int16 (8 x 2 x 15 x 127 < 32768), so they add as int16.
+// Panel p, both halves (its outputs 0..7 and 8..15) in one pass, rows m0..m0+G-1: each
+// weight line is used whole as it arrives, and a row's broadcast inputs serve both
+// halves. Half by half, on an AVX2-only Zen 1 EPYC, a 1-row int4 step took 1.06x and a
+// 2-row one 1.05x as long (benchmarks/kernel_ab.py, session 30). Two rows: their 8
+// accumulators and the unpacked weights fill AVX2's 16 registers. A group's 8 maddubs
+// results per lane stay within int16 (8 x 2 x 15 x 127 < 32768).
+#define Q_TILE_ROWS 2
+#define FOR_Q_ROW_TILES(M, TILE) FOR_TILES_OF(M, Q_TILE_ROWS, TAIL_TILES, TILE)
 static inline __attribute__((always_inline)) void q4_tile(
     const int G, const q8_inputs* in, const uint8_t* P, const out_t* o, int64_t m0, int64_t p,
-    int h, int64_t groups) {
+    int64_t groups) {
     const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-    __m256 acc[TILE_ROWS];
-    for (int g = 0; g < G; g++) acc[g] = _mm256_setzero_ps();
+    __m256 acc[Q_TILE_ROWS][2];
+    for (int g = 0; g < G; g++) acc[g][0] = acc[g][1] = _mm256_setzero_ps();
     for (int64_t b = 0; b < groups; b++) {
         const uint8_t* w = P + (p * groups + b) * Q4_GROUP_BYTES;
         prefetch_ahead(w, Q4_GROUP_BYTES);
-        __m256i dot[TILE_ROWS];
-        for (int g = 0; g < G; g++) dot[g] = _mm256_setzero_si256();
+        __m256i dot[Q_TILE_ROWS][2];
+        for (int g = 0; g < G; g++) dot[g][0] = dot[g][1] = _mm256_setzero_si256();
         for (int c = 0; c < 4; c++) {
-            const __m256i bytes = _mm256_loadu_si256((const __m256i*)(w + 64 * c + 32 * h));
-            const __m256i lo = _mm256_and_si256(bytes, low);
-            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low);
-            for (int g = 0; g < G; g++) {
-                const int8_t* x = in->xq + 32 * ((m0 + g) * groups + b);
-                dot[g] = _mm256_add_epi16(dot[g], _mm256_maddubs_epi16(lo, quad8(x + 4 * c)));
-                dot[g] = _mm256_add_epi16(dot[g], _mm256_maddubs_epi16(hi, quad8(x + 16 + 4 * c)));
+            for (int h = 0; h < 2; h++) {
+                const __m256i bytes = _mm256_loadu_si256((const __m256i*)(w + 64 * c + 32 * h));
+                const __m256i lo = _mm256_and_si256(bytes, low);
+                const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low);
+                for (int g = 0; g < G; g++) {
+                    const int8_t* x = in->xq + 32 * ((m0 + g) * groups + b);
+                    dot[g][h] = _mm256_add_epi16(dot[g][h], _mm256_maddubs_epi16(lo, quad8(x + 4 * c)));
+                    dot[g][h] = _mm256_add_epi16(dot[g][h], _mm256_maddubs_epi16(hi, quad8(x + 16 + 4 * c)));
+                }
             }
         }
-        const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(w + 256 + 16 * h)));
-        const __m256 z = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(w + 288 + 16 * h)));
-        for (int g = 0; g < G; g++) {
-            const int64_t i = (m0 + g) * groups + b;
-            const __m256 dots = _mm256_cvtepi32_ps(_mm256_madd_epi16(dot[g], ones));
-            acc[g] = _mm256_fmadd_ps(dots, _mm256_mul_ps(s, _mm256_set1_ps(in->xd[i])), acc[g]);
-            acc[g] = _mm256_fmadd_ps(z, _mm256_set1_ps(in->xs[i]), acc[g]);
+        for (int h = 0; h < 2; h++) {
+            const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(w + 256 + 16 * h)));
+            const __m256 z = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(w + 288 + 16 * h)));
+            for (int g = 0; g < G; g++) {
+                const int64_t i = (m0 + g) * groups + b;
+                const __m256 dots = _mm256_cvtepi32_ps(_mm256_madd_epi16(dot[g][h], ones));
+                acc[g][h] = _mm256_fmadd_ps(dots, _mm256_mul_ps(s, _mm256_set1_ps(in->xd[i])), acc[g][h]);
+                acc[g][h] = _mm256_fmadd_ps(z, _mm256_set1_ps(in->xs[i]), acc[g][h]);
+            }
         }
     }
-    for (int g = 0; g < G; g++) store8(o, m0 + g, PANEL * p + 8 * h, acc[g]);
+    for (int g = 0; g < G; g++)
+        for (int h = 0; h < 2; h++) store8(o, m0 + g, PANEL * p + 8 * h, acc[g][h]);
 }
 
 static inline __attribute__((always_inline)) void q4_panel(
     const q8_inputs* in, const uint8_t* P, const out_t* o, int64_t p, int64_t M, int64_t groups) {
-    for (int h = 0; h < 2; h++) {
-#define Q4_TILE(G) q4_tile(G, in, P, o, m, p, h, groups)
-        FOR_ROW_TILES(M, Q4_TILE);
+#define Q4_TILE(G) q4_tile(G, in, P, o, m, p, groups)
+    FOR_Q_ROW_TILES(M, Q4_TILE);
 #undef Q4_TILE
-    }
 }
 #endif
 
@@ -464,46 +473,51 @@ static inline __attribute__((always_inline)) void q8_panel(
 #undef Q8_TILE
 }
 #else
-// Half h of panel p. maddubs takes |Q| (unsigned, at most 127) against the inputs with
-// Q's signs, so a pair's sum fits int16 (2 x 127 x 127); the same integer dot as above.
+// Panel p, both halves in one pass. maddubs takes |Q| (unsigned, at most 127) against the
+// inputs with Q's signs, so a pair's sum fits int16 (2 x 127 x 127); the same integer dot
+// as above.
 static inline __attribute__((always_inline)) void q8_tile(
     const int G, const q8_inputs* in, const uint8_t* P, const float* S, const out_t* o,
-    int64_t m0, int64_t p, int h, int64_t groups) {
+    int64_t m0, int64_t p, int64_t groups) {
     const __m256i flip = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);
-    __m256 acc[TILE_ROWS];
-    for (int g = 0; g < G; g++) acc[g] = _mm256_setzero_ps();
+    __m256 acc[Q_TILE_ROWS][2];
+    for (int g = 0; g < G; g++) acc[g][0] = acc[g][1] = _mm256_setzero_ps();
     for (int64_t b = 0; b < groups; b++) {
         const uint8_t* w = P + (p * groups + b) * Q8_GROUP_BYTES;
         prefetch_ahead(w, Q8_GROUP_BYTES);
-        __m256i dot[TILE_ROWS];
-        for (int g = 0; g < G; g++) dot[g] = _mm256_setzero_si256();
+        __m256i dot[Q_TILE_ROWS][2];
+        for (int g = 0; g < G; g++) dot[g][0] = dot[g][1] = _mm256_setzero_si256();
         for (int c = 0; c < 8; c++) {
-            const __m256i q = _mm256_xor_si256(
-                _mm256_loadu_si256((const __m256i*)(w + 64 * c + 32 * h)), flip);
-            const __m256i size = _mm256_abs_epi8(q);
-            for (int g = 0; g < G; g++) {
-                const __m256i x = quad8(in->xq + 32 * ((m0 + g) * groups + b) + 4 * c);
-                const __m256i pairs = _mm256_maddubs_epi16(size, _mm256_sign_epi8(x, q));
-                dot[g] = _mm256_add_epi32(dot[g], _mm256_madd_epi16(pairs, ones));
+            for (int h = 0; h < 2; h++) {
+                const __m256i q = _mm256_xor_si256(
+                    _mm256_loadu_si256((const __m256i*)(w + 64 * c + 32 * h)), flip);
+                const __m256i size = _mm256_abs_epi8(q);
+                for (int g = 0; g < G; g++) {
+                    const __m256i x = quad8(in->xq + 32 * ((m0 + g) * groups + b) + 4 * c);
+                    const __m256i pairs = _mm256_maddubs_epi16(size, _mm256_sign_epi8(x, q));
+                    dot[g][h] = _mm256_add_epi32(dot[g][h], _mm256_madd_epi16(pairs, ones));
+                }
             }
         }
         for (int g = 0; g < G; g++) {
-            const int64_t i = (m0 + g) * groups + b;
-            acc[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[g]), _mm256_set1_ps(in->xd[i]), acc[g]);
+            const __m256 d = _mm256_set1_ps(in->xd[(m0 + g) * groups + b]);
+            for (int h = 0; h < 2; h++)
+                acc[g][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[g][h]), d, acc[g][h]);
         }
     }
-    const __m256 scale = _mm256_loadu_ps(S + PANEL * p + 8 * h);
-    for (int g = 0; g < G; g++) store8(o, m0 + g, PANEL * p + 8 * h, _mm256_mul_ps(acc[g], scale));
+    for (int h = 0; h < 2; h++) {
+        const __m256 scale = _mm256_loadu_ps(S + PANEL * p + 8 * h);
+        for (int g = 0; g < G; g++)
+            store8(o, m0 + g, PANEL * p + 8 * h, _mm256_mul_ps(acc[g][h], scale));
+    }
 }
 
 static inline __attribute__((always_inline)) void q8_panel(
     const q8_inputs* in, const uint8_t* P, const float* S, const out_t* o, int64_t p, int64_t M,
     int64_t groups) {
-    for (int h = 0; h < 2; h++) {
-#define Q8_TILE(G) q8_tile(G, in, P, S, o, m, p, h, groups)
-        FOR_ROW_TILES(M, Q8_TILE);
+#define Q8_TILE(G) q8_tile(G, in, P, S, o, m, p, groups)
+    FOR_Q_ROW_TILES(M, Q8_TILE);
 #undef Q8_TILE
-    }
 }
 #endif
 
