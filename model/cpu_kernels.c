@@ -322,10 +322,11 @@ static inline __attribute__((always_inline)) void q4_panel(
 #else
 // Panel p, both halves (its outputs 0..7 and 8..15) in one pass, rows m0..m0+G-1: each
 // weight line is used whole as it arrives, and a row's broadcast inputs serve both
-// halves. Half by half, on an AVX2-only Zen 1 EPYC, a 1-row int4 step took 1.06x and a
-// 2-row one 1.05x as long (benchmarks/kernel_ab.py, session 30). Two rows: their 8
-// accumulators and the unpacked weights fill AVX2's 16 registers. A group's 8 maddubs
-// results per lane stay within int16 (8 x 2 x 15 x 127 < 32768).
+// halves. Half by half, on an AVX2-only Zen 1 EPYC, a 1-row int4 step took 1.06-1.15x
+// and a 2-row one 1.05-1.08x as long (benchmarks/kernel_ab.py, session 30). Two rows:
+// their 8 accumulators and the unpacked weights fill AVX2's 16 registers (three spilled:
+// 1.02-1.03x). A group's 8 maddubs results per lane stay within int16 (8 x 2 x 15 x 127
+// < 32768).
 #define Q_TILE_ROWS 2
 #define FOR_Q_ROW_TILES(M, TILE) FOR_TILES_OF(M, Q_TILE_ROWS, TAIL_TILES, TILE)
 static inline __attribute__((always_inline)) void q4_tile(
