@@ -9,11 +9,16 @@ their ratios hold on a noisy machine.
 
     python benchmarks/step_paths.py [--model M] [--quant none,int4] [--rows 1,2,3,5,8]
                                     [--context 200] [--reps 40] [--threads 2] [--json OUT]
+                                    [--macs-per-cycle N]
 
-The peak assumes two 512-bit dpbusd (int4, int8: 64 multiply-adds each) or FMAs
-(float32: 16 each) per core per cycle, at the clock /proc/cpuinfo reports: a loop of
-independent dpbusd ran 6.1 a nanosecond on one core of this machine's Xeon (session 24),
-a little more than 2 x 2.6 GHz (its turbo clock is higher).
+The peak assumes, per core and cycle at the clock /proc/cpuinfo reports, two 512-bit
+dpbusd (int4, int8: 64 multiply-adds each) or FMAs (float32: 16 each) where the kernels
+run their AVX-512 VNNI build: a loop of independent dpbusd ran 6.1 a nanosecond on one
+core of the Xeon (session 24), a little more than 2 x 2.6 GHz (its turbo clock is
+higher). Under the AVX2 build, two 256-bit maddubs (32 each) or FMAs (8 each), as
+Intel's cores since Haswell and AMD's since Zen 2 issue them; Zen 1 issues a quarter of
+that for maddubs (one every 0.8 ns on the EPYC of session 30) and half for FMAs, so
+`--macs-per-cycle` overrides it there.
 """
 
 from __future__ import annotations
@@ -33,7 +38,11 @@ from mtpd.model import cpu_kernels, kernel_library
 from mtpd.model.kv_cache import KVCache
 from mtpd.train.engine import Engine
 
-MACS_PER_CYCLE = {"none": 32, "int8": 128, "int4": 128}
+# Per core and cycle, by the kernels' build: AVX-512 VNNI, or AVX2 alone.
+MACS_PER_CYCLE = {
+    True: {"none": 32, "int8": 128, "int4": 128},
+    False: {"none": 16, "int8": 64, "int4": 64},
+}
 
 
 def use(library) -> None:
@@ -89,6 +98,12 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None)
+    ap.add_argument(
+        "--macs-per-cycle",
+        type=float,
+        default=None,
+        help="a core's peak multiply-adds a cycle for the arithmetic floor (default: by build)",
+    )
     args = ap.parse_args()
     native = kernel_library.kernels()
     if native is None:
@@ -118,7 +133,8 @@ def main() -> None:
         cached_gbs = bandwidth_gbs(args.threads, weights)
         kv_bytes = engine.cache.k.element_size()  # float16 beside quantized weights
         kv_per_seq = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * kv_bytes * args.context
-        peak = args.threads * MACS_PER_CYCLE[quant] * ghz * 1e9
+        per_cycle = args.macs_per_cycle or MACS_PER_CYCLE[bool(kernel_library.cpu_isa())][quant]
+        peak = args.threads * per_cycle * ghz * 1e9
         paths = {"whole layer": native}
         if kernel_library.cpu_isa():
             paths["whole layer, AVX2 only"] = avx2
@@ -150,7 +166,7 @@ def main() -> None:
             f"{quant}: weights {weights / 1e6:.1f} MB (read again and again at "
             f"{cached_gbs:.1f} GB/s: the memory floor's rate), {macs_per_row / 1e6:.1f} M "
             f"multiply-adds a row, cache {kv_per_seq / 1e6:.1f} MB a sequence at "
-            f"{args.context} positions"
+            f"{args.context} positions; arithmetic peak {per_cycle:g} a cycle a core"
         )
         for rows in rows_list:
             arithmetic = macs_per_row * rows / peak * 1e3
