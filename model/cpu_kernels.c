@@ -811,13 +811,12 @@ static inline __attribute__((always_inline)) attv att_kv(kv_t c, int64_t row, in
 // positions had cost a row about 0.26 ms of a 3 ms int4 step; together, a step ran 4-8%
 // faster, session 24). Each query's sums run in the same order as alone, so its result
 // does not depend on its companions. Three queries of four keys take 12 accumulators
-// beside the keys: AVX-512's 32 registers hold them, AVX2's 16 hold two.
+// beside the keys: AVX-512's 32 registers hold them; AVX2's 16 do not, but spilling a few
+// cost less than converting a group's keys and values twice (two queries, then one): an
+// int4 step at 200 positions 0.97-0.98x, at 1,000 0.95-0.96x on a Zen 1 EPYC
+// (benchmarks/kernel_ab.py, session 30).
 #define ATT_CHUNK 64
-#ifdef __AVX512F__
 #define ATT_QUERIES 3
-#else
-#define ATT_QUERIES 2
-#endif
 
 // p[g][j] = q[g] . K[j] * scale for each key and query; top[g] the largest of p[g]. Four
 // keys at a time, each its own accumulator, so the products overlap instead of waiting
@@ -1070,10 +1069,8 @@ static void chunk_partials(int fmt, const float* const* q, const q8_query* qq, i
             BY_FORMAT(1);
         else if (G == 2)
             BY_FORMAT(2);
-#if ATT_QUERIES > 2
         else
             BY_FORMAT(3);
-#endif
 #undef BY_FORMAT
 #undef PARTIALS
     }
