@@ -347,8 +347,9 @@ static inline __attribute__((always_inline)) void q4_tile(
                 const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low);
                 for (int g = 0; g < G; g++) {
                     const int8_t* x = in->xq + 32 * ((m0 + g) * groups + b);
-                    dot[g][h] = _mm256_add_epi16(dot[g][h], _mm256_maddubs_epi16(lo, quad8(x + 4 * c)));
-                    dot[g][h] = _mm256_add_epi16(dot[g][h], _mm256_maddubs_epi16(hi, quad8(x + 16 + 4 * c)));
+                    __m256i* d = &dot[g][h];
+                    *d = _mm256_add_epi16(*d, _mm256_maddubs_epi16(lo, quad8(x + 4 * c)));
+                    *d = _mm256_add_epi16(*d, _mm256_maddubs_epi16(hi, quad8(x + 16 + 4 * c)));
                 }
             }
         }
@@ -358,7 +359,8 @@ static inline __attribute__((always_inline)) void q4_tile(
             for (int g = 0; g < G; g++) {
                 const int64_t i = (m0 + g) * groups + b;
                 const __m256 dots = _mm256_cvtepi32_ps(_mm256_madd_epi16(dot[g][h], ones));
-                acc[g][h] = _mm256_fmadd_ps(dots, _mm256_mul_ps(s, _mm256_set1_ps(in->xd[i])), acc[g][h]);
+                const __m256 scale = _mm256_mul_ps(s, _mm256_set1_ps(in->xd[i]));
+                acc[g][h] = _mm256_fmadd_ps(dots, scale, acc[g][h]);
                 acc[g][h] = _mm256_fmadd_ps(z, _mm256_set1_ps(in->xs[i]), acc[g][h]);
             }
         }
