@@ -265,7 +265,6 @@ static inline __m256i quad8(const int8_t* x) {
     case 7: TILE(7); break; \
     case 6: TILE(6); break; \
     TAIL_TILES(TILE)
-#define FOR_Q_ROW_TILES(M, TILE) FOR_TILES_OF(M, Q_TILE_ROWS, Q_TAIL_TILES, TILE)
 
 // dpbusd(acc, a, the 4 bytes at x in every lane), the broadcast folded into the
 // instruction's memory operand ({1to16}, which GCC does not fold from the intrinsics):
@@ -312,13 +311,6 @@ static inline __attribute__((always_inline)) void q4_tile(
     }
     for (int g = 0; g < G; g++) store16(o, m0 + g, PANEL * p, acc[g]);
 }
-
-static inline __attribute__((always_inline)) void q4_panel(
-    const q8_inputs* in, const uint8_t* P, const out_t* o, int64_t p, int64_t M, int64_t groups) {
-#define Q4_TILE(G) q4_tile(G, in, P, o, m, p, groups)
-    FOR_Q_ROW_TILES(M, Q4_TILE);
-#undef Q4_TILE
-}
 #else
 // Panel p, both halves (its outputs 0..7 and 8..15) in one pass, rows m0..m0+G-1: each
 // weight line is used whole as it arrives, and a row's broadcast inputs serve both
@@ -328,7 +320,7 @@ static inline __attribute__((always_inline)) void q4_panel(
 // 1.02-1.03x). A group's 8 maddubs results per lane stay within int16 (8 x 2 x 15 x 127
 // < 32768).
 #define Q_TILE_ROWS 2
-#define FOR_Q_ROW_TILES(M, TILE) FOR_TILES_OF(M, Q_TILE_ROWS, TAIL_TILES, TILE)
+#define Q_TAIL_TILES(TILE)
 static inline __attribute__((always_inline)) void q4_tile(
     const int G, const q8_inputs* in, const uint8_t* P, const out_t* o, int64_t m0, int64_t p,
     int64_t groups) {
@@ -368,6 +360,9 @@ static inline __attribute__((always_inline)) void q4_tile(
     for (int g = 0; g < G; g++)
         for (int h = 0; h < 2; h++) store8(o, m0 + g, PANEL * p + 8 * h, acc[g][h]);
 }
+#endif
+
+#define FOR_Q_ROW_TILES(M, TILE) FOR_TILES_OF(M, Q_TILE_ROWS, Q_TAIL_TILES, TILE)
 
 static inline __attribute__((always_inline)) void q4_panel(
     const q8_inputs* in, const uint8_t* P, const out_t* o, int64_t p, int64_t M, int64_t groups) {
@@ -375,7 +370,6 @@ static inline __attribute__((always_inline)) void q4_panel(
     FOR_Q_ROW_TILES(M, Q4_TILE);
 #undef Q4_TILE
 }
-#endif
 
 // One group of 32 inputs: 8-bit values xq with scale xd (max |x| / 127, rounded to
 // nearest), and the sum of the rounded values (xq * xd) in xs. A group holding a NaN or
@@ -467,14 +461,6 @@ static inline __attribute__((always_inline)) void q8_tile(
     const __m512 scale = _mm512_loadu_ps(S + PANEL * p);
     for (int g = 0; g < G; g++) store16(o, m0 + g, PANEL * p, _mm512_mul_ps(acc[g], scale));
 }
-
-static inline __attribute__((always_inline)) void q8_panel(
-    const q8_inputs* in, const uint8_t* P, const float* S, const out_t* o, int64_t p, int64_t M,
-    int64_t groups) {
-#define Q8_TILE(G) q8_tile(G, in, P, S, o, m, p, groups)
-    FOR_Q_ROW_TILES(M, Q8_TILE);
-#undef Q8_TILE
-}
 #else
 // Panel p, both halves in one pass. maddubs takes |Q| (unsigned, at most 127) against the
 // inputs with Q's signs, so a pair's sum fits int16 (2 x 127 x 127); the same integer dot
@@ -514,6 +500,7 @@ static inline __attribute__((always_inline)) void q8_tile(
             store8(o, m0 + g, PANEL * p + 8 * h, _mm256_mul_ps(acc[g][h], scale));
     }
 }
+#endif
 
 static inline __attribute__((always_inline)) void q8_panel(
     const q8_inputs* in, const uint8_t* P, const float* S, const out_t* o, int64_t p, int64_t M,
@@ -522,7 +509,6 @@ static inline __attribute__((always_inline)) void q8_panel(
     FOR_Q_ROW_TILES(M, Q8_TILE);
 #undef Q8_TILE
 }
-#endif
 
 static void linear_q8(const float* X, const mtpd_matrix* w, const out_t* o, int64_t M,
                       const q8_inputs* in) {
