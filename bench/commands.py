@@ -89,7 +89,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="another MTP head file, loaded by a second pipeline: every configuration runs "
         "with both heads in each round (old beside new), the second's labelled /2",
     )
-    p.add_argument("--peer", action="append", default=[], help="transformers or llama.cpp")
+    p.add_argument(
+        "--peer",
+        action="append",
+        default=[],
+        help="transformers, llama.cpp (llama-cpp-python) or llama-bench[=PATH] (llama.cpp's "
+        "program), run in every round beside mtpd",
+    )
     p.add_argument("--json", default=None, metavar="OUT", help="write the report here")
     p.add_argument("--plot", default=None, metavar="OUT.png", help="draw tokens/s (matplotlib)")
 
@@ -154,10 +160,10 @@ def run_bench(args: argparse.Namespace, settings) -> int:
         # to mtpd's hold on a machine whose speed drifts over a run. They run in this
         # process, so the coordinator's peak memory is taken before they load.
         coordinator_peak = process_peak_bytes() if args.peer else None
-        peers = {
-            name: load_peer(name, daemon.model_path, settings.pipeline.threads or 2)
-            for name in args.peer
-        }
+        loaded = [
+            load_peer(n, daemon.model_path, settings.pipeline.threads or 2) for n in args.peer
+        ]
+        peers = {peer.name: peer for peer in loaded}  # llama-bench=PATH reports as llama-bench
         peer_rates: dict[str, list[float]] = {name: [] for name in peers}
         runs: dict[tuple[str, str, int], list] = {}  # (head, drafts, concurrency)
         # What the comparator checks outputs against: MTP off with its logits, untimed.

@@ -1,10 +1,15 @@
 """Other engines on the same weights, for `mtpd bench --peer`: transformers' `generate`
-(the `test` extra installs it) and llama.cpp through llama-cpp-python (GGUF models only;
-install it yourself: it builds from source). Each measures single-stream greedy decode
-tokens/s the way mtpd's own runs do: tokens after the first over the time after it."""
+(the `test` extra installs it), llama.cpp through llama-cpp-python (GGUF models only;
+install it yourself: it builds from source) and llama.cpp's own `llama-bench` program
+(`llama-bench=PATH`; build it yourself). Each measures single-stream greedy decode
+tokens/s; the first two the way mtpd's own runs do, tokens after the first over the time
+after it, on the run's prompts."""
 
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -12,7 +17,7 @@ import torch
 
 from mtpd.model.errors import InputError
 
-PEERS = ("transformers", "llama.cpp")
+PEERS = ("transformers", "llama.cpp", "llama-bench[=PATH]")
 
 
 class _FirstTokenClock:
@@ -92,9 +97,51 @@ class LlamaCppPeer:
         return (count - 1) / (time.perf_counter() - first) if count > 1 else 0.0
 
 
-def load_peer(name: str, model: Path, threads: int) -> TransformersPeer | LlamaCppPeer:
+class LlamaBenchPeer:
+    """llama.cpp without Python around it: its `llama-bench` program generating `n` tokens
+    from an empty context (`-p 0 -n N -r 1`, after its own warm-up), run anew for each of
+    the run's prompts so that its rate samples the machine as often as mtpd's do. The
+    prompt itself is not used: llama-bench has no way to take one."""
+
+    name = "llama-bench"
+
+    def __init__(self, model: Path, threads: int, program: str) -> None:
+        if model.suffix != ".gguf":
+            raise InputError("--peer llama-bench runs GGUF models only")
+        found = shutil.which(program)
+        if found is None:
+            raise InputError(
+                f"--peer llama-bench: no program {program!r} (build llama.cpp's llama-bench "
+                "and give its path: --peer llama-bench=PATH; docs/bench.md)"
+            )
+        self.command = [found, "-m", str(model), "-t", str(threads), "-p", "0", "-r", "1"]
+        self.command += ["-o", "json"]
+
+    def decode_rate(self, prompt: list[int], n: int) -> float:
+        done = subprocess.run(
+            [*self.command, "-n", str(n)], capture_output=True, text=True, timeout=600
+        )
+        try:
+            tests = json.loads(done.stdout) if done.returncode == 0 else None
+            rate = float(tests[0]["avg_ts"]) if isinstance(tests, list) and tests else None
+        except (ValueError, TypeError, KeyError):
+            rate = None
+        if rate is None or not rate > 0:
+            said = (done.stderr or done.stdout).strip()[-500:]
+            raise InputError(
+                f"--peer llama-bench: {self.command[0]} exited {done.returncode} without a "
+                f"decode rate: {said}"
+            )
+        return rate
+
+
+def load_peer(
+    name: str, model: Path, threads: int
+) -> TransformersPeer | LlamaCppPeer | LlamaBenchPeer:
     if name == "transformers":
         return TransformersPeer(model)
     if name == "llama.cpp":
         return LlamaCppPeer(model, threads)
+    if name == "llama-bench" or name.startswith("llama-bench="):
+        return LlamaBenchPeer(model, threads, name.partition("=")[2] or "llama-bench")
     raise InputError(f"--peer: unknown peer {name!r} (known: {', '.join(PEERS)})")
