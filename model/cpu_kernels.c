@@ -113,15 +113,24 @@ static inline void store(const out_t* o, int64_t m, int64_t n, float v) {
         }                                                 \
     } while (0)
 #define FOR_ROW_TILES(M, TILE) FOR_TILES_OF(M, TILE_ROWS, TAIL_TILES, TILE)
-// The bytes PREFETCH_AHEAD on from `at`, into L2, for a kernel that streams one
-// contiguous run (a thread's weight panels, a head's keys or values): the hardware's
-// prefetcher alone kept a 1-row int4 step at 16-18 GB/s of the ~24 this machine's memory
-// gives (whole model, in one process: 6.1 -> 4.8 ms; 2 KB ahead, or into L1, gained
-// half of that).
+// The bytes PREFETCH_AHEAD on from `at`, for a kernel that streams one contiguous run (a
+// thread's weight panels, a head's keys or values): the hardware's prefetcher alone kept
+// a 1-row int4 step at 16-18 GB/s of the ~24 this machine's memory gives (whole model,
+// in one process: 6.1 -> 4.8 ms; 2 KB ahead, or into L1, gained half of that; a Xeon
+// with AVX-512). Into L2 there. The AVX2 build's hint is non-temporal, measured on a
+// Zen 1 EPYC: a step's 95 MB of weights then stop flushing its 8 MB L3, and what the
+// next step touches first stays (the worker's Python between two steps took 1.15-1.2 ms
+// instead of 0.8-1.0; a decode step ran 0.93-0.98x as long, 8 streams' 0.96x, in blocks
+// of steps of each: session 31).
 #define PREFETCH_AHEAD 8192
+#ifdef __AVX512F__
+#define PREFETCH_HINT _MM_HINT_T1
+#else
+#define PREFETCH_HINT _MM_HINT_NTA
+#endif
 static inline __attribute__((always_inline)) void prefetch_ahead(const void* at, int64_t bytes) {
     for (int64_t l = 0; l < bytes; l += 64)
-        _mm_prefetch((const char*)at + PREFETCH_AHEAD + l, _MM_HINT_T1);
+        _mm_prefetch((const char*)at + PREFETCH_AHEAD + l, PREFETCH_HINT);
 }
 
 #ifdef __AVX512F__
