@@ -390,7 +390,8 @@ class DecoderLayer(nn.Module):
             and isinstance(layout, BatchLayout)
             and x.dtype == cache.k.dtype == torch.float32
         ):
-            return cpu_kernels.decoder_layers([self.kernel], layout.kernel_step(cache), layer, x)
+            alone = cpu_kernels.Layers([self.kernel])  # where the stack's others are not on kernels
+            return cpu_kernels.decoder_layers(alone, layout.kernel_step(cache), layer, x)
         x = x + self.attn(self.input_norm(x), layout, cache, layer)
         return x + self.mlp(self.post_attn_norm(x))
 
@@ -455,6 +456,7 @@ class LayerStack(nn.Module):
         # Stack-local layers whose input (the residual stream there) a step's output also
         # carries: the trunk features a fused MTP head reads (DecoderShard.set_taps).
         self.taps: tuple[int, ...] = ()
+        self._one_call: cpu_kernels.Layers | None = None  # see one_call_layers
 
     @staticmethod
     def build_layer(cfg: ModelConfig, prefix: str, t: Mapping[str, torch.Tensor]) -> nn.Module:
@@ -559,17 +561,22 @@ class LayerStack(nn.Module):
         cache.commit(slots, starts, counts)
         return h if real is None else h.index_select(0, real)
 
-    def one_call_layers(self, dtype: torch.dtype, cache: KVCache) -> list[cpu_kernels.Layer] | None:
+    def one_call_layers(self, dtype: torch.dtype, cache: KVCache) -> cpu_kernels.Layers | None:
         """The layers' kernels where a flat step of `dtype` rows over `cache` runs every
         layer in one kernel call (cpu_kernels.decoder_layers), else None."""
+        if dtype != torch.float32 or cache.k.dtype not in cpu_kernels.KV_FORMATS:
+            return None
         kernels = [getattr(layer, "kernel", None) for layer in self.layers]
+        if any(k is None for k in kernels):
+            return None
+        held = self._one_call
         if (
-            all(k is not None for k in kernels)
-            and dtype == torch.float32
-            and cache.k.dtype in cpu_kernels.KV_FORMATS
+            held is None
+            or len(held.layers) != len(kernels)
+            or any(a is not b for a, b in zip(held.layers, kernels, strict=True))
         ):
-            return kernels
-        return None
+            held = self._one_call = cpu_kernels.Layers(kernels)  # made again if one changed
+        return held
 
     def run_layers(
         self, h: torch.Tensor, layout: BatchLayout | PaddedLayout, cache: KVCache

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -480,11 +481,21 @@ def test_a_decoder_layer_in_one_kernel_call_gives_the_bits_its_parts_give(tmp_pa
     shard.stack.kernel_cache = None
     step = cpu_kernels.Step.of([0], [0], [1], cos[:1], sin_signed[:1], cache.k, cache.v)
     x = torch.zeros(1, cfg.hidden_size)
+    first = cpu_kernels.Layers(kernels[:1])
     with pytest.raises(ValueError, match="do not fit"):
-        cpu_kernels.decoder_layers(kernels[:1], step, len(layers), x)  # no such layer
+        cpu_kernels.decoder_layers(first, step, len(layers), x)  # no such layer
     with pytest.raises(ValueError, match="do not fit"):
-        cpu_kernels.decoder_layers(kernels[:1], step, 0, torch.zeros(2, cfg.hidden_size))
-    assert cpu_kernels.decoder_layers(kernels[:1], step, 0, x).shape == x.shape
+        cpu_kernels.decoder_layers(first, step, 0, torch.zeros(2, cfg.hidden_size))
+    assert cpu_kernels.decoder_layers(first, step, 0, x).shape == x.shape
+    # The C sizes a step's buffers by the first layer: layers of other sizes are refused.
+    k = kernels[1]
+    other = SimpleNamespace(
+        hidden=k.hidden, heads=k.heads // 2, kv_heads=k.kv_heads, head_dim=k.head_dim
+    )
+    with pytest.raises(ValueError, match="layers of different sizes"):
+        cpu_kernels.Layers([kernels[0], other])
+    with pytest.raises(ValueError, match="no layers"):
+        cpu_kernels.Layers([])
 
 
 @pytest.mark.usefixtures("kernel_build")
