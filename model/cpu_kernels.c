@@ -119,9 +119,9 @@ static inline void store(const out_t* o, int64_t m, int64_t n, float v) {
 // in one process: 6.1 -> 4.8 ms; 2 KB ahead, or into L1, gained half of that; a Xeon
 // with AVX-512). Into L2 there. The AVX2 build's hint is non-temporal, measured on a
 // Zen 1 EPYC: a step's 95 MB of weights then stop flushing its 8 MB L3, and what the
-// next step touches first stays (the worker's Python between two steps took 1.15-1.2 ms
-// instead of 0.8-1.0; a decode step ran 0.93-0.98x as long, 8 streams' 0.96x, in blocks
-// of steps of each: session 31).
+// next step touches first stays (the worker's Python between two steps took 0.73-0.98
+// ms instead of 1.14-1.20; a one-row decode step ran 0.93-0.98x as long, 8 streams'
+// 0.95-1.05x, in blocks of steps of each: benchmarks/stage_ab.py, session 31).
 #define PREFETCH_AHEAD 8192
 #ifdef __AVX512F__
 #define PREFETCH_HINT _MM_HINT_T1
