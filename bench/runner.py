@@ -80,11 +80,13 @@ def run_config(
     want_logits: bool = False,
     draft_source: ForcedAcceptance | None = None,
     policy: DraftPolicy | None = None,
+    lookahead: bool | None = None,
 ) -> ConfigRun:
     """Every prompt once, greedy, `max_tokens` each (end-of-sequence ignored, so every
     configuration does the same work), with `concurrency` requests in flight (a closed
     loop: the next is submitted as one finishes). `policy` (for `draft`) carries what
-    earlier runs measured, as a serving daemon's does; by default a fresh one."""
+    earlier runs measured, as a serving daemon's does; by default a fresh one.
+    `lookahead`: the scheduler's (None: where it pays, as a daemon decides)."""
     if policy is not None and policy.setting != draft:
         raise ValueError(f"a policy for drafts {policy.setting} given for drafts {draft}")
     scheduler = Scheduler(
@@ -92,6 +94,7 @@ def run_config(
         eos_ids=set(),
         policy=policy or DraftPolicy(draft, p_min),
         draft_source=draft_source,
+        lookahead=lookahead,
     )
 
     def run_one(prompt: list[int]) -> Request:
@@ -144,13 +147,14 @@ def step_split(steps: list[StepRecord]) -> dict:
     (its layers over every position sent), the MTP head's drafting on the tail, each
     hop's transport (activations in hand at stage i+1 minus compute done at stage i; the
     workers' time.monotonic() clocks are the host's CLOCK_MONOTONIC), and control — the
-    step's time at the daemon less all of those: gRPC, scheduling, serialisation."""
+    step's cost at the daemon (StepOutcome.cost: on one stage, since the step before it
+    completed) less all of those: the step stream, scheduling, serialisation."""
     rows = []
     for s in decode_steps(steps):
         t, o = s.outcome.timings, s.outcome
         verify = [x.compute_s - x.draft_s for x in t]
         hops = [t[i + 1].input_ready_at - t[i].computed_at for i in range(len(t) - 1)]
-        total = o.completed_at - o.submitted_at
+        total = o.cost
         draft = t[-1].draft_s
         rows.append((total, verify, draft, hops, total - sum(verify) - draft - sum(hops)))
     if not rows:
@@ -179,7 +183,7 @@ def mean_verify_s(steps: list[StepRecord]) -> float:
 
 
 def mean_step_s(steps: list[StepRecord]) -> float:
-    values = [s.outcome.completed_at - s.outcome.submitted_at for s in decode_steps(steps)]
+    values = [s.outcome.cost for s in decode_steps(steps)]
     return statistics.mean(values) if values else 0.0
 
 

@@ -20,7 +20,7 @@ from mtpd.daemon.pipeline import PipelineConfig
 
 
 def step_s(step) -> float:
-    return step.outcome.completed_at - step.outcome.submitted_at
+    return step.outcome.duration
 
 
 def report(draft, run) -> None:

@@ -75,6 +75,7 @@ def control_split(rounds: int, streams: list[int]) -> None:
                     n,
                     64,
                     policy=policy if draft == AUTO else None,
+                    lookahead=False,  # it hides the control this splits
                 )
                 kinds = totals[f"{n} stream(s), drafts {draft}"]
                 kinds["wall"][1] += run.wall_s
@@ -83,7 +84,7 @@ def control_split(rounds: int, streams: list[int]) -> None:
                     kind = "prompt rows" if rows > MAX_DECODE_ROWS else "plain decode"
                     kind = "some drafting" if 1 < rows <= MAX_DECODE_ROWS else kind
                     kinds[kind][0] += 1
-                    kinds[kind][1] += step.outcome.completed_at - step.outcome.submitted_at
+                    kinds[kind][1] += step.outcome.duration
                 steps = decode_steps(run.steps)
                 for step, after in itertools.pairwise(steps):
                     o, t = step.outcome, step.outcome.timings[0]

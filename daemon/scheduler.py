@@ -3,8 +3,10 @@
 Every sequence in flight contributes to a step either one decode token or a chunk of its
 prompt (prefill in chunks, so a long prompt never stalls the others' decoding). With S
 pipeline stages, up to S micro-batches are in flight at once so every stage has work;
-the active sequences are spread over them. A sequence is in at most one step at a time:
-its next tokens depend on that step's result.
+the active sequences are spread over them. A sequence is in at most one step at a time,
+as its next tokens depend on that step's result; except, on one stage, a lookahead: a
+plain decoding step sent while the one before it runs, whose token the worker supplies
+(`_can_follow`).
 
 Over 400 lines on purpose: admission, batching, step building, results and recovery
 (replay, quarantine) share one lock and one set of sequences, and split apart each would
@@ -78,9 +80,13 @@ class Scheduler:
         policy: DraftPolicy | None = None,
         draft_source: DraftSource | None = None,
         prefix_cache: bool = False,
+        lookahead: bool | None = None,
     ) -> None:
         """prefix_cache: keep finished sequences' caches (as many as free slots allow,
-        least recently used evicted first) for prompts that begin with their tokens."""
+        least recently used evicted first) for prompts that begin with their tokens.
+        lookahead: on a one-stage pipeline, send a sequence's next plain decoding step
+        while its current one runs (`_can_follow`); None: where the daemon has a core
+        the step's compute does not use (Pipeline.daemon_core_free)."""
         if max_batch_tokens < max(1, pipeline.state_block):
             raise InvalidParameter(
                 f"max_batch_tokens must be >= {max(1, pipeline.state_block)} (a prompt chunk "
@@ -101,6 +107,11 @@ class Scheduler:
         self.prefix_cache = prefix_cache
         # Hybrid models: recurrent states each sequence's workers keep (at most).
         self._state_snapshots = pipeline.cfg.state_snapshots if prefix_cache else 0
+        # A lookahead step's token is sampled by the stage that embeds it: one stage. A
+        # longer pipeline keeps its stages busy with micro-batches instead.
+        if lookahead is None:
+            lookahead = pipeline.daemon_core_free
+        self.lookahead = lookahead and pipeline.num_stages == 1
         self.prefix = PrefixCache(pipeline.state_block)
         pipeline.add_listener(self._wake)
         # The latest steps, for benchmarks and stats.
@@ -244,10 +255,15 @@ class Scheduler:
                     self._retire([seq for seq, _ in batch], "error", f"internal error: {e}")
                     continue
                 self._in_flight += 1
-                for seq, _ in batch:
-                    seq.in_flight = True
+                follows = [step.follow for step in steps]
+                for (seq, n), step in zip(batch, steps, strict=True):
+                    seq.in_flight += 1
+                    seq.ahead += n
+                    seq.followable = step.sample and not step.verify and not step.draft_tokens
             future = self.pipeline.submit(steps, opened=opened)
-            future.add_done_callback(lambda f, batch=batch: self._complete(batch, f))
+            future.add_done_callback(
+                lambda f, batch=batch, follows=follows: self._complete(batch, follows, f)
+            )
 
     def _steps_of(
         self, batch: list[tuple[Sequence, int]]
@@ -256,7 +272,12 @@ class Scheduler:
         steps, kept = [], []
         for seq, n in batch:
             try:
-                steps.append(self._step_of(seq, n, len(batch)))
+                # One in flight already: this is its lookahead (see _next_batch).
+                steps.append(
+                    self._follow_of(seq, len(batch))
+                    if seq.in_flight
+                    else self._step_of(seq, n, len(batch))
+                )
             except ConstraintBroken as e:
                 self._retire([seq], "grammar", f"the request's grammar failed: {e}")
                 continue
@@ -298,6 +319,38 @@ class Scheduler:
             step.draft_tokens = self._drafts_for(seq, min(remaining - 2, room), batch)
         return step
 
+    def _follow_of(self, seq: Sequence, batch: int) -> pb.SequenceStep:
+        """A lookahead step: the worker appends the token that the sequence's step in
+        flight emits, and samples the next one."""
+        seq.verifying = 0
+        step = pb.SequenceStep(
+            seq_id=seq.request.seq_id, keep=seq.cached + seq.ahead, sample=True, follow=True
+        )
+        if self.policy.enabled:
+            remaining = seq.max_tokens - seq.generated - 1  # the step in flight emits one
+            room = self.pipeline.max_context - step.keep - 1
+            step.draft_tokens = self._drafts_for(seq, min(remaining - 2, room), batch)
+        return step
+
+    def _can_follow(self, seq: Sequence) -> bool:
+        """Whether a lookahead step may go after the sequence's one step in flight. That
+        step must emit exactly one token and ask for no drafts, so the daemon knows where
+        the token goes without its result; then the worker runs the next step right after
+        it instead of waiting for the daemon's answer and next step (about 0.5 ms a step
+        on a CPU). Not past max_tokens, nor where the daemon must see each token before
+        the next step: a grammar's mask, a cancelled request, a suspect's replay. An end
+        of sequence costs the step that follows it."""
+        return (
+            self.lookahead
+            and seq.in_flight == 1
+            and seq.followable
+            and seq.generated + 2 <= seq.max_tokens
+            and seq.constraint is None
+            and seq.suspect_until is None
+            and not seq.request.cancelled
+            and seq.cached + seq.ahead < self.pipeline.max_context
+        )
+
     def _open_of(self, seq: Sequence) -> pb.SequenceOpen:
         """The settings a sequence's first step (keep 0) carries to every worker."""
         return pb.SequenceOpen(
@@ -335,10 +388,12 @@ class Scheduler:
             seq.request.admitted_at = time.monotonic()
             self._active.append(seq)
             self._reuse_prefix(seq)
-        if self._in_flight >= self.pipeline.num_stages:
+        # One step more than the stages hold when it is some sequence's lookahead.
+        following = [s for s in self._active if self._can_follow(s)][: self.max_batch_tokens]
+        if self._in_flight >= self.pipeline.num_stages + bool(following):
             return None
         ready = [s for s in self._active if not s.in_flight]
-        if not ready:
+        if not ready and not following:
             return None
         suspect = next((s for s in self._active if s.suspect_until is not None), None)
         if suspect is not None:  # alone, with nothing else in flight: see _suspect
@@ -351,7 +406,8 @@ class Scheduler:
         per_batch = math.ceil(len(self._active) / self.pipeline.num_stages)
         decoding = [s for s in ready if s.pending == 1]
         prefilling = [s for s in ready if s.pending > 1]
-        batch, budget, block = [], self.max_batch_tokens, self.pipeline.state_block
+        batch = [(seq, 1) for seq in following]
+        budget, block = self.max_batch_tokens - len(batch), self.pipeline.state_block
         for seq in decoding + prefilling:
             if budget <= 0 or len(batch) == per_batch:
                 break
@@ -456,7 +512,9 @@ class Scheduler:
                 seq.adopting = None
             if not seq.opened:
                 continue
-            if keep and seq.cached and not seq.in_flight and seq.suspect_until is None:
+            # Its steps still in flight, if any, are lookaheads past `cached`: the next
+            # step to take the cache over runs after them and drops what they add.
+            if keep and seq.cached and seq.suspect_until is None:
                 retained = Retained(
                     seq.history[: seq.cached], not self._no_mtp(seq), tuple(seq.saved)
                 )
@@ -470,13 +528,17 @@ class Scheduler:
                 self._active.remove(seq)
             seq.request._finish(reason, error)
 
-    def _complete(self, batch: list[tuple[Sequence, int]], future: Future[StepOutcome]) -> None:
+    def _complete(
+        self, batch: list[tuple[Sequence, int]], follows: list[bool], future: Future[StepOutcome]
+    ) -> None:
         with self._cond:
             self._in_flight -= 1
-            for seq, _ in batch:
-                seq.in_flight = False
+            for seq, n in batch:
+                seq.in_flight -= 1
+                seq.ahead -= n
+                seq.followable = seq.followable and seq.in_flight > 0
             try:
-                self._take_results(batch, future)
+                self._take_results(batch, follows, future)
             except Exception as e:  # a bug must fail requests, not wedge the scheduler
                 log.exception("taking a step's results failed")
                 self._retire(
@@ -484,11 +546,13 @@ class Scheduler:
                 )
             self._cond.notify()
 
-    def _take_results(self, batch: list[tuple[Sequence, int]], future: Future[StepOutcome]) -> None:
+    def _take_results(
+        self, batch: list[tuple[Sequence, int]], follows: list[bool], future: Future[StepOutcome]
+    ) -> None:
         error = future.exception()
         if isinstance(error, PipelineRestarting):
-            if error.ran:
-                self._suspect(batch)
+            if error.ran:  # a lookahead failed with the step it followed, which is suspected
+                self._suspect([b for b, follow in zip(batch, follows, strict=True) if not follow])
             return  # nothing was applied: the sequences wait for the replay
         if error is not None:
             self._retire([seq for seq, _ in batch if seq in self._active], "error", str(error))
@@ -569,14 +633,15 @@ class Scheduler:
             StepRecord(tuple((seq.request.seq_id, n + seq.verifying) for seq, n in batch), outcome)
         )
         for seq, _ in batch:
-            seq.request.drafts.add_times(outcome.timings)
+            if seq in self._active:  # not a lookahead past its end
+                seq.request.drafts.add_times(outcome.timings)
         self.policy.server.add_times(outcome.timings)
         # The cost model is about decoding steps; prefill chunks would skew it.
         if all(seq.generated for seq, _ in batch):
             tail = outcome.timings[-1]
             self.policy.observe_step(
                 sum(n + seq.verifying for seq, n in batch),
-                outcome.completed_at - outcome.submitted_at,
+                outcome.cost,
                 tail.draft_s,
                 tail.draft_catch_up_s,
                 tail.draft_passes,

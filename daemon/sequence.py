@@ -36,7 +36,12 @@ class Sequence:
     # A step of it was sent (the first, at keep 0, with its settings): the workers may
     # hold a slot for it, even with nothing cached (a step that failed whole took one).
     opened: bool = False
-    in_flight: bool = False
+    in_flight: int = 0  # its steps in the pipeline: one, or two with a lookahead
+    # Positions its steps in flight append (their drafts not counted).
+    ahead: int = 0
+    # Its last step in flight emits exactly one token, at `cached + ahead`, and asks the
+    # head for no drafts: a lookahead step may follow it (Scheduler._can_follow).
+    followable: bool = False
     proposed: list[int] = field(default_factory=list)  # the head's drafts for the next step
     verifying: int = 0  # drafts in the step in flight
     # A suspect: its step was in the pipeline when a worker failed. It runs alone until

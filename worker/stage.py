@@ -118,6 +118,9 @@ class Stage:
         # The tail keeps each sequence's cached token ids: sampling needs the position
         # and the history (repetition penalty).
         self.tokens: dict[str, list[int]] = {}
+        # The tail's last emitted token of each sequence and its position: what a
+        # lookahead step (SequenceStep.follow) appends.
+        self.emitted: dict[str, tuple[int, int]] = {}
         # Every stage holds each running sequence's settings (one entry per cache slot
         # at most), so that every stage refuses the same sequences.
         self.settings: dict[str, SequenceSettings] = {}
@@ -164,6 +167,8 @@ class Stage:
                 if adopt:
                     slot = self._adoptable(adopt, slot, taken)
                     taken.add(adopt)
+                if s.follow:
+                    self._follow(s)
                 allowed = self._check_sequence(s, slot)
                 held = self._settings_of(s.seq_id, opened.get(s.seq_id), slot)
                 if slot is None:
@@ -191,6 +196,17 @@ class Stage:
         if held is None or adopt in taken:
             raise StepRefused(f"adopts {adopt!r}, which holds no cache to take over")
         return held
+
+    def _follow(self, s: pb.SequenceStep) -> None:
+        """Gives a lookahead step its token: the one this worker emitted at `keep`."""
+        if not (self.is_first and self.is_tail):
+            raise StepRefused("follow needs a one-stage pipeline (its first stage the tail)")
+        if s.token_ids or s.verify or s.token_mask or not s.sample:
+            raise StepRefused("a follow step carries no token ids, drafts or mask, and samples")
+        position, token = self.emitted.get(s.seq_id, (-1, 0))
+        if position != s.keep:
+            raise StepRefused(f"follow at {s.keep}, where its previous step emitted no token")
+        s.token_ids.append(token)
 
     def _check_sequence(self, s: pb.SequenceStep, slot: int | None) -> torch.Tensor | None:
         """Refuses what cannot run; returns the step's allowed tokens, if it has a mask."""
@@ -282,6 +298,7 @@ class Stage:
         for seq_id in seq_ids:
             self.cache.release(seq_id)
             self.tokens.pop(seq_id, None)
+            self.emitted.pop(seq_id, None)
             self.settings.pop(seq_id, None)
             if self.drafter is not None:
                 self.drafter.release(seq_id)
@@ -290,6 +307,7 @@ class Stage:
         self.cache.rename(old, new)
         if old in self.tokens:
             self.tokens[new] = self.tokens.pop(old)
+        self.emitted.pop(old, None)
         self.settings.pop(old, None)  # the new sequence's own come with its step
         if self.drafter is not None:
             self.drafter.rename(old, new)
@@ -375,6 +393,7 @@ class Stage:
             history = self.tokens.setdefault(s.seq_id, [])
             del history[s.keep :]
             history.extend(s.token_ids)
+            self.emitted.pop(s.seq_id, None)
         # One LM-head pass over every row that is verified or sampled.
         rows = [
             r
@@ -404,6 +423,7 @@ class Stage:
                 )
                 accepted = len(emitted) - 1
                 del history[base + accepted + 1 :]  # the rejected drafts
+                self.emitted[s.seq_id] = (base + accepted + 1, emitted[-1])
                 verified = counts[i] - s.verify + accepted
                 result = reply.results.add(seq_id=s.seq_id, token_ids=emitted, accepted=accepted)
                 if settings[i].return_logits:

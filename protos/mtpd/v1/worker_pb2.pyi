@@ -245,7 +245,7 @@ class EmittedLogprobs(_message.Message):
     def __init__(self, logprob: _Optional[float] = ..., top_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class SequenceStep(_message.Message):
-    __slots__ = ("seq_id", "keep", "token_ids", "sample", "draft_tokens", "verify", "token_mask", "save_state")
+    __slots__ = ("seq_id", "keep", "token_ids", "sample", "draft_tokens", "verify", "token_mask", "save_state", "follow")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     KEEP_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -254,6 +254,7 @@ class SequenceStep(_message.Message):
     VERIFY_FIELD_NUMBER: _ClassVar[int]
     TOKEN_MASK_FIELD_NUMBER: _ClassVar[int]
     SAVE_STATE_FIELD_NUMBER: _ClassVar[int]
+    FOLLOW_FIELD_NUMBER: _ClassVar[int]
     seq_id: str
     keep: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -262,7 +263,8 @@ class SequenceStep(_message.Message):
     verify: int
     token_mask: bytes
     save_state: bool
-    def __init__(self, seq_id: _Optional[str] = ..., keep: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., sample: _Optional[bool] = ..., draft_tokens: _Optional[int] = ..., verify: _Optional[int] = ..., token_mask: _Optional[bytes] = ..., save_state: _Optional[bool] = ...) -> None: ...
+    follow: bool
+    def __init__(self, seq_id: _Optional[str] = ..., keep: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., sample: _Optional[bool] = ..., draft_tokens: _Optional[int] = ..., verify: _Optional[int] = ..., token_mask: _Optional[bytes] = ..., save_state: _Optional[bool] = ..., follow: _Optional[bool] = ...) -> None: ...
 
 class Activations(_message.Message):
     __slots__ = ("header", "data")
