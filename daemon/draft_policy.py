@@ -54,6 +54,11 @@ _SIZES = 512  # pass sizes (positions) whose mean time is kept
 # 1-3% of MTP off.
 _HOPE = 0.9
 _EXPLORE_GAIN = 1.05
+# Once this many steps are fitted, the step costs are priced again every _REPRICE steps,
+# not after each: pricing takes 25-60 us, about 0.5% of a one-stream int4 step, and the
+# fit (forgetting 2% a step) moves little in a few.
+_SETTLED = 64
+_REPRICE = 8
 
 
 @dataclass
@@ -137,6 +142,7 @@ class DraftPolicy:
         self._costs: tuple[float, float, list[tuple[int, float]]] | None = None
         self._step_costs_for: tuple[tuple[int, int], tuple[list[float], bool, bool]] | None = None
         self.first_pass_s = self.next_pass_s = 0.0  # D1 and D: 0 until measured
+        self._observed = 0  # steps fitted
 
     @property
     def enabled(self) -> bool:
@@ -165,7 +171,9 @@ class DraftPolicy:
         if positions <= _SIZES:
             w, total = self._by_size.get(positions, (0.0, 0.0))
             self._by_size[positions] = (f * w + 1, f * total + y)
-        self._costs = self._step_costs_for = None
+        self._observed += 1
+        if self._observed < _SETTLED or self._observed % _REPRICE == 0:
+            self._costs = self._step_costs_for = None
         if passes:
             reported = 0 < first_s <= draft_s
             # The catch-up ran in the first pass; unreported, the passes share it alike.
@@ -197,7 +205,7 @@ class DraftPolicy:
         cheaper than a smaller one measured: more positions never cost less, and a mean
         measured in a quiet minute (session 10: 4 positions at 6.7 ms, 3 at 7.2) had
         made three drafts look cheaper than two."""
-        if self._costs is None:  # once per observed step, not per sequence and k
+        if self._costs is None:  # once per pricing (observe_step), not per sequence and k
             measured = ((n, t / w) for n, (w, t) in self._by_size.items() if w >= _MEASURED)
             self._costs = (*self.cost_fit(), sorted(measured))
         alpha, beta, measured = self._costs
@@ -261,7 +269,7 @@ class DraftPolicy:
         not, exploring measures nothing that could pay for itself, and each exploration
         costs the whole step a head pass and the head's catch-up over the entries the
         sequence held back (2-3 ms on an 8-stream int4 step of 9.4, session 17). Kept
-        until the next observed step, so a batch's sequences share one computation."""
+        until observe_step prices again, so a batch's sequences share one computation."""
         key = (batch, most)
         if self._step_costs_for is not None and self._step_costs_for[0] == key:
             return self._step_costs_for[1]

@@ -222,3 +222,32 @@ def test_exploring_backs_off_while_first_drafts_are_rejected():
     # One accepted draft of its own puts a sequence back on its own record.
     assert explored(0, accepted=1) == list(range(7, 512, 8))
     assert explored(3, accepted=1) == list(range(63, 512, 64))
+
+
+def test_a_settled_fit_is_priced_again_within_a_few_steps():
+    """Past its first steps the policy reprices every few observed steps, not after
+    each (pricing costs a one-stream step about 0.5%): a change in what passes cost
+    reaches its choice within that many steps."""
+    policy, seq = DraftPolicy(AUTO), steady_sequence(0.45)
+    observe(policy, 1, 0.100, times=40)
+    observe(policy, 2, 0.101, times=40)
+    assert policy.choose(seq, limit=6) > 0  # a second position nearly free: drafting pays
+    choices = []
+    for _ in range(40):  # now a second position costs twice a pass
+        observe(policy, 2, 0.300, times=1)
+        choices.append(policy.choose(seq, limit=6))
+    switched = choices.index(0)
+    assert choices[switched:] == [0] * (40 - switched)
+    # Priced from every step it would have switched here, give or take the steps
+    # between pricings.
+    fresh = DraftPolicy(AUTO)
+    observe(fresh, 1, 0.100, times=40)
+    observe(fresh, 2, 0.101, times=40)
+
+    def priced_now() -> int:
+        observe(fresh, 2, 0.300, times=1)
+        fresh._costs = fresh._step_costs_for = None
+        return fresh.choose(seq, limit=6)
+
+    at_once = next(i for i in range(40) if priced_now() == 0)
+    assert at_once <= switched < at_once + 8
