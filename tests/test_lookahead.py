@@ -14,7 +14,7 @@ from itertools import pairwise
 import pytest
 import torch
 from reference import GREEDY, solo_run
-from tiny_models import add_mtp_head, write_char_tokenizer, write_tiny_model
+from tiny_models import write_drafting_model
 from tiny_pipeline import start_pipeline
 
 from mtpd.daemon.draft_policy import AUTO, DraftPolicy
@@ -37,9 +37,7 @@ CASES = [(p, GREEDY) for p in PROMPTS] + [(PROMPTS[0], SEEDED)]
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     path = tmp_path_factory.mktemp("lookahead") / "model"
-    write_tiny_model(path, "qwen2", layers=LAYERS, vocab=VOCAB)
-    write_char_tokenizer(path)
-    add_mtp_head(path)
+    write_drafting_model(path, LAYERS, VOCAB)
     return path, Engine.load(path, max_context=256)
 
 

@@ -19,7 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from live_daemon import wait_for
 from reference import GREEDY, solo_run
-from tiny_models import add_mtp_head, write_char_tokenizer, write_tiny_model
+from tiny_models import write_drafting_model
 from tiny_pipeline import start_pipeline
 
 from mtpd.daemon.draft_policy import DraftPolicy
@@ -37,9 +37,7 @@ TURN_1 = [5, 17, 33, 2, 9, 60, 41, 70, 3, 3, 12]
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     path = tmp_path_factory.mktemp("prefix") / "model"
-    write_tiny_model(path, "qwen2", layers=LAYERS, vocab=VOCAB)
-    write_char_tokenizer(path)
-    add_mtp_head(path)
+    write_drafting_model(path, LAYERS, VOCAB)
     return path, Engine.load(path, max_context=256)
 
 

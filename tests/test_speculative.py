@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 from reference import GREEDY, ScriptedDrafts, solo_run
-from tiny_models import add_mtp_head, random_head, write_char_tokenizer, write_tiny_model
+from tiny_models import random_head, write_char_tokenizer, write_drafting_model, write_tiny_model
 from tiny_pipeline import start_pipeline
 
 from mtpd.daemon.draft_policy import AUTO, DraftPolicy
@@ -38,9 +38,7 @@ SETTINGS = [1, 2, 3, 4, 5, 6, AUTO]
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     path = tmp_path_factory.mktemp("spec") / "model"
-    write_tiny_model(path, "qwen2", layers=LAYERS, vocab=VOCAB)
-    write_char_tokenizer(path)
-    add_mtp_head(path)  # the checkpoint's own MTP layer, found at load
+    write_drafting_model(path, LAYERS, VOCAB)
     engine = Engine.load(path, max_context=256)
     return path, engine
 

@@ -10,7 +10,7 @@ import itertools
 import pytest
 import torch
 from reference import GREEDY, solo_run
-from tiny_models import add_mtp_head, write_char_tokenizer, write_tiny_model
+from tiny_models import write_drafting_model
 from tiny_pipeline import start_pipeline
 
 from mtpd.daemon.draft_policy import DraftPolicy
@@ -70,9 +70,7 @@ def mask_sets(masks: bytes, rows: int) -> list[set[int]]:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     path = tmp_path_factory.mktemp("structured") / "model"
-    write_tiny_model(path, "qwen2", layers=LAYERS, vocab=VOCAB)
-    write_char_tokenizer(path)
-    add_mtp_head(path)
+    write_drafting_model(path, LAYERS, VOCAB)
     engine = Engine.load(path, max_context=256)
     return path, engine, Grammars(engine.tokenizer, VOCAB)
 

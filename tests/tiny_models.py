@@ -173,3 +173,12 @@ def add_mtp_head(path: Path, seed: int = 0) -> None:
     cfg = read_config(open_checkpoint(path))
     file = path / "model.safetensors"
     save_file({**load_file(file), **random_head(cfg, seed)}, file, metadata={"format": "pt"})
+
+
+def write_drafting_model(path: Path, layers: int, vocab: int) -> Path:
+    """A tiny qwen2 checkpoint with a character tokenizer and its own random MTP layer
+    (found at load): what the speculative decoding tests run."""
+    write_tiny_model(path, "qwen2", layers=layers, vocab=vocab)
+    write_char_tokenizer(path)
+    add_mtp_head(path)
+    return path
