@@ -155,7 +155,7 @@ def run_bench(args: argparse.Namespace, settings) -> int:
         drafts = args.draft_list if daemon.scheduler.policy.enabled else [0]
         pipeline = daemon.pipeline
         for other in daemons.values():  # warm-up: first-call costs
-            run_config(other.pipeline, prompts[:1], drafts[-1], 1, 8)
+            run_config(other.pipeline, prompts[:1], drafts[-1], 1, 8, lookahead=settings.lookahead)
         # Peers run in every round, between mtpd's configurations, so that their ratios
         # to mtpd's hold on a machine whose speed drifts over a run. They run in this
         # process, so the coordinator's peak memory is taken before they load.
@@ -170,7 +170,15 @@ def run_bench(args: argparse.Namespace, settings) -> int:
         # The timed runs fetch no logits: 196 KB per sequence per step on the wire made
         # MTP off's steps 1.2x slower at 8 streams, and every ratio to it kinder to MTP.
         references = {
-            n: run_config(pipeline, prompts, 0, n, args.max_tokens, want_logits=True)
+            n: run_config(
+                pipeline,
+                prompts,
+                0,
+                n,
+                args.max_tokens,
+                want_logits=True,
+                lookahead=settings.lookahead,
+            )
             for n in args.concurrency
         }
         forced = None
@@ -201,6 +209,7 @@ def run_bench(args: argparse.Namespace, settings) -> int:
                         args.max_tokens,
                         draft_source=forced,
                         policy=policies[head, d],
+                        lookahead=settings.lookahead,
                     )
                     runs.setdefault((head, str(d), n), []).append(run)
             for name, peer in peers.items():
@@ -253,6 +262,7 @@ def run_bench(args: argparse.Namespace, settings) -> int:
         "quant": settings.pipeline.quant,
         "kv_cache": settings.pipeline.kv_cache,
         "cuda_graphs": cuda_graphs,
+        "lookahead": next(iter(runs.values()))[0].lookahead,
         "requests": args.requests,
         "max_tokens": args.max_tokens,
         "rounds": args.rounds,

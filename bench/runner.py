@@ -36,6 +36,7 @@ class ConfigRun:
     steps: list[StepRecord]
     wall_s: float
     drafts: DraftStats = field(default_factory=DraftStats)
+    lookahead: bool = False  # the scheduler sent steps before the last answered
 
     @property
     def throughput(self) -> float:
@@ -112,6 +113,7 @@ def run_config(
         done = [f.result() for f in futures]
         wall = time.monotonic() - start
         steps = list(scheduler.recent_steps)
+        lookahead = scheduler.lookahead
     finally:
         pool.shutdown(cancel_futures=True)  # after a failure, the prompts not yet taken
         scheduler.close()
@@ -135,6 +137,7 @@ def run_config(
         steps=steps,
         wall_s=wall,
         drafts=drafts,
+        lookahead=lookahead,
     )
 
 

@@ -236,6 +236,7 @@ def _settings(args: argparse.Namespace, max_seqs: int):
         tool_call_parser=getattr(args, "tool_call_parser", "auto"),
         reasoning_parser=getattr(args, "reasoning_parser", "auto"),
         prefix_cache=getattr(args, "prefix_cache", False),
+        lookahead=args.lookahead,
     )
 
 

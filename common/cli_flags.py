@@ -184,6 +184,14 @@ def add_pipeline_flags(p: argparse.ArgumentParser) -> None:
         "workers with attention layers only and unquantized weights)",
     )
     p.add_argument(
+        "--lookahead",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="with one worker, send each plain decoding step before the last one answers, "
+        "hiding the daemon's turnaround (default: where the daemon has a core the step does "
+        "not use: GPU or remote workers, or --threads below the cores)",
+    )
+    p.add_argument(
         "--max-context", type=int, default=2048, help="positions per sequence (default 2048)"
     )
     p.add_argument(

@@ -37,6 +37,9 @@ class Settings:
     tool_call_parser: str = "auto"  # daemon/chat.py: the format the chat template teaches
     reasoning_parser: str = "auto"  # <think> split off where the template knows it
     prefix_cache: bool = False  # keep finished requests' caches (mtpd serve: on)
+    # One worker: send the next plain decoding step before the last one answers; None:
+    # where the daemon has a core the step does not use (Scheduler's lookahead).
+    lookahead: bool | None = None
 
 
 class Coordinator:
@@ -99,6 +102,7 @@ class Coordinator:
                 settings.max_queue,
                 policy=policy,
                 prefix_cache=settings.prefix_cache,
+                lookahead=settings.lookahead,
             )
         except BaseException:
             pipeline.close()

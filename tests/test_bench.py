@@ -84,6 +84,7 @@ def test_every_configuration_is_measured_with_the_documented_fields(report):
         assert set(c["step"]) >= {"step_ms", "verify_ms_per_stage", "draft_ms", "control_ms"}
         assert len(c["step"]["verify_ms_per_stage"]) == 2
         assert len(c["step"]["transport_ms_per_hop"]) == 1
+    assert data["lookahead"] is False  # never across two stages
     by = {(c["draft_tokens"], c["concurrency"]): c for c in data["configs"]}
     off, two = by[("0", 1)], by[("2", 1)]
     # MTP off drafts nothing and never runs the head; two drafts per step are verified.
@@ -166,12 +167,16 @@ def test_forced_acceptance_sets_acceptance_and_keeps_the_output(tmp_path):
             *run,
             "--force-acceptance",
             "1",
+            "--lookahead",  # on, whatever cores the worker takes
             "--json",
             str(out),
         ]
     )
     assert code == 0
-    three = json.loads(out.read_text())["configs"][1]
+    data = json.loads(out.read_text())
+    assert data["lookahead"] is True
+    assert data["configs"][0]["outputs"]["diverged"] == 0  # MTP off, with lookaheads
+    three = data["configs"][1]
     assert three["draft_tokens"] == "3"
     assert three["acceptance_by_position"] == [1.0, 1.0, 1.0]
     assert three["tokens_per_step"] == 4.0  # 12 tokens after the first, in 3 steps of 4
