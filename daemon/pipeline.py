@@ -198,8 +198,8 @@ class Pipeline:
         """Whether the daemon can work while a step computes without taking a core from
         it: the workers compute on GPUs or on other hosts, or their CPU threads leave a
         core of this host free. (With both of 2 cores in the worker, the daemon's
-        turnaround only moved into the step: a lookahead measured 0.97-1.03x there, and
-        1.06-1.09x with a core free.)"""
+        turnaround mostly moved into the step: one-stream rounds with a lookahead
+        scattered 0.97-1.06x, 1.01x on average; with a core free, 1.03-1.05x on average.)"""
         local = self._local
         if local is None:
             return True
