@@ -199,7 +199,7 @@ class Pipeline:
         it: the workers compute on GPUs or on other hosts, or their CPU threads leave a
         core of this host free. (With both of 2 cores in the worker, the daemon's
         turnaround mostly moved into the step: one-stream rounds with a lookahead
-        scattered 0.97-1.06x, 1.01x on average; with a core free, 1.03-1.05x on average.)"""
+        scattered 0.96-1.06x, 1.01x on average; with a core free, 1.03-1.07x a run.)"""
         local = self._local
         if local is None:
             return True
