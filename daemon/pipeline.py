@@ -91,15 +91,14 @@ class StepOutcome:
     timings: list[pb.StepTimings]  # per stage
     submitted_at: float  # time.monotonic()
     completed_at: float
-    # When the pipeline could start it: on one stage, not before the step ahead of it
-    # completed (a lookahead is submitted while the step it follows runs).
-    started_at: float
     previous_completed_at: float  # of the step before it on one stage; else 0
 
     @property
     def duration(self) -> float:
-        """What the step took, from the daemon's side."""
-        return self.completed_at - self.started_at
+        """What the step took, from the daemon's side: from when the pipeline could
+        start it (on one stage, not before the step ahead of it completed: a lookahead
+        is submitted while the step it follows runs)."""
+        return self.completed_at - max(self.submitted_at, self.previous_completed_at)
 
     @property
     def cost(self) -> float:
@@ -277,10 +276,8 @@ class Pipeline:
             if not done:
                 return
             del self._pending[reply.step_id]
-            completed_at, started_at, previous = time.monotonic(), pending.submitted_at, 0.0
-            if self.num_stages == 1:
-                previous = self._last_completed_at
-                started_at = max(started_at, previous)
+            completed_at = time.monotonic()
+            previous = self._last_completed_at if self.num_stages == 1 else 0.0
             self._last_completed_at = completed_at
         errors = [r.error for r in pending.replies if r is not None and r.error]
         if errors:
@@ -293,7 +290,6 @@ class Pipeline:
                 timings=[r.timings for r in pending.replies],
                 submitted_at=pending.submitted_at,
                 completed_at=completed_at,
-                started_at=started_at,
                 previous_completed_at=previous,
             )
         )
